@@ -1,0 +1,328 @@
+// CPU kernels for routed paged attention (forward and backward).
+//
+// Every row b of the batch reads the shared physical pages that its page table lists; nothing is
+// copied per row. The forward is a tiled online softmax; the backward recomputes probabilities from
+// the saved log-sum-exp, computes dq per row, and dk/dv per physical page through a page -> rows
+// index, so a page shared by several rows accumulates its gradient without races.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "routed_attention.h"
+
+namespace kvpo {
+namespace {
+
+constexpr int64_t kTileM = 16;
+
+struct Dims {
+  int64_t B, H, Lq, D, P, Hkv, page_size, max_pages, group;
+};
+
+Dims get_dims(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& page_table) {
+  Dims d;
+  d.B = q.size(0);
+  d.H = q.size(1);
+  d.Lq = q.size(2);
+  d.D = q.size(3);
+  d.P = k_pages.size(0);
+  d.Hkv = k_pages.size(1);
+  d.page_size = k_pages.size(2);
+  d.max_pages = page_table.size(1);
+  d.group = d.H / d.Hkv;
+  return d;
+}
+
+// Valid tokens of physical page p (0 for an out-of-range length is impossible: checked on entry).
+inline int64_t page_len(const int32_t* page_lens, int64_t p, int64_t page_size) {
+  return page_lens ? static_cast<int64_t>(page_lens[p]) : page_size;
+}
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename scalar_t, typename acc_t>
+inline void load_tile(const scalar_t* src, acc_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+}
+
+template <typename scalar_t>
+void fwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
+                const at::Tensor& page_table, const int32_t* page_lens, double scale,
+                at::Tensor& out, at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Dims d = get_dims(q, k_pages, page_table);
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kp = k_pages.const_data_ptr<scalar_t>();
+  const scalar_t* vp = v_pages.const_data_ptr<scalar_t>();
+  const int32_t* tp = page_table.const_data_ptr<int32_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  acc_t* lp = lse.data_ptr<acc_t>();
+  const int64_t n_tiles = (d.Lq + kTileM - 1) / kTileM;
+  const acc_t sc = static_cast<acc_t>(scale);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+
+  at::parallel_for(0, d.B * d.H * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qbuf(kTileM * d.D), acc(kTileM * d.D), kbuf(d.page_size * d.D),
+        vbuf(d.page_size * d.D), s(d.page_size);
+    acc_t m[kTileM], l[kTileM];
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t tile = w % n_tiles;
+      const int64_t bh = w / n_tiles;
+      const int64_t b = bh / d.H, h = bh % d.H, hk = h / d.group;
+      const int64_t i0 = tile * kTileM, rows = std::min(kTileM, d.Lq - i0);
+      const scalar_t* qrow = qp + (bh * d.Lq + i0) * d.D;
+      for (int64_t x = 0; x < rows * d.D; ++x) qbuf[x] = static_cast<acc_t>(qrow[x]) * sc;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(m, m + kTileM, neg_inf);
+      std::fill(l, l + kTileM, acc_t(0));
+      for (int64_t j = 0; j < d.max_pages; ++j) {
+        const int64_t p = tp[b * d.max_pages + j];
+        if (p < 0) continue;  // routed out: its memory is never read
+        const int64_t n = page_len(page_lens, p, d.page_size);
+        if (n <= 0) continue;
+        const int64_t base = ((p * d.Hkv + hk) * d.page_size) * d.D;
+        load_tile(kp + base, kbuf.data(), n * d.D);
+        load_tile(vp + base, vbuf.data(), n * d.D);
+        for (int64_t r = 0; r < rows; ++r) {
+          const acc_t* qr = qbuf.data() + r * d.D;
+          acc_t mx = m[r];
+          for (int64_t t = 0; t < n; ++t) {
+            s[t] = dot(qr, kbuf.data() + t * d.D, d.D);
+            mx = std::max(mx, s[t]);
+          }
+          const acc_t corr = std::exp(m[r] - mx);  // m[r] = -inf on the first page gives 0
+          acc_t* ar = acc.data() + r * d.D;
+          acc_t lsum = l[r] * corr;
+          for (int64_t c = 0; c < d.D; ++c) ar[c] *= corr;
+          for (int64_t t = 0; t < n; ++t) {
+            const acc_t pt = std::exp(s[t] - mx);
+            lsum += pt;
+            const acc_t* vt = vbuf.data() + t * d.D;
+            for (int64_t c = 0; c < d.D; ++c) ar[c] += pt * vt[c];
+          }
+          l[r] = lsum;
+          m[r] = mx;
+        }
+      }
+      scalar_t* orow = op + (bh * d.Lq + i0) * d.D;
+      acc_t* lrow = lp + bh * d.Lq + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool empty = !(l[r] > 0);
+        const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
+        for (int64_t c = 0; c < d.D; ++c)
+          orow[r * d.D + c] = static_cast<scalar_t>(acc[r * d.D + c] * inv);
+        lrow[r] = empty ? neg_inf : m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
+                const at::Tensor& page_table, const int32_t* page_lens, double scale,
+                const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta,
+                at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Dims d = get_dims(q, k_pages, page_table);
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kp = k_pages.const_data_ptr<scalar_t>();
+  const scalar_t* vp = v_pages.const_data_ptr<scalar_t>();
+  const scalar_t* dop = dout.const_data_ptr<scalar_t>();
+  const int32_t* tp = page_table.const_data_ptr<int32_t>();
+  const acc_t* lp = lse.const_data_ptr<acc_t>();
+  const acc_t* dlt = delta.const_data_ptr<acc_t>();
+  const acc_t sc = static_cast<acc_t>(scale);
+
+  // dq: one task per (row, head, query tile), walking the row's table like the forward.
+  const int64_t n_tiles = (d.Lq + kTileM - 1) / kTileM;
+  scalar_t* dqp = dq.data_ptr<scalar_t>();
+  at::parallel_for(0, d.B * d.H * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qbuf(kTileM * d.D), dobuf(kTileM * d.D), dqacc(kTileM * d.D),
+        kbuf(d.page_size * d.D), vbuf(d.page_size * d.D);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t tile = w % n_tiles;
+      const int64_t bh = w / n_tiles;
+      const int64_t b = bh / d.H, h = bh % d.H, hk = h / d.group;
+      const int64_t i0 = tile * kTileM, rows = std::min(kTileM, d.Lq - i0);
+      const int64_t off = (bh * d.Lq + i0) * d.D;
+      for (int64_t x = 0; x < rows * d.D; ++x) {
+        qbuf[x] = static_cast<acc_t>(qp[off + x]) * sc;
+        dobuf[x] = static_cast<acc_t>(dop[off + x]);
+      }
+      std::fill(dqacc.begin(), dqacc.end(), acc_t(0));
+      for (int64_t j = 0; j < d.max_pages; ++j) {
+        const int64_t p = tp[b * d.max_pages + j];
+        if (p < 0) continue;
+        const int64_t n = page_len(page_lens, p, d.page_size);
+        if (n <= 0) continue;
+        const int64_t base = ((p * d.Hkv + hk) * d.page_size) * d.D;
+        load_tile(kp + base, kbuf.data(), n * d.D);
+        load_tile(vp + base, vbuf.data(), n * d.D);
+        for (int64_t r = 0; r < rows; ++r) {
+          const acc_t lse_r = lp[bh * d.Lq + i0 + r];
+          const acc_t delta_r = dlt[bh * d.Lq + i0 + r];
+          const acc_t* qr = qbuf.data() + r * d.D;
+          const acc_t* dor = dobuf.data() + r * d.D;
+          acc_t* dqr = dqacc.data() + r * d.D;
+          for (int64_t t = 0; t < n; ++t) {
+            const acc_t* kt = kbuf.data() + t * d.D;
+            const acc_t pt = std::exp(dot(qr, kt, d.D) - lse_r);
+            const acc_t ds = pt * (dot(dor, vbuf.data() + t * d.D, d.D) - delta_r);
+            for (int64_t c = 0; c < d.D; ++c) dqr[c] += ds * kt[c];
+          }
+        }
+      }
+      for (int64_t x = 0; x < rows * d.D; ++x) dqp[off + x] = static_cast<scalar_t>(dqacc[x] * sc);
+    }
+  });
+
+  // page -> (rows) index in CSR form, so each task owns one physical page and one KV head.
+  std::vector<int64_t> offsets(d.P + 1, 0);
+  for (int64_t x = 0; x < d.B * d.max_pages; ++x)
+    if (tp[x] >= 0) offsets[tp[x] + 1]++;
+  for (int64_t p = 0; p < d.P; ++p) offsets[p + 1] += offsets[p];
+  std::vector<int64_t> rows_of(offsets[d.P]);
+  {
+    std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+    for (int64_t x = 0; x < d.B * d.max_pages; ++x)
+      if (tp[x] >= 0) rows_of[fill[tp[x]]++] = x / d.max_pages;
+  }
+
+  scalar_t* dkp = dk.data_ptr<scalar_t>();
+  scalar_t* dvp = dv.data_ptr<scalar_t>();
+  at::parallel_for(0, d.P * d.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> kbuf(d.page_size * d.D), vbuf(d.page_size * d.D),
+        dkacc(d.page_size * d.D), dvacc(d.page_size * d.D), qr(d.D), dor(d.D);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t p = w / d.Hkv, hk = w % d.Hkv;
+      const int64_t base = w * d.page_size * d.D;
+      const int64_t n = page_len(page_lens, p, d.page_size);
+      std::fill(dkacc.begin(), dkacc.end(), acc_t(0));
+      std::fill(dvacc.begin(), dvacc.end(), acc_t(0));
+      if (n > 0 && offsets[p + 1] > offsets[p]) {
+        load_tile(kp + base, kbuf.data(), n * d.D);
+        load_tile(vp + base, vbuf.data(), n * d.D);
+        for (int64_t e = offsets[p]; e < offsets[p + 1]; ++e) {
+          const int64_t b = rows_of[e];
+          for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
+            const int64_t bh = b * d.H + h;
+            for (int64_t i = 0; i < d.Lq; ++i) {
+              const int64_t off = (bh * d.Lq + i) * d.D;
+              for (int64_t c = 0; c < d.D; ++c) {
+                qr[c] = static_cast<acc_t>(qp[off + c]) * sc;
+                dor[c] = static_cast<acc_t>(dop[off + c]);
+              }
+              const acc_t lse_i = lp[bh * d.Lq + i], delta_i = dlt[bh * d.Lq + i];
+              for (int64_t t = 0; t < n; ++t) {
+                const acc_t pt = std::exp(dot(qr.data(), kbuf.data() + t * d.D, d.D) - lse_i);
+                const acc_t ds = pt * (dot(dor.data(), vbuf.data() + t * d.D, d.D) - delta_i);
+                acc_t* dvt = dvacc.data() + t * d.D;
+                acc_t* dkt = dkacc.data() + t * d.D;
+                // qr already carries the softmax scale, which is exactly d(score)/dk.
+                for (int64_t c = 0; c < d.D; ++c) {
+                  dvt[c] += pt * dor[c];
+                  dkt[c] += ds * qr[c];
+                }
+              }
+            }
+          }
+        }
+      }
+      for (int64_t x = 0; x < d.page_size * d.D; ++x) {
+        dkp[base + x] = static_cast<scalar_t>(dkacc[x]);
+        dvp[base + x] = static_cast<scalar_t>(dvacc[x]);
+      }
+    }
+  });
+}
+
+void check_common(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
+                  const at::Tensor& page_table, const std::optional<at::Tensor>& page_lens) {
+  TORCH_CHECK(q.dim() == 4 && k_pages.dim() == 4 && v_pages.dim() == 4,
+              "routed_attn: q, k_pages, v_pages must be 4-D");
+  TORCH_CHECK(k_pages.sizes() == v_pages.sizes(), "routed_attn: k_pages and v_pages differ in shape");
+  TORCH_CHECK(q.size(3) == k_pages.size(3), "routed_attn: head dim of q and k_pages differ");
+  TORCH_CHECK(k_pages.size(1) > 0 && q.size(1) % k_pages.size(1) == 0,
+              "routed_attn: H must be a multiple of Hkv");
+  TORCH_CHECK(page_table.dim() == 2 && page_table.size(0) == q.size(0) &&
+                  page_table.scalar_type() == at::kInt,
+              "routed_attn: page_table must be int32 [B, max_pages]");
+  TORCH_CHECK(q.scalar_type() == k_pages.scalar_type() && q.scalar_type() == v_pages.scalar_type(),
+              "routed_attn: q, k_pages, v_pages must share a dtype");
+  const int64_t P = k_pages.size(0);
+  const int32_t* tp = page_table.const_data_ptr<int32_t>();
+  for (int64_t x = 0; x < page_table.numel(); ++x)
+    TORCH_CHECK(tp[x] >= -1 && tp[x] < P, "routed_attn: page_table entry ", tp[x],
+                " out of range [-1, ", P, ")");
+  if (page_lens.has_value()) {
+    const auto& pl = *page_lens;
+    TORCH_CHECK(pl.dim() == 1 && pl.size(0) == P && pl.scalar_type() == at::kInt,
+                "routed_attn: page_lens must be int32 [P]");
+    const int32_t* lp = pl.const_data_ptr<int32_t>();
+    for (int64_t x = 0; x < P; ++x)
+      TORCH_CHECK(lp[x] >= 0 && lp[x] <= k_pages.size(2), "routed_attn: page_lens entry ", lp[x],
+                  " out of range [0, ", k_pages.size(2), "]");
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> routed_attn_fwd_cpu(const at::Tensor& q_, const at::Tensor& k_,
+                                                       const at::Tensor& v_,
+                                                       const at::Tensor& table_,
+                                                       const std::optional<at::Tensor>& lens_,
+                                                       double scale) {
+  const auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const auto table = table_.contiguous();
+  std::optional<at::Tensor> lens;
+  if (lens_.has_value()) lens = lens_->contiguous();
+  check_common(q, k, v, table, lens);
+  const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = at::empty_like(q);
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_type));
+  const int32_t* lp = lens ? lens->const_data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "routed_attn_fwd_cpu",
+                                  [&] { fwd_kernel<scalar_t>(q, k, v, table, lp, scale, out, lse); });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attn_bwd_cpu(
+    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& table_, const std::optional<at::Tensor>& lens_, const at::Tensor& lse_,
+    const at::Tensor& delta_, double scale) {
+  const auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const auto table = table_.contiguous(), dout = dout_.contiguous();
+  std::optional<at::Tensor> lens;
+  if (lens_.has_value()) lens = lens_->contiguous();
+  check_common(q, k, v, table, lens);
+  const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto lse = lse_.to(acc_type).contiguous(), delta = delta_.to(acc_type).contiguous();
+  TORCH_CHECK(dout.sizes() == q.sizes(), "routed_attn_bwd: dout must have the shape of q");
+  TORCH_CHECK(lse.sizes() == delta.sizes() && lse.dim() == 3, "routed_attn_bwd: lse/delta shape");
+  auto dq = at::empty_like(q);
+  auto dk = at::empty_like(k);
+  auto dv = at::empty_like(v);
+  const int32_t* lp = lens ? lens->const_data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "routed_attn_bwd_cpu",
+      [&] { bwd_kernel<scalar_t>(q, k, v, table, lp, scale, dout.to(q.scalar_type()), lse, delta, dq, dk, dv); });
+  return {dq, dk, dv};
+}
+
+TORCH_LIBRARY_IMPL(kvpo, CPU, m) {
+  m.impl("routed_attn_fwd", &routed_attn_fwd_cpu);
+  m.impl("routed_attn_bwd", &routed_attn_bwd_cpu);
+}
+
+}  // namespace kvpo

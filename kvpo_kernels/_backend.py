@@ -1,0 +1,112 @@
+"""Backend selection for every kvpo op, in one place.
+
+Backends:
+  ``reference`` pure PyTorch (:mod:`kvpo_kernels.reference`), any device;
+  ``cpu``       the C++ kernels of ``kvpo_kernels._C`` on CPU tensors;
+  ``cuda``      the CUDA C++ kernels of ``kvpo_kernels._C`` on CUDA tensors (CUDA builds only);
+  ``triton``    the Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
+  ``auto``      CPU tensors -> ``cpu``; CUDA tensors -> ``triton`` (else ``cuda``, else
+                ``reference``).
+
+The choice comes, first match wins, from the op's ``backend=`` argument, the environment variable
+``KVPO_<OP>_BACKEND`` (``KVPO_ROUTED_ATTENTION_BACKEND``, ``KVPO_VELOCITY_ENERGY_BACKEND``), the
+environment variable ``KVPO_BACKEND``, and finally ``auto``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+def _probe_native() -> bool:
+    try:
+        from . import _C  # noqa: F401  (registers the C++ kernels)
+    except ImportError:
+        return False
+    return True
+
+
+# Probed once at import: plain constants keep resolve() traceable by torch.compile.
+_NATIVE = _probe_native()
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def native_available() -> bool:
+    """True when the compiled extension ``kvpo_kernels._C`` imports."""
+    return _NATIVE
+
+
+def native_cuda_available(op: str) -> bool:
+    """True when the extension registered a CUDA kernel for the native op ``kvpo::<op>``."""
+    return _NATIVE and torch._C._dispatch_has_kernel_for_dispatch_key(f"kvpo::{op}", "CUDA")
+
+
+def triton_available() -> bool:
+    return _TRITON
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def requested(op: str, backend: str | None) -> str:
+    """The backend asked for by argument or environment, before resolution of ``auto``."""
+    choice = backend or os.environ.get(f"KVPO_{op.upper()}_BACKEND") or os.environ.get(
+        "KVPO_BACKEND", "auto"
+    )
+    choice = choice.strip().lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r} (op {op})")
+    return choice
+
+
+def resolve(op: str, device: torch.device, backend: str | None = None, native_op: str = "") -> str:
+    """Return the concrete backend that runs ``op`` on tensors of ``device``.
+
+    ``native_op`` names the C++ op (``kvpo::<native_op>``) whose CUDA kernel ``cuda`` needs.
+    """
+    choice = requested(op, backend)
+    native_op = native_op or op
+    if choice == "auto":
+        if device.type == "cpu":
+            return "cpu" if native_available() else "reference"
+        if device.type == "cuda":
+            if triton_available():
+                return "triton"
+            if native_cuda_available(native_op):
+                return "cuda"
+        return "reference"
+    if choice == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"{op}: backend 'cpu' needs CPU tensors, got device {device}")
+        if not native_available():
+            raise RuntimeError(
+                f"{op}: backend 'cpu' needs the compiled extension kvpo_kernels._C; build it with "
+                "`pip install --no-build-isolation -e .`"
+            )
+    elif choice == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got device {device}")
+        if not native_cuda_available(native_op):
+            raise RuntimeError(
+                f"{op}: backend 'cuda' needs kvpo_kernels._C built with CUDA (CUDA torch and nvcc)"
+            )
+    elif choice == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: backend 'triton' needs the triton package")
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
+            raise ValueError(
+                f"{op}: backend 'triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
+                f"set before triton is imported; got device {device}"
+            )
+    return choice
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / statistics dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
