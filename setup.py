@@ -27,9 +27,14 @@ def _extension():
     cuda_bind = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     cxx = ["-O3", "-fopenmp"]
     use_cuda = (
-        torch.version.cuda is not None
-        and torch.cuda.is_available() or os.environ.get("KVPO_FORCE_CUDA") == "1"
-    ) and os.environ.get("KVPO_NO_CUDA") != "1" and bool(cuda)
+        (
+            torch.version.cuda is not None
+            and torch.cuda.is_available()
+            or os.environ.get("KVPO_FORCE_CUDA") == "1"
+        )
+        and os.environ.get("KVPO_NO_CUDA") != "1"
+        and bool(cuda)
+    )
     if use_cuda:
         return CUDAExtension(
             "kvpo_kernels._C",

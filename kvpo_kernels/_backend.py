@@ -56,8 +56,10 @@ def triton_interpreted() -> bool:
 
 def requested(op: str, backend: str | None) -> str:
     """The backend asked for by argument or environment, before resolution of ``auto``."""
-    choice = backend or os.environ.get(f"KVPO_{op.upper()}_BACKEND") or os.environ.get(
-        "KVPO_BACKEND", "auto"
+    choice = (
+        backend
+        or os.environ.get(f"KVPO_{op.upper()}_BACKEND")
+        or os.environ.get("KVPO_BACKEND", "auto")
     )
     choice = choice.strip().lower()
     if choice not in BACKENDS:

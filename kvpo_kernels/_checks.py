@@ -46,7 +46,12 @@ def check_routed_attention(
     page_table: torch.Tensor,
     page_lens: torch.Tensor | None,
 ) -> None:
-    for name, t in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages), ("page_table", page_table)):
+    for name, t in (
+        ("q", q),
+        ("k_pages", k_pages),
+        ("v_pages", v_pages),
+        ("page_table", page_table),
+    ):
         require_tensor(name, t)
     require_rank("q", q, 4, "[B, H, Lq, D]")
     require_rank("k_pages", k_pages, 4, "[P, Hkv, page_size, D]")

@@ -31,8 +31,12 @@ def _fwd_reference(q, k_pages, v_pages, page_table, page_lens, scale):
 def _bwd_reference(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale):
     acc = _backend.acc_dtype(q.dtype)
     grads = routed_attention_backward_reference(
-        *(t.to(acc) for t in (dout, q, k_pages, v_pages)), page_table, page_lens, lse.to(acc),
-        delta.to(acc), scale,
+        *(t.to(acc) for t in (dout, q, k_pages, v_pages)),
+        page_table,
+        page_lens,
+        lse.to(acc),
+        delta.to(acc),
+        scale,
     )
     return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k_pages, v_pages), strict=True))
 

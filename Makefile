@@ -1,0 +1,23 @@
+PY ?= python3
+
+.PHONY: setup train test lint bench cuda-compile
+setup:
+	bash scripts/setup.sh
+
+train: setup
+	$(PY) -m kvpo.train
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest tests -q -ra
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench:
+	$(PY) -m pytest benchmarks -q --benchmark-columns=min,median,mean,rounds
+
+cuda-compile:
+	cmake -S . -B build/cuda-only -DKVPO_CUDA_ONLY=ON && cmake --build build/cuda-only -j 2

@@ -1,0 +1,109 @@
+"""Random inputs and error measures shared by the tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import kvpo_kernels
+
+
+@dataclass(frozen=True)
+class RoutedCase:
+    B: int
+    H: int
+    Hkv: int
+    Lq: int
+    D: int
+    P: int
+    page_size: int
+    max_pages: int
+    partial: bool = False  # some pages partly filled
+    empty_row: bool = False  # one row keeps no page at all
+    shared: bool = True  # rows list common pages
+
+    def __str__(self) -> str:
+        return (
+            f"B{self.B}H{self.H}kv{self.Hkv}L{self.Lq}D{self.D}P{self.P}ps{self.page_size}"
+            f"n{self.max_pages}{'p' if self.partial else ''}{'e' if self.empty_row else ''}"
+        )
+
+
+CASES = [
+    RoutedCase(2, 2, 2, 4, 16, 5, 4, 4),
+    RoutedCase(3, 4, 2, 7, 32, 8, 5, 6, partial=True),  # odd page_size, odd Lq, GQA
+    RoutedCase(4, 6, 1, 9, 24, 6, 3, 6, empty_row=True),  # MQA, non power of two D
+    RoutedCase(2, 4, 4, 17, 64, 7, 7, 5, partial=True, empty_row=True),
+    RoutedCase(3, 2, 1, 1, 128, 4, 2, 3),  # a single query (decoding)
+]
+
+
+def make_table(case: RoutedCase, gen: torch.Generator) -> torch.Tensor:
+    """Random tables: shared prefix pages, random routed-out slots, optionally one empty row."""
+    table = torch.randint(0, case.P, (case.B, case.max_pages), generator=gen, dtype=torch.int32)
+    if case.shared:
+        table[:, 0] = 0  # every row lists physical page 0
+        table[1:, 1] = table[0, 1]
+    drop = torch.rand(case.B, case.max_pages, generator=gen) < 0.3
+    drop[:, 0] = False
+    table[drop] = -1
+    if case.empty_row:
+        table[-1] = -1
+    return table
+
+
+def make_routed(case: RoutedCase, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(case.B, case.H, case.Lq, case.D, generator=gen, dtype=torch.float64)
+    k = torch.randn(case.P, case.Hkv, case.page_size, case.D, generator=gen, dtype=torch.float64)
+    v = torch.randn(case.P, case.Hkv, case.page_size, case.D, generator=gen, dtype=torch.float64)
+    table = make_table(case, gen)
+    lens = None
+    if case.partial:
+        lens = torch.randint(1, case.page_size + 1, (case.P,), generator=gen, dtype=torch.int32)
+        lens[0] = 0 if case.P > 2 else lens[0]  # an empty page listed by every row
+    return q.to(dtype), k.to(dtype), v.to(dtype), table, lens
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
+    return (a - b).masked_fill(both_inf, 0).abs().max().item()
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = "") -> None:
+    """max |actual - expected| <= rel * max |expected| (inf entries must match exactly)."""
+    assert not torch.isnan(actual).any(), f"{what}: NaN"
+    scale = expected.double().masked_fill(torch.isinf(expected), 0).abs().max().item()
+    err = max_err(actual, expected)
+    assert err <= rel * max(scale, 1e-12), f"{what}: max err {err:.3e} vs scale {scale:.3e}"
+
+
+def assert_low_precision(kernel, same_dtype_ref, ref64, what: str = "") -> None:
+    """flash-attn's rule: the kernel's error is at most twice the same-dtype PyTorch reference's."""
+    assert not torch.isnan(kernel).any(), f"{what}: NaN"
+    err_k = max_err(kernel, ref64)
+    err_pt = max_err(same_dtype_ref, ref64)
+    assert err_k <= 2 * err_pt + 1e-6, (
+        f"{what}: kernel err {err_k:.3e} > 2 x torch err {err_pt:.3e}"
+    )
+
+
+def routed_grads(fn, q, k, v, table, lens, dout, dlse):
+    """Gradients of <out, dout> + <lse, dlse> (finite lse only) with respect to q, k, v."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v, table, lens)
+    loss = (out.double() * dout.double()).sum()
+    finite = torch.isfinite(lse)
+    loss = loss + (lse.double()[finite] * dlse.double()[finite]).sum()
+    loss.backward()
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def kernel_fn(backend: str):
+    return lambda q, k, v, t, lens: kvpo_kernels.routed_attention(q, k, v, t, lens, backend=backend)
+
+
+def reference_fn(q, k, v, t, lens):
+    return kvpo_kernels.routed_attention_reference(q, k, v, t, lens)

@@ -1,0 +1,121 @@
+"""Bad input gets a clear error naming the argument, never a wrong answer or a kernel crash."""
+
+import pytest
+import torch
+
+import kvpo_kernels
+
+
+def _ok(dtype=torch.float32):
+    q = torch.randn(2, 4, 3, 8, dtype=dtype)
+    k = torch.randn(5, 2, 4, 8, dtype=dtype)
+    v = torch.randn(5, 2, 4, 8, dtype=dtype)
+    table = torch.tensor([[0, 1, -1], [2, 3, 4]], dtype=torch.int32)
+    return q, k, v, table
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize(
+    "mutate, exc, match",
+    [
+        (lambda a: a.update(q=a["q"][0]), ValueError, "q must be 4-D"),
+        (lambda a: a.update(k=a["k"][0]), ValueError, "k_pages must be 4-D"),
+        (lambda a: a.update(table=a["table"][0]), ValueError, "page_table must be 2-D"),
+        (lambda a: a.update(v=a["v"][:, :, :3]), ValueError, "k_pages and v_pages"),
+        (lambda a: a.update(k=a["k"][..., :4], v=a["v"][..., :4]), ValueError, "head dim"),
+        (lambda a: a.update(q=torch.randn(2, 3, 3, 8)), ValueError, "multiple of KV heads"),
+        (lambda a: a.update(table=a["table"][:1]), ValueError, "one row per batch row"),
+        (lambda a: a.update(table=a["table"].long()), TypeError, "page_table must be int32"),
+        (lambda a: a.update(k=a["k"].double()), TypeError, "k_pages has dtype"),
+        (lambda a: a.update(q=a["q"].int(), k=a["k"].int(), v=a["v"].int()), TypeError, "q must"),
+        (lambda a: a["table"].__setitem__((0, 0), 5), ValueError, r"page index in \[0, 5\)"),
+        (lambda a: a["table"].__setitem__((1, 2), -2), ValueError, "page_table entries"),
+        (
+            lambda a: a.update(lens=torch.tensor([4, 4, 5, 1, 0], dtype=torch.int32)),
+            ValueError,
+            "page_lens entries",
+        ),
+        (
+            lambda a: a.update(lens=torch.tensor([4, 4, 4], dtype=torch.int32)),
+            ValueError,
+            "page_lens must be",
+        ),
+        (lambda a: a.update(lens=torch.ones(5)), TypeError, "page_lens must be int32"),
+        (lambda a: a.update(q="q"), TypeError, "q must be a torch.Tensor"),
+        (
+            lambda a: a.update(
+                q=torch.randn(2, 4, 3, 300),
+                k=torch.randn(5, 2, 4, 300),
+                v=torch.randn(5, 2, 4, 300),
+            ),
+            ValueError,
+            "head dim D",
+        ),
+        (lambda a: a.update(q=a["q"].to("meta")), ValueError, "k_pages is on cpu but q is on meta"),
+        (lambda a: a.update(table=a["table"].to("meta")), ValueError, "page_table is on meta"),
+    ],
+)
+def test_routed_attention_errors(backend, mutate, exc, match):
+    q, k, v, table = _ok()
+    args = {"q": q, "k": k, "v": v, "table": table, "lens": None}
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        kvpo_kernels.routed_attention(
+            args["q"], args["k"], args["v"], args["table"], args["lens"], backend=backend
+        )
+
+
+def test_unknown_backend_and_wrong_device_backend():
+    q, k, v, table = _ok()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kvpo_kernels.routed_attention(q, k, v, table, backend="fast")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        kvpo_kernels.routed_attention(q, k, v, table, backend="cuda")
+
+
+def test_backend_from_environment(monkeypatch):
+    q, k, v, table = _ok()
+    monkeypatch.setenv("KVPO_ROUTED_ATTENTION_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kvpo_kernels.routed_attention(q, k, v, table)
+    monkeypatch.setenv("KVPO_ROUTED_ATTENTION_BACKEND", "reference")
+    ref = kvpo_kernels.routed_attention(q, k, v, table)[0]
+    monkeypatch.setenv("KVPO_ROUTED_ATTENTION_BACKEND", "cpu")
+    torch.testing.assert_close(kvpo_kernels.routed_attention(q, k, v, table)[0], ref)
+
+
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        ((torch.randn(3), torch.randn(3)), ValueError, "at least 2-D"),
+        ((torch.randn(2, 3, 4), torch.randn(2, 3, 5)), ValueError, "shape of v_pred"),
+        ((torch.randn(2, 3, 4), torch.randn(2, 3, 4).double()), TypeError, "v_ref has dtype"),
+        ((torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(4)), ValueError, "weight must"),
+        (
+            (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(3, dtype=torch.int64)),
+            TypeError,
+            "weight must be a floating",
+        ),
+        ((torch.randn(2, 3, 4), torch.randn(2, 3, 4), None, "max"), ValueError, "reduction"),
+        (
+            (torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32)),
+            TypeError,
+            "v_pred must be float",
+        ),
+        ((torch.randn(2, 3, 4), torch.randn(2, 3, 4, device="meta")), ValueError, "v_ref is on"),
+    ],
+)
+def test_velocity_energy_errors(args, exc, match):
+    with pytest.raises(exc, match=match):
+        kvpo_kernels.velocity_energy(*args)
+
+
+def test_merge_attention_shape_errors():
+    with pytest.raises(ValueError, match="shapes differ"):
+        kvpo_kernels.merge_attention(
+            torch.randn(2, 3, 4), torch.randn(2, 3), torch.randn(2, 3, 5), torch.randn(2, 3)
+        )
+    with pytest.raises(ValueError, match="without D"):
+        kvpo_kernels.merge_attention(
+            torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(2, 3, 4), torch.randn(2, 4)
+        )

@@ -1,0 +1,164 @@
+"""routed_attention against the float64 reference, SDPA, gradcheck and opcheck (CPU backends)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import (
+    CASES,
+    RoutedCase,
+    assert_low_precision,
+    assert_rel,
+    kernel_fn,
+    make_routed,
+    reference_fn,
+    routed_grads,
+)
+
+import kvpo_kernels
+from kvpo_kernels.routed_attention import _routed_attention_op
+
+BACKENDS = ["cpu", "reference"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fp32_matches_float64_reference(backend, case):
+    q, k, v, table, lens = make_routed(case, torch.float64)
+    dout = torch.randn_like(q)
+    dlse = torch.randn(q.shape[:3], dtype=torch.float64)
+    ref = routed_grads(reference_fn, q, k, v, table, lens, dout, dlse)
+    got = routed_grads(
+        kernel_fn(backend), q.float(), k.float(), v.float(), table, lens, dout.float(), dlse.float()
+    )
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
+        assert_rel(a, b, 1e-5, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES[:4], ids=str)
+def test_half_precision_within_twice_torch_error(backend, dtype, case):
+    q, k, v, table, lens = make_routed(case, torch.float64)
+    dout = torch.randn_like(q)
+    dlse = torch.zeros(q.shape[:3], dtype=torch.float64)
+    ref = routed_grads(reference_fn, q, k, v, table, lens, dout, dlse)
+    low = [t.to(dtype) for t in (q, k, v)]
+    pt = routed_grads(reference_fn, *low, table, lens, dout.to(dtype), dlse)
+    got = routed_grads(kernel_fn(backend), *low, table, lens, dout.to(dtype), dlse)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), got, pt, ref, strict=True):
+        assert_low_precision(a, b, c, f"{backend} {dtype} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_rows_give_zero_and_minus_inf_without_nan(backend):
+    case = RoutedCase(3, 4, 2, 5, 16, 4, 3, 4, empty_row=True)
+    q, k, v, table, lens = make_routed(case, torch.float32)
+    table[1] = -1
+    q.requires_grad_()
+    out, lse = kvpo_kernels.routed_attention(q, k, v, table, lens, backend=backend)
+    assert torch.equal(out[1:], torch.zeros_like(out[1:]))
+    assert torch.isneginf(lse[1:]).all() and torch.isfinite(lse[0]).all()
+    (out.sum() + lse[0].sum()).backward()
+    assert torch.isfinite(q.grad).all() and q.grad[1:].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_table_equals_sdpa_on_concatenated_cache(backend):
+    B, H, Hkv, Lq, D, P, ps = 3, 8, 2, 11, 32, 5, 6
+    q = torch.randn(B, H, Lq, D, dtype=torch.float64)
+    k = torch.randn(P, Hkv, ps, D, dtype=torch.float64)
+    v = torch.randn(P, Hkv, ps, D, dtype=torch.float64)
+    table = torch.arange(P, dtype=torch.int32).repeat(B, 1)
+    out, _ = kvpo_kernels.routed_attention(q, k, v, table, backend=backend)
+    kc = k.permute(1, 0, 2, 3).reshape(1, Hkv, P * ps, D).expand(B, -1, -1, -1)
+    vc = v.permute(1, 0, 2, 3).reshape(1, Hkv, P * ps, D).expand(B, -1, -1, -1)
+    expected = F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
+    assert_rel(out, expected, 1e-10, "full table vs SDPA")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routed_table_equals_sdpa_on_gathered_kept_pages(backend):
+    B, H, Hkv, Lq, D, P, ps = 4, 4, 4, 6, 16, 7, 4
+    q = torch.randn(B, H, Lq, D, dtype=torch.float64)
+    k = torch.randn(P, Hkv, ps, D, dtype=torch.float64)
+    v = torch.randn(P, Hkv, ps, D, dtype=torch.float64)
+    table = torch.arange(P, dtype=torch.int32).repeat(B, 1)
+    gen = torch.Generator().manual_seed(3)
+    table[torch.rand(B, P, generator=gen) < 0.5] = -1
+    table[:, 0] = 0
+    out, _ = kvpo_kernels.routed_attention(q, k, v, table, backend=backend)
+    for b in range(B):
+        kept = table[b][table[b] >= 0].long()
+        kb = k[kept].permute(1, 0, 2, 3).reshape(1, Hkv, -1, D)
+        vb = v[kept].permute(1, 0, 2, 3).reshape(1, Hkv, -1, D)
+        expected = F.scaled_dot_product_attention(q[b : b + 1], kb, vb)
+        assert_rel(out[b : b + 1], expected, 1e-10, f"row {b}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64_with_shared_page(backend):
+    q = torch.randn(2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 1, 3, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 1, 3, 4, dtype=torch.float64, requires_grad=True)
+    table = torch.tensor([[0, 2], [0, -1]], dtype=torch.int32)  # page 0 shared by both rows
+    lens = torch.tensor([3, 1, 2], dtype=torch.int32)
+
+    def fn(q, k, v):
+        return kvpo_kernels.routed_attention(q, k, v, table, lens, scale=0.7, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_lens", [False, True])
+def test_opcheck(backend, with_lens):
+    case = RoutedCase(3, 4, 2, 5, 8, 5, 3, 4, partial=with_lens)
+    q, k, v, table, lens = make_routed(case, torch.float32)
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(_routed_attention_op, (q, k, v, table, lens, 0.35, backend))
+
+
+def test_compile_fullgraph_matches_eager():
+    case = RoutedCase(2, 4, 2, 5, 8, 5, 3, 4, partial=True)
+    q, k, v, table, lens = make_routed(case, torch.float32)
+
+    def fn(q, k, v):
+        out, lse = kvpo_kernels.routed_attention(q, k, v, table, lens)
+        return out.square().sum() + lse.sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    q1 = q.clone().requires_grad_()
+    q2 = q.clone().requires_grad_()
+    eager, comp = fn(q1, k, v), compiled(q2, k, v)
+    eager.backward()
+    comp.backward()
+    torch.testing.assert_close(comp, eager)
+    torch.testing.assert_close(q2.grad, q1.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_of_two_halves_equals_whole(backend):
+    B, H, Lq, D, P, ps = 3, 4, 5, 16, 8, 4
+    q = torch.randn(B, H, Lq, D, dtype=torch.float64)
+    k = torch.randn(P, 2, ps, D, dtype=torch.float64)
+    v = torch.randn(P, 2, ps, D, dtype=torch.float64)
+    table = torch.arange(P, dtype=torch.int32).repeat(B, 1)
+    table[2, 4:] = -1  # row 2: the second half is empty, so its merge meets lse = -inf
+    whole = kvpo_kernels.routed_attention(q, k, v, table, backend=backend)
+    a = kvpo_kernels.routed_attention(q, k, v, table[:, :4].contiguous(), backend=backend)
+    b = kvpo_kernels.routed_attention(q, k, v, table[:, 4:].contiguous(), backend=backend)
+    out, lse = kvpo_kernels.merge_attention(*a, *b)
+    assert_rel(out, whole[0], 1e-12, "merged out")
+    assert_rel(lse, whole[1], 1e-12, "merged lse")
+
+
+def test_merge_of_two_empty_sides_is_empty_and_differentiable():
+    out_a = torch.randn(2, 3, 4, requires_grad=True)
+    lse = torch.full((2, 3), float("-inf"))
+    out, merged = kvpo_kernels.merge_attention(out_a, lse, torch.randn(2, 3, 4), lse)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(merged).all()
+    out.sum().backward()
+    assert torch.isfinite(out_a.grad).all()

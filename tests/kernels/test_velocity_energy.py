@@ -1,0 +1,108 @@
+"""velocity_energy against the float64 reference, gradcheck and opcheck (CPU backends)."""
+
+import pytest
+import torch
+from helpers import assert_low_precision, assert_rel
+
+import kvpo_kernels
+from kvpo_kernels.velocity_energy import _velocity_energy_op
+
+BACKENDS = ["cpu", "reference"]
+SHAPES = [(1, 1, 1), (4, 3, 17), (8, 4, 3, 5, 7), (3, 2, 4099)]
+
+
+def _inputs(shape, weight_kind, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    v_pred = torch.randn(shape, generator=gen, dtype=torch.float64)
+    v_ref = v_pred + 0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    G, S = shape[:2]
+    weight = {
+        "none": None,
+        "step": torch.rand(S, generator=gen, dtype=torch.float64) + 0.1,
+        "branch_step": torch.rand(G, S, generator=gen, dtype=torch.float64) + 0.1,
+    }[weight_kind]
+    return v_pred.to(dtype), v_ref.to(dtype), weight
+
+
+def _grads(fn, v_pred, v_ref, weight, reduction, grad_out):
+    v_pred = v_pred.detach().clone().requires_grad_()
+    v_ref = v_ref.detach().clone().requires_grad_()
+    energy = fn(v_pred, v_ref, weight, reduction)
+    (energy.double() * grad_out).sum().backward()
+    return energy.detach(), v_pred.grad, v_ref.grad
+
+
+def _kernel(backend):
+    return lambda a, b, w, r: kvpo_kernels.velocity_energy(a, b, w, r, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("weight_kind", ["none", "step", "branch_step"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fp32_matches_float64_reference(backend, reduction, weight_kind, shape):
+    v_pred, v_ref, weight = _inputs(shape, weight_kind)
+    grad_out = torch.randn(shape[0], dtype=torch.float64)
+    ref = _grads(kvpo_kernels.velocity_energy_reference, v_pred, v_ref, weight, reduction, grad_out)
+    got = _grads(_kernel(backend), v_pred.float(), v_ref.float(), weight, reduction, grad_out)
+    assert got[0].dtype == torch.float32 and got[0].shape == (shape[0],)
+    for name, a, b in zip(("energy", "d_pred", "d_ref"), got, ref, strict=True):
+        assert_rel(a, b, 1e-5, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_twice_torch_error(backend, dtype):
+    shape = (4, 3, 2000)
+    v_pred, v_ref, weight = _inputs(shape, "step")
+    grad_out = torch.randn(4, dtype=torch.float64)
+    ref = _grads(kvpo_kernels.velocity_energy_reference, v_pred, v_ref, weight, "mean", grad_out)
+    low = (v_pred.to(dtype), v_ref.to(dtype))
+    pt = _grads(kvpo_kernels.velocity_energy_reference, *low, weight.to(dtype), "mean", grad_out)
+    got = _grads(_kernel(backend), *low, weight, "mean", grad_out)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    for name, a, b, c in zip(("energy", "d_pred", "d_ref"), got, pt, ref, strict=True):
+        assert_low_precision(a, b, c, f"{backend} {dtype} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_gradcheck_float64_including_weight(backend, reduction):
+    v_pred, v_ref, weight = _inputs((3, 2, 5), "branch_step")
+    args = (v_pred.requires_grad_(), v_ref.requires_grad_(), weight.requires_grad_())
+
+    def fn(a, b, w):
+        return kvpo_kernels.velocity_energy(a, b, w, reduction, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gradient_to_v_ref_unless_required(backend):
+    v_pred, v_ref, _ = _inputs((2, 3, 4), "none", torch.float32)
+    v_pred.requires_grad_()
+    kvpo_kernels.velocity_energy(v_pred, v_ref, backend=backend).sum().backward()
+    assert v_ref.grad is None and v_pred.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mean", [False, True])
+def test_opcheck(backend, mean):
+    v_pred, v_ref, weight = _inputs((3, 2, 7), "branch_step", torch.float32)
+    args = (v_pred.requires_grad_(), v_ref.requires_grad_(), weight.float(), mean, backend)
+    torch.library.opcheck(_velocity_energy_op, args)
+
+
+def test_compile_fullgraph_matches_eager():
+    v_pred, v_ref, weight = _inputs((4, 3, 5, 6), "step", torch.float32)
+
+    def fn(a):
+        return torch.softmax(-kvpo_kernels.velocity_energy(a, v_ref, weight, "mean"), 0)[0]
+
+    a1, a2 = v_pred.clone().requires_grad_(), v_pred.clone().requires_grad_()
+    eager = fn(a1)
+    comp = torch.compile(fn, fullgraph=True, backend="aot_eager")(a2)
+    eager.backward()
+    comp.backward()
+    torch.testing.assert_close(comp, eager)
+    torch.testing.assert_close(a2.grad, a1.grad)
