@@ -11,15 +11,29 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "routed_attention.h"
 
+// Fortran BLAS of the BLAS library that torch bundles; weak, so a torch without them still loads
+// this extension and the kernels fall back to plain loops.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*, const int*)
+    __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
 namespace kvpo {
 namespace {
 
-constexpr int64_t kTileM = 16;
+constexpr int64_t kTileM = 64;   // query rows per task
+constexpr int64_t kBlockN = 512;  // key tokens per staged block (forward)
 
 struct Dims {
   int64_t B, H, Lq, D, P, Hkv, page_size, max_pages, group;
@@ -39,21 +53,75 @@ Dims get_dims(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& 
   return d;
 }
 
-// Valid tokens of physical page p (0 for an out-of-range length is impossible: checked on entry).
 inline int64_t page_len(const int32_t* page_lens, int64_t p, int64_t page_size) {
   return page_lens ? static_cast<int64_t>(page_lens[p]) : page_size;
 }
 
-template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
-  acc_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+// Row-major C[M, N] = op(A) op(B) + beta * C, op(X) = X^T when the flag is set. A row-major matrix
+// is its transpose in column-major order, so the column-major BLAS computes C^T = op(B)^T op(A)^T
+// with the same flags and the operands swapped.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+          int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const T one = 1;
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_) return sgemm_(&cb, &ca, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+  } else {
+    if (dgemm_) return dgemm_(&cb, &ca, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+  }
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      T s = 0;
+      for (int64_t x = 0; x < K; ++x)
+        s += (ta ? A[x * lda + i] : A[i * lda + x]) * (tb ? B[j * ldb + x] : B[x * ldb + j]);
+      C[i * ldc + j] = s + (beta == T(0) ? T(0) : beta * C[i * ldc + j]);
+    }
 }
 
+// x[i] <- exp(x[i] - shift) over a row, returning the sum. The float version is written so that
+// the compiler vectorizes it (range reduction by the round-to-nearest magic constant, a degree-6
+// polynomial on [-ln2/2, ln2/2]; ~1 ulp); arguments are <= 0 here, clamped at -87 where exp
+// underflows anyway relative to the row's largest term, 1.
+inline double exp_shifted(double* x, int64_t n, double shift) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - shift));
+  return sum;
+}
+
+inline float exp_shifted(float* x, int64_t n, float shift) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::max(x[i] - shift, -87.0f);
+    const float kf = (a * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(a / ln2)
+    const float r = (a - kf * 0.693359375f) + kf * 2.12194440e-4f;    // a - k ln2, two parts
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    x[i] = p * __builtin_bit_cast(float, (static_cast<int32_t>(kf) + 127) << 23);
+  }
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
+  return sum;
+}
+
+// A page's K or V tile as acc_t: the page memory itself when no conversion is needed, else a copy.
 template <typename scalar_t, typename acc_t>
-inline void load_tile(const scalar_t* src, acc_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+inline const acc_t* as_acc(const scalar_t* src, acc_t* buf, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
+    return buf;
+  }
 }
 
 template <typename scalar_t>
@@ -71,10 +139,13 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
   const int64_t n_tiles = (d.Lq + kTileM - 1) / kTileM;
   const acc_t sc = static_cast<acc_t>(scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  // Kept pages are staged, a few at a time, into one bounded block per thread, so that each GEMM is
+  // large enough for the BLAS to run near its peak; the cache itself is never copied per row.
+  const int64_t block_n = std::max(d.page_size, kBlockN - kBlockN % d.page_size);
 
   at::parallel_for(0, d.B * d.H * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qbuf(kTileM * d.D), acc(kTileM * d.D), kbuf(d.page_size * d.D),
-        vbuf(d.page_size * d.D), s(d.page_size);
+    std::vector<acc_t> qbuf(kTileM * d.D), acc(kTileM * d.D), kbuf(block_n * d.D),
+        vbuf(block_n * d.D), s(kTileM * block_n);
     acc_t m[kTileM], l[kTileM];
     for (int64_t w = begin; w < end; ++w) {
       const int64_t tile = w % n_tiles;
@@ -86,34 +157,35 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m, m + kTileM, neg_inf);
       std::fill(l, l + kTileM, acc_t(0));
-      for (int64_t j = 0; j < d.max_pages; ++j) {
-        const int64_t p = tp[b * d.max_pages + j];
-        if (p < 0) continue;  // routed out: its memory is never read
-        const int64_t n = page_len(page_lens, p, d.page_size);
-        if (n <= 0) continue;
-        const int64_t base = ((p * d.Hkv + hk) * d.page_size) * d.D;
-        load_tile(kp + base, kbuf.data(), n * d.D);
-        load_tile(vp + base, vbuf.data(), n * d.D);
-        for (int64_t r = 0; r < rows; ++r) {
-          const acc_t* qr = qbuf.data() + r * d.D;
-          acc_t mx = m[r];
-          for (int64_t t = 0; t < n; ++t) {
-            s[t] = dot(qr, kbuf.data() + t * d.D, d.D);
-            mx = std::max(mx, s[t]);
+      int64_t j = 0;
+      while (j < d.max_pages) {
+        int64_t n = 0;  // tokens staged in this block
+        for (; j < d.max_pages; ++j) {
+          const int64_t p = tp[b * d.max_pages + j];
+          if (p < 0) continue;  // routed out: its memory is never read
+          const int64_t len = page_len(page_lens, p, d.page_size);
+          if (n + len > block_n) break;
+          const int64_t base = ((p * d.Hkv + hk) * d.page_size) * d.D;
+          for (int64_t x = 0; x < len * d.D; ++x) {
+            kbuf[n * d.D + x] = static_cast<acc_t>(kp[base + x]);
+            vbuf[n * d.D + x] = static_cast<acc_t>(vp[base + x]);
           }
-          const acc_t corr = std::exp(m[r] - mx);  // m[r] = -inf on the first page gives 0
-          acc_t* ar = acc.data() + r * d.D;
-          acc_t lsum = l[r] * corr;
-          for (int64_t c = 0; c < d.D; ++c) ar[c] *= corr;
-          for (int64_t t = 0; t < n; ++t) {
-            const acc_t pt = std::exp(s[t] - mx);
-            lsum += pt;
-            const acc_t* vt = vbuf.data() + t * d.D;
-            for (int64_t c = 0; c < d.D; ++c) ar[c] += pt * vt[c];
-          }
-          l[r] = lsum;
-          m[r] = mx;
+          n += len;
         }
+        if (n == 0) continue;
+        gemm<acc_t>(false, true, rows, n, d.D, qbuf.data(), d.D, kbuf.data(), d.D, 0, s.data(), n);
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* sr = s.data() + r * n;
+          acc_t mx = m[r];
+#pragma omp simd reduction(max : mx)
+          for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sr[t]);
+          const acc_t corr = std::exp(m[r] - mx);  // m[r] = -inf on the first block gives 0
+          l[r] = l[r] * corr + exp_shifted(sr, n, mx);
+          m[r] = mx;
+          acc_t* ar = acc.data() + r * d.D;
+          for (int64_t c = 0; c < d.D; ++c) ar[c] *= corr;
+        }
+        gemm<acc_t>(false, false, rows, d.D, n, s.data(), n, vbuf.data(), d.D, 1, acc.data(), d.D);
       }
       scalar_t* orow = op + (bh * d.Lq + i0) * d.D;
       acc_t* lrow = lp + bh * d.Lq + i0;
@@ -126,6 +198,18 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
       }
     }
   });
+}
+
+// dS = P * (dP - delta) for one (query tile, page) block, with P = exp(S - lse) written into s.
+template <typename acc_t>
+inline void softmax_grad(acc_t* s, acc_t* dp, const acc_t* lse, const acc_t* delta, int64_t rows,
+                         int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* sr = s + r * n;
+    acc_t* dr = dp + r * n;
+    exp_shifted(sr, n, lse[r]);
+    for (int64_t t = 0; t < n; ++t) dr[t] = sr[t] * (dr[t] - delta[r]);
+  }
 }
 
 template <typename scalar_t>
@@ -143,23 +227,29 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
   const acc_t* lp = lse.const_data_ptr<acc_t>();
   const acc_t* dlt = delta.const_data_ptr<acc_t>();
   const acc_t sc = static_cast<acc_t>(scale);
+  const int64_t n_tiles = (d.Lq + kTileM - 1) / kTileM;
+
+  // Loads a query tile (scaled: the scale is exactly d(score)/dk) and its output gradient.
+  auto load_rows = [&](int64_t bh, int64_t i0, int64_t rows, acc_t* qbuf, acc_t* dobuf) {
+    const int64_t off = (bh * d.Lq + i0) * d.D;
+    for (int64_t x = 0; x < rows * d.D; ++x) {
+      qbuf[x] = static_cast<acc_t>(qp[off + x]) * sc;
+      dobuf[x] = static_cast<acc_t>(dop[off + x]);
+    }
+  };
 
   // dq: one task per (row, head, query tile), walking the row's table like the forward.
-  const int64_t n_tiles = (d.Lq + kTileM - 1) / kTileM;
   scalar_t* dqp = dq.data_ptr<scalar_t>();
   at::parallel_for(0, d.B * d.H * n_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qbuf(kTileM * d.D), dobuf(kTileM * d.D), dqacc(kTileM * d.D),
-        kbuf(d.page_size * d.D), vbuf(d.page_size * d.D);
+        kbuf(d.page_size * d.D), vbuf(d.page_size * d.D), s(kTileM * d.page_size),
+        dp(kTileM * d.page_size);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t tile = w % n_tiles;
       const int64_t bh = w / n_tiles;
       const int64_t b = bh / d.H, h = bh % d.H, hk = h / d.group;
       const int64_t i0 = tile * kTileM, rows = std::min(kTileM, d.Lq - i0);
-      const int64_t off = (bh * d.Lq + i0) * d.D;
-      for (int64_t x = 0; x < rows * d.D; ++x) {
-        qbuf[x] = static_cast<acc_t>(qp[off + x]) * sc;
-        dobuf[x] = static_cast<acc_t>(dop[off + x]);
-      }
+      load_rows(bh, i0, rows, qbuf.data(), dobuf.data());
       std::fill(dqacc.begin(), dqacc.end(), acc_t(0));
       for (int64_t j = 0; j < d.max_pages; ++j) {
         const int64_t p = tp[b * d.max_pages + j];
@@ -167,22 +257,14 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
         const int64_t n = page_len(page_lens, p, d.page_size);
         if (n <= 0) continue;
         const int64_t base = ((p * d.Hkv + hk) * d.page_size) * d.D;
-        load_tile(kp + base, kbuf.data(), n * d.D);
-        load_tile(vp + base, vbuf.data(), n * d.D);
-        for (int64_t r = 0; r < rows; ++r) {
-          const acc_t lse_r = lp[bh * d.Lq + i0 + r];
-          const acc_t delta_r = dlt[bh * d.Lq + i0 + r];
-          const acc_t* qr = qbuf.data() + r * d.D;
-          const acc_t* dor = dobuf.data() + r * d.D;
-          acc_t* dqr = dqacc.data() + r * d.D;
-          for (int64_t t = 0; t < n; ++t) {
-            const acc_t* kt = kbuf.data() + t * d.D;
-            const acc_t pt = std::exp(dot(qr, kt, d.D) - lse_r);
-            const acc_t ds = pt * (dot(dor, vbuf.data() + t * d.D, d.D) - delta_r);
-            for (int64_t c = 0; c < d.D; ++c) dqr[c] += ds * kt[c];
-          }
-        }
+        const acc_t* kt = as_acc(kp + base, kbuf.data(), n * d.D);
+        const acc_t* vt = as_acc(vp + base, vbuf.data(), n * d.D);
+        gemm<acc_t>(false, true, rows, n, d.D, qbuf.data(), d.D, kt, d.D, 0, s.data(), n);
+        gemm<acc_t>(false, true, rows, n, d.D, dobuf.data(), d.D, vt, d.D, 0, dp.data(), n);
+        softmax_grad(s.data(), dp.data(), lp + bh * d.Lq + i0, dlt + bh * d.Lq + i0, rows, n);
+        gemm<acc_t>(false, false, rows, d.D, n, dp.data(), n, kt, d.D, 1, dqacc.data(), d.D);
       }
+      const int64_t off = (bh * d.Lq + i0) * d.D;
       for (int64_t x = 0; x < rows * d.D; ++x) dqp[off + x] = static_cast<scalar_t>(dqacc[x] * sc);
     }
   });
@@ -203,7 +285,8 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
   scalar_t* dvp = dv.data_ptr<scalar_t>();
   at::parallel_for(0, d.P * d.Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> kbuf(d.page_size * d.D), vbuf(d.page_size * d.D),
-        dkacc(d.page_size * d.D), dvacc(d.page_size * d.D), qr(d.D), dor(d.D);
+        dkacc(d.page_size * d.D), dvacc(d.page_size * d.D), qbuf(kTileM * d.D),
+        dobuf(kTileM * d.D), s(kTileM * d.page_size), dp(kTileM * d.page_size);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t p = w / d.Hkv, hk = w % d.Hkv;
       const int64_t base = w * d.page_size * d.D;
@@ -211,30 +294,23 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
       std::fill(dkacc.begin(), dkacc.end(), acc_t(0));
       std::fill(dvacc.begin(), dvacc.end(), acc_t(0));
       if (n > 0 && offsets[p + 1] > offsets[p]) {
-        load_tile(kp + base, kbuf.data(), n * d.D);
-        load_tile(vp + base, vbuf.data(), n * d.D);
+        const acc_t* kt = as_acc(kp + base, kbuf.data(), n * d.D);
+        const acc_t* vt = as_acc(vp + base, vbuf.data(), n * d.D);
         for (int64_t e = offsets[p]; e < offsets[p + 1]; ++e) {
           const int64_t b = rows_of[e];
           for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
             const int64_t bh = b * d.H + h;
-            for (int64_t i = 0; i < d.Lq; ++i) {
-              const int64_t off = (bh * d.Lq + i) * d.D;
-              for (int64_t c = 0; c < d.D; ++c) {
-                qr[c] = static_cast<acc_t>(qp[off + c]) * sc;
-                dor[c] = static_cast<acc_t>(dop[off + c]);
-              }
-              const acc_t lse_i = lp[bh * d.Lq + i], delta_i = dlt[bh * d.Lq + i];
-              for (int64_t t = 0; t < n; ++t) {
-                const acc_t pt = std::exp(dot(qr.data(), kbuf.data() + t * d.D, d.D) - lse_i);
-                const acc_t ds = pt * (dot(dor.data(), vbuf.data() + t * d.D, d.D) - delta_i);
-                acc_t* dvt = dvacc.data() + t * d.D;
-                acc_t* dkt = dkacc.data() + t * d.D;
-                // qr already carries the softmax scale, which is exactly d(score)/dk.
-                for (int64_t c = 0; c < d.D; ++c) {
-                  dvt[c] += pt * dor[c];
-                  dkt[c] += ds * qr[c];
-                }
-              }
+            for (int64_t i0 = 0; i0 < d.Lq; i0 += kTileM) {
+              const int64_t rows = std::min(kTileM, d.Lq - i0);
+              load_rows(bh, i0, rows, qbuf.data(), dobuf.data());
+              gemm<acc_t>(false, true, rows, n, d.D, qbuf.data(), d.D, kt, d.D, 0, s.data(), n);
+              gemm<acc_t>(false, true, rows, n, d.D, dobuf.data(), d.D, vt, d.D, 0, dp.data(), n);
+              softmax_grad(s.data(), dp.data(), lp + bh * d.Lq + i0, dlt + bh * d.Lq + i0, rows,
+                           n);
+              gemm<acc_t>(true, false, n, d.D, rows, s.data(), n, dobuf.data(), d.D, 1,
+                          dvacc.data(), d.D);
+              gemm<acc_t>(true, false, n, d.D, rows, dp.data(), n, qbuf.data(), d.D, 1,
+                          dkacc.data(), d.D);
             }
           }
         }
