@@ -67,22 +67,35 @@ def requested(op: str, backend: str | None) -> str:
     return choice
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None, native_op: str = "") -> str:
-    """Return the concrete backend that runs ``op`` on tensors of ``device``.
+def resolve(
+    op: str,
+    device: torch.device,
+    backend: str | None = None,
+    native_op: str = "",
+    dtype: torch.dtype = torch.float32,
+) -> str:
+    """Return the concrete backend that runs ``op`` on tensors of ``device`` and ``dtype``.
 
-    ``native_op`` names the C++ op (``kvpo::<native_op>``) whose CUDA kernel ``cuda`` needs.
+    ``native_op`` names the C++ op (``kvpo::<native_op>``) whose CUDA kernel ``cuda`` needs. The
+    GPU kernels (Triton, CUDA) accumulate in float32, so ``auto`` sends float64 on CUDA to the
+    reference, and asking them for float64 is an error rather than a silent loss of precision.
     """
     choice = requested(op, backend)
     native_op = native_op or op
     if choice == "auto":
         if device.type == "cpu":
             return "cpu" if native_available() else "reference"
-        if device.type == "cuda":
+        if device.type == "cuda" and dtype != torch.float64:
             if triton_available():
                 return "triton"
             if native_cuda_available(native_op):
                 return "cuda"
         return "reference"
+    if choice in ("triton", "cuda") and dtype == torch.float64:
+        raise TypeError(
+            f"{op}: backend {choice!r} supports float16, bfloat16 and float32 inputs, got float64 "
+            "(use backend='cpu' or 'reference' for float64)"
+        )
     if choice == "cpu":
         if device.type != "cpu":
             raise ValueError(f"{op}: backend 'cpu' needs CPU tensors, got device {device}")

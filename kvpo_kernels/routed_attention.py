@@ -193,7 +193,7 @@ def routed_attention(
     """
     _checks.check_routed_attention(q, k_pages, v_pages, page_table, page_lens)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    name = _backend.resolve(OP, q.device, backend, native_op="routed_attn_fwd")
+    name = _backend.resolve(OP, q.device, backend, native_op="routed_attn_fwd", dtype=q.dtype)
     return _routed_attention_op(q, k_pages, v_pages, page_table, page_lens, scale, name)
 
 

@@ -150,7 +150,9 @@ def velocity_energy(
         weight = torch.ones((G, S), dtype=acc, device=v_pred.device)
     else:
         weight = weight.to(acc).expand(G, S).contiguous()
-    name = _backend.resolve(OP, v_pred.device, backend, native_op="velocity_energy_fwd")
+    name = _backend.resolve(
+        OP, v_pred.device, backend, native_op="velocity_energy_fwd", dtype=v_pred.dtype
+    )
     return _velocity_energy_op(
         v_pred.reshape(G, S, -1), v_ref.reshape(G, S, -1), weight, reduction == "mean", name
     )

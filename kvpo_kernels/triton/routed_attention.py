@@ -1,0 +1,324 @@
+"""Triton routed paged attention: FlashAttention-2 forward and backward walking page tables.
+
+Forward: one program per (query block, head, row); heads are the slow grid axis and rows the fast
+one, so the branches of a prompt (adjacent rows) that read the same shared pages run together and
+find them in L2. Each program walks its row's table, skips routed-out pages (-1) without touching
+their memory, masks the tail of partly filled pages, and keeps an online softmax in fp32 (base-2
+exponentials).
+
+Backward: ``dq`` walks the tables like the forward; ``dk``/``dv`` run one program per (token
+block of a physical page, KV head) over a page -> rows index (CSR), so the gradient of a page that
+several rows list is summed inside one program: no atomics, deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreted, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+def _configs():
+    if interpreted():
+        return [triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+        for bm in (64, 128)
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.autotune(configs=_configs(), key=["Lq", "page_size", "D", "GROUP"])
+@triton.jit(do_not_specialize=["B", "max_pages"])
+def _fwd_kernel(
+    Q, K, V, TABLE, LENS, OUT, LSE,
+    sm_scale,
+    s_qb, s_qh, s_qm,
+    s_kp, s_kh, s_kt,
+    s_tb,
+    B, H, Lq, max_pages, page_size, D,
+    GROUP: tl.constexpr, HAS_LENS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_hb = tl.program_id(1)
+    h = pid_hb // B
+    b = pid_hb % B
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_mask = offs_m < Lq
+    d_mask = offs_d < D
+    q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for j in range(0, max_pages):
+        p = tl.load(TABLE + b * s_tb + j)
+        if p >= 0:
+            if HAS_LENS:
+                n_valid = tl.load(LENS + p)
+            else:
+                n_valid = page_size
+            page = p.to(tl.int64) * s_kp + hk * s_kh
+            for n0 in range(0, n_valid, BLOCK_N):
+                cols = n0 + offs_n
+                n_mask = cols < n_valid
+                kv_mask = n_mask[:, None] & d_mask[None, :]
+                k = tl.load(
+                    K + page + cols[:, None] * s_kt + offs_d[None, :], mask=kv_mask, other=0.0
+                )
+                s = _dot(q, tl.trans(k), IEEE) * qk_scale
+                s = tl.where(n_mask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                pexp = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(pexp, 1)
+                v = tl.load(
+                    V + page + cols[:, None] * s_kt + offs_d[None, :], mask=kv_mask, other=0.0
+                )
+                acc = acc * alpha[:, None] + _dot(pexp.to(v.dtype), v, IEEE)
+                m_i = m_new
+    empty = l_i == 0.0
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    out = acc * inv[:, None]
+    lse = tl.where(
+        empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    )
+    o_ptrs = OUT + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_mask)
+
+
+@triton.jit(do_not_specialize=["B", "max_pages"])
+def _bwd_dq_kernel(
+    Q, K, V, TABLE, LENS, DO, LSE, DELTA, DQ,
+    sm_scale,
+    s_qb, s_qh, s_qm,
+    s_kp, s_kh, s_kt,
+    s_tb,
+    B, H, Lq, max_pages, page_size, D,
+    GROUP: tl.constexpr, HAS_LENS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_hb = tl.program_id(1)
+    h = pid_hb // B
+    b = pid_hb % B
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_mask = offs_m < Lq
+    d_mask = offs_d < D
+    md_mask = m_mask[:, None] & d_mask[None, :]
+    row = b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :]
+    q = tl.load(Q + row, mask=md_mask, other=0.0)
+    do = tl.load(DO + row, mask=md_mask, other=0.0)
+    lse = tl.load(LSE + (b * H + h) * Lq + offs_m, mask=m_mask, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+    delta = tl.load(DELTA + (b * H + h) * Lq + offs_m, mask=m_mask, other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for j in range(0, max_pages):
+        p = tl.load(TABLE + b * s_tb + j)
+        if p >= 0:
+            if HAS_LENS:
+                n_valid = tl.load(LENS + p)
+            else:
+                n_valid = page_size
+            page = p.to(tl.int64) * s_kp + hk * s_kh
+            for n0 in range(0, n_valid, BLOCK_N):
+                cols = n0 + offs_n
+                n_mask = cols < n_valid
+                kv_mask = n_mask[:, None] & d_mask[None, :]
+                k = tl.load(
+                    K + page + cols[:, None] * s_kt + offs_d[None, :], mask=kv_mask, other=0.0
+                )
+                v = tl.load(
+                    V + page + cols[:, None] * s_kt + offs_d[None, :], mask=kv_mask, other=0.0
+                )
+                s = _dot(q, tl.trans(k), IEEE) * qk_scale
+                pr = tl.where(n_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
+                dp = _dot(do, tl.trans(v), IEEE)
+                ds = pr * (dp - delta[:, None])
+                dq += _dot(ds.to(k.dtype), k, IEEE)
+    tl.store(DQ + row, (dq * sm_scale).to(DQ.dtype.element_ty), mask=md_mask)
+
+
+@triton.jit(do_not_specialize=["B", "Lq"])
+def _bwd_dkdv_kernel(
+    Q, K, V, LENS, DO, LSE, DELTA, DK, DV, ROW_PTR, ROWS,
+    sm_scale,
+    s_qb, s_qh, s_qm,
+    s_kp, s_kh, s_kt,
+    B, H, Lq, Hkv, page_size, D,
+    GROUP: tl.constexpr, HAS_LENS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_ph = tl.program_id(1)
+    p = pid_ph // Hkv
+    hk = pid_ph % Hkv
+    if HAS_LENS:
+        n_valid = tl.load(LENS + p)
+    else:
+        n_valid = page_size
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
+    d_mask = offs_d < D
+    n_mask = offs_n < n_valid
+    page = p.to(tl.int64) * s_kp + hk * s_kh
+    kv_ptrs = page + offs_n[:, None] * s_kt + offs_d[None, :]
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    start = tl.load(ROW_PTR + p)
+    end = tl.load(ROW_PTR + p + 1)
+    for e in range(start, end):
+        b = tl.load(ROWS + e)
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            for m0 in range(0, Lq, BLOCK_M):
+                rows = m0 + offs_m
+                m_mask = rows < Lq
+                md_mask = m_mask[:, None] & d_mask[None, :]
+                ptrs = b * s_qb + h * s_qh + rows[:, None] * s_qm + offs_d[None, :]
+                q = tl.load(Q + ptrs, mask=md_mask, other=0.0)
+                do = tl.load(DO + ptrs, mask=md_mask, other=0.0)
+                stat = (b * H + h) * Lq + rows
+                lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
+                lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+                delta = tl.load(DELTA + stat, mask=m_mask, other=0.0)
+                s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [M, N]
+                pr = tl.where(m_mask[:, None] & n_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
+                dv += _dot(tl.trans(pr.to(do.dtype)), do, IEEE)
+                dp = _dot(do, tl.trans(v), IEEE)
+                ds = pr * (dp - delta[:, None])
+                dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    tl.store(DK + kv_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+def _block_n(page_size: int) -> int:
+    return min(64, max(16, next_pow2(page_size)))
+
+
+def _meta(q, k_pages):
+    B, H, Lq, D = q.shape
+    Hkv, page_size = k_pages.shape[1], k_pages.shape[2]
+    return B, H, Lq, D, Hkv, page_size
+
+
+def routed_attention_fwd(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    page_lens: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [B, H, Lq, D]; k_pages, v_pages: [P, Hkv, page_size, D] (contiguous); page_table:
+    [B, max_pages] int32. Returns out [B, H, Lq, D] (dtype of q) and lse [B, H, Lq] float32."""
+    B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+
+    def grid(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+
+    _fwd_kernel[grid](
+        q, k_pages, v_pages, page_table, page_lens if page_lens is not None else page_table,
+        out, lse, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        page_table.stride(0),
+        B, H, Lq, page_table.shape[1], page_size, D,
+        GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=q.dtype == torch.float32,
+        BLOCK_N=_block_n(page_size), BLOCK_D=next_pow2(D),
+    )  # fmt: skip
+    return out, lse
+
+
+def page_rows_csr(page_table: torch.Tensor, num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Page -> rows index: rows[row_ptr[p]:row_ptr[p + 1]] are the rows listing physical page p
+    (once per listing). page_table: [B, N] int32. Returns row_ptr [P + 1] and rows [nnz], int32."""
+    B, N = page_table.shape
+    flat = page_table.reshape(-1).long()
+    kept = flat >= 0
+    pages = flat[kept]
+    rows = torch.arange(B * N, device=flat.device)[kept] // N
+    order = torch.argsort(pages, stable=True)
+    counts = torch.bincount(pages, minlength=num_pages)
+    row_ptr = torch.zeros(num_pages + 1, dtype=torch.int64, device=flat.device)
+    row_ptr[1:] = torch.cumsum(counts, 0)
+    return row_ptr.to(torch.int32), rows[order].to(torch.int32)
+
+
+def routed_attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    page_lens: torch.Tensor | None,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """delta = rowsum(dout * out) - dlse [B, H, Lq] float32. Returns dq, dk_pages, dv_pages."""
+    B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
+    P = k_pages.shape[0]
+    lse, delta = lse.float().contiguous(), delta.float().contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.zeros_like(k_pages)
+    dv = torch.zeros_like(v_pages)
+    if q.numel() == 0:
+        return dq, dk, dv
+    lens = page_lens if page_lens is not None else page_table
+    block_m = 16 if interpreted() else 64
+    block_n = _block_n(page_size)
+    block_d = next_pow2(D)
+    ieee = q.dtype == torch.float32
+    common = dict(
+        GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=ieee, BLOCK_D=block_d,
+        num_warps=4 if interpreted() or block_d <= 64 else 8,
+    )  # fmt: skip
+    _bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * H)](
+        q, k_pages, v_pages, page_table, lens, dout, lse, delta, dq, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        page_table.stride(0),
+        B, H, Lq, page_table.shape[1], page_size, D,
+        BLOCK_M=block_m, BLOCK_N=block_n, **common,
+    )  # fmt: skip
+    row_ptr, rows = page_rows_csr(page_table, P)
+    _bwd_dkdv_kernel[(triton.cdiv(page_size, block_n), P * Hkv)](
+        q, k_pages, v_pages, lens, dout, lse, delta, dk, dv, row_ptr, rows, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        B, H, Lq, Hkv, page_size, D,
+        BLOCK_M=block_m, BLOCK_N=block_n, **common,
+    )  # fmt: skip
+    return dq, dk, dv

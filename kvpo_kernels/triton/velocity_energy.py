@@ -1,0 +1,112 @@
+"""Triton velocity energy: one launch for all G energies, one launch for the backward.
+
+The forward splits each branch's S * N elements over ``splits`` programs; every program reduces
+its slice in fp32 (weighting each element by its step's weight) and adds its partial sum to
+``energy[g]`` with one atomic add. No ``v_pred - v_ref`` temporary is written.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreted, num_sms
+
+
+@triton.jit
+def _fwd_kernel(
+    A, Bp, W, E, S, N, chunk, inv_n,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(0)
+    sp = tl.program_id(1)
+    total = S * N
+    base = g.to(tl.int64) * total
+    lo = sp * chunk
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(lo, lo + chunk, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        mask = idx < total
+        a = tl.load(A + base + idx, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(Bp + base + idx, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + g * S + idx // N, mask=mask, other=0.0)
+        d = a - b
+        acc += w * d * d
+    tl.atomic_add(E + g, tl.sum(acc, 0) * inv_n)
+
+
+@triton.jit
+def _bwd_kernel(
+    GRAD, A, Bp, W, DA, DB, S, N, chunk, coef_n,
+    NEED_REF: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(0)
+    sp = tl.program_id(1)
+    total = S * N
+    base = g.to(tl.int64) * total
+    lo = sp * chunk
+    grad = tl.load(GRAD + g).to(tl.float32) * coef_n
+    for off in range(lo, lo + chunk, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        mask = idx < total
+        a = tl.load(A + base + idx, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(Bp + base + idx, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + g * S + idx // N, mask=mask, other=0.0)
+        d = grad * w * (a - b)
+        tl.store(DA + base + idx, d.to(DA.dtype.element_ty), mask=mask)
+        if NEED_REF:
+            tl.store(DB + base + idx, (-d).to(DB.dtype.element_ty), mask=mask)
+
+
+def _split(G: int, total: int, device: torch.device, block: int) -> tuple[int, int]:
+    """(splits, chunk): about 4 programs per SM over all branches, chunk a multiple of block."""
+    want = max(1, (4 * num_sms(device) + G - 1) // G)
+    splits = max(1, min(want, triton.cdiv(total, block)))
+    chunk = triton.cdiv(triton.cdiv(total, splits), block) * block
+    return triton.cdiv(total, chunk), chunk
+
+
+def _block() -> int:
+    return 256 if interpreted() else 2048
+
+
+def velocity_energy_fwd(
+    v_pred: torch.Tensor, v_ref: torch.Tensor, weight: torch.Tensor, mean: bool
+) -> torch.Tensor:
+    """v_pred, v_ref: [G, S, N] contiguous; weight: [G, S] float32. Returns energy [G] float32."""
+    G, S, N = v_pred.shape
+    energy = torch.zeros(G, device=v_pred.device, dtype=torch.float32)
+    if v_pred.numel() == 0:
+        return energy
+    block = _block()
+    splits, chunk = _split(G, S * N, v_pred.device, block)
+    _fwd_kernel[(G, splits)](
+        v_pred, v_ref, weight.float().contiguous(), energy, S, N, chunk,
+        1.0 / N if mean else 1.0, BLOCK=block, num_warps=8,
+    )  # fmt: skip
+    return energy
+
+
+def velocity_energy_bwd(
+    grad: torch.Tensor,
+    v_pred: torch.Tensor,
+    v_ref: torch.Tensor,
+    weight: torch.Tensor,
+    mean: bool,
+    need_ref: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad: [G]. Returns d v_pred [G, S, N] and d v_ref (empty unless need_ref)."""
+    G, S, N = v_pred.shape
+    d_pred = torch.empty_like(v_pred)
+    d_ref = torch.empty_like(v_ref) if need_ref else v_ref.new_empty(0)
+    if v_pred.numel() == 0:
+        return d_pred, d_ref
+    block = _block()
+    splits, chunk = _split(G, S * N, v_pred.device, block)
+    _bwd_kernel[(G, splits)](
+        grad.float().contiguous(), v_pred, v_ref, weight.float().contiguous(), d_pred,
+        d_ref if need_ref else d_pred, S, N, chunk, 2.0 / N if mean else 2.0,
+        NEED_REF=need_ref, BLOCK=block, num_warps=8,
+    )  # fmt: skip
+    return d_pred, d_ref
