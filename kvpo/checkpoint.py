@@ -1,0 +1,131 @@
+"""safetensors checkpoints: model weights with their config, and full training state.
+
+A training checkpoint holds ``model.*`` weights, ``ref.*`` is not stored (the reference policy is
+the base checkpoint named in the config), ``optim.<i>.<state>`` AdamW tensors, and JSON metadata
+(model config, trainer config, iteration, optimizer hyper-parameters).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .model import ModelConfig, TinyARVideo
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match what is asked of it."""
+
+
+def save_model(model: TinyARVideo, path: str | Path, extra: dict | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model_config": json.dumps(model.config_dict()), "extra": json.dumps(extra or {})}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a readable safetensors file: {e}"
+        ) from e
+    if "model_config" not in meta:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no model_config metadata")
+    return tensors, meta
+
+
+def _model_from(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str], path, prefix: str = ""
+) -> TinyARVideo:
+    model = TinyARVideo(ModelConfig.from_dict(json.loads(meta["model_config"])))
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    return model
+
+
+def load_model(path: str | Path) -> TinyARVideo:
+    """The model stored by :func:`save_model` (or the ``model.*`` part of a training checkpoint)."""
+    tensors, meta = _read(path)
+    prefix = "model." if "trainer" in meta else ""
+    return _model_from(tensors, meta, path, prefix)
+
+
+def save_training(
+    path: str | Path,
+    model: TinyARVideo,
+    opt: torch.optim.Optimizer,
+    iteration: int,
+    config: dict,
+    history: list[dict],
+) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = opt.state_dict()
+    scalars: dict[str, dict] = {}
+    for i, st in sd["state"].items():
+        for name, val in st.items():
+            if torch.is_tensor(val) and val.dim() > 0:
+                tensors[f"optim.{i}.{name}"] = val.contiguous().cpu()
+            else:
+                scalars.setdefault(str(i), {})[name] = float(val)
+    meta = {
+        "model_config": json.dumps(model.config_dict()),
+        "trainer": json.dumps(config),
+        "iteration": str(iteration),
+        "optim_groups": json.dumps(sd["param_groups"]),
+        "optim_scalars": json.dumps(scalars),
+        "history": json.dumps(history),
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+
+
+def load_training(
+    path: str | Path, opt_factory
+) -> tuple[TinyARVideo, torch.optim.Optimizer, int, dict, list]:
+    """Model, optimizer (made by ``opt_factory(model)`` then loaded), iteration, trainer config
+    and log history of a checkpoint from :func:`save_training`."""
+    tensors, meta = _read(path)
+    if "trainer" not in meta:
+        raise CheckpointError(f"checkpoint {str(path)!r} is a model checkpoint, not a training one")
+    model = _model_from(tensors, meta, path, "model.")
+    opt = opt_factory(model)
+    scalars = json.loads(meta["optim_scalars"])
+    state: dict[int, dict] = {}
+    for key, val in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = val
+    for i, st in scalars.items():
+        for name, val in st.items():
+            state.setdefault(int(i), {})[name] = torch.tensor(val)
+    try:
+        opt.load_state_dict({"state": state, "param_groups": json.loads(meta["optim_groups"])})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in {str(path)!r} does not fit: {e}") from e
+    return (
+        model,
+        opt,
+        int(meta["iteration"]),
+        json.loads(meta["trainer"]),
+        json.loads(meta["history"]),
+    )

@@ -1,0 +1,191 @@
+"""Trainer configuration: one dataclass, YAML files and ``--field value`` command-line overrides."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+BASE_CHECKPOINT = str(Path(__file__).parent / "assets" / "base.safetensors")
+
+
+@dataclass
+class TrainConfig:
+    # Model and output.
+    base_checkpoint: str = BASE_CHECKPOINT  # the initial and reference policy
+    out_dir: str = "runs/kvpo"
+    resume: str = ""  # a training checkpoint to continue from
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    seed: int = 0
+    # Loop.
+    iterations: int = 30
+    prompts_per_iter: int = 4  # groups per iteration, over all ranks
+    multi_prompt: float = 0.0  # probability that a training prompt switches direction mid-video
+    # Exploration (rollout).
+    group_size: int = 6
+    window: tuple[int, int] = (2, 4)  # perturbed chunks [w0, w1)
+    p_keep: float = 0.5
+    score_after_window: bool = False
+    score_steps: tuple[int, ...] | None = None  # None: every denoising step
+    # Likelihood (replay).
+    tau: float = 0.002
+    step_weighting: str = "uniform"  # uniform | sigma
+    # Rewards and advantages.
+    reward_weights: dict[str, float] = field(
+        default_factory=lambda: {"alignment": 1.0, "motion": 0.5, "visual": 0.5}
+    )
+    clip_reward_path: str = ""  # a local transformers CLIP directory: adds a "clip" reward
+    clip_reward_weight: float = 1.0
+    advantage: str = "group"  # group: (r - mean) / std | anchor: against the unperturbed branch
+    adv_clip: float = 2.5
+    adv_eps: float = 1e-6
+    # Update.
+    epochs: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    clip_low: float = 0.1
+    clip_high: float = 0.2
+    kl: str = "velocity"  # velocity: beta * mean |u - u_ref|^2 | softmax: KL(p || p_ref) | none
+    kl_coef: float = 1.0
+    # Reporting.
+    eval_prompts: int = 8
+    eval_every: int = 10
+    save_every: int = 10
+    samples: bool = True  # before/after GIF and MP4 of the evaluation prompts
+    progress: bool = True
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"config {name}={getattr(self, name)!r}: {why}")
+
+        for name in (
+            "iterations",
+            "prompts_per_iter",
+            "group_size",
+            "epochs",
+            "eval_prompts",
+            "eval_every",
+            "save_every",
+        ):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise bad(name, "must be a positive integer")
+        if self.group_size < 2:
+            raise bad("group_size", "must be >= 2 (advantages are relative within a group)")
+        for name in ("lr", "tau", "grad_clip", "adv_clip"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise bad(name, "must be a finite number > 0")
+        for name in ("weight_decay", "kl_coef", "adv_eps", "clip_low", "clip_high", "threads"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise bad(name, "must be a finite number >= 0")
+        if not 0.0 <= self.p_keep <= 1.0:
+            raise bad("p_keep", "must be in [0, 1]")
+        if not 0.0 <= self.multi_prompt <= 1.0:
+            raise bad("multi_prompt", "must be in [0, 1]")
+        if self.clip_low >= 1:
+            raise bad("clip_low", "must be < 1")
+        if self.advantage not in ("group", "anchor"):
+            raise bad("advantage", "must be 'group' or 'anchor'")
+        if self.kl not in ("velocity", "softmax", "none"):
+            raise bad("kl", "must be 'velocity', 'softmax' or 'none'")
+        if self.step_weighting not in ("uniform", "sigma"):
+            raise bad("step_weighting", "must be 'uniform' or 'sigma'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise bad("device", "must be 'auto', 'cpu' or 'cuda'")
+        if len(self.window) != 2 or self.window[0] >= self.window[1]:
+            raise bad("window", "must be two chunk indices [w0, w1) with w0 < w1")
+        if not isinstance(self.reward_weights, dict) or not self.reward_weights:
+            raise bad("reward_weights", "must be a non-empty mapping of reward name to weight")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["window"] = list(self.window)
+        d["score_steps"] = None if self.score_steps is None else list(self.score_steps)
+        return d
+
+
+def _coerce(name: str, value, hint) -> object:
+    """Convert a YAML/CLI value to the field's type, with an error naming the field."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None and (origin in (typing.Union, types.UnionType)) and type(None) in args:
+        return None
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if hint in (int, float, str):
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return hint(value)
+        if origin is tuple or (
+            origin in (typing.Union, types.UnionType)
+            and tuple in [typing.get_origin(a) for a in args]
+        ):
+            if isinstance(value, str):
+                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            return tuple(int(v) for v in value)
+        if origin is dict:
+            if isinstance(value, str):
+                value = dict(kv.split("=", 1) for kv in value.split(",") if kv.strip())
+            return {str(k): float(v) for k, v in dict(value).items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config {name}: cannot read {value!r} as {hint}") from e
+    return value
+
+
+def build_config(overrides: dict) -> TrainConfig:
+    """A validated config from a mapping (YAML contents and CLI overrides)."""
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(overrides) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(hints)}")
+    cfg = TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in overrides.items()})
+    cfg.validate()
+    return cfg
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """``--config file.yaml`` then ``--field value`` overrides (``--window 2,4``,
+    ``--reward_weights alignment=1,visual=0.5``)."""
+    hints = typing.get_type_hints(TrainConfig)
+    ap = argparse.ArgumentParser(
+        prog="python -m kvpo.train", description="KVPO training of a streaming AR video generator."
+    )
+    ap.add_argument("--config", type=Path, help="YAML file of config fields")
+    for f in dataclasses.fields(TrainConfig):
+        ap.add_argument(
+            f"--{f.name}",
+            dest=f.name,
+            default=None,
+            metavar=str(hints[f.name]).replace("typing.", ""),
+        )
+    args = vars(ap.parse_args(argv))
+    values: dict = {}
+    path = args.pop("config")
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"--config {str(path)!r}: cannot read YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {str(path)!r} must hold a mapping of config fields")
+        values.update(loaded)
+    for k, v in args.items():
+        if v is not None:
+            if hints[k] is not str and v.lower() in ("none", "null"):
+                v = None
+            values[k] = v
+    return build_config(values)

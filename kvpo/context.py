@@ -1,0 +1,118 @@
+"""Page tables of the deployment-time context, shared by pretraining, rollout and replay.
+
+A video's frame ``a`` lives in some physical page; ``page_map[n, a]`` says which (pages of frames
+shared by several branches have the same id in each branch's map). A row denoising chunk ``j``
+sees the sink frames, the local window of frames before the chunk, and its own pages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .interface import StreamingVideoGenerator
+
+
+def visible_frames(model: StreamingVideoGenerator, chunk: int) -> list[int]:
+    """Absolute indices of the history frames chunk ``chunk`` attends to at deployment."""
+    start = chunk * model.chunk_frames
+    if model.local_window is None or start <= model.sink_frames + model.local_window:
+        return list(range(start))
+    sinks = list(range(model.sink_frames))
+    return sinks + list(range(start - model.local_window, start))
+
+
+def context_width(model: StreamingVideoGenerator, chunks: int) -> int:
+    return max(len(visible_frames(model, j)) for j in range(chunks)) + model.chunk_frames
+
+
+def context_table(
+    model: StreamingVideoGenerator,
+    page_map: torch.Tensor,
+    video: torch.Tensor,
+    chunk: torch.Tensor,
+    own_pages: torch.Tensor | None,
+    width: int | None = None,
+) -> torch.Tensor:
+    """Deployment-time page table of R rows.
+
+    Args:
+        page_map: [N, F] int64 page of each frame of each video (-1 where not yet made).
+        video, chunk: [R] int64 which video and chunk each row denoises.
+        own_pages: [R, chunk_frames] int64 pages of the row's own frames, or None for a
+            history-only table.
+        width: table width (default: just wide enough).
+
+    Returns:
+        [R, width] int32: the visible history pages, then the own pages, then -1 padding.
+    """
+    R = video.shape[0]
+    c = model.chunk_frames if own_pages is not None else 0
+    cols = [visible_frames(model, int(j)) for j in chunk.tolist()]
+    need = max((len(v) for v in cols), default=0) + c
+    width = need if width is None else width
+    if width < need:
+        raise ValueError(f"width={width} is smaller than the {need} pages a row needs")
+    table = torch.full((R, width), -1, dtype=torch.int64)
+    for r, frames in enumerate(cols):
+        n = len(frames)
+        if n:
+            pages = page_map[video[r], torch.tensor(frames)]
+            if bool((pages < 0).any()):
+                raise ValueError(f"row {r}: a history frame of chunk {int(chunk[r])} has no page")
+            table[r, :n] = pages
+        if c:
+            table[r, n : n + c] = own_pages[r]
+    return table.to(torch.int32)
+
+
+def droppable_columns(model: StreamingVideoGenerator, chunk: int, width: int) -> torch.Tensor:
+    """[width] bool: the columns of a chunk's table that KV routing may drop.
+
+    Sinks, the most recent history frame and the chunk's own pages always stay.
+    """
+    n = len(visible_frames(model, chunk))
+    mask = torch.zeros(width, dtype=torch.bool)
+    mask[model.sink_frames : max(n - 1, model.sink_frames)] = True
+    return mask
+
+
+def teacher_forcing(
+    model: StreamingVideoGenerator,
+    clean: torch.Tensor,
+    clean_cond: torch.Tensor,
+    clean_chunk: torch.Tensor,
+    clean_table: torch.Tensor,
+    noisy: torch.Tensor,
+    t: torch.Tensor,
+    noisy_cond: torch.Tensor,
+    noisy_chunk: torch.Tensor,
+    noisy_context: torch.Tensor,
+) -> torch.Tensor:
+    """One differentiable forward of clean context rows and noisy rows (no cache).
+
+    Clean row r owns pages ``r * c + f``; page ids in ``clean_table`` and ``noisy_context`` refer
+    to those. Noisy rows attend to ``noisy_context`` (history pages, -1 padded) plus their own
+    pages, which are appended here.
+
+    Args:
+        clean: [Rc, c*T, d] clean chunks (t = 0); clean_cond: [Rc, C]; clean_chunk: [Rc] int64;
+            clean_table: [Rc, W] int32 (history and own pages).
+        noisy: [Rn, c*T, d]; t: [Rn]; noisy_cond: [Rn, C]; noisy_chunk: [Rn] int64;
+            noisy_context: [Rn, W'] int32 history pages only.
+
+    Returns:
+        [Rn, c*T, d] velocity of the noisy rows.
+    """
+    c = model.chunk_frames
+    Rc, Rn = clean.shape[0], noisy.shape[0]
+    own = (Rc + torch.arange(Rn))[:, None] * c + torch.arange(c)
+    noisy_table = torch.cat([noisy_context, own.to(torch.int32)], dim=1)
+    W = max(clean_table.shape[1], noisy_table.shape[1])
+    pad = lambda tab: torch.nn.functional.pad(tab, (0, W - tab.shape[1]), value=-1)  # noqa: E731
+    table = torch.cat([pad(clean_table), pad(noisy_table)]).to(noisy.device)
+    x = torch.cat([clean, noisy])
+    tt = torch.cat([torch.zeros(Rc, device=t.device, dtype=t.dtype), t])
+    cond = torch.cat([clean_cond, noisy_cond])
+    chunk = torch.cat([clean_chunk, noisy_chunk]).to(noisy.device)
+    frame_index = chunk[:, None] * c + torch.arange(c, device=noisy.device)
+    return model(x, tt, cond, frame_index, table)[Rc:]

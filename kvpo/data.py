@@ -1,0 +1,200 @@
+"""Procedural prompted videos: one coloured shape moving across a dark background.
+
+A video is described per chunk by a prompt such as ``"a large red circle moving left slowly"``; a
+multi-prompt video changes the direction (and so the prompt) at a chunk boundary. Everything is
+rendered on the fly from a seed, so the data ships as code and nothing is downloaded.
+
+Videos are float32 in [-1, 1], ``[T, C, H, W]`` (C = 3).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.9, 0.15, 0.15),
+    "green": (0.15, 0.85, 0.2),
+    "blue": (0.2, 0.35, 0.95),
+    "yellow": (0.95, 0.85, 0.15),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES: dict[str, float] = {"small": 3.0, "large": 5.0}  # radius in pixels at 24x24
+DIRECTIONS: dict[str, tuple[float, float]] = {  # (dx, dy) in image coordinates (y down)
+    "left": (-1.0, 0.0),
+    "right": (1.0, 0.0),
+    "up": (0.0, -1.0),
+    "down": (0.0, 1.0),
+}
+SPEEDS: dict[str, float] = {"slowly": 0.6, "quickly": 1.2}  # pixels per frame at 24x24
+BACKGROUND = (0.08, 0.08, 0.1)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one prompt asks for."""
+
+    color: str
+    shape: str
+    size: str
+    direction: str
+    speed: str
+
+    @property
+    def prompt(self) -> str:
+        return f"a {self.size} {self.color} {self.shape} moving {self.direction} {self.speed}"
+
+    @classmethod
+    def parse(cls, prompt: str) -> Scene:
+        words = prompt.lower().split()
+
+        def pick(options, what: str) -> str:
+            found = [w for w in words if w in options]
+            if len(found) != 1:
+                raise ValueError(
+                    f"prompt {prompt!r} must name exactly one {what} of {sorted(options)}"
+                )
+            return found[0]
+
+        return cls(
+            color=pick(COLORS, "colour"),
+            shape=pick(SHAPES, "shape"),
+            size=pick(SIZES, "size"),
+            direction=pick(DIRECTIONS, "direction"),
+            speed=pick(SPEEDS, "speed"),
+        )
+
+
+def all_scenes() -> list[Scene]:
+    return [
+        Scene(c, s, z, d, v)
+        for c, s, z, d, v in itertools.product(COLORS, SHAPES, SIZES, DIRECTIONS, SPEEDS)
+    ]
+
+
+def split_prompts(num_eval: int = 16, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A fixed split of all prompts into (train, held-out eval)."""
+    scenes = all_scenes()
+    perm = torch.randperm(len(scenes), generator=torch.Generator().manual_seed(seed)).tolist()
+    prompts = [scenes[i].prompt for i in perm]
+    return prompts[num_eval:], prompts[:num_eval]
+
+
+def vocabulary() -> list[str]:
+    """Every word a prompt can use (the text encoder's vocabulary, after the special tokens)."""
+    words = ["a", "moving", *COLORS, *SHAPES, *SIZES, *DIRECTIONS, *SPEEDS]
+    return list(dict.fromkeys(words))
+
+
+def shape_mask(
+    shape: str, cx: torch.Tensor, cy: torch.Tensor, radius: float, size: int
+) -> torch.Tensor:
+    """Soft (anti-aliased) coverage in [0, 1] of ``shape`` centred at (cx, cy): [T, size, size]."""
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    dx = xx[None] - cx[:, None, None]
+    dy = yy[None] - cy[:, None, None]
+    if shape == "circle":
+        dist = torch.sqrt(dx**2 + dy**2) - radius
+    elif shape == "square":
+        dist = torch.maximum(dx.abs(), dy.abs()) - radius * 0.85
+    elif shape == "triangle":
+        # Apex-up equilateral triangle: the max over its three outward edge normals, minus the
+        # inradius, is a signed distance good enough for one pixel of anti-aliasing.
+        r_in = radius * 0.6
+        normals = [(0.0, 1.0), (math.sqrt(3) / 2, -0.5), (-math.sqrt(3) / 2, -0.5)]
+        planes = [nx * dx + ny * dy for nx, ny in normals]
+        dist = torch.maximum(torch.maximum(planes[0], planes[1]), planes[2]) - r_in
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return (0.5 - dist).clamp(0.0, 1.0)
+
+
+def render(
+    scenes: list[Scene],
+    chunk_of_frame: list[int],
+    start: tuple[float, float],
+    size: int,
+) -> torch.Tensor:
+    """Render a (possibly multi-prompt) video: ``scenes[j]`` drives chunk j.
+
+    Returns ``[T, 3, size, size]`` float32 in [-1, 1]; the shape, colour and size come from the
+    first scene, motion from the scene of each frame's chunk.
+    """
+    scale = size / 24.0
+    first = scenes[0]
+    T = len(chunk_of_frame)
+    cx, cy = [start[0]], [start[1]]
+    for f in range(1, T):
+        sc = scenes[chunk_of_frame[f]]
+        dx, dy = DIRECTIONS[sc.direction]
+        step = SPEEDS[sc.speed] * scale
+        cx.append(cx[-1] + dx * step)
+        cy.append(cy[-1] + dy * step)
+    mask = shape_mask(
+        first.shape, torch.tensor(cx), torch.tensor(cy), SIZES[first.size] * scale, size
+    )
+    fg = torch.tensor(COLORS[first.color])[None, :, None, None]
+    bg = torch.tensor(BACKGROUND)[None, :, None, None]
+    video = bg + (fg - bg) * mask[:, None]
+    return video * 2.0 - 1.0
+
+
+def trajectory_extent(scenes: list[Scene], chunk_of_frame: list[int], size: int) -> tuple:
+    """Bounding box (min_x, max_x, min_y, max_y) of the centre path starting at (0, 0)."""
+    scale = size / 24.0
+    x = y = 0.0
+    xs, ys = [0.0], [0.0]
+    for f in range(1, len(chunk_of_frame)):
+        sc = scenes[chunk_of_frame[f]]
+        dx, dy = DIRECTIONS[sc.direction]
+        x += dx * SPEEDS[sc.speed] * scale
+        y += dy * SPEEDS[sc.speed] * scale
+        xs.append(x)
+        ys.append(y)
+    return min(xs), max(xs), min(ys), max(ys)
+
+
+def sample_video(
+    prompt: str | list[str],
+    num_frames: int,
+    chunk_frames: int,
+    size: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Render one video for ``prompt`` (or one prompt per chunk) at a random start that keeps the
+    object in frame. Returns ``[T, 3, size, size]`` in [-1, 1]."""
+    n_chunks = num_frames // chunk_frames
+    prompts = [prompt] * n_chunks if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != n_chunks:
+        raise ValueError(f"prompt list has {len(prompts)} entries, need one per chunk ({n_chunks})")
+    scenes = [Scene.parse(p) for p in prompts]
+    chunk_of_frame = [f // chunk_frames for f in range(num_frames)]
+    x0, x1, y0, y1 = trajectory_extent(scenes, chunk_of_frame, size)
+    margin = SIZES[scenes[0].size] * size / 24.0 + 1.0
+    u = torch.rand(2, generator=generator).tolist()
+    lo_x, hi_x = margin - x0, size - margin - x1
+    lo_y, hi_y = margin - y0, size - margin - y1
+    sx = lo_x + u[0] * max(hi_x - lo_x, 0.0)
+    sy = lo_y + u[1] * max(hi_y - lo_y, 0.0)
+    return render(scenes, chunk_of_frame, (sx, sy), size)
+
+
+def random_prompts(
+    prompts: list[str], n_chunks: int, p_switch: float, generator: torch.Generator
+) -> list[str]:
+    """One prompt per chunk: a base prompt, and with probability ``p_switch`` a new direction from a
+    random chunk boundary on (a multi-prompt video)."""
+    base = prompts[int(torch.randint(len(prompts), (1,), generator=generator))]
+    out = [base] * n_chunks
+    if n_chunks > 1 and float(torch.rand((), generator=generator)) < p_switch:
+        at = int(torch.randint(1, n_chunks, (1,), generator=generator))
+        sc = Scene.parse(base)
+        others = [d for d in DIRECTIONS if d != sc.direction]
+        new_dir = others[int(torch.randint(len(others), (1,), generator=generator))]
+        switched = Scene(sc.color, sc.shape, sc.size, new_dir, sc.speed).prompt
+        out[at:] = [switched] * (n_chunks - at)
+    return out

@@ -1,0 +1,276 @@
+"""The built-in generator: a small streaming AR flow-matching video transformer on a paged KV cache.
+
+Every attention goes through :func:`kvpo_kernels.routed_attention`: one page is one frame, and a
+row of the page table says which frames a chunk sees. Teacher forcing (pretraining, replay) and
+streaming sampling (rollout) are the same forward; only the table and the cache differ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvpo_kernels import routed_attention
+
+from . import data
+
+
+@dataclass
+class ModelConfig:
+    frame_size: int = 24
+    channels: int = 3
+    patch: int = 4
+    num_frames: int = 12
+    chunk_frames: int = 2
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    mlp_ratio: float = 4.0
+    sink_frames: int = 1
+    local_window: int | None = None  # frames of context besides sinks (None = all)
+    steps: int = 4
+    shift: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("frame_size", "channels", "patch", "num_frames", "chunk_frames", "dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.frame_size % self.patch:
+            raise ValueError(
+                f"frame_size={self.frame_size} must be a multiple of patch={self.patch}"
+            )
+        if self.num_frames % self.chunk_frames:
+            raise ValueError(
+                f"num_frames={self.num_frames} must be a multiple of chunk_frames={self.chunk_frames}"
+            )
+        if self.dim % self.heads or self.heads % self.kv_heads:
+            raise ValueError(
+                f"dim={self.dim} must divide by heads={self.heads}, heads by kv_heads={self.kv_heads}"
+            )
+        if self.steps < 1 or self.shift <= 0:
+            raise ValueError(f"steps={self.steps} must be >= 1 and shift={self.shift} > 0")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class PagedKVCache:
+    """Per-layer K/V pages ``[capacity, Hkv, frame_tokens, head_dim]`` and a bump allocator."""
+
+    def __init__(
+        self,
+        layers: int,
+        capacity: int,
+        kv_heads: int,
+        page_size: int,
+        head_dim: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (capacity, kv_heads, page_size, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.capacity = capacity
+        self.used = 0
+
+    def allocate(self, n: int) -> torch.Tensor:
+        if self.used + n > self.capacity:
+            raise RuntimeError(f"KV cache full: {self.used} + {n} pages > capacity {self.capacity}")
+        ids = torch.arange(self.used, self.used + n)
+        self.used += n
+        return ids
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class TextEncoder(nn.Module):
+    """Word-level prompt encoder: embeddings, one self-attention layer, mean pooling."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.words = ["<pad>", "<unk>", *data.vocabulary()]
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.embed = nn.Embedding(len(self.words), dim)
+        self.pos = nn.Parameter(torch.randn(16, dim) * 0.02)
+        self.layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(dim, dim)
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [[self.index.get(w, 1) for w in p.lower().split()][:16] or [1] for p in prompts]
+        n = max(len(i) for i in ids)
+        tok = torch.zeros(len(ids), n, dtype=torch.long)
+        for r, i in enumerate(ids):
+            tok[r, : len(i)] = torch.tensor(i)
+        return tok, tok == 0
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        tok, pad = self.tokenize(prompts)
+        tok, pad = tok.to(self.pos.device), pad.to(self.pos.device)
+        h = self.embed(tok) + self.pos[: tok.shape[1]]
+        h = self.layer(h, src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.out((h * keep).sum(1) / keep.sum(1))
+
+
+def sinusoid(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """[...] -> [..., dim] sinusoidal features of a scalar (timestep or frame index)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device) / half)
+    ang = x.float()[..., None] * freqs
+    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, 1e-6)
+
+
+class Block(nn.Module):
+    """adaLN-zero transformer block whose attention reads paged K/V through a page table."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.head_dim = cfg.dim // cfg.heads
+        kv = cfg.kv_heads * self.head_dim
+        self.norm1 = nn.LayerNorm(cfg.dim, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(cfg.dim, elementwise_affine=False)
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.kv = nn.Linear(cfg.dim, 2 * kv)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim)
+        )
+        self.mod = nn.Linear(cfg.dim, 6 * cfg.dim)
+        nn.init.zeros_(self.mod.weight)
+        nn.init.zeros_(self.mod.bias)
+
+    def attention(
+        self,
+        h: torch.Tensor,
+        table: torch.Tensor,
+        cache: PagedKVCache | None,
+        layer: int,
+        slots: torch.Tensor | None,
+    ) -> torch.Tensor:
+        R, L, _ = h.shape
+        c = self.cfg.chunk_frames
+        T = L // c
+        q = self.q_norm(self.q(h).view(R, L, self.cfg.heads, self.head_dim)).transpose(1, 2)
+        k, v = self.kv(h).view(R, L, 2, self.cfg.kv_heads, self.head_dim).unbind(2)
+        k = self.k_norm(k)
+        # [R, c*T, Hkv, D] -> pages [R*c, Hkv, T, D]: one page per frame of each row.
+        k_pages = k.view(R * c, T, self.cfg.kv_heads, self.head_dim).transpose(1, 2)
+        v_pages = v.view(R * c, T, self.cfg.kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            cache.k[layer][slots.reshape(-1)] = k_pages.to(cache.k[layer].dtype)
+            cache.v[layer][slots.reshape(-1)] = v_pages.to(cache.v[layer].dtype)
+            k_pages, v_pages = cache.k[layer], cache.v[layer]
+        out, _ = routed_attention(q.contiguous(), k_pages.contiguous(), v_pages.contiguous(), table)
+        return self.proj(out.transpose(1, 2).reshape(R, L, self.cfg.dim))
+
+    def forward(self, x, c, table, cache, layer, slots):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.mod(c)[:, None].chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        x = x + gate1 * self.attention(h, table, cache, layer, slots)
+        h = self.norm2(x) * (1 + scale2) + shift2
+        return x + gate2 * self.mlp(h)
+
+
+class TinyARVideo(nn.Module):
+    """A few-M-parameter streaming AR video generator (see :class:`kvpo.interface.StreamingVideoGenerator`)."""
+
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or ModelConfig()
+        self.num_frames = cfg.num_frames
+        self.chunk_frames = cfg.chunk_frames
+        self.frame_tokens = (cfg.frame_size // cfg.patch) ** 2
+        self.token_dim = cfg.channels * cfg.patch**2
+        self.sink_frames = cfg.sink_frames
+        self.local_window = cfg.local_window
+        self.text = TextEncoder(cfg.dim)
+        self.embed = nn.Linear(self.token_dim, cfg.dim)
+        self.spatial = nn.Parameter(torch.randn(self.frame_tokens, cfg.dim) * 0.02)
+        self.t_mlp = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim)
+        )
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(cfg.dim, elementwise_affine=False)
+        self.final_mod = nn.Linear(cfg.dim, 2 * cfg.dim)
+        self.head = nn.Linear(cfg.dim, self.token_dim)
+        for m in (self.final_mod, self.head):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.text(list(prompts))
+
+    def forward(self, x, t, cond, frame_index, table, cache=None, slots=None):
+        cfg = self.cfg
+        R, L, _ = x.shape
+        if L != cfg.chunk_frames * self.frame_tokens or x.shape[-1] != self.token_dim:
+            raise ValueError(
+                f"x must be [R, {cfg.chunk_frames * self.frame_tokens}, {self.token_dim}], got "
+                f"{tuple(x.shape)}"
+            )
+        if (cache is None) != (slots is None):
+            raise ValueError("cache and slots must be given together")
+        pos = sinusoid(frame_index, cfg.dim)[:, :, None, :] + self.spatial  # [R, c, T, dim]
+        h = self.embed(x) + pos.reshape(R, L, cfg.dim)
+        c = F.silu(self.t_mlp(sinusoid(t * 1000.0, cfg.dim)) + cond)
+        for layer, block in enumerate(self.blocks):
+            h = block(h, c, table, cache, layer, slots)
+        shift, scale = self.final_mod(c)[:, None].chunk(2, dim=-1)
+        return self.head(self.final_norm(h) * (1 + scale) + shift)
+
+    def new_cache(self, capacity: int, device: torch.device | str = "cpu") -> PagedKVCache:
+        cfg = self.cfg
+        return PagedKVCache(
+            cfg.depth,
+            capacity,
+            cfg.kv_heads,
+            self.frame_tokens,
+            cfg.dim // cfg.heads,
+            device,
+            self.head.weight.dtype,
+        )
+
+    def to_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        N, T, C, H, W = video.shape
+        p = self.cfg.patch
+        x = video.reshape(N, T, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(N, T, (H // p) * (W // p), C * p * p)
+
+    def to_video(self, tokens: torch.Tensor) -> torch.Tensor:
+        N, T = tokens.shape[:2]
+        p, C, S = self.cfg.patch, self.cfg.channels, self.cfg.frame_size
+        x = tokens.reshape(N, T, S // p, S // p, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
+        return x.reshape(N, T, C, S, S)
+
+    def timesteps(self) -> torch.Tensor:
+        return shifted_timesteps(self.cfg.steps, self.cfg.shift)
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)
+
+
+def shifted_timesteps(steps: int, shift: float) -> torch.Tensor:
+    """[steps + 1] from 1 to 0: uniform steps warped by ``shift * t / (1 + (shift - 1) t)``."""
+    t = torch.linspace(1.0, 0.0, steps + 1)
+    return shift * t / (1 + (shift - 1) * t)

@@ -1,0 +1,172 @@
+"""Pretrain the built-in generator on procedural prompted videos: ``python -m kvpo.pretrain``.
+
+Chunk-wise teacher forcing with flow matching: each chunk is noised to a random t and denoised
+while attending (through ``routed_attention`` page tables) to the clean frames of earlier chunks,
+exactly the context the streaming sampler gives it. Writes a safetensors checkpoint whose weights
+are an EMA of the trained ones; ``kvpo/assets/base.safetensors`` ships one made by this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import data
+from .checkpoint import save_model
+from .context import context_table, teacher_forcing
+from .model import ModelConfig, TinyARVideo
+
+DEFAULT_OUT = Path(__file__).parent / "assets" / "base.safetensors"
+
+
+def make_batch(
+    model: TinyARVideo, prompts: list[str], batch: int, p_switch: float, gen: torch.Generator
+) -> tuple[torch.Tensor, list[list[str]]]:
+    """[N, F, T, d] clean tokens and each video's per-chunk prompts."""
+    cfg = model.cfg
+    n_chunks = cfg.num_frames // cfg.chunk_frames
+    chunk_prompts = [data.random_prompts(prompts, n_chunks, p_switch, gen) for _ in range(batch)]
+    videos = torch.stack(
+        [
+            data.sample_video(p, cfg.num_frames, cfg.chunk_frames, cfg.frame_size, gen)
+            for p in chunk_prompts
+        ]
+    )
+    return model.to_tokens(videos), chunk_prompts
+
+
+def sample_t(n: int, model: TinyARVideo, gen: torch.Generator) -> torch.Tensor:
+    """Half at the sampler's own timesteps (the few-step ODE visits only those), half uniform
+    warped by the same shift."""
+    sched = model.timesteps()[:-1]
+    on_grid = sched[torch.randint(len(sched), (n,), generator=gen)]
+    u = torch.rand(n, generator=gen)
+    s = model.cfg.shift
+    warped = s * u / (1 + (s - 1) * u)
+    pick = torch.rand(n, generator=gen) < 0.5
+    return torch.where(pick, on_grid, warped).clamp(1e-3, 1.0)
+
+
+def flow_matching_loss(
+    model: TinyARVideo, clean: torch.Tensor, chunk_prompts: list[list[str]], gen: torch.Generator
+) -> torch.Tensor:
+    """Mean squared velocity error over every chunk of every video of the batch."""
+    N, Fr, T, d = clean.shape
+    c = model.chunk_frames
+    nC = Fr // c
+    uniq = sorted({p for ps in chunk_prompts for p in ps})
+    emb = model.encode_prompts(uniq)
+    idx = {p: i for i, p in enumerate(uniq)}
+    cond = emb[torch.tensor([[idx[p] for p in ps] for ps in chunk_prompts])]  # [N, nC, C]
+    rows = clean.view(N, nC, c * T, d)
+
+    # Clean rows: chunks 0..nC-2 of every video (the last chunk is never context).
+    cv = torch.arange(N).repeat_interleave(nC - 1)
+    cj = torch.arange(nC - 1).repeat(N)
+    own = (torch.arange(N * (nC - 1))[:, None] * c + torch.arange(c)).long()
+    page_map = torch.full((N, Fr), -1, dtype=torch.long)
+    page_map[:, : (nC - 1) * c] = own.view(N, (nC - 1) * c)
+    clean_table = context_table(model, page_map, cv, cj, own)
+
+    nv = torch.arange(N).repeat_interleave(nC)
+    nj = torch.arange(nC).repeat(N)
+    x0 = rows.reshape(N * nC, c * T, d)
+    noise = torch.randn(x0.shape, generator=gen)
+    t = sample_t(N * nC, model, gen)
+    xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
+    ctx = context_table(model, page_map, nv, nj, None)
+    v = teacher_forcing(
+        model, rows[cv, cj], cond[cv, cj], cj, clean_table, xt, t, cond[nv, nj], nj, ctx
+    )
+    return torch.nn.functional.mse_loss(v, noise - x0)
+
+
+def pretrain(
+    cfg: ModelConfig,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    out: Path,
+    p_switch: float = 0.3,
+    ema_decay: float = 0.995,
+    log_every: int = 50,
+) -> TinyARVideo:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = TinyARVideo(cfg)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    train_prompts, _ = data.split_prompts()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))),
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"pretraining {n_params / 1e6:.2f} M parameters for {steps} steps of {batch} videos")
+    t0, running = time.time(), None
+    bar = tqdm(range(steps), desc="pretrain", mininterval=5.0)
+    for step in bar:
+        clean, prompts = make_batch(model, train_prompts, batch, p_switch, gen)
+        loss = flow_matching_loss(model, clean, prompts, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+                pe.lerp_(pm, 1 - ema_decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}")
+        if (step + 1) % log_every == 0:
+            print(
+                json.dumps(
+                    {
+                        "step": step + 1,
+                        "loss": round(running, 5),
+                        "elapsed_s": round(time.time() - t0, 1),
+                    }
+                ),
+                flush=True,
+            )
+    save_model(ema, out, extra={"pretrain_steps": steps, "pretrain_loss": running})
+    print(f"wrote {out}")
+    return ema
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--dim", type=int, default=ModelConfig.dim)
+    ap.add_argument("--depth", type=int, default=ModelConfig.depth)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.lr <= 0:
+        ap.error("--steps and --batch must be >= 1 and --lr > 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pretrain(
+        ModelConfig(dim=args.dim, depth=args.depth),
+        args.steps,
+        args.batch,
+        args.lr,
+        args.seed,
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()

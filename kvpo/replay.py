@@ -1,0 +1,95 @@
+"""Replay: each branch's recorded steps under the unperturbed context, and its TVE.
+
+One teacher-forcing forward (:func:`kvpo.context.teacher_forcing`) recomputes, with the current
+policy and gradients on, the clean pages of every branch's history (the pre-window chunks once per
+group, shared by the branches' tables) and the velocity ``u_k`` at every recorded state ``x_k``.
+``velocity_energy`` reduces ``w_k * mean_n (u_k - v_k)^2`` per branch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvpo_kernels import velocity_energy
+
+from .context import context_table, teacher_forcing
+from .interface import StreamingVideoGenerator
+from .rollout import Rollout
+
+
+def replay_velocities(model: StreamingVideoGenerator, ro: Rollout) -> torch.Tensor:
+    """Policy velocities at the recorded states under full context: [B, G, K, L, d]."""
+    B, G, Fr, T, d = ro.tokens.shape
+    c = model.chunk_frames
+    K = ro.t.shape[0]
+    w0 = ro.window[0]
+    last = int(ro.chunk.max())  # chunks < last are needed as clean context
+    device = ro.tokens.device
+
+    uniq = sorted({p for ps in ro.prompts for p in ps})
+    emb = model.encode_prompts(uniq)
+    where = {p: i for i, p in enumerate(uniq)}
+    cond_bj = emb[torch.tensor([[where[p] for p in ps] for ps in ro.prompts], device=device)]
+
+    # Clean rows: group g's prefix chunks (from branch 0: identical in every branch), then each
+    # branch's own chunks w0..last-1.
+    cb = [torch.arange(B).repeat_interleave(w0), torch.arange(B).repeat_interleave(G * (last - w0))]
+    cg = [
+        torch.zeros(B * w0, dtype=torch.long),
+        torch.arange(G).repeat_interleave(last - w0).repeat(B),
+    ]
+    cj = [torch.arange(w0).repeat(B), torch.arange(w0, last).repeat(B * G)]
+    cb, cg, cj = (torch.cat(v) for v in (cb, cg, cj))
+    Rc = cb.shape[0]
+    own = torch.arange(Rc)[:, None] * c + torch.arange(c)
+    # page_map per branch (row b * G + g): prefix frames -> group pages, later -> branch pages.
+    page_map = torch.full((B * G, Fr), -1, dtype=torch.long)
+    for r in range(Rc):
+        b, g, j = int(cb[r]), int(cg[r]), int(cj[r])
+        targets = range(b * G, (b + 1) * G) if j < w0 else [b * G + g]
+        for n in targets:
+            page_map[n, j * c : (j + 1) * c] = own[r]
+    branch_of_clean = cb * G + cg
+    clean_table = context_table(model, page_map, branch_of_clean, cj, own)
+    clean = ro.tokens.view(B, G, Fr // c, c * T, d)[cb, cg, cj]
+
+    nb = torch.arange(B * G).repeat_interleave(K)
+    nj = ro.chunk.repeat(B * G)
+    ctx = context_table(model, page_map, nb, nj, None)
+    u = teacher_forcing(
+        model,
+        clean,
+        cond_bj[cb, cj],
+        cj,
+        clean_table,
+        ro.states.reshape(B * G * K, c * T, d),
+        ro.t.to(device).repeat(B * G),
+        cond_bj[nb // G, nj],
+        nj,
+        ctx,
+    )
+    return u.view(B, G, K, c * T, d)
+
+
+def step_weights(ro: Rollout, kind: str = "uniform") -> torch.Tensor:
+    """[K] weights of the recorded steps summing to 1: ``uniform``, or ``sigma`` (proportional to
+    the step's t, so that noisier steps, whose velocities carry more of the branch, weigh more)."""
+    if kind == "uniform":
+        w = torch.ones_like(ro.t)
+    elif kind == "sigma":
+        w = ro.t.clamp_min(0.05)
+    else:
+        raise ValueError(f"step weighting must be 'uniform' or 'sigma', got {kind!r}")
+    return w / w.sum()
+
+
+def trajectory_energy(u: torch.Tensor, ro: Rollout, weight: torch.Tensor) -> torch.Tensor:
+    """TVE per branch, [B, G] float32: ``sum_k w_k mean_n (u_k - v_k)^2``."""
+    B, G, K = u.shape[:3]
+    e = velocity_energy(
+        u.reshape(B * G, K, -1),
+        ro.velocities.reshape(B * G, K, -1).to(u.dtype),
+        weight.to(u.device),
+        reduction="mean",
+    )
+    return e.view(B, G)

@@ -1,0 +1,268 @@
+"""Rewards: built-in, weight-free scorers of the procedural videos, and the user reward interface.
+
+A reward is any callable ``fn(videos, prompts) -> [B]`` with ``videos: [B, T, C, H, W]`` float in
+[0, 1] and one prompt per video (a string, or a list with one prompt per chunk for multi-prompt
+videos). :class:`CompositeReward` combines named rewards with weights and reports each component.
+
+Built-in components (each in [0, 1], higher is better):
+
+* ``alignment`` - the object has the asked colour, shape and size and moves the asked way at the
+  asked speed (centroid path against the prompt's displacement);
+* ``motion`` - smooth, coherent trajectory (small acceleration) and no flicker (stable object area
+  and brightness);
+* ``visual`` - sharp object edges and a clean, flat background.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from . import data
+
+Prompt = str | Sequence[str]
+
+
+@runtime_checkable
+class RewardFn(Protocol):
+    def __call__(self, videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """videos: [B, T, C, H, W] in [0, 1]; prompts: B entries -> rewards [B] float32."""
+        ...
+
+
+def _check_videos(videos: torch.Tensor, prompts: Sequence[Prompt]) -> None:
+    if not torch.is_tensor(videos) or videos.dim() != 5 or not videos.is_floating_point():
+        raise ValueError(
+            "videos must be a float tensor [B, T, C, H, W], got "
+            f"{type(videos).__name__} {tuple(getattr(videos, 'shape', ()))} "
+            f"{getattr(videos, 'dtype', '')}"
+        )
+    if len(prompts) != videos.shape[0]:
+        raise ValueError(f"got {len(prompts)} prompts for {videos.shape[0]} videos")
+
+
+def _chunk_prompts(prompt: Prompt, T: int) -> list[str]:
+    """One prompt per frame."""
+    if isinstance(prompt, str):
+        return [prompt] * T
+    ps = list(prompt)
+    per = max(1, math.ceil(T / len(ps)))
+    return [ps[min(f // per, len(ps) - 1)] for f in range(T)]
+
+
+def foreground(videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft foreground map [B, T, H, W] in [0, 1] and background colour [B, C].
+
+    The background is the median border colour over all frames; the map is the distance to it over
+    the video's largest distance (floored at 0.2), so it stays linear in pixel coverage and
+    centroids do not jitter with anti-aliasing."""
+    B, T, C, H, W = videos.shape
+    border = torch.cat(
+        [videos[..., 0, :], videos[..., -1, :], videos[..., :, 0], videos[..., :, -1]], dim=-1
+    )  # [B, T, C, 2H+2W]
+    bg = border.permute(0, 2, 1, 3).reshape(B, C, -1).median(dim=-1).values
+    dist = (videos - bg[:, None, :, None, None]).norm(dim=2)
+    peak = dist.flatten(1).amax(dim=1).clamp_min(0.2)
+    return (dist / peak[:, None, None, None]).clamp(0, 1), bg
+
+
+def _centroids(fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre of mass [B, T, 2] (x, y in pixels, +0.5 centred) and mass [B, T] of a soft map."""
+    B, T, H, W = fg.shape
+    ys = torch.arange(H, dtype=fg.dtype) + 0.5
+    xs = torch.arange(W, dtype=fg.dtype) + 0.5
+    mass = fg.sum(dim=(-1, -2)).clamp_min(1e-6)
+    cx = (fg.sum(-2) * xs).sum(-1) / mass
+    cy = (fg.sum(-1) * ys).sum(-1) / mass
+    return torch.stack([cx, cy], dim=-1), mass
+
+
+def alignment_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+    """Colour, shape, size and motion asked by the prompt (mean of four scores in [0, 1])."""
+    _check_videos(videos, prompts)
+    B, T, C, H, W = videos.shape
+    scale = W / 24.0
+    fg, _ = foreground(videos)
+    cen, mass = _centroids(fg)
+    out = torch.zeros(B)
+    for b in range(B):
+        per_frame = _chunk_prompts(prompts[b], T)
+        first = data.Scene.parse(per_frame[0])
+        # Colour: the foreground's mean colour (strongly covered pixels) against the asked one.
+        wgt = fg[b] ** 4
+        col = (videos[b] * wgt[:, None]).sum(dim=(0, 2, 3)) / wgt.sum().clamp_min(1e-6)
+        target = torch.tensor(data.COLORS[first.color]) + 0.0
+        color = torch.exp(-((col - target) ** 2).sum() / 0.08)
+        # Shape and size: the asked template at the object's centre, against the other shapes.
+        radius = data.SIZES[first.size] * scale
+        ious = []
+        for shape in data.SHAPES:
+            tmpl = data.shape_mask(shape, cen[b, :, 0], cen[b, :, 1], radius, W)
+            inter = torch.minimum(tmpl, fg[b]).sum(dim=(-1, -2))
+            union = torch.maximum(tmpl, fg[b]).sum(dim=(-1, -2)).clamp_min(1e-6)
+            ious.append(inter / union)
+        ious = torch.stack(ious)  # [shapes, T]
+        asked = data.SHAPES.index(first.shape)
+        shape = (
+            torch.softmax(ious * 20.0, dim=0)[asked].mean() * ious[asked].mean().clamp(0, 1) ** 0.5
+        )
+        expected_area = data.shape_mask(
+            first.shape, torch.tensor([W / 2]), torch.tensor([H / 2]), radius, W
+        ).sum()
+        size = torch.exp(-(torch.log(mass[b].mean() / expected_area) ** 2) / 0.1)
+        # Motion: the centroid's displacement against the asked displacement, per frame step.
+        want = torch.zeros(T - 1, 2)
+        for f in range(1, T):
+            sc = data.Scene.parse(per_frame[f])
+            want[f - 1] = (
+                torch.tensor(data.DIRECTIONS[sc.direction]) * data.SPEEDS[sc.speed] * scale
+            )
+        got = cen[b, 1:] - cen[b, :-1]
+        err = (got.cumsum(0) - want.cumsum(0)).norm(dim=-1).mean()
+        motion = torch.exp(-(err**2) / (2.0 * scale) ** 2)
+        out[b] = (color + shape + size + motion) / 4
+    return out
+
+
+def motion_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+    """Smooth trajectory (low centroid acceleration) and no flicker (stable area and brightness)."""
+    _check_videos(videos, prompts)
+    scale = videos.shape[-1] / 24.0
+    fg, _ = foreground(videos)
+    cen, mass = _centroids(fg)
+    accel = (cen[:, 2:] - 2 * cen[:, 1:-1] + cen[:, :-2]).norm(dim=-1).mean(-1) / scale
+    smooth = torch.exp(-(accel**2) / 0.1)
+    area_cv = mass.std(dim=1) / mass.mean(dim=1)
+    bright = videos.mean(dim=(2, 3, 4))
+    flicker = (bright[:, 1:] - bright[:, :-1]).abs().mean(-1)
+    stable = torch.exp(-(area_cv**2) / 0.01) * torch.exp(-(flicker**2) / 1e-4)
+    return (smooth + stable) / 2
+
+
+def visual_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+    """Sharp edges (a nearly binary foreground map) and a clean background (flat colour)."""
+    _check_videos(videos, prompts)
+    fg, bg = foreground(videos)
+    # Partly covered pixels per pixel of perimeter (2 sqrt(pi area)): about 1 for a crisp edge
+    # (anti-aliasing), more as edges blur.
+    fuzzy = ((fg > 0.15) & (fg < 0.85)).float().sum(dim=(2, 3))
+    perimeter = 2 * torch.sqrt(math.pi * fg.sum(dim=(2, 3))).clamp_min(1.0)
+    blur = (fuzzy / perimeter).mean(1)
+    sharp = torch.exp(-((blur - 0.6).clamp_min(0) ** 2) / 0.5)
+    back = fg < 0.15
+    resid = ((videos - bg[:, None, :, None, None]).abs().mean(2) * back).sum(dim=(1, 2, 3))
+    clean = torch.exp(-((resid / back.sum(dim=(1, 2, 3)).clamp_min(1)) ** 2) / 2e-4)
+    return (sharp + clean) / 2
+
+
+BUILTIN: dict[str, RewardFn] = {
+    "alignment": alignment_reward,
+    "motion": motion_reward,
+    "visual": visual_reward,
+}
+
+
+class CompositeReward:
+    """Weighted sum of named rewards; :meth:`components` gives each one.
+
+    Args:
+        weights: name -> weight; names of built-in rewards or of ``extra`` ones.
+        extra: name -> user reward (any :class:`RewardFn`).
+    """
+
+    def __init__(self, weights: dict[str, float], extra: dict[str, RewardFn] | None = None) -> None:
+        fns = {**BUILTIN, **(extra or {})}
+        unknown = sorted(set(weights) - set(fns))
+        if unknown:
+            raise ValueError(f"unknown reward(s) {unknown}; available: {sorted(fns)}")
+        if not weights or any(not math.isfinite(w) for w in weights.values()):
+            raise ValueError(
+                f"reward weights must be a non-empty dict of finite floats, got {weights}"
+            )
+        self.weights = dict(weights)
+        self.fns: dict[str, Callable] = {k: fns[k] for k in weights}
+
+    def components(
+        self, videos: torch.Tensor, prompts: Sequence[Prompt]
+    ) -> dict[str, torch.Tensor]:
+        _check_videos(videos, prompts)
+        out = {}
+        for name, fn in self.fns.items():
+            r = torch.as_tensor(fn(videos, prompts)).float().reshape(-1)
+            if r.shape[0] != videos.shape[0]:
+                raise ValueError(
+                    f"reward {name!r} returned {tuple(r.shape)}, expected [{videos.shape[0]}]"
+                )
+            out[name] = r
+        return out
+
+    def total(self, comps: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights[k] * comps[k] for k in self.weights)
+
+    def __call__(self, videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+        return self.total(self.components(videos, prompts))
+
+
+class ClipReward:
+    """Text-video similarity from a ``transformers`` CLIP model in a local directory.
+
+    The mean, over ``frames`` evenly spaced frames, of the cosine similarity between the image and
+    text embeddings. Images are resized and normalised here (no image-processor files needed);
+    the tokenizer is loaded with ``AutoTokenizer`` from the same directory. Nothing is downloaded.
+    """
+
+    MEAN = (0.48145466, 0.4578275, 0.40821073)
+    STD = (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(
+        self, path: str | Path, frames: int = 4, device: str | torch.device = "cpu"
+    ) -> None:
+        from transformers import AutoTokenizer, CLIPModel
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"ClipReward: {str(path)!r} is not a directory with a CLIP config.json"
+            )
+        self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.frames = frames
+        self.device = torch.device(device)
+        self.size = self.model.config.vision_config.image_size
+
+    @torch.no_grad()
+    def __call__(self, videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+        _check_videos(videos, prompts)
+        B, T = videos.shape[:2]
+        idx = torch.linspace(0, T - 1, min(self.frames, T)).round().long()
+        imgs = videos[:, idx].flatten(0, 1).to(self.device)
+        imgs = torch.nn.functional.interpolate(
+            imgs, size=(self.size, self.size), mode="bilinear", align_corners=False
+        )
+        mean = torch.tensor(self.MEAN, device=self.device)[None, :, None, None]
+        std = torch.tensor(self.STD, device=self.device)[None, :, None, None]
+        img_emb = self.model.get_image_features(pixel_values=(imgs - mean) / std)
+        texts = [p if isinstance(p, str) else p[0] for p in prompts]
+        tok = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
+        txt_emb = self.model.get_text_features(
+            input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]
+        )
+        img_emb = _as_tensor(img_emb)
+        txt_emb = _as_tensor(txt_emb)
+        img_emb = torch.nn.functional.normalize(img_emb, dim=-1).view(B, len(idx), -1)
+        txt_emb = torch.nn.functional.normalize(txt_emb, dim=-1)
+        return (img_emb * txt_emb[:, None]).sum(-1).mean(-1).float().cpu()
+
+
+def _as_tensor(x) -> torch.Tensor:
+    """transformers may return a ModelOutput with pooled features instead of a tensor."""
+    if torch.is_tensor(x):
+        return x
+    for name in ("image_embeds", "text_embeds", "pooler_output"):
+        if getattr(x, name, None) is not None:
+            return getattr(x, name)
+    raise TypeError(f"cannot read embeddings from {type(x).__name__}")

@@ -1,0 +1,239 @@
+"""KVPO rollouts: G branches per prompt, explored by KV routing inside a perturbed window.
+
+All branches of a group use the same noise for every chunk. Chunks before the window are made once
+per group; their pages are listed by every branch's table (shared, not copied). Inside the window
+``[w0, w1)`` each branch's denoising attends to a random subset of the history pages
+(:func:`kvpo_kernels.route_pages`; sinks, the most recent frame and the chunk itself always kept).
+A chunk's cache pages are written by a clean pass under the branch's full context, and after the
+window generation continues under full context. The sampler is the model's deterministic few-step
+ODE, so branches differ only through the routing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpo_kernels import route_pages
+
+from .context import context_table, context_width, droppable_columns
+from .interface import StreamingVideoGenerator
+
+
+@dataclass
+class RolloutSpec:
+    """What a rollout explores and records.
+
+    Attributes:
+        group_size: G branches per prompt.
+        window: perturbed chunks ``[w0, w1)``.
+        p_keep: probability that a droppable history page stays in a branch's context.
+        score_after_window: also record the chunks after the window (their likelihood is scored).
+        score_steps: which denoising steps of a scored chunk are recorded (None: all).
+        anchor: also make the unperturbed (deployment-time) branch beside the G explored ones.
+        share_pages: branches list the pre-window pages in their tables (True) or get copies of
+            them (False: the memory baseline).
+    """
+
+    group_size: int = 4
+    window: tuple[int, int] = (2, 4)
+    p_keep: float = 0.5
+    score_after_window: bool = False
+    score_steps: tuple[int, ...] | None = None
+    anchor: bool = True
+    share_pages: bool = True
+
+    def validate(self, model: StreamingVideoGenerator) -> None:
+        n_chunks = model.num_frames // model.chunk_frames
+        w0, w1 = self.window
+        if not (1 <= w0 < w1 <= n_chunks):
+            raise ValueError(
+                f"window={self.window} must satisfy 1 <= w0 < w1 <= {n_chunks} chunks (chunk 0 has "
+                "no history to route)"
+            )
+        if self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size} must be >= 1")
+        if not 0.0 <= self.p_keep <= 1.0:
+            raise ValueError(f"p_keep={self.p_keep} must be in [0, 1]")
+        steps = len(model.timesteps()) - 1
+        if self.score_steps is not None and (
+            not self.score_steps or any(not 0 <= s < steps for s in self.score_steps)
+        ):
+            raise ValueError(
+                f"score_steps={self.score_steps} must be a non-empty subset of 0..{steps - 1}"
+            )
+
+    def scored_chunks(self, model: StreamingVideoGenerator) -> list[int]:
+        end = model.num_frames // model.chunk_frames if self.score_after_window else self.window[1]
+        return list(range(self.window[0], end))
+
+
+@dataclass
+class Rollout:
+    """Everything replay and rewards need from one rollout of B groups.
+
+    Shapes: B groups, G branches, F frames, T tokens per frame, d token features, K recorded steps,
+    L = chunk_frames * T.
+    """
+
+    prompts: list[list[str]]  # [B] x one prompt per chunk
+    tokens: torch.Tensor  # [B, G, F, T, d] clean frames of each branch
+    states: torch.Tensor  # [B, G, K, L, d] x_k at each recorded step
+    velocities: torch.Tensor  # [B, G, K, L, d] velocity each branch took there
+    t: torch.Tensor  # [K] timestep of each record
+    chunk: torch.Tensor  # [K] int64 chunk of each record
+    window: tuple[int, int]
+    anchor_tokens: torch.Tensor | None  # [B, F, T, d] unperturbed branch
+    tables: dict[int, torch.Tensor]  # chunk -> [B*G, W] int32 denoising tables of the branches
+    cache_bytes: int  # bytes of KV pages the rollout used
+
+
+def _steps(model: StreamingVideoGenerator, spec: RolloutSpec) -> list[int]:
+    S = len(model.timesteps()) - 1
+    return list(range(S)) if spec.score_steps is None else sorted(spec.score_steps)
+
+
+@torch.no_grad()
+def rollout(
+    model: StreamingVideoGenerator,
+    prompts: list[list[str]],
+    spec: RolloutSpec,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> Rollout:
+    """Generate B groups of G branches (plus an anchor each if ``spec.anchor``).
+
+    Args:
+        prompts: B lists of one prompt per chunk.
+        generator: CPU generator for the noise and the routing (reproducible rollouts).
+    """
+    spec.validate(model)
+    device = torch.device(device)
+    c, T, d = model.chunk_frames, model.frame_tokens, model.token_dim
+    Fr = model.num_frames
+    nC = Fr // c
+    B, G = len(prompts), spec.group_size
+    if any(len(p) != nC for p in prompts):
+        raise ValueError(f"each prompt list must have one prompt per chunk ({nC})")
+    Gt = G + int(spec.anchor)
+    w0, w1 = spec.window
+    scored = set(spec.scored_chunks(model))
+    steps = _steps(model, spec)
+    ts = model.timesteps().to(device)
+
+    uniq = sorted({p for ps in prompts for p in ps})
+    emb = model.encode_prompts(uniq)
+    where = {p: i for i, p in enumerate(uniq)}
+    cond_bj = emb[
+        torch.tensor([[where[p] for p in ps] for ps in prompts], device=device)
+    ]  # [B,nC,C]
+    noise = torch.randn((B, nC, c * T, d), generator=generator).to(device)
+
+    pre_pages = B * w0 * c * (1 if spec.share_pages else 1 + Gt)
+    capacity = pre_pages + B * Gt * (nC - w0) * c + B * Gt * c
+    cache = model.new_cache(capacity, device)
+    scratch = cache.allocate(B * Gt * c).view(B * Gt, c)
+    width = context_width(model, nC)
+
+    def run_chunk(j: int, page_map, group_of_row, table_hist, cond, record):
+        """Denoise chunk j for R rows, then write its clean pages; returns clean x and records."""
+        R = page_map.shape[0]
+        own = scratch[:R]
+        x = noise[group_of_row, j].clone()
+        fi = (j * c + torch.arange(c, device=device)).expand(R, c)
+        den_table = torch.cat([table_hist, own.to(torch.int32)], 1)
+        xs, vs = [], []
+        for k in range(len(ts) - 1):
+            v = model(x, ts[k].expand(R), cond, fi, den_table.to(device), cache, own)
+            if record and k in steps:
+                xs.append(x)
+                vs.append(v)
+            x = x + (ts[k + 1] - ts[k]) * v
+        # The clean pass writes the chunk's pages under the full (unrouted) context.
+        perm = cache.allocate(R * c).view(R, c)
+        full = context_table(model, page_map, torch.arange(R), torch.full((R,), j), perm, width)
+        model(x, torch.zeros(R, device=device), cond, fi, full.to(device), cache, perm)
+        page_map[:, j * c : (j + 1) * c] = perm
+        return x, xs, vs, den_table
+
+    # Shared prefix: one row per group.
+    pm = torch.full((B, Fr), -1, dtype=torch.long)
+    prefix = []
+    for j in range(w0):
+        hist = context_table(model, pm, torch.arange(B), torch.full((B,), j), None, width - c)
+        x, _, _, _ = run_chunk(j, pm, torch.arange(B), hist, cond_bj[:, j], False)
+        prefix.append(x)
+
+    # Fork: rows b * Gt + g; the anchor (if any) is g = G.
+    rows = torch.arange(B).repeat_interleave(Gt)
+    page_map = pm[rows].clone()
+    if not spec.share_pages:
+        n_pre = w0 * c
+        for r in range(B * Gt):
+            new = cache.allocate(n_pre)
+            old = page_map[r, :n_pre]
+            for layer in range(len(cache.k)):
+                cache.k[layer][new] = cache.k[layer][old]
+                cache.v[layer][new] = cache.v[layer][old]
+            page_map[r, :n_pre] = new
+    is_anchor = torch.zeros(B * Gt, dtype=torch.bool)
+    if spec.anchor:
+        is_anchor[G::Gt] = True
+    chunks = [torch.stack(prefix, 1)[rows]] if prefix else []  # [B*Gt, w0, L, d]
+    recs_x, recs_v, rec_t, rec_chunk, tables = [], [], [], [], {}
+    for j in range(w0, nC):
+        hist = context_table(
+            model, page_map, torch.arange(B * Gt), torch.full((B * Gt,), j), None, width - c
+        )
+        if j < w1:
+            template = torch.arange(width - c, dtype=torch.int32)
+            keep = route_pages(
+                template,
+                B * Gt,
+                spec.p_keep,
+                droppable_columns(model, j, width - c),
+                sink_pages=model.sink_frames,
+                generator=generator,
+            )
+            routed = torch.where(keep >= 0, hist, torch.full_like(hist, -1))
+            hist = torch.where(is_anchor[:, None], hist, routed)
+        x, xs, vs, den_table = run_chunk(j, page_map, rows, hist, cond_bj[rows, j], j in scored)
+        chunks.append(x[:, None])
+        tables[j] = den_table.view(B, Gt, -1)[:, :G].reshape(B * G, -1)
+        if j in scored:
+            recs_x += xs
+            recs_v += vs
+            rec_t += [float(ts[k]) for k in steps]
+            rec_chunk += [j] * len(steps)
+
+    tokens = torch.cat(chunks, 1).view(B, Gt, Fr, T, d)
+    K = len(recs_x)
+    states = torch.stack(recs_x, 1).view(B, Gt, K, c * T, d)
+    vels = torch.stack(recs_v, 1).view(B, Gt, K, c * T, d)
+    return Rollout(
+        prompts=[list(p) for p in prompts],
+        tokens=tokens[:, :G],
+        states=states[:, :G],
+        velocities=vels[:, :G],
+        t=torch.tensor(rec_t),
+        chunk=torch.tensor(rec_chunk, dtype=torch.long),
+        window=(w0, w1),
+        anchor_tokens=tokens[:, G] if spec.anchor else None,
+        tables=tables,
+        cache_bytes=cache.used * cache.nbytes() // max(cache.capacity, 1),
+    )
+
+
+@torch.no_grad()
+def generate(
+    model: StreamingVideoGenerator,
+    prompts: list[list[str]],
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Deployment-time sampling (no routing): [B, F, C, H, W] videos in [-1, 1]."""
+    nC = model.num_frames // model.chunk_frames
+    spec = RolloutSpec(group_size=1, window=(1, nC), p_keep=1.0, anchor=False, score_steps=(0,))
+    ro = rollout(model, prompts, spec, generator, device)
+    return model.to_video(ro.tokens[:, 0])

@@ -1,0 +1,289 @@
+"""KVPO training: ``python -m kvpo.train [--config file.yaml] [--field value ...]``.
+
+One iteration: rollout with KV routing (no grad) -> rewards and advantages -> for each inner epoch,
+replay under full context with gradients, TVE, Gibbs log-probabilities, PPO-clipped loss (+ KL
+toward the base policy) -> AdamW step. See ``../shared/METHOD.md`` for the formulas.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import data, distributed
+from .checkpoint import CheckpointError, load_model, load_training, save_training
+from .config import TrainConfig, parse_args
+from .grpo import anchor_advantages, gibbs_log_probs, group_advantages, ppo_objective
+from .model import TinyARVideo
+from .replay import replay_velocities, step_weights, trajectory_energy
+from .report import MetricsLog, plot_rewards, save_videos
+from .rewards import ClipReward, CompositeReward
+from .rollout import Rollout, RolloutSpec, generate, rollout
+
+
+def make_reward(cfg: TrainConfig) -> CompositeReward:
+    weights = dict(cfg.reward_weights)
+    extra = {}
+    if cfg.clip_reward_path:
+        extra["clip"] = ClipReward(cfg.clip_reward_path)
+        weights.setdefault("clip", cfg.clip_reward_weight)
+    return CompositeReward(weights, extra)
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def iteration_generator(
+    cfg: TrainConfig, it: int, rank: int = 0, stream: int = 0
+) -> torch.Generator:
+    """Seeded per (seed, iteration, rank, stream): a resumed run draws what the original would."""
+    return torch.Generator().manual_seed(((cfg.seed * 1_000_003 + it) * 131 + rank) * 7 + stream)
+
+
+def evaluate(
+    model: TinyARVideo, prompts: list[str], reward: CompositeReward, seed: int, device: torch.device
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Deployment-time samples of fixed prompts with fixed noise: mean rewards and the videos."""
+    nC = model.num_frames // model.chunk_frames
+    videos = generate(
+        model, [[p] * nC for p in prompts], torch.Generator().manual_seed(seed), device
+    )
+    comps = reward.components(((videos + 1) / 2).cpu(), prompts)
+    out = {f"eval_{k}": float(v.mean()) for k, v in comps.items()}
+    out["eval_reward"] = float(reward.total(comps).mean())
+    return out, videos.cpu()
+
+
+def branch_rewards(model: TinyARVideo, ro: Rollout, reward: CompositeReward):
+    """Per-component rewards [B, G] of the branches and [B] of the anchor (or None)."""
+    B, G = ro.tokens.shape[:2]
+    vids = (model.to_video(ro.tokens.flatten(0, 1)) + 1) / 2
+    comps = reward.components(vids.cpu(), [p for p in ro.prompts for _ in range(G)])
+    comps = {k: v.view(B, G) for k, v in comps.items()}
+    anchor = None
+    if ro.anchor_tokens is not None:
+        av = (model.to_video(ro.anchor_tokens) + 1) / 2
+        anchor = reward.components(av.cpu(), ro.prompts)
+    return comps, anchor
+
+
+def kl_term(cfg: TrainConfig, u, u_ref, logp, logp_ref) -> torch.Tensor:
+    if cfg.kl == "velocity":
+        return (u - u_ref).pow(2).mean()
+    if cfg.kl == "softmax":
+        return (logp.exp() * (logp - logp_ref)).sum(1).mean()
+    return u.new_zeros(())
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run KVPO; returns the per-iteration log (also written to ``cfg.out_dir``)."""
+    cfg.validate()
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config device='cuda' but no CUDA device is available")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world = distributed.init(device)
+    if cfg.prompts_per_iter % world:
+        raise ValueError(
+            f"config prompts_per_iter={cfg.prompts_per_iter} must divide by the {world} ranks"
+        )
+    out = Path(cfg.out_dir)
+    lead = rank == 0
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+
+    ref = load_model(cfg.base_checkpoint).to(device).requires_grad_(False).eval()
+    start, history = 0, []
+    if cfg.resume:
+        model, opt, start, saved, history = load_training(
+            cfg.resume, lambda m: make_optimizer(cfg, m.to(device))
+        )
+        for key in ("group_size", "window", "base_checkpoint", "seed"):
+            if saved.get(key) != cfg.to_dict()[key]:
+                raise CheckpointError(
+                    f"--resume {cfg.resume!r} was trained with {key}="
+                    f"{saved.get(key)!r}, this config has {cfg.to_dict()[key]!r}"
+                )
+    else:
+        model = copy.deepcopy(ref).requires_grad_(True)
+        opt = make_optimizer(cfg, model)
+    model.to(device).train()
+    if device.type == "cuda":
+        for st in opt.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    st[k] = v.to(device)
+    spec = RolloutSpec(
+        group_size=cfg.group_size,
+        window=tuple(cfg.window),
+        p_keep=cfg.p_keep,
+        score_after_window=cfg.score_after_window,
+        score_steps=None if cfg.score_steps is None else tuple(cfg.score_steps),
+        anchor=cfg.advantage == "anchor",
+    )
+    spec.validate(model)
+    reward = make_reward(cfg)
+    train_prompts, eval_prompts = data.split_prompts(num_eval=max(cfg.eval_prompts, 1))
+    eval_prompts = eval_prompts[: cfg.eval_prompts]
+    nC = model.num_frames // model.chunk_frames
+    log = MetricsLog(out)
+    if lead:
+        log.truncate(start)
+        (out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
+        n = sum(p.numel() for p in model.parameters())
+        print(
+            f"kvpo: {n / 1e6:.2f} M-parameter generator on {device}, {world} rank(s), "
+            f"{cfg.prompts_per_iter} prompts x G={cfg.group_size} per iteration, "
+            f"window chunks {tuple(cfg.window)}, p_keep={cfg.p_keep}",
+            flush=True,
+        )
+        if start == 0:
+            ev, vids = evaluate(model, eval_prompts, reward, cfg.seed, device)
+            print(f"before training: eval reward {ev['eval_reward']:.4f}", flush=True)
+            if cfg.samples:
+                save_videos(vids, out / "samples_before")
+            history.append({"iter": -1, **ev})
+
+    bar = tqdm(
+        range(start, cfg.iterations),
+        desc="kvpo",
+        disable=not (lead and cfg.progress),
+        initial=start,
+        total=cfg.iterations,
+        file=sys.stderr,
+    )
+    params = list(model.parameters())
+    for it in bar:
+        t0 = time.perf_counter()
+        pick = torch.randint(
+            len(train_prompts),
+            (cfg.prompts_per_iter,),
+            generator=iteration_generator(cfg, it, stream=1),
+        ).tolist()
+        gen = iteration_generator(cfg, it, rank)
+        mine = pick[rank::world]
+        prompts = [data.random_prompts([train_prompts[i]], nC, cfg.multi_prompt, gen) for i in mine]
+        model.eval()
+        ro = rollout(model, prompts, spec, gen, device)
+        t1 = time.perf_counter()
+
+        comps, anchor = branch_rewards(model, ro, reward)
+        total = reward.total(comps)
+        all_comps = {k: distributed.all_gather(v) for k, v in comps.items()}
+        if cfg.advantage == "group":
+            adv, valid = group_advantages(total, eps=cfg.adv_eps, clip=cfg.adv_clip)
+        else:
+            sigma = {k: v.std() for k, v in all_comps.items()}
+            adv, valid = anchor_advantages(
+                comps, anchor, reward.weights, sigma, cfg.adv_clip, cfg.adv_eps
+            )
+        adv, valid = adv.to(device), valid.to(device)
+        weight = step_weights(ro, cfg.step_weighting)
+        with torch.no_grad():
+            u_ref = replay_velocities(ref, ro) if cfg.kl != "none" else None
+            logp_ref = (
+                gibbs_log_probs(trajectory_energy(u_ref, ro, weight), cfg.tau)
+                if u_ref is not None
+                else None
+            )
+        t2 = time.perf_counter()
+
+        model.train()
+        logp_old, stats = None, []
+        for _ in range(cfg.epochs):
+            u = replay_velocities(model, ro)
+            energy = trajectory_energy(u, ro, weight)
+            logp = gibbs_log_probs(energy, cfg.tau)
+            if logp_old is None:  # the rollout policy is the policy before the first step
+                logp_old = logp.detach()
+            loss, st = ppo_objective(logp, logp_old, adv, valid, cfg.clip_low, cfg.clip_high)
+            kl = kl_term(cfg, u, u_ref, logp, logp_ref) if u_ref is not None else loss.new_zeros(())
+            total_loss = loss + cfg.kl_coef * kl
+            opt.zero_grad(set_to_none=True)
+            total_loss.backward()
+            distributed.average_gradients(params)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            stats.append(
+                {
+                    **st,
+                    "loss": float(loss),
+                    "kl": float(kl),
+                    "grad_norm": float(gnorm),
+                    "tve": float(energy.mean()),
+                }
+            )
+        t3 = time.perf_counter()
+
+        g_total = distributed.all_gather(total)
+        row = {
+            "iter": it,
+            "reward": float(g_total.mean()),
+            "reward_std": float(g_total.std(1).mean()),
+            **{f"reward_{k}": float(v.mean()) for k, v in all_comps.items()},
+            **{f"reward_{k}_std": float(v.std(1).mean()) for k, v in all_comps.items()},
+            "valid_groups": int(distributed.all_gather(valid.cpu()[:, None].long()).sum()),
+            **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
+            "time_rollout": t1 - t0,
+            "time_replay": t2 - t1,
+            "time_update": t3 - t2,
+        }
+        if lead and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
+            ev, vids = evaluate(model, eval_prompts, reward, cfg.seed, device)
+            row.update(ev)
+            if it + 1 == cfg.iterations and cfg.samples:
+                save_videos(vids, out / "samples_after")
+        history.append(row)
+        if lead:
+            log.write(row)
+            tqdm.write(
+                f"it {it:4d} | reward {row['reward']:.4f} ± {row['reward_std']:.4f} ("
+                + ", ".join(f"{k} {row[f'reward_{k}']:.3f}" for k in comps)
+                + f") | tve {row['tve']:.2e} ratio {row['ratio']:.3f} clip {row['clip_frac']:.2f} "
+                f"kl {row['kl']:.2e} | rollout {row['time_rollout']:.1f}s replay "
+                f"{row['time_replay']:.1f}s update {row['time_update']:.1f}s"
+                + (f" | eval {row['eval_reward']:.4f}" if "eval_reward" in row else ""),
+                file=sys.stdout,
+            )
+            if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
+                save_training(
+                    out / "checkpoint.safetensors", model, opt, it + 1, cfg.to_dict(), history
+                )
+                plot_rewards(history, out / "rewards.png")
+    if lead:
+        first = next((h["eval_reward"] for h in history if "eval_reward" in h), None)
+        print(
+            f"done: eval reward {first:.4f} -> {history[-1].get('eval_reward', float('nan')):.4f};"
+            f" outputs in {out}/",
+            flush=True,
+        )
+    distributed.barrier()
+    distributed.shutdown()
+    return history
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse_args(argv)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        train(cfg)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

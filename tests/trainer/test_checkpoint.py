@@ -1,0 +1,60 @@
+"""safetensors checkpoints: round trips and clear errors."""
+
+import pytest
+import torch
+from trainer_support import tiny_model
+
+from kvpo.checkpoint import CheckpointError, load_model, load_training, save_model, save_training
+from kvpo.config import BASE_CHECKPOINT
+
+
+def test_model_round_trip(tmp_path):
+    m = tiny_model()
+    save_model(m, tmp_path / "m.safetensors", extra={"note": 1})
+    m2 = load_model(tmp_path / "m.safetensors")
+    assert m2.cfg == m.cfg
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_training_round_trip(tmp_path):
+    m = tiny_model()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m(
+        torch.randn(1, 2 * m.frame_tokens, m.token_dim),
+        torch.rand(1),
+        m.encode_prompts(["a"]),
+        torch.tensor([[0, 1]]),
+        torch.tensor([[0, 1]], dtype=torch.int32),
+    ).square().sum().backward()
+    opt.step()
+    save_training(tmp_path / "t.safetensors", m, opt, 3, {"lr": 1e-3}, [{"iter": 0}])
+    m2, opt2, it, cfg, hist = load_training(
+        tmp_path / "t.safetensors", lambda mm: torch.optim.AdamW(mm.parameters(), lr=1e-3)
+    )
+    assert it == 3 and cfg == {"lr": 1e-3} and hist == [{"iter": 0}]
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    for i in s1:
+        for k in s1[i]:
+            torch.testing.assert_close(
+                torch.as_tensor(s2[i][k]).float(), torch.as_tensor(s1[i][k]).float(), rtol=0, atol=0
+            )
+    assert load_model(tmp_path / "t.safetensors").cfg == m.cfg
+
+
+def test_shipped_base_checkpoint_loads():
+    m = load_model(BASE_CHECKPOINT)
+    assert sum(p.numel() for p in m.parameters()) > 1_000_000
+
+
+def test_unreadable_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_model(bad)
+    save_model(tiny_model(), tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="not a training one"):
+        load_training(tmp_path / "m.safetensors", lambda m: None)

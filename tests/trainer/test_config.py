@@ -1,0 +1,62 @@
+"""Trainer config: defaults, YAML, CLI overrides and clear errors."""
+
+import pytest
+
+from kvpo.config import TrainConfig, build_config, parse_args
+
+
+def test_defaults_are_valid():
+    TrainConfig().validate()
+
+
+def test_yaml_then_cli_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("iterations: 7\nwindow: [1, 3]\nreward_weights: {alignment: 2.0}\ntau: 0.5\n")
+    cfg = parse_args(
+        [
+            "--config",
+            str(path),
+            "--tau",
+            "0.25",
+            "--score_steps",
+            "0,2",
+            "--anchor_free_flag_is_not_a_field",
+        ][:-1]
+    )
+    assert cfg.iterations == 7 and cfg.window == (1, 3) and cfg.tau == 0.25
+    assert cfg.reward_weights == {"alignment": 2.0} and cfg.score_steps == (0, 2)
+    cfg = parse_args(
+        ["--reward_weights", "visual=1,motion=0.5", "--samples", "false", "--score_steps", "none"]
+    )
+    assert cfg.reward_weights == {"visual": 1.0, "motion": 0.5} and cfg.samples is False
+    assert cfg.score_steps is None
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"iterations": 0}, "iterations"),
+        ({"group_size": 1}, "group_size"),
+        ({"lr": -1.0}, "lr"),
+        ({"tau": 0}, "tau"),
+        ({"p_keep": 2.0}, "p_keep"),
+        ({"advantage": "mean"}, "advantage"),
+        ({"kl": "l1"}, "kl"),
+        ({"window": [3, 1]}, "window"),
+        ({"iterations": "many"}, "iterations"),
+        ({"itrations": 3}, "unknown config field"),
+        ({"samples": "maybe"}, "samples"),
+    ],
+)
+def test_bad_values_name_the_field(over, match):
+    with pytest.raises(ValueError, match=match):
+        build_config(over)
+
+
+def test_bad_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="mapping"):
+        parse_args(["--config", str(path)])
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])

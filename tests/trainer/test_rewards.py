@@ -1,0 +1,138 @@
+"""Built-in rewards on rendered ground truth and on corrupted videos; the reward interface."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvpo import data
+from kvpo.rewards import (
+    BUILTIN,
+    ClipReward,
+    CompositeReward,
+    alignment_reward,
+    motion_reward,
+    visual_reward,
+)
+
+
+@pytest.fixture(scope="module")
+def truth():
+    _, prompts = data.split_prompts()
+    prompts = prompts[:8]
+    g = torch.Generator().manual_seed(5)
+    videos = torch.stack([data.sample_video(p, 12, 2, 24, g) for p in prompts])
+    return (videos + 1) / 2, prompts
+
+
+def test_ground_truth_scores_high(truth):
+    videos, prompts = truth
+    for name, fn in BUILTIN.items():
+        r = fn(videos, prompts)
+        assert r.shape == (8,) and r.dtype == torch.float32
+        assert r.min() > 0.6 and r.mean() > 0.85, name
+
+
+def test_wrong_prompt_lowers_alignment(truth):
+    videos, prompts = truth
+    wrong = prompts[1:] + prompts[:1]
+    assert (alignment_reward(videos, wrong) < alignment_reward(videos, prompts) - 0.2).all()
+
+
+def test_reversed_motion_lowers_alignment(truth):
+    videos, prompts = truth
+    assert (alignment_reward(videos.flip(1), prompts) < alignment_reward(videos, prompts)).all()
+
+
+def test_blur_lowers_visual_and_jitter_lowers_motion(truth):
+    videos, prompts = truth
+    blurred = F.avg_pool2d(videos.flatten(0, 1), 3, 1, 1).view_as(videos)
+    assert (visual_reward(blurred, prompts) < visual_reward(videos, prompts) - 0.3).all()
+    perm = torch.tensor([0, 6, 2, 9, 4, 11, 1, 7, 3, 10, 5, 8])
+    assert (motion_reward(videos[:, perm], prompts) < motion_reward(videos, prompts) - 0.2).all()
+
+
+def test_multi_prompt_direction(truth):
+    g = torch.Generator().manual_seed(0)
+    p = ["a large red circle moving right slowly"] * 3 + [
+        "a large red circle moving down slowly"
+    ] * 3
+    video = (data.sample_video(p, 12, 2, 24, g)[None] + 1) / 2
+    assert alignment_reward(video, [p]) > alignment_reward(video, [p[0]]) + 0.05
+
+
+def test_composite_weights_and_user_reward(truth):
+    videos, prompts = truth
+
+    def brightness(v, ps):
+        return v.mean(dim=(1, 2, 3, 4))
+
+    comp = CompositeReward({"alignment": 2.0, "brightness": 0.5}, {"brightness": brightness})
+    parts = comp.components(videos, prompts)
+    torch.testing.assert_close(
+        comp(videos, prompts),
+        2.0 * alignment_reward(videos, prompts) + 0.5 * brightness(videos, prompts),
+    )
+    assert set(parts) == {"alignment", "brightness"}
+    with pytest.raises(ValueError, match="unknown reward"):
+        CompositeReward({"nope": 1.0})
+    with pytest.raises(ValueError, match="videos must be"):
+        comp(videos[0], prompts)
+    with pytest.raises(ValueError, match="prompts"):
+        comp(videos, prompts[:3])
+    with pytest.raises(ValueError, match="returned"):
+        CompositeReward({"bad": 1.0}, {"bad": lambda v, p: torch.zeros(3)})(videos, prompts)
+
+
+def _tiny_clip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["[PAD]", "[UNK]", *data.vocabulary()]
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
+    )
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]"
+    )
+    cfg = transformers.CLIPConfig(
+        text_config={
+            "vocab_size": len(words),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "pad_token_id": 0,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    transformers.CLIPModel(cfg).save_pretrained(tmp_path)
+    fast.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_clip_reward_from_local_tiny_model(tmp_path, truth):
+    videos, prompts = truth
+    reward = ClipReward(_tiny_clip(tmp_path), frames=3)
+    r = reward(videos, prompts)
+    assert r.shape == (8,) and torch.isfinite(r).all() and (r.abs() <= 1 + 1e-5).all()
+    torch.testing.assert_close(reward(videos, prompts), r)
+    assert not torch.allclose(reward(videos.flip(-1) * 0.5, prompts), r)  # depends on the frames
+    comp = CompositeReward({"visual": 1.0, "clip": 1.0}, {"clip": reward})
+    torch.testing.assert_close(comp(videos, prompts), visual_reward(videos, prompts) + r)
+
+
+def test_clip_reward_bad_path(tmp_path):
+    with pytest.raises(ValueError, match="CLIP config"):
+        ClipReward(tmp_path / "missing")

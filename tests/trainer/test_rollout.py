@@ -1,0 +1,106 @@
+"""Rollouts: page sharing before the window, routing inside it, reproducibility, memory."""
+
+import pytest
+import torch
+from trainer_support import PROMPTS
+
+from kvpo.context import visible_frames
+from kvpo.rollout import RolloutSpec, generate, rollout
+
+
+def _prompts(model, n=2):
+    nC = model.num_frames // model.chunk_frames
+    return [[p] * nC for p in PROMPTS[:n]]
+
+
+def _run(model, seed=0, **kw):
+    spec = RolloutSpec(
+        **{"group_size": 4, "window": (2, 4), "p_keep": 0.3, "score_after_window": True, **kw}
+    )
+    return rollout(model, _prompts(model), spec, torch.Generator().manual_seed(seed))
+
+
+def test_identical_before_window_different_inside(model):
+    ro = _run(model)
+    c = model.chunk_frames
+    w0, w1 = ro.window
+    pre = ro.tokens[:, :, : w0 * c]
+    assert torch.equal(pre, pre[:, :1].expand_as(pre))  # same noise, shared prefix
+    win = ro.tokens[:, :, w0 * c :]
+    spread = (win - win[:, :1]).abs().amax(dim=(2, 3, 4))  # [B, G]
+    assert (spread[:, 1:] > 1e-4).any(dim=1).all(), "routing must give different branches"
+    # the recorded velocities of the first window chunk's first step differ too
+    v0 = ro.velocities[:, :, 0]
+    assert (v0 - v0[:, :1]).abs().amax() > 1e-4
+
+
+def test_prefix_pages_are_shared_not_copied(model):
+    ro = _run(model)
+    B, G = ro.tokens.shape[:2]
+    w0 = ro.window[0]
+    n_hist = len(visible_frames(model, w0))
+    tab = ro.tables[w0].view(B, G, -1)[:, :, :n_hist]
+    for b in range(B):
+        kept = tab[b][tab[b] >= 0]
+        # every branch lists pages of the same w0 * c physical prefix pages
+        assert kept.unique().numel() <= w0 * model.chunk_frames
+    shared = _run(model).cache_bytes
+    copied = _run(model, share_pages=False)
+    assert copied.cache_bytes > shared
+    assert torch.equal(copied.tokens, _run(model).tokens)  # copying changes memory, not results
+
+
+def test_routing_keeps_sinks_recent_frame_and_own_pages(model):
+    ro = _run(model, p_keep=0.0)
+    c = model.chunk_frames
+    for j in range(*ro.window):
+        n = len(visible_frames(model, j))
+        tab = ro.tables[j]
+        assert (tab[:, : model.sink_frames] >= 0).all()
+        assert (tab[:, n - 1] >= 0).all()  # most recent frame
+        assert (tab[:, -c:] >= 0).all()  # own pages (the last columns)
+        if n - 1 > model.sink_frames:
+            assert (tab[:, model.sink_frames : n - 1] == -1).all()  # p_keep = 0 drops the rest
+
+
+def test_keep_all_gives_identical_branches(model):
+    """Noise is never the source of variation: without routing all branches coincide."""
+    ro = _run(model, p_keep=1.0)
+    # up to float rounding: rows of a batched matmul may take different BLAS code paths
+    torch.testing.assert_close(ro.tokens, ro.tokens[:, :1].expand_as(ro.tokens), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ro.anchor_tokens, ro.tokens[:, 0], rtol=0, atol=1e-5)
+
+
+def test_reproducible_and_anchor_is_deployment_sample(model):
+    a, b = _run(model, seed=3), _run(model, seed=3)
+    assert torch.equal(a.tokens, b.tokens)
+    assert all(torch.equal(a.tables[j], b.tables[j]) for j in a.tables)
+    assert not torch.equal(a.tokens, _run(model, seed=4).tokens)
+    video = generate(model, _prompts(model), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(model.to_tokens(video), a.anchor_tokens, rtol=0, atol=1e-6)
+
+
+def test_records_and_shapes(model):
+    ro = _run(model, score_steps=(0, 2), score_after_window=False)
+    nC = model.num_frames // model.chunk_frames
+    assert ro.chunk.tolist() == [2, 2, 3, 3]
+    ts = model.timesteps()
+    torch.testing.assert_close(ro.t, torch.stack([ts[0], ts[2], ts[0], ts[2]]))
+    B, G, K, L, d = ro.states.shape
+    assert (B, G, K) == (2, 4, 4) and L == model.chunk_frames * model.frame_tokens
+    assert ro.tokens.shape[2] == nC * model.chunk_frames
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"window": (0, 2)}, "window"),
+        ({"window": (2, 9)}, "window"),
+        ({"window": (3, 3)}, "window"),
+        ({"p_keep": 1.5}, "p_keep"),
+        ({"score_steps": (5,)}, "score_steps"),
+    ],
+)
+def test_bad_spec(model, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _run(model, **kw)
