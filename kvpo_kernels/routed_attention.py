@@ -51,6 +51,26 @@ def _bwd_native(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delt
     )
 
 
+# The CUDA C++ forward covers the tensor-core cases; its backward is the Triton one.
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_HEAD_DIMS = (64, 128)
+
+
+def _fwd_cuda(q, k_pages, v_pages, page_table, page_lens, scale):
+    if q.dtype not in CUDA_DTYPES or q.shape[-1] not in CUDA_HEAD_DIMS:
+        raise TypeError(
+            f"routed_attention backend 'cuda' takes {CUDA_DTYPES} with head dim in "
+            f"{CUDA_HEAD_DIMS}, got {q.dtype} with head dim {q.shape[-1]} (use backend='triton')"
+        )
+    return _fwd_native(q, k_pages, v_pages, page_table, page_lens, scale)
+
+
+def _bwd_cuda(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale):
+    if _backend.native_cuda_available("routed_attn_bwd"):
+        return _bwd_native(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale)
+    return _bwd_triton(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale)
+
+
 def _fwd_triton(q, k_pages, v_pages, page_table, page_lens, scale):
     from .triton.routed_attention import routed_attention_fwd
 
@@ -66,7 +86,7 @@ def _bwd_triton(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delt
 _KERNELS = {
     "reference": (_fwd_reference, _bwd_reference),
     "cpu": (_fwd_native, _bwd_native),
-    "cuda": (_fwd_native, _bwd_native),
+    "cuda": (_fwd_cuda, _bwd_cuda),
     "triton": (_fwd_triton, _bwd_triton),
 }
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import CASES, assert_low_precision, assert_rel, make_routed, routed_grads
+from helpers import CASES, RoutedCase, assert_low_precision, assert_rel, make_routed, routed_grads
 
 import kvpo_kernels
 from kvpo_kernels import _backend
@@ -45,8 +45,8 @@ def test_routed_attention_gpu_backends(case, dtype):
     low = [t.to(dtype) for t in (q, k, v)]
     pt = routed_grads(_ref, *low, table, lens, dout.cuda().to(dtype), dlse.cuda())
     for backend in backends:
-        if backend == "cuda" and dtype == torch.float32:
-            continue  # the CUDA C++ kernels are fp16/bf16 (tensor cores)
+        if backend == "cuda" and (dtype == torch.float32 or case.D not in (64, 128)):
+            continue  # the CUDA C++ forward is fp16/bf16 (tensor cores), head dim 64 or 128
         got = routed_grads(_fn(backend), *low, table, lens, dout.cuda().to(dtype), dlse.cuda())
         for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), got, pt, ref, strict=True):
             if dtype == torch.float32:
@@ -100,3 +100,40 @@ def test_triton_does_not_recompile_when_only_the_table_changes():
         table = kvpo_kernels.route_pages(base, 8, 0.5, droppable, generator=gen).cuda()
         kvpo_kernels.routed_attention(q, k, k, table, backend="triton")
     assert compiled_variants() == before
+
+
+# Shapes for the CUDA C++ tensor-core forward: several 64-key blocks per page with a masked tail,
+# two query tiles with a partial one, GQA, shared pages, an empty row.
+CUDA_CASES = [
+    RoutedCase(3, 4, 2, 100, 64, 6, 70, 5, partial=True, empty_row=True),
+    RoutedCase(4, 4, 1, 65, 128, 5, 130, 4),
+    RoutedCase(2, 2, 2, 16, 128, 3, 64, 3, partial=True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=str)
+def test_cuda_forward_against_reference_and_triton(case, dtype):
+    if not _backend.native_cuda_available("routed_attn_fwd"):
+        pytest.skip("kvpo_kernels._C built without CUDA")
+    q, k, v, table, lens = make_routed(case, torch.float64)
+    ref_out, ref_lse = _ref(q, k, v, table, lens)
+    dev = [t.cuda().to(dtype) for t in (q, k, v)]
+    tab, ln = table.cuda(), None if lens is None else lens.cuda()
+    pt_out, pt_lse = _ref(*dev, tab, ln)
+    out, lse = kvpo_kernels.routed_attention(*dev, tab, ln, backend="cuda")
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_low_precision(out.cpu(), pt_out.cpu(), ref_out, f"cuda {dtype} out")
+    assert_low_precision(lse.cpu(), pt_lse.cpu(), ref_lse, f"cuda {dtype} lse")
+    if _backend.triton_available():
+        t_out, t_lse = kvpo_kernels.routed_attention(*dev, tab, ln, backend="triton")
+        torch.testing.assert_close(out.float(), t_out.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(lse, t_lse, rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_backend_rejects_unsupported_inputs():
+    if not _backend.native_cuda_available("routed_attn_fwd"):
+        pytest.skip("kvpo_kernels._C built without CUDA")
+    q, k, v, table, lens = make_routed(CUDA_CASES[0], torch.float32)
+    with pytest.raises(TypeError, match="backend 'cuda'"):
+        kvpo_kernels.routed_attention(q.cuda(), k.cuda(), v.cuda(), table.cuda(), backend="cuda")

@@ -1,0 +1,47 @@
+// CUDA kernels of kvpo, free of torch headers: raw device pointers, sizes and a stream.
+// csrc/cuda/bindings.cpp wraps them as TORCH_LIBRARY_IMPL(kvpo, CUDA, ...) kernels.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace kvpo::cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// energy[g] = sum_s weight[g, s] * reduce_n (v_pred[g, s, n] - v_ref[g, s, n])^2, reduce = sum or
+// mean over n. v_pred, v_ref: [G, S, N] contiguous, dtype dt; weight: [G, S] float32;
+// energy: [G] float32 (zeroed here). One kernel launch for all branches.
+cudaError_t velocity_energy_fwd(const void* v_pred, const void* v_ref, const float* weight,
+                                float* energy, int64_t G, int64_t S, int64_t N, bool mean,
+                                DType dt, cudaStream_t stream);
+
+// grad_pred = grad[g] * weight[g, s] * (2 / N if mean else 2) * (v_pred - v_ref), grad_ref =
+// -grad_pred (skipped when grad_ref is null). grad: [G] float32; outputs like v_pred.
+cudaError_t velocity_energy_bwd(const float* grad, const void* v_pred, const void* v_ref,
+                                const float* weight, void* grad_pred, void* grad_ref, int64_t G,
+                                int64_t S, int64_t N, bool mean, DType dt, cudaStream_t stream);
+
+// Routed paged attention forward (tensor cores; fp16/bf16; head_dim 64 or 128).
+// q: [B, H, Lq, D]; k_pages, v_pages: [P, Hkv, page_size, D]; page_table: [B, max_pages] int32
+// (-1 = routed out); page_lens: [P] int32 or null; out: [B, H, Lq, D] (dtype of q);
+// lse: [B, H, Lq] float32 (natural log; -inf and out = 0 for a row without kept tokens).
+struct RoutedAttnParams {
+  const void* q;
+  const void* k_pages;
+  const void* v_pages;
+  const int32_t* page_table;
+  const int32_t* page_lens;
+  void* out;
+  float* lse;
+  int64_t B, H, Hkv, Lq, D, P, page_size, max_pages;
+  float scale;
+};
+
+// True when routed_attention_fwd supports this dtype and head_dim.
+bool routed_attention_fwd_supported(DType dt, int64_t head_dim);
+
+cudaError_t routed_attention_fwd(const RoutedAttnParams& p, DType dt, cudaStream_t stream);
+
+}  // namespace kvpo::cuda

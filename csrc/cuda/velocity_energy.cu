@@ -1,0 +1,280 @@
+// Per-branch Trajectory Velocity Energy on CUDA.
+//
+// Forward: a 2-D grid, y = the G*S (branch, step) rows and x = slices of N. Each thread reads
+// 16 bytes of v_pred and v_ref at a time, accumulates (a - b)^2 in float32, the block reduces with
+// warp shuffles then shared memory, and one atomicAdd per block adds weight * partial into
+// energy[g]: all branches in one launch, no (a - b) temporary.
+// Backward: elementwise, 16-byte loads and stores.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "kernels.h"
+
+namespace kvpo::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+struct Vec;  // 16 bytes of T and conversions to/from float
+template <>
+struct Vec<float> {
+  static constexpr int kN = 4;
+  using Raw = float4;
+  __device__ static void to_float(const Raw& r, float* f) {
+    f[0] = r.x;
+    f[1] = r.y;
+    f[2] = r.z;
+    f[3] = r.w;
+  }
+  __device__ static Raw from_float(const float* f) { return make_float4(f[0], f[1], f[2], f[3]); }
+};
+template <>
+struct Vec<__half> {
+  static constexpr int kN = 8;
+  using Raw = uint4;
+  __device__ static void to_float(const Raw& r, float* f) {
+    const __half2* h = reinterpret_cast<const __half2*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = __half22float2(h[i]);
+      f[2 * i] = x.x;
+      f[2 * i + 1] = x.y;
+    }
+  }
+  __device__ static Raw from_float(const float* f) {
+    Raw r;
+    __half2* h = reinterpret_cast<__half2*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+    return r;
+  }
+};
+template <>
+struct Vec<__nv_bfloat16> {
+  static constexpr int kN = 8;
+  using Raw = uint4;
+  __device__ static void to_float(const Raw& r, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = __bfloat1622float2(h[i]);
+      f[2 * i] = x.x;
+      f[2 * i + 1] = x.y;
+    }
+  }
+  __device__ static Raw from_float(const float* f) {
+    Raw r;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    return r;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ float to_f(T x) {
+  return static_cast<float>(x);
+}
+template <>
+__device__ __forceinline__ float to_f<__half>(__half x) {
+  return __half2float(x);
+}
+template <>
+__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float warp_sums[kThreads / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0.f;
+  if (warp == 0) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  }
+  __syncthreads();  // warp_sums may be reused by the caller's next row
+  return v;  // valid in thread 0
+}
+
+// kVec: rows are 16-byte aligned and N is a multiple of the vector width.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+    energy_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b,
+                      const float* __restrict__ w, float* __restrict__ energy, int64_t rows,
+                      int64_t S, int64_t N, float inv_n) {
+  // y walks the G * S rows (grid-stride: gridDim.y is capped at 65535).
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+  const T* x = a + row * N;
+  const T* y = b + row * N;
+  float acc = 0.f;
+  if constexpr (kVec) {
+    using V = Vec<T>;
+    const int64_t nv = N / V::kN;
+    const auto* xv = reinterpret_cast<const typename V::Raw*>(x);
+    const auto* yv = reinterpret_cast<const typename V::Raw*>(y);
+    for (int64_t i = blockIdx.x * kThreads + threadIdx.x; i < nv; i += gridDim.x * kThreads) {
+      float fx[V::kN], fy[V::kN];
+      V::to_float(__ldg(xv + i), fx);
+      V::to_float(__ldg(yv + i), fy);
+#pragma unroll
+      for (int k = 0; k < V::kN; ++k) {
+        const float d = fx[k] - fy[k];
+        acc = fmaf(d, d, acc);
+      }
+    }
+  } else {
+    for (int64_t i = blockIdx.x * kThreads + threadIdx.x; i < N; i += gridDim.x * kThreads) {
+      const float d = to_f(x[i]) - to_f(y[i]);
+      acc = fmaf(d, d, acc);
+    }
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) atomicAdd(energy + row / S, w[row] * acc * inv_n);
+  }
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+    energy_bwd_kernel(const float* __restrict__ grad, const T* __restrict__ a,
+                      const T* __restrict__ b, const float* __restrict__ w, T* __restrict__ da,
+                      T* __restrict__ db, int64_t rows, int64_t S, int64_t N,
+                      float two_over_n) {
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+  const float c = grad[row / S] * w[row] * two_over_n;
+  const T* x = a + row * N;
+  const T* y = b + row * N;
+  T* dx = da + row * N;
+  T* dy = db ? db + row * N : nullptr;
+  if constexpr (kVec) {
+    using V = Vec<T>;
+    const int64_t nv = N / V::kN;
+    const auto* xv = reinterpret_cast<const typename V::Raw*>(x);
+    const auto* yv = reinterpret_cast<const typename V::Raw*>(y);
+    auto* dxv = reinterpret_cast<typename V::Raw*>(dx);
+    auto* dyv = reinterpret_cast<typename V::Raw*>(dy);
+    for (int64_t i = blockIdx.x * kThreads + threadIdx.x; i < nv; i += gridDim.x * kThreads) {
+      float fx[V::kN], fy[V::kN], g[V::kN];
+      V::to_float(__ldg(xv + i), fx);
+      V::to_float(__ldg(yv + i), fy);
+#pragma unroll
+      for (int k = 0; k < V::kN; ++k) g[k] = c * (fx[k] - fy[k]);
+      dxv[i] = V::from_float(g);
+      if (dy) {
+#pragma unroll
+        for (int k = 0; k < V::kN; ++k) g[k] = -g[k];
+        dyv[i] = V::from_float(g);
+      }
+    }
+  } else {
+    for (int64_t i = blockIdx.x * kThreads + threadIdx.x; i < N; i += gridDim.x * kThreads) {
+      const float g = c * (to_f(x[i]) - to_f(y[i]));
+      dx[i] = from_f<T>(g);
+      if (dy) dy[i] = from_f<T>(-g);
+    }
+  }
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Blocks along N: enough to fill the device with G*S rows in y, at most what N can use.
+dim3 grid_for(int64_t G, int64_t S, int64_t N, int vec) {
+  const int64_t per_block = static_cast<int64_t>(kThreads) * vec;
+  int64_t bx = (N + per_block - 1) / per_block;
+  const int64_t rows = G * S;
+  const int64_t target = 4 * 132;  // ~4 blocks per SM of an H100 in total is plenty
+  const int64_t want = (target + rows - 1) / rows;
+  bx = bx < want ? bx : want;
+  if (bx < 1) bx = 1;
+  return dim3(static_cast<unsigned>(bx), static_cast<unsigned>(rows < 65535 ? rows : 65535));
+}
+
+template <typename T>
+cudaError_t launch_fwd(const void* a, const void* b, const float* w, float* e, int64_t G,
+                       int64_t S, int64_t N, bool mean, cudaStream_t st) {
+  cudaError_t err = cudaMemsetAsync(e, 0, sizeof(float) * G, st);
+  if (err != cudaSuccess || G * S == 0) return err;
+  const float inv_n = mean ? 1.f / static_cast<float>(N) : 1.f;
+  const bool vec = aligned16(a) && aligned16(b) && N % Vec<T>::kN == 0;
+  const dim3 grid = grid_for(G, S, N, vec ? Vec<T>::kN : 1);
+  if (vec)
+    energy_fwd_kernel<T, true><<<grid, kThreads, 0, st>>>(
+        static_cast<const T*>(a), static_cast<const T*>(b), w, e, G * S, S, N, inv_n);
+  else
+    energy_fwd_kernel<T, false><<<grid, kThreads, 0, st>>>(
+        static_cast<const T*>(a), static_cast<const T*>(b), w, e, G * S, S, N, inv_n);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_bwd(const float* g, const void* a, const void* b, const float* w, void* da,
+                       void* db, int64_t G, int64_t S, int64_t N, bool mean, cudaStream_t st) {
+  if (G * S == 0 || N == 0) return cudaSuccess;
+  const float two_over_n = mean ? 2.f / static_cast<float>(N) : 2.f;
+  const bool vec = aligned16(a) && aligned16(b) && aligned16(da) && (!db || aligned16(db)) &&
+                   N % Vec<T>::kN == 0;
+  const dim3 grid = grid_for(G, S, N, vec ? Vec<T>::kN : 1);
+  if (vec)
+    energy_bwd_kernel<T, true><<<grid, kThreads, 0, st>>>(
+        g, static_cast<const T*>(a), static_cast<const T*>(b), w, static_cast<T*>(da),
+        static_cast<T*>(db), G * S, S, N, two_over_n);
+  else
+    energy_bwd_kernel<T, false><<<grid, kThreads, 0, st>>>(
+        g, static_cast<const T*>(a), static_cast<const T*>(b), w, static_cast<T*>(da),
+        static_cast<T*>(db), G * S, S, N, two_over_n);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t velocity_energy_fwd(const void* v_pred, const void* v_ref, const float* weight,
+                                float* energy, int64_t G, int64_t S, int64_t N, bool mean,
+                                DType dt, cudaStream_t stream) {
+  switch (dt) {
+    case DType::kFloat32:
+      return launch_fwd<float>(v_pred, v_ref, weight, energy, G, S, N, mean, stream);
+    case DType::kFloat16:
+      return launch_fwd<__half>(v_pred, v_ref, weight, energy, G, S, N, mean, stream);
+    case DType::kBFloat16:
+      return launch_fwd<__nv_bfloat16>(v_pred, v_ref, weight, energy, G, S, N, mean, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t velocity_energy_bwd(const float* grad, const void* v_pred, const void* v_ref,
+                                const float* weight, void* grad_pred, void* grad_ref, int64_t G,
+                                int64_t S, int64_t N, bool mean, DType dt, cudaStream_t stream) {
+  switch (dt) {
+    case DType::kFloat32:
+      return launch_bwd<float>(grad, v_pred, v_ref, weight, grad_pred, grad_ref, G, S, N, mean,
+                               stream);
+    case DType::kFloat16:
+      return launch_bwd<__half>(grad, v_pred, v_ref, weight, grad_pred, grad_ref, G, S, N, mean,
+                                stream);
+    case DType::kBFloat16:
+      return launch_bwd<__nv_bfloat16>(grad, v_pred, v_ref, weight, grad_pred, grad_ref, G, S, N,
+                                       mean, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace kvpo::cuda
