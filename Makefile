@@ -1,11 +1,14 @@
 PY ?= python3
 
-.PHONY: setup train test lint bench cuda-compile
+.PHONY: setup train pretrain test lint bench cuda-compile
 setup:
 	bash scripts/setup.sh
 
 train: setup
 	$(PY) -m kvpo.train
+
+pretrain: setup
+	$(PY) -m kvpo.pretrain
 
 test: setup
 	$(PY) -m ruff check .

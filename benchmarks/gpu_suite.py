@@ -135,12 +135,19 @@ def velocity_rows(G=8, S=4, N=3 * 16 * 60 * 104, dtype=torch.bfloat16) -> list[d
         ms = _bench(fn)
         gbs = nbytes / ms / 1e6
         rows.append({"method": name, "ms": ms, "GB/s": gbs, "of_copy": gbs / copy})
+    backends = ["triton"]
+    if kvpo_kernels._backend.native_cuda_available("velocity_energy_fwd"):
+        backends.append("cuda")
+        ms = _bench(lambda: kvpo_kernels.velocity_energy(a, b, w, "mean", backend="cuda"))
+        rows.insert(1, {"method": "kvpo cuda fwd", "ms": ms, "GB/s": bytes_fwd / ms / 1e6,
+                        "of_copy": bytes_fwd / ms / 1e6 / copy})  # fmt: skip
     a.requires_grad_(True)
-    e = kvpo_kernels.velocity_energy(a, b, w, "mean", backend="triton")
-    g = torch.ones_like(e)
-    ms = _bench(lambda: torch.autograd.grad(e, a, g, retain_graph=True))
-    rows.append({"method": "kvpo triton bwd", "ms": ms, "GB/s": bytes_bwd / ms / 1e6,
-                 "of_copy": bytes_bwd / ms / 1e6 / copy})  # fmt: skip
+    for backend in backends:
+        e = kvpo_kernels.velocity_energy(a, b, w, "mean", backend=backend)
+        g = torch.ones_like(e)
+        ms = _bench(lambda e=e, g=g: torch.autograd.grad(e, a, g, retain_graph=True))
+        rows.append({"method": f"kvpo {backend} bwd", "ms": ms, "GB/s": bytes_bwd / ms / 1e6,
+                     "of_copy": bytes_bwd / ms / 1e6 / copy})  # fmt: skip
     rows.append(
         {"method": "device copy (read + write)", "ms": float("nan"), "GB/s": copy, "of_copy": 1.0}
     )

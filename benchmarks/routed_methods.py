@@ -146,6 +146,13 @@ def peak_memory_mib(method: str, s: Setup) -> float:
         fn(q, k, v, table)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return peak_rss_mib(lambda: fn(q, k, v, table))
+
+
+def peak_rss_mib(call, repeats: int = 3) -> float:
+    """Peak resident set of the process while ``call()`` runs ``repeats`` times, beyond what was
+    resident before, sampled every 0.1 ms by a thread (large blocks are mmapped by glibc, so they
+    show while alive)."""
     base = _rss_bytes()
     peak = base
     done = threading.Event()
@@ -158,8 +165,8 @@ def peak_memory_mib(method: str, s: Setup) -> float:
 
     thread = threading.Thread(target=sample)
     thread.start()
-    for _ in range(3):
-        fn(q, k, v, table)
+    for _ in range(repeats):
+        call()
     done.set()
     thread.join()
     return (peak - base) / 2**20

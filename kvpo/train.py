@@ -11,6 +11,7 @@ import copy
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,8 +83,14 @@ def kl_term(cfg: TrainConfig, u, u_ref, logp, logp_ref) -> torch.Tensor:
     return u.new_zeros(())
 
 
-def train(cfg: TrainConfig) -> list[dict]:
-    """Run KVPO; returns the per-iteration log (also written to ``cfg.out_dir``)."""
+@dataclass
+class TrainResult:
+    history: list[dict]  # one row per iteration (also in out_dir/metrics.jsonl)
+    model: TinyARVideo  # the trained policy
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run KVPO; returns the per-iteration log and the trained model."""
     cfg.validate()
     device = torch.device(
         "cuda"
@@ -232,6 +239,7 @@ def train(cfg: TrainConfig) -> list[dict]:
             "iter": it,
             "reward": float(g_total.mean()),
             "reward_std": float(g_total.std(1).mean()),
+            "groups": int(g_total.shape[0]),
             **{f"reward_{k}": float(v.mean()) for k, v in all_comps.items()},
             **{f"reward_{k}_std": float(v.std(1).mean()) for k, v in all_comps.items()},
             "valid_groups": int(distributed.all_gather(valid.cpu()[:, None].long()).sum()),
@@ -271,7 +279,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         )
     distributed.barrier()
     distributed.shutdown()
-    return history
+    return TrainResult(history, model)
 
 
 def main(argv: list[str] | None = None) -> None:

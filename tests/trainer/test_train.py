@@ -1,0 +1,175 @@
+"""The trainer end to end on a tiny generator: outputs, exact resume, errors, two ranks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_support import tiny_model
+
+from kvpo.checkpoint import CheckpointError, save_model
+from kvpo.config import build_config
+from kvpo.train import main, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
+    save_model(tiny_model(), path)
+    return str(path)
+
+
+def _cfg(base, out, **kw):
+    over = dict(
+        base_checkpoint=base,
+        out_dir=str(out),
+        iterations=2,
+        prompts_per_iter=2,
+        group_size=3,
+        eval_prompts=2,
+        eval_every=1,
+        save_every=1,
+        progress=False,
+        threads=1,
+        tau=0.05,
+    )
+    over.update(kw)
+    return build_config(over)
+
+
+def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path):
+    res = train(_cfg(base, tmp_path, samples=True))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [0, 1]
+    for key in (
+        "reward",
+        "reward_alignment_std",
+        "tve",
+        "ratio",
+        "clip_frac",
+        "kl",
+        "grad_norm",
+        "time_rollout",
+        "time_replay",
+        "time_update",
+        "eval_reward",
+        "valid_groups",
+    ):
+        assert key in rows[-1], key
+    assert rows[0]["tve"] > 0  # routed branches are away from the full-context policy
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "reward" in header and "eval_reward" in header
+    for name in (
+        "rewards.png",
+        "samples_before.gif",
+        "samples_after.gif",
+        "samples_after.mp4",
+        "checkpoint.safetensors",
+    ):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert res.history[-1]["iter"] == 1
+    base_model = tiny_model()
+    moved = sum(
+        (a - b).abs().sum()
+        for a, b in zip(res.model.parameters(), base_model.parameters(), strict=True)
+    )
+    assert moved > 0
+
+
+def test_resume_continues_exactly(base, tmp_path):
+    straight = train(_cfg(base, tmp_path / "a", iterations=3, samples=False)).model
+    train(_cfg(base, tmp_path / "b", iterations=2, samples=False))
+    resumed = train(
+        _cfg(
+            base,
+            tmp_path / "b",
+            iterations=3,
+            samples=False,
+            resume=str(tmp_path / "b" / "checkpoint.safetensors"),
+        )
+    ).model
+    for (n, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [0, 1, 2]
+
+
+def test_resume_rejects_mismatched_or_unreadable_checkpoints(base, tmp_path):
+    train(_cfg(base, tmp_path, iterations=1, samples=False))
+    ckpt = str(tmp_path / "checkpoint.safetensors")
+    with pytest.raises(CheckpointError, match="group_size"):
+        train(_cfg(base, tmp_path, iterations=2, group_size=4, resume=ckpt))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("garbage")
+    with pytest.raises(SystemExit, match="not a readable"):
+        main(["--base_checkpoint", base, "--out_dir", str(tmp_path), "--resume", str(bad)])
+
+
+def test_cli_reports_bad_values(base, tmp_path):
+    with pytest.raises(SystemExit, match="lr"):
+        main(["--lr", "-3"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["--base_checkpoint", str(tmp_path / "none.safetensors"), "--out_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="window"):
+        train(_cfg(base, tmp_path, window=[2, 9]))
+
+
+SCRIPT = """
+import sys, torch, torch.distributed as dist
+from kvpo.config import build_config
+from kvpo.train import train
+import json
+over = json.loads(sys.argv[1])
+res = train(build_config(over))
+rank = int(__import__("os").environ["RANK"])
+total = sum(float(p.double().sum()) for p in res.model.parameters())
+open(f"{over['out_dir']}/rank{rank}.txt", "w").write(repr(total))
+"""
+
+
+def test_two_ranks_over_gloo(base, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    over = dict(
+        base_checkpoint=base,
+        out_dir=str(tmp_path),
+        iterations=2,
+        prompts_per_iter=2,
+        group_size=3,
+        eval_prompts=2,
+        eval_every=5,
+        save_every=5,
+        progress=False,
+        threads=1,
+        samples=False,
+        tau=0.05,
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(script),
+            json.dumps(over),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    sums = [float((tmp_path / f"rank{r}.txt").read_text()) for r in (0, 1)]
+    assert sums[0] == sums[1]  # gradients averaged over ranks keep the replicas identical
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["valid_groups"] <= 2 for r in rows)
+    assert all(r["groups"] == 2 for r in rows)  # each rank's group, gathered
