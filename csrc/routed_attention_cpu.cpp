@@ -124,6 +124,35 @@ inline const acc_t* as_acc(const scalar_t* src, acc_t* buf, int64_t n) {
   }
 }
 
+// Tokens per staged block: whole pages, about kBlockN tokens (at least one page).
+inline int64_t staged_block(int64_t page_size) {
+  return std::max(page_size, kBlockN - kBlockN % page_size);
+}
+
+// Copies kept pages of one row's table, from slot j on, into kbuf/vbuf (as acc_t) until the
+// next page would overflow block_n tokens; returns the tokens staged and advances j. Routed-out
+// pages (-1) are skipped without reading their memory.
+template <typename scalar_t, typename acc_t>
+inline int64_t stage_pages(const int32_t* row_table, int64_t max_pages, int64_t& j,
+                           const int32_t* page_lens, const scalar_t* kp, const scalar_t* vp,
+                           int64_t Hkv, int64_t hk, int64_t page_size, int64_t D, int64_t block_n,
+                           acc_t* kbuf, acc_t* vbuf) {
+  int64_t n = 0;
+  for (; j < max_pages; ++j) {
+    const int64_t p = row_table[j];
+    if (p < 0) continue;
+    const int64_t len = page_len(page_lens, p, page_size);
+    if (n + len > block_n) break;
+    const int64_t base = ((p * Hkv + hk) * page_size) * D;
+    for (int64_t x = 0; x < len * D; ++x) {
+      kbuf[n * D + x] = static_cast<acc_t>(kp[base + x]);
+      vbuf[n * D + x] = static_cast<acc_t>(vp[base + x]);
+    }
+    n += len;
+  }
+  return n;
+}
+
 template <typename scalar_t>
 void fwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
                 const at::Tensor& page_table, const int32_t* page_lens, double scale,
@@ -141,7 +170,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   // Kept pages are staged, a few at a time, into one bounded block per thread, so that each GEMM is
   // large enough for the BLAS to run near its peak; the cache itself is never copied per row.
-  const int64_t block_n = std::max(d.page_size, kBlockN - kBlockN % d.page_size);
+  const int64_t block_n = staged_block(d.page_size);
 
   at::parallel_for(0, d.B * d.H * n_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qbuf(kTileM * d.D), acc(kTileM * d.D), kbuf(block_n * d.D),
@@ -159,19 +188,9 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
       std::fill(l, l + kTileM, acc_t(0));
       int64_t j = 0;
       while (j < d.max_pages) {
-        int64_t n = 0;  // tokens staged in this block
-        for (; j < d.max_pages; ++j) {
-          const int64_t p = tp[b * d.max_pages + j];
-          if (p < 0) continue;  // routed out: its memory is never read
-          const int64_t len = page_len(page_lens, p, d.page_size);
-          if (n + len > block_n) break;
-          const int64_t base = ((p * d.Hkv + hk) * d.page_size) * d.D;
-          for (int64_t x = 0; x < len * d.D; ++x) {
-            kbuf[n * d.D + x] = static_cast<acc_t>(kp[base + x]);
-            vbuf[n * d.D + x] = static_cast<acc_t>(vp[base + x]);
-          }
-          n += len;
-        }
+        const int64_t n =
+            stage_pages(tp + b * d.max_pages, d.max_pages, j, page_lens, kp, vp, d.Hkv, hk,
+                        d.page_size, d.D, block_n, kbuf.data(), vbuf.data());
         if (n == 0) continue;
         gemm<acc_t>(false, true, rows, n, d.D, qbuf.data(), d.D, kbuf.data(), d.D, 0, s.data(), n);
         for (int64_t r = 0; r < rows; ++r) {
@@ -240,10 +259,10 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
 
   // dq: one task per (row, head, query tile), walking the row's table like the forward.
   scalar_t* dqp = dq.data_ptr<scalar_t>();
+  const int64_t block_n = staged_block(d.page_size);
   at::parallel_for(0, d.B * d.H * n_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qbuf(kTileM * d.D), dobuf(kTileM * d.D), dqacc(kTileM * d.D),
-        kbuf(d.page_size * d.D), vbuf(d.page_size * d.D), s(kTileM * d.page_size),
-        dp(kTileM * d.page_size);
+        kbuf(block_n * d.D), vbuf(block_n * d.D), s(kTileM * block_n), dp(kTileM * block_n);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t tile = w % n_tiles;
       const int64_t bh = w / n_tiles;
@@ -251,18 +270,19 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
       const int64_t i0 = tile * kTileM, rows = std::min(kTileM, d.Lq - i0);
       load_rows(bh, i0, rows, qbuf.data(), dobuf.data());
       std::fill(dqacc.begin(), dqacc.end(), acc_t(0));
-      for (int64_t j = 0; j < d.max_pages; ++j) {
-        const int64_t p = tp[b * d.max_pages + j];
-        if (p < 0) continue;
-        const int64_t n = page_len(page_lens, p, d.page_size);
-        if (n <= 0) continue;
-        const int64_t base = ((p * d.Hkv + hk) * d.page_size) * d.D;
-        const acc_t* kt = as_acc(kp + base, kbuf.data(), n * d.D);
-        const acc_t* vt = as_acc(vp + base, vbuf.data(), n * d.D);
-        gemm<acc_t>(false, true, rows, n, d.D, qbuf.data(), d.D, kt, d.D, 0, s.data(), n);
-        gemm<acc_t>(false, true, rows, n, d.D, dobuf.data(), d.D, vt, d.D, 0, dp.data(), n);
+      int64_t j = 0;
+      while (j < d.max_pages) {
+        // Pages staged into blocks as in the forward, so the GEMMs are large.
+        const int64_t n =
+            stage_pages(tp + b * d.max_pages, d.max_pages, j, page_lens, kp, vp, d.Hkv, hk,
+                        d.page_size, d.D, block_n, kbuf.data(), vbuf.data());
+        if (n == 0) continue;
+        gemm<acc_t>(false, true, rows, n, d.D, qbuf.data(), d.D, kbuf.data(), d.D, 0, s.data(), n);
+        gemm<acc_t>(false, true, rows, n, d.D, dobuf.data(), d.D, vbuf.data(), d.D, 0, dp.data(),
+                    n);
         softmax_grad(s.data(), dp.data(), lp + bh * d.Lq + i0, dlt + bh * d.Lq + i0, rows, n);
-        gemm<acc_t>(false, false, rows, d.D, n, dp.data(), n, kt, d.D, 1, dqacc.data(), d.D);
+        gemm<acc_t>(false, false, rows, d.D, n, dp.data(), n, kbuf.data(), d.D, 1, dqacc.data(),
+                    d.D);
       }
       const int64_t off = (bh * d.Lq + i0) * d.D;
       for (int64_t x = 0; x < rows * d.D; ++x) dqp[off + x] = static_cast<scalar_t>(dqacc[x] * sc);

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import data
-from .checkpoint import save_model
+from .checkpoint import load_model, save_model
 from .context import context_table, teacher_forcing
 from .model import ModelConfig, TinyARVideo
 
@@ -98,10 +98,12 @@ def pretrain(
     p_switch: float = 0.3,
     ema_decay: float = 0.995,
     log_every: int = 50,
+    init: Path | None = None,
 ) -> TinyARVideo:
+    """Train from scratch (or continue from the model checkpoint ``init``, whose config wins)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = TinyARVideo(cfg)
+    model = load_model(init) if init is not None else TinyARVideo(cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     train_prompts, _ = data.split_prompts()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -138,7 +140,8 @@ def pretrain(
                 ),
                 flush=True,
             )
-    save_model(ema, out, extra={"pretrain_steps": steps, "pretrain_loss": running})
+    save_model(ema, out, extra={"pretrain_steps": steps, "pretrain_loss": running,
+                                "init": str(init) if init else None})
     print(f"wrote {out}")
     return ema
 
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=int, default=ModelConfig.dim)
     ap.add_argument("--depth", type=int, default=ModelConfig.depth)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--init", type=Path, default=None, help="continue from this model checkpoint")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.lr <= 0:
         ap.error("--steps and --batch must be >= 1 and --lr > 0")
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         args.lr,
         args.seed,
         args.out,
+        init=args.init,
     )
 
 

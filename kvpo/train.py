@@ -226,10 +226,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             stats.append(
                 {
                     **st,
-                    "loss": float(loss),
-                    "kl": float(kl),
+                    "loss": float(loss.detach()),
+                    "kl": float(kl.detach()),
                     "grad_norm": float(gnorm),
-                    "tve": float(energy.mean()),
+                    "tve": float(energy.detach().mean()),
                 }
             )
         t3 = time.perf_counter()

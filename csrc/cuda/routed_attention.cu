@@ -14,6 +14,7 @@
 
 #include <cmath>
 
+#include "dtype.cuh"
 #include "kernels.h"
 
 namespace kvpo::cuda {
@@ -27,17 +28,6 @@ constexpr int kBN = 64;           // keys per block
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -151,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) routed_attn_fwd_kernel(RoutedAttnPar
       for (int c = 0; c < kCols; ++c) {
         const float e = exp2f(srow[c] - m_new);
         sum += e;
-        prow[c] = from_float<T>(e);
+        prow[c] = from_f<T>(e);
       }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       l = l * alpha + sum;
@@ -187,7 +177,7 @@ __global__ void __launch_bounds__(kThreads) routed_attn_fwd_kernel(RoutedAttnPar
     T* out = static_cast<T*>(p.out) + ((b * p.H + h) * p.Lq + qi) * D + half * (D / 2);
     const float* orow = wO + r * L::kLdO + half * (D / 2);
 #pragma unroll 8
-    for (int c = 0; c < D / 2; ++c) out[c] = from_float<T>(orow[c] * inv);
+    for (int c = 0; c < D / 2; ++c) out[c] = from_f<T>(orow[c] * inv);
     if (half == 0) p.lse[(b * p.H + h) * p.Lq + qi] = l > 0.f ? m * kLn2 + logf(l) : -INFINITY;
   }
 }

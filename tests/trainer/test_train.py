@@ -24,7 +24,7 @@ def base(tmp_path_factory):
     return str(path)
 
 
-def _cfg(base, out, **kw):
+def _over(base, out, **kw) -> dict:
     over = dict(
         base_checkpoint=base,
         out_dir=str(out),
@@ -39,7 +39,11 @@ def _cfg(base, out, **kw):
         tau=0.05,
     )
     over.update(kw)
-    return build_config(over)
+    return over
+
+
+def _cfg(base, out, **kw):
+    return build_config(_over(base, out, **kw))
 
 
 def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path):
@@ -135,20 +139,7 @@ open(f"{over['out_dir']}/rank{rank}.txt", "w").write(repr(total))
 def test_two_ranks_over_gloo(base, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    over = dict(
-        base_checkpoint=base,
-        out_dir=str(tmp_path),
-        iterations=2,
-        prompts_per_iter=2,
-        group_size=3,
-        eval_prompts=2,
-        eval_every=5,
-        save_every=5,
-        progress=False,
-        threads=1,
-        samples=False,
-        tau=0.05,
-    )
+    over = _over(base, tmp_path, eval_every=5, save_every=5, samples=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
         [
