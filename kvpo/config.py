@@ -30,16 +30,16 @@ class TrainConfig:
     multi_prompt: float = 0.0  # probability that a training prompt switches direction mid-video
     # Exploration (rollout).
     group_size: int = 6
-    window: tuple[int, int] = (2, 4)  # perturbed chunks [w0, w1)
-    p_keep: float = 0.5
+    window: tuple[int, int] = (2, 6)  # perturbed chunks [w0, w1)
+    p_keep: float = 0.3
     score_after_window: bool = False
     score_steps: tuple[int, ...] | None = None  # None: every denoising step
     # Likelihood (replay).
-    tau: float = 0.002
+    tau: float = 2e-4  # ~ the spread of E within a group: sets how far PPO clipping lets it move
     step_weighting: str = "uniform"  # uniform | sigma
     # Rewards and advantages.
     reward_weights: dict[str, float] = field(
-        default_factory=lambda: {"alignment": 1.0, "motion": 0.5, "visual": 0.5}
+        default_factory=lambda: {"alignment": 0.5, "motion": 0.25, "visual": 1.0}
     )
     clip_reward_path: str = ""  # a local transformers CLIP directory: adds a "clip" reward
     clip_reward_weight: float = 1.0
@@ -48,13 +48,13 @@ class TrainConfig:
     adv_eps: float = 1e-6
     # Update.
     epochs: int = 2
-    lr: float = 1e-4
+    lr: float = 3e-5
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     clip_low: float = 0.1
     clip_high: float = 0.2
     kl: str = "velocity"  # velocity: beta * mean |u - u_ref|^2 | softmax: KL(p || p_ref) | none
-    kl_coef: float = 1.0
+    kl_coef: float = 10.0
     # Reporting.
     eval_prompts: int = 8
     eval_every: int = 10

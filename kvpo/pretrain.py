@@ -140,8 +140,15 @@ def pretrain(
                 ),
                 flush=True,
             )
-    save_model(ema, out, extra={"pretrain_steps": steps, "pretrain_loss": running,
-                                "init": str(init) if init else None})
+    save_model(
+        ema,
+        out,
+        extra={
+            "pretrain_steps": steps,
+            "pretrain_loss": running,
+            "init": str(init) if init else None,
+        },
+    )
     print(f"wrote {out}")
     return ema
 

@@ -10,7 +10,7 @@ Built-in components (each in [0, 1], higher is better):
   asked speed (centroid path against the prompt's displacement);
 * ``motion`` - smooth, coherent trajectory (small acceleration) and no flicker (stable object area
   and brightness);
-* ``visual`` - sharp object edges and a clean, flat background.
+* ``visual`` - sharp object edges and a clean, flat background, with an object in every frame.
 """
 
 from __future__ import annotations
@@ -156,7 +156,11 @@ def visual_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tens
     back = fg < 0.15
     resid = ((videos - bg[:, None, :, None, None]).abs().mean(2) * back).sum(dim=(1, 2, 3))
     clean = torch.exp(-((resid / back.sum(dim=(1, 2, 3)).clamp_min(1)) ** 2) / 2e-4)
-    return (sharp + clean) / 2
+    # An empty frame is trivially sharp and clean: the score needs an object in every frame
+    # (at least half the area of the smallest shape).
+    min_area = 0.5 * math.pi * (data.SIZES["small"] * videos.shape[-1] / 24.0) ** 2
+    present = (fg.sum(dim=(2, 3)) / min_area).clamp(max=1.0).mean(1)
+    return present * (sharp + clean) / 2
 
 
 BUILTIN: dict[str, RewardFn] = {

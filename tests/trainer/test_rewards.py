@@ -136,3 +136,10 @@ def test_clip_reward_from_local_tiny_model(tmp_path, truth):
 def test_clip_reward_bad_path(tmp_path):
     with pytest.raises(ValueError, match="CLIP config"):
         ClipReward(tmp_path / "missing")
+
+
+def test_empty_video_is_not_visually_good(truth):
+    videos, prompts = truth
+    empty = videos[:, :, :, :1, :1].expand_as(videos).contiguous()  # background colour only
+    assert (visual_reward(empty, prompts) < 0.05).all()
+    assert (alignment_reward(empty, prompts) < 0.5).all()

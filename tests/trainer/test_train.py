@@ -37,6 +37,7 @@ def _over(base, out, **kw) -> dict:
         progress=False,
         threads=1,
         tau=0.05,
+        window=(2, 4),
     )
     over.update(kw)
     return over
