@@ -208,10 +208,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         t2 = time.perf_counter()
 
         model.train()
-        logp_old, stats = None, []
+        logp_old, stats, t_replay = None, [], 0.0
         for _ in range(cfg.epochs):
+            tr0 = time.perf_counter()
             u = replay_velocities(model, ro)
             energy = trajectory_energy(u, ro, weight)
+            t_replay += time.perf_counter() - tr0
             logp = gibbs_log_probs(energy, cfg.tau)
             if logp_old is None:  # the rollout policy is the policy before the first step
                 logp_old = logp.detach()
@@ -245,8 +247,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             "valid_groups": int(distributed.all_gather(valid.cpu()[:, None].long()).sum()),
             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
             "time_rollout": t1 - t0,
-            "time_replay": t2 - t1,
-            "time_update": t3 - t2,
+            "time_reward": t2 - t1,  # rewards, advantages, reference replay (no grad)
+            "time_replay": t_replay,  # policy replay forwards with gradients, TVE
+            "time_update": t3 - t2 - t_replay,  # PPO loss, backward, all-reduce, AdamW
         }
         if lead and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
             ev, vids = evaluate(model, eval_prompts, reward, cfg.seed, device)
@@ -260,8 +263,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 f"it {it:4d} | reward {row['reward']:.4f} ± {row['reward_std']:.4f} ("
                 + ", ".join(f"{k} {row[f'reward_{k}']:.3f}" for k in comps)
                 + f") | tve {row['tve']:.2e} ratio {row['ratio']:.3f} clip {row['clip_frac']:.2f} "
-                f"kl {row['kl']:.2e} | rollout {row['time_rollout']:.1f}s replay "
-                f"{row['time_replay']:.1f}s update {row['time_update']:.1f}s"
+                f"kl {row['kl']:.2e} | rollout {row['time_rollout']:.1f}s reward "
+                f"{row['time_reward']:.1f}s replay {row['time_replay']:.1f}s update "
+                f"{row['time_update']:.1f}s"
                 + (f" | eval {row['eval_reward']:.4f}" if "eval_reward" in row else ""),
                 file=sys.stdout,
             )
