@@ -25,7 +25,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads (0: torch's default)
     seed: int = 0
     # Loop.
-    iterations: int = 30
+    iterations: int = 20
     prompts_per_iter: int = 4  # groups per iteration, over all ranks
     multi_prompt: float = 0.0  # probability that a training prompt switches direction mid-video
     # Exploration (rollout).
@@ -34,12 +34,13 @@ class TrainConfig:
     p_keep: float = 0.3
     score_after_window: bool = False
     score_steps: tuple[int, ...] | None = None  # None: every denoising step
+    kl_prefix: bool = False  # the velocity KL also covers the shared pre-window chunks
     # Likelihood (replay).
     tau: float = 2e-4  # ~ the spread of E within a group: sets how far PPO clipping lets it move
     step_weighting: str = "uniform"  # uniform | sigma
     # Rewards and advantages.
     reward_weights: dict[str, float] = field(
-        default_factory=lambda: {"alignment": 0.5, "motion": 0.25, "visual": 1.0}
+        default_factory=lambda: {"alignment": 0.25, "motion": 0.25, "visual": 1.0}
     )
     clip_reward_path: str = ""  # a local transformers CLIP directory: adds a "clip" reward
     clip_reward_weight: float = 1.0
@@ -56,7 +57,7 @@ class TrainConfig:
     kl: str = "velocity"  # velocity: beta * mean |u - u_ref|^2 | softmax: KL(p || p_ref) | none
     kl_coef: float = 10.0
     # Reporting.
-    eval_prompts: int = 8
+    eval_prompts: int = 16
     eval_every: int = 10
     save_every: int = 10
     samples: bool = True  # before/after GIF and MP4 of the evaluation prompts

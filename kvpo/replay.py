@@ -72,14 +72,16 @@ def replay_velocities(model: StreamingVideoGenerator, ro: Rollout) -> torch.Tens
 
 
 def step_weights(ro: Rollout, kind: str = "uniform") -> torch.Tensor:
-    """[K] weights of the recorded steps summing to 1: ``uniform``, or ``sigma`` (proportional to
-    the step's t, so that noisier steps, whose velocities carry more of the branch, weigh more)."""
+    """[K] weights of the recorded steps summing to 1 over the scored records (0 on pre-window
+    records): ``uniform``, or ``sigma`` (proportional to the step's t, so that noisier steps,
+    whose velocities carry more of the branch, weigh more)."""
     if kind == "uniform":
         w = torch.ones_like(ro.t)
     elif kind == "sigma":
         w = ro.t.clamp_min(0.05)
     else:
         raise ValueError(f"step weighting must be 'uniform' or 'sigma', got {kind!r}")
+    w = w * ro.scored.to(w.dtype)  # pre-window records carry no TVE weight
     return w / w.sum()
 
 

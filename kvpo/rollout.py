@@ -34,6 +34,9 @@ class RolloutSpec:
         anchor: also make the unperturbed (deployment-time) branch beside the G explored ones.
         share_pages: branches list the pre-window pages in their tables (True) or get copies of
             them (False: the memory baseline).
+        record_prefix: also record the steps of the shared pre-window chunks (identical in every
+            branch: they carry no TVE weight, but let a regularizer keep those chunks near the
+            reference policy).
     """
 
     group_size: int = 4
@@ -43,6 +46,7 @@ class RolloutSpec:
     score_steps: tuple[int, ...] | None = None
     anchor: bool = True
     share_pages: bool = True
+    record_prefix: bool = False
 
     def validate(self, model: StreamingVideoGenerator) -> None:
         n_chunks = model.num_frames // model.chunk_frames
@@ -84,6 +88,7 @@ class Rollout:
     t: torch.Tensor  # [K] timestep of each record
     chunk: torch.Tensor  # [K] int64 chunk of each record
     window: tuple[int, int]
+    scored: torch.Tensor  # [K] bool: record carries TVE weight (False: a pre-window record)
     anchor_tokens: torch.Tensor | None  # [B, F, T, d] unperturbed branch
     tables: dict[int, torch.Tensor]  # chunk -> [B*G, W] int32 denoising tables of the branches
     cache_bytes: int  # bytes of KV pages the rollout used
@@ -159,11 +164,13 @@ def rollout(
 
     # Shared prefix: one row per group.
     pm = torch.full((B, Fr), -1, dtype=torch.long)
-    prefix = []
+    prefix, pre_x, pre_v = [], [], []
     for j in range(w0):
         hist = context_table(model, pm, torch.arange(B), torch.full((B,), j), None, width - c)
-        x, _, _, _ = run_chunk(j, pm, torch.arange(B), hist, cond_bj[:, j], False)
+        x, xs, vs, _ = run_chunk(j, pm, torch.arange(B), hist, cond_bj[:, j], spec.record_prefix)
         prefix.append(x)
+        pre_x += xs
+        pre_v += vs
 
     # Fork: rows b * Gt + g; the anchor (if any) is g = G.
     rows = torch.arange(B).repeat_interleave(Gt)
@@ -181,7 +188,11 @@ def rollout(
     if spec.anchor:
         is_anchor[G::Gt] = True
     chunks = [torch.stack(prefix, 1)[rows]] if prefix else []  # [B*Gt, w0, L, d]
-    recs_x, recs_v, rec_t, rec_chunk, tables = [], [], [], [], {}
+    recs_x = [x[rows] for x in pre_x]  # shared records, one copy per branch row
+    recs_v = [v[rows] for v in pre_v]
+    rec_t = [float(ts[k]) for _ in range(w0) for k in steps] if pre_x else []
+    rec_chunk = [j for j in range(w0) for _ in steps] if pre_x else []
+    n_pre, tables = len(pre_x), {}
     for j in range(w0, nC):
         hist = context_table(
             model, page_map, torch.arange(B * Gt), torch.full((B * Gt,), j), None, width - c
@@ -219,6 +230,7 @@ def rollout(
         t=torch.tensor(rec_t),
         chunk=torch.tensor(rec_chunk, dtype=torch.long),
         window=(w0, w1),
+        scored=torch.arange(K) >= n_pre,
         anchor_tokens=tokens[:, G] if spec.anchor else None,
         tables=tables,
         cache_bytes=cache.used * cache.nbytes() // max(cache.capacity, 1),

@@ -139,6 +139,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         score_after_window=cfg.score_after_window,
         score_steps=None if cfg.score_steps is None else tuple(cfg.score_steps),
         anchor=cfg.advantage == "anchor",
+        record_prefix=cfg.kl_prefix and cfg.kl == "velocity",
     )
     spec.validate(model)
     reward = make_reward(cfg)

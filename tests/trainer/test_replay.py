@@ -49,3 +49,18 @@ def test_energy_gradient_reaches_the_policy(model):
     assert grads["head.weight"].abs().sum() > 0
     assert grads["blocks.0.kv.weight"].abs().sum() > 0  # through the routed KV pages
     assert grads["text.embed.weight"].abs().sum() > 0  # and the prompt encoder
+
+
+def test_prefix_records_carry_no_energy(model):
+    """Recorded pre-window steps are the same in every branch: replayed, they give back their
+    velocities, and they get no TVE weight (only the KL regularizer sees them)."""
+    ro = _ro(model, p_keep=0.3, record_prefix=True)
+    pre = ~ro.scored
+    assert ro.chunk[pre].tolist() == [0, 0, 0, 1, 1, 1] and ro.chunk[~pre].min() == 2
+    s = ro.states[:, :, pre]
+    assert torch.equal(s, s[:, :1].expand_as(s))
+    with torch.no_grad():
+        u = replay_velocities(model, ro)
+    torch.testing.assert_close(u[:, :, pre], ro.velocities[:, :, pre], rtol=1e-4, atol=1e-5)
+    w = step_weights(ro)
+    assert (w[pre] == 0).all() and torch.isclose(w.sum(), torch.tensor(1.0))

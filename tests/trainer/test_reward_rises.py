@@ -9,7 +9,7 @@ from kvpo.train import train
 pytestmark = pytest.mark.slow
 
 ITERATIONS = 10
-MARGIN = 0.01  # measured on the CI machine kind: 0.61 -> 0.64 (see benchmarks/RESULTS.md)
+MARGIN = 0.03  # measured on the CI machine kind: see benchmarks/RESULTS.md
 
 
 def test_short_run_raises_held_out_reward(tmp_path):
