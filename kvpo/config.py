@@ -40,7 +40,7 @@ class TrainConfig:
     step_weighting: str = "uniform"  # uniform | sigma
     # Rewards and advantages.
     reward_weights: dict[str, float] = field(
-        default_factory=lambda: {"alignment": 0.25, "motion": 0.25, "visual": 1.0}
+        default_factory=lambda: {"alignment": 1.0, "motion": 0.5, "visual": 0.5}
     )
     clip_reward_path: str = ""  # a local transformers CLIP directory: adds a "clip" reward
     clip_reward_weight: float = 1.0
@@ -49,7 +49,7 @@ class TrainConfig:
     adv_eps: float = 1e-6
     # Update.
     epochs: int = 2
-    lr: float = 3e-5
+    lr: float = 1e-5
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     clip_low: float = 0.1

@@ -58,7 +58,7 @@ def foreground(videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft foreground map [B, T, H, W] in [0, 1] and background colour [B, C].
 
     The background is the median border colour over all frames; the map is the distance to it over
-    the video's largest distance (floored at 0.2), so it stays linear in pixel coverage and
+    the video's largest distance (floored at 0.5), so it stays linear in pixel coverage and
     centroids do not jitter with anti-aliasing."""
     B, T, C, H, W = videos.shape
     border = torch.cat(
@@ -66,7 +66,9 @@ def foreground(videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )  # [B, T, C, 2H+2W]
     bg = border.permute(0, 2, 1, 3).reshape(B, C, -1).median(dim=-1).values
     dist = (videos - bg[:, None, :, None, None]).norm(dim=2)
-    peak = dist.flatten(1).amax(dim=1).clamp_min(0.2)
+    # Floored at 0.5 (every prompt colour is >= 0.75 from the background): a faint smudge stays
+    # faint instead of being stretched into an object.
+    peak = dist.flatten(1).amax(dim=1).clamp_min(0.5)
     return (dist / peak[:, None, None, None]).clamp(0, 1), bg
 
 
@@ -157,9 +159,10 @@ def visual_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tens
     resid = ((videos - bg[:, None, :, None, None]).abs().mean(2) * back).sum(dim=(1, 2, 3))
     clean = torch.exp(-((resid / back.sum(dim=(1, 2, 3)).clamp_min(1)) ** 2) / 2e-4)
     # An empty frame is trivially sharp and clean: the score needs an object in every frame
-    # (at least half the area of the smallest shape).
+    # (at least half the area of the smallest shape, counted in clearly covered pixels, so a haze
+    # spread over the background does not pass for one).
     min_area = 0.5 * math.pi * (data.SIZES["small"] * videos.shape[-1] / 24.0) ** 2
-    present = (fg.sum(dim=(2, 3)) / min_area).clamp(max=1.0).mean(1)
+    present = ((fg > 0.5).float().sum(dim=(2, 3)) / min_area).clamp(max=1.0).mean(1)
     return present * (sharp + clean) / 2
 
 
