@@ -97,7 +97,7 @@ def alignment_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.T
         # Colour: the foreground's mean colour (strongly covered pixels) against the asked one.
         wgt = fg[b] ** 4
         col = (videos[b] * wgt[:, None]).sum(dim=(0, 2, 3)) / wgt.sum().clamp_min(1e-6)
-        target = torch.tensor(data.COLORS[first.color]) + 0.0
+        target = torch.tensor(data.COLORS[first.color])
         color = torch.exp(-((col - target) ** 2).sum() / 0.08)
         # Shape and size: the asked template at the object's centre, against the other shapes.
         radius = data.SIZES[first.size] * scale
