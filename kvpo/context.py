@@ -12,6 +12,15 @@ import torch
 from .interface import StreamingVideoGenerator
 
 
+def chunk_conditioning(model: StreamingVideoGenerator, prompts: list[list[str]]) -> torch.Tensor:
+    """Prompt conditioning of every chunk, [N, chunks, C], from N lists of one prompt per chunk;
+    each distinct prompt is encoded once."""
+    uniq = sorted({p for ps in prompts for p in ps})
+    emb = model.encode_prompts(uniq)
+    where = {p: i for i, p in enumerate(uniq)}
+    return emb[torch.tensor([[where[p] for p in ps] for ps in prompts], device=emb.device)]
+
+
 def visible_frames(model: StreamingVideoGenerator, chunk: int) -> list[int]:
     """Absolute indices of the history frames chunk ``chunk`` attends to at deployment."""
     start = chunk * model.chunk_frames

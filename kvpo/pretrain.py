@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import data
 from .checkpoint import load_model, save_model
-from .context import context_table, teacher_forcing
+from .context import chunk_conditioning, context_table, teacher_forcing
 from .model import ModelConfig, TinyARVideo
 
 DEFAULT_OUT = Path(__file__).parent / "assets" / "base.safetensors"
@@ -61,10 +61,7 @@ def flow_matching_loss(
     N, Fr, T, d = clean.shape
     c = model.chunk_frames
     nC = Fr // c
-    uniq = sorted({p for ps in chunk_prompts for p in ps})
-    emb = model.encode_prompts(uniq)
-    idx = {p: i for i, p in enumerate(uniq)}
-    cond = emb[torch.tensor([[idx[p] for p in ps] for ps in chunk_prompts])]  # [N, nC, C]
+    cond = chunk_conditioning(model, chunk_prompts)  # [N, nC, C]
     rows = clean.view(N, nC, c * T, d)
 
     # Clean rows: chunks 0..nC-2 of every video (the last chunk is never context).

@@ -12,7 +12,7 @@ import torch
 
 from kvpo_kernels import velocity_energy
 
-from .context import context_table, teacher_forcing
+from .context import chunk_conditioning, context_table, teacher_forcing
 from .interface import StreamingVideoGenerator
 from .rollout import Rollout
 
@@ -26,10 +26,7 @@ def replay_velocities(model: StreamingVideoGenerator, ro: Rollout) -> torch.Tens
     last = int(ro.chunk.max())  # chunks < last are needed as clean context
     device = ro.tokens.device
 
-    uniq = sorted({p for ps in ro.prompts for p in ps})
-    emb = model.encode_prompts(uniq)
-    where = {p: i for i, p in enumerate(uniq)}
-    cond_bj = emb[torch.tensor([[where[p] for p in ps] for ps in ro.prompts], device=device)]
+    cond_bj = chunk_conditioning(model, ro.prompts)
 
     # Clean rows: group g's prefix chunks (from branch 0: identical in every branch), then each
     # branch's own chunks w0..last-1.

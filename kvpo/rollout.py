@@ -17,7 +17,7 @@ import torch
 
 from kvpo_kernels import route_pages
 
-from .context import context_table, context_width, droppable_columns
+from .context import chunk_conditioning, context_table, context_width, droppable_columns
 from .interface import StreamingVideoGenerator
 
 
@@ -127,12 +127,7 @@ def rollout(
     steps = _steps(model, spec)
     ts = model.timesteps().to(device)
 
-    uniq = sorted({p for ps in prompts for p in ps})
-    emb = model.encode_prompts(uniq)
-    where = {p: i for i, p in enumerate(uniq)}
-    cond_bj = emb[
-        torch.tensor([[where[p] for p in ps] for ps in prompts], device=device)
-    ]  # [B,nC,C]
+    cond_bj = chunk_conditioning(model, prompts)  # [B, nC, C]
     noise = torch.randn((B, nC, c * T, d), generator=generator).to(device)
 
     pre_pages = B * w0 * c * (1 if spec.share_pages else 1 + Gt)
