@@ -57,7 +57,8 @@ class TrainConfig:
     kl: str = "velocity"  # velocity: beta * mean |u - u_ref|^2 | softmax: KL(p || p_ref) | none
     kl_coef: float = 10.0
     # Reporting.
-    eval_prompts: int = 16
+    eval_prompts: int = 16  # held-out prompts, never trained on
+    eval_seeds: int = 4  # fixed noises per held-out prompt (one sample is a noisy estimate)
     eval_every: int = 10
     save_every: int = 10
     samples: bool = True  # before/after GIF and MP4 of the evaluation prompts
@@ -73,6 +74,7 @@ class TrainConfig:
             "group_size",
             "epochs",
             "eval_prompts",
+            "eval_seeds",
             "eval_every",
             "save_every",
         ):

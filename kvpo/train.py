@@ -49,17 +49,25 @@ def iteration_generator(
 
 
 def evaluate(
-    model: TinyARVideo, prompts: list[str], reward: CompositeReward, seed: int, device: torch.device
+    model: TinyARVideo,
+    prompts: list[str],
+    reward: CompositeReward,
+    seed: int,
+    device: torch.device,
+    seeds: int = 1,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Deployment-time samples of fixed prompts with fixed noise: mean rewards and the videos."""
+    """Deployment-time samples of fixed prompts, each with ``seeds`` fixed noises.
+
+    Returns mean rewards over all samples and the videos of the first noise, [P, F, C, H, W]."""
     nC = model.num_frames // model.chunk_frames
+    asked = [p for _ in range(seeds) for p in prompts]
     videos = generate(
-        model, [[p] * nC for p in prompts], torch.Generator().manual_seed(seed), device
+        model, [[p] * nC for p in asked], torch.Generator().manual_seed(seed), device
     )
-    comps = reward.components(((videos + 1) / 2).cpu(), prompts)
+    comps = reward.components(((videos + 1) / 2).cpu(), asked)
     out = {f"eval_{k}": float(v.mean()) for k, v in comps.items()}
     out["eval_reward"] = float(reward.total(comps).mean())
-    return out, videos.cpu()
+    return out, videos[: len(prompts)].cpu()
 
 
 def branch_rewards(model: TinyARVideo, ro: Rollout, reward: CompositeReward):
@@ -158,7 +166,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             flush=True,
         )
         if start == 0:
-            ev, vids = evaluate(model, eval_prompts, reward, cfg.seed, device)
+            ev, vids = evaluate(model, eval_prompts, reward, cfg.seed, device, cfg.eval_seeds)
             print(f"before training: eval reward {ev['eval_reward']:.4f}", flush=True)
             if cfg.samples:
                 save_videos(vids, out / "samples_before")
@@ -253,7 +261,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "time_update": t3 - t2 - t_replay,  # PPO loss, backward, all-reduce, AdamW
         }
         if lead and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
-            ev, vids = evaluate(model, eval_prompts, reward, cfg.seed, device)
+            ev, vids = evaluate(model, eval_prompts, reward, cfg.seed, device, cfg.eval_seeds)
             row.update(ev)
             if it + 1 == cfg.iterations and cfg.samples:
                 save_videos(vids, out / "samples_after")
