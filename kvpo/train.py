@@ -61,9 +61,7 @@ def evaluate(
     Returns mean rewards over all samples and the videos of the first noise, [P, F, C, H, W]."""
     nC = model.num_frames // model.chunk_frames
     asked = [p for _ in range(seeds) for p in prompts]
-    videos = generate(
-        model, [[p] * nC for p in asked], torch.Generator().manual_seed(seed), device
-    )
+    videos = generate(model, [[p] * nC for p in asked], torch.Generator().manual_seed(seed), device)
     comps = reward.components(((videos + 1) / 2).cpu(), asked)
     out = {f"eval_{k}": float(v.mean()) for k, v in comps.items()}
     out["eval_reward"] = float(reward.total(comps).mean())

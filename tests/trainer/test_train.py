@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_support import tiny_model
+from trainer_support import PROMPTS, tiny_model
 
 from kvpo.checkpoint import CheckpointError, save_model
 from kvpo.config import build_config
-from kvpo.train import main, train
+from kvpo.rewards import CompositeReward
+from kvpo.rollout import generate
+from kvpo.train import evaluate, main, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -169,10 +171,6 @@ def test_two_ranks_over_gloo(base, tmp_path):
 
 
 def test_evaluate_averages_over_fixed_noises(model):
-    from kvpo.rewards import CompositeReward
-    from kvpo.train import evaluate
-    from trainer_support import PROMPTS
-
     reward = CompositeReward({"alignment": 1.0, "visual": 0.5})
     one, vids_one = evaluate(model, PROMPTS, reward, seed=3, device=torch.device("cpu"))
     two, vids_two = evaluate(model, PROMPTS, reward, seed=3, device=torch.device("cpu"), seeds=3)
@@ -180,8 +178,6 @@ def test_evaluate_averages_over_fixed_noises(model):
     assert vids_two.shape == vids_one.shape == (2, model.num_frames, 3, 8, 8)
     torch.testing.assert_close(vids_two, vids_one)
     # The reward averages all 3 x 2 samples: recompute it from independently drawn videos.
-    from kvpo.rollout import generate
-
     nC = model.num_frames // model.chunk_frames
     asked = PROMPTS * 3
     v = generate(model, [[p] * nC for p in asked], torch.Generator().manual_seed(3))
