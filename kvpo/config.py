@@ -36,11 +36,12 @@ class TrainConfig:
     score_steps: tuple[int, ...] | None = None  # None: every denoising step
     kl_prefix: bool = False  # the velocity KL also covers the shared pre-window chunks
     # Likelihood (replay).
-    tau: float = 2e-4  # ~ the spread of E within a group: sets how far PPO clipping lets it move
+    tau: float = 5e-3  # ~ the spread of E within a group: sets how far PPO clipping lets it move
     step_weighting: str = "uniform"  # uniform | sigma
     # Rewards and advantages.
+    # Weight 0 logs a reward without training on it (motion and visual: what the update costs).
     reward_weights: dict[str, float] = field(
-        default_factory=lambda: {"alignment": 1.0, "motion": 0.5, "visual": 0.5}
+        default_factory=lambda: {"alignment": 1.0, "path": 1.0, "motion": 0.0, "visual": 0.0}
     )
     clip_reward_path: str = ""  # a local transformers CLIP directory: adds a "clip" reward
     clip_reward_weight: float = 1.0

@@ -8,6 +8,7 @@ Built-in components (each in [0, 1], higher is better):
 
 * ``alignment`` - the object has the asked colour, shape and size and moves the asked way at the
   asked speed (centroid path against the prompt's displacement);
+* ``path`` - that last part alone: the asked direction and speed;
 * ``motion`` - smooth, coherent trajectory (small acceleration) and no flicker (stable object area
   and brightness);
 * ``visual`` - sharp object edges and a clean, flat background, with an object in every frame.
@@ -83,14 +84,18 @@ def _centroids(fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([cx, cy], dim=-1), mass
 
 
-def alignment_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
-    """Colour, shape, size and motion asked by the prompt (mean of four scores in [0, 1])."""
+ALIGNMENT_PARTS = ("color", "shape", "size", "path")
+
+
+def alignment_scores(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+    """[B, 4] scores in [0, 1] of the parts in :data:`ALIGNMENT_PARTS`: the asked colour, shape and
+    size, and the asked path (direction and speed of the centroid, chunk by chunk)."""
     _check_videos(videos, prompts)
     B, T, C, H, W = videos.shape
     scale = W / 24.0
     fg, _ = foreground(videos)
     cen, mass = _centroids(fg)
-    out = torch.zeros(B)
+    out = torch.zeros(B, len(ALIGNMENT_PARTS))
     for b in range(B):
         per_frame = _chunk_prompts(prompts[b], T)
         first = data.Scene.parse(per_frame[0])
@@ -125,9 +130,19 @@ def alignment_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.T
             )
         got = cen[b, 1:] - cen[b, :-1]
         err = (got.cumsum(0) - want.cumsum(0)).norm(dim=-1).mean()
-        motion = torch.exp(-(err**2) / (2.0 * scale) ** 2)
-        out[b] = (color + shape + size + motion) / 4
+        path = torch.exp(-(err**2) / (2.0 * scale) ** 2)
+        out[b] = torch.stack([color, shape, size, path])
     return out
+
+
+def alignment_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+    """Colour, shape, size and path asked by the prompt (mean of the four scores)."""
+    return alignment_scores(videos, prompts).mean(1)
+
+
+def path_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+    """The asked motion alone: the centroid's path against the prompt's direction and speed."""
+    return alignment_scores(videos, prompts)[:, ALIGNMENT_PARTS.index("path")]
 
 
 def motion_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
@@ -168,6 +183,7 @@ def visual_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tens
 
 BUILTIN: dict[str, RewardFn] = {
     "alignment": alignment_reward,
+    "path": path_reward,
     "motion": motion_reward,
     "visual": visual_reward,
 }
@@ -190,6 +206,8 @@ class CompositeReward:
             raise ValueError(
                 f"reward weights must be a non-empty dict of finite floats, got {weights}"
             )
+        if not any(weights.values()):
+            raise ValueError(f"reward weights are all 0 (nothing to train on): {weights}")
         self.weights = dict(weights)
         self.fns: dict[str, Callable] = {k: fns[k] for k in weights}
 

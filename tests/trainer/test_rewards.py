@@ -10,7 +10,9 @@ from kvpo.rewards import (
     ClipReward,
     CompositeReward,
     alignment_reward,
+    alignment_scores,
     motion_reward,
+    path_reward,
     visual_reward,
 )
 
@@ -41,6 +43,21 @@ def test_wrong_prompt_lowers_alignment(truth):
 def test_reversed_motion_lowers_alignment(truth):
     videos, prompts = truth
     assert (alignment_reward(videos.flip(1), prompts) < alignment_reward(videos, prompts)).all()
+
+
+def test_path_scores_the_asked_direction_and_speed(truth):
+    videos, prompts = truth
+    torch.testing.assert_close(
+        alignment_reward(videos, prompts), alignment_scores(videos, prompts).mean(1)
+    )
+    good = path_reward(videos, prompts)
+    # A still object, a reversed one, and one asked to go the other speed all miss the path.
+    still = videos[:, :1].expand_as(videos)
+    assert (path_reward(still, prompts) < good - 0.3).all()
+    assert (path_reward(videos.flip(1), prompts) < good - 0.3).all()
+    swap = {"slowly": "quickly", "quickly": "slowly"}
+    other = [" ".join(swap.get(w, w) for w in p.split()) for p in prompts]
+    assert (path_reward(videos, other) < good - 0.1).all()
 
 
 def test_blur_lowers_visual_and_jitter_lowers_motion(truth):
