@@ -60,7 +60,7 @@ def evaluate(
 
     Returns mean rewards over all samples and the videos of the first noise, [P, F, C, H, W]."""
     nC = model.num_frames // model.chunk_frames
-    asked = [p for _ in range(seeds) for p in prompts]
+    asked = prompts * seeds  # noise s of prompt p is row s * P + p
     videos = generate(model, [[p] * nC for p in asked], torch.Generator().manual_seed(seed), device)
     comps = reward.components(((videos + 1) / 2).cpu(), asked)
     out = {f"eval_{k}": float(v.mean()) for k, v in comps.items()}

@@ -30,48 +30,44 @@ struct Vec<float> {
   }
   __device__ static Raw from_float(const float* f) { return make_float4(f[0], f[1], f[2], f[3]); }
 };
+// Eight 16-bit values (fp16 or bf16), read as four pairs T2 (__half2 / __nv_bfloat162).
+__device__ __forceinline__ float2 pair_to_float2(__half2 h) { return __half22float2(h); }
+__device__ __forceinline__ float2 pair_to_float2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+template <typename T2>
+__device__ T2 float2_to_pair(float a, float b);
 template <>
-struct Vec<__half> {
+__device__ __forceinline__ __half2 float2_to_pair<__half2>(float a, float b) {
+  return __floats2half2_rn(a, b);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat162 float2_to_pair<__nv_bfloat162>(float a, float b) {
+  return __floats2bfloat162_rn(a, b);
+}
+template <typename T2>
+struct Vec16 {
   static constexpr int kN = 8;
   using Raw = uint4;
   __device__ static void to_float(const Raw& r, float* f) {
-    const __half2* h = reinterpret_cast<const __half2*>(&r);
+    const T2* h = reinterpret_cast<const T2*>(&r);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float2 x = __half22float2(h[i]);
+      const float2 x = pair_to_float2(h[i]);
       f[2 * i] = x.x;
       f[2 * i + 1] = x.y;
     }
   }
   __device__ static Raw from_float(const float* f) {
     Raw r;
-    __half2* h = reinterpret_cast<__half2*>(&r);
+    T2* h = reinterpret_cast<T2*>(&r);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+    for (int i = 0; i < 4; ++i) h[i] = float2_to_pair<T2>(f[2 * i], f[2 * i + 1]);
     return r;
   }
 };
 template <>
-struct Vec<__nv_bfloat16> {
-  static constexpr int kN = 8;
-  using Raw = uint4;
-  __device__ static void to_float(const Raw& r, float* f) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 x = __bfloat1622float2(h[i]);
-      f[2 * i] = x.x;
-      f[2 * i + 1] = x.y;
-    }
-  }
-  __device__ static Raw from_float(const float* f) {
-    Raw r;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    return r;
-  }
-};
+struct Vec<__half> : Vec16<__half2> {};
+template <>
+struct Vec<__nv_bfloat16> : Vec16<__nv_bfloat162> {};
 
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float warp_sums[kThreads / 32];

@@ -177,7 +177,7 @@ def test_evaluate_averages_over_fixed_noises(model):
     # The videos returned are those of the first noise, the same whatever the number of noises.
     assert vids_two.shape == vids_one.shape == (2, model.num_frames, 3, 8, 8)
     torch.testing.assert_close(vids_two, vids_one)
-    # The reward averages all 3 x 2 samples: recompute it from independently drawn videos.
+    # The reward averages all 3 x 2 samples: recompute it from the videos of the same seed.
     nC = model.num_frames // model.chunk_frames
     asked = PROMPTS * 3
     v = generate(model, [[p] * nC for p in asked], torch.Generator().manual_seed(3))
