@@ -9,28 +9,98 @@ exponentials).
 Backward: ``dq`` walks the tables like the forward; ``dk``/``dv`` run one program per (token
 block of a physical page, KV head) over a page -> rows index (CSR), so the gradient of a page that
 several rows list is summed inside one program: no atomics, deterministic.
+
+Tiles: chosen per operand width and padded head dim from tables whose every entry compiles for
+sm_80 and sm_90a without spilling registers and within the SM's shared memory
+(:mod:`kvpo_kernels.triton.aot` compiles them on a machine without a GPU;
+tests/kernels/test_triton_aot.py keeps it so). The forward autotunes over its table's entries.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreted, next_pow2
+from ._common import Launch, interpreted, next_pow2
 
 LOG2E = 1.4426950408889634
 
 
-def _configs():
+class Tiles(NamedTuple):
+    block_m: int  # query rows per block
+    block_n: int  # keys per block (at most the page size rounded up to a power of two)
+    num_warps: int
+    num_stages: int
+
+
+# (bytes per operand element, padded head dim) -> tiles. 16-bit operands run on tensor cores
+# (wgmma on sm_90a); fp32 runs exact IEEE dots on CUDA cores, whose operands live in registers
+# and shared memory: smaller tiles and shallower pipelines, or it spills and, at D = 256, asks for
+# more shared memory than any SM has.
+FWD_TILES: dict[tuple[int, int], list[Tiles]] = {
+    (2, 64): [Tiles(64, 64, 4, 3), Tiles(64, 64, 8, 3), Tiles(128, 64, 8, 3), Tiles(128, 64, 8, 2)],
+    (2, 128): [Tiles(64, 64, 8, 3), Tiles(64, 64, 8, 2), Tiles(128, 64, 8, 3), Tiles(32, 64, 4, 3)],
+    (2, 256): [Tiles(32, 64, 8, 3), Tiles(32, 64, 8, 2), Tiles(64, 32, 8, 3), Tiles(64, 16, 8, 3)],
+    (4, 64): [Tiles(64, 32, 8, 2), Tiles(32, 32, 8, 2), Tiles(64, 16, 8, 2)],
+    (4, 128): [Tiles(64, 32, 8, 2), Tiles(64, 16, 8, 2), Tiles(32, 32, 8, 2)],
+    (4, 256): [Tiles(32, 16, 8, 2), Tiles(32, 16, 8, 1), Tiles(16, 32, 8, 1)],
+}
+DQ_TILES: dict[tuple[int, int], Tiles] = {
+    (2, 64): Tiles(64, 64, 8, 3),
+    (2, 128): Tiles(64, 64, 8, 3),
+    (2, 256): Tiles(32, 32, 8, 3),
+    (4, 64): Tiles(32, 32, 8, 2),
+    (4, 128): Tiles(32, 16, 8, 1),
+    (4, 256): Tiles(16, 16, 8, 1),
+}
+DKDV_TILES: dict[tuple[int, int], Tiles] = {
+    (2, 64): Tiles(64, 32, 8, 3),
+    (2, 128): Tiles(32, 64, 8, 3),
+    (2, 256): Tiles(16, 32, 8, 3),
+    (4, 64): Tiles(32, 32, 8, 1),
+    (4, 128): Tiles(32, 16, 4, 1),
+    (4, 256): Tiles(32, 16, 8, 1),
+}
+INTERPRETER_TILES = Tiles(16, 16, 4, 1)
+
+
+def tiles_key(dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
+    return (4 if dtype == torch.float32 else 2, max(64, next_pow2(head_dim)))
+
+
+def _cap_n(t: Tiles, page_size: int) -> Tiles:
+    """A block of keys never spans pages: cap it at the page size (a power of two, at least 16:
+    the smallest tl.dot)."""
+    return t._replace(block_n=min(t.block_n, max(16, next_pow2(page_size))))
+
+
+def _fwd_configs() -> list[triton.Config]:
     if interpreted():
-        return [triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)]
+        tiles = [INTERPRETER_TILES]
+    else:
+        tiles = sorted({t for ts in FWD_TILES.values() for t in ts})
     return [
-        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bm in (64, 128)
-        for w in (4, 8)
-        for s in (2, 3)
-    ]
+        triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps,
+                      num_stages=t.num_stages)
+        for t in tiles
+    ]  # fmt: skip
+
+
+def _prune_fwd(configs, named_args, **meta) -> list[triton.Config]:
+    """The table's entries for this dtype and head dim, keys capped at the page size."""
+    wanted = FWD_TILES[tiles_key(named_args["Q"].dtype, meta["BLOCK_D"])]
+    kept: dict[Tiles, triton.Config] = {}
+    for c in configs:
+        t = Tiles(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        if t in wanted:
+            t = _cap_n(t, named_args["page_size"])
+            kept.setdefault(t, triton.Config(
+                {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps,
+                num_stages=t.num_stages))  # fmt: skip
+    return list(kept.values())
 
 
 @triton.jit
@@ -40,7 +110,11 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
-@triton.autotune(configs=_configs(), key=["Lq", "page_size", "D", "GROUP"])
+@triton.autotune(
+    configs=_fwd_configs(),
+    key=["Lq", "page_size", "D", "GROUP"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
+)
 @triton.jit(do_not_specialize=["B", "max_pages"])
 def _fwd_kernel(
     Q, K, V, TABLE, LENS, OUT, LSE,
@@ -219,14 +293,32 @@ def _bwd_dkdv_kernel(
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-def _block_n(page_size: int) -> int:
-    return min(64, max(16, next_pow2(page_size)))
-
-
 def _meta(q, k_pages):
     B, H, Lq, D = q.shape
     Hkv, page_size = k_pages.shape[1], k_pages.shape[2]
     return B, H, Lq, D, Hkv, page_size
+
+
+def fwd_launch(q, k_pages, v_pages, page_table, page_lens, scale, out, lse) -> Launch:
+    """The forward kernel's launch; arguments as :func:`routed_attention_fwd`, outputs given."""
+    B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
+
+    def grid(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+
+    args = (
+        q, k_pages, v_pages, page_table, page_lens if page_lens is not None else page_table,
+        out, lse, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        page_table.stride(0),
+        B, H, Lq, page_table.shape[1], page_size, D,
+    )  # fmt: skip
+    meta = dict(
+        GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=q.dtype == torch.float32,
+        BLOCK_D=next_pow2(D),
+    )  # fmt: skip
+    return Launch(_fwd_kernel, grid, args, meta)
 
 
 def routed_attention_fwd(
@@ -239,25 +331,11 @@ def routed_attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [B, H, Lq, D]; k_pages, v_pages: [P, Hkv, page_size, D] (contiguous); page_table:
     [B, max_pages] int32. Returns out [B, H, Lq, D] (dtype of q) and lse [B, H, Lq] float32."""
-    B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
+    B, H, Lq, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    if out.numel() == 0:
-        return out, lse
-
-    def grid(meta):
-        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
-
-    _fwd_kernel[grid](
-        q, k_pages, v_pages, page_table, page_lens if page_lens is not None else page_table,
-        out, lse, scale,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        page_table.stride(0),
-        B, H, Lq, page_table.shape[1], page_size, D,
-        GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=q.dtype == torch.float32,
-        BLOCK_N=_block_n(page_size), BLOCK_D=next_pow2(D),
-    )  # fmt: skip
+    if out.numel() > 0:
+        fwd_launch(q, k_pages, v_pages, page_table, page_lens, scale, out, lse)()
     return out, lse
 
 
@@ -276,6 +354,51 @@ def page_rows_csr(page_table: torch.Tensor, num_pages: int) -> tuple[torch.Tenso
     return row_ptr.to(torch.int32), rows[order].to(torch.int32)
 
 
+def _bwd_tiles(table: dict[tuple[int, int], Tiles], q, page_size: int) -> Tiles:
+    if interpreted():
+        return INTERPRETER_TILES
+    return _cap_n(table[tiles_key(q.dtype, q.shape[-1])], page_size)
+
+
+def _tile_meta(common: dict, t: Tiles) -> dict:
+    return dict(common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps,
+                num_stages=t.num_stages)  # fmt: skip
+
+
+def bwd_launches(dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, scale, dq, dk, dv):
+    """The two backward launches (dq; dk and dv), arguments as :func:`routed_attention_bwd`,
+    gradients given. lse and delta: float32, contiguous."""
+    B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
+    P = k_pages.shape[0]
+    lens = page_lens if page_lens is not None else page_table
+    common = dict(GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=q.dtype == torch.float32,
+                  BLOCK_D=next_pow2(D))  # fmt: skip
+    dq_args = (
+        q, k_pages, v_pages, page_table, lens, dout, lse, delta, dq, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        page_table.stride(0),
+        B, H, Lq, page_table.shape[1], page_size, D,
+    )  # fmt: skip
+    t = _bwd_tiles(DQ_TILES, q, page_size)
+    dq_launch = Launch(
+        _bwd_dq_kernel, (triton.cdiv(Lq, t.block_m), B * H), dq_args, _tile_meta(common, t)
+    )
+    row_ptr, rows = page_rows_csr(page_table, P)
+    dkdv_args = (
+        q, k_pages, v_pages, lens, dout, lse, delta, dk, dv, row_ptr, rows, scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+        B, H, Lq, Hkv, page_size, D,
+    )  # fmt: skip
+    t = _bwd_tiles(DKDV_TILES, q, page_size)
+    dkdv_launch = Launch(
+        _bwd_dkdv_kernel, (triton.cdiv(page_size, t.block_n), P * Hkv), dkdv_args,
+        _tile_meta(common, t),
+    )  # fmt: skip
+    return dq_launch, dkdv_launch
+
+
 def routed_attention_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -288,37 +411,13 @@ def routed_attention_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """delta = rowsum(dout * out) - dlse [B, H, Lq] float32. Returns dq, dk_pages, dv_pages."""
-    B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
-    P = k_pages.shape[0]
-    lse, delta = lse.float().contiguous(), delta.float().contiguous()
     dq = torch.empty_like(q)
     dk = torch.zeros_like(k_pages)
     dv = torch.zeros_like(v_pages)
-    if q.numel() == 0:
-        return dq, dk, dv
-    lens = page_lens if page_lens is not None else page_table
-    block_m = 16 if interpreted() else 64
-    block_n = _block_n(page_size)
-    block_d = next_pow2(D)
-    ieee = q.dtype == torch.float32
-    common = dict(
-        GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=ieee, BLOCK_D=block_d,
-        num_warps=4 if interpreted() or block_d <= 64 else 8,
-    )  # fmt: skip
-    _bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * H)](
-        q, k_pages, v_pages, page_table, lens, dout, lse, delta, dq, scale,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        page_table.stride(0),
-        B, H, Lq, page_table.shape[1], page_size, D,
-        BLOCK_M=block_m, BLOCK_N=block_n, **common,
-    )  # fmt: skip
-    row_ptr, rows = page_rows_csr(page_table, P)
-    _bwd_dkdv_kernel[(triton.cdiv(page_size, block_n), P * Hkv)](
-        q, k_pages, v_pages, lens, dout, lse, delta, dk, dv, row_ptr, rows, scale,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        B, H, Lq, Hkv, page_size, D,
-        BLOCK_M=block_m, BLOCK_N=block_n, **common,
-    )  # fmt: skip
+    if q.numel() > 0:
+        lse, delta = lse.float().contiguous(), delta.float().contiguous()
+        for launch in bwd_launches(
+            dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, scale, dq, dk, dv
+        ):
+            launch()
     return dq, dk, dv

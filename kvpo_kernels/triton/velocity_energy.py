@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreted, num_sms
+from ._common import Launch, interpreted, num_sms
 
 
 @triton.jit
@@ -71,20 +71,35 @@ def _block() -> int:
     return 256 if interpreted() else 2048
 
 
+def fwd_launch(v_pred, v_ref, weight, mean, energy) -> Launch:
+    """The forward launch; arguments as :func:`velocity_energy_fwd`, weight float32 contiguous,
+    energy [G] float32 zeros."""
+    G, S, N = v_pred.shape
+    block = _block()
+    splits, chunk = _split(G, S * N, v_pred.device, block)
+    args = (v_pred, v_ref, weight, energy, S, N, chunk, 1.0 / N if mean else 1.0)
+    return Launch(_fwd_kernel, (G, splits), args, dict(BLOCK=block, num_warps=8))
+
+
+def bwd_launch(grad, v_pred, v_ref, weight, mean, need_ref, d_pred, d_ref) -> Launch:
+    """The backward launch; grad and weight float32 contiguous, gradients given."""
+    G, S, N = v_pred.shape
+    block = _block()
+    splits, chunk = _split(G, S * N, v_pred.device, block)
+    args = (
+        grad, v_pred, v_ref, weight, d_pred, d_ref if need_ref else d_pred, S, N, chunk,
+        2.0 / N if mean else 2.0,
+    )  # fmt: skip
+    return Launch(_bwd_kernel, (G, splits), args, dict(NEED_REF=need_ref, BLOCK=block, num_warps=8))
+
+
 def velocity_energy_fwd(
     v_pred: torch.Tensor, v_ref: torch.Tensor, weight: torch.Tensor, mean: bool
 ) -> torch.Tensor:
     """v_pred, v_ref: [G, S, N] contiguous; weight: [G, S] float32. Returns energy [G] float32."""
-    G, S, N = v_pred.shape
-    energy = torch.zeros(G, device=v_pred.device, dtype=torch.float32)
-    if v_pred.numel() == 0:
-        return energy
-    block = _block()
-    splits, chunk = _split(G, S * N, v_pred.device, block)
-    _fwd_kernel[(G, splits)](
-        v_pred, v_ref, weight.float().contiguous(), energy, S, N, chunk,
-        1.0 / N if mean else 1.0, BLOCK=block, num_warps=8,
-    )  # fmt: skip
+    energy = torch.zeros(v_pred.shape[0], device=v_pred.device, dtype=torch.float32)
+    if v_pred.numel() > 0:
+        fwd_launch(v_pred, v_ref, weight.float().contiguous(), mean, energy)()
     return energy
 
 
@@ -97,16 +112,12 @@ def velocity_energy_bwd(
     need_ref: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad: [G]. Returns d v_pred [G, S, N] and d v_ref (empty unless need_ref)."""
-    G, S, N = v_pred.shape
     d_pred = torch.empty_like(v_pred)
     d_ref = torch.empty_like(v_ref) if need_ref else v_ref.new_empty(0)
-    if v_pred.numel() == 0:
-        return d_pred, d_ref
-    block = _block()
-    splits, chunk = _split(G, S * N, v_pred.device, block)
-    _bwd_kernel[(G, splits)](
-        grad.float().contiguous(), v_pred, v_ref, weight.float().contiguous(), d_pred,
-        d_ref if need_ref else d_pred, S, N, chunk, 2.0 / N if mean else 2.0,
-        NEED_REF=need_ref, BLOCK=block, num_warps=8,
-    )  # fmt: skip
+    if v_pred.numel() > 0:
+        launch = bwd_launch(
+            grad.float().contiguous(), v_pred, v_ref, weight.float().contiguous(), mean,
+            need_ref, d_pred, d_ref,
+        )  # fmt: skip
+        launch()
     return d_pred, d_ref

@@ -1,0 +1,274 @@
+"""Ahead-of-time compilation of the Triton kernels for GPUs this machine does not have.
+
+``python -m kvpo_kernels.triton.aot`` builds every launch the op wrappers make (each kernel, dtype
+and head dim, small and large pages, every autotuning candidate left after pruning), compiles it
+with Triton's compiler and ptxas for sm_80 and sm_90a, and prints what each kernel asks of the SM:
+registers per thread, bytes spilled to local memory (the stack frame), shared memory, and which
+matrix instructions it uses. ``--check`` exits non-zero when a launch spills or asks for more shared
+memory than the SM has (fp32 may spill a few bytes: :data:`SPILL_BUDGET`); ``--json`` writes the records. CI runs it (tests/kernels/test_triton_aot.py).
+
+Needs Triton's CUDA backend (its bundled ptxas and cuobjdump) but no GPU and no driver. The
+interpreter replaces the kernels, so run it with ``TRITON_INTERPRET`` unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import routed_attention as ra
+from . import velocity_energy as ve
+from ._common import Launch, interpreted
+
+# compute capability, and the most shared memory one block may ask for (bytes; the opt-in maximum)
+ARCHS: dict[str, tuple[int, int]] = {"sm_80": (80, 163 * 1024), "sm_90a": (90, 227 * 1024)}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (64, 128, 256)
+# 16 tokens: the smallest block of keys; 1560: a Wan2.1 latent frame (the keys block is not capped)
+PAGE_SIZES = (16, 1560)
+
+# Registers spilled that a launch may have. fp32 runs exact IEEE dots on CUDA cores, the
+# correctness path rather than the fast one, and ptxas spills a few bytes in some of its tiles.
+SPILL_BUDGET = {"fp16": 0, "bf16": 0, "fp32": 64}
+
+_TYPE_NAMES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What one compiled kernel asks of the SM."""
+
+    kernel: str
+    arch: str
+    dtype: str
+    head_dim: int
+    page_size: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    registers: int  # per thread
+    spill_bytes: int  # stack frame: registers spilled to local memory
+    shared_bytes: int
+    shared_limit: int
+    matmul: str  # "wgmma" (Hopper warpgroup MMA), "mma" (mma.sync), "fma" (CUDA cores), "none"
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.spill_bytes <= SPILL_BUDGET[self.dtype] and self.shared_bytes <= self.shared_limit
+        )
+
+
+def _specialize(fn: triton.JITFunction, args: tuple, meta: dict[str, Any]):
+    """Signature, constexprs and attributes as Triton's JIT derives them from call arguments:
+    16-byte aligned pointers and integers divisible by 16 get a divisibility hint, an integer
+    equal to 1 becomes a constant (unless the parameter is marked do_not_specialize)."""
+    signature: dict[str, str] = {}
+    constexprs: dict[str, Any] = {}
+    attrs: dict[tuple[int, ...], list] = {}
+    hint = [["tt.divisibility", 16]]
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = meta[p.name]
+            continue
+        a = args[i]
+        if isinstance(a, torch.Tensor):
+            signature[p.name] = "*" + _TYPE_NAMES[a.dtype]
+            if a.data_ptr() % 16 == 0 and not p.do_not_specialize_on_alignment:
+                attrs[(i,)] = hint
+        elif isinstance(a, bool):
+            signature[p.name] = "u1"
+        elif isinstance(a, int):
+            if a == 1 and not p.do_not_specialize:
+                signature[p.name] = "constexpr"
+                constexprs[p.name] = 1
+                continue
+            signature[p.name] = "i32" if -(2**31) <= a < 2**31 else "i64"
+            if a % 16 == 0 and not p.do_not_specialize:
+                attrs[(i,)] = hint
+        elif isinstance(a, float):
+            signature[p.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {p.name} of type {type(a).__name__}")
+    return signature, constexprs, attrs
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) of the one kernel in a cubin, read by cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{out}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _matmul(ptx: str) -> str:
+    if "wgmma" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma"
+    if re.search(r"\bfma\.rn\.f32\b", ptx):
+        return "fma"
+    return "none"
+
+
+def compile_launch(
+    launch: Launch, arch: str, name: str, dtype: torch.dtype, page_size: int = 0
+) -> list[Compiled]:
+    """Compiles every variant of ``launch`` for ``arch`` (a key of :data:`ARCHS`); ``name``,
+    ``dtype`` (of the data operands) and ``page_size`` label the records."""
+    capability, shared_limit = ARCHS[arch]
+    fn = launch.jit_fn
+    out = []
+    for meta in launch.variants():
+        signature, constexprs, attrs = _specialize(fn, launch.args, meta)
+        kernel = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs),
+            target=GPUTarget("cuda", capability, 32),
+            options={
+                "num_warps": meta.get("num_warps", 4),
+                "num_stages": meta.get("num_stages", 3),
+            },
+        )
+        registers, stack = _resources(kernel.asm["cubin"])
+        out.append(
+            Compiled(
+                kernel=name,
+                arch=arch,
+                dtype=_TYPE_NAMES[dtype],
+                head_dim=int(meta.get("BLOCK_D", 0)),
+                page_size=page_size,
+                block_m=int(meta.get("BLOCK_M", meta.get("BLOCK", 0))),
+                block_n=int(meta.get("BLOCK_N", 0)),
+                num_warps=kernel.metadata.num_warps,
+                num_stages=kernel.metadata.num_stages,
+                registers=registers,
+                spill_bytes=stack,
+                shared_bytes=kernel.metadata.shared,
+                shared_limit=shared_limit,
+                matmul=_matmul(kernel.asm["ptx"]),
+            )
+        )
+    return out
+
+
+def routed_attention_launches(
+    dtype: torch.dtype, head_dim: int, page_size: int
+) -> dict[str, Launch]:
+    """The forward and both backward launches for a small problem (CPU tensors, never run) with
+    the strides and divisibility of the real one: 2 rows, 4 query heads on 2 KV heads, 40
+    queries, 3 pages."""
+    B, H, Hkv, Lq, P = 2, 4, 2, 40, 3
+    q = torch.zeros(B, H, Lq, head_dim, dtype=dtype)
+    k = torch.zeros(P, Hkv, page_size, head_dim, dtype=dtype)
+    table = torch.tensor([[0, 1, -1], [0, 2, 1]], dtype=torch.int32)
+    lens = torch.full((P,), page_size, dtype=torch.int32)
+    lse = torch.zeros(B, H, Lq)
+    scale = head_dim**-0.5
+    fwd = ra.fwd_launch(q, k, k, table, lens, scale, torch.empty_like(q), lse)
+    dq, dkdv = ra.bwd_launches(
+        q, q, k, k, table, lens, lse, lse, scale, torch.empty_like(q), torch.empty_like(k), k
+    )
+    return {
+        "routed_attention.fwd": fwd,
+        "routed_attention.bwd_dq": dq,
+        "routed_attention.bwd_dkdv": dkdv,
+    }
+
+
+def velocity_energy_launches(dtype: torch.dtype) -> dict[str, Launch]:
+    """The forward and backward launches: 8 branches, 4 steps, 3 x 1560 x 16 latents each."""
+    G, S, N = 8, 4, 3 * 1560 * 16
+    v = torch.zeros(G, S, N, dtype=dtype)
+    w = torch.ones(G, S)
+    e = torch.zeros(G)
+    return {
+        "velocity_energy.fwd": ve.fwd_launch(v, v, w, True, e),
+        "velocity_energy.bwd": ve.bwd_launch(e, v, v, w, True, True, v, v),
+    }
+
+
+def compile_all(archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS) -> list[Compiled]:
+    """Every launch of both ops for each of ``archs``."""
+    if interpreted():
+        raise RuntimeError("TRITON_INTERPRET=1 replaces the kernels: unset it to compile them")
+    records: list[Compiled] = []
+    for arch in archs:
+        for dtype in dtypes:
+            for name, launch in velocity_energy_launches(dtype).items():
+                records += compile_launch(launch, arch, name, dtype)
+            for head_dim in head_dims:
+                for page_size in PAGE_SIZES:
+                    launches = routed_attention_launches(dtype, head_dim, page_size)
+                    for name, launch in launches.items():
+                        records += compile_launch(launch, arch, name, dtype, page_size)
+    return records
+
+
+def table(records: list[Compiled]) -> str:
+    head = (
+        "| kernel | arch | dtype | D | page | BLOCK_M | BLOCK_N | warps | stages | regs | spill B "
+        "| smem KiB | matmul |"
+    )
+    rows = [head, "|" + "---|" * 13]
+    for r in records:
+        rows.append(
+            f"| {r.kernel} | {r.arch} | {r.dtype} | {r.head_dim or '-'} | {r.page_size or '-'} "
+            f"| {r.block_m} | {r.block_n or '-'} | {r.num_warps} | {r.num_stages} | {r.registers} "
+            f"| {r.spill_bytes} | {r.shared_bytes / 1024:.1f} | {r.matmul} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="default: all")
+    parser.add_argument("--json", help="write the records to this file")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if a launch spills or overflows shared memory"
+    )
+    args = parser.parse_args(argv)
+    records = compile_all(tuple(args.arch or ARCHS))
+    print(table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in records], f, indent=1)
+    bad = [r for r in records if not r.ok]
+    for r in bad:
+        print(
+            f"FAIL {r.kernel} {r.arch} {r.dtype} D={r.head_dim} page={r.page_size}: "
+            f"{r.spill_bytes} B spilled, {r.shared_bytes} of {r.shared_limit} B shared",
+            file=sys.stderr,
+        )
+    return 1 if args.check and bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
