@@ -1,11 +1,16 @@
 """GPU benchmark suite: routed_attention and velocity_energy against the baselines, one run.
 
     python -m benchmarks.gpu_suite [--quick] [--out results.md]
+    python -m benchmarks.gpu_suite --smoke --device cpu   # tiny shapes: checks the suite runs
+
 
 Shapes of the real target, Self-Forcing on Wan2.1-T2V-1.3B: 12 heads of dim 128, 1560 tokens per
 latent frame, a chunk of 3 frames (4680 queries), 21 frames of cache, G = 8 branches keeping each
 window frame with probability 0.5; plus a sweep over cache length and G. Times are medians of
 ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs). TFLOP/s count only kept work.
+A method that fails (an unsupported shape, a missing kernel) gets a row with its error; the run
+goes on. ``--smoke`` runs every code path on tiny shapes (CI does, on CPU with the Triton
+interpreter), so a GPU session spends its minutes measuring, not debugging the suite.
 """
 
 from __future__ import annotations
@@ -13,25 +18,45 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import statistics
+import time
 
 import torch
 import triton
 
 import kvpo_kernels
-from benchmarks.routed_methods import Setup, flops, gather_sdpa, make_inputs
+from benchmarks.routed_methods import Setup, flops, gather_sdpa, make_inputs, peak_rss_mib
 from benchmarks.routed_methods import flex as flex_method
 
 WAN = Setup(
     branches=8, pages=21, page_size=1560, heads=12, kv_heads=12, head_dim=128, queries=4680,
     p_keep=0.5, sinks=3, recent=3, dtype=torch.bfloat16, device="cuda",
 )  # fmt: skip
+# Every code path at toy size: 2 frames of 32 tokens in the window, GQA, fp16 (the interpreter
+# mishandles bf16).
+SMOKE = Setup(
+    branches=2, pages=4, page_size=32, heads=4, kv_heads=2, head_dim=64, queries=24,
+    p_keep=0.5, sinks=1, recent=1, dtype=torch.float16, device="cpu",
+)  # fmt: skip
 
 
-def _bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+def _bench(fn, device: str) -> float:
+    """Median milliseconds of fn()."""
+    if device == "cuda":
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
-def _peak(fn) -> float:
+def _peak(fn, device: str) -> float:
+    """MiB allocated at the peak of one warm call beyond what was allocated before it."""
+    if device != "cuda":
+        return peak_rss_mib(fn, repeats=1)
     fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -39,6 +64,15 @@ def _peak(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _failed(method: str, err: Exception, **cols) -> dict:
+    nan = float("nan")
+    return {
+        "method": method,
+        **{k: nan for k in cols},
+        "error": f"{type(err).__name__}: {err}"[:160],
+    }
 
 
 def _sdpa_flash(q, k, v, table):
@@ -68,25 +102,33 @@ def _flash_attn_paged(q, k, v, table, block=256):
     ).transpose(1, 2)
 
 
-def routed_rows(s: Setup, backward: bool) -> list[dict]:
+ROUTED_COLS = ("ms", "tflops", "peak_mib", "rel_err_vs_kvpo")
+
+
+def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -> list[dict]:
+    """One row per method: median ms, TFLOP/s of kept work, peak MiB, error against kvpo triton."""
     q, k, v, table = make_inputs(s)
     methods = {
         "kvpo triton": lambda: kvpo_kernels.routed_attention(q, k, v, table, backend="triton")[0],
         "FlexAttention + BlockMask build": lambda: flex_method(q, k, v, table),
         "SDPA flash on gathered K/V": lambda: _sdpa_flash(q, k, v, table),
     }
-    if kvpo_kernels._backend.native_cuda_available("routed_attn_fwd"):
+    if kvpo_kernels._backend.native_cuda_available("routed_attn_fwd") and s.device == "cuda":
         methods["kvpo cuda"] = lambda: kvpo_kernels.routed_attention(
             q, k, v, table, backend="cuda"
         )[0]
-    if importlib.util.find_spec("flash_attn") is not None and s.page_size % 256 == 0:
+    if (
+        importlib.util.find_spec("flash_attn") is not None
+        and s.page_size % 256 == 0
+        and s.device == "cuda"
+        and not backward  # inference-only API
+    ):
         methods["flash_attn_with_kvcache (block table)"] = lambda: _flash_attn_paged(q, k, v, table)
+    if only is not None:
+        methods = {name: fn for name, fn in methods.items() if name in only}
     ref = methods["kvpo triton"]().float()
     rows = []
     for name, fn in methods.items():
-        if backward and name.startswith("flash_attn"):
-            continue  # inference-only API
-        err = (fn().float() - ref).norm() / ref.norm()
         run = fn
         if backward:
             for t in (q, k, v):
@@ -95,62 +137,88 @@ def routed_rows(s: Setup, backward: bool) -> list[dict]:
             def run(fn=fn):
                 fn().backward(torch.ones_like(q))
 
-        ms = _bench(run)
-        rows.append(
-            {
-                "method": name,
-                "ms": ms,
-                "tflops": flops(s, table, backward) / ms / 1e9,
-                "peak_mib": _peak(run),
-                "rel_err_vs_kvpo": float(err),
-            }
-        )
+        try:
+            with torch.no_grad():
+                err = (fn().float() - ref).norm() / ref.norm()
+            ms = _bench(run, s.device)
+            rows.append(
+                {
+                    "method": name,
+                    "ms": ms,
+                    "tflops": flops(s, table, backward) / ms / 1e9,
+                    "peak_mib": _peak(run, s.device),
+                    "rel_err_vs_kvpo": float(err),
+                    "error": "",
+                }
+            )
+        except Exception as e:  # noqa: BLE001  (one failing baseline must not end the run)
+            rows.append(_failed(name, e, **dict.fromkeys(ROUTED_COLS)))
         for t in (q, k, v):
             t.requires_grad_(False)
             t.grad = None
     return rows
 
 
-def copy_bandwidth_gbs() -> float:
-    x = torch.empty(2**28, dtype=torch.float32, device="cuda").normal_()
+def copy_bandwidth_gbs(device: str, numel: int = 2**28) -> float:
+    x = torch.empty(numel, dtype=torch.float32, device=device).normal_()
     y = torch.empty_like(x)
-    ms = _bench(lambda: y.copy_(x))
+    ms = _bench(lambda: y.copy_(x), device)
     return 2 * x.numel() * 4 / ms / 1e6
 
 
-def velocity_rows(G=8, S=4, N=3 * 16 * 60 * 104, dtype=torch.bfloat16) -> list[dict]:
+def velocity_rows(
+    G=8, S=4, N=3 * 16 * 60 * 104, dtype=torch.bfloat16, device: str = "cuda"
+) -> list[dict]:
     """Wan latents: 16 channels x 60 x 104 per frame, a chunk of 3 frames, 4 steps, G = 8."""
-    a = torch.randn(G, S, N, device="cuda", dtype=dtype)
-    b = torch.randn(G, S, N, device="cuda", dtype=dtype)
-    w = torch.rand(S, device="cuda")
+    a = torch.randn(G, S, N, device=device, dtype=dtype)
+    b = torch.randn(G, S, N, device=device, dtype=dtype)
+    w = torch.rand(S, device=device)
     bytes_fwd = 2 * a.numel() * a.element_size()
     bytes_bwd = 3 * a.numel() * a.element_size()  # read both, write d_pred
-    copy = copy_bandwidth_gbs()
-    rows = []
-    for name, fn, nbytes in [
-        ("kvpo triton fwd", lambda: kvpo_kernels.velocity_energy(a, b, w, "mean", backend="triton"), bytes_fwd),
-        ("torch eager fwd", lambda: kvpo_kernels.velocity_energy_reference(a.float(), b.float(), w, "mean"), bytes_fwd),
-        ("torch.compile fwd", torch.compile(lambda: kvpo_kernels.velocity_energy_reference(a, b, w, "mean")), bytes_fwd),
-    ]:  # fmt: skip
-        ms = _bench(fn)
-        gbs = nbytes / ms / 1e6
-        rows.append({"method": name, "ms": ms, "GB/s": gbs, "of_copy": gbs / copy})
-    backends = ["triton"]
-    if kvpo_kernels._backend.native_cuda_available("velocity_energy_fwd"):
-        backends.append("cuda")
-        ms = _bench(lambda: kvpo_kernels.velocity_energy(a, b, w, "mean", backend="cuda"))
-        rows.insert(1, {"method": "kvpo cuda fwd", "ms": ms, "GB/s": bytes_fwd / ms / 1e6,
-                        "of_copy": bytes_fwd / ms / 1e6 / copy})  # fmt: skip
-    a.requires_grad_(True)
-    for backend in backends:
+    copy = copy_bandwidth_gbs(device, 2**28 if device == "cuda" else 2**20)
+    ref = kvpo_kernels.velocity_energy_reference(a.double(), b.double(), w.double(), "mean")
+
+    def energy(backend):
+        return lambda: kvpo_kernels.velocity_energy(a, b, w, "mean", backend=backend)
+
+    def grad(backend):
+        a.requires_grad_(True)  # stays on: the bwd rows come last
         e = kvpo_kernels.velocity_energy(a, b, w, "mean", backend=backend)
         g = torch.ones_like(e)
-        ms = _bench(lambda e=e, g=g: torch.autograd.grad(e, a, g, retain_graph=True))
-        rows.append({"method": f"kvpo {backend} bwd", "ms": ms, "GB/s": bytes_bwd / ms / 1e6,
-                     "of_copy": bytes_bwd / ms / 1e6 / copy})  # fmt: skip
+        return lambda: torch.autograd.grad(e, a, g, retain_graph=True)
+
+    backends = ["triton"]
+    if kvpo_kernels._backend.native_cuda_available("velocity_energy_fwd") and device == "cuda":
+        backends.append("cuda")
+    cases = [(f"kvpo {b} fwd", lambda b=b: energy(b), bytes_fwd) for b in backends]
+    cases += [
+        ("torch eager fwd", lambda: lambda: kvpo_kernels.velocity_energy_reference(a.float(), b.float(), w, "mean"), bytes_fwd),
+        ("torch.compile fwd", lambda: torch.compile(lambda: kvpo_kernels.velocity_energy_reference(a, b, w, "mean")), bytes_fwd),
+    ]  # fmt: skip
+    cases += [(f"kvpo {b} bwd", lambda b=b: grad(b), bytes_bwd) for b in backends]
+    rows = []
+    for name, make, nbytes in cases:
+        try:
+            fn = make()
+            out = fn()
+            with torch.no_grad():
+                if "fwd" in name:
+                    err = float((out - ref).norm() / ref.norm())
+                else:  # d/da of sum_s w_s mean_n (a - b)^2
+                    want = 2 * w.double()[None, :, None] * (a.double() - b.double()) / N
+                    err = float((out[0].double() - want).norm() / want.norm())
+            ms = _bench(fn, device)
+            gbs = nbytes / ms / 1e6
+            rows.append(
+                {"method": name, "ms": ms, "GB/s": gbs, "of_copy": gbs / copy, "rel_err": err,
+                 "error": ""}
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            rows.append(_failed(name, e, ms=0, **{"GB/s": 0}, of_copy=0, rel_err=0))
     rows.append(
-        {"method": "device copy (read + write)", "ms": float("nan"), "GB/s": copy, "of_copy": 1.0}
-    )
+        {"method": "device copy (read + write)", "ms": float("nan"), "GB/s": copy, "of_copy": 1.0,
+         "rel_err": float("nan"), "error": ""}
+    )  # fmt: skip
     return rows
 
 
@@ -166,42 +234,49 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def sections(smoke: bool = False, quick: bool = False, device: str = "cuda"):
+    """(title, rows) of every table of the suite, in order."""
+    # One compiled FlexAttention per shape: the sweep alone has 9, more than dynamo's default
+    # recompile limit (8), past which it would silently run the eager kernel.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    main_setup = dataclasses.replace(SMOKE if smoke else WAN, device=device)
+    dtype = str(main_setup.dtype).removeprefix("torch.")
+    yield f"routed_attention forward, Wan2.1 shape, {dtype}", routed_rows(main_setup, False)
+    yield (
+        f"routed_attention forward + backward, Wan2.1 shape, {dtype}",
+        routed_rows(main_setup, True),
+    )
+    energy = velocity_rows(2, 2, 3000, torch.float16, device) if smoke else velocity_rows()
+    yield f"velocity_energy, {dtype}", energy
+    if quick:
+        return
+    if not smoke:
+        fa = dataclasses.replace(main_setup, page_size=1536, queries=4608)
+        title = "forward, 1536-token frames (flash-attn block table needs 256 | page)"
+        yield title, routed_rows(fa, False)
+    sweep = [(3, 2)] if smoke else [(p, g) for p in (9, 21, 33) for g in (4, 8, 16)]
+    for pages, g in sweep:
+        s = dataclasses.replace(main_setup, pages=pages, branches=g)
+        rows = routed_rows(s, False, only=("kvpo triton", "FlexAttention + BlockMask build"))
+        yield f"sweep: {pages} frames of cache, G = {g}", rows
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="the main shape only")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: check the suite runs")
+    parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    out = [
-        f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
-    ]
-    out += ["", "### routed_attention forward, Wan2.1 shape, bf16", _table(routed_rows(WAN, False))]
-    out += [
-        "",
-        "### routed_attention forward + backward, Wan2.1 shape, bf16",
-        _table(routed_rows(WAN, True)),
-    ]
-    out += ["", "### velocity_energy, bf16", _table(velocity_rows())]
-    if not args.quick:
-        fa = dataclasses.replace(WAN, page_size=1536, queries=4608)
-        out += [
-            "",
-            "### forward, 1536-token frames (flash-attn block table needs 256 | page)",
-            _table(routed_rows(fa, False)),
-        ]
-        for pages in (9, 21, 33):
-            for g in (4, 8, 16):
-                s = dataclasses.replace(WAN, pages=pages, branches=g)
-                r = [
-                    x
-                    for x in routed_rows(s, False)
-                    if x["method"] in ("kvpo triton", "FlexAttention + BlockMask build")
-                ]
-                out += ["", f"### sweep: {pages} frames of cache, G = {g}", _table(r)]
-    text = "\n".join(out)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    args = parser.parse_args(argv)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke run)"
+    out = [f"Device: {name}, torch {torch.__version__}, triton {triton.__version__}"]
+    print(out[0], flush=True)
+    for title, rows in sections(args.smoke, args.quick, args.device):
+        out += ["", f"### {title}", _table(rows)]
+        print("\n".join(out[-3:]), flush=True)
+        if args.out:  # rewritten after every table: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                f.write("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

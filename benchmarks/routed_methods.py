@@ -72,7 +72,8 @@ def gather_sdpa(q, k, v, table):
         kept = table[b][table[b] >= 0].long()
         kb = k[kept].permute(1, 0, 2, 3).reshape(1, k.shape[1], -1, k.shape[3])
         vb = v[kept].permute(1, 0, 2, 3).reshape(1, v.shape[1], -1, v.shape[3])
-        outs.append(F.scaled_dot_product_attention(q[b : b + 1], kb, vb, enable_gqa=True))
+        gqa = kb.shape[1] != q.shape[1]  # only flash and math take enable_gqa: ask only if needed
+        outs.append(F.scaled_dot_product_attention(q[b : b + 1], kb, vb, enable_gqa=gqa))
     return torch.cat(outs)
 
 
@@ -108,8 +109,12 @@ def flex(q, k, v, table, compiled: bool = True):
     def mask_mod(b, h, q_idx, kv_idx):
         return kept[b, kv_idx // ps]
 
+    # One KV block per page where the kernels allow it (CPU; on GPU the Triton kernel needs a KV
+    # block that is a multiple of its tile, so a 1560-token frame takes 128-token blocks and the
+    # mask_mod resolves the blocks that straddle two pages).
+    kv_block = ps if q.device.type == "cpu" or ps % 128 == 0 else 128
     block = create_block_mask(
-        mask_mod, B, None, q.shape[2], P * ps, device=q.device, BLOCK_SIZE=(128, ps)
+        mask_mod, B, None, q.shape[2], P * ps, device=q.device, BLOCK_SIZE=(128, kv_block)
     )
     if compiled and _flex_compiled is None:
         _flex_compiled = torch.compile(flex_attention, dynamic=False)

@@ -1,0 +1,66 @@
+"""The GPU benchmark suite runs end to end at toy size on CPU (Triton under the interpreter), so
+the first session with a GPU spends its minutes measuring. What a GPU alone can fail (the flash
+SDPA backend, flash-attn, the CUDA kernels, timings) is not exercised here."""
+
+import math
+
+import pytest
+
+from kvpo_kernels import _backend
+
+pytestmark = pytest.mark.skipif(
+    not (_backend.triton_available() and _backend.triton_interpreted()),
+    reason="needs triton and TRITON_INTERPRET=1 at import",
+)
+
+
+@pytest.fixture(scope="module")
+def tables():
+    from benchmarks.gpu_suite import sections
+
+    return dict(sections(smoke=True, device="cpu"))
+
+
+def _row(rows, method):
+    (row,) = [r for r in rows if r["method"] == method]
+    return row
+
+
+def test_every_table_is_there(tables):
+    assert list(tables) == [
+        "routed_attention forward, Wan2.1 shape, float16",
+        "routed_attention forward + backward, Wan2.1 shape, float16",
+        "velocity_energy, float16",
+        "sweep: 3 frames of cache, G = 2",
+    ]
+
+
+def test_routed_methods_agree_with_kvpo(tables):
+    fwd = tables["routed_attention forward, Wan2.1 shape, float16"]
+    for method in ("kvpo triton", "FlexAttention + BlockMask build", "SDPA flash on gathered K/V"):
+        row = _row(fwd, method)
+        assert row["error"] == "", row
+        assert row["rel_err_vs_kvpo"] < 2e-3, row  # fp16 outputs
+        assert row["ms"] > 0 and row["tflops"] > 0, row
+    sweep = tables["sweep: 3 frames of cache, G = 2"]
+    assert [r["method"] for r in sweep] == ["kvpo triton", "FlexAttention + BlockMask build"]
+    assert all(r["error"] == "" for r in sweep), sweep
+
+
+def test_backward_rows_run_or_name_their_error(tables):
+    bwd = tables["routed_attention forward + backward, Wan2.1 shape, float16"]
+    assert _row(bwd, "kvpo triton")["error"] == ""
+    assert _row(bwd, "SDPA flash on gathered K/V")["error"] == ""
+    flex = _row(bwd, "FlexAttention + BlockMask build")  # no CPU backward in torch
+    assert flex["error"] == "" or "backward" in flex["error"]
+    assert flex["error"] != "" or flex["ms"] > 0
+
+
+def test_velocity_energy_rows_are_correct(tables):
+    rows = tables["velocity_energy, float16"]
+    for method in ("kvpo triton fwd", "kvpo triton bwd", "torch eager fwd"):
+        row = _row(rows, method)
+        assert row["error"] == "", row
+        assert row["rel_err"] < 2e-3 and row["of_copy"] > 0, row
+    assert _row(rows, "device copy (read + write)")["of_copy"] == 1.0
+    assert math.isnan(_row(rows, "device copy (read + write)")["ms"])
