@@ -43,7 +43,7 @@ def _extension():
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={
                 "cxx": cxx + ["-DKVPO_WITH_CUDA"],
-                "nvcc": ["-O3", "--use_fast_math", "-lineinfo"],
+                "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-warn-spills"],
             },
             extra_link_args=["-fopenmp"],
         )

@@ -60,8 +60,11 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, int rows
   }
 }
 
+// Two CTAs per SM: at D = 128 a CTA takes 112 KB of shared memory, so two fit an H100's SM. The
+// hint also keeps ptxas from spilling the fp16 variants (16-36 bytes without it, at 40-64 of 255
+// registers); the build fails on any spill (-warn-spills, tests/kernels/test_cuda_build.py).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) routed_attn_fwd_kernel(RoutedAttnParams p) {
+__global__ void __launch_bounds__(kThreads, 2) routed_attn_fwd_kernel(RoutedAttnParams p) {
   using L = Layout<D>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
