@@ -29,6 +29,10 @@ class TrainConfig:
     prompts_per_iter: int = 4  # groups per iteration, over all ranks
     multi_prompt: float = 0.0  # probability that a training prompt switches direction mid-video
     # Exploration (rollout).
+    # routing: KVPO (KV routing, TVE, Gibbs branch probabilities) | sde: the Flow-GRPO baseline
+    # (per-branch SDE noise on the scored steps, PPO on Gaussian step log-probabilities)
+    explore: str = "routing"
+    sde_noise: float = 0.7  # the SDE's a in sigma_t = a sqrt(t / (1 - t)) (explore=sde)
     group_size: int = 6
     window: tuple[int, int] = (2, 6)  # perturbed chunks [w0, w1)
     p_keep: float = 0.3
@@ -83,7 +87,7 @@ class TrainConfig:
                 raise bad(name, "must be a positive integer")
         if self.group_size < 2:
             raise bad("group_size", "must be >= 2 (advantages are relative within a group)")
-        for name in ("lr", "tau", "grad_clip", "adv_clip"):
+        for name in ("lr", "tau", "grad_clip", "adv_clip", "sde_noise"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise bad(name, "must be a finite number > 0")
@@ -101,6 +105,11 @@ class TrainConfig:
             raise bad("advantage", "must be 'group' or 'anchor'")
         if self.kl not in ("velocity", "softmax", "none"):
             raise bad("kl", "must be 'velocity', 'softmax' or 'none'")
+        if self.explore not in ("routing", "sde"):
+            raise bad("explore", "must be 'routing' (KVPO) or 'sde' (the Flow-GRPO baseline)")
+        if self.explore == "sde" and self.kl == "softmax":
+            raise bad("kl", "'softmax' is the KL of KVPO's branch softmax: with explore='sde' use "
+                      "'velocity' or 'none'")  # fmt: skip
         if self.step_weighting not in ("uniform", "sigma"):
             raise bad("step_weighting", "must be 'uniform' or 'sigma'")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -68,12 +68,19 @@ def ppo_objective(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``-mean min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A)`` over valid groups.
 
+    Args:
+        logp, logp_old: [B, G] branch log-probabilities, or [B, G, K] per-step ones (the SDE
+            baseline), ratios taken elementwise.
+        adv: [B, G] (broadcast over K); valid: [B] bool.
+
     Returns the loss (0 with no valid group) and stats: ratio mean, clip fraction.
     """
+    if adv.dim() < logp.dim():
+        adv = adv.reshape(*adv.shape, *[1] * (logp.dim() - adv.dim()))
     ratio = torch.exp(logp - logp_old)
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
     obj = torch.minimum(ratio * adv, clipped * adv)
-    m = valid[:, None].expand_as(obj).to(obj.dtype)
+    m = valid.reshape(-1, *[1] * (obj.dim() - 1)).expand_as(obj).to(obj.dtype)
     n = m.sum().clamp_min(1.0)
     loss = -(obj * m).sum() / n
     was_clipped = ((ratio * adv) > (clipped * adv)).to(obj.dtype)

@@ -7,10 +7,15 @@ per group; their pages are listed by every branch's table (shared, not copied). 
 A chunk's cache pages are written by a clean pass under the branch's full context, and after the
 window generation continues under full context. The sampler is the model's deterministic few-step
 ODE, so branches differ only through the routing.
+
+``explore="sde"`` is the Flow-GRPO baseline instead (:mod:`kvpo.sde`): no routing; the recorded
+steps of the scored chunks are stochastic SDE steps, independent per branch, and the velocity
+recorded is the step taken, ``(x_{k+1} - x_k) / dt``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +24,7 @@ from kvpo_kernels import route_pages
 
 from .context import chunk_conditioning, context_table, context_width, droppable_columns
 from .interface import StreamingVideoGenerator
+from .sde import sde_step
 
 
 @dataclass
@@ -37,6 +43,9 @@ class RolloutSpec:
         record_prefix: also record the steps of the shared pre-window chunks (identical in every
             branch: they carry no TVE weight, but let a regularizer keep those chunks near the
             reference policy).
+        explore: ``routing`` (KVPO) or ``sde`` (the Flow-GRPO baseline: per-branch SDE noise on
+            the recorded steps of the scored chunks, full context everywhere).
+        sde_noise: the SDE's noise level ``a`` (``sigma_t = a sqrt(t / (1 - t))``).
     """
 
     group_size: int = 4
@@ -47,6 +56,8 @@ class RolloutSpec:
     anchor: bool = True
     share_pages: bool = True
     record_prefix: bool = False
+    explore: str = "routing"
+    sde_noise: float = 0.7
 
     def validate(self, model: StreamingVideoGenerator) -> None:
         n_chunks = model.num_frames // model.chunk_frames
@@ -60,6 +71,10 @@ class RolloutSpec:
             raise ValueError(f"group_size={self.group_size} must be >= 1")
         if not 0.0 <= self.p_keep <= 1.0:
             raise ValueError(f"p_keep={self.p_keep} must be in [0, 1]")
+        if self.explore not in ("routing", "sde"):
+            raise ValueError(f"explore={self.explore!r} must be 'routing' or 'sde'")
+        if not (math.isfinite(self.sde_noise) and self.sde_noise > 0):
+            raise ValueError(f"sde_noise={self.sde_noise} must be a finite number > 0")
         steps = len(model.timesteps()) - 1
         if self.score_steps is not None and (
             not self.score_steps or any(not 0 <= s < steps for s in self.score_steps)
@@ -86,12 +101,14 @@ class Rollout:
     states: torch.Tensor  # [B, G, K, L, d] x_k at each recorded step
     velocities: torch.Tensor  # [B, G, K, L, d] velocity each branch took there
     t: torch.Tensor  # [K] timestep of each record
+    t_next: torch.Tensor  # [K] the timestep its step went to
     chunk: torch.Tensor  # [K] int64 chunk of each record
     window: tuple[int, int]
     scored: torch.Tensor  # [K] bool: record carries TVE weight (False: a pre-window record)
     anchor_tokens: torch.Tensor | None  # [B, F, T, d] unperturbed branch
     tables: dict[int, torch.Tensor]  # chunk -> [B*G, W] int32 denoising tables of the branches
     cache_bytes: int  # bytes of KV pages the rollout used
+    explore: str = "routing"  # how the branches were explored (RolloutSpec.explore)
 
 
 def _steps(model: StreamingVideoGenerator, spec: RolloutSpec) -> list[int]:
@@ -136,8 +153,14 @@ def rollout(
     scratch = cache.allocate(B * Gt * c).view(B * Gt, c)
     width = context_width(model, nC)
 
-    def run_chunk(j: int, page_map, group_of_row, table_hist, cond, record):
-        """Denoise chunk j for R rows, then write its clean pages; returns clean x and records."""
+    sde = spec.explore == "sde"
+    t_cap = float(ts[1])  # sigma_t is infinite at t = 1: the SDE uses the next timestep there
+
+    def run_chunk(j: int, page_map, group_of_row, table_hist, cond, record, ode_rows=None):
+        """Denoise chunk j for R rows, then write its clean pages; returns clean x and records.
+
+        In SDE exploration the recorded steps of the forked rows are stochastic: those of the
+        rows given by ``ode_rows`` ([R] bool, the anchors) are not; None (the shared prefix): none."""
         R = page_map.shape[0]
         own = scratch[:R]
         x = noise[group_of_row, j].clone()
@@ -146,10 +169,17 @@ def rollout(
         xs, vs = [], []
         for k in range(len(ts) - 1):
             v = model(x, ts[k].expand(R), cond, fi, den_table.to(device), cache, own)
+            dt = ts[k + 1] - ts[k]
+            x_next = x + dt * v
             if record and k in steps:
+                if sde and ode_rows is not None:
+                    eps = torch.randn(x.shape, generator=generator).to(device)
+                    x_sde = sde_step(x, v, ts[k], ts[k + 1], t_cap, spec.sde_noise, eps)
+                    x_next = torch.where(ode_rows.to(device)[:, None, None], x_next, x_sde)
+                    v = (x_next - x) / dt  # the step taken
                 xs.append(x)
                 vs.append(v)
-            x = x + (ts[k + 1] - ts[k]) * v
+            x = x_next
         # The clean pass writes the chunk's pages under the full (unrouted) context.
         perm = cache.allocate(R * c).view(R, c)
         full = context_table(model, page_map, torch.arange(R), torch.full((R,), j), perm, width)
@@ -186,13 +216,14 @@ def rollout(
     recs_x = [x[rows] for x in pre_x]  # shared records, one copy per branch row
     recs_v = [v[rows] for v in pre_v]
     rec_t = [float(ts[k]) for _ in range(w0) for k in steps] if pre_x else []
+    rec_tn = [float(ts[k + 1]) for _ in range(w0) for k in steps] if pre_x else []
     rec_chunk = [j for j in range(w0) for _ in steps] if pre_x else []
     n_pre, tables = len(pre_x), {}
     for j in range(w0, nC):
         hist = context_table(
             model, page_map, torch.arange(B * Gt), torch.full((B * Gt,), j), None, width - c
         )
-        if j < w1:
+        if j < w1 and not sde:
             template = torch.arange(width - c, dtype=torch.int32)
             keep = route_pages(
                 template,
@@ -204,13 +235,16 @@ def rollout(
             )
             routed = torch.where(keep >= 0, hist, torch.full_like(hist, -1))
             hist = torch.where(is_anchor[:, None], hist, routed)
-        x, xs, vs, den_table = run_chunk(j, page_map, rows, hist, cond_bj[rows, j], j in scored)
+        x, xs, vs, den_table = run_chunk(
+            j, page_map, rows, hist, cond_bj[rows, j], j in scored, ode_rows=is_anchor
+        )
         chunks.append(x[:, None])
         tables[j] = den_table.view(B, Gt, -1)[:, :G].reshape(B * G, -1)
         if j in scored:
             recs_x += xs
             recs_v += vs
             rec_t += [float(ts[k]) for k in steps]
+            rec_tn += [float(ts[k + 1]) for k in steps]
             rec_chunk += [j] * len(steps)
 
     tokens = torch.cat(chunks, 1).view(B, Gt, Fr, T, d)
@@ -223,12 +257,14 @@ def rollout(
         states=states[:, :G],
         velocities=vels[:, :G],
         t=torch.tensor(rec_t),
+        t_next=torch.tensor(rec_tn),
         chunk=torch.tensor(rec_chunk, dtype=torch.long),
         window=(w0, w1),
         scored=torch.arange(K) >= n_pre,
         anchor_tokens=tokens[:, G] if spec.anchor else None,
         tables=tables,
         cache_bytes=cache.used * cache.nbytes() // max(cache.capacity, 1),
+        explore=spec.explore,
     )
 
 

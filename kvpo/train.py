@@ -26,6 +26,7 @@ from .replay import replay_velocities, step_weights, trajectory_energy
 from .report import MetricsLog, plot_rewards, save_videos
 from .rewards import ClipReward, CompositeReward
 from .rollout import Rollout, RolloutSpec, generate, rollout
+from .sde import step_log_probs
 
 
 def make_reward(cfg: TrainConfig) -> CompositeReward:
@@ -81,6 +82,16 @@ def branch_rewards(model: TinyARVideo, ro: Rollout, reward: CompositeReward):
     return comps, anchor
 
 
+def branch_log_probs(cfg: TrainConfig, model, u, ro: Rollout, energy) -> torch.Tensor:
+    """KVPO: Gibbs branch log-probabilities [B, G] from the TVE. The SDE baseline: the Gaussian
+    log-probability of every scored stochastic step [B, G, K']."""
+    if cfg.explore == "routing":
+        return gibbs_log_probs(energy, cfg.tau)
+    t_cap = float(model.timesteps()[1])
+    logp = step_log_probs(u, ro.states, ro.velocities, ro.t, ro.t_next, t_cap, cfg.sde_noise)
+    return logp[:, :, ro.scored.to(logp.device)]
+
+
 def kl_term(cfg: TrainConfig, u, u_ref, logp, logp_ref) -> torch.Tensor:
     if cfg.kl == "velocity":
         return (u - u_ref).pow(2).mean()
@@ -123,8 +134,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         model, opt, start, saved, history = load_training(
             cfg.resume, lambda m: make_optimizer(cfg, m.to(device))
         )
-        for key in ("group_size", "window", "base_checkpoint", "seed"):
-            if saved.get(key) != cfg.to_dict()[key]:
+        defaults = TrainConfig().to_dict()  # fields newer than the checkpoint: their defaults
+        for key in ("group_size", "window", "base_checkpoint", "seed", "explore"):
+            if saved.get(key, defaults[key]) != cfg.to_dict()[key]:
                 raise CheckpointError(
                     f"--resume {cfg.resume!r} was trained with {key}="
                     f"{saved.get(key)!r}, this config has {cfg.to_dict()[key]!r}"
@@ -146,6 +158,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         score_steps=None if cfg.score_steps is None else tuple(cfg.score_steps),
         anchor=cfg.advantage == "anchor",
         record_prefix=cfg.kl_prefix and cfg.kl == "velocity",
+        explore=cfg.explore,
+        sde_noise=cfg.sde_noise,
     )
     spec.validate(model)
     reward = make_reward(cfg)
@@ -160,7 +174,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         print(
             f"kvpo: {n / 1e6:.2f} M-parameter generator on {device}, {world} rank(s), "
             f"{cfg.prompts_per_iter} prompts x G={cfg.group_size} per iteration, "
-            f"window chunks {tuple(cfg.window)}, p_keep={cfg.p_keep}",
+            f"window chunks {tuple(cfg.window)}, "
+            + (
+                f"p_keep={cfg.p_keep}"
+                if cfg.explore == "routing"
+                else f"SDE baseline, noise {cfg.sde_noise}"
+            ),
             flush=True,
         )
         if start == 0:
@@ -209,7 +228,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             u_ref = replay_velocities(ref, ro) if cfg.kl != "none" else None
             logp_ref = (
                 gibbs_log_probs(trajectory_energy(u_ref, ro, weight), cfg.tau)
-                if u_ref is not None
+                if cfg.kl == "softmax"
                 else None
             )
         t2 = time.perf_counter()
@@ -221,7 +240,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             u = replay_velocities(model, ro)
             energy = trajectory_energy(u, ro, weight)
             t_replay += time.perf_counter() - tr0
-            logp = gibbs_log_probs(energy, cfg.tau)
+            logp = branch_log_probs(cfg, model, u, ro, energy)
             if logp_old is None:  # the rollout policy is the policy before the first step
                 logp_old = logp.detach()
             loss, st = ppo_objective(logp, logp_old, adv, valid, cfg.clip_low, cfg.clip_high)
