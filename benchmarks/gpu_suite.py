@@ -66,11 +66,11 @@ def _peak(fn, device: str) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _failed(method: str, err: Exception, **cols) -> dict:
-    nan = float("nan")
+def _failed(method: str, err: Exception, cols: tuple[str, ...]) -> dict:
+    """The row of a method that raised: NaN in every column, and the error."""
     return {
         "method": method,
-        **{k: nan for k in cols},
+        **dict.fromkeys(cols, float("nan")),
         "error": f"{type(err).__name__}: {err}"[:160],
     }
 
@@ -103,6 +103,7 @@ def _flash_attn_paged(q, k, v, table, block=256):
 
 
 ROUTED_COLS = ("ms", "tflops", "peak_mib", "rel_err_vs_kvpo")
+ENERGY_COLS = ("ms", "GB/s", "of_copy", "rel_err")
 
 
 def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -> list[dict]:
@@ -152,7 +153,7 @@ def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -
                 }
             )
         except Exception as e:  # noqa: BLE001  (one failing baseline must not end the run)
-            rows.append(_failed(name, e, **dict.fromkeys(ROUTED_COLS)))
+            rows.append(_failed(name, e, ROUTED_COLS))
         for t in (q, k, v):
             t.requires_grad_(False)
             t.grad = None
@@ -190,12 +191,12 @@ def velocity_rows(
     backends = ["triton"]
     if kvpo_kernels._backend.native_cuda_available("velocity_energy_fwd") and device == "cuda":
         backends.append("cuda")
-    cases = [(f"kvpo {b} fwd", lambda b=b: energy(b), bytes_fwd) for b in backends]
+    cases = [(f"kvpo {be} fwd", lambda be=be: energy(be), bytes_fwd) for be in backends]
     cases += [
         ("torch eager fwd", lambda: lambda: kvpo_kernels.velocity_energy_reference(a.float(), b.float(), w, "mean"), bytes_fwd),
         ("torch.compile fwd", lambda: torch.compile(lambda: kvpo_kernels.velocity_energy_reference(a, b, w, "mean")), bytes_fwd),
     ]  # fmt: skip
-    cases += [(f"kvpo {b} bwd", lambda b=b: grad(b), bytes_bwd) for b in backends]
+    cases += [(f"kvpo {be} bwd", lambda be=be: grad(be), bytes_bwd) for be in backends]
     rows = []
     for name, make, nbytes in cases:
         try:
@@ -214,7 +215,7 @@ def velocity_rows(
                  "error": ""}
             )  # fmt: skip
         except Exception as e:  # noqa: BLE001
-            rows.append(_failed(name, e, ms=0, **{"GB/s": 0}, of_copy=0, rel_err=0))
+            rows.append(_failed(name, e, ENERGY_COLS))
     rows.append(
         {"method": "device copy (read + write)", "ms": float("nan"), "GB/s": copy, "of_copy": 1.0,
          "rel_err": float("nan"), "error": ""}

@@ -24,7 +24,7 @@ from kvpo_kernels import route_pages
 
 from .context import chunk_conditioning, context_table, context_width, droppable_columns
 from .interface import StreamingVideoGenerator
-from .sde import sde_step
+from .sde import sde_step, sde_t_cap
 
 
 @dataclass
@@ -154,7 +154,7 @@ def rollout(
     width = context_width(model, nC)
 
     sde = spec.explore == "sde"
-    t_cap = float(ts[1])  # sigma_t is infinite at t = 1: the SDE uses the next timestep there
+    t_cap = sde_t_cap(ts)
 
     def run_chunk(j: int, page_map, group_of_row, table_hist, cond, record, ode_rows=None):
         """Denoise chunk j for R rows, then write its clean pages; returns clean x and records.

@@ -22,6 +22,12 @@ import math
 import torch
 
 
+def sde_t_cap(timesteps: torch.Tensor) -> float:
+    """The cap on t in sigma_t: sigma is infinite at t = 1, so the first step uses the next
+    timestep of the sampler's schedule ``timesteps`` ([steps + 1], from 1 to 0)."""
+    return float(timesteps[1])
+
+
 def sde_sigma(t: torch.Tensor, t_cap: float, noise: float) -> torch.Tensor:
     """sigma_t = noise * sqrt(t / (1 - t)), with t capped at ``t_cap`` < 1 (finite at t = 1)."""
     tc = t.clamp(max=t_cap)

@@ -26,7 +26,7 @@ from .replay import replay_velocities, step_weights, trajectory_energy
 from .report import MetricsLog, plot_rewards, save_videos
 from .rewards import ClipReward, CompositeReward
 from .rollout import Rollout, RolloutSpec, generate, rollout
-from .sde import step_log_probs
+from .sde import sde_t_cap, step_log_probs
 
 
 def make_reward(cfg: TrainConfig) -> CompositeReward:
@@ -87,7 +87,7 @@ def branch_log_probs(cfg: TrainConfig, model, u, ro: Rollout, energy) -> torch.T
     log-probability of every scored stochastic step [B, G, K']."""
     if cfg.explore == "routing":
         return gibbs_log_probs(energy, cfg.tau)
-    t_cap = float(model.timesteps()[1])
+    t_cap = sde_t_cap(model.timesteps())
     logp = step_log_probs(u, ro.states, ro.velocities, ro.t, ro.t_next, t_cap, cfg.sde_noise)
     return logp[:, :, ro.scored.to(logp.device)]
 

@@ -77,16 +77,16 @@ def _cap_n(t: Tiles, page_size: int) -> Tiles:
     return t._replace(block_n=min(t.block_n, max(16, next_pow2(page_size))))
 
 
+def _config(t: Tiles) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps, num_stages=t.num_stages
+    )
+
+
 def _fwd_configs() -> list[triton.Config]:
     if interpreted():
-        tiles = [INTERPRETER_TILES]
-    else:
-        tiles = sorted({t for ts in FWD_TILES.values() for t in ts})
-    return [
-        triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps,
-                      num_stages=t.num_stages)
-        for t in tiles
-    ]  # fmt: skip
+        return [_config(INTERPRETER_TILES)]
+    return [_config(t) for t in sorted({t for ts in FWD_TILES.values() for t in ts})]
 
 
 def _prune_fwd(configs, named_args, **meta) -> list[triton.Config]:
@@ -97,9 +97,7 @@ def _prune_fwd(configs, named_args, **meta) -> list[triton.Config]:
         t = Tiles(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
         if t in wanted:
             t = _cap_n(t, named_args["page_size"])
-            kept.setdefault(t, triton.Config(
-                {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps,
-                num_stages=t.num_stages))  # fmt: skip
+            kept.setdefault(t, _config(t))
     return list(kept.values())
 
 

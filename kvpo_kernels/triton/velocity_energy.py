@@ -71,26 +71,31 @@ def _block() -> int:
     return 256 if interpreted() else 2048
 
 
-def fwd_launch(v_pred, v_ref, weight, mean, energy) -> Launch:
-    """The forward launch; arguments as :func:`velocity_energy_fwd`, weight float32 contiguous,
-    energy [G] float32 zeros."""
+def _layout(v_pred: torch.Tensor) -> tuple[int, int, int, tuple[int, int], int]:
+    """(S, N, block, grid, chunk) of a launch over v_pred [G, S, N]: forward and backward split
+    the same way."""
     G, S, N = v_pred.shape
     block = _block()
     splits, chunk = _split(G, S * N, v_pred.device, block)
+    return S, N, block, (G, splits), chunk
+
+
+def fwd_launch(v_pred, v_ref, weight, mean, energy) -> Launch:
+    """The forward launch; arguments as :func:`velocity_energy_fwd`, weight float32 contiguous,
+    energy [G] float32 zeros."""
+    S, N, block, grid, chunk = _layout(v_pred)
     args = (v_pred, v_ref, weight, energy, S, N, chunk, 1.0 / N if mean else 1.0)
-    return Launch(_fwd_kernel, (G, splits), args, dict(BLOCK=block, num_warps=8))
+    return Launch(_fwd_kernel, grid, args, dict(BLOCK=block, num_warps=8))
 
 
 def bwd_launch(grad, v_pred, v_ref, weight, mean, need_ref, d_pred, d_ref) -> Launch:
     """The backward launch; grad and weight float32 contiguous, gradients given."""
-    G, S, N = v_pred.shape
-    block = _block()
-    splits, chunk = _split(G, S * N, v_pred.device, block)
+    S, N, block, grid, chunk = _layout(v_pred)
     args = (
         grad, v_pred, v_ref, weight, d_pred, d_ref if need_ref else d_pred, S, N, chunk,
         2.0 / N if mean else 2.0,
     )  # fmt: skip
-    return Launch(_bwd_kernel, (G, splits), args, dict(NEED_REF=need_ref, BLOCK=block, num_warps=8))
+    return Launch(_bwd_kernel, grid, args, dict(NEED_REF=need_ref, BLOCK=block, num_warps=8))
 
 
 def velocity_energy_fwd(

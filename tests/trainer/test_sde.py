@@ -13,7 +13,7 @@ from kvpo.config import build_config
 from kvpo.grpo import ppo_objective
 from kvpo.replay import replay_velocities
 from kvpo.rollout import RolloutSpec, rollout
-from kvpo.sde import sde_mean_std, sde_step, step_log_probs
+from kvpo.sde import sde_mean_std, sde_step, sde_t_cap, step_log_probs
 from kvpo.train import branch_log_probs, train
 
 
@@ -95,7 +95,7 @@ def test_sde_rollout_branches_differ_and_replay_reproduces_their_steps():
     # steps are mean + std * eps: standardised residuals with unit second moment
     with torch.no_grad():
         u = replay_velocities(model, ro)
-    t_cap = float(model.timesteps()[1])
+    t_cap = sde_t_cap(model.timesteps())
     x = ro.states
     tk = ro.t[:, None, None]
     tn = ro.t_next[:, None, None]
