@@ -35,7 +35,13 @@ class TrainConfig:
     sde_noise: float = 0.7  # the SDE's a in sigma_t = a sqrt(t / (1 - t)) (explore=sde)
     group_size: int = 6
     window: tuple[int, int] = (2, 6)  # perturbed chunks [w0, w1)
+    window_shift: int = 0  # each iteration the window starts 0..window_shift chunks later
+    # drop: each droppable history frame kept with probability p_keep | sample: the local window's
+    # slots besides sinks and the recent_frames nearest refilled from the whole older history
+    routing: str = "drop"
     p_keep: float = 0.3
+    recent_frames: int = 2
+    local_window: int | None = None  # frames besides sinks a chunk attends to (None: checkpoint's)
     score_after_window: bool = False
     score_steps: tuple[int, ...] | None = None  # None: every denoising step
     kl_prefix: bool = False  # the velocity KL also covers the shared pre-window chunks
@@ -95,6 +101,16 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a finite number >= 0")
+        if not isinstance(self.window_shift, int) or self.window_shift < 0:
+            raise bad("window_shift", "must be an integer >= 0")
+        if self.routing not in ("drop", "sample"):
+            raise bad("routing", "must be 'drop' or 'sample'")
+        if not isinstance(self.recent_frames, int) or self.recent_frames < 1:
+            raise bad("recent_frames", "must be a positive integer")
+        if self.local_window is not None and (
+            not isinstance(self.local_window, int) or self.local_window < 1
+        ):
+            raise bad("local_window", "must be a positive integer or None (the checkpoint's)")
         if not 0.0 <= self.p_keep <= 1.0:
             raise bad("p_keep", "must be in [0, 1]")
         if not 0.0 <= self.multi_prompt <= 1.0:
@@ -139,6 +155,8 @@ def _coerce(name: str, value, hint) -> object:
                     raise ValueError
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
+        if origin in (typing.Union, types.UnionType) and int in args:
+            hint = int  # ``int | None``: None was handled above
         if hint in (int, float, str):
             if hint is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError

@@ -266,6 +266,11 @@ class TinyARVideo(nn.Module):
     def timesteps(self) -> torch.Tensor:
         return shifted_timesteps(self.cfg.steps, self.cfg.shift)
 
+    def set_local_window(self, frames: int | None) -> None:
+        """Attend to the sinks and the last ``frames`` history frames (None: all history), in
+        sampling, teacher forcing and the saved config alike."""
+        self.local_window = self.cfg.local_window = frames
+
     def config_dict(self) -> dict:
         return asdict(self.cfg)
 

@@ -2,8 +2,12 @@
 
 All branches of a group use the same noise for every chunk. Chunks before the window are made once
 per group; their pages are listed by every branch's table (shared, not copied). Inside the window
-``[w0, w1)`` each branch's denoising attends to a random subset of the history pages
-(:func:`kvpo_kernels.route_pages`; sinks, the most recent frame and the chunk itself always kept).
+``[w0, w1)`` each branch's denoising attends to a random subset of the history pages:
+``routing="drop"`` keeps each droppable page with probability ``p_keep``
+(:func:`kvpo_kernels.route_pages`; sinks, the most recent frame and the chunk itself always kept);
+``routing="sample"`` (the public LongLive recipe, for models with a local attention window) keeps
+the sinks and the ``recent_frames`` nearest frames and refills the rest of the window with frames
+drawn from the whole older history (:func:`kvpo_kernels.sample_pages`).
 A chunk's cache pages are written by a clean pass under the branch's full context, and after the
 window generation continues under full context. The sampler is the model's deterministic few-step
 ODE, so branches differ only through the routing.
@@ -20,9 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpo_kernels import route_pages
+from kvpo_kernels import route_pages, sample_pages
 
-from .context import chunk_conditioning, context_table, context_width, droppable_columns
+from .context import (
+    chunk_conditioning,
+    context_table,
+    context_width,
+    droppable_columns,
+    visible_frames,
+)
 from .interface import StreamingVideoGenerator
 from .sde import sde_step, sde_t_cap
 
@@ -34,7 +44,11 @@ class RolloutSpec:
     Attributes:
         group_size: G branches per prompt.
         window: perturbed chunks ``[w0, w1)``.
-        p_keep: probability that a droppable history page stays in a branch's context.
+        p_keep: probability that a droppable history page stays in a branch's context
+            (``routing="drop"``).
+        routing: ``drop`` (each droppable history page kept with probability ``p_keep``) or
+            ``sample`` (the local window's older slots refilled from the whole older history).
+        recent_frames: ``routing="sample"``: the nearest history frames kept in every branch.
         score_after_window: also record the chunks after the window (their likelihood is scored).
         score_steps: which denoising steps of a scored chunk are recorded (None: all).
         anchor: also make the unperturbed (deployment-time) branch beside the G explored ones.
@@ -51,6 +65,8 @@ class RolloutSpec:
     group_size: int = 4
     window: tuple[int, int] = (2, 4)
     p_keep: float = 0.5
+    routing: str = "drop"
+    recent_frames: int = 2
     score_after_window: bool = False
     score_steps: tuple[int, ...] | None = None
     anchor: bool = True
@@ -71,6 +87,17 @@ class RolloutSpec:
             raise ValueError(f"group_size={self.group_size} must be >= 1")
         if not 0.0 <= self.p_keep <= 1.0:
             raise ValueError(f"p_keep={self.p_keep} must be in [0, 1]")
+        if self.routing not in ("drop", "sample"):
+            raise ValueError(f"routing={self.routing!r} must be 'drop' or 'sample'")
+        if self.routing == "sample" and self.explore == "routing":
+            if model.local_window is None:
+                raise ValueError(
+                    "routing='sample' refills a local attention window from older history, but "
+                    "this model attends to all of it (local_window=None): use routing='drop' or "
+                    "give the model a local_window"
+                )
+            if not isinstance(self.recent_frames, int) or self.recent_frames < 1:
+                raise ValueError(f"recent_frames={self.recent_frames!r} must be an int >= 1")
         if self.explore not in ("routing", "sde"):
             raise ValueError(f"explore={self.explore!r} must be 'routing' or 'sde'")
         if not (math.isfinite(self.sde_noise) and self.sde_noise > 0):
@@ -114,6 +141,45 @@ class Rollout:
 def _steps(model: StreamingVideoGenerator, spec: RolloutSpec) -> list[int]:
     S = len(model.timesteps()) - 1
     return list(range(S)) if spec.score_steps is None else sorted(spec.score_steps)
+
+
+def _route(
+    model: StreamingVideoGenerator,
+    spec: RolloutSpec,
+    page_map: torch.Tensor,
+    hist: torch.Tensor,
+    chunk: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Routed history tables [R, W] int32 of R rows denoising ``chunk`` (deployment: ``hist``)."""
+    R, W = hist.shape
+    if spec.routing == "drop":
+        keep = route_pages(
+            torch.arange(W, dtype=torch.int32),
+            R,
+            spec.p_keep,
+            droppable_columns(model, chunk, W),
+            sink_pages=model.sink_frames,
+            generator=generator,
+        )
+        return torch.where(keep >= 0, hist, torch.full_like(hist, -1))
+    start = chunk * model.chunk_frames
+    sinks = min(model.sink_frames, start)
+    recent = min(spec.recent_frames, start - sinks)
+    slots = max(len(visible_frames(model, chunk)) - sinks - recent, 0)
+    rows = [
+        sample_pages(
+            page_map[r, :start].to(torch.int32),
+            1,
+            slots,
+            sink_pages=sinks,
+            recent_pages=recent,
+            generator=generator,
+        )
+        for r in range(R)
+    ]
+    routed = torch.cat(rows)
+    return torch.nn.functional.pad(routed, (0, W - routed.shape[1]), value=-1)
 
 
 @torch.no_grad()
@@ -224,16 +290,7 @@ def rollout(
             model, page_map, torch.arange(B * Gt), torch.full((B * Gt,), j), None, width - c
         )
         if j < w1 and not sde:
-            template = torch.arange(width - c, dtype=torch.int32)
-            keep = route_pages(
-                template,
-                B * Gt,
-                spec.p_keep,
-                droppable_columns(model, j, width - c),
-                sink_pages=model.sink_frames,
-                generator=generator,
-            )
-            routed = torch.where(keep >= 0, hist, torch.full_like(hist, -1))
+            routed = _route(model, spec, page_map, hist, j, generator)
             hist = torch.where(is_anchor[:, None], hist, routed)
         x, xs, vs, den_table = run_chunk(
             j, page_map, rows, hist, cond_bj[rows, j], j in scored, ode_rows=is_anchor

@@ -8,6 +8,7 @@ toward the base policy) -> AdamW step. See ``../shared/METHOD.md`` for the formu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -47,6 +48,10 @@ def iteration_generator(
 ) -> torch.Generator:
     """Seeded per (seed, iteration, rank, stream): a resumed run draws what the original would."""
     return torch.Generator().manual_seed(((cfg.seed * 1_000_003 + it) * 131 + rank) * 7 + stream)
+
+
+def shifted(window: tuple[int, int], by: int) -> tuple[int, int]:
+    return (window[0] + by, window[1] + by)
 
 
 def evaluate(
@@ -144,6 +149,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     else:
         model = copy.deepcopy(ref).requires_grad_(True)
         opt = make_optimizer(cfg, model)
+    if cfg.local_window is not None:
+        for m in (ref, model):
+            m.set_local_window(cfg.local_window)
     model.to(device).train()
     if device.type == "cuda":
         for st in opt.state.values():
@@ -154,6 +162,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         group_size=cfg.group_size,
         window=tuple(cfg.window),
         p_keep=cfg.p_keep,
+        routing=cfg.routing,
+        recent_frames=cfg.recent_frames,
         score_after_window=cfg.score_after_window,
         score_steps=None if cfg.score_steps is None else tuple(cfg.score_steps),
         anchor=cfg.advantage == "anchor",
@@ -162,6 +172,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         sde_noise=cfg.sde_noise,
     )
     spec.validate(model)
+    dataclasses.replace(spec, window=shifted(cfg.window, cfg.window_shift)).validate(model)
     reward = make_reward(cfg)
     train_prompts, eval_prompts = data.split_prompts(num_eval=max(cfg.eval_prompts, 1))
     eval_prompts = eval_prompts[: cfg.eval_prompts]
@@ -176,9 +187,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             f"{cfg.prompts_per_iter} prompts x G={cfg.group_size} per iteration, "
             f"window chunks {tuple(cfg.window)}, "
             + (
-                f"p_keep={cfg.p_keep}"
-                if cfg.explore == "routing"
-                else f"SDE baseline, noise {cfg.sde_noise}"
+                f"SDE baseline, noise {cfg.sde_noise}"
+                if cfg.explore == "sde"
+                else f"drop routing p_keep={cfg.p_keep}"
+                if cfg.routing == "drop"
+                else f"sample routing ({cfg.recent_frames} recent frames kept, local window "
+                f"{model.local_window})"
             ),
             flush=True,
         )
@@ -208,8 +222,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         gen = iteration_generator(cfg, it, rank)
         mine = pick[rank::world]
         prompts = [data.random_prompts([train_prompts[i]], nC, cfg.multi_prompt, gen) for i in mine]
+        shift = int(
+            torch.randint(
+                cfg.window_shift + 1, (), generator=iteration_generator(cfg, it, stream=2)
+            )
+        )
         model.eval()
-        ro = rollout(model, prompts, spec, gen, device)
+        ro = rollout(model, prompts, dataclasses.replace(spec, window=shifted(cfg.window, shift)),
+                     gen, device)  # fmt: skip
         t1 = time.perf_counter()
 
         comps, anchor = branch_rewards(model, ro, reward)
@@ -270,6 +290,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "groups": int(g_total.shape[0]),
             **{f"reward_{k}": float(v.mean()) for k, v in all_comps.items()},
             **{f"reward_{k}_std": float(v.std(1).mean()) for k, v in all_comps.items()},
+            "window_start": ro.window[0],
             "valid_groups": int(distributed.all_gather(valid.cpu()[:, None].long()).sum()),
             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
             "time_rollout": t1 - t0,

@@ -4,13 +4,15 @@ Public ops (torch custom ops with fake kernels and autograd; one dispatch point 
 
 * :func:`routed_attention` - many branches attend to one shared paged KV cache through page tables.
 * :func:`merge_attention` - log-sum-exp merge of two partial attentions.
-* :func:`route_pages` - per-branch page tables by stochastic KV routing.
+* :func:`route_pages` - per-branch page tables by stochastic KV routing (drop pages).
+* :func:`sample_pages` - per-branch page tables that refill a local window from older history.
 * :func:`velocity_energy` - per-branch Trajectory Velocity Energy.
 """
 
 from ._backend import BACKENDS, native_available, triton_available
 from .reference import routed_attention_reference, velocity_energy_reference
-from .routed_attention import merge_attention, route_pages, routed_attention
+from .routed_attention import merge_attention, routed_attention
+from .routing import route_pages, sample_pages
 from .velocity_energy import velocity_energy
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "route_pages",
     "routed_attention",
     "routed_attention_reference",
+    "sample_pages",
     "triton_available",
     "velocity_energy",
     "velocity_energy_reference",

@@ -30,6 +30,9 @@ def test_yaml_then_cli_overrides(tmp_path):
     )
     assert cfg.reward_weights == {"visual": 1.0, "motion": 0.5} and cfg.samples is False
     assert cfg.score_steps is None
+    cfg = parse_args(["--local_window", "4", "--routing", "sample", "--window_shift", "1"])
+    assert cfg.local_window == 4 and cfg.routing == "sample" and cfg.window_shift == 1
+    assert parse_args(["--local_window", "none"]).local_window is None
 
 
 @pytest.mark.parametrize(
@@ -46,6 +49,11 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"iterations": "many"}, "iterations"),
         ({"itrations": 3}, "unknown config field"),
         ({"samples": "maybe"}, "samples"),
+        ({"routing": "swap"}, "routing"),
+        ({"recent_frames": 0}, "recent_frames"),
+        ({"local_window": 0}, "local_window"),
+        ({"local_window": "wide"}, "local_window"),
+        ({"window_shift": -1}, "window_shift"),
     ],
 )
 def test_bad_values_name_the_field(over, match):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from trainer_support import PROMPTS
+from trainer_support import PROMPTS, tiny_model
 
 from kvpo.context import visible_frames
 from kvpo.rollout import RolloutSpec, generate, rollout
@@ -91,6 +91,37 @@ def test_records_and_shapes(model):
     assert ro.tokens.shape[2] == nC * model.chunk_frames
 
 
+def test_sample_routing_refills_the_local_window_from_older_history():
+    model = tiny_model(local_window=3)  # sink 0 + frames j*c-3 .. j*c-1
+    ro = _run(model, routing="sample", recent_frames=2, window=(2, 5), group_size=6)
+    B, G = ro.tokens.shape[:2]
+    c = model.chunk_frames
+    for j in range(2, 5):
+        n = len(visible_frames(model, j))
+        tab = ro.tables[j].view(B, G, -1)
+        hist = tab[..., :n]
+        assert (hist >= 0).all() and (tab[..., n:-c] == -1).all()  # the deployment budget
+        # sinks and the recent frames of a branch are its deployment ones
+        assert (tab[..., :1] == tab[:, :1, :1]).all()  # the sink is a shared prefix page
+        if j == 2:  # the recent frames are shared prefix pages too
+            assert (hist[..., n - 2 :] == hist[:, :1, n - 2 :]).all()
+    # chunk 3 sees sink 0 and frames 3, 4, 5; its one older slot holds frame 1, 2 or 3, all
+    # prefix pages shared by the group: more than one of them is drawn, deployment draws frame 3
+    drawn = ro.tables[3].view(B, G, -1)[..., 1]
+    assert all(len(set(drawn[b].tolist())) > 1 for b in range(B))
+    win = ro.tokens[:, :, 2 * c :]
+    assert ((win - win[:, :1]).abs().amax(dim=(2, 3, 4))[:, 1:] > 1e-4).any(dim=1).all()
+    video = generate(model, _prompts(model), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.to_tokens(video), ro.anchor_tokens, rtol=0, atol=1e-6)
+
+
+def test_sample_routing_needs_a_local_window(model):
+    with pytest.raises(ValueError, match="local_window=None"):
+        _run(model, routing="sample")
+    with pytest.raises(ValueError, match="recent_frames"):
+        _run(tiny_model(local_window=3), routing="sample", recent_frames=0)
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
@@ -99,6 +130,7 @@ def test_records_and_shapes(model):
         ({"window": (3, 3)}, "window"),
         ({"p_keep": 1.5}, "p_keep"),
         ({"score_steps": (5,)}, "score_steps"),
+        ({"routing": "swap"}, "routing"),
     ],
 )
 def test_bad_spec(model, kw, match):

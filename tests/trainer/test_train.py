@@ -10,7 +10,7 @@ import pytest
 import torch
 from trainer_support import PROMPTS, tiny_model
 
-from kvpo.checkpoint import CheckpointError, save_model
+from kvpo.checkpoint import CheckpointError, load_model, save_model
 from kvpo.config import build_config
 from kvpo.rewards import CompositeReward
 from kvpo.rollout import generate
@@ -87,6 +87,30 @@ def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path):
         for a, b in zip(res.model.parameters(), base_model.parameters(), strict=True)
     )
     assert moved > 0
+
+
+def test_sample_routing_local_window_and_window_shift(base, tmp_path):
+    """The public recipe's exploration: a local window refilled from older history, the window
+    start drawn per iteration; the trained model keeps the local window it was trained with."""
+    cfg = _cfg(
+        base,
+        tmp_path,
+        iterations=4,
+        routing="sample",
+        local_window=3,
+        recent_frames=2,
+        window=(2, 3),
+        window_shift=2,
+        samples=False,
+    )
+    res = train(cfg)
+    starts = [r["window_start"] for r in res.history if r["iter"] >= 0]
+    assert set(starts) <= {2, 3, 4} and len(set(starts)) > 1
+    assert load_model(tmp_path / "checkpoint.safetensors").local_window == 3
+    with pytest.raises(ValueError, match="window"):
+        train(_cfg(base, tmp_path / "b", window=(2, 4), window_shift=2))
+    with pytest.raises(ValueError, match="local_window=None"):
+        train(_cfg(base, tmp_path / "c", routing="sample"))
 
 
 def test_resume_continues_exactly(base, tmp_path):
