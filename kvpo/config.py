@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+REWARD_SCOPES = ("video", "global", "local")  # see kvpo.train.scope_chunks
 BASE_CHECKPOINT = str(Path(__file__).parent / "assets" / "base.safetensors")
 
 
@@ -53,6 +54,9 @@ class TrainConfig:
     reward_weights: dict[str, float] = field(
         default_factory=lambda: {"alignment": 1.0, "path": 1.0, "motion": 0.0, "visual": 0.0}
     )
+    # Clips scored and their weights: video (every frame), global (the post-fork video, from the
+    # window's start), local (the perturbed window); the public recipe: local=1,global=0.5.
+    reward_scopes: dict[str, float] = field(default_factory=lambda: {"video": 1.0})
     clip_reward_path: str = ""  # a local transformers CLIP directory: adds a "clip" reward
     clip_reward_weight: float = 1.0
     advantage: str = "group"  # group: (r - mean) / std | anchor: against the unperturbed branch
@@ -132,6 +136,18 @@ class TrainConfig:
             raise bad("device", "must be 'auto', 'cpu' or 'cuda'")
         if len(self.window) != 2 or self.window[0] >= self.window[1]:
             raise bad("window", "must be two chunk indices [w0, w1) with w0 < w1")
+        scopes = self.reward_scopes
+        if (
+            not isinstance(scopes, dict)
+            or not scopes
+            or not set(scopes) <= set(REWARD_SCOPES)
+            or not all(math.isfinite(w) and w >= 0 for w in scopes.values())
+            or not any(scopes.values())
+        ):
+            raise bad(
+                "reward_scopes",
+                f"must map some of {REWARD_SCOPES} to finite weights >= 0, not all 0",
+            )
         if not isinstance(self.reward_weights, dict) or not self.reward_weights:
             raise bad("reward_weights", "must be a non-empty mapping of reward name to weight")
 

@@ -35,7 +35,7 @@ class RewardFn(Protocol):
         ...
 
 
-def _check_videos(videos: torch.Tensor, prompts: Sequence[Prompt]) -> None:
+def _check_videos(videos: torch.Tensor, prompts: Sequence[Prompt], min_frames: int = 1) -> None:
     if not torch.is_tensor(videos) or videos.dim() != 5 or not videos.is_floating_point():
         raise ValueError(
             "videos must be a float tensor [B, T, C, H, W], got "
@@ -44,6 +44,11 @@ def _check_videos(videos: torch.Tensor, prompts: Sequence[Prompt]) -> None:
         )
     if len(prompts) != videos.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {videos.shape[0]} videos")
+    if videos.shape[1] < min_frames:
+        raise ValueError(
+            f"videos {tuple(videos.shape)}: this reward needs at least {min_frames} frames "
+            "(it measures motion between frames)"
+        )
 
 
 def _chunk_prompts(prompt: Prompt, T: int) -> list[str]:
@@ -90,7 +95,7 @@ ALIGNMENT_PARTS = ("color", "shape", "size", "path")
 def alignment_scores(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
     """[B, 4] scores in [0, 1] of the parts in :data:`ALIGNMENT_PARTS`: the asked colour, shape and
     size, and the asked path (direction and speed of the centroid, chunk by chunk)."""
-    _check_videos(videos, prompts)
+    _check_videos(videos, prompts, min_frames=2)
     B, T, C, H, W = videos.shape
     scale = W / 24.0
     fg, _ = foreground(videos)
@@ -147,7 +152,7 @@ def path_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor
 
 def motion_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
     """Smooth trajectory (low centroid acceleration) and no flicker (stable area and brightness)."""
-    _check_videos(videos, prompts)
+    _check_videos(videos, prompts, min_frames=3)
     scale = videos.shape[-1] / 24.0
     fg, _ = foreground(videos)
     cen, mass = _centroids(fg)
@@ -212,11 +217,16 @@ class CompositeReward:
         self.fns: dict[str, Callable] = {k: fns[k] for k in weights}
 
     def components(
-        self, videos: torch.Tensor, prompts: Sequence[Prompt]
+        self,
+        videos: torch.Tensor,
+        prompts: Sequence[Prompt],
+        names: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """name -> [B] float32 rewards of every component (or of ``names`` only)."""
         _check_videos(videos, prompts)
         out = {}
-        for name, fn in self.fns.items():
+        for name in self.fns if names is None else names:
+            fn = self.fns[name]
             r = torch.as_tensor(fn(videos, prompts)).float().reshape(-1)
             if r.shape[0] != videos.shape[0]:
                 raise ValueError(

@@ -74,17 +74,44 @@ def evaluate(
     return out, videos[: len(prompts)].cpu()
 
 
-def branch_rewards(model: TinyARVideo, ro: Rollout, reward: CompositeReward):
-    """Per-component rewards [B, G] of the branches and [B] of the anchor (or None)."""
-    B, G = ro.tokens.shape[:2]
-    vids = (model.to_video(ro.tokens.flatten(0, 1)) + 1) / 2
-    comps = reward.components(vids.cpu(), [p for p in ro.prompts for _ in range(G)])
-    comps = {k: v.view(B, G) for k, v in comps.items()}
-    anchor = None
-    if ro.anchor_tokens is not None:
-        av = (model.to_video(ro.anchor_tokens) + 1) / 2
-        anchor = reward.components(av.cpu(), ro.prompts)
-    return comps, anchor
+def scope_chunks(scope: str, window: tuple[int, int], chunks: int) -> tuple[int, int]:
+    """The chunks ``[j0, j1)`` a reward scope sees: ``video`` all of them, ``global`` the post-fork
+    video (from the window's start), ``local`` the perturbed window."""
+    return {"video": (0, chunks), "global": (window[0], chunks), "local": tuple(window)}[scope]
+
+
+def branch_rewards(
+    model: TinyARVideo, ro: Rollout, reward: CompositeReward, scopes: dict[str, float]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, float]]:
+    """Per-component rewards [B, G] of the branches, [B] of the anchor (or None), and the weight
+    of each component in the fused reward.
+
+    Each scope (:func:`scope_chunks`) scores its clip of the videos; its components are named
+    ``scope/name`` (plain ``name`` for ``video``) and weigh ``scopes[scope] * reward weight``.
+    The ``video`` scope also computes the weight-0 components (logged, not trained on)."""
+    B, G, Fr = ro.tokens.shape[:3]
+    c = model.chunk_frames
+    vids = ((model.to_video(ro.tokens.flatten(0, 1)) + 1) / 2).cpu()
+    av = None if ro.anchor_tokens is None else ((model.to_video(ro.anchor_tokens) + 1) / 2).cpu()
+    comps, anchor, weights = {}, ({} if av is not None else None), {}
+    for scope, w_scope in scopes.items():
+        j0, j1 = scope_chunks(scope, ro.window, Fr // c)
+        frames = slice(j0 * c, j1 * c)
+        prompts = [p[j0:j1] for p in ro.prompts]
+        names = [k for k, w in reward.weights.items() if w and w_scope]
+        names = list(reward.weights) if scope == "video" else names
+        key = (lambda k: k) if scope == "video" else (lambda k, s=scope: f"{s}/{k}")  # noqa: E731
+        got = reward.components(vids[:, frames], [p for p in prompts for _ in range(G)], names)
+        comps.update({key(k): v.view(B, G) for k, v in got.items()})
+        weights.update({key(k): w_scope * reward.weights[k] for k in got})
+        if av is not None:
+            got = reward.components(av[:, frames], prompts, names)
+            anchor.update({key(k): v for k, v in got.items()})
+    return comps, anchor, weights
+
+
+def fused_reward(comps: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    return sum(w * comps[k] for k, w in weights.items())
 
 
 def branch_log_probs(cfg: TrainConfig, model, u, ro: Rollout, energy) -> torch.Tensor:
@@ -232,16 +259,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                      gen, device)  # fmt: skip
         t1 = time.perf_counter()
 
-        comps, anchor = branch_rewards(model, ro, reward)
-        total = reward.total(comps)
+        comps, anchor, weights = branch_rewards(model, ro, reward, cfg.reward_scopes)
+        total = fused_reward(comps, weights)
         all_comps = {k: distributed.all_gather(v) for k, v in comps.items()}
         if cfg.advantage == "group":
             adv, valid = group_advantages(total, eps=cfg.adv_eps, clip=cfg.adv_clip)
         else:
             sigma = {k: v.std() for k, v in all_comps.items()}
-            adv, valid = anchor_advantages(
-                comps, anchor, reward.weights, sigma, cfg.adv_clip, cfg.adv_eps
-            )
+            adv, valid = anchor_advantages(comps, anchor, weights, sigma, cfg.adv_clip, cfg.adv_eps)
         adv, valid = adv.to(device), valid.to(device)
         weight = step_weights(ro, cfg.step_weighting)
         with torch.no_grad():

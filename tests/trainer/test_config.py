@@ -54,6 +54,8 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"local_window": 0}, "local_window"),
         ({"local_window": "wide"}, "local_window"),
         ({"window_shift": -1}, "window_shift"),
+        ({"reward_scopes": {"middle": 1.0}}, "reward_scopes"),
+        ({"reward_scopes": {"local": 0.0}}, "reward_scopes"),
     ],
 )
 def test_bad_values_name_the_field(over, match):

@@ -98,6 +98,17 @@ def test_composite_weights_and_user_reward(truth):
         comp(videos, prompts[:3])
     with pytest.raises(ValueError, match="returned"):
         CompositeReward({"bad": 1.0}, {"bad": lambda v, p: torch.zeros(3)})(videos, prompts)
+    only = comp.components(videos, prompts, names=["brightness"])
+    assert set(only) == {"brightness"} and torch.equal(only["brightness"], parts["brightness"])
+
+
+@pytest.mark.parametrize("name, frames", [("motion", 2), ("alignment", 1), ("path", 1)])
+def test_too_short_clips_are_refused_not_nan(truth, name, frames):
+    videos, prompts = truth
+    with pytest.raises(ValueError, match=f"at least {frames + 1} frames"):
+        CompositeReward({name: 1.0})(videos[:, :frames], prompts)
+    r = CompositeReward({name: 1.0})(videos[:, : frames + 1], prompts)
+    assert torch.isfinite(r).all()
 
 
 def _tiny_clip(tmp_path):
