@@ -60,9 +60,14 @@ def _model_from(
     return model
 
 
-def load_model(path: str | Path) -> TinyARVideo:
-    """The model stored by :func:`save_model` (or the ``model.*`` part of a training checkpoint)."""
+def load_model(path: str | Path, ema: bool = False) -> TinyARVideo:
+    """The model stored by :func:`save_model`, or the policy of a training checkpoint (its EMA
+    weights with ``ema=True``)."""
     tensors, meta = _read(path)
+    if ema:
+        if not any(k.startswith("ema.") for k in tensors):
+            raise CheckpointError(f"checkpoint {str(path)!r} has no EMA weights (train with --ema)")
+        return _model_from(tensors, meta, path, "ema.")
     prefix = "model." if "trainer" in meta else ""
     return _model_from(tensors, meta, path, prefix)
 
@@ -74,10 +79,16 @@ def save_training(
     iteration: int,
     config: dict,
     history: list[dict],
+    ema: TinyARVideo | None = None,
 ) -> None:
+    """Weights, AdamW state, iteration, trainer config and log (and the EMA weights, if any)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update(
+            {f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
+        )
     sd = opt.state_dict()
     scalars: dict[str, dict] = {}
     for i, st in sd["state"].items():

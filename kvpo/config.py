@@ -71,6 +71,7 @@ class TrainConfig:
     clip_high: float = 0.2
     kl: str = "velocity"  # velocity: beta * mean |u - u_ref|^2 | softmax: KL(p || p_ref) | none
     kl_coef: float = 10.0
+    ema: float = 0.0  # EMA decay of the policy's weights (0: none; the public recipe: 0.999)
     # Reporting.
     eval_prompts: int = 16  # held-out prompts, never trained on
     eval_seeds: int = 4  # fixed noises per held-out prompt (one sample is a noisy estimate)
@@ -115,6 +116,8 @@ class TrainConfig:
             not isinstance(self.local_window, int) or self.local_window < 1
         ):
             raise bad("local_window", "must be a positive integer or None (the checkpoint's)")
+        if not isinstance(self.ema, (int, float)) or not 0.0 <= self.ema < 1.0:
+            raise bad("ema", "must be a decay in [0, 1) (0: no EMA)")
         if not 0.0 <= self.p_keep <= 1.0:
             raise bad("p_keep", "must be in [0, 1]")
         if not 0.0 <= self.multi_prompt <= 1.0:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import data, distributed
 from .checkpoint import CheckpointError, load_model, load_training, save_training
 from .config import TrainConfig, parse_args
+from .ema import ParamEMA
 from .grpo import anchor_advantages, gibbs_log_probs, group_advantages, ppo_objective
 from .model import TinyARVideo
 from .replay import replay_velocities, step_weights, trajectory_energy
@@ -136,6 +137,7 @@ def kl_term(cfg: TrainConfig, u, u_ref, logp, logp_ref) -> torch.Tensor:
 class TrainResult:
     history: list[dict]  # one row per iteration (also in out_dir/metrics.jsonl)
     model: TinyARVideo  # the trained policy
+    ema: TinyARVideo | None = None  # its EMA (config ema > 0)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -180,6 +182,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         for m in (ref, model):
             m.set_local_window(cfg.local_window)
     model.to(device).train()
+    ema = None
+    if cfg.ema:
+        init = None
+        if cfg.resume:
+            try:
+                init = load_model(cfg.resume, ema=True)
+            except CheckpointError:  # trained without an EMA so far: it starts from the policy
+                init = None
+        ema = ParamEMA(model, cfg.ema, init)
+        if cfg.local_window is not None:
+            ema.model.set_local_window(cfg.local_window)
     if device.type == "cuda":
         for st in opt.state.values():
             for k, v in st.items():
@@ -296,6 +309,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             distributed.average_gradients(params)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            if ema is not None:
+                ema.update(model)
             stats.append(
                 {
                     **st,
@@ -326,6 +341,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         if lead and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
             ev, vids = evaluate(model, eval_prompts, reward, cfg.seed, device, cfg.eval_seeds)
             row.update(ev)
+            if ema is not None:
+                ev, _ = evaluate(ema.model, eval_prompts, reward, cfg.seed, device, cfg.eval_seeds)
+                row.update({k.replace("eval_", "eval_ema_", 1): v for k, v in ev.items()})
             if it + 1 == cfg.iterations and cfg.samples:
                 save_videos(vids, out / "samples_after")
         history.append(row)
@@ -338,24 +356,33 @@ def train(cfg: TrainConfig) -> TrainResult:
                 f"kl {row['kl']:.2e} | rollout {row['time_rollout']:.1f}s reward "
                 f"{row['time_reward']:.1f}s replay {row['time_replay']:.1f}s update "
                 f"{row['time_update']:.1f}s"
-                + (f" | eval {row['eval_reward']:.4f}" if "eval_reward" in row else ""),
+                + (f" | eval {row['eval_reward']:.4f}" if "eval_reward" in row else "")
+                + (f" (EMA {row['eval_ema_reward']:.4f})" if "eval_ema_reward" in row else ""),
                 file=sys.stdout,
             )
             if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
                 save_training(
-                    out / "checkpoint.safetensors", model, opt, it + 1, cfg.to_dict(), history
+                    out / "checkpoint.safetensors",
+                    model,
+                    opt,
+                    it + 1,
+                    cfg.to_dict(),
+                    history,
+                    ema=None if ema is None else ema.model,
                 )
                 plot_rewards(history, out / "rewards.png")
     if lead:
         first = next((h["eval_reward"] for h in history if "eval_reward" in h), None)
+        last = history[-1]
         print(
-            f"done: eval reward {first:.4f} -> {history[-1].get('eval_reward', float('nan')):.4f};"
-            f" outputs in {out}/",
+            f"done: eval reward {first:.4f} -> {last.get('eval_reward', float('nan')):.4f}"
+            + (f" (EMA {last['eval_ema_reward']:.4f})" if "eval_ema_reward" in last else "")
+            + f"; outputs in {out}/",
             flush=True,
         )
     distributed.barrier()
     distributed.shutdown()
-    return TrainResult(history, model)
+    return TrainResult(history, model, None if ema is None else ema.model)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -55,6 +55,7 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"local_window": "wide"}, "local_window"),
         ({"window_shift": -1}, "window_shift"),
         ({"reward_scopes": {"middle": 1.0}}, "reward_scopes"),
+        ({"ema": 1.0}, "ema"),
         ({"reward_scopes": {"local": 0.0}}, "reward_scopes"),
     ],
 )

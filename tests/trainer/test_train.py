@@ -114,21 +114,29 @@ def test_sample_routing_local_window_and_window_shift(base, tmp_path):
 
 
 def test_resume_continues_exactly(base, tmp_path):
-    straight = train(_cfg(base, tmp_path / "a", iterations=3, samples=False)).model
-    train(_cfg(base, tmp_path / "b", iterations=2, samples=False))
+    """Policy, AdamW state and EMA all continue as if never stopped."""
+    straight = train(_cfg(base, tmp_path / "a", iterations=3, samples=False, ema=0.5))
+    train(_cfg(base, tmp_path / "b", iterations=2, samples=False, ema=0.5))
+    ckpt = tmp_path / "b" / "checkpoint.safetensors"
     resumed = train(
-        _cfg(
-            base,
-            tmp_path / "b",
-            iterations=3,
-            samples=False,
-            resume=str(tmp_path / "b" / "checkpoint.safetensors"),
-        )
-    ).model
-    for (n, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        _cfg(base, tmp_path / "b", iterations=3, samples=False, ema=0.5, resume=str(ckpt))
+    )
+    for a, b in ((straight.model, resumed.model), (straight.ema, resumed.ema)):
+        for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q), n
+    saved = load_model(ckpt, ema=True)
+    for (n, p), q in zip(saved.named_parameters(), resumed.ema.parameters(), strict=True):
         assert torch.equal(p, q), n
+    # the EMA lags the policy: it is neither the policy nor the base
+    policy = dict(resumed.model.named_parameters())
+    moved = [n for n, p in saved.named_parameters() if not torch.equal(p, policy[n])]
+    assert moved
     rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [0, 1, 2]
+    assert all("eval_ema_reward" in r for r in rows)
+    train(_cfg(base, tmp_path / "c", iterations=1, samples=False))
+    with pytest.raises(CheckpointError, match="no EMA"):
+        load_model(tmp_path / "c" / "checkpoint.safetensors", ema=True)
 
 
 def test_resume_rejects_mismatched_or_unreadable_checkpoints(base, tmp_path):
