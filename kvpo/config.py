@@ -49,6 +49,10 @@ class TrainConfig:
     # Likelihood (replay).
     tau: float = 5e-3  # ~ the spread of E within a group: sets how far PPO clipping lets it move
     step_weighting: str = "uniform"  # uniform | sigma
+    # branch: one Gibbs probability per branch from its TVE | step: one per scored step, over the
+    # step's velocity distance / max(t, sigma_floor)^2 (the public recipe; PPO ratio per step)
+    likelihood: str = "branch"
+    sigma_floor: float = 0.1
     # Rewards and advantages.
     # Weight 0 logs a reward without training on it (motion and visual: what the update costs).
     reward_weights: dict[str, float] = field(
@@ -98,7 +102,7 @@ class TrainConfig:
                 raise bad(name, "must be a positive integer")
         if self.group_size < 2:
             raise bad("group_size", "must be >= 2 (advantages are relative within a group)")
-        for name in ("lr", "tau", "grad_clip", "adv_clip", "sde_noise"):
+        for name in ("lr", "tau", "grad_clip", "adv_clip", "sde_noise", "sigma_floor"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise bad(name, "must be a finite number > 0")
@@ -133,6 +137,8 @@ class TrainConfig:
         if self.explore == "sde" and self.kl == "softmax":
             raise bad("kl", "'softmax' is the KL of KVPO's branch softmax: with explore='sde' use "
                       "'velocity' or 'none'")  # fmt: skip
+        if self.likelihood not in ("branch", "step"):
+            raise bad("likelihood", "must be 'branch' or 'step'")
         if self.step_weighting not in ("uniform", "sigma"):
             raise bad("step_weighting", "must be 'uniform' or 'sigma'")
         if self.device not in ("auto", "cpu", "cuda"):

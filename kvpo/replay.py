@@ -92,3 +92,15 @@ def trajectory_energy(u: torch.Tensor, ro: Rollout, weight: torch.Tensor) -> tor
         reduction="mean",
     )
     return e.view(B, G)
+
+
+def step_energies(u: torch.Tensor, ro: Rollout) -> torch.Tensor:
+    """Velocity distance of every branch at every recorded step, [B, G, K] float32:
+    ``mean_n (u_k - v_k)^2`` (one ``velocity_energy`` launch over all B * G * K steps)."""
+    B, G, K = u.shape[:3]
+    e = velocity_energy(
+        u.reshape(B * G * K, 1, -1),
+        ro.velocities.reshape(B * G * K, 1, -1).to(u.dtype),
+        reduction="mean",
+    )
+    return e.view(B, G, K)

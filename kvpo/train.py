@@ -24,7 +24,7 @@ from .config import TrainConfig, parse_args
 from .ema import ParamEMA
 from .grpo import anchor_advantages, gibbs_log_probs, group_advantages, ppo_objective
 from .model import TinyARVideo
-from .replay import replay_velocities, step_weights, trajectory_energy
+from .replay import replay_velocities, step_energies, step_weights, trajectory_energy
 from .report import MetricsLog, plot_rewards, save_videos
 from .rewards import ClipReward, CompositeReward
 from .rollout import Rollout, RolloutSpec, generate, rollout
@@ -116,13 +116,22 @@ def fused_reward(comps: dict[str, torch.Tensor], weights: dict[str, float]) -> t
 
 
 def branch_log_probs(cfg: TrainConfig, model, u, ro: Rollout, energy) -> torch.Tensor:
-    """KVPO: Gibbs branch log-probabilities [B, G] from the TVE. The SDE baseline: the Gaussian
-    log-probability of every scored stochastic step [B, G, K']."""
-    if cfg.explore == "routing":
+    """Log-probabilities of the branches under the policy whose replay velocities are ``u``.
+
+    KVPO, ``likelihood="branch"``: Gibbs branch log-probabilities [B, G] from the TVE ``energy``.
+    ``likelihood="step"`` (the public recipe): one Gibbs distribution per scored step,
+    [B, G, K'], over the step's velocity distance in units of its noise level floored at
+    ``sigma_floor``: ``log_softmax_i(-mean_n (u_k - v_k)^2 / (tau max(t_k, sigma_floor)^2))``.
+    The SDE baseline: the Gaussian log-probability of every scored stochastic step [B, G, K']."""
+    if cfg.explore == "routing" and cfg.likelihood == "branch":
         return gibbs_log_probs(energy, cfg.tau)
+    scored = ro.scored.to(u.device)
+    if cfg.explore == "routing":
+        sigma = ro.t.to(u.device)[scored].clamp_min(cfg.sigma_floor)
+        return gibbs_log_probs(step_energies(u, ro)[:, :, scored] / sigma**2, cfg.tau)
     t_cap = sde_t_cap(model.timesteps())
     logp = step_log_probs(u, ro.states, ro.velocities, ro.t, ro.t_next, t_cap, cfg.sde_noise)
-    return logp[:, :, ro.scored.to(logp.device)]
+    return logp[:, :, scored]
 
 
 def kl_term(cfg: TrainConfig, u, u_ref, logp, logp_ref) -> torch.Tensor:
@@ -285,7 +294,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         with torch.no_grad():
             u_ref = replay_velocities(ref, ro) if cfg.kl != "none" else None
             logp_ref = (
-                gibbs_log_probs(trajectory_energy(u_ref, ro, weight), cfg.tau)
+                branch_log_probs(cfg, ref, u_ref, ro, trajectory_energy(u_ref, ro, weight))
                 if cfg.kl == "softmax"
                 else None
             )

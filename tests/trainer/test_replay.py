@@ -3,8 +3,10 @@
 import torch
 from trainer_support import PROMPTS
 
-from kvpo.replay import replay_velocities, step_weights, trajectory_energy
+from kvpo.config import TrainConfig
+from kvpo.replay import replay_velocities, step_energies, step_weights, trajectory_energy
 from kvpo.rollout import RolloutSpec, rollout
+from kvpo.train import branch_log_probs
 
 
 def _ro(model, p_keep, **kw):
@@ -64,3 +66,22 @@ def test_prefix_records_carry_no_energy(model):
     torch.testing.assert_close(u[:, :, pre], ro.velocities[:, :, pre], rtol=1e-4, atol=1e-5)
     w = step_weights(ro)
     assert (w[pre] == 0).all() and torch.isclose(w.sum(), torch.tensor(1.0))
+
+
+def test_step_energies_and_per_step_likelihood_match_float64(model):
+    """likelihood='step': one Gibbs distribution per scored step over distance / max(t, floor)^2."""
+    ro = _ro(model, p_keep=0.3, record_prefix=True)
+    u = replay_velocities(model, ro)
+    e = step_energies(u, ro)
+    diff = (u.detach().double() - ro.velocities.double()).pow(2).mean(dim=(3, 4))  # [B, G, K]
+    torch.testing.assert_close(e.double(), diff, rtol=1e-5, atol=1e-12)
+    cfg = TrainConfig(likelihood="step", tau=0.01, sigma_floor=0.5)
+    logp = branch_log_probs(cfg, model, u, ro, None)
+    scored = ro.scored
+    assert logp.shape == (*u.shape[:2], int(scored.sum())) and int((~scored).sum()) > 0
+    sigma = ro.t.double()[scored].clamp_min(0.5)
+    want = torch.log_softmax(-diff[:, :, scored] / sigma**2 / 0.01, dim=1)
+    torch.testing.assert_close(logp.double(), want, rtol=1e-4, atol=1e-6)
+    assert sigma.min() == 0.5 and sigma.max() > 0.5  # the floor binds on the last steps only
+    logp.sum().backward()  # differentiable in the policy
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

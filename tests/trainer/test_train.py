@@ -1,6 +1,7 @@
 """The trainer end to end on a tiny generator: outputs, exact resume, errors, two ranks."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 from trainer_support import PROMPTS, tiny_model
 
 from kvpo.checkpoint import CheckpointError, load_model, save_model
-from kvpo.config import build_config
+from kvpo.config import build_config, parse_args
 from kvpo.rewards import CompositeReward
 from kvpo.rollout import RolloutSpec, generate, rollout
 from kvpo.train import branch_rewards, evaluate, fused_reward, main, train
@@ -161,7 +162,7 @@ def test_cli_reports_bad_values(base, tmp_path):
 
 SCRIPT = """
 import sys, torch, torch.distributed as dist
-from kvpo.config import build_config
+from kvpo.config import build_config, parse_args
 from kvpo.train import train
 import json
 over = json.loads(sys.argv[1])
@@ -253,12 +254,31 @@ def test_scoped_rewards_score_their_clips(model):
     torch.testing.assert_close(comps["path"][0], reward.components(vids, [prompts[0]] * 3)["path"])
 
 
-def test_public_recipe_advantages_train(base, tmp_path):
-    """Anchor-relative advantages fused over the local and global clips, protect gate."""
-    res = train(
-        _cfg(base, tmp_path, advantage="anchor", reward_scopes={"local": 1.0, "global": 0.5})
+def test_public_recipe_config_trains(base, tmp_path):
+    """configs/public_recipe.yaml (sample routing, per-step likelihood, anchor advantages over the
+    local and global clips, softmax KL, EMA) end to end, scaled to the tiny generator."""
+    over = {
+        **_over(base, tmp_path, samples=False),
+        "window": "2,3",
+        "window_shift": 1,
+        "local_window": 3,
+        "score_steps": "0,1",
+    }
+    argv = ["--config", str(ROOT / "configs" / "public_recipe.yaml")]
+    for k, v in over.items():
+        argv += [f"--{k}", str(v)]
+    cfg = parse_args(argv)
+    assert (cfg.routing, cfg.likelihood, cfg.advantage, cfg.kl) == (
+        "sample",
+        "step",
+        "anchor",
+        "softmax",
     )
-    row = res.history[-1]
-    assert "reward_local/alignment" in row and "reward_global/path" in row
-    assert "reward_alignment" not in row
-    assert 0 <= row["valid_groups"] <= 2
+    res = train(cfg)
+    rows = [r for r in res.history if r["iter"] >= 0]
+    for row in rows:
+        assert "reward_local/alignment" in row and "reward_global/path" in row
+        assert "reward_alignment" not in row and "eval_ema_reward" in row
+        assert 0 <= row["valid_groups"] <= 2 and row["window_start"] in (2, 3)
+        assert all(map(math.isfinite, (row["loss"], row["ratio"], row["kl"], row["grad_norm"])))
+    assert res.ema is not None
