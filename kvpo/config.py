@@ -75,6 +75,7 @@ class TrainConfig:
     clip_high: float = 0.2
     kl: str = "velocity"  # velocity: beta * mean |u - u_ref|^2 | softmax: KL(p || p_ref) | none
     kl_coef: float = 10.0
+    grad_checkpointing: bool = False  # recompute the policy's blocks in backward (less memory)
     ema: float = 0.0  # EMA decay of the policy's weights (0: none; the public recipe: 0.999)
     # Reporting.
     eval_prompts: int = 16  # held-out prompts, never trained on

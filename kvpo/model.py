@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kvpo_kernels import routed_attention
 
@@ -204,6 +205,7 @@ class TinyARVideo(nn.Module):
         self.token_dim = cfg.channels * cfg.patch**2
         self.sink_frames = cfg.sink_frames
         self.local_window = cfg.local_window
+        self.grad_checkpointing = False  # recompute each block in backward (teacher forcing)
         self.text = TextEncoder(cfg.dim)
         self.embed = nn.Linear(self.token_dim, cfg.dim)
         self.spatial = nn.Parameter(torch.randn(self.frame_tokens, cfg.dim) * 0.02)
@@ -234,8 +236,12 @@ class TinyARVideo(nn.Module):
         pos = sinusoid(frame_index, cfg.dim)[:, :, None, :] + self.spatial  # [R, c, T, dim]
         h = self.embed(x) + pos.reshape(R, L, cfg.dim)
         c = F.silu(self.t_mlp(sinusoid(t * 1000.0, cfg.dim)) + cond)
+        remat = self.grad_checkpointing and torch.is_grad_enabled() and cache is None
         for layer, block in enumerate(self.blocks):
-            h = block(h, c, table, cache, layer, slots)
+            if remat:  # keep only block inputs; the replay's activations are recomputed
+                h = checkpoint(block, h, c, table, None, layer, None, use_reentrant=False)
+            else:
+                h = block(h, c, table, cache, layer, slots)
         shift, scale = self.final_mod(c)[:, None].chunk(2, dim=-1)
         return self.head(self.final_norm(h) * (1 + scale) + shift)
 

@@ -190,6 +190,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.local_window is not None:
         for m in (ref, model):
             m.set_local_window(cfg.local_window)
+    model.grad_checkpointing = cfg.grad_checkpointing
     model.to(device).train()
     ema = None
     if cfg.ema:

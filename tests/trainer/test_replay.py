@@ -4,6 +4,7 @@ import torch
 from trainer_support import PROMPTS
 
 from kvpo.config import TrainConfig
+from kvpo.model import Block
 from kvpo.replay import replay_velocities, step_energies, step_weights, trajectory_energy
 from kvpo.rollout import RolloutSpec, rollout
 from kvpo.train import branch_log_probs
@@ -85,3 +86,28 @@ def test_step_energies_and_per_step_likelihood_match_float64(model):
     assert sigma.min() == 0.5 and sigma.max() > 0.5  # the floor binds on the last steps only
     logp.sum().backward()  # differentiable in the policy
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_gradient_checkpointing_recomputes_blocks_with_equal_gradients(model, monkeypatch):
+    ro = _ro(model, p_keep=0.3)
+    calls = []
+    forward = Block.forward
+
+    def counted(self, *args):
+        calls.append(1)
+        return forward(self, *args)
+
+    monkeypatch.setattr(Block, "forward", counted)
+    grads = []
+    for remat in (False, True):
+        model.grad_checkpointing = remat
+        model.zero_grad()
+        calls.clear()
+        e = trajectory_energy(replay_velocities(model, ro), ro, step_weights(ro))
+        (e * torch.arange(1.0, e.numel() + 1).view_as(e)).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        depth = len(model.blocks)
+        assert len(calls) == (2 if remat else 1) * depth  # the recompute in backward
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    model.grad_checkpointing = False
