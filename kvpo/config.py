@@ -75,6 +75,8 @@ class TrainConfig:
     clip_high: float = 0.2
     kl: str = "velocity"  # velocity: beta * mean |u - u_ref|^2 | softmax: KL(p || p_ref) | none
     kl_coef: float = 10.0
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on the blocks, the rest frozen
+    lora_alpha: float = 0.0  # adapter scale alpha / rank (0: alpha = rank)
     grad_checkpointing: bool = False  # recompute the policy's blocks in backward (less memory)
     ema: float = 0.0  # EMA decay of the policy's weights (0: none; the public recipe: 0.999)
     # Reporting.
@@ -107,7 +109,16 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise bad(name, "must be a finite number > 0")
-        for name in ("weight_decay", "kl_coef", "adv_eps", "clip_low", "clip_high", "threads"):
+        for name in (
+            "weight_decay",
+            "kl_coef",
+            "adv_eps",
+            "clip_low",
+            "clip_high",
+            "threads",
+            "lora_rank",
+            "lora_alpha",
+        ):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a finite number >= 0")

@@ -17,7 +17,9 @@ from torch.utils.checkpoint import checkpoint
 
 from kvpo_kernels import routed_attention
 
-from . import data
+from . import data, lora
+
+LORA_TARGETS = ("q", "kv", "proj", "0", "2")  # attention q/kv/out and the MLP's two layers
 
 
 @dataclass
@@ -36,6 +38,8 @@ class ModelConfig:
     local_window: int | None = None  # frames of context besides sinks (None = all)
     steps: int = 4
     shift: float = 2.0
+    lora_rank: int = 0  # > 0: the blocks' linear layers carry LoRA adapters (base frozen)
+    lora_alpha: float | None = None  # adapter scale alpha / rank (None: 1)
 
     def __post_init__(self) -> None:
         for name in ("frame_size", "channels", "patch", "num_frames", "chunk_frames", "dim"):
@@ -53,6 +57,8 @@ class ModelConfig:
             raise ValueError(
                 f"dim={self.dim} must divide by heads={self.heads}, heads by kv_heads={self.kv_heads}"
             )
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank!r} must be an int >= 0")
         if self.steps < 1 or self.shift <= 0:
             raise ValueError(f"steps={self.steps} must be >= 1 and shift={self.shift} > 0")
 
@@ -219,6 +225,8 @@ class TinyARVideo(nn.Module):
         for m in (self.final_mod, self.head):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        if cfg.lora_rank:
+            self._attach_lora(cfg.lora_rank, cfg.lora_alpha)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return self.text(list(prompts))
@@ -276,6 +284,23 @@ class TinyARVideo(nn.Module):
         """Attend to the sinks and the last ``frames`` history frames (None: all history), in
         sampling, teacher forcing and the saved config alike."""
         self.local_window = self.cfg.local_window = frames
+
+    def add_lora(self, rank: int, alpha: float | None = None) -> None:
+        """Freeze the model and give the attention and MLP layers of every block LoRA adapters
+        of ``rank`` (saved with the model; :meth:`merge_lora` folds them back)."""
+        if self.cfg.lora_rank:
+            raise ValueError(f"the model already has LoRA adapters of rank {self.cfg.lora_rank}")
+        self._attach_lora(rank, alpha)
+        self.cfg.lora_rank, self.cfg.lora_alpha = rank, alpha
+
+    def _attach_lora(self, rank: int, alpha: float | None) -> None:
+        self.requires_grad_(False)  # before wrapping: the new adapters stay trainable
+        lora.add_lora(self.blocks, LORA_TARGETS, rank, alpha)
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into plain linear layers (same function, no adapters)."""
+        lora.merge_lora(self)
+        self.cfg.lora_rank, self.cfg.lora_alpha = 0, None
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)

@@ -40,8 +40,12 @@ def make_reward(cfg: TrainConfig) -> CompositeReward:
     return CompositeReward(weights, extra)
 
 
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def iteration_generator(
@@ -178,7 +182,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             cfg.resume, lambda m: make_optimizer(cfg, m.to(device))
         )
         defaults = TrainConfig().to_dict()  # fields newer than the checkpoint: their defaults
-        for key in ("group_size", "window", "base_checkpoint", "seed", "explore"):
+        for key in ("group_size", "window", "base_checkpoint", "seed", "explore", "lora_rank"):
             if saved.get(key, defaults[key]) != cfg.to_dict()[key]:
                 raise CheckpointError(
                     f"--resume {cfg.resume!r} was trained with {key}="
@@ -186,6 +190,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 )
     else:
         model = copy.deepcopy(ref).requires_grad_(True)
+        if cfg.lora_rank:
+            model.add_lora(cfg.lora_rank, cfg.lora_alpha or None)
         opt = make_optimizer(cfg, model)
     if cfg.local_window is not None:
         for m in (ref, model):
@@ -228,12 +234,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     eval_prompts = eval_prompts[: cfg.eval_prompts]
     nC = model.num_frames // model.chunk_frames
     log = MetricsLog(out)
+    params = trainable(model)
     if lead:
         log.truncate(start)
         (out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
         n = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in params)
         print(
-            f"kvpo: {n / 1e6:.2f} M-parameter generator on {device}, {world} rank(s), "
+            f"kvpo: {n / 1e6:.2f} M-parameter generator ({n_train / 1e6:.2f} M trained"
+            + (f", LoRA rank {model.cfg.lora_rank}" if model.cfg.lora_rank else "")
+            + f") on {device}, {world} rank(s), "
             f"{cfg.prompts_per_iter} prompts x G={cfg.group_size} per iteration, "
             f"window chunks {tuple(cfg.window)}, "
             + (
@@ -261,7 +271,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         total=cfg.iterations,
         file=sys.stderr,
     )
-    params = list(model.parameters())
     for it in bar:
         t0 = time.perf_counter()
         pick = torch.randint(

@@ -282,3 +282,24 @@ def test_public_recipe_config_trains(base, tmp_path):
         assert 0 <= row["valid_groups"] <= 2 and row["window_start"] in (2, 3)
         assert all(map(math.isfinite, (row["loss"], row["ratio"], row["kl"], row["grad_norm"])))
     assert res.ema is not None
+
+
+def test_lora_training_moves_only_the_adapters_and_resumes(base, tmp_path):
+    res = train(_cfg(base, tmp_path, lora_rank=4, lr=1e-3, samples=False))
+    start = load_model(base)
+    trained = dict(res.model.named_parameters())
+    for name, p in start.named_parameters():
+        key = name
+        if key not in trained:  # wrapped layer: blocks.0.q.weight -> blocks.0.q.base.weight
+            head, leaf = key.rsplit(".", 1)
+            key = f"{head}.base.{leaf}"
+        assert torch.equal(trained[key], p), name
+    moved = [n for n, p in trained.items() if n.endswith("lora_b") and p.abs().sum() > 0]
+    assert moved
+    ckpt = str(tmp_path / "checkpoint.safetensors")
+    more = train(
+        _cfg(base, tmp_path, lora_rank=4, lr=1e-3, samples=False, iterations=3, resume=ckpt)
+    )
+    assert [r["iter"] for r in more.history if r["iter"] >= 0] == [0, 1, 2]
+    with pytest.raises(CheckpointError, match="lora_rank"):
+        train(_cfg(base, tmp_path, iterations=4, samples=False, resume=ckpt))
