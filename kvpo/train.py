@@ -153,6 +153,48 @@ class TrainResult:
     ema: TinyARVideo | None = None  # its EMA (config ema > 0)
 
 
+def load_policy(
+    cfg: TrainConfig, ref: TinyARVideo, device: torch.device
+) -> tuple[TinyARVideo, torch.optim.Optimizer, ParamEMA | None, int, list[dict]]:
+    """The policy to train on ``device`` (a copy of ``ref``, with LoRA adapters if asked, or the
+    state of ``cfg.resume``), its AdamW, its EMA (if ``cfg.ema``), the iterations already done
+    and their log."""
+    start, history, ema_init = 0, [], None
+    if cfg.resume:
+        model, opt, start, saved, history = load_training(
+            cfg.resume, lambda m: make_optimizer(cfg, m.to(device))
+        )
+        defaults = TrainConfig().to_dict()  # fields newer than the checkpoint: their defaults
+        for key in ("group_size", "window", "base_checkpoint", "seed", "explore", "lora_rank"):
+            if saved.get(key, defaults[key]) != cfg.to_dict()[key]:
+                raise CheckpointError(
+                    f"--resume {cfg.resume!r} was trained with {key}="
+                    f"{saved.get(key)!r}, this config has {cfg.to_dict()[key]!r}"
+                )
+        if cfg.ema:
+            try:
+                ema_init = load_model(cfg.resume, ema=True)
+            except CheckpointError:  # trained without an EMA so far: it starts from the policy
+                ema_init = None
+    else:
+        model = copy.deepcopy(ref).requires_grad_(True)
+        if cfg.lora_rank:
+            model.add_lora(cfg.lora_rank, cfg.lora_alpha or None)
+        opt = make_optimizer(cfg, model)
+    for m in (model, ema_init):
+        if m is not None and cfg.local_window is not None:
+            m.set_local_window(cfg.local_window)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    model.to(device).train()
+    ema = ParamEMA(model, cfg.ema, ema_init) if cfg.ema else None
+    if device.type == "cuda":
+        for st in opt.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    st[k] = v.to(device)
+    return model, opt, ema, start, history
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run KVPO; returns the per-iteration log and the trained model."""
     cfg.validate()
@@ -176,44 +218,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
 
     ref = load_model(cfg.base_checkpoint).to(device).requires_grad_(False).eval()
-    start, history = 0, []
-    if cfg.resume:
-        model, opt, start, saved, history = load_training(
-            cfg.resume, lambda m: make_optimizer(cfg, m.to(device))
-        )
-        defaults = TrainConfig().to_dict()  # fields newer than the checkpoint: their defaults
-        for key in ("group_size", "window", "base_checkpoint", "seed", "explore", "lora_rank"):
-            if saved.get(key, defaults[key]) != cfg.to_dict()[key]:
-                raise CheckpointError(
-                    f"--resume {cfg.resume!r} was trained with {key}="
-                    f"{saved.get(key)!r}, this config has {cfg.to_dict()[key]!r}"
-                )
-    else:
-        model = copy.deepcopy(ref).requires_grad_(True)
-        if cfg.lora_rank:
-            model.add_lora(cfg.lora_rank, cfg.lora_alpha or None)
-        opt = make_optimizer(cfg, model)
     if cfg.local_window is not None:
-        for m in (ref, model):
-            m.set_local_window(cfg.local_window)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    model.to(device).train()
-    ema = None
-    if cfg.ema:
-        init = None
-        if cfg.resume:
-            try:
-                init = load_model(cfg.resume, ema=True)
-            except CheckpointError:  # trained without an EMA so far: it starts from the policy
-                init = None
-        ema = ParamEMA(model, cfg.ema, init)
-        if cfg.local_window is not None:
-            ema.model.set_local_window(cfg.local_window)
-    if device.type == "cuda":
-        for st in opt.state.values():
-            for k, v in st.items():
-                if torch.is_tensor(v) and v.dim() > 0:
-                    st[k] = v.to(device)
+        ref.set_local_window(cfg.local_window)
+    model, opt, ema, start, history = load_policy(cfg, ref, device)
     spec = RolloutSpec(
         group_size=cfg.group_size,
         window=tuple(cfg.window),
@@ -286,9 +293,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 cfg.window_shift + 1, (), generator=iteration_generator(cfg, it, stream=2)
             )
         )
+        spec_it = dataclasses.replace(spec, window=shifted(cfg.window, shift))
         model.eval()
-        ro = rollout(model, prompts, dataclasses.replace(spec, window=shifted(cfg.window, shift)),
-                     gen, device)  # fmt: skip
+        ro = rollout(model, prompts, spec_it, gen, device)
         t1 = time.perf_counter()
 
         comps, anchor, weights = branch_rewards(model, ro, reward, cfg.reward_scopes)
