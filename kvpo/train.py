@@ -349,6 +349,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         t3 = time.perf_counter()
 
         g_total = distributed.all_gather(total)
+        g_adv = distributed.all_gather(adv.cpu())
+        g_valid = distributed.all_gather(valid.cpu())
         row = {
             "iter": it,
             "reward": float(g_total.mean()),
@@ -357,7 +359,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             **{f"reward_{k}": float(v.mean()) for k, v in all_comps.items()},
             **{f"reward_{k}_std": float(v.std(1).mean()) for k, v in all_comps.items()},
             "window_start": ro.window[0],
-            "valid_groups": int(distributed.all_gather(valid.cpu()[:, None].long()).sum()),
+            "valid_groups": int(g_valid.sum()),
+            # advantages of the trained groups: their mean is 0 for group advantages, not for
+            # anchor-relative ones; their size sets how hard PPO pushes
+            "adv_mean": float(g_adv[g_valid].mean()) if bool(g_valid.any()) else 0.0,
+            "adv_abs": float(g_adv[g_valid].abs().mean()) if bool(g_valid.any()) else 0.0,
             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
             "time_rollout": t1 - t0,
             "time_reward": t2 - t1,  # rewards, advantages, reference replay (no grad)

@@ -68,9 +68,13 @@ def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path):
         "time_update",
         "eval_reward",
         "valid_groups",
+        "adv_mean",
+        "adv_abs",
     ):
         assert key in rows[-1], key
     assert rows[0]["tve"] > 0  # routed branches are away from the full-context policy
+    for r in rows:  # group advantages are centred in every trained group
+        assert abs(r["adv_mean"]) < 1e-3 and (r["adv_abs"] > 0) == (r["valid_groups"] > 0)
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "reward" in header and "eval_reward" in header
     for name in (
