@@ -53,6 +53,8 @@ class TrainConfig:
     # step's velocity distance / max(t, sigma_floor)^2 (the public recipe; PPO ratio per step)
     likelihood: str = "branch"
     sigma_floor: float = 0.1
+    # Gibbs form: log p = log_softmax(-E / tau) over the group's branches (True) | -E / tau
+    group_normalize: bool = True
     # Rewards and advantages.
     # Weight 0 logs a reward without training on it (motion and visual: what the update costs).
     reward_weights: dict[str, float] = field(
@@ -151,6 +153,8 @@ class TrainConfig:
                       "'velocity' or 'none'")  # fmt: skip
         if self.likelihood not in ("branch", "step"):
             raise bad("likelihood", "must be 'branch' or 'step'")
+        if self.kl == "softmax" and not self.group_normalize:
+            raise bad("kl", "'softmax' compares branch distributions: it needs group_normalize=True")
         if self.step_weighting not in ("uniform", "sigma"):
             raise bad("step_weighting", "must be 'uniform' or 'sigma'")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -122,20 +122,21 @@ def fused_reward(comps: dict[str, torch.Tensor], weights: dict[str, float]) -> t
 def branch_log_probs(cfg: TrainConfig, model, u, ro: Rollout, energy) -> torch.Tensor:
     """Log-probabilities of the branches under the policy whose replay velocities are ``u``.
 
-    KVPO, ``likelihood="branch"``: Gibbs branch log-probabilities [B, G] from the TVE ``energy``.
-    ``likelihood="step"`` (the public recipe): one Gibbs distribution per scored step,
-    [B, G, K'], over the step's velocity distance in units of its noise level floored at
-    ``sigma_floor``: ``log_softmax_i(-mean_n (u_k - v_k)^2 / (tau max(t_k, sigma_floor)^2))``.
+    KVPO, ``likelihood="branch"``: Gibbs branch log-probabilities [B, G] from the TVE ``energy``,
+    ``log_softmax_i(-E_i / tau)``. ``likelihood="step"`` (the public recipe): one per scored step,
+    [B, G, K'], from the step's velocity distance in units of its noise level floored at
+    ``sigma_floor``: ``E_ik = mean_n (u_k - v_k)^2 / max(t_k, sigma_floor)^2``. With
+    ``group_normalize=False`` the log-probabilities are ``-E / tau``, not normalized over the group.
     The SDE baseline: the Gaussian log-probability of every scored stochastic step [B, G, K']."""
-    if cfg.explore == "routing" and cfg.likelihood == "branch":
-        return gibbs_log_probs(energy, cfg.tau)
     scored = ro.scored.to(u.device)
-    if cfg.explore == "routing":
+    if cfg.explore == "sde":
+        t_cap = sde_t_cap(model.timesteps())
+        logp = step_log_probs(u, ro.states, ro.velocities, ro.t, ro.t_next, t_cap, cfg.sde_noise)
+        return logp[:, :, scored]
+    if cfg.likelihood == "step":
         sigma = ro.t.to(u.device)[scored].clamp_min(cfg.sigma_floor)
-        return gibbs_log_probs(step_energies(u, ro)[:, :, scored] / sigma**2, cfg.tau)
-    t_cap = sde_t_cap(model.timesteps())
-    logp = step_log_probs(u, ro.states, ro.velocities, ro.t, ro.t_next, t_cap, cfg.sde_noise)
-    return logp[:, :, scored]
+        energy = step_energies(u, ro)[:, :, scored] / sigma**2
+    return gibbs_log_probs(energy, cfg.tau) if cfg.group_normalize else -energy / cfg.tau
 
 
 def kl_term(cfg: TrainConfig, u, u_ref, logp, logp_ref) -> torch.Tensor:

@@ -84,6 +84,19 @@ def test_step_energies_and_per_step_likelihood_match_float64(model):
     want = torch.log_softmax(-diff[:, :, scored] / sigma**2 / 0.01, dim=1)
     torch.testing.assert_close(logp.double(), want, rtol=1e-4, atol=1e-6)
     assert sigma.min() == 0.5 and sigma.max() > 0.5  # the floor binds on the last steps only
+    free = branch_log_probs(
+        TrainConfig(likelihood="step", tau=0.01, sigma_floor=0.5, group_normalize=False, kl="none"),
+        model,
+        u,
+        ro,
+        None,
+    )
+    torch.testing.assert_close(
+        free.double(), -diff[:, :, scored] / sigma**2 / 0.01, rtol=1e-4, atol=1e-6
+    )
+    energy = trajectory_energy(u, ro, step_weights(ro))
+    free = branch_log_probs(TrainConfig(group_normalize=False, kl="none"), model, u, ro, energy)
+    torch.testing.assert_close(free, -energy / TrainConfig.tau)
     logp.sum().backward()  # differentiable in the policy
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
