@@ -153,8 +153,6 @@ class TrainConfig:
                       "'velocity' or 'none'")  # fmt: skip
         if self.likelihood not in ("branch", "step"):
             raise bad("likelihood", "must be 'branch' or 'step'")
-        if self.kl == "softmax" and not self.group_normalize:
-            raise bad("kl", "'softmax' compares branch distributions: it needs group_normalize=True")
         if self.step_weighting not in ("uniform", "sigma"):
             raise bad("step_weighting", "must be 'uniform' or 'sigma'")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -142,8 +142,9 @@ def branch_log_probs(cfg: TrainConfig, model, u, ro: Rollout, energy) -> torch.T
 def kl_term(cfg: TrainConfig, u, u_ref, logp, logp_ref) -> torch.Tensor:
     if cfg.kl == "velocity":
         return (u - u_ref).pow(2).mean()
-    if cfg.kl == "softmax":
-        return (logp.exp() * (logp - logp_ref)).sum(1).mean()
+    if cfg.kl == "softmax":  # KL of the branch softmax, whether or not logp is normalized
+        lp, lr = logp.log_softmax(1), logp_ref.log_softmax(1)
+        return (lp.exp() * (lp - lr)).sum(1).mean()
     return u.new_zeros(())
 
 

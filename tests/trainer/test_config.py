@@ -56,7 +56,6 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"window_shift": -1}, "window_shift"),
         ({"reward_scopes": {"middle": 1.0}}, "reward_scopes"),
         ({"ema": 1.0}, "ema"),
-        ({"kl": "softmax", "group_normalize": False}, "group_normalize"),
         ({"lora_rank": -2}, "lora_rank"),
         ({"lora_rank": 2.5}, "lora_rank"),
         ({"reward_scopes": {"local": 0.0}}, "reward_scopes"),
