@@ -43,6 +43,7 @@ class TrainConfig:
     p_keep: float = 0.3
     recent_frames: int = 2
     local_window: int | None = None  # frames besides sinks a chunk attends to (None: checkpoint's)
+    recache: bool | None = None  # KV re-cache at prompt switches (None: the checkpoint's)
     score_after_window: bool = False
     score_steps: tuple[int, ...] | None = None  # None: every denoising step
     kl_prefix: bool = False  # the velocity KL also covers the shared pre-window chunks
@@ -136,6 +137,8 @@ class TrainConfig:
             raise bad("local_window", "must be a positive integer or None (the checkpoint's)")
         if not isinstance(self.ema, (int, float)) or not 0.0 <= self.ema < 1.0:
             raise bad("ema", "must be a decay in [0, 1) (0: no EMA)")
+        if self.recache is not None and not isinstance(self.recache, bool):
+            raise bad("recache", "must be true, false or None (the checkpoint's)")
         if not 0.0 <= self.p_keep <= 1.0:
             raise bad("p_keep", "must be in [0, 1]")
         if not 0.0 <= self.multi_prompt <= 1.0:
@@ -188,14 +191,15 @@ def _coerce(name: str, value, hint) -> object:
     if value is None and (origin in (typing.Union, types.UnionType)) and type(None) in args:
         return None
     try:
+        scalar = [a for a in args if a in (bool, int, float, str)]
+        if origin in (typing.Union, types.UnionType) and scalar:
+            hint = scalar[0]  # ``X | None``: None was handled above
         if hint is bool:
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
-        if origin in (typing.Union, types.UnionType) and int in args:
-            hint = int  # ``int | None``: None was handled above
         if hint in (int, float, str):
             if hint is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError

@@ -7,6 +7,8 @@ sees the sink frames, the local window of frames before the chunk, and its own p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .interface import StreamingVideoGenerator
@@ -28,6 +30,22 @@ def visible_frames(model: StreamingVideoGenerator, chunk: int) -> list[int]:
         return list(range(start))
     sinks = list(range(model.sink_frames))
     return sinks + list(range(start - model.local_window, start))
+
+
+def prompt_switches(prompts: list[str]) -> list[int]:
+    """Chunks at which a video's prompt changes; each starts a new prompt segment."""
+    return [j for j in range(1, len(prompts)) if prompts[j] != prompts[j - 1]]
+
+
+def recache_chunks(model: StreamingVideoGenerator, chunk: int) -> list[int]:
+    """Chunks re-encoded under the new prompt when it switches at ``chunk`` (LongLive's KV
+    re-cache): every earlier chunk holding a frame that ``chunk`` attends to, in order."""
+    return sorted({f // model.chunk_frames for f in visible_frames(model, chunk)})
+
+
+def recaches(model: StreamingVideoGenerator) -> bool:
+    """Whether the generator re-caches its KV at a prompt switch (``model.recache``)."""
+    return bool(getattr(model, "recache", False))
 
 
 def context_width(model: StreamingVideoGenerator, chunks: int) -> int:
@@ -125,3 +143,97 @@ def teacher_forcing(
     chunk = torch.cat([clean_chunk, noisy_chunk]).to(noisy.device)
     frame_index = chunk[:, None] * c + torch.arange(c, device=noisy.device)
     return model(x, tt, cond, frame_index, table)[Rc:]
+
+
+@dataclass
+class CleanContext:
+    """Clean rows that rebuild the deployment-time KV pages of videos in one teacher-forcing pass.
+
+    Clean row r (chunk ``chunk[r]`` of some video, under conditioning ``cond[r]``) owns pages
+    ``r * chunk_frames + f``. ``page_map`` has one row per (video, prompt segment): which page each
+    frame has for the chunks of that segment; with KV re-cache a switch re-encodes the frames the
+    new segment sees, so their pages differ from the previous segment's.
+    """
+
+    tokens: torch.Tensor  # [Rc, c*T, d] clean chunks
+    cond: torch.Tensor  # [Rc, C]
+    chunk: torch.Tensor  # [Rc] int64
+    table: torch.Tensor  # [Rc, W] int32 history and own pages of each clean row
+    page_map: torch.Tensor  # [V * S, F] int64
+    segment_starts: list[list[int]]  # per group b: first chunk of each prompt segment
+    branches: int  # G videos per group
+    segments: int  # S page-map rows per video
+
+    def map_rows(self, video: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+        """[R] page-map row of video ``video[r]`` (index ``b * G + g``) when making ``chunk[r]``."""
+        seg = [
+            sum(a <= int(j) for a in self.segment_starts[int(v) // self.branches][1:])
+            for v, j in zip(video.tolist(), chunk.tolist(), strict=True)
+        ]
+        return video * self.segments + torch.tensor(seg, dtype=torch.long)
+
+
+def clean_context(
+    model: StreamingVideoGenerator,
+    tokens: torch.Tensor,
+    prompts: list[list[str]],
+    shared: int,
+    last: int,
+) -> CleanContext:
+    """The clean rows that chunks ``0..last`` of B groups of G videos attend to at deployment.
+
+    Args:
+        tokens: [B, G, F, T, d] clean frames; the first ``shared`` chunks are the same in every
+            video of a group (the rollout's shared prefix) and are encoded once per group.
+        prompts: B lists of one prompt per chunk.
+        shared: chunks made once per group (with their KV re-caches at switches before ``shared``).
+        last: the last chunk that will attend to the context; clean rows cover chunks < ``last``.
+
+    Without re-cache this is one clean row per chunk < ``last`` (per group for the shared ones).
+    With it (``model.recache``), a prompt switch at chunk ``a <= last`` adds rows re-encoding
+    :func:`recache_chunks` under chunk ``a``'s prompt, in order, as streaming sampling does.
+    """
+    B, G, Fr, T, d = tokens.shape
+    c = model.chunk_frames
+    nC = Fr // c
+    cond_bj = chunk_conditioning(model, prompts)
+    starts = [[0] + (prompt_switches(p) if recaches(model) else []) for p in prompts]
+    S = max(len(s) for s in starts)
+    rows: list[
+        tuple[int, int, int, int, int, bool]
+    ] = []  # b, g, chunk, cond chunk, segment, shared
+    for b in range(B):
+        bounds = [*starts[b], nC]
+        for k, a in enumerate(starts[b]):
+            if a > last:
+                break
+            recache = recache_chunks(model, a) if k else []
+            for i in recache + list(range(a, min(bounds[k + 1], last))):
+                # a re-cache (i < a) is made at the switch, an original row at its own chunk;
+                # what is made before the fork is made once per group
+                made_at = a if i < a else i
+                if made_at < shared:
+                    rows.append((b, 0, i, made_at, k, True))
+                else:
+                    rows += [(b, g, i, made_at, k, False) for g in range(G)]
+    Rc = len(rows)
+    page_map = torch.full((B * G * S, Fr), -1, dtype=torch.long)
+    for r, (b, g, i, _, k, is_shared) in enumerate(rows):  # rows are in making order
+        for gg in range(G) if is_shared else [g]:
+            for kk in range(k, S):
+                page_map[(b * G + gg) * S + kk, i * c : (i + 1) * c] = r * c + torch.arange(c)
+    rb, rg, ri, rcj, rk = (
+        torch.tensor([row[n] for row in rows], dtype=torch.long) for n in range(5)
+    )
+    own = torch.arange(Rc)[:, None] * c + torch.arange(c)
+    table = context_table(model, page_map, (rb * G + rg) * S + rk, ri, own)
+    return CleanContext(
+        tokens=tokens.reshape(B, G, nC, c * T, d)[rb, rg, ri],
+        cond=cond_bj[rb, rcj],
+        chunk=ri,
+        table=table,
+        page_map=page_map,
+        segment_starts=starts,
+        branches=G,
+        segments=S,
+    )

@@ -41,6 +41,8 @@ class StreamingVideoGenerator(Protocol):
     token_dim: int
     sink_frames: int
     local_window: int | None
+    # Optional ``recache: bool``: at a prompt switch the frames the new chunk sees are re-encoded
+    # under the new prompt (LongLive's KV re-cache); rollout, replay and pretraining follow it.
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompt conditioning, [N, C] (differentiable)."""

@@ -36,6 +36,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     sink_frames: int = 1
     local_window: int | None = None  # frames of context besides sinks (None = all)
+    recache: bool = False  # at a prompt switch, re-encode the frames the chunk sees (LongLive)
     steps: int = 4
     shift: float = 2.0
     lora_rank: int = 0  # > 0: the blocks' linear layers carry LoRA adapters (base frozen)
@@ -211,6 +212,7 @@ class TinyARVideo(nn.Module):
         self.token_dim = cfg.channels * cfg.patch**2
         self.sink_frames = cfg.sink_frames
         self.local_window = cfg.local_window
+        self.recache = cfg.recache
         self.grad_checkpointing = False  # recompute each block in backward (teacher forcing)
         self.text = TextEncoder(cfg.dim)
         self.embed = nn.Linear(self.token_dim, cfg.dim)
@@ -284,6 +286,11 @@ class TinyARVideo(nn.Module):
         """Attend to the sinks and the last ``frames`` history frames (None: all history), in
         sampling, teacher forcing and the saved config alike."""
         self.local_window = self.cfg.local_window = frames
+
+    def set_recache(self, on: bool) -> None:
+        """KV re-cache at prompt switches (see :func:`kvpo.context.recache_chunks`), in sampling,
+        teacher forcing and the saved config alike."""
+        self.recache = self.cfg.recache = bool(on)
 
     def add_lora(self, rank: int, alpha: float | None = None) -> None:
         """Freeze the model and give the attention and MLP layers of every block LoRA adapters

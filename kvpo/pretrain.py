@@ -9,7 +9,6 @@ are an EMA of the trained ones; ``kvpo/assets/base.safetensors`` ships one made 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
@@ -20,7 +19,8 @@ from tqdm import tqdm
 
 from . import data
 from .checkpoint import load_model, save_model
-from .context import chunk_conditioning, context_table, teacher_forcing
+from .context import chunk_conditioning, clean_context, context_table, teacher_forcing
+from .ema import ParamEMA
 from .model import ModelConfig, TinyARVideo
 
 DEFAULT_OUT = Path(__file__).parent / "assets" / "base.safetensors"
@@ -54,34 +54,48 @@ def sample_t(n: int, model: TinyARVideo, gen: torch.Generator) -> torch.Tensor:
     return torch.where(pick, on_grid, warped).clamp(1e-3, 1.0)
 
 
+def teacher_forced_velocity(
+    model: TinyARVideo,
+    clean: torch.Tensor,
+    chunk_prompts: list[list[str]],
+    xt: torch.Tensor,
+    t: torch.Tensor,
+) -> torch.Tensor:
+    """Velocity at noisy chunks ``xt`` of every chunk of every video, each attending to the clean
+    earlier frames as streaming sampling would have cached them (KV re-cache included), in one pass.
+
+    Args:
+        clean: [N, F, T, d] clean tokens; chunk_prompts: N lists of one prompt per chunk.
+        xt: [N * nC, c*T, d] a noisy state of chunk ``j`` of video ``n`` at row ``n * nC + j``;
+            t: [N * nC] its timestep.
+
+    Returns:
+        [N * nC, c*T, d]
+    """
+    N, Fr, T, d = clean.shape
+    nC = Fr // model.chunk_frames
+    cond = chunk_conditioning(model, chunk_prompts)  # [N, nC, C]
+    # Clean rows: chunks 0..nC-2 of every video (the last chunk is never context).
+    cc = clean_context(model, clean[:, None], chunk_prompts, shared=0, last=nC - 1)
+    nv = torch.arange(N).repeat_interleave(nC)
+    nj = torch.arange(nC).repeat(N)
+    ctx = context_table(model, cc.page_map, cc.map_rows(nv, nj), nj, None)
+    return teacher_forcing(
+        model, cc.tokens, cc.cond, cc.chunk, cc.table, xt, t, cond[nv, nj], nj, ctx
+    )
+
+
 def flow_matching_loss(
     model: TinyARVideo, clean: torch.Tensor, chunk_prompts: list[list[str]], gen: torch.Generator
 ) -> torch.Tensor:
     """Mean squared velocity error over every chunk of every video of the batch."""
     N, Fr, T, d = clean.shape
     c = model.chunk_frames
-    nC = Fr // c
-    cond = chunk_conditioning(model, chunk_prompts)  # [N, nC, C]
-    rows = clean.view(N, nC, c * T, d)
-
-    # Clean rows: chunks 0..nC-2 of every video (the last chunk is never context).
-    cv = torch.arange(N).repeat_interleave(nC - 1)
-    cj = torch.arange(nC - 1).repeat(N)
-    own = (torch.arange(N * (nC - 1))[:, None] * c + torch.arange(c)).long()
-    page_map = torch.full((N, Fr), -1, dtype=torch.long)
-    page_map[:, : (nC - 1) * c] = own.view(N, (nC - 1) * c)
-    clean_table = context_table(model, page_map, cv, cj, own)
-
-    nv = torch.arange(N).repeat_interleave(nC)
-    nj = torch.arange(nC).repeat(N)
-    x0 = rows.reshape(N * nC, c * T, d)
+    x0 = clean.reshape(N * (Fr // c), c * T, d)
     noise = torch.randn(x0.shape, generator=gen)
-    t = sample_t(N * nC, model, gen)
+    t = sample_t(x0.shape[0], model, gen)
     xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
-    ctx = context_table(model, page_map, nv, nj, None)
-    v = teacher_forcing(
-        model, rows[cv, cj], cond[cv, cj], cj, clean_table, xt, t, cond[nv, nj], nj, ctx
-    )
+    v = teacher_forced_velocity(model, clean, chunk_prompts, xt, t)
     return torch.nn.functional.mse_loss(v, noise - x0)
 
 
@@ -101,7 +115,7 @@ def pretrain(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = load_model(init) if init is not None else TinyARVideo(cfg)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = ParamEMA(model, ema_decay)
     train_prompts, _ = data.split_prompts()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     warm = max(1, steps // 20)
@@ -121,9 +135,7 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - ema_decay)
+        ema.update(model)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}", refresh=False)
         if (step + 1) % log_every == 0:
@@ -138,7 +150,7 @@ def pretrain(
                 flush=True,
             )
     save_model(
-        ema,
+        ema.model,
         out,
         extra={
             "pretrain_steps": steps,
@@ -147,7 +159,7 @@ def pretrain(
         },
     )
     print(f"wrote {out}")
-    return ema
+    return ema.model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,13 +173,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--depth", type=int, default=ModelConfig.depth)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--init", type=Path, default=None, help="continue from this model checkpoint")
+    ap.add_argument(
+        "--local_window", type=int, default=None, help="frames besides sinks a chunk attends to"
+    )
+    ap.add_argument(
+        "--recache", action="store_true", help="KV re-cache at prompt switches (LongLive)"
+    )
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.lr <= 0:
         ap.error("--steps and --batch must be >= 1 and --lr > 0")
+    if args.local_window is not None and args.local_window < 1:
+        ap.error("--local_window must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     pretrain(
-        ModelConfig(dim=args.dim, depth=args.depth),
+        ModelConfig(
+            dim=args.dim, depth=args.depth, local_window=args.local_window, recache=args.recache
+        ),
         args.steps,
         args.batch,
         args.lr,

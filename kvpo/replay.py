@@ -12,7 +12,7 @@ import torch
 
 from kvpo_kernels import velocity_energy
 
-from .context import chunk_conditioning, context_table, teacher_forcing
+from .context import chunk_conditioning, clean_context, context_table, teacher_forcing
 from .interface import StreamingVideoGenerator
 from .rollout import Rollout
 
@@ -22,45 +22,20 @@ def replay_velocities(model: StreamingVideoGenerator, ro: Rollout) -> torch.Tens
     B, G, Fr, T, d = ro.tokens.shape
     c = model.chunk_frames
     K = ro.t.shape[0]
-    w0 = ro.window[0]
-    last = int(ro.chunk.max())  # chunks < last are needed as clean context
-    device = ro.tokens.device
-
+    # The pre-window chunks are clean context once per group (identical in every branch).
+    cc = clean_context(model, ro.tokens, ro.prompts, ro.window[0], int(ro.chunk.max()))
     cond_bj = chunk_conditioning(model, ro.prompts)
-
-    # Clean rows: group g's prefix chunks (from branch 0: identical in every branch), then each
-    # branch's own chunks w0..last-1.
-    cb = [torch.arange(B).repeat_interleave(w0), torch.arange(B).repeat_interleave(G * (last - w0))]
-    cg = [
-        torch.zeros(B * w0, dtype=torch.long),
-        torch.arange(G).repeat_interleave(last - w0).repeat(B),
-    ]
-    cj = [torch.arange(w0).repeat(B), torch.arange(w0, last).repeat(B * G)]
-    cb, cg, cj = (torch.cat(v) for v in (cb, cg, cj))
-    Rc = cb.shape[0]
-    own = torch.arange(Rc)[:, None] * c + torch.arange(c)
-    # page_map per branch (row b * G + g): prefix frames -> group pages, later -> branch pages.
-    page_map = torch.full((B * G, Fr), -1, dtype=torch.long)
-    for r in range(Rc):
-        b, g, j = int(cb[r]), int(cg[r]), int(cj[r])
-        targets = range(b * G, (b + 1) * G) if j < w0 else [b * G + g]
-        for n in targets:
-            page_map[n, j * c : (j + 1) * c] = own[r]
-    branch_of_clean = cb * G + cg
-    clean_table = context_table(model, page_map, branch_of_clean, cj, own)
-    clean = ro.tokens.view(B, G, Fr // c, c * T, d)[cb, cg, cj]
-
     nb = torch.arange(B * G).repeat_interleave(K)
     nj = ro.chunk.repeat(B * G)
-    ctx = context_table(model, page_map, nb, nj, None)
+    ctx = context_table(model, cc.page_map, cc.map_rows(nb, nj), nj, None)
     u = teacher_forcing(
         model,
-        clean,
-        cond_bj[cb, cj],
-        cj,
-        clean_table,
+        cc.tokens,
+        cc.cond,
+        cc.chunk,
+        cc.table,
         ro.states.reshape(B * G * K, c * T, d),
-        ro.t.to(device).repeat(B * G),
+        ro.t.to(ro.tokens.device).repeat(B * G),
         cond_bj[nb // G, nj],
         nj,
         ctx,

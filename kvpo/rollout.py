@@ -31,6 +31,9 @@ from .context import (
     context_table,
     context_width,
     droppable_columns,
+    prompt_switches,
+    recache_chunks,
+    recaches,
     visible_frames,
 )
 from .interface import StreamingVideoGenerator
@@ -213,8 +216,12 @@ def rollout(
     cond_bj = chunk_conditioning(model, prompts)  # [B, nC, C]
     noise = torch.randn((B, nC, c * T, d), generator=generator).to(device)
 
+    switches = [prompt_switches(p) if recaches(model) else [] for p in prompts]
+    recache_pages = sum(
+        len(recache_chunks(model, a)) * c * (1 if a < w0 else Gt) for sw in switches for a in sw
+    )
     pre_pages = B * w0 * c * (1 if spec.share_pages else 1 + Gt)
-    capacity = pre_pages + B * Gt * (nC - w0) * c + B * Gt * c
+    capacity = pre_pages + B * Gt * (nC - w0) * c + B * Gt * c + recache_pages
     cache = model.new_cache(capacity, device)
     scratch = cache.allocate(B * Gt * c).view(B * Gt, c)
     width = context_width(model, nC)
@@ -253,10 +260,28 @@ def rollout(
         page_map[:, j * c : (j + 1) * c] = perm
         return x, xs, vs, den_table
 
+    def recache(j: int, page_map, group_of_row, clean: dict[int, torch.Tensor], cond) -> None:
+        """KV re-cache: rows whose prompt switches at chunk j re-encode, in order, the chunks
+        that j sees under j's prompt; their frames get the new pages in ``page_map``."""
+        sel = torch.tensor([j in switches[int(b)] for b in group_of_row]).nonzero().squeeze(1)
+        n = sel.numel()
+        if n == 0:
+            return
+        pm_sel = page_map[sel]
+        for i in recache_chunks(model, j):
+            perm = cache.allocate(n * c).view(n, c)
+            full = context_table(model, pm_sel, torch.arange(n), torch.full((n,), i), perm, width)
+            fi = (i * c + torch.arange(c, device=device)).expand(n, c)
+            t0 = torch.zeros(n, device=device)
+            model(clean[i][sel], t0, cond[sel], fi, full.to(device), cache, perm)
+            pm_sel[:, i * c : (i + 1) * c] = perm
+        page_map[sel] = pm_sel
+
     # Shared prefix: one row per group.
     pm = torch.full((B, Fr), -1, dtype=torch.long)
     prefix, pre_x, pre_v = [], [], []
     for j in range(w0):
+        recache(j, pm, torch.arange(B), dict(enumerate(prefix)), cond_bj[:, j])
         hist = context_table(model, pm, torch.arange(B), torch.full((B,), j), None, width - c)
         x, xs, vs, _ = run_chunk(j, pm, torch.arange(B), hist, cond_bj[:, j], spec.record_prefix)
         prefix.append(x)
@@ -285,7 +310,9 @@ def rollout(
     rec_tn = [float(ts[k + 1]) for _ in range(w0) for k in steps] if pre_x else []
     rec_chunk = [j for j in range(w0) for _ in steps] if pre_x else []
     n_pre, tables = len(pre_x), {}
+    clean = {i: x[rows] for i, x in enumerate(prefix)}  # [B*Gt, L, d] per chunk made
     for j in range(w0, nC):
+        recache(j, page_map, rows, clean, cond_bj[rows, j])
         hist = context_table(
             model, page_map, torch.arange(B * Gt), torch.full((B * Gt,), j), None, width - c
         )
@@ -296,6 +323,7 @@ def rollout(
             j, page_map, rows, hist, cond_bj[rows, j], j in scored, ode_rows=is_anchor
         )
         chunks.append(x[:, None])
+        clean[j] = x
         tables[j] = den_table.view(B, Gt, -1)[:, :G].reshape(B * G, -1)
         if j in scored:
             recs_x += xs

@@ -155,6 +155,14 @@ class TrainResult:
     ema: TinyARVideo | None = None  # its EMA (config ema > 0)
 
 
+def set_context(cfg: TrainConfig, model: TinyARVideo) -> None:
+    """The deployment context the config asks for (local window, KV re-cache), if it asks."""
+    if cfg.local_window is not None:
+        model.set_local_window(cfg.local_window)
+    if cfg.recache is not None:
+        model.set_recache(cfg.recache)
+
+
 def load_policy(
     cfg: TrainConfig, ref: TinyARVideo, device: torch.device
 ) -> tuple[TinyARVideo, torch.optim.Optimizer, ParamEMA | None, int, list[dict]]:
@@ -184,8 +192,8 @@ def load_policy(
             model.add_lora(cfg.lora_rank, cfg.lora_alpha or None)
         opt = make_optimizer(cfg, model)
     for m in (model, ema_init):
-        if m is not None and cfg.local_window is not None:
-            m.set_local_window(cfg.local_window)
+        if m is not None:
+            set_context(cfg, m)
     model.grad_checkpointing = cfg.grad_checkpointing
     model.to(device).train()
     ema = ParamEMA(model, cfg.ema, ema_init) if cfg.ema else None
@@ -220,8 +228,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
 
     ref = load_model(cfg.base_checkpoint).to(device).requires_grad_(False).eval()
-    if cfg.local_window is not None:
-        ref.set_local_window(cfg.local_window)
+    set_context(cfg, ref)
     model, opt, ema, start, history = load_policy(cfg, ref, device)
     spec = RolloutSpec(
         group_size=cfg.group_size,

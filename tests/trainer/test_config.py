@@ -33,6 +33,7 @@ def test_yaml_then_cli_overrides(tmp_path):
     cfg = parse_args(["--local_window", "4", "--routing", "sample", "--window_shift", "1"])
     assert cfg.local_window == 4 and cfg.routing == "sample" and cfg.window_shift == 1
     assert parse_args(["--local_window", "none"]).local_window is None
+    assert parse_args(["--recache", "true"]).recache is True and parse_args([]).recache is None
 
 
 @pytest.mark.parametrize(
@@ -54,6 +55,7 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"local_window": 0}, "local_window"),
         ({"local_window": "wide"}, "local_window"),
         ({"window_shift": -1}, "window_shift"),
+        ({"recache": "maybe"}, "recache"),
         ({"reward_scopes": {"middle": 1.0}}, "reward_scopes"),
         ({"ema": 1.0}, "ema"),
         ({"lora_rank": -2}, "lora_rank"),

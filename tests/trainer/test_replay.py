@@ -1,7 +1,7 @@
 """Replay under the unperturbed context and the trajectory velocity energy."""
 
 import torch
-from trainer_support import PROMPTS
+from trainer_support import PROMPTS, tiny_model
 
 from kvpo.config import TrainConfig
 from kvpo.model import Block
@@ -124,3 +124,23 @@ def test_gradient_checkpointing_recomputes_blocks_with_equal_gradients(model, mo
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     model.grad_checkpointing = False
+
+
+def test_replay_follows_kv_recache_at_prompt_switches():
+    """With KV re-cache, the replay's context is the re-cached one: it reproduces every step made
+    under full context, for a switch inside the shared prefix and one after the fork."""
+    model = tiny_model(local_window=3)
+    model.set_recache(True)
+    left, up = PROMPTS[0], PROMPTS[0].replace("left", "up")
+    prompts = [[left, up, up, up, up], [left, left, left, up, up]]  # switches at chunks 1 and 3
+    for p_keep in (0.4, 1.0):
+        spec = RolloutSpec(group_size=3, window=(2, 3), p_keep=p_keep, score_after_window=True)
+        ro = rollout(model, prompts, spec, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            u = replay_velocities(model, ro)
+        same = ro.chunk >= ro.window[1] if p_keep < 1 else torch.ones_like(ro.scored)
+        torch.testing.assert_close(u[:, :, same], ro.velocities[:, :, same], rtol=1e-4, atol=1e-5)
+    model.set_recache(False)  # a replay that ignores the re-cache does not reproduce them
+    with torch.no_grad():
+        u = replay_velocities(model, ro)
+    assert (u[1, :, ro.chunk >= 3] - ro.velocities[1, :, ro.chunk >= 3]).abs().max() > 1e-3

@@ -136,3 +136,23 @@ def test_sample_routing_needs_a_local_window(model):
 def test_bad_spec(model, kw, match):
     with pytest.raises(ValueError, match=match):
         _run(model, **kw)
+
+
+def test_kv_recache_changes_only_what_follows_the_switch():
+    model = tiny_model(local_window=3)
+    left, up = PROMPTS[0], PROMPTS[0].replace("left", "up")
+    prompts = [[left, left, left, up, up]]
+    videos = []
+    for on in (False, True):
+        model.set_recache(on)
+        videos.append(generate(model, prompts, torch.Generator().manual_seed(0)))
+    c = model.chunk_frames
+    torch.testing.assert_close(videos[0][:, : 3 * c], videos[1][:, : 3 * c], rtol=0, atol=1e-6)
+    assert (videos[0][:, 3 * c :] - videos[1][:, 3 * c :]).abs().max() > 1e-3
+    # a video without a switch is untouched
+    model.set_recache(True)
+    same = generate(model, [[left] * 5], torch.Generator().manual_seed(0))
+    model.set_recache(False)
+    torch.testing.assert_close(
+        same, generate(model, [[left] * 5], torch.Generator().manual_seed(0))
+    )

@@ -94,9 +94,10 @@ def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path):
     assert moved > 0
 
 
-def test_sample_routing_local_window_and_window_shift(base, tmp_path):
+def test_sample_routing_local_window_recache_and_window_shift(base, tmp_path):
     """The public recipe's exploration: a local window refilled from older history, the window
-    start drawn per iteration; the trained model keeps the local window it was trained with."""
+    start drawn per iteration, multi-prompt videos with KV re-cache; the trained model keeps the
+    deployment context it was trained with."""
     cfg = _cfg(
         base,
         tmp_path,
@@ -106,12 +107,15 @@ def test_sample_routing_local_window_and_window_shift(base, tmp_path):
         recent_frames=2,
         window=(2, 3),
         window_shift=2,
+        multi_prompt=1.0,
+        recache=True,
         samples=False,
     )
     res = train(cfg)
     starts = [r["window_start"] for r in res.history if r["iter"] >= 0]
     assert set(starts) <= {2, 3, 4} and len(set(starts)) > 1
-    assert load_model(tmp_path / "checkpoint.safetensors").local_window == 3
+    saved = load_model(tmp_path / "checkpoint.safetensors")
+    assert saved.local_window == 3 and saved.recache
     with pytest.raises(ValueError, match="window"):
         train(_cfg(base, tmp_path / "b", window=(2, 4), window_shift=2))
     with pytest.raises(ValueError, match="local_window=None"):

@@ -1,0 +1,44 @@
+"""Deployment-time context: prompt segments, KV re-cache, the clean rows of teacher forcing."""
+
+import torch
+from trainer_support import tiny_model
+
+from kvpo.context import clean_context, prompt_switches, recache_chunks
+
+A, B_ = "a large red circle moving left slowly", "a large red circle moving up slowly"
+
+
+def test_switches_and_recache_chunks():
+    assert prompt_switches([A, A, B_, B_, A]) == [2, 4] and prompt_switches([A] * 3) == []
+    full = tiny_model()  # all history visible
+    assert recache_chunks(full, 3) == [0, 1, 2]
+    local = tiny_model(local_window=3)  # sink 0 + the 3 frames before the chunk
+    assert recache_chunks(local, 4) == [0, 2, 3]  # frames 0, 5, 6, 7
+
+
+def test_clean_rows_without_and_with_recache():
+    model = tiny_model(local_window=3)
+    G, nC, c = 2, 5, model.chunk_frames
+    tokens = torch.randn(1, G, nC * c, model.frame_tokens, model.token_dim)
+    tokens[:, 1, : 2 * c] = tokens[:, 0, : 2 * c]  # shared prefix of 2 chunks
+    prompts = [[A, A, A, B_, B_]]
+    plain = clean_context(model, tokens, prompts, shared=2, last=4)
+    # prefix chunks once per group, then chunks 2, 3 of each branch
+    assert plain.chunk.tolist() == [0, 1, 2, 2, 3, 3] and plain.segments == 1
+    model.set_recache(True)
+    cc = clean_context(model, tokens, prompts, shared=2, last=4)
+    # the switch at chunk 3 re-encodes chunks 0 (the sink), 1 and 2 (frames 3-5) per branch
+    assert cc.chunk.tolist() == [0, 1, 2, 2, 0, 0, 1, 1, 2, 2, 3, 3] and cc.segments == 2
+    emb = model.encode_prompts([A, B_])
+    for r in range(4, 12):  # under the new prompt: the re-caches and chunk 3
+        torch.testing.assert_close(cc.cond[r], emb[1])
+    for r in range(4):
+        torch.testing.assert_close(cc.cond[r], emb[0])
+    torch.testing.assert_close(cc.tokens[5], tokens[0, 1, 0:c].flatten(0, 1))  # branch 1's sink
+    # branch 1 making chunk 2 reads segment 0; making chunk 4, segment 1 (re-cached pages)
+    rows = cc.map_rows(torch.tensor([1, 1]), torch.tensor([2, 4]))
+    assert rows.tolist() == [2, 3]
+    seg0, seg1 = cc.page_map[2], cc.page_map[3]
+    assert torch.equal(seg0[0:c], torch.arange(c))  # segment 0: the prefix row 0
+    assert torch.equal(seg1[0:c], 5 * c + torch.arange(c))  # re-encoded by branch 1's row 5
+    assert torch.equal(seg1[3 * c : 4 * c], 11 * c + torch.arange(c))  # chunk 3 of branch 1

@@ -1,0 +1,85 @@
+"""Pretraining: teacher forcing sees what streaming sampling caches (KV re-cache included)."""
+
+import pytest
+import torch
+from trainer_support import tiny_model
+
+from kvpo.checkpoint import load_model
+from kvpo.context import chunk_conditioning, context_table, recache_chunks
+from kvpo.pretrain import flow_matching_loss, main, teacher_forced_velocity
+
+LEFT = "a large red circle moving left slowly"
+UP = "a large red circle moving up slowly"
+
+
+def _streaming_velocity(model, clean, prompts, j, xt, t):
+    """Chunk j's velocity at (xt, t) made the streaming way: clean passes write the cache chunk by
+    chunk, a prompt switch re-encodes what the next chunk sees, then the noisy forward."""
+    c = model.chunk_frames
+    cond = chunk_conditioning(model, [prompts])[0]
+    cache = model.new_cache(64)
+    page_map = torch.full((1, clean.shape[0]), -1, dtype=torch.long)
+
+    def write(i, cond_i):
+        pages = cache.allocate(c)
+        table = context_table(model, page_map, torch.tensor([0]), torch.tensor([i]), pages[None])
+        frames = (i * c + torch.arange(c))[None]
+        x = clean[i * c : (i + 1) * c].flatten(0, 1)[None]
+        model(x, torch.zeros(1), cond_i[None], frames, table, cache, pages[None])
+        page_map[0, i * c : (i + 1) * c] = pages
+
+    for i in range(j + 1):
+        if model.recache and i > 0 and prompts[i] != prompts[i - 1]:
+            for r in recache_chunks(model, i):
+                write(r, cond[i])
+        if i < j:
+            write(i, cond[i])
+    own = cache.allocate(c)
+    table = context_table(model, page_map, torch.tensor([0]), torch.tensor([j]), own[None])
+    frames = (j * c + torch.arange(c))[None]
+    return model(xt[None], t[None], cond[j][None], frames, table, cache, own[None])[0]
+
+
+@pytest.mark.parametrize("recache", [False, True])
+def test_teacher_forcing_equals_streaming(recache):
+    model = tiny_model(local_window=3)
+    model.set_recache(recache)
+    gen = torch.Generator().manual_seed(0)
+    nC, c = 5, model.chunk_frames
+    clean = torch.randn(2, nC * c, model.frame_tokens, model.token_dim, generator=gen)
+    prompts = [[LEFT, LEFT, UP, UP, UP], [LEFT, UP, UP, UP, LEFT]]
+    xt = torch.randn(2 * nC, c * model.frame_tokens, model.token_dim, generator=gen)
+    t = torch.rand(2 * nC, generator=gen)
+    with torch.no_grad():
+        v = teacher_forced_velocity(model, clean, prompts, xt, t)
+        for n in range(2):
+            for j in range(nC):
+                r = n * nC + j
+                want = _streaming_velocity(model, clean[n], prompts[n], j, xt[r], t[r])
+                torch.testing.assert_close(v[r], want, rtol=1e-4, atol=1e-5)
+
+
+def test_recache_changes_the_loss_only_of_switching_videos():
+    model = tiny_model(local_window=3)
+    clean = torch.randn(2, 10, model.frame_tokens, model.token_dim)
+    for prompts, differs in (
+        ([[LEFT] * 5, [UP] * 5], False),
+        ([[LEFT, LEFT, UP, UP, UP]] * 2, True),
+    ):
+        losses = []
+        for on in (False, True):
+            model.set_recache(on)
+            with torch.no_grad():
+                loss = flow_matching_loss(model, clean, prompts, torch.Generator().manual_seed(1))
+            losses.append(float(loss))
+        assert (abs(losses[0] - losses[1]) > 1e-6) == differs
+
+
+def test_cli_pretrains_a_local_window_recache_generator(tmp_path):
+    out = tmp_path / "m.safetensors"
+    args = ["--steps", "2", "--batch", "2", "--dim", "32", "--depth", "1", "--out", str(out)]
+    main([*args, "--local_window", "4", "--recache"])
+    m = load_model(out)
+    assert m.local_window == 4 and m.recache and m.cfg.depth == 1
+    with pytest.raises(SystemExit):
+        main(["--local_window", "0", "--out", str(out)])
