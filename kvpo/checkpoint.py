@@ -1,8 +1,10 @@
 """safetensors checkpoints: model weights with their config, and full training state.
 
-A training checkpoint holds ``model.*`` weights, ``ref.*`` is not stored (the reference policy is
-the base checkpoint named in the config), ``optim.<i>.<state>`` AdamW tensors, and JSON metadata
-(model config, trainer config, iteration, optimizer hyper-parameters).
+A training checkpoint holds ``model.*`` weights (and ``ema.*`` with an EMA), ``ref.*`` is not
+stored (the reference policy is the base checkpoint named in the config, or the generator the
+caller passed), ``optim.<i>.<state>`` AdamW tensors, and JSON metadata (model config, trainer
+config, iteration, optimizer hyper-parameters). A user's own generator is saved the same way and
+loaded back into an instance the caller makes (``module=``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
 
 from .model import ModelConfig, TinyARVideo
 
@@ -47,9 +50,18 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _model_from(
-    tensors: dict[str, torch.Tensor], meta: dict[str, str], path, prefix: str = ""
-) -> TinyARVideo:
-    model = TinyARVideo(ModelConfig.from_dict(json.loads(meta["model_config"])))
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    path,
+    prefix: str = "",
+    module: nn.Module | None = None,
+) -> nn.Module:
+    """The built-in generator the checkpoint describes, or ``module`` (a user's generator) with
+    the checkpoint's weights loaded into it."""
+    if module is None:
+        model = TinyARVideo(ModelConfig.from_dict(json.loads(meta["model_config"])))
+    else:
+        model = module
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -60,26 +72,26 @@ def _model_from(
     return model
 
 
-def load_model(path: str | Path, ema: bool = False) -> TinyARVideo:
+def load_model(path: str | Path, ema: bool = False, module: nn.Module | None = None) -> nn.Module:
     """The model stored by :func:`save_model`, or the policy of a training checkpoint (its EMA
-    weights with ``ema=True``)."""
+    weights with ``ema=True``); loaded into ``module`` if given (a user's own generator)."""
     tensors, meta = _read(path)
     if ema:
         if not any(k.startswith("ema.") for k in tensors):
             raise CheckpointError(f"checkpoint {str(path)!r} has no EMA weights (train with --ema)")
-        return _model_from(tensors, meta, path, "ema.")
+        return _model_from(tensors, meta, path, "ema.", module)
     prefix = "model." if "trainer" in meta else ""
-    return _model_from(tensors, meta, path, prefix)
+    return _model_from(tensors, meta, path, prefix, module)
 
 
 def save_training(
     path: str | Path,
-    model: TinyARVideo,
+    model: nn.Module,
     opt: torch.optim.Optimizer,
     iteration: int,
     config: dict,
     history: list[dict],
-    ema: TinyARVideo | None = None,
+    ema: nn.Module | None = None,
 ) -> None:
     """Weights, AdamW state, iteration, trainer config and log (and the EMA weights, if any)."""
     path = Path(path)
@@ -98,7 +110,7 @@ def save_training(
             else:
                 scalars.setdefault(str(i), {})[name] = float(val)
     meta = {
-        "model_config": json.dumps(model.config_dict()),
+        "model_config": json.dumps(model.config_dict() if hasattr(model, "config_dict") else {}),
         "trainer": json.dumps(config),
         "iteration": str(iteration),
         "optim_groups": json.dumps(sd["param_groups"]),
@@ -111,14 +123,15 @@ def save_training(
 
 
 def load_training(
-    path: str | Path, opt_factory
-) -> tuple[TinyARVideo, torch.optim.Optimizer, int, dict, list]:
-    """Model, optimizer (made by ``opt_factory(model)`` then loaded), iteration, trainer config
-    and log history of a checkpoint from :func:`save_training`."""
+    path: str | Path, opt_factory, module: nn.Module | None = None
+) -> tuple[nn.Module, torch.optim.Optimizer, int, dict, list]:
+    """Model (the built-in generator, or ``module`` loaded), optimizer (made by
+    ``opt_factory(model)`` then loaded), iteration, trainer config and log history of a
+    checkpoint from :func:`save_training`."""
     tensors, meta = _read(path)
     if "trainer" not in meta:
         raise CheckpointError(f"checkpoint {str(path)!r} is a model checkpoint, not a training one")
-    model = _model_from(tensors, meta, path, "model.")
+    model = _model_from(tensors, meta, path, "model.", module)
     opt = opt_factory(model)
     scalars = json.loads(meta["optim_scalars"])
     state: dict[int, dict] = {}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from . import data, distributed
@@ -23,10 +24,10 @@ from .checkpoint import CheckpointError, load_model, load_training, save_trainin
 from .config import TrainConfig, parse_args
 from .ema import ParamEMA
 from .grpo import anchor_advantages, gibbs_log_probs, group_advantages, ppo_objective
-from .model import TinyARVideo
+from .interface import StreamingVideoGenerator
 from .replay import replay_velocities, step_energies, step_weights, trajectory_energy
 from .report import MetricsLog, plot_rewards, save_videos
-from .rewards import ClipReward, CompositeReward
+from .rewards import ClipReward, CompositeReward, RewardFn
 from .rollout import Rollout, RolloutSpec, generate, rollout
 from .sde import sde_t_cap, step_log_probs
 
@@ -60,7 +61,7 @@ def shifted(window: tuple[int, int], by: int) -> tuple[int, int]:
 
 
 def evaluate(
-    model: TinyARVideo,
+    model: StreamingVideoGenerator,
     prompts: list[str],
     reward: CompositeReward,
     seed: int,
@@ -86,7 +87,10 @@ def scope_chunks(scope: str, window: tuple[int, int], chunks: int) -> tuple[int,
 
 
 def branch_rewards(
-    model: TinyARVideo, ro: Rollout, reward: CompositeReward, scopes: dict[str, float]
+    model: StreamingVideoGenerator,
+    ro: Rollout,
+    reward: CompositeReward,
+    scopes: dict[str, float],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, float]]:
     """Per-component rewards [B, G] of the branches, [B] of the anchor (or None), and the weight
     of each component in the fused reward.
@@ -151,28 +155,44 @@ def kl_term(cfg: TrainConfig, u, u_ref, logp, logp_ref) -> torch.Tensor:
 @dataclass
 class TrainResult:
     history: list[dict]  # one row per iteration (also in out_dir/metrics.jsonl)
-    model: TinyARVideo  # the trained policy
-    ema: TinyARVideo | None = None  # its EMA (config ema > 0)
+    model: nn.Module  # the trained policy
+    ema: nn.Module | None = None  # its EMA (config ema > 0)
 
 
-def set_context(cfg: TrainConfig, model: TinyARVideo) -> None:
-    """The deployment context the config asks for (local window, KV re-cache), if it asks."""
-    if cfg.local_window is not None:
-        model.set_local_window(cfg.local_window)
-    if cfg.recache is not None:
-        model.set_recache(cfg.recache)
+def set_context(cfg: TrainConfig, model: nn.Module) -> None:
+    """The deployment context the config asks for (local window, KV re-cache), if it asks; the
+    built-in generator also records it in its saved config."""
+    for name in ("local_window", "recache"):
+        value = getattr(cfg, name)
+        if value is not None:
+            setter = getattr(model, f"set_{name}", None)
+            if setter is not None:
+                setter(value)
+            else:
+                setattr(model, name, value)
 
 
 def load_policy(
-    cfg: TrainConfig, ref: TinyARVideo, device: torch.device
-) -> tuple[TinyARVideo, torch.optim.Optimizer, ParamEMA | None, int, list[dict]]:
+    cfg: TrainConfig, ref: nn.Module, device: torch.device, own: nn.Module | None = None
+) -> tuple[nn.Module, torch.optim.Optimizer, ParamEMA | None, int, list[dict]]:
     """The policy to train on ``device`` (a copy of ``ref``, with LoRA adapters if asked, or the
     state of ``cfg.resume``), its AdamW, its EMA (if ``cfg.ema``), the iterations already done
-    and their log."""
+    and their log. ``own``: the caller's generator, when it is not the built-in one: the policy
+    and checkpoints load into copies of it, which train the parameters it leaves trainable."""
+    if own is not None and cfg.lora_rank:
+        raise ValueError(
+            "config lora_rank adapts the built-in generator: give your generator its adapters "
+            "(kvpo.lora.add_lora) before passing it"
+        )
+    if cfg.grad_checkpointing and not hasattr(ref, "grad_checkpointing"):
+        raise ValueError(
+            f"config grad_checkpointing: {type(ref).__name__} has no grad_checkpointing switch"
+        )
+    blank = (lambda: copy.deepcopy(own)) if own is not None else (lambda: None)  # noqa: E731
     start, history, ema_init = 0, [], None
     if cfg.resume:
         model, opt, start, saved, history = load_training(
-            cfg.resume, lambda m: make_optimizer(cfg, m.to(device))
+            cfg.resume, lambda m: make_optimizer(cfg, m.to(device)), blank()
         )
         defaults = TrainConfig().to_dict()  # fields newer than the checkpoint: their defaults
         for key in ("group_size", "window", "base_checkpoint", "seed", "explore", "lora_rank"):
@@ -183,18 +203,19 @@ def load_policy(
                 )
         if cfg.ema:
             try:
-                ema_init = load_model(cfg.resume, ema=True)
+                ema_init = load_model(cfg.resume, ema=True, module=blank())
             except CheckpointError:  # trained without an EMA so far: it starts from the policy
                 ema_init = None
     else:
-        model = copy.deepcopy(ref).requires_grad_(True)
+        model = blank() if own is not None else copy.deepcopy(ref).requires_grad_(True)
         if cfg.lora_rank:
             model.add_lora(cfg.lora_rank, cfg.lora_alpha or None)
         opt = make_optimizer(cfg, model)
     for m in (model, ema_init):
         if m is not None:
             set_context(cfg, m)
-    model.grad_checkpointing = cfg.grad_checkpointing
+    if hasattr(model, "grad_checkpointing"):
+        model.grad_checkpointing = cfg.grad_checkpointing
     model.to(device).train()
     ema = ParamEMA(model, cfg.ema, ema_init) if cfg.ema else None
     if device.type == "cuda":
@@ -205,9 +226,29 @@ def load_policy(
     return model, opt, ema, start, history
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run KVPO; returns the per-iteration log and the trained model."""
+def train(
+    cfg: TrainConfig,
+    generator: nn.Module | None = None,
+    reward: CompositeReward | RewardFn | None = None,
+    prompts: tuple[list[str], list[str]] | None = None,
+) -> TrainResult:
+    """Run KVPO; returns the per-iteration log and the trained model.
+
+    Args:
+        cfg: the recipe.
+        generator: your own :class:`kvpo.interface.StreamingVideoGenerator` (an ``nn.Module``) to
+            align instead of the built-in one in ``cfg.base_checkpoint``; the reference policy is
+            a frozen copy of it, and ``cfg.resume`` loads into copies of it.
+        reward: the reward (a :class:`CompositeReward`, or any ``fn(videos, prompts) -> [B]``);
+            default: ``cfg.reward_weights`` over the built-in rewards.
+        prompts: (training prompts, held-out prompts); default: the built-in procedural ones.
+    """
     cfg.validate()
+    if prompts is not None and cfg.multi_prompt:
+        raise ValueError(
+            "config multi_prompt switches the direction of the built-in prompts; with your own "
+            "prompts set it to 0"
+        )
     device = torch.device(
         "cuda"
         if cfg.device == "auto" and torch.cuda.is_available()
@@ -227,9 +268,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     if lead:
         out.mkdir(parents=True, exist_ok=True)
 
-    ref = load_model(cfg.base_checkpoint).to(device).requires_grad_(False).eval()
+    ref = copy.deepcopy(generator) if generator is not None else load_model(cfg.base_checkpoint)
+    ref = ref.to(device).requires_grad_(False).eval()
     set_context(cfg, ref)
-    model, opt, ema, start, history = load_policy(cfg, ref, device)
+    model, opt, ema, start, history = load_policy(cfg, ref, device, generator)
     spec = RolloutSpec(
         group_size=cfg.group_size,
         window=tuple(cfg.window),
@@ -245,8 +287,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     spec.validate(model)
     dataclasses.replace(spec, window=shifted(cfg.window, cfg.window_shift)).validate(model)
-    reward = make_reward(cfg)
-    train_prompts, eval_prompts = data.split_prompts(num_eval=max(cfg.eval_prompts, 1))
+    if reward is None:
+        reward = make_reward(cfg)
+    elif not isinstance(reward, CompositeReward):
+        reward = CompositeReward({"reward": 1.0}, {"reward": reward})
+    if prompts is None:
+        train_prompts, eval_prompts = data.split_prompts(num_eval=max(cfg.eval_prompts, 1))
+    else:
+        train_prompts, eval_prompts = (list(p) for p in prompts)
+        if not train_prompts or not eval_prompts:
+            raise ValueError("prompts must be (training prompts, held-out prompts), both non-empty")
     eval_prompts = eval_prompts[: cfg.eval_prompts]
     nC = model.num_frames // model.chunk_frames
     log = MetricsLog(out)
@@ -258,7 +308,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         n_train = sum(p.numel() for p in params)
         print(
             f"kvpo: {n / 1e6:.2f} M-parameter generator ({n_train / 1e6:.2f} M trained"
-            + (f", LoRA rank {model.cfg.lora_rank}" if model.cfg.lora_rank else "")
+            + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
             + f") on {device}, {world} rank(s), "
             f"{cfg.prompts_per_iter} prompts x G={cfg.group_size} per iteration, "
             f"window chunks {tuple(cfg.window)}, "

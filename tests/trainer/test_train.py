@@ -311,3 +311,66 @@ def test_lora_training_moves_only_the_adapters_and_resumes(base, tmp_path):
     assert [r["iter"] for r in more.history if r["iter"] >= 0] == [0, 1, 2]
     with pytest.raises(CheckpointError, match="lora_rank"):
         train(_cfg(base, tmp_path, iterations=4, samples=False, resume=ckpt))
+
+
+class OwnGenerator(torch.nn.Module):
+    """A user's generator: only the StreamingVideoGenerator protocol, none of the built-in one's
+    extras (config, set_local_window, LoRA, checkpointing switch)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        for name in ("num_frames", "chunk_frames", "frame_tokens", "token_dim", "sink_frames"):
+            setattr(self, name, getattr(inner, name))
+        self.local_window = inner.local_window
+
+    def encode_prompts(self, prompts):
+        return self.inner.encode_prompts(prompts)
+
+    def forward(self, x, t, cond, frame_index, table, cache=None, slots=None):
+        return self.inner(x, t, cond, frame_index, table, cache, slots)
+
+    def new_cache(self, capacity, device="cpu"):
+        return self.inner.new_cache(capacity, device)
+
+    def to_tokens(self, video):
+        return self.inner.to_tokens(video)
+
+    def to_video(self, tokens):
+        return self.inner.to_video(tokens)
+
+    def timesteps(self):
+        return self.inner.timesteps()
+
+
+def test_train_a_users_generator_reward_and_prompts(base, tmp_path):
+    def brightness(videos, prompts):
+        return videos.mean(dim=(1, 2, 3, 4))
+
+    prompts = (["a red circle", "a blue square", "a green triangle"], ["a red square"])
+    kw = dict(samples=False, ema=0.5, local_window=3, eval_prompts=1)
+
+    def run(out, **over):
+        cfg = _cfg(base, tmp_path / out, **{**kw, **over})
+        gen = OwnGenerator(tiny_model())
+        gen.inner.text.requires_grad_(False)  # what the user froze stays frozen
+        return train(cfg, generator=gen, reward=brightness, prompts=prompts)
+
+    straight = run("a", iterations=3)
+    assert isinstance(straight.model, OwnGenerator) and straight.model.local_window == 3
+    text = zip(straight.model.inner.text.parameters(), tiny_model().text.parameters(), strict=True)
+    for p, q in text:
+        assert torch.equal(p, q) and not p.requires_grad
+    assert not torch.equal(straight.model.inner.head.weight, tiny_model().head.weight)
+    assert "reward_reward" in straight.history[-1] and "eval_ema_reward" in straight.history[-1]
+    run("b", iterations=2)
+    resumed = run("b", iterations=3, resume=str(tmp_path / "b" / "checkpoint.safetensors"))
+    for a, b in ((straight.model, resumed.model), (straight.ema, resumed.ema)):
+        for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q), n
+    with pytest.raises(ValueError, match="lora_rank"):
+        run("c", lora_rank=2)
+    with pytest.raises(ValueError, match="grad_checkpointing"):
+        run("c", grad_checkpointing=True)
+    with pytest.raises(ValueError, match="multi_prompt"):
+        run("c", multi_prompt=0.5)
