@@ -8,6 +8,7 @@ sees the sink frames, the local window of frames before the chunk, and its own p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -145,6 +146,15 @@ def teacher_forcing(
     return model(x, tt, cond, frame_index, table)[Rc:]
 
 
+class _CleanRow(NamedTuple):
+    group: int
+    branch: int  # 0 for a row shared by the group's branches
+    chunk: int
+    made_at: int  # the chunk whose prompt conditions it (a re-cache: the switch's)
+    segment: int
+    shared: bool
+
+
 @dataclass
 class CleanContext:
     """Clean rows that rebuild the deployment-time KV pages of videos in one teacher-forcing pass.
@@ -199,9 +209,7 @@ def clean_context(
     cond_bj = chunk_conditioning(model, prompts)
     starts = [[0] + (prompt_switches(p) if recaches(model) else []) for p in prompts]
     S = max(len(s) for s in starts)
-    rows: list[
-        tuple[int, int, int, int, int, bool]
-    ] = []  # b, g, chunk, cond chunk, segment, shared
+    rows: list[_CleanRow] = []
     for b in range(B):
         bounds = [*starts[b], nC]
         for k, a in enumerate(starts[b]):
@@ -213,15 +221,16 @@ def clean_context(
                 # what is made before the fork is made once per group
                 made_at = a if i < a else i
                 if made_at < shared:
-                    rows.append((b, 0, i, made_at, k, True))
+                    rows.append(_CleanRow(b, 0, i, made_at, k, True))
                 else:
-                    rows += [(b, g, i, made_at, k, False) for g in range(G)]
+                    rows += [_CleanRow(b, g, i, made_at, k, False) for g in range(G)]
     Rc = len(rows)
     page_map = torch.full((B * G * S, Fr), -1, dtype=torch.long)
-    for r, (b, g, i, _, k, is_shared) in enumerate(rows):  # rows are in making order
-        for gg in range(G) if is_shared else [g]:
-            for kk in range(k, S):
-                page_map[(b * G + gg) * S + kk, i * c : (i + 1) * c] = r * c + torch.arange(c)
+    for r, row in enumerate(rows):  # in making order: a later re-cache overwrites
+        for g in range(G) if row.shared else [row.branch]:
+            for k in range(row.segment, S):
+                frames = slice(row.chunk * c, (row.chunk + 1) * c)
+                page_map[(row.group * G + g) * S + k, frames] = r * c + torch.arange(c)
     rb, rg, ri, rcj, rk = (
         torch.tensor([row[n] for row in rows], dtype=torch.long) for n in range(5)
     )
