@@ -254,11 +254,17 @@ def rollout(
                 vs.append(v)
             x = x_next
         # The clean pass writes the chunk's pages under the full (unrouted) context.
+        write_clean(j, x, cond, page_map)
+        return x, xs, vs, den_table
+
+    def write_clean(j: int, x, cond, page_map) -> None:
+        """Clean pass (t = 0) of chunk j for R rows: new cache pages, listed in ``page_map``."""
+        R = x.shape[0]
         perm = cache.allocate(R * c).view(R, c)
         full = context_table(model, page_map, torch.arange(R), torch.full((R,), j), perm, width)
+        fi = (j * c + torch.arange(c, device=device)).expand(R, c)
         model(x, torch.zeros(R, device=device), cond, fi, full.to(device), cache, perm)
         page_map[:, j * c : (j + 1) * c] = perm
-        return x, xs, vs, den_table
 
     def recache(j: int, page_map, group_of_row, clean: dict[int, torch.Tensor], cond) -> None:
         """KV re-cache: rows whose prompt switches at chunk j re-encode, in order, the chunks
@@ -269,12 +275,7 @@ def rollout(
             return
         pm_sel = page_map[sel]
         for i in recache_chunks(model, j):
-            perm = cache.allocate(n * c).view(n, c)
-            full = context_table(model, pm_sel, torch.arange(n), torch.full((n,), i), perm, width)
-            fi = (i * c + torch.arange(c, device=device)).expand(n, c)
-            t0 = torch.zeros(n, device=device)
-            model(clean[i][sel], t0, cond[sel], fi, full.to(device), cache, perm)
-            pm_sel[:, i * c : (i + 1) * c] = perm
+            write_clean(i, clean[i][sel], cond[sel], pm_sel)
         page_map[sel] = pm_sel
 
     # Shared prefix: one row per group.
