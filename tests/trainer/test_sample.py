@@ -1,0 +1,50 @@
+"""python -m kvpo.sample: deployment samples of a checkpoint, scored, written as a grid."""
+
+import pytest
+import torch
+from trainer_support import tiny_model
+
+from kvpo.checkpoint import save_model
+from kvpo.rewards import BUILTIN, CompositeReward
+from kvpo.rollout import generate
+from kvpo.sample import chunk_prompts, main
+
+LEFT = "a large red circle moving left slowly"
+
+
+def test_chunk_prompts_switch_at_the_middle():
+    assert chunk_prompts(LEFT, 5) == [LEFT] * 5
+    up = LEFT.replace("left", "up")
+    assert chunk_prompts(f"{LEFT} -> moving up", 5) == [LEFT, LEFT, up, up, up]
+    with pytest.raises(ValueError, match="direction"):
+        chunk_prompts(f"{LEFT} -> moving sideways", 5)
+
+
+def test_sample_scores_and_writes(tmp_path, capsys):
+    model = tiny_model()
+    ckpt = tmp_path / "m.safetensors"
+    save_model(model, ckpt)
+    out = tmp_path / "s" / "grid"
+    asked = ["--prompt", LEFT, "--prompt", f"{LEFT} -> moving up"]
+    rows = main(["--checkpoint", str(ckpt), *asked, "--seed", "3", "--out", str(out)])
+    assert [r["prompt"] for r in rows] == [LEFT, f"{LEFT} -> moving up"]
+    assert (tmp_path / "s" / "grid.gif").stat().st_size > 0
+    # the scores are the built-in rewards of the deployment samples of the same seed
+    per_chunk = [chunk_prompts(r["prompt"], 5) for r in rows]
+    videos = generate(model, per_chunk, torch.Generator().manual_seed(3))
+    want = CompositeReward(dict.fromkeys(BUILTIN, 1.0)).components((videos + 1) / 2, per_chunk)
+    for i, r in enumerate(rows):
+        for k, v in want.items():
+            assert abs(r[k] - float(v[i])) < 1e-4
+    assert '"prompt"' in capsys.readouterr().out
+
+
+def test_sample_errors(tmp_path):
+    ckpt = tmp_path / "m.safetensors"
+    save_model(tiny_model(), ckpt)
+    with pytest.raises(SystemExit, match="no EMA"):
+        main(["--checkpoint", str(ckpt), "--ema"])
+    with pytest.raises(SystemExit, match="exactly one"):
+        main(["--checkpoint", str(ckpt), "--prompt", "a red thing"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["--checkpoint", str(tmp_path / "none.safetensors")])
