@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,35 +18,43 @@ REWARD_SCOPES = ("video", "global", "local")  # see kvpo.train.scope_chunks
 BASE_CHECKPOINT = str(Path(__file__).parent / "assets" / "base.safetensors")
 
 
+def _default_rewards() -> dict[str, float]:
+    return {"alignment": 1.0, "path": 1.0, "motion": 0.0, "visual": 0.0}
+
+
+def _whole_video() -> dict[str, float]:
+    return {"video": 1.0}
+
+
 @dataclass
 class TrainConfig:
     # Model and output.
     base_checkpoint: str = BASE_CHECKPOINT  # the initial and reference policy
-    out_dir: str = "runs/kvpo"
+    out_dir: str = "runs/kvpo"  # metrics, plots, samples and checkpoints
     resume: str = ""  # a training checkpoint to continue from
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0: torch's default)
-    seed: int = 0
+    seed: int = 0  # rollouts, prompts and the evaluation noises
     # Loop.
-    iterations: int = 20
+    iterations: int = 20  # rollout + update rounds
     prompts_per_iter: int = 4  # groups per iteration, over all ranks
     multi_prompt: float = 0.0  # probability that a training prompt switches direction mid-video
     # Exploration (rollout).
     # routing: KVPO (KV routing, TVE, Gibbs branch probabilities) | sde: the Flow-GRPO baseline
     # (per-branch SDE noise on the scored steps, PPO on Gaussian step log-probabilities)
-    explore: str = "routing"
+    explore: str = "routing"  # routing: KVPO | sde: the Flow-GRPO baseline
     sde_noise: float = 0.7  # the SDE's a in sigma_t = a sqrt(t / (1 - t)) (explore=sde)
-    group_size: int = 6
+    group_size: int = 6  # G branches per prompt
     window: tuple[int, int] = (2, 6)  # perturbed chunks [w0, w1)
     window_shift: int = 0  # each iteration the window starts 0..window_shift chunks later
     # drop: each droppable history frame kept with probability p_keep | sample: the local window's
     # slots besides sinks and the recent_frames nearest refilled from the whole older history
-    routing: str = "drop"
-    p_keep: float = 0.3
-    recent_frames: int = 2
+    routing: str = "drop"  # drop | sample: refill a local window's slots from older history
+    p_keep: float = 0.3  # routing=drop: probability a droppable history frame stays
+    recent_frames: int = 2  # routing=sample: nearest history frames every branch keeps
     local_window: int | None = None  # frames besides sinks a chunk attends to (None: checkpoint's)
     recache: bool | None = None  # KV re-cache at prompt switches (None: the checkpoint's)
-    score_after_window: bool = False
+    score_after_window: bool = False  # also score the chunks after the perturbed window
     score_steps: tuple[int, ...] | None = None  # None: every denoising step
     kl_prefix: bool = False  # the velocity KL also covers the shared pre-window chunks
     # Likelihood (replay).
@@ -52,32 +62,29 @@ class TrainConfig:
     step_weighting: str = "uniform"  # uniform | sigma
     # branch: one Gibbs probability per branch from its TVE | step: one per scored step, over the
     # step's velocity distance / max(t, sigma_floor)^2 (the public recipe; PPO ratio per step)
-    likelihood: str = "branch"
-    sigma_floor: float = 0.1
-    # Gibbs form: log p = log_softmax(-E / tau) over the group's branches (True) | -E / tau
-    group_normalize: bool = True
+    likelihood: str = "branch"  # branch: Gibbs over the TVE | step: Gibbs per scored step
+    sigma_floor: float = 0.1  # likelihood=step: floor on the step's noise level t
+    group_normalize: bool = True  # log p = log_softmax(-E / tau) over the group | -E / tau
     # Rewards and advantages.
     # Weight 0 logs a reward without training on it (motion and visual: what the update costs).
-    reward_weights: dict[str, float] = field(
-        default_factory=lambda: {"alignment": 1.0, "path": 1.0, "motion": 0.0, "visual": 0.0}
-    )
+    reward_weights: dict[str, float] = field(default_factory=_default_rewards)  # name -> weight
     # Clips scored and their weights: video (every frame), global (the post-fork video, from the
     # window's start), local (the perturbed window); the public recipe: local=1,global=0.5.
-    reward_scopes: dict[str, float] = field(default_factory=lambda: {"video": 1.0})
+    reward_scopes: dict[str, float] = field(default_factory=_whole_video)  # video|global|local
     clip_reward_path: str = ""  # a local transformers CLIP directory: adds a "clip" reward
-    clip_reward_weight: float = 1.0
+    clip_reward_weight: float = 1.0  # weight of the clip reward when clip_reward_path is set
     advantage: str = "group"  # group: (r - mean) / std | anchor: against the unperturbed branch
-    adv_clip: float = 2.5
-    adv_eps: float = 1e-6
+    adv_clip: float = 2.5  # advantages clipped to [-adv_clip, adv_clip]
+    adv_eps: float = 1e-6  # added to the std of the advantages' denominator
     # Update.
-    epochs: int = 2
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    clip_low: float = 0.1
-    clip_high: float = 0.2
+    epochs: int = 2  # PPO passes over each rollout
+    lr: float = 1e-5  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient-norm clip
+    clip_low: float = 0.1  # PPO ratio clipped below at 1 - clip_low
+    clip_high: float = 0.2  # ... and above at 1 + clip_high
     kl: str = "velocity"  # velocity: beta * mean |u - u_ref|^2 | softmax: KL(p || p_ref) | none
-    kl_coef: float = 10.0
+    kl_coef: float = 10.0  # weight of the KL term
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on the blocks, the rest frozen
     lora_alpha: float = 0.0  # adapter scale alpha / rank (0: alpha = rank)
     grad_checkpointing: bool = False  # recompute the policy's blocks in backward (less memory)
@@ -85,10 +92,10 @@ class TrainConfig:
     # Reporting.
     eval_prompts: int = 16  # held-out prompts, never trained on
     eval_seeds: int = 4  # fixed noises per held-out prompt (one sample is a noisy estimate)
-    eval_every: int = 10
-    save_every: int = 10
+    eval_every: int = 10  # held-out evaluation every this many iterations
+    save_every: int = 10  # checkpoint every this many iterations
     samples: bool = True  # before/after GIF and MP4 of the evaluation prompts
-    progress: bool = True
+    progress: bool = True  # progress bar on stderr
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -231,6 +238,16 @@ def build_config(overrides: dict) -> TrainConfig:
     return cfg
 
 
+def _field_comments() -> dict[str, str]:
+    """The comment on each field's line of :class:`TrainConfig` (its ``--help``)."""
+    notes = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*#\s*(.*)$", line)
+        if m:
+            notes[m.group(1)] = m.group(2).replace("%", "%%")  # argparse formats help with %
+    return notes
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """``--config file.yaml`` then ``--field value`` overrides (``--window 2,4``,
     ``--reward_weights alignment=1,visual=0.5``)."""
@@ -239,12 +256,17 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         prog="python -m kvpo.train", description="KVPO training of a streaming AR video generator."
     )
     ap.add_argument("--config", type=Path, help="YAML file of config fields")
+    notes = _field_comments()
+    defaults = TrainConfig().to_dict()
     for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
         ap.add_argument(
             f"--{f.name}",
             dest=f.name,
             default=None,
-            metavar=str(hints[f.name]).replace("typing.", ""),
+            metavar=kind.upper().replace(" ", ""),
+            help=f"{notes.get(f.name, '')} (default: {defaults[f.name]})".lstrip(),
         )
     args = vars(ap.parse_args(argv))
     values: dict = {}

@@ -75,3 +75,17 @@ def test_bad_yaml(tmp_path):
         parse_args(["--config", str(path)])
     with pytest.raises(ValueError, match="cannot read"):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_every_field_has_help(capsys):
+    import dataclasses
+
+    from kvpo.config import _field_comments
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    notes = _field_comments()
+    assert fields == set(notes) and all(notes.values())
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--p_keep FLOAT" in out and "(default: 0.3)" in out and "<class" not in out
