@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a session with a lent GPU machine runs, in few long calls; logs and tables go under $OUT.
 #
-#   bash scripts/gpu_session.sh check   # ~5 min: build with CUDA, GPU tests, the quick suite
+#   bash scripts/gpu_session.sh check   # ~6 min: build with CUDA, GPU tests, the quick suite,
+#                                       # 2 trainer iterations on the GPU
 #   bash scripts/gpu_session.sh suite   # ~8 min: the full GPU suite (cache length and G sweep)
 #
 # Each stage builds the extension first (a fresh machine is bare). TRITON_INTERPRET=0: the test
@@ -28,6 +29,9 @@ case "$stage" in
   check)
     python3 -m pytest -q -ra tests/kernels/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -40
     python3 -m benchmarks.gpu_suite --quick --out "$OUT/gpu_quick.md" 2>&1 | tail -60
+    # The trainer end to end on the GPU (Triton kernels under it); its log has per-stage seconds.
+    python3 -m kvpo.train --device cuda --iterations 2 --eval_every 2 --samples false \
+      --progress false --out_dir "$OUT/train" 2>&1 | tee "$OUT/train.log" | tail -8
     ;;
   suite)
     python3 -m benchmarks.gpu_suite --out "$OUT/gpu.md" 2>&1 | tail -80
