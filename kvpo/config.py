@@ -92,6 +92,7 @@ class TrainConfig:
     # Reporting.
     eval_prompts: int = 16  # held-out prompts, never trained on
     eval_seeds: int = 4  # fixed noises per held-out prompt (one sample is a noisy estimate)
+    eval_multi_prompt: bool = False  # also the held-out prompts turning 90 degrees mid-video
     eval_every: int = 10  # held-out evaluation every this many iterations
     save_every: int = 10  # checkpoint every this many iterations
     samples: bool = True  # before/after GIF and MP4 of the evaluation prompts

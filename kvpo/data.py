@@ -68,6 +68,19 @@ class Scene:
         )
 
 
+TURN = {"left": "up", "up": "right", "right": "down", "down": "left"}  # a quarter turn
+
+
+def switched_prompts(prompt: str, n_chunks: int, at: int, direction: str) -> list[str]:
+    """One prompt per chunk: ``prompt`` before chunk ``at``, then the same scene moving
+    ``direction`` (a multi-prompt video)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction {direction!r} must be one of {sorted(DIRECTIONS)}")
+    sc = Scene.parse(prompt)
+    later = Scene(sc.color, sc.shape, sc.size, direction, sc.speed).prompt
+    return [prompt] * at + [later] * (n_chunks - at)
+
+
 def all_scenes() -> list[Scene]:
     return [
         Scene(c, s, z, d, v)
@@ -192,9 +205,7 @@ def random_prompts(
     out = [base] * n_chunks
     if n_chunks > 1 and float(torch.rand((), generator=generator)) < p_switch:
         at = int(torch.randint(1, n_chunks, (1,), generator=generator))
-        sc = Scene.parse(base)
-        others = [d for d in DIRECTIONS if d != sc.direction]
+        others = [d for d in DIRECTIONS if d != Scene.parse(base).direction]
         new_dir = others[int(torch.randint(len(others), (1,), generator=generator))]
-        switched = Scene(sc.color, sc.shape, sc.size, new_dir, sc.speed).prompt
-        out[at:] = [switched] * (n_chunks - at)
+        out = switched_prompts(base, n_chunks, at, new_dir)
     return out

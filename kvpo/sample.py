@@ -27,15 +27,7 @@ def chunk_prompts(prompt: str, chunks: int) -> list[str]:
     if "->" not in prompt:
         return [prompt] * chunks
     base, switch = (p.strip() for p in prompt.split("->", 1))
-    scene = data.Scene.parse(base)
-    direction = switch.split()[-1]
-    if direction not in data.DIRECTIONS:
-        raise ValueError(
-            f"prompt {prompt!r}: after '->' name a direction {sorted(data.DIRECTIONS)}"
-        )
-    later = data.Scene(scene.color, scene.shape, scene.size, direction, scene.speed).prompt
-    half = chunks // 2
-    return [base] * half + [later] * (chunks - half)
+    return data.switched_prompts(base, chunks, chunks // 2, switch.split()[-1] if switch else "")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

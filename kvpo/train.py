@@ -62,18 +62,19 @@ def shifted(window: tuple[int, int], by: int) -> tuple[int, int]:
 
 def evaluate(
     model: StreamingVideoGenerator,
-    prompts: list[str],
+    prompts: list[str] | list[list[str]],
     reward: CompositeReward,
     seed: int,
     device: torch.device,
     seeds: int = 1,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Deployment-time samples of fixed prompts, each with ``seeds`` fixed noises.
+    """Deployment-time samples of fixed prompts (a prompt, or a list of one per chunk), each with
+    ``seeds`` fixed noises.
 
     Returns mean rewards over all samples and the videos of the first noise, [P, F, C, H, W]."""
     nC = model.num_frames // model.chunk_frames
-    asked = prompts * seeds  # noise s of prompt p is row s * P + p
-    videos = generate(model, [[p] * nC for p in asked], torch.Generator().manual_seed(seed), device)
+    asked = [p if isinstance(p, list) else [p] * nC for p in prompts] * seeds  # row s * P + p
+    videos = generate(model, asked, torch.Generator().manual_seed(seed), device)
     comps = reward.components(((videos + 1) / 2).cpu(), asked)
     out = {f"eval_{k}": float(v.mean()) for k, v in comps.items()}
     out["eval_reward"] = float(reward.total(comps).mean())
@@ -244,10 +245,10 @@ def train(
         prompts: (training prompts, held-out prompts); default: the built-in procedural ones.
     """
     cfg.validate()
-    if prompts is not None and cfg.multi_prompt:
+    if prompts is not None and (cfg.multi_prompt or cfg.eval_multi_prompt):
         raise ValueError(
-            "config multi_prompt switches the direction of the built-in prompts; with your own "
-            "prompts set it to 0"
+            "config multi_prompt and eval_multi_prompt switch the direction of the built-in "
+            "prompts; with your own prompts set them to 0 and false"
         )
     device = torch.device(
         "cuda"
@@ -299,6 +300,22 @@ def train(
             raise ValueError("prompts must be (training prompts, held-out prompts), both non-empty")
     eval_prompts = eval_prompts[: cfg.eval_prompts]
     nC = model.num_frames // model.chunk_frames
+    eval_sets = {"eval_": eval_prompts}
+    if cfg.eval_multi_prompt:  # the held-out prompts turning a quarter mid-video
+        eval_sets["eval_mp_"] = [
+            data.switched_prompts(p, nC, nC // 2, data.TURN[data.Scene.parse(p).direction])
+            for p in eval_prompts
+        ]
+
+    def evaluation(m: nn.Module) -> tuple[dict[str, float], torch.Tensor]:
+        """Held-out rewards of every evaluation set; the videos of the single-prompt one."""
+        scores, videos = {}, None
+        for tag, ps in eval_sets.items():
+            ev, vids = evaluate(m, ps, reward, cfg.seed, device, cfg.eval_seeds)
+            scores.update({k.replace("eval_", tag, 1): v for k, v in ev.items()})
+            videos = vids if videos is None else videos
+        return scores, videos
+
     log = MetricsLog(out)
     params = trainable(model)
     if lead:
@@ -323,8 +340,12 @@ def train(
             flush=True,
         )
         if start == 0:
-            ev, vids = evaluate(model, eval_prompts, reward, cfg.seed, device, cfg.eval_seeds)
-            print(f"before training: eval reward {ev['eval_reward']:.4f}", flush=True)
+            ev, vids = evaluation(model)
+            print(
+                f"before training: eval reward {ev['eval_reward']:.4f}"
+                + (f" (multi-prompt {ev['eval_mp_reward']:.4f})" if "eval_mp_reward" in ev else ""),
+                flush=True,
+            )
             if cfg.samples:
                 save_videos(vids, out / "samples_before")
             history.append({"iter": -1, **ev})
@@ -430,10 +451,10 @@ def train(
             "time_update": t3 - t2 - t_replay,  # PPO loss, backward, all-reduce, AdamW
         }
         if lead and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
-            ev, vids = evaluate(model, eval_prompts, reward, cfg.seed, device, cfg.eval_seeds)
+            ev, vids = evaluation(model)
             row.update(ev)
             if ema is not None:
-                ev, _ = evaluate(ema.model, eval_prompts, reward, cfg.seed, device, cfg.eval_seeds)
+                ev, _ = evaluation(ema.model)
                 row.update({k.replace("eval_", "eval_ema_", 1): v for k, v in ev.items()})
             if it + 1 == cfg.iterations and cfg.samples:
                 save_videos(vids, out / "samples_after")
@@ -448,7 +469,8 @@ def train(
                 f"{row['time_reward']:.1f}s replay {row['time_replay']:.1f}s update "
                 f"{row['time_update']:.1f}s"
                 + (f" | eval {row['eval_reward']:.4f}" if "eval_reward" in row else "")
-                + (f" (EMA {row['eval_ema_reward']:.4f})" if "eval_ema_reward" in row else ""),
+                + (f" (EMA {row['eval_ema_reward']:.4f})" if "eval_ema_reward" in row else "")
+                + (f" multi-prompt {row['eval_mp_reward']:.4f}" if "eval_mp_reward" in row else ""),
                 file=sys.stdout,
             )
             if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
@@ -468,6 +490,11 @@ def train(
         print(
             f"done: eval reward {first:.4f} -> {last.get('eval_reward', float('nan')):.4f}"
             + (f" (EMA {last['eval_ema_reward']:.4f})" if "eval_ema_reward" in last else "")
+            + (
+                f", multi-prompt {history[0]['eval_mp_reward']:.4f} -> {last['eval_mp_reward']:.4f}"
+                if "eval_mp_reward" in last and "eval_mp_reward" in history[0]
+                else ""
+            )
             + f"; outputs in {out}/",
             flush=True,
         )

@@ -11,6 +11,7 @@ import pytest
 import torch
 from trainer_support import PROMPTS, tiny_model
 
+from kvpo import data
 from kvpo.checkpoint import CheckpointError, load_model, save_model
 from kvpo.config import build_config, parse_args
 from kvpo.rewards import CompositeReward
@@ -374,3 +375,22 @@ def test_train_a_users_generator_reward_and_prompts(base, tmp_path):
         run("c", grad_checkpointing=True)
     with pytest.raises(ValueError, match="multi_prompt"):
         run("c", multi_prompt=0.5)
+
+
+def test_multi_prompt_evaluation(base, tmp_path):
+    """eval_multi_prompt: the held-out prompts also turn a quarter mid-video, scored apart."""
+    res = train(_cfg(base, tmp_path, eval_multi_prompt=True, multi_prompt=0.5, samples=False))
+    first, last = res.history[0], res.history[-1]
+    for row in (first, last):
+        assert "eval_mp_reward" in row and "eval_mp_path" in row
+    model = load_model(base)
+    nC = model.num_frames // model.chunk_frames
+    _, eval_prompts = data.split_prompts(num_eval=2)
+    turned = [
+        data.switched_prompts(p, nC, nC // 2, data.TURN[data.Scene.parse(p).direction])
+        for p in eval_prompts[:2]
+    ]
+    reward = CompositeReward({"alignment": 1.0, "path": 1.0, "motion": 0.0, "visual": 0.0})
+    want, _ = evaluate(model, turned, reward, 0, torch.device("cpu"), 4)
+    assert abs(first["eval_mp_reward"] - want["eval_reward"]) < 1e-5
+    assert abs(first["eval_mp_reward"] - first["eval_reward"]) > 1e-4
