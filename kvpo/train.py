@@ -23,13 +23,14 @@ from . import data, distributed
 from .checkpoint import CheckpointError, load_model, load_training, save_training
 from .config import TrainConfig, parse_args
 from .ema import ParamEMA
-from .grpo import anchor_advantages, gibbs_log_probs, group_advantages, ppo_objective
-from .interface import StreamingVideoGenerator
-from .replay import replay_velocities, step_energies, step_weights, trajectory_energy
+from .evaluate import evaluate, turned_prompts
+from .grpo import anchor_advantages, group_advantages, ppo_objective
+from .likelihood import branch_log_probs, kl_term
+from .replay import replay_velocities, step_weights, trajectory_energy
 from .report import MetricsLog, plot_rewards, save_videos
 from .rewards import ClipReward, CompositeReward, RewardFn
-from .rollout import Rollout, RolloutSpec, generate, rollout
-from .sde import sde_t_cap, step_log_probs
+from .rollout import RolloutSpec, rollout
+from .scoring import branch_rewards, fused_reward
 
 
 def make_reward(cfg: TrainConfig) -> CompositeReward:
@@ -58,99 +59,6 @@ def iteration_generator(
 
 def shifted(window: tuple[int, int], by: int) -> tuple[int, int]:
     return (window[0] + by, window[1] + by)
-
-
-def evaluate(
-    model: StreamingVideoGenerator,
-    prompts: list[str] | list[list[str]],
-    reward: CompositeReward,
-    seed: int,
-    device: torch.device,
-    seeds: int = 1,
-) -> tuple[dict[str, float], torch.Tensor]:
-    """Deployment-time samples of fixed prompts (a prompt, or a list of one per chunk), each with
-    ``seeds`` fixed noises.
-
-    Returns mean rewards over all samples and the videos of the first noise, [P, F, C, H, W]."""
-    nC = model.num_frames // model.chunk_frames
-    asked = [p if isinstance(p, list) else [p] * nC for p in prompts] * seeds  # row s * P + p
-    videos = generate(model, asked, torch.Generator().manual_seed(seed), device)
-    comps = reward.components(((videos + 1) / 2).cpu(), asked)
-    out = {f"eval_{k}": float(v.mean()) for k, v in comps.items()}
-    out["eval_reward"] = float(reward.total(comps).mean())
-    return out, videos[: len(prompts)].cpu()
-
-
-def scope_chunks(scope: str, window: tuple[int, int], chunks: int) -> tuple[int, int]:
-    """The chunks ``[j0, j1)`` a reward scope sees: ``video`` all of them, ``global`` the post-fork
-    video (from the window's start), ``local`` the perturbed window."""
-    return {"video": (0, chunks), "global": (window[0], chunks), "local": tuple(window)}[scope]
-
-
-def branch_rewards(
-    model: StreamingVideoGenerator,
-    ro: Rollout,
-    reward: CompositeReward,
-    scopes: dict[str, float],
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, float]]:
-    """Per-component rewards [B, G] of the branches, [B] of the anchor (or None), and the weight
-    of each component in the fused reward.
-
-    Each scope (:func:`scope_chunks`) scores its clip of the videos; its components are named
-    ``scope/name`` (plain ``name`` for ``video``) and weigh ``scopes[scope] * reward weight``.
-    The ``video`` scope also computes the weight-0 components (logged, not trained on)."""
-    B, G, Fr = ro.tokens.shape[:3]
-    c = model.chunk_frames
-    vids = ((model.to_video(ro.tokens.flatten(0, 1)) + 1) / 2).cpu()
-    av = None if ro.anchor_tokens is None else ((model.to_video(ro.anchor_tokens) + 1) / 2).cpu()
-    comps, anchor, weights = {}, ({} if av is not None else None), {}
-    for scope, w_scope in scopes.items():
-        j0, j1 = scope_chunks(scope, ro.window, Fr // c)
-        frames = slice(j0 * c, j1 * c)
-        prompts = [p[j0:j1] for p in ro.prompts]
-        names = [k for k, w in reward.weights.items() if w and w_scope]
-        names = list(reward.weights) if scope == "video" else names
-        key = (lambda k: k) if scope == "video" else (lambda k, s=scope: f"{s}/{k}")  # noqa: E731
-        got = reward.components(vids[:, frames], [p for p in prompts for _ in range(G)], names)
-        comps.update({key(k): v.view(B, G) for k, v in got.items()})
-        weights.update({key(k): w_scope * reward.weights[k] for k in got})
-        if av is not None:
-            got = reward.components(av[:, frames], prompts, names)
-            anchor.update({key(k): v for k, v in got.items()})
-    return comps, anchor, weights
-
-
-def fused_reward(comps: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
-    return sum(w * comps[k] for k, w in weights.items())
-
-
-def branch_log_probs(cfg: TrainConfig, model, u, ro: Rollout, energy) -> torch.Tensor:
-    """Log-probabilities of the branches under the policy whose replay velocities are ``u``.
-
-    KVPO, ``likelihood="branch"``: Gibbs branch log-probabilities [B, G] from the TVE ``energy``,
-    ``log_softmax_i(-E_i / tau)``. ``likelihood="step"`` (the public recipe): one per scored step,
-    [B, G, K'], from the step's velocity distance in units of its noise level floored at
-    ``sigma_floor``: ``E_ik = mean_n (u_k - v_k)^2 / max(t_k, sigma_floor)^2``. With
-    ``group_normalize=False`` the log-probabilities are ``-E / tau``, not normalized over the group.
-    The SDE baseline: the Gaussian log-probability of every scored stochastic step [B, G, K']."""
-    scored = ro.scored.to(u.device)
-    if cfg.explore == "sde":
-        t_cap = sde_t_cap(model.timesteps())
-        logp = step_log_probs(u, ro.states, ro.velocities, ro.t, ro.t_next, t_cap, cfg.sde_noise)
-        return logp[:, :, scored]
-    if cfg.likelihood == "step":
-        sigma = ro.t.to(u.device)[scored].clamp_min(cfg.sigma_floor)
-        energy = step_energies(u, ro)[:, :, scored] / sigma**2
-    return gibbs_log_probs(energy, cfg.tau) if cfg.group_normalize else -energy / cfg.tau
-
-
-def kl_term(cfg: TrainConfig, u, u_ref, logp, logp_ref) -> torch.Tensor:
-    if cfg.kl == "velocity":
-        return (u - u_ref).pow(2).mean()
-    if cfg.kl == "softmax":  # KL of the branch softmax, whether or not logp is normalized
-        lp, lr = logp.log_softmax(1), logp_ref.log_softmax(1)
-        return (lp.exp() * (lp - lr)).sum(1).mean()
-    return u.new_zeros(())
 
 
 @dataclass
@@ -302,10 +210,7 @@ def train(
     nC = model.num_frames // model.chunk_frames
     eval_sets = {"eval_": eval_prompts}
     if cfg.eval_multi_prompt:  # the held-out prompts turning a quarter mid-video
-        eval_sets["eval_mp_"] = [
-            data.switched_prompts(p, nC, nC // 2, data.TURN[data.Scene.parse(p).direction])
-            for p in eval_prompts
-        ]
+        eval_sets["eval_mp_"] = turned_prompts(eval_prompts, nC)
 
     def evaluation(m: nn.Module) -> tuple[dict[str, float], torch.Tensor]:
         """Held-out rewards of every evaluation set; the videos of the single-prompt one."""

@@ -32,3 +32,12 @@ def tiny_model(seed: int = 0, **overrides) -> TinyARVideo:
 
 
 PROMPTS = ["a large red circle moving left slowly", "a small blue square moving up quickly"]
+
+
+def small_rollout(model: TinyARVideo, p_keep: float, **kw):
+    """Two prompts x 3 branches, window chunks [2, 4), every chunk from the window on scored."""
+    from kvpo.rollout import RolloutSpec, rollout
+
+    nC = model.num_frames // model.chunk_frames
+    spec = RolloutSpec(group_size=3, window=(2, 4), p_keep=p_keep, score_after_window=True, **kw)
+    return rollout(model, [[p] * nC for p in PROMPTS], spec, torch.Generator().manual_seed(0))

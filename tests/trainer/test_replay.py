@@ -1,25 +1,17 @@
 """Replay under the unperturbed context and the trajectory velocity energy."""
 
 import torch
-from trainer_support import PROMPTS, tiny_model
+from trainer_support import PROMPTS, small_rollout, tiny_model
 
-from kvpo.config import TrainConfig
 from kvpo.model import Block
-from kvpo.replay import replay_velocities, step_energies, step_weights, trajectory_energy
+from kvpo.replay import replay_velocities, step_weights, trajectory_energy
 from kvpo.rollout import RolloutSpec, rollout
-from kvpo.train import branch_log_probs
-
-
-def _ro(model, p_keep, **kw):
-    nC = model.num_frames // model.chunk_frames
-    spec = RolloutSpec(group_size=3, window=(2, 4), p_keep=p_keep, score_after_window=True, **kw)
-    return rollout(model, [[p] * nC for p in PROMPTS], spec, torch.Generator().manual_seed(0))
 
 
 def test_replay_reproduces_unperturbed_steps(model):
     """At the rollout policy, replay of a step taken under full context gives back its velocity:
     after the window always, and everywhere when nothing is routed out."""
-    ro = _ro(model, p_keep=0.4)
+    ro = small_rollout(model, p_keep=0.4)
     with torch.no_grad():
         u = replay_velocities(model, ro)
     after = ro.chunk >= ro.window[1]
@@ -27,14 +19,14 @@ def test_replay_reproduces_unperturbed_steps(model):
     inside = (u[:, :, ~after] - ro.velocities[:, :, ~after]).pow(2).mean(dim=(2, 3, 4))
     assert (inside > 1e-8).any()
 
-    full = _ro(model, p_keep=1.0)
+    full = small_rollout(model, p_keep=1.0)
     with torch.no_grad():
         e = trajectory_energy(replay_velocities(model, full), full, step_weights(full))
     assert e.abs().max() < 1e-9
 
 
 def test_energy_matches_float64_formula(model):
-    ro = _ro(model, p_keep=0.3)
+    ro = small_rollout(model, p_keep=0.3)
     u = replay_velocities(model, ro)
     w = step_weights(ro, "sigma")
     e = trajectory_energy(u, ro, w)
@@ -45,7 +37,7 @@ def test_energy_matches_float64_formula(model):
 
 
 def test_energy_gradient_reaches_the_policy(model):
-    ro = _ro(model, p_keep=0.3)
+    ro = small_rollout(model, p_keep=0.3)
     e = trajectory_energy(replay_velocities(model, ro), ro, step_weights(ro))
     e.sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -57,7 +49,7 @@ def test_energy_gradient_reaches_the_policy(model):
 def test_prefix_records_carry_no_energy(model):
     """Recorded pre-window steps are the same in every branch: replayed, they give back their
     velocities, and they get no TVE weight (only the KL regularizer sees them)."""
-    ro = _ro(model, p_keep=0.3, record_prefix=True)
+    ro = small_rollout(model, p_keep=0.3, record_prefix=True)
     pre = ~ro.scored
     assert ro.chunk[pre].tolist() == [0, 0, 0, 1, 1, 1] and ro.chunk[~pre].min() == 2
     s = ro.states[:, :, pre]
@@ -69,40 +61,8 @@ def test_prefix_records_carry_no_energy(model):
     assert (w[pre] == 0).all() and torch.isclose(w.sum(), torch.tensor(1.0))
 
 
-def test_step_energies_and_per_step_likelihood_match_float64(model):
-    """likelihood='step': one Gibbs distribution per scored step over distance / max(t, floor)^2."""
-    ro = _ro(model, p_keep=0.3, record_prefix=True)
-    u = replay_velocities(model, ro)
-    e = step_energies(u, ro)
-    diff = (u.detach().double() - ro.velocities.double()).pow(2).mean(dim=(3, 4))  # [B, G, K]
-    torch.testing.assert_close(e.double(), diff, rtol=1e-5, atol=1e-12)
-    cfg = TrainConfig(likelihood="step", tau=0.01, sigma_floor=0.5)
-    logp = branch_log_probs(cfg, model, u, ro, None)
-    scored = ro.scored
-    assert logp.shape == (*u.shape[:2], int(scored.sum())) and int((~scored).sum()) > 0
-    sigma = ro.t.double()[scored].clamp_min(0.5)
-    want = torch.log_softmax(-diff[:, :, scored] / sigma**2 / 0.01, dim=1)
-    torch.testing.assert_close(logp.double(), want, rtol=1e-4, atol=1e-6)
-    assert sigma.min() == 0.5 and sigma.max() > 0.5  # the floor binds on the last steps only
-    free = branch_log_probs(
-        TrainConfig(likelihood="step", tau=0.01, sigma_floor=0.5, group_normalize=False, kl="none"),
-        model,
-        u,
-        ro,
-        None,
-    )
-    torch.testing.assert_close(
-        free.double(), -diff[:, :, scored] / sigma**2 / 0.01, rtol=1e-4, atol=1e-6
-    )
-    energy = trajectory_energy(u, ro, step_weights(ro))
-    free = branch_log_probs(TrainConfig(group_normalize=False, kl="none"), model, u, ro, energy)
-    torch.testing.assert_close(free, -energy / TrainConfig.tau)
-    logp.sum().backward()  # differentiable in the policy
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-
-
 def test_gradient_checkpointing_recomputes_blocks_with_equal_gradients(model, monkeypatch):
-    ro = _ro(model, p_keep=0.3)
+    ro = small_rollout(model, p_keep=0.3)
     calls = []
     forward = Block.forward
 

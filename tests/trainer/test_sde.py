@@ -11,10 +11,11 @@ from trainer_support import PROMPTS, tiny_model
 from kvpo.checkpoint import save_model
 from kvpo.config import build_config
 from kvpo.grpo import ppo_objective
+from kvpo.likelihood import branch_log_probs
 from kvpo.replay import replay_velocities
 from kvpo.rollout import RolloutSpec, rollout
 from kvpo.sde import sde_mean_std, sde_step, sde_t_cap, step_log_probs
-from kvpo.train import branch_log_probs, train
+from kvpo.train import train
 
 
 def _gaussian_velocity(x, t, c):

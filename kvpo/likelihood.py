@@ -1,0 +1,57 @@
+"""Branch log-probabilities under a policy (KVPO's Gibbs form, or the SDE baseline's Gaussian
+steps) and the KL terms toward the reference policy."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import TrainConfig
+from .grpo import gibbs_log_probs
+from .interface import StreamingVideoGenerator
+from .replay import step_energies
+from .rollout import Rollout
+from .sde import sde_t_cap, step_log_probs
+
+
+def branch_log_probs(
+    cfg: TrainConfig,
+    model: StreamingVideoGenerator,
+    u: torch.Tensor,
+    ro: Rollout,
+    energy: torch.Tensor | None,
+) -> torch.Tensor:
+    """Log-probabilities of the branches under the policy whose replay velocities are ``u``.
+
+    KVPO, ``likelihood="branch"``: Gibbs branch log-probabilities [B, G] from the TVE ``energy``,
+    ``log_softmax_i(-E_i / tau)``. ``likelihood="step"`` (the public recipe): one per scored step,
+    [B, G, K'], from the step's velocity distance in units of its noise level floored at
+    ``sigma_floor``: ``E_ik = mean_n (u_k - v_k)^2 / max(t_k, sigma_floor)^2``. With
+    ``group_normalize=False`` the log-probabilities are ``-E / tau``, not normalized over the group.
+    The SDE baseline: the Gaussian log-probability of every scored stochastic step [B, G, K']."""
+    scored = ro.scored.to(u.device)
+    if cfg.explore == "sde":
+        t_cap = sde_t_cap(model.timesteps())
+        logp = step_log_probs(u, ro.states, ro.velocities, ro.t, ro.t_next, t_cap, cfg.sde_noise)
+        return logp[:, :, scored]
+    if cfg.likelihood == "step":
+        sigma = ro.t.to(u.device)[scored].clamp_min(cfg.sigma_floor)
+        energy = step_energies(u, ro)[:, :, scored] / sigma**2
+    return gibbs_log_probs(energy, cfg.tau) if cfg.group_normalize else -energy / cfg.tau
+
+
+def kl_term(
+    cfg: TrainConfig,
+    u: torch.Tensor,
+    u_ref: torch.Tensor,
+    logp: torch.Tensor | None,
+    logp_ref: torch.Tensor | None,
+) -> torch.Tensor:
+    """The regularizer toward the reference policy: ``velocity``: ``mean (u - u_ref)^2`` over the
+    replayed velocities; ``softmax``: ``KL(p || p_ref)`` of the branch distributions ([B, G] or
+    per step [B, G, K]); ``none``: 0."""
+    if cfg.kl == "velocity":
+        return (u - u_ref).pow(2).mean()
+    if cfg.kl == "softmax":  # KL of the branch softmax, whether or not logp is normalized
+        lp, lr = logp.log_softmax(1), logp_ref.log_softmax(1)
+        return (lp.exp() * (lp - lr)).sum(1).mean()
+    return u.new_zeros(())
