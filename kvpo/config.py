@@ -87,6 +87,7 @@ class TrainConfig:
     kl_coef: float = 10.0  # weight of the KL term
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on the blocks, the rest frozen
     lora_alpha: float = 0.0  # adapter scale alpha / rank (0: alpha = rank)
+    amp: str = "none"  # none | bf16: rollout, replay and evaluation under bfloat16 autocast
     grad_checkpointing: bool = False  # recompute the policy's blocks in backward (less memory)
     ema: float = 0.0  # EMA decay of the policy's weights (0: none; the public recipe: 0.999)
     # Reporting.
@@ -166,6 +167,8 @@ class TrainConfig:
             raise bad("likelihood", "must be 'branch' or 'step'")
         if self.step_weighting not in ("uniform", "sigma"):
             raise bad("step_weighting", "must be 'uniform' or 'sigma'")
+        if self.amp not in ("none", "bf16"):
+            raise bad("amp", "must be 'none' or 'bf16' (fp16 would need loss scaling)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise bad("device", "must be 'auto', 'cpu' or 'cuda'")
         if len(self.window) != 2 or self.window[0] >= self.window[1]:

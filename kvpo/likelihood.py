@@ -29,9 +29,10 @@ def branch_log_probs(
     ``group_normalize=False`` the log-probabilities are ``-E / tau``, not normalized over the group.
     The SDE baseline: the Gaussian log-probability of every scored stochastic step [B, G, K']."""
     scored = ro.scored.to(u.device)
-    if cfg.explore == "sde":
+    if cfg.explore == "sde":  # Gaussian densities in fp32 whatever the forwards' precision
         t_cap = sde_t_cap(model.timesteps())
-        logp = step_log_probs(u, ro.states, ro.velocities, ro.t, ro.t_next, t_cap, cfg.sde_noise)
+        states, vels = ro.states.float(), ro.velocities.float()
+        logp = step_log_probs(u.float(), states, vels, ro.t, ro.t_next, t_cap, cfg.sde_noise)
         return logp[:, :, scored]
     if cfg.likelihood == "step":
         sigma = ro.t.to(u.device)[scored].clamp_min(cfg.sigma_floor)
@@ -50,7 +51,7 @@ def kl_term(
     replayed velocities; ``softmax``: ``KL(p || p_ref)`` of the branch distributions ([B, G] or
     per step [B, G, K]); ``none``: 0."""
     if cfg.kl == "velocity":
-        return (u - u_ref).pow(2).mean()
+        return (u.float() - u_ref.float()).pow(2).mean()
     if cfg.kl == "softmax":  # KL of the branch softmax, whether or not logp is normalized
         lp, lr = logp.log_softmax(1), logp_ref.log_softmax(1)
         return (lp.exp() * (lp - lr)).sum(1).mean()

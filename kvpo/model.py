@@ -142,7 +142,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, 1e-6)
+        # Under autocast x is 16-bit and the (fp32 master) weight follows it.
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), 1e-6)
 
 
 class Block(nn.Module):
@@ -256,7 +257,13 @@ class TinyARVideo(nn.Module):
         return self.head(self.final_norm(h) * (1 + scale) + shift)
 
     def new_cache(self, capacity: int, device: torch.device | str = "cpu") -> PagedKVCache:
+        """Pages in the weights' dtype, or in autocast's 16-bit dtype when it is on (the keys and
+        values the layers make then, and what attention must read beside 16-bit queries)."""
         cfg = self.cfg
+        kind = torch.device(device).type
+        dtype = self.head.weight.dtype
+        if torch.is_autocast_enabled(kind):
+            dtype = torch.get_autocast_dtype(kind)
         return PagedKVCache(
             cfg.depth,
             capacity,
@@ -264,7 +271,7 @@ class TinyARVideo(nn.Module):
             self.frame_tokens,
             cfg.dim // cfg.heads,
             device,
-            self.head.weight.dtype,
+            dtype,
         )
 
     def to_tokens(self, video: torch.Tensor) -> torch.Tensor:

@@ -208,6 +208,11 @@ def train(
             raise ValueError("prompts must be (training prompts, held-out prompts), both non-empty")
     eval_prompts = eval_prompts[: cfg.eval_prompts]
     nC = model.num_frames // model.chunk_frames
+
+    def autocast() -> torch.autocast:
+        """bfloat16 forwards with fp32 master weights (``amp="bf16"``), or nothing."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+
     eval_sets = {"eval_": eval_prompts}
     if cfg.eval_multi_prompt:  # the held-out prompts turning a quarter mid-video
         eval_sets["eval_mp_"] = turned_prompts(eval_prompts, nC)
@@ -216,7 +221,8 @@ def train(
         """Held-out rewards of every evaluation set; the videos of the single-prompt one."""
         scores, videos = {}, None
         for tag, ps in eval_sets.items():
-            ev, vids = evaluate(m, ps, reward, cfg.seed, device, cfg.eval_seeds)
+            with autocast():
+                ev, vids = evaluate(m, ps, reward, cfg.seed, device, cfg.eval_seeds)
             scores.update({k.replace("eval_", tag, 1): v for k, v in ev.items()})
             videos = vids if videos is None else videos
         return scores, videos
@@ -280,7 +286,8 @@ def train(
         )
         spec_it = dataclasses.replace(spec, window=shifted(cfg.window, shift))
         model.eval()
-        ro = rollout(model, prompts, spec_it, gen, device)
+        with autocast():
+            ro = rollout(model, prompts, spec_it, gen, device)
         t1 = time.perf_counter()
 
         comps, anchor, weights = branch_rewards(model, ro, reward, cfg.reward_scopes)
@@ -293,7 +300,7 @@ def train(
             adv, valid = anchor_advantages(comps, anchor, weights, sigma, cfg.adv_clip, cfg.adv_eps)
         adv, valid = adv.to(device), valid.to(device)
         weight = step_weights(ro, cfg.step_weighting)
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             u_ref = replay_velocities(ref, ro) if cfg.kl != "none" else None
             logp_ref = (
                 branch_log_probs(cfg, ref, u_ref, ro, trajectory_energy(u_ref, ro, weight))
@@ -306,10 +313,11 @@ def train(
         logp_old, stats, t_replay = None, [], 0.0
         for _ in range(cfg.epochs):
             tr0 = time.perf_counter()
-            u = replay_velocities(model, ro)
-            energy = trajectory_energy(u, ro, weight)
+            with autocast():  # the forwards; the backward runs outside, as autocast wants
+                u = replay_velocities(model, ro)
+                energy = trajectory_energy(u, ro, weight)
+                logp = branch_log_probs(cfg, model, u, ro, energy)
             t_replay += time.perf_counter() - tr0
-            logp = branch_log_probs(cfg, model, u, ro, energy)
             if logp_old is None:  # the rollout policy is the policy before the first step
                 logp_old = logp.detach()
             loss, st = ppo_objective(logp, logp_old, adv, valid, cfg.clip_low, cfg.clip_high)

@@ -58,6 +58,7 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"recache": "maybe"}, "recache"),
         ({"reward_scopes": {"middle": 1.0}}, "reward_scopes"),
         ({"ema": 1.0}, "ema"),
+        ({"amp": "fp16"}, "amp"),
         ({"lora_rank": -2}, "lora_rank"),
         ({"lora_rank": 2.5}, "lora_rank"),
         ({"reward_scopes": {"local": 0.0}}, "reward_scopes"),

@@ -104,3 +104,24 @@ def test_replay_follows_kv_recache_at_prompt_switches():
     with torch.no_grad():
         u = replay_velocities(model, ro)
     assert (u[1, :, ro.chunk >= 3] - ro.velocities[1, :, ro.chunk >= 3]).abs().max() > 1e-3
+
+
+def test_bf16_autocast_rollout_and_replay_agree_with_fp32(model):
+    """amp=bf16: the cache holds bfloat16 pages, replay still reproduces unrouted steps, and the
+    TVE of routed branches stays close to the fp32 one."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.new_cache(2).k[0].dtype == torch.bfloat16
+        ro = small_rollout(model, p_keep=0.3)
+        with torch.no_grad():
+            u = replay_velocities(model, ro)
+    assert u.dtype == torch.bfloat16 and ro.states.dtype == torch.float32
+    after = ro.chunk >= ro.window[1]
+    torch.testing.assert_close(
+        u[:, :, after].float(), ro.velocities[:, :, after].float(), rtol=0, atol=1e-3
+    )
+    e16 = trajectory_energy(u, ro, step_weights(ro))
+    ro32 = small_rollout(model, p_keep=0.3)
+    with torch.no_grad():
+        e32 = trajectory_energy(replay_velocities(model, ro32), ro32, step_weights(ro32))
+    assert e16.dtype == torch.float32
+    torch.testing.assert_close(e16, e32, rtol=0.1, atol=1e-5)

@@ -341,3 +341,11 @@ def test_multi_prompt_evaluation(base, tmp_path):
     want, _ = evaluate(model, turned, reward, 0, torch.device("cpu"), 4)
     assert abs(first["eval_mp_reward"] - want["eval_reward"]) < 1e-5
     assert abs(first["eval_mp_reward"] - first["eval_reward"]) > 1e-4
+
+
+def test_bf16_autocast_training(base, tmp_path):
+    res = train(_cfg(base, tmp_path, amp="bf16", samples=False, ema=0.5))
+    for row in res.history[1:]:
+        assert all(map(math.isfinite, (row["loss"], row["ratio"], row["tve"], row["grad_norm"])))
+        assert row["tve"] > 0 and math.isfinite(row["eval_reward"])
+    assert next(res.model.parameters()).dtype == torch.float32  # fp32 master weights
