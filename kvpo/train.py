@@ -278,7 +278,7 @@ def train(
         ).tolist()
         gen = iteration_generator(cfg, it, rank)
         mine = pick[rank::world]
-        prompts = [data.random_prompts([train_prompts[i]], nC, cfg.multi_prompt, gen) for i in mine]
+        batch = [data.random_prompts([train_prompts[i]], nC, cfg.multi_prompt, gen) for i in mine]
         shift = int(
             torch.randint(
                 cfg.window_shift + 1, (), generator=iteration_generator(cfg, it, stream=2)
@@ -287,7 +287,7 @@ def train(
         spec_it = dataclasses.replace(spec, window=shifted(cfg.window, shift))
         model.eval()
         with autocast():
-            ro = rollout(model, prompts, spec_it, gen, device)
+            ro = rollout(model, batch, spec_it, gen, device)
         t1 = time.perf_counter()
 
         comps, anchor, weights = branch_rewards(model, ro, reward, cfg.reward_scopes)
