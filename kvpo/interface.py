@@ -7,6 +7,11 @@ Vocabulary:
 * a *chunk* is ``chunk_frames`` consecutive frames denoised together;
 * a *row* is one chunk being processed for one video/branch: its queries attend to the pages its
   row of the page table lists (context frames and, always, the row's own frames).
+
+``kvpo.train.train(cfg, generator=...)`` aligns any ``nn.Module`` with this protocol. It also uses,
+when present: ``recache`` (KV re-cache at prompt switches), ``grad_checkpointing`` (a bool switch
+for ``--grad_checkpointing``), and ``set_local_window`` / ``set_recache`` (else ``--local_window``
+and ``--recache`` set the attributes directly).
 """
 
 from __future__ import annotations
