@@ -18,6 +18,19 @@ import torch
 from . import _checks
 
 
+def _tables(name: str, t: torch.Tensor, num_branches: int) -> torch.Tensor:
+    """The prompts' page tables as [B, N] int32, after checking them and ``num_branches``."""
+    _checks.require_tensor(name, t)
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    table = t[None] if t.dim() == 1 else t
+    if table.dim() != 2:
+        raise ValueError(f"{name} must be [N] or [B, N], got shape {tuple(t.shape)}")
+    if not isinstance(num_branches, int) or num_branches < 1:
+        raise ValueError(f"num_branches must be a positive int, got {num_branches!r}")
+    return table
+
+
 def route_pages(
     page_table: torch.Tensor,
     num_branches: int,
@@ -43,16 +56,9 @@ def route_pages(
         [B * G, N] int32 on the device of ``page_table``; row ``b * G + g`` is branch g of prompt b,
         routed-out slots hold -1. Slots that are not droppable are copied unchanged.
     """
-    _checks.require_tensor("page_table", page_table)
+    table = _tables("page_table", page_table, num_branches)
     _checks.require_tensor("droppable", droppable)
-    if page_table.dtype != torch.int32:
-        raise TypeError(f"page_table must be int32, got {page_table.dtype}")
-    table = page_table[None] if page_table.dim() == 1 else page_table
-    if table.dim() != 2:
-        raise ValueError(f"page_table must be [N] or [B, N], got shape {tuple(page_table.shape)}")
     B, N = table.shape
-    if not isinstance(num_branches, int) or num_branches < 1:
-        raise ValueError(f"num_branches must be a positive int, got {num_branches!r}")
     if not 0.0 <= float(p_keep) <= 1.0:
         raise ValueError(f"p_keep must be in [0, 1], got {p_keep}")
     if droppable.dtype != torch.bool or droppable.shape not in ((N,), (B, N)):
@@ -100,15 +106,8 @@ def sample_pages(
         [B * G, sink_pages + slots + recent_pages] int32 on the device of ``history``: the sinks,
         the drawn pages, then the recent pages.
     """
-    _checks.require_tensor("history", history)
-    if history.dtype != torch.int32:
-        raise TypeError(f"history must be int32, got {history.dtype}")
-    table = history[None] if history.dim() == 1 else history
-    if table.dim() != 2:
-        raise ValueError(f"history must be [N] or [B, N], got shape {tuple(history.shape)}")
+    table = _tables("history", history, num_branches)
     B, N = table.shape
-    if not isinstance(num_branches, int) or num_branches < 1:
-        raise ValueError(f"num_branches must be a positive int, got {num_branches!r}")
     for name, v in (("slots", slots), ("sink_pages", sink_pages), ("recent_pages", recent_pages)):
         if not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
