@@ -170,18 +170,14 @@ def _route(
     sinks = min(model.sink_frames, start)
     recent = min(spec.recent_frames, start - sinks)
     slots = max(len(visible_frames(model, chunk)) - sinks - recent, 0)
-    rows = [
-        sample_pages(
-            page_map[r, :start].to(torch.int32),
-            1,
-            slots,
-            sink_pages=sinks,
-            recent_pages=recent,
-            generator=generator,
-        )
-        for r in range(R)
-    ]
-    routed = torch.cat(rows)
+    routed = sample_pages(
+        page_map[:, :start].to(torch.int32),
+        1,  # one branch per row: each row routes its own history
+        slots,
+        sink_pages=sinks,
+        recent_pages=recent,
+        generator=generator,
+    )
     return torch.nn.functional.pad(routed, (0, W - routed.shape[1]), value=-1)
 
 
