@@ -38,13 +38,13 @@ def branch_rewards(
         prompts = [p[j0:j1] for p in ro.prompts]
         names = [k for k, w in reward.weights.items() if w and w_scope]
         names = list(reward.weights) if scope == "video" else names
-        key = (lambda k: k) if scope == "video" else (lambda k, s=scope: f"{s}/{k}")  # noqa: E731
+        prefix = "" if scope == "video" else f"{scope}/"
         got = reward.components(vids[:, frames], [p for p in prompts for _ in range(G)], names)
-        comps.update({key(k): v.view(B, G) for k, v in got.items()})
-        weights.update({key(k): w_scope * reward.weights[k] for k in got})
+        comps.update({prefix + k: v.view(B, G) for k, v in got.items()})
+        weights.update({prefix + k: w_scope * reward.weights[k] for k in got})
         if av is not None:
             got = reward.components(av[:, frames], prompts, names)
-            anchor.update({key(k): v for k, v in got.items()})
+            anchor.update({prefix + k: v for k, v in got.items()})
     return comps, anchor, weights
 
 
