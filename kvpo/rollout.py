@@ -300,7 +300,6 @@ def rollout(
     is_anchor = torch.zeros(B * Gt, dtype=torch.bool)
     if spec.anchor:
         is_anchor[G::Gt] = True
-    chunks = [torch.stack(prefix, 1)[rows]] if prefix else []  # [B*Gt, w0, L, d]
     recs_x = [x[rows] for x in pre_x]  # shared records, one copy per branch row
     recs_v = [v[rows] for v in pre_v]
     rec_t = [float(ts[k]) for _ in range(w0) for k in steps] if pre_x else []
@@ -319,7 +318,6 @@ def rollout(
         x, xs, vs, den_table = run_chunk(
             j, page_map, rows, hist, cond_bj[rows, j], j in scored, ode_rows=is_anchor
         )
-        chunks.append(x[:, None])
         clean[j] = x
         tables[j] = den_table.view(B, Gt, -1)[:, :G].reshape(B * G, -1)
         if j in scored:
@@ -329,7 +327,7 @@ def rollout(
             rec_tn += [float(ts[k + 1]) for k in steps]
             rec_chunk += [j] * len(steps)
 
-    tokens = torch.cat(chunks, 1).view(B, Gt, Fr, T, d)
+    tokens = torch.stack([clean[j] for j in range(nC)], 1).view(B, Gt, Fr, T, d)
     K = len(recs_x)
     states = torch.stack(recs_x, 1).view(B, Gt, K, c * T, d)
     vels = torch.stack(recs_v, 1).view(B, Gt, K, c * T, d)
