@@ -43,7 +43,7 @@ class Tiles(NamedTuple):
 FWD_TILES: dict[tuple[int, int], list[Tiles]] = {
     (2, 64): [Tiles(64, 64, 4, 3), Tiles(64, 64, 8, 3), Tiles(128, 64, 8, 3), Tiles(128, 64, 8, 2)],
     (2, 128): [Tiles(64, 64, 8, 3), Tiles(64, 64, 8, 2), Tiles(128, 64, 8, 3), Tiles(32, 64, 4, 3)],
-    (2, 256): [Tiles(32, 64, 8, 3), Tiles(32, 64, 8, 2), Tiles(64, 32, 8, 3), Tiles(64, 16, 8, 3)],
+    (2, 256): [Tiles(32, 64, 8, 3), Tiles(64, 32, 8, 2), Tiles(64, 32, 8, 3), Tiles(64, 16, 8, 3)],
     (4, 64): [Tiles(64, 32, 8, 2), Tiles(32, 32, 8, 2), Tiles(64, 16, 8, 2)],
     (4, 128): [Tiles(64, 32, 8, 2), Tiles(64, 16, 8, 2), Tiles(32, 32, 8, 2)],
     (4, 256): [Tiles(32, 16, 8, 2), Tiles(32, 16, 8, 1), Tiles(16, 32, 8, 1)],

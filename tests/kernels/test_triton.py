@@ -20,10 +20,12 @@ from helpers import (
 import kvpo_kernels
 from kvpo_kernels import _backend
 
-pytestmark = pytest.mark.skipif(
-    not (_backend.triton_available() and _backend.triton_interpreted()),
-    reason="needs triton and TRITON_INTERPRET=1 at import",
-)
+if not (_backend.triton_available() and _backend.triton_interpreted()):
+    pytest.skip("needs triton and TRITON_INTERPRET=1 at import", allow_module_level=True)
+from kvpo_kernels.triton._common import interpreter_problem  # noqa: E402
+
+if interpreter_problem() is not None:  # this Triton and NumPy together, not the kernels
+    pytest.skip(interpreter_problem(), allow_module_level=True)
 triton_fn = kernel_fn("triton")
 
 
@@ -124,3 +126,16 @@ def test_opcheck_both_ops():
     a = torch.randn(3, 2, 7, requires_grad=True)
     b = torch.randn(3, 2, 7, requires_grad=True)
     torch.library.opcheck(_velocity_energy_op, (a, b, torch.rand(3, 2), True, "triton"))
+
+
+def test_an_unusable_interpreter_stops_with_its_reason(monkeypatch):
+    from kvpo_kernels.triton import _common
+
+    reason = "Triton 0.0's interpreter cannot run a loop over a scalar argument"
+    monkeypatch.setattr(_common, "interpreter_problem", lambda: reason)
+    a, b = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    with pytest.raises(RuntimeError, match="cannot run a loop"):
+        kvpo_kernels.velocity_energy(a, b, backend="triton")
+    q, k, v, table, lens = make_routed(CASES[0], torch.float32)
+    with pytest.raises(RuntimeError, match="cannot run a loop"):
+        kvpo_kernels.routed_attention(q, k, v, table, lens, backend="triton")
