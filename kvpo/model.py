@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kvpo_kernels import routed_attention
-
 from . import data, lora
+from .streaming import PagedKVCache, chunk_attention, patchify, shifted_timesteps, unpatchify
+
+__all__ = ["ModelConfig", "PagedKVCache", "TinyARVideo", "shifted_timesteps"]
 
 LORA_TARGETS = ("q", "kv", "proj", "0", "2")  # attention q/kv/out and the MLP's two layers
 
@@ -67,36 +68,6 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-class PagedKVCache:
-    """Per-layer K/V pages ``[capacity, Hkv, frame_tokens, head_dim]`` and a bump allocator."""
-
-    def __init__(
-        self,
-        layers: int,
-        capacity: int,
-        kv_heads: int,
-        page_size: int,
-        head_dim: int,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (capacity, kv_heads, page_size, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.capacity = capacity
-        self.used = 0
-
-    def allocate(self, n: int) -> torch.Tensor:
-        if self.used + n > self.capacity:
-            raise RuntimeError(f"KV cache full: {self.used} + {n} pages > capacity {self.capacity}")
-        ids = torch.arange(self.used, self.used + n)
-        self.used += n
-        return ids
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 class TextEncoder(nn.Module):
@@ -178,19 +149,10 @@ class Block(nn.Module):
         slots: torch.Tensor | None,
     ) -> torch.Tensor:
         R, L, _ = h.shape
-        c = self.cfg.chunk_frames
-        T = L // c
         q = self.q_norm(self.q(h).view(R, L, self.cfg.heads, self.head_dim)).transpose(1, 2)
         k, v = self.kv(h).view(R, L, 2, self.cfg.kv_heads, self.head_dim).unbind(2)
         k = self.k_norm(k)
-        # [R, c*T, Hkv, D] -> pages [R*c, Hkv, T, D]: one page per frame of each row.
-        k_pages = k.view(R * c, T, self.cfg.kv_heads, self.head_dim).transpose(1, 2)
-        v_pages = v.view(R * c, T, self.cfg.kv_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            cache.k[layer][slots.reshape(-1)] = k_pages.to(cache.k[layer].dtype)
-            cache.v[layer][slots.reshape(-1)] = v_pages.to(cache.v[layer].dtype)
-            k_pages, v_pages = cache.k[layer], cache.v[layer]
-        out, _ = routed_attention(q.contiguous(), k_pages.contiguous(), v_pages.contiguous(), table)
+        out = chunk_attention(q, k, v, self.cfg.chunk_frames, table, cache, layer, slots)
         return self.proj(out.transpose(1, 2).reshape(R, L, self.cfg.dim))
 
     def forward(self, x, c, table, cache, layer, slots):
@@ -275,16 +237,13 @@ class TinyARVideo(nn.Module):
         )
 
     def to_tokens(self, video: torch.Tensor) -> torch.Tensor:
-        N, T, C, H, W = video.shape
-        p = self.cfg.patch
-        x = video.reshape(N, T, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4, 6)
-        return x.reshape(N, T, (H // p) * (W // p), C * p * p)
+        return patchify(video, self.cfg.patch, self.cfg.patch)
 
     def to_video(self, tokens: torch.Tensor) -> torch.Tensor:
-        N, T = tokens.shape[:2]
-        p, C, S = self.cfg.patch, self.cfg.channels, self.cfg.frame_size
-        x = tokens.reshape(N, T, S // p, S // p, C, p, p).permute(0, 1, 4, 2, 5, 3, 6)
-        return x.reshape(N, T, C, S, S)
+        cfg = self.cfg
+        return unpatchify(
+            tokens, cfg.channels, cfg.frame_size, cfg.frame_size, cfg.patch, cfg.patch
+        )
 
     def timesteps(self) -> torch.Tensor:
         return shifted_timesteps(self.cfg.steps, self.cfg.shift)
@@ -318,9 +277,3 @@ class TinyARVideo(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
-
-
-def shifted_timesteps(steps: int, shift: float) -> torch.Tensor:
-    """[steps + 1] from 1 to 0: uniform steps warped by ``shift * t / (1 + (shift - 1) t)``."""
-    t = torch.linspace(1.0, 0.0, steps + 1)
-    return shift * t / (1 + (shift - 1) * t)
