@@ -15,6 +15,14 @@ def scope_chunks(scope: str, window: tuple[int, int], chunks: int) -> tuple[int,
     return {"video": (0, chunks), "global": (window[0], chunks), "local": tuple(window)}[scope]
 
 
+def video_frames(model: StreamingVideoGenerator, first: int, last: int) -> slice:
+    """The frames of ``model.to_video``'s output that its frames ``[first, last)`` decode to: the
+    same ones, unless the model says otherwise (a VAE decoding a latent frame to several)."""
+    if hasattr(model, "video_frames"):
+        return model.video_frames(first, last)
+    return slice(first, last)
+
+
 def branch_rewards(
     model: StreamingVideoGenerator,
     ro: Rollout,
@@ -34,7 +42,7 @@ def branch_rewards(
     comps, anchor, weights = {}, ({} if av is not None else None), {}
     for scope, w_scope in scopes.items():
         j0, j1 = scope_chunks(scope, ro.window, Fr // c)
-        frames = slice(j0 * c, j1 * c)
+        frames = video_frames(model, j0 * c, j1 * c)
         prompts = [p[j0:j1] for p in ro.prompts]
         names = [k for k, w in reward.weights.items() if w and w_scope]
         names = list(reward.weights) if scope == "video" else names

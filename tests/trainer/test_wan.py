@@ -1,0 +1,295 @@
+"""kvpo.adapters.wan against diffusers' own WanTransformer3DModel forward (float64, random weights).
+
+The reference is the unmodified transformer: its bidirectional forward over a whole clip, and its
+forward over ``[clean history, noisy chunk]`` with per-token timesteps and a block-causal (and
+routed) attention mask; the adapter computes the same velocities chunk by chunk from the paged
+cache.
+"""
+
+import copy
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: E402
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
+
+from kvpo.adapters.wan import WanStreamingGenerator  # noqa: E402
+from kvpo.config import build_config  # noqa: E402
+from kvpo.lora import merge_lora  # noqa: E402
+from kvpo.streaming import patchify  # noqa: E402
+from kvpo.train import train  # noqa: E402
+
+C, H, W = 4, 4, 6  # latent frame: 2 x 3 patches of 2 x 2 -> 6 tokens of 16 features
+TEXT_DIM, TEXT_LEN = 16, 5
+
+
+def tiny_wan(seed: int = 0) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    tf = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=C,
+        out_channels=C, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=40, num_layers=2,
+        rope_max_seq_len=64,
+    )  # fmt: skip
+    with torch.no_grad():  # diffusers zero-inits nothing we rely on; make every path matter
+        for p in tf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return tf.double()
+
+
+def text_encoder(prompts):
+    """A fixed embedding per prompt (hash-seeded), [N, TEXT_LEN, TEXT_DIM] float64."""
+    out = []
+    for p in prompts:
+        g = torch.Generator().manual_seed(sum(map(ord, p)))
+        out.append(torch.randn(TEXT_LEN, TEXT_DIM, generator=g, dtype=torch.float64))
+    return torch.stack(out)
+
+
+def make(num_frames=6, chunk_frames=2, **kw):
+    tf = tiny_wan()
+    ref = copy.deepcopy(tf)
+    gen = WanStreamingGenerator(tf, text_encoder, (C, H, W), num_frames, chunk_frames, **kw)
+    return gen, ref
+
+
+def latents(n, frames, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, frames, C, H, W, generator=g, dtype=torch.float64)
+
+
+class MaskedProcessor(WanAttnProcessor):
+    """diffusers' own processor with a boolean attention mask (True = attend)."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 rotary_emb=None):  # fmt: skip
+        return super().__call__(attn, hidden_states, None, self.mask, rotary_emb)
+
+
+def reference(ref, z, timestep, text, mask=None):
+    """diffusers' forward: z [N, F, C, h, w], timestep [N] or [N, tokens] (0..1000) -> tokens."""
+    if mask is not None:
+        for block in ref.blocks:
+            block.attn1.set_processor(MaskedProcessor(mask))
+    out = ref(z.transpose(1, 2), timestep, text, return_dict=False)[0]
+    return patchify(out.transpose(1, 2), 2, 2)
+
+
+def test_one_chunk_over_the_whole_clip_is_the_bidirectional_forward():
+    gen, ref = make(num_frames=4, chunk_frames=4)
+    z = latents(2, 4)
+    prompts = ["a cat", "a dog on a boat"]
+    cond = gen.encode_prompts(prompts)
+    t = torch.tensor([0.6, 0.25])
+    fi = torch.arange(4).expand(2, 4)
+    table = torch.arange(8, dtype=torch.int32).view(2, 4)  # each row its own 4 pages
+    v = gen(patchify(z, 2, 2).flatten(1, 2), t, cond, fi, table)
+    want = reference(ref, z, t * 1000.0, text_encoder(prompts))
+    assert v.shape == (2, 4 * 6, 16) and v.dtype == torch.float64
+    torch.testing.assert_close(v, want.flatten(1, 2), rtol=1e-9, atol=1e-10)
+
+
+def test_streaming_with_routed_cache_is_the_block_causal_forward():
+    """Clean chunks 0 and 1 go through the cache at t = 0; chunk 2 is denoised at t = 0.7, with
+    row 1 routed: frame 1 dropped from its history."""
+    c, nC, T = 2, 3, 6
+    gen, ref = make(num_frames=c * nC, chunk_frames=c)
+    z = latents(2, c * nC)
+    prompts = ["a red car", "two birds"]
+    cond = gen.encode_prompts(prompts)
+    cache = gen.new_cache(2 * c * nC)
+    tokens = patchify(z, 2, 2)  # [2, F, T, 16]
+    pages = []  # [2, c] page ids of each chunk
+    outs = []
+    for j in range(nC):
+        slots = cache.allocate(2 * c).view(2, c)
+        pages.append(slots)
+        table = torch.cat(pages, dim=1).to(torch.int32)
+        if j == nC - 1:
+            table[1, 1] = -1  # routed out
+        t = torch.full((2,), 0.0 if j < nC - 1 else 0.7)
+        fi = torch.arange(j * c, (j + 1) * c).expand(2, c)
+        x = tokens[:, j * c : (j + 1) * c].flatten(1, 2)
+        outs.append(gen(x, t, cond, fi, table, cache, slots))
+    got = torch.cat(outs, dim=1)  # [2, F*T, 16]
+
+    chunk = torch.arange(c * nC * T) // (c * T)
+    frame = torch.arange(c * nC * T) // T
+    timestep = torch.where(chunk == nC - 1, 700.0, 0.0).expand(2, -1)
+    for row in range(2):
+        mask = chunk[None, :] <= chunk[:, None]
+        if row == 1:
+            mask &= ~((chunk[:, None] == nC - 1) & (frame[None, :] == 1))
+        want = reference(
+            ref, z[row : row + 1], timestep[row : row + 1], text_encoder([prompts[row]]), mask
+        )
+        torch.testing.assert_close(got[row], want[0].flatten(0, 1), rtol=1e-9, atol=1e-10)
+    # the dropped frame changed the routed row's chunk and nothing else
+    full = reference(
+        ref, z[1:], timestep[1:], text_encoder([prompts[1]]), chunk[None, :] <= chunk[:, None]
+    )
+    assert (got[1, -c * T :] - full[0, -c:].flatten(0, 1)).abs().max() > 1e-3
+    torch.testing.assert_close(got[1, : -c * T], full[0, :-c].flatten(0, 1), rtol=1e-9, atol=1e-10)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    gen, _ = make(num_frames=4, chunk_frames=2)
+    z = latents(1, 2)
+    cond = gen.encode_prompts(["a fox"])
+    args = (patchify(z, 2, 2).flatten(1, 2), torch.tensor([0.5]), cond, torch.tensor([[2, 3]]),
+            torch.tensor([[0, 1]], dtype=torch.int32))  # fmt: skip
+    grads = []
+    for remat in (False, True):
+        gen.grad_checkpointing = remat
+        gen.zero_grad()
+        gen(*args).square().sum().backward()
+        grads.append([p.grad.clone() for p in gen.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def tiny_vae_decode():
+    """Wan's causal VAE (diffusers' AutoencoderKLWan, 4x temporal and 8x spatial compression) at
+    toy width, decoding as the README's ``decode`` does: [N, T, C, h, w] -> [N, 4T - 3, 3, 8h, 8w]."""
+    torch.manual_seed(3)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=C, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True],
+    ).double().eval()  # fmt: skip
+    mean = torch.tensor(vae.config.latents_mean[:C], dtype=torch.float64).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std[:C], dtype=torch.float64).view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def decode(z):
+        return vae.decode(z.transpose(1, 2) * std + mean).sample.transpose(1, 2).clamp(-1, 1)
+
+    return decode
+
+
+def test_tokens_schedule_and_decoded_frames():
+    decode = tiny_vae_decode()
+    gen, _ = make(decode=decode, temporal_stride=4)
+    z = latents(1, 6)
+    video = gen.to_video(gen.to_tokens(z))
+    assert torch.equal(video, decode(z)) and video.shape == (1, 21, 3, 8 * H, 8 * W)
+    for first, last in ((0, 6), (0, 2), (2, 4), (4, 6), (3, 4)):
+        frames = gen.video_frames(first, last)
+        # the VAE is causal: what latents [first, last) decode to is fixed by latents [0, last)
+        want = decode(z[:, :last])[:, frames]
+        assert want.shape[1] == 4 * (last - first) - 3 * (first == 0)
+        torch.testing.assert_close(video[:, frames], want, rtol=1e-9, atol=1e-9)
+        if first > 0:  # and those frames are the ones that change with latent `first`
+            bumped = z.clone()
+            bumped[:, first] += 1.0
+            moved = (decode(bumped) - video).abs().amax(dim=(0, 2, 3, 4)) > 1e-6
+            assert moved[: frames.start].sum() == 0 and moved[frames.start : frames.start + 4].all()
+    ts = gen.timesteps()
+    shift = 5.0
+    want = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        ts.double(), shift * want / (1 + (shift - 1) * want), rtol=1e-6, atol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(num_frames=5, chunk_frames=2), "multiple of chunk_frames"),
+        (dict(num_frames=100), "rotary"),
+        (dict(steps=(0.8, 0.4)), "steps"),
+        (dict(steps=(1.0, 0.5, 0.6)), "steps"),
+        (dict(temporal_stride=0), "temporal_stride"),
+    ],
+)
+def test_bad_arguments(kw, match):
+    base = dict(num_frames=6, chunk_frames=2)
+    with pytest.raises(ValueError, match=match):
+        WanStreamingGenerator(tiny_wan(), text_encoder, (C, H, W), **{**base, **kw})
+
+
+def test_bad_latent_shape_and_patch():
+    with pytest.raises(ValueError, match="latent_shape"):
+        WanStreamingGenerator(tiny_wan(), text_encoder, (C, H, 5), 6, 2)
+    with pytest.raises(ValueError, match="latent_shape"):
+        WanStreamingGenerator(tiny_wan(), text_encoder, (3, H, W), 6, 2)
+    tf = WanTransformer3DModel(patch_size=(2, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                               in_channels=C, out_channels=C, text_dim=TEXT_DIM, num_layers=1)  # fmt: skip
+    with pytest.raises(ValueError, match="temporal patch"):
+        WanStreamingGenerator(tf, text_encoder, (C, H, W), 6, 2)
+    with pytest.raises(TypeError, match="WanTransformer3DModel"):
+        WanStreamingGenerator(torch.nn.Linear(2, 2), text_encoder, (C, H, W), 6, 2)
+    gen, _ = make()
+    with pytest.raises(ValueError, match="text_encoder must return"):
+        WanStreamingGenerator(
+            tiny_wan(), lambda p: torch.zeros(len(p), TEXT_DIM), (C, H, W), 6, 2
+        ).encode_prompts(["a"])
+    with pytest.raises(ValueError, match="x must be"):
+        gen(torch.zeros(1, 5, 16), torch.zeros(1), gen.encode_prompts(["a"]), torch.tensor([[0, 1]]),
+            torch.tensor([[0, 1]], dtype=torch.int32))  # fmt: skip
+
+
+def test_kvpo_trains_the_adapter_with_lora(tmp_path):
+    """The trainer end to end on the adapter: LoRA on the blocks (everything else frozen), sample
+    routing in a local window, rewards on the decoded video's local and global clips."""
+
+    vae_decode = tiny_vae_decode()
+
+    def decode(z):
+        return vae_decode(z.double()).float()
+
+    seen = []
+
+    def redness(videos, prompts):  # videos [B, T', 3, H, W] in [0, 1]
+        seen.append(videos.shape[1])
+        return videos[:, :, 0].mean(dim=(1, 2, 3)) - videos[:, :, 2].mean(dim=(1, 2, 3))
+
+    gen, _ = make(num_frames=10, chunk_frames=2, sink_frames=1, decode=decode, temporal_stride=4)
+    gen.float()
+    n = gen.add_lora(rank=2)
+    assert n == 2 * (4 + 4 + 2)  # per block: attn1 and attn2 q/k/v/out, ffn in and out
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    cfg = build_config(dict(
+        out_dir=str(tmp_path), iterations=2, prompts_per_iter=2, group_size=3, eval_prompts=1,
+        eval_every=2, save_every=2, progress=False, threads=1, tau=0.05, window=(2, 4),
+        routing="sample", local_window=2, recent_frames=1, reward_scopes={"local": 1.0, "global": 0.5},
+        samples=False, grad_checkpointing=True, lr=1e-3,
+    ))  # fmt: skip
+    res = train(
+        cfg, generator=gen, reward=redness, prompts=(["a red car", "a blue sea"], ["a sun"])
+    )
+    row = res.history[-1]
+    assert all(torch.isfinite(torch.tensor(v)) for v in row.values() if isinstance(v, float))
+    # local: chunks 2..3 -> latent frames 4..7 -> 16 video frames; global: 4..9 -> 24; video: 37
+    assert set(seen) == {16, 24, 37}
+    assert row["valid_groups"] > 0 and row["tve"] > 0  # the routed branches differ
+    after = res.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    model = res.model
+    x = torch.randn(1, 2 * 6, 16)
+    args = (x, torch.tensor([0.4]), model.encode_prompts(["a red car"]).float(),
+            torch.tensor([[4, 5]]), torch.tensor([[0, 1]], dtype=torch.int32))  # fmt: skip
+    with torch.no_grad():
+        adapted = model(*args)
+        assert merge_lora(model) == n
+        torch.testing.assert_close(model(*args), adapted, rtol=1e-5, atol=1e-6)
+
+
+def test_encoders_are_shared_not_parameters():
+    encoder = torch.nn.Linear(3, TEXT_DIM)  # a module standing in for UMT5
+
+    def encode_text(prompts):
+        return encoder(torch.ones(len(prompts), TEXT_LEN, 3)).double()
+
+    gen = WanStreamingGenerator(tiny_wan(), encode_text, (C, H, W), 6, 2)
+    twin = copy.deepcopy(gen)
+    assert twin.text_encoder is gen.text_encoder
+    names = [n for n, _ in gen.named_parameters()]
+    assert names and all(n.startswith("transformer.") for n in names)
+    assert not any(p is q for p in encoder.parameters() for q in gen.parameters())
+    torch.testing.assert_close(twin.encode_prompts(["a"]), encode_text(["a"]))
