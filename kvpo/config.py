@@ -35,6 +35,14 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0: torch's default)
     seed: int = 0  # rollouts, prompts and the evaluation noises
+    # Wan2.1 instead of the built-in generator (kvpo.adapters.wan; needs clip_reward_path): a
+    # local diffusers directory with transformer/, vae/, text_encoder/ and tokenizer/.
+    wan_dir: str = ""  # a local diffusers Wan2.1 text-to-video directory (trains it)
+    wan_frames: int = 21  # latent frames per video (Self-Forcing: 21)
+    wan_chunk_frames: int = 3  # latent frames per chunk
+    wan_sink_frames: int = 0  # attention sink frames (LongLive: 3)
+    wan_size: tuple[int, int] = (480, 832)  # video height, width
+    prompts_file: str = ""  # one prompt per line; the last eval_prompts lines are held out
     # Loop.
     iterations: int = 20  # rollout + update rounds
     prompts_per_iter: int = 4  # groups per iteration, over all ranks
@@ -104,6 +112,8 @@ class TrainConfig:
             return ValueError(f"config {name}={getattr(self, name)!r}: {why}")
 
         for name in (
+            "wan_frames",
+            "wan_chunk_frames",
             "iterations",
             "prompts_per_iter",
             "group_size",
@@ -130,6 +140,7 @@ class TrainConfig:
             "threads",
             "lora_rank",
             "lora_alpha",
+            "wan_sink_frames",
         ):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:

@@ -34,12 +34,38 @@ from .scoring import branch_rewards, fused_reward
 
 
 def make_reward(cfg: TrainConfig) -> CompositeReward:
+    """``cfg.reward_weights`` over the built-in rewards, plus CLIP with ``clip_reward_path``; a
+    ``wan_dir`` run scores real videos, with CLIP alone (the built-in rewards read the
+    procedural shapes)."""
+    if cfg.wan_dir:
+        if not cfg.clip_reward_path:
+            raise ValueError(
+                "config wan_dir needs a reward for real videos: set clip_reward_path to a local "
+                "CLIP directory (or call train(cfg, reward=...))"
+            )
+        clip = ClipReward(cfg.clip_reward_path)
+        return CompositeReward({"clip": cfg.clip_reward_weight}, {"clip": clip})
     weights = dict(cfg.reward_weights)
     extra = {}
     if cfg.clip_reward_path:
         extra["clip"] = ClipReward(cfg.clip_reward_path)
         weights.setdefault("clip", cfg.clip_reward_weight)
     return CompositeReward(weights, extra)
+
+
+def read_prompts(path: str, held_out: int) -> tuple[list[str], list[str]]:
+    """(training, held-out) prompts of a text file, one per line (blank lines skipped): the last
+    ``held_out`` lines are held out."""
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        raise ValueError(f"config prompts_file={path!r}: {e.strerror}") from None
+    if len(lines) <= held_out:
+        raise ValueError(
+            f"config prompts_file={path!r}: {len(lines)} prompts, need more than the "
+            f"eval_prompts={held_out} held out"
+        )
+    return lines[:-held_out], lines[-held_out:]
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -88,16 +114,25 @@ def load_policy(
     state of ``cfg.resume``), its AdamW, its EMA (if ``cfg.ema``), the iterations already done
     and their log. ``own``: the caller's generator, when it is not the built-in one: the policy
     and checkpoints load into copies of it, which train the parameters it leaves trainable."""
-    if own is not None and cfg.lora_rank:
+    if own is not None and cfg.lora_rank and not hasattr(own, "add_lora"):
         raise ValueError(
-            "config lora_rank adapts the built-in generator: give your generator its adapters "
-            "(kvpo.lora.add_lora) before passing it"
+            f"config lora_rank: {type(own).__name__} has no add_lora(rank, alpha) method; give "
+            "it one, or its adapters (kvpo.lora.add_lora) before passing it"
         )
     if cfg.grad_checkpointing and not hasattr(ref, "grad_checkpointing"):
         raise ValueError(
             f"config grad_checkpointing: {type(ref).__name__} has no grad_checkpointing switch"
         )
-    blank = (lambda: copy.deepcopy(own)) if own is not None else (lambda: None)  # noqa: E731
+
+    def blank() -> nn.Module | None:
+        """A copy of the caller's generator, with the adapters the config asks for."""
+        if own is None:
+            return None
+        m = copy.deepcopy(own)
+        if cfg.lora_rank:
+            m.add_lora(cfg.lora_rank, cfg.lora_alpha or None)
+        return m
+
     start, history, ema_init = 0, [], None
     if cfg.resume:
         model, opt, start, saved, history = load_training(
@@ -116,9 +151,12 @@ def load_policy(
             except CheckpointError:  # trained without an EMA so far: it starts from the policy
                 ema_init = None
     else:
-        model = blank() if own is not None else copy.deepcopy(ref).requires_grad_(True)
-        if cfg.lora_rank:
-            model.add_lora(cfg.lora_rank, cfg.lora_alpha or None)
+        if own is not None:
+            model = blank()
+        else:
+            model = copy.deepcopy(ref).requires_grad_(True)
+            if cfg.lora_rank:
+                model.add_lora(cfg.lora_rank, cfg.lora_alpha or None)
         opt = make_optimizer(cfg, model)
     for m in (model, ema_init):
         if m is not None:
@@ -153,6 +191,10 @@ def train(
         prompts: (training prompts, held-out prompts); default: the built-in procedural ones.
     """
     cfg.validate()
+    if prompts is None and cfg.prompts_file:
+        prompts = read_prompts(cfg.prompts_file, cfg.eval_prompts)
+    elif prompts is None and cfg.wan_dir:
+        raise ValueError("config wan_dir needs prompts_file (one prompt per line)")
     if prompts is not None and (cfg.multi_prompt or cfg.eval_multi_prompt):
         raise ValueError(
             "config multi_prompt and eval_multi_prompt switch the direction of the built-in "
@@ -167,6 +209,15 @@ def train(
         raise ValueError("config device='cuda' but no CUDA device is available")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.wan_dir:
+        if generator is not None:
+            raise ValueError("config wan_dir and train(generator=...) both name a generator")
+        from .adapters.wan import load_wan
+
+        generator = load_wan(
+            cfg.wan_dir, cfg.wan_frames, cfg.wan_chunk_frames, cfg.wan_sink_frames,
+            size=tuple(cfg.wan_size), device=device,
+        )  # fmt: skip
     rank, world = distributed.init(device)
     if cfg.prompts_per_iter % world:
         raise ValueError(

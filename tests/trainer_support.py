@@ -2,6 +2,7 @@
 
 import torch
 
+from kvpo import data
 from kvpo.model import ModelConfig, TinyARVideo
 
 
@@ -41,3 +42,49 @@ def small_rollout(model: TinyARVideo, p_keep: float, **kw):
     nC = model.num_frames // model.chunk_frames
     spec = RolloutSpec(group_size=3, window=(2, 4), p_keep=p_keep, score_after_window=True, **kw)
     return rollout(model, [[p] * nC for p in PROMPTS], spec, torch.Generator().manual_seed(0))
+
+
+def word_tokenizer(words: list[str]):
+    """A transformers fast tokenizer over whole words ([PAD] = 0, [UNK] = 1), built here."""
+    import tokenizers
+    import transformers
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]"
+    )
+
+
+def tiny_clip(path):
+    """A randomly initialised CLIP of a few k parameters saved to ``path`` with its tokenizer."""
+    import transformers
+
+    fast = word_tokenizer(data.vocabulary())
+    cfg = transformers.CLIPConfig(
+        text_config={
+            "vocab_size": len(fast),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "pad_token_id": 0,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    transformers.CLIPModel(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -301,3 +302,73 @@ class WanStreamingGenerator(nn.Module):
             )
             out.append(torch.cat(parts, dim=-1).reshape(R, c * hp * wp, 1, -1))
         return out[0], out[1]
+
+
+def load_wan(
+    root: str | Path,
+    num_frames: int = 21,
+    chunk_frames: int = 3,
+    sink_frames: int = 0,
+    local_window: int | None = None,
+    size: tuple[int, int] = (480, 832),
+    device: str | torch.device = "cpu",
+    text_dtype: torch.dtype | None = torch.bfloat16,
+    max_text_len: int = 512,
+    **kwargs,
+) -> WanStreamingGenerator:
+    """A :class:`WanStreamingGenerator` from a local diffusers Wan2.1 text-to-video directory
+    (``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, as
+    ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` ships them; nothing is downloaded).
+
+    The text encoder (UMT5) runs in ``text_dtype`` and returns ``max_text_len`` token embeddings
+    with the padding zeroed, as Wan's pipeline does; ``decode`` undoes the VAE's latent
+    normalization and decodes ``[N, T, C, h, w]`` latents to ``[N, 1 + 4 (T - 1), 3, H, W]``
+    video in [-1, 1]. ``size`` is the video's (H, W); the remaining keyword arguments go to
+    :class:`WanStreamingGenerator` (``steps``, ``shift``, ``recache``).
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    root = Path(root)
+    missing = [
+        d for d in ("transformer", "vae", "text_encoder", "tokenizer") if not (root / d).is_dir()
+    ]
+    if missing:
+        raise ValueError(f"load_wan: {str(root)!r} lacks the diffusers folders {missing}")
+    device = torch.device(device)
+    local = dict(local_files_only=True)
+    tf = WanTransformer3DModel.from_pretrained(root, subfolder="transformer", **local).to(device)
+    vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", **local).to(device)
+    t5 = UMT5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=text_dtype, **local)
+    t5 = t5.to(device).eval().requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer", **local)
+    vae.eval().requires_grad_(False)
+    s, st = vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
+    H, W = size
+    if H % s or W % s:
+        raise ValueError(f"size {tuple(size)} must be a multiple of the VAE's {s}x compression")
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def text_encoder(prompts: list[str]) -> torch.Tensor:
+        ids = tok(prompts, padding="max_length", max_length=max_text_len, truncation=True,
+                  return_tensors="pt").to(device)  # fmt: skip
+        h = t5(input_ids=ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state
+        return (h * ids.attention_mask[..., None]).to(tf.proj_out.weight.dtype)
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        x = latents.transpose(1, 2).to(vae.dtype) * std + mean
+        return vae.decode(x).sample.transpose(1, 2).clamp(-1, 1).to(latents.dtype)
+
+    @torch.no_grad()
+    def encode(video: torch.Tensor) -> torch.Tensor:
+        x = vae.encode(video.transpose(1, 2).to(vae.dtype)).latent_dist.mode()
+        return ((x - mean) / std).transpose(1, 2).to(video.dtype)
+
+    return WanStreamingGenerator(
+        tf, text_encoder, (z, H // s, W // s), num_frames, chunk_frames, sink_frames,
+        local_window, decode=decode, encode=encode, temporal_stride=st, **kwargs,
+    )  # fmt: skip

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from trainer_support import tiny_clip
 
 from kvpo import data
 from kvpo.rewards import (
@@ -111,48 +112,9 @@ def test_too_short_clips_are_refused_not_nan(truth, name, frames):
     assert torch.isfinite(r).all()
 
 
-def _tiny_clip(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    words = ["[PAD]", "[UNK]", *data.vocabulary()]
-    tok = tokenizers.Tokenizer(
-        tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
-    )
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]"
-    )
-    cfg = transformers.CLIPConfig(
-        text_config={
-            "vocab_size": len(words),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 16,
-            "pad_token_id": 0,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    transformers.CLIPModel(cfg).save_pretrained(tmp_path)
-    fast.save_pretrained(tmp_path)
-    return tmp_path
-
-
 def test_clip_reward_from_local_tiny_model(tmp_path, truth):
     videos, prompts = truth
-    reward = ClipReward(_tiny_clip(tmp_path), frames=3)
+    reward = ClipReward(tiny_clip(tmp_path), frames=3)
     r = reward(videos, prompts)
     assert r.shape == (8,) and torch.isfinite(r).all() and (r.abs() <= 1 + 1e-5).all()
     torch.testing.assert_close(reward(videos, prompts), r)

@@ -7,6 +7,8 @@ cache.
 """
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: E402
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from kvpo.adapters.wan import WanStreamingGenerator  # noqa: E402
 from kvpo.config import build_config  # noqa: E402
@@ -153,16 +156,23 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def tiny_vae_decode():
-    """Wan's causal VAE (diffusers' AutoencoderKLWan, 4x temporal and 8x spatial compression) at
-    toy width, decoding as the README's ``decode`` does: [N, T, C, h, w] -> [N, 4T - 3, 3, 8h, 8w]."""
+def tiny_vae() -> AutoencoderKLWan:
+    """Wan's causal VAE (diffusers' AutoencoderKLWan: 4x temporal, 8x spatial compression) at toy
+    width, with a latent normalization of its own."""
     torch.manual_seed(3)
-    vae = AutoencoderKLWan(
+    return AutoencoderKLWan(
         base_dim=8, z_dim=C, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
-        temperal_downsample=[False, True, True],
-    ).double().eval()  # fmt: skip
-    mean = torch.tensor(vae.config.latents_mean[:C], dtype=torch.float64).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std[:C], dtype=torch.float64).view(1, -1, 1, 1, 1)
+        temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+        latents_std=[1.5, 0.8, 1.0, 2.0],
+    ).eval()  # fmt: skip
+
+
+def tiny_vae_decode():
+    """The tiny VAE decoding as load_wan's ``decode`` does: [N, T, C, h, w] -> [N, 4T - 3, 3,
+    8h, 8w], latents de-normalized first."""
+    vae = tiny_vae().double()
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float64).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=torch.float64).view(1, -1, 1, 1, 1)
 
     @torch.no_grad()
     def decode(z):
@@ -257,7 +267,7 @@ def test_kvpo_trains_the_adapter_with_lora(tmp_path):
         out_dir=str(tmp_path), iterations=2, prompts_per_iter=2, group_size=3, eval_prompts=1,
         eval_every=2, save_every=2, progress=False, threads=1, tau=0.05, window=(2, 4),
         routing="sample", local_window=2, recent_frames=1, reward_scopes={"local": 1.0, "global": 0.5},
-        samples=False, grad_checkpointing=True, lr=1e-3,
+        samples=False, grad_checkpointing=True, lr=1e-3, amp="bf16",
     ))  # fmt: skip
     res = train(
         cfg, generator=gen, reward=redness, prompts=(["a red car", "a blue sea"], ["a sun"])
@@ -293,3 +303,99 @@ def test_encoders_are_shared_not_parameters():
     assert names and all(n.startswith("transformer.") for n in names)
     assert not any(p is q for p in encoder.parameters() for q in gen.parameters())
     torch.testing.assert_close(twin.encode_prompts(["a"]), encode_text(["a"]))
+
+
+WORDS = "a red car blue sea sun on the road two birds".split()
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    """A diffusers-layout Wan2.1 directory of tiny random components (what load_wan reads)."""
+    import transformers
+    from trainer_support import word_tokenizer
+
+    root = tmp_path_factory.mktemp("wan")
+    tiny_wan().float().save_pretrained(root / "transformer")
+    tiny_vae().save_pretrained(root / "vae")
+    tok = word_tokenizer(WORDS)
+    tok.save_pretrained(root / "tokenizer")
+    torch.manual_seed(4)
+    t5 = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=len(tok), d_model=TEXT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        pad_token_id=0, decoder_start_token_id=0,
+    ))  # fmt: skip
+    t5.save_pretrained(root / "text_encoder")
+    return root
+
+
+def test_load_wan_reads_a_diffusers_directory(wan_dir):
+    import transformers
+
+    from kvpo.adapters.wan import load_wan
+
+    gen = load_wan(wan_dir, num_frames=6, chunk_frames=2, size=(32, 48), text_dtype=torch.float32,
+                   max_text_len=8)  # fmt: skip
+    assert gen.latent_shape == (C, 4, 6) and gen.temporal_stride == 4 and gen.frame_tokens == 6
+    tf = tiny_wan().float()
+    for (n, p), q in zip(gen.transformer.named_parameters(), tf.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    # text: UMT5's last hidden states of 8 tokens, padding zeroed
+    t5 = transformers.UMT5EncoderModel.from_pretrained(wan_dir / "text_encoder")
+    emb = gen.encode_prompts(["a red car", "two birds on the road"])
+    ids = torch.tensor([[2, 3, 4] + [0] * 5, [11, 12, 8, 9, 10] + [0] * 3])
+    want = t5(input_ids=ids, attention_mask=(ids > 0).long()).last_hidden_state
+    want = want * (ids > 0)[..., None]
+    assert emb.shape == (2, 8, TEXT_DIM) and emb[0, 3:].abs().sum() == 0
+    torch.testing.assert_close(emb, want, rtol=1e-5, atol=1e-6)
+    # video: the VAE's decode of the de-normalized latents; encode inverts the normalization
+    z = latents(1, 6).float()
+    video = gen.to_video(patchify(z, 2, 2))
+    torch.testing.assert_close(video.double(), tiny_vae_decode()(z.double()), rtol=1e-4, atol=1e-4)
+    back = gen.to_tokens(video)
+    vae = tiny_vae()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    mode = vae.encode(video.transpose(1, 2)).latent_dist.mode()
+    torch.testing.assert_close(back, patchify(((mode - mean) / std).transpose(1, 2), 2, 2))
+    with pytest.raises(ValueError, match="lacks the diffusers folders"):
+        load_wan(wan_dir / "transformer")
+    with pytest.raises(ValueError, match="multiple of the VAE"):
+        load_wan(wan_dir, size=(30, 48))
+
+
+def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
+    """python -m kvpo.train --wan_dir ... --prompts_file ... --clip_reward_path ... --lora_rank."""
+    from trainer_support import tiny_clip
+
+    from kvpo.train import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\ntwo birds\n\na blue sea\nthe sun on the road\n")
+    clip = tiny_clip(tmp_path / "clip")
+    out = tmp_path / "run"
+    args = [
+        "--wan_dir", str(wan_dir), "--wan_frames", "8", "--wan_chunk_frames", "2",
+        "--wan_sink_frames", "1", "--wan_size", "32,48", "--prompts_file", str(prompts),
+        "--clip_reward_path", str(clip), "--eval_prompts", "1", "--eval_seeds", "1",
+        "--iterations", "2", "--prompts_per_iter", "2", "--group_size", "3", "--window", "1,3",
+        "--lora_rank", "2", "--out_dir", str(out), "--progress", "false", "--threads", "1",
+        "--eval_every", "2", "--save_every", "2", "--lr", "1e-3",
+    ]  # fmt: skip
+    main(args)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [0, 1] and "reward_clip" in rows[0]
+    assert math.isfinite(rows[-1]["eval_reward"]) and (out / "samples_after.gif").is_file()
+    saved = load_file(out / "checkpoint.safetensors")
+    assert any("lora_a" in k for k in saved) and any("transformer.blocks.0.ffn" in k for k in saved)
+    # resuming keeps the adapters and goes on
+    main(args + ["--iterations", "3", "--resume", str(out / "checkpoint.safetensors")])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["iter"] == 2
+    for bad, match in (
+        (["--clip_reward_path", ""], "clip_reward_path"),
+        (["--prompts_file", ""], "prompts_file"),
+        (["--prompts_file", str(tmp_path / "none.txt")], "prompts_file"),
+        (["--eval_prompts", "4"], "need more than"),
+    ):
+        with pytest.raises((ValueError, SystemExit), match=match):
+            main(args + bad + ["--out_dir", str(tmp_path / "bad")])
