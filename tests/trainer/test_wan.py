@@ -245,7 +245,8 @@ def test_bad_latent_shape_and_patch():
 
 def test_kvpo_trains_the_adapter_with_lora(tmp_path):
     """The trainer end to end on the adapter: LoRA on the blocks (everything else frozen), sample
-    routing in a local window, rewards on the decoded video's local and global clips."""
+    routing in a local window, gradient checkpointing, bf16 autocast, rewards on the VAE-decoded
+    video's local and global clips."""
 
     vae_decode = tiny_vae_decode()
 
