@@ -33,22 +33,22 @@ from .rollout import RolloutSpec, rollout
 from .scoring import branch_rewards, fused_reward
 
 
-def make_reward(cfg: TrainConfig) -> CompositeReward:
-    """``cfg.reward_weights`` over the built-in rewards, plus CLIP with ``clip_reward_path``; a
-    ``wan_dir`` run scores real videos, with CLIP alone (the built-in rewards read the
-    procedural shapes)."""
+def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> CompositeReward:
+    """``cfg.reward_weights`` over the built-in rewards, plus CLIP (run on ``device``) with
+    ``clip_reward_path``; a ``wan_dir`` run scores real videos, with CLIP alone (the built-in
+    rewards read the procedural shapes)."""
     if cfg.wan_dir:
         if not cfg.clip_reward_path:
             raise ValueError(
                 "config wan_dir needs a reward for real videos: set clip_reward_path to a local "
                 "CLIP directory (or call train(cfg, reward=...))"
             )
-        clip = ClipReward(cfg.clip_reward_path)
+        clip = ClipReward(cfg.clip_reward_path, device=device)
         return CompositeReward({"clip": cfg.clip_reward_weight}, {"clip": clip})
     weights = dict(cfg.reward_weights)
     extra = {}
     if cfg.clip_reward_path:
-        extra["clip"] = ClipReward(cfg.clip_reward_path)
+        extra["clip"] = ClipReward(cfg.clip_reward_path, device=device)
         weights.setdefault("clip", cfg.clip_reward_weight)
     return CompositeReward(weights, extra)
 
@@ -232,6 +232,7 @@ def train(
     ref = ref.to(device).requires_grad_(False).eval()
     set_context(cfg, ref)
     model, opt, ema, start, history = load_policy(cfg, ref, device, generator)
+    del generator  # the policy and the reference are copies: a loaded Wan2.1 need not stay a third
     spec = RolloutSpec(
         group_size=cfg.group_size,
         window=tuple(cfg.window),
@@ -248,7 +249,7 @@ def train(
     spec.validate(model)
     dataclasses.replace(spec, window=shifted(cfg.window, cfg.window_shift)).validate(model)
     if reward is None:
-        reward = make_reward(cfg)
+        reward = make_reward(cfg, device)
     elif not isinstance(reward, CompositeReward):
         reward = CompositeReward({"reward": 1.0}, {"reward": reward})
     if prompts is None:
