@@ -50,7 +50,8 @@ class StreamingVideoGenerator(Protocol):
     # under the new prompt (LongLive's KV re-cache); rollout, replay and pretraining follow it.
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Prompt conditioning, [N, C] (differentiable)."""
+        """Prompt conditioning, [N, ...]: a vector per prompt ([N, C], the built-in generator) or
+        token embeddings ([N, L, C], Wan's text encoder); rows of it are indexed along dim 0."""
         ...
 
     def forward(
@@ -68,7 +69,7 @@ class StreamingVideoGenerator(Protocol):
         Args:
             x: [R, chunk_frames * frame_tokens, token_dim] row states.
             t: [R] float timesteps in [0, 1] (0 = clean: the pass that writes a chunk's cache).
-            cond: [R, C] prompt conditioning of each row.
+            cond: [R, ...] prompt conditioning of each row (rows of :meth:`encode_prompts`).
             frame_index: [R, chunk_frames] int64 absolute frame positions.
             table: [R, N] int32 pages each row attends to (-1 = none); must list the row's own
                 pages. Without ``cache`` the pages are this call's own (row r, frame f has page
