@@ -38,6 +38,8 @@ class TrainConfig:
     # Wan2.1 instead of the built-in generator (kvpo.adapters.wan; needs clip_reward_path): a
     # local diffusers directory with transformer/, vae/, text_encoder/ and tokenizer/.
     wan_dir: str = ""  # a local diffusers Wan2.1 text-to-video directory (trains it)
+    wan_checkpoint: str = ""  # Wan-layout transformer weights instead (self_forcing_dmd.pt, ...)
+    wan_checkpoint_key: str = "generator_ema"  # its state dict (Self-Forcing: generator_ema)
     wan_frames: int = 21  # latent frames per video (Self-Forcing: 21)
     wan_chunk_frames: int = 3  # latent frames per chunk
     wan_sink_frames: int = 0  # attention sink frames (LongLive: 3)

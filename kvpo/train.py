@@ -217,6 +217,8 @@ def train(
         generator = load_wan(
             cfg.wan_dir, cfg.wan_frames, cfg.wan_chunk_frames, cfg.wan_sink_frames,
             size=tuple(cfg.wan_size), device=device,
+            transformer_checkpoint=cfg.wan_checkpoint or None,
+            checkpoint_key=cfg.wan_checkpoint_key,
         )  # fmt: skip
     rank, world = distributed.init(device)
     if cfg.prompts_per_iter % world:

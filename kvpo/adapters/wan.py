@@ -304,6 +304,47 @@ class WanStreamingGenerator(nn.Module):
         return out[0], out[1]
 
 
+def load_original_weights(
+    transformer: nn.Module, path: str | Path, key: str = "generator_ema"
+) -> None:
+    """Load weights in Wan's original layout into a diffusers ``WanTransformer3DModel``.
+
+    ``path``: ``.safetensors`` or a torch checkpoint (read with ``weights_only=True``) of the
+    Wan2.1 release or of a model distilled from it: Self-Forcing's and LongLive's
+    ``{"generator": ..., "generator_ema": ...}`` (``key`` picks one) with their ``model.``
+    prefix, CausVid's, or a bare state dict. Prefixes shared by every key (``model.``,
+    ``diffusion_model.``, ``module.`` from DDP, ``_orig_mod.`` from torch.compile) are stripped;
+    diffusers' converter renames the rest; every parameter must be matched (strict)."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Wan checkpoint {str(path)!r} is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not all(torch.is_tensor(v) for v in sd.values()):
+        if not isinstance(sd.get(key), dict):
+            raise ValueError(
+                f"Wan checkpoint {str(path)!r} holds {sorted(sd)[:8]}, no state dict under "
+                f"key {key!r}"
+            )
+        sd = sd[key]
+    prefixes = ("module.", "_orig_mod.", "model.", "diffusion_model.")
+    while sd and (p := next((p for p in prefixes if all(k.startswith(p) for k in sd)), None)):
+        sd = {k[len(p) :]: v for k, v in sd.items()}
+    converted = convert_wan_transformer_to_diffusers(dict(sd))
+    missing, unexpected = transformer.load_state_dict(converted, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"Wan checkpoint {str(path)!r} does not fit the transformer: missing "
+            f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
+        )
+
+
 def load_wan(
     root: str | Path,
     num_frames: int = 21,
@@ -314,6 +355,8 @@ def load_wan(
     device: str | torch.device = "cpu",
     text_dtype: torch.dtype | None = torch.bfloat16,
     max_text_len: int = 512,
+    transformer_checkpoint: str | Path | None = None,
+    checkpoint_key: str = "generator_ema",
     **kwargs,
 ) -> WanStreamingGenerator:
     """A :class:`WanStreamingGenerator` from a local diffusers Wan2.1 text-to-video directory
@@ -323,7 +366,10 @@ def load_wan(
     The text encoder (UMT5) runs in ``text_dtype`` and returns ``max_text_len`` token embeddings
     with the padding zeroed, as Wan's pipeline does; ``decode`` undoes the VAE's latent
     normalization and decodes ``[N, T, C, h, w]`` latents to ``[N, 1 + 4 (T - 1), 3, H, W]``
-    video in [-1, 1]. ``size`` is the video's (H, W); the remaining keyword arguments go to
+    video in [-1, 1]. ``size`` is the video's (H, W). ``transformer_checkpoint`` replaces the
+    directory's transformer weights by a checkpoint in Wan's original layout (Self-Forcing's
+    ``self_forcing_dmd.pt``, LongLive's base; :func:`load_original_weights`, ``checkpoint_key``
+    picks its EMA or raw generator). The remaining keyword arguments go to
     :class:`WanStreamingGenerator` (``steps``, ``shift``, ``recache``).
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -337,7 +383,10 @@ def load_wan(
         raise ValueError(f"load_wan: {str(root)!r} lacks the diffusers folders {missing}")
     device = torch.device(device)
     local = dict(local_files_only=True)
-    tf = WanTransformer3DModel.from_pretrained(root, subfolder="transformer", **local).to(device)
+    tf = WanTransformer3DModel.from_pretrained(root, subfolder="transformer", **local)
+    if transformer_checkpoint is not None:
+        load_original_weights(tf, transformer_checkpoint, checkpoint_key)
+    tf = tf.to(device)
     vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", **local).to(device)
     t5 = UMT5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=text_dtype, **local)
     t5 = t5.to(device).eval().requires_grad_(False)

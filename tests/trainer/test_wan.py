@@ -397,6 +397,72 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
         (["--prompts_file", ""], "prompts_file"),
         (["--prompts_file", str(tmp_path / "none.txt")], "prompts_file"),
         (["--eval_prompts", "4"], "need more than"),
+        (["--wan_checkpoint", str(tmp_path / "none.pt")], "none.pt' is not a file"),
     ):
         with pytest.raises((ValueError, SystemExit), match=match):
             main(args + bad + ["--out_dir", str(tmp_path / "bad")])
+
+
+def to_original_layout(sd: dict) -> dict:
+    """diffusers' names -> those of Wan2.1's original WanModel (what Self-Forcing, CausVid and
+    LongLive checkpoints use): self_attn/cross_attn with q, k, v, o; ffn.0/ffn.2; the
+    cross-attention norm is norm3; modulation tables; head.head; *_embedding.N."""
+    renames = [
+        ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+        ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+        ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+        ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+        ("condition_embedder.time_proj", "time_projection.1"),
+        ("attn1.", "self_attn."),
+        ("attn2.", "cross_attn."),
+        (".to_q.", ".q."),
+        (".to_k.", ".k."),
+        (".to_v.", ".v."),
+        (".to_out.0.", ".o."),
+        ("ffn.net.0.proj", "ffn.0"),
+        ("ffn.net.2", "ffn.2"),
+        (".norm2.", ".norm3."),
+        (".scale_shift_table", ".modulation"),
+        ("proj_out", "head.head"),
+    ]
+    out = {}
+    for k, v in sd.items():
+        for a, b in renames:
+            k = k.replace(a, b)
+        out["head.modulation" if k == "scale_shift_table" else k] = v.clone()
+    return out
+
+
+def test_original_layout_checkpoints_load(wan_dir, tmp_path):
+    """Self-Forcing's {generator, generator_ema} with the model. prefix, and a bare safetensors
+    with ComfyUI's model.diffusion_model. prefix, load into the directory's transformer."""
+    from safetensors.torch import save_file
+
+    from kvpo.adapters.wan import load_wan
+
+    ema, raw = tiny_wan(7).float(), tiny_wan(8).float()
+    sf = {name: {f"model.{k}": v for k, v in to_original_layout(m.state_dict()).items()}
+          for name, m in (("generator_ema", ema), ("generator", raw))}  # fmt: skip
+    assert "blocks.1.cross_attn.norm_k.weight" in to_original_layout(ema.state_dict())
+    torch.save(sf, tmp_path / "self_forcing_dmd.pt")
+    comfy = {
+        f"model.diffusion_model.{k}": v for k, v in to_original_layout(raw.state_dict()).items()
+    }
+    save_file(comfy, tmp_path / "comfy.safetensors")
+    kw = dict(num_frames=6, chunk_frames=2, size=(32, 48), text_dtype=torch.float32)
+    for path, key, want in (
+        (tmp_path / "self_forcing_dmd.pt", "generator_ema", ema),
+        (tmp_path / "self_forcing_dmd.pt", "generator", raw),
+        (tmp_path / "comfy.safetensors", "generator_ema", raw),
+    ):
+        gen = load_wan(wan_dir, transformer_checkpoint=path, checkpoint_key=key, **kw)
+        got = gen.transformer.state_dict()
+        for k, v in want.state_dict().items():
+            assert torch.equal(got[k], v), (path.name, key, k)
+    with pytest.raises(ValueError, match="no state dict under key"):
+        load_wan(wan_dir, transformer_checkpoint=tmp_path / "self_forcing_dmd.pt",
+                 checkpoint_key="ema", **kw)  # fmt: skip
+    del comfy["model.diffusion_model.blocks.0.ffn.0.weight"]
+    save_file(comfy, tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match="does not fit.*ffn.net.0.proj.weight"):
+        load_wan(wan_dir, transformer_checkpoint=tmp_path / "broken.safetensors", **kw)
