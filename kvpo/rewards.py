@@ -12,6 +12,14 @@ Built-in components (each in [0, 1], higher is better):
 * ``motion`` - smooth, coherent trajectory (small acceleration) and no flicker (stable object area
   and brightness);
 * ``visual`` - sharp object edges and a clean, flat background, with an object in every frame.
+
+Generic components, for any video (what a real generator such as Wan2.1 is scored with beside
+CLIP; pixel-space stand-ins for VBench's flow- and interpolation-based measures):
+
+* ``dynamic`` - how much the video moves: the mean absolute frame-to-frame change ``d``, as
+  ``d / (d + 0.02)`` (0 for a still video, 1/2 at a 2 % mean change);
+* ``smoothness`` - ``1 - mean |x_t - (x_{t-1} + x_{t+1}) / 2|``: 1 when every frame is the
+  midpoint of its neighbours (uniform motion or none), lower for flicker and jitter.
 """
 
 from __future__ import annotations
@@ -186,11 +194,29 @@ def visual_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tens
     return present * (sharp + clean) / 2
 
 
+def dynamic_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+    """Amount of change between frames, ``d / (d + 0.02)`` of the mean absolute difference."""
+    _check_videos(videos, prompts, min_frames=2)
+    d = (videos[:, 1:] - videos[:, :-1]).abs().mean(dim=(1, 2, 3, 4))
+    return d / (d + 0.02)
+
+
+def smoothness_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+    """1 - mean distance of each inner frame from the midpoint of its neighbours."""
+    _check_videos(videos, prompts, min_frames=3)
+    mid = (videos[:, :-2] + videos[:, 2:]) / 2
+    return 1 - (videos[:, 1:-1] - mid).abs().mean(dim=(1, 2, 3, 4))
+
+
+# Rewards that read any video, not only the procedural shapes.
+GENERIC: dict[str, RewardFn] = {"dynamic": dynamic_reward, "smoothness": smoothness_reward}
+
 BUILTIN: dict[str, RewardFn] = {
     "alignment": alignment_reward,
     "path": path_reward,
     "motion": motion_reward,
     "visual": visual_reward,
+    **GENERIC,
 }
 
 

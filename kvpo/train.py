@@ -28,15 +28,16 @@ from .grpo import anchor_advantages, group_advantages, ppo_objective
 from .likelihood import branch_log_probs, kl_term
 from .replay import replay_velocities, step_weights, trajectory_energy
 from .report import MetricsLog, plot_rewards, save_videos
-from .rewards import ClipReward, CompositeReward, RewardFn
+from .rewards import GENERIC, ClipReward, CompositeReward, RewardFn
 from .rollout import RolloutSpec, rollout
 from .scoring import branch_rewards, fused_reward
 
 
 def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> CompositeReward:
     """``cfg.reward_weights`` over the built-in rewards, plus CLIP (run on ``device``) with
-    ``clip_reward_path``; a ``wan_dir`` run scores real videos, with CLIP alone (the built-in
-    rewards read the procedural shapes)."""
+    ``clip_reward_path``. A ``wan_dir`` run scores real videos: CLIP and the generic rewards
+    that ``reward_weights`` names (``dynamic``, ``smoothness``); the others read the procedural
+    shapes and are left out."""
     if cfg.wan_dir:
         if not cfg.clip_reward_path:
             raise ValueError(
@@ -44,7 +45,8 @@ def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> Composi
                 "CLIP directory (or call train(cfg, reward=...))"
             )
         clip = ClipReward(cfg.clip_reward_path, device=device)
-        return CompositeReward({"clip": cfg.clip_reward_weight}, {"clip": clip})
+        weights = {k: w for k, w in cfg.reward_weights.items() if k in GENERIC}
+        return CompositeReward({"clip": cfg.clip_reward_weight, **weights}, {"clip": clip})
     weights = dict(cfg.reward_weights)
     extra = {}
     if cfg.clip_reward_path:

@@ -8,12 +8,15 @@ from trainer_support import tiny_clip
 from kvpo import data
 from kvpo.rewards import (
     BUILTIN,
+    GENERIC,
     ClipReward,
     CompositeReward,
     alignment_reward,
     alignment_scores,
+    dynamic_reward,
     motion_reward,
     path_reward,
+    smoothness_reward,
     visual_reward,
 )
 
@@ -30,6 +33,8 @@ def truth():
 def test_ground_truth_scores_high(truth):
     videos, prompts = truth
     for name, fn in BUILTIN.items():
+        if name in GENERIC:  # they measure any video's motion, not the prompt's shapes
+            continue
         r = fn(videos, prompts)
         assert r.shape == (8,) and r.dtype == torch.float32
         assert r.min() > 0.6 and r.mean() > 0.85, name
@@ -103,7 +108,10 @@ def test_composite_weights_and_user_reward(truth):
     assert set(only) == {"brightness"} and torch.equal(only["brightness"], parts["brightness"])
 
 
-@pytest.mark.parametrize("name, frames", [("motion", 2), ("alignment", 1), ("path", 1)])
+@pytest.mark.parametrize(
+    "name, frames",
+    [("motion", 2), ("alignment", 1), ("path", 1), ("dynamic", 1), ("smoothness", 2)],
+)
 def test_too_short_clips_are_refused_not_nan(truth, name, frames):
     videos, prompts = truth
     with pytest.raises(ValueError, match=f"at least {frames + 1} frames"):
@@ -133,3 +141,26 @@ def test_empty_video_is_not_visually_good(truth):
     empty = videos[:, :, :, :1, :1].expand_as(videos).contiguous()  # background colour only
     assert (visual_reward(empty, prompts) < 0.05).all()
     assert (alignment_reward(empty, prompts) < 0.5).all()
+
+
+def test_generic_rewards_against_their_formulas():
+    g = torch.Generator().manual_seed(2)
+    videos = torch.rand(3, 6, 3, 8, 8, generator=g, dtype=torch.float64)
+    prompts = ["anything"] * 3
+    d = torch.stack([(v[1:] - v[:-1]).abs().mean() for v in videos])
+    torch.testing.assert_close(dynamic_reward(videos, prompts), d / (d + 0.02))
+    e = torch.stack([(v[1:-1] - (v[:-2] + v[2:]) / 2).abs().mean() for v in videos])
+    torch.testing.assert_close(smoothness_reward(videos, prompts), 1 - e)
+
+
+def test_generic_rewards_rank_motion():
+    g = torch.Generator().manual_seed(3)
+    base, step = torch.rand(1, 3, 8, 8, generator=g) * 0.5, torch.rand(1, 3, 8, 8, generator=g)
+    t = torch.arange(7.0).view(7, 1, 1, 1)
+    still = base.expand(7, -1, -1, -1)[None]
+    slow, fast = (base + 0.01 * t * step)[None], (base + 0.05 * t * step)[None]
+    flicker = fast + 0.05 * (t % 2)[None] * torch.rand(1, 7, 3, 8, 8, generator=g)
+    dyn = [dynamic_reward(v, ["p"]).item() for v in (still, slow, fast)]
+    assert dyn[0] == 0 and dyn[0] < dyn[1] < dyn[2] < 1
+    smooth = [smoothness_reward(v, ["p"]).item() for v in (still, slow, fast, flicker)]
+    assert smooth[:3] == pytest.approx([1.0, 1.0, 1.0], abs=1e-6) and smooth[3] < 0.99

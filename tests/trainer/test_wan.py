@@ -365,7 +365,8 @@ def test_load_wan_reads_a_diffusers_directory(wan_dir):
 
 
 def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
-    """python -m kvpo.train --wan_dir ... --prompts_file ... --clip_reward_path ... --lora_rank."""
+    """python -m kvpo.train --wan_dir ... --prompts_file ... --clip_reward_path ...
+    --reward_weights ... --lora_rank."""
     from trainer_support import tiny_clip
 
     from kvpo.train import main
@@ -381,10 +382,14 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
         "--iterations", "2", "--prompts_per_iter", "2", "--group_size", "3", "--window", "1,3",
         "--lora_rank", "2", "--out_dir", str(out), "--progress", "false", "--threads", "1",
         "--eval_every", "2", "--save_every", "2", "--lr", "1e-3",
+        "--reward_weights", "dynamic=0.5,smoothness=0.5,alignment=1",
     ]  # fmt: skip
     main(args)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [0, 1] and "reward_clip" in rows[0]
+    assert [r["iter"] for r in rows] == [0, 1]
+    # CLIP and the generic rewards; alignment reads the procedural shapes and is left out
+    assert {"reward_clip", "reward_dynamic", "reward_smoothness"} <= set(rows[0])
+    assert "reward_alignment" not in rows[0]
     assert math.isfinite(rows[-1]["eval_reward"]) and (out / "samples_after.gif").is_file()
     saved = load_file(out / "checkpoint.safetensors")
     assert any("lora_a" in k for k in saved) and any("transformer.blocks.0.ffn" in k for k in saved)
