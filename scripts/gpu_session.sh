@@ -4,6 +4,8 @@
 #   bash scripts/gpu_session.sh check   # ~6 min: build with CUDA, GPU tests, the quick suite,
 #                                       # 2 trainer iterations on the GPU
 #   bash scripts/gpu_session.sh suite   # ~8 min: the full GPU suite (cache length and G sweep)
+#   bash scripts/gpu_session.sh wan     # Wan2.1-1.3B's shape (random weights): the adapter's
+#                                       # chunk step against diffusers, one KVPO iteration
 #
 # Each stage builds the extension first (a fresh machine is bare). TRITON_INTERPRET=0: the test
 # suite's default (1, for CPU-only CI) would run the Triton kernels in the interpreter.
@@ -36,8 +38,20 @@ case "$stage" in
   suite)
     python3 -m benchmarks.gpu_suite --out "$OUT/gpu.md" 2>&1 | tail -80
     ;;
+  wan)
+    # The device reaches no index: diffusers, if the image lacks it, comes from wheels carried
+    # in wheels/ (here: pip download --no-deps -d wheels diffusers accelerate huggingface_hub,
+    # plus what `pip install` then names as missing; carry=["wheels"]).
+    if ! python3 -c "import diffusers" 2>/dev/null; then
+      python3 -m pip install -q --no-index --find-links wheels diffusers accelerate \
+        > "$OUT/pip-diffusers.log" 2>&1 \
+        || { echo "no diffusers on the device:"; tail -5 "$OUT/pip-diffusers.log"; exit 1; }
+    fi
+    python3 -m benchmarks.wan_bench --out "$OUT/wan.md" --run_dir "$OUT/wan_run" 2>&1 \
+      | tee "$OUT/wan.log" | tail -30
+    ;;
   *)
-    echo "usage: $0 check|suite" >&2
+    echo "usage: $0 check|suite|wan" >&2
     exit 2
     ;;
 esac
