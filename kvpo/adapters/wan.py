@@ -286,15 +286,18 @@ class WanStreamingGenerator(nn.Module):
         return self.transformer.proj_out.weight
 
     def _rotary(self, frame_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [R, c*T, 1, head_dim] of each token's (absolute frame, row, column)."""
+        """cos, sin [R, c*T, 1, head_dim] of each token's (absolute frame, row, column), in
+        float32 (float64 for a float64 model): diffusers keeps the tables in float64, which would
+        promote every rotated q and k of a 16-bit model to float64 temporaries."""
         rope = self.transformer.rope
+        dtype = torch.float64 if self._param().dtype == torch.float64 else torch.float32
         ph, pw = self.patch
         hp, wp = self.latent_shape[1] // ph, self.latent_shape[2] // pw
         sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
         R, c = frame_index.shape
         out = []
         for table in (rope.freqs_cos, rope.freqs_sin):
-            ft, fh, fw = table.split(sizes, dim=1)
+            ft, fh, fw = table.to(dtype).split(sizes, dim=1)
             parts = (
                 ft[frame_index].view(R, c, 1, 1, -1).expand(R, c, hp, wp, -1),
                 fh[:hp].view(1, 1, hp, 1, -1).expand(R, c, hp, wp, -1),
