@@ -79,7 +79,9 @@ def load_model(path: str | Path, ema: bool = False, module: nn.Module | None = N
     if ema:
         if not any(k.startswith("ema.") for k in tensors):
             raise CheckpointError(f"checkpoint {str(path)!r} has no EMA weights (train with --ema)")
-        return _model_from(tensors, meta, path, "ema.", module)
+        # the tensors the EMA shares with the policy (its frozen ones) are stored under model.
+        shared = {"ema." + k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        return _model_from({**shared, **tensors}, meta, path, "ema.", module)
     prefix = "model." if "trainer" in meta else ""
     return _model_from(tensors, meta, path, prefix, module)
 
@@ -96,11 +98,14 @@ def save_training(
     """Weights, AdamW state, iteration, trainer config and log (and the EMA weights, if any)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    policy = model.state_dict()
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in policy.items()}
     if ema is not None:
+        # The EMA shares the policy's frozen tensors (kvpo.ema): stored once, under model.
         tensors.update(
-            {f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
-        )
+            {f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()
+             if k not in policy or v.data_ptr() != policy[k].data_ptr()}
+        )  # fmt: skip
     sd = opt.state_dict()
     scalars: dict[str, dict] = {}
     for i, st in sd["state"].items():

@@ -11,6 +11,9 @@ from torch import nn
 class ParamEMA:
     """``ema = decay * ema + (1 - decay) * param`` after every optimizer step; buffers are copied.
 
+    The policy's frozen parameters (a LoRA run's whole base model) never change, so their average
+    is themselves: the EMA shares those tensors with the policy instead of copying them.
+
     Args:
         model: the policy; the EMA starts as a frozen copy of it (or of ``init``, a model of the
             same architecture, e.g. the EMA saved in a checkpoint that training resumes from).
@@ -22,12 +25,15 @@ class ParamEMA:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         src = model if init is None else init
-        self.model = copy.deepcopy(src).requires_grad_(False).eval()
+        frozen = zip(src.parameters(), model.parameters(), strict=True)
+        shared = {id(q): p for q, p in frozen if not p.requires_grad}
+        self.model = copy.deepcopy(src, shared).requires_grad_(False).eval()
         self.model.to(next(model.parameters()).device)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach().to(e.dtype), 1.0 - self.decay)
+            if e is not p:  # shared frozen parameters are their own average
+                e.lerp_(p.detach().to(e.dtype), 1.0 - self.decay)
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)

@@ -127,10 +127,13 @@ def load_policy(
         )
 
     def blank() -> nn.Module | None:
-        """A copy of the caller's generator, with the adapters the config asks for."""
+        """A copy of the caller's generator, with the adapters the config asks for. Under LoRA
+        its base stays frozen: it shares the reference's tensors (one copy of a large model's
+        weights, not two)."""
         if own is None:
             return None
-        m = copy.deepcopy(own)
+        pairs = zip(own.parameters(), ref.parameters(), strict=True)
+        m = copy.deepcopy(own, {id(o): r for o, r in pairs} if cfg.lora_rank else None)
         if cfg.lora_rank:
             m.add_lora(cfg.lora_rank, cfg.lora_alpha or None)
         return m

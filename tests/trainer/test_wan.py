@@ -471,3 +471,22 @@ def test_original_layout_checkpoints_load(wan_dir, tmp_path):
     save_file(comfy, tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="does not fit.*ffn.net.0.proj.weight"):
         load_wan(wan_dir, transformer_checkpoint=tmp_path / "broken.safetensors", **kw)
+
+
+def test_a_lora_policy_shares_the_reference_weights():
+    """One copy of the base weights serves the frozen reference, the LoRA policy and its EMA."""
+    from kvpo.train import load_policy
+
+    gen, _ = make()
+    ref = copy.deepcopy(gen).requires_grad_(False)
+    cfg = build_config(dict(lora_rank=2, ema=0.9, out_dir="unused"))
+    model, opt, ema, start, history = load_policy(cfg, ref, torch.device("cpu"), gen)
+    ref_ptrs = {p.data_ptr() for p in ref.parameters()}
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert frozen and trained and len(frozen) + len(trained) > len(ref_ptrs)
+    assert {p.data_ptr() for p in frozen} == ref_ptrs  # every base tensor is the reference's
+    assert not {p.data_ptr() for p in trained} & ref_ptrs
+    for p, e in zip(model.parameters(), ema.model.parameters(), strict=True):
+        assert (e is p) if not p.requires_grad else (e.data_ptr() not in ref_ptrs | {p.data_ptr()})
+    assert all(p.requires_grad is False for p in ref.parameters())
