@@ -32,18 +32,31 @@ def save_model(model: TinyARVideo, path: str | Path, extra: dict | None = None) 
     save_file(tensors, str(path), metadata=meta)
 
 
-def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+_UNREADABLE = (SafetensorError, OSError, ValueError)
+
+
+def _unreadable(path: str | Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file: {e}")
+
+
+def _header(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors checkpoint, read without its tensors."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from e
+
+
+def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    meta = _header(path)
+    try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is not a readable safetensors file: {e}"
-        ) from e
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from e
     if "model_config" not in meta:
         raise CheckpointError(f"checkpoint {str(path)!r} has no model_config metadata")
     return tensors, meta
@@ -125,6 +138,12 @@ def save_training(
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)  # never leave a half-written checkpoint under the real name
+
+
+def trainer_config(path: str | Path) -> dict:
+    """The trainer config a training checkpoint was saved with ({} for a model checkpoint), read
+    from its header without loading the tensors."""
+    return json.loads(_header(path).get("trainer", "{}"))
 
 
 def load_training(

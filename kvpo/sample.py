@@ -2,7 +2,9 @@
 
 Deployment-time sampling (the deterministic few-step ODE, no routing) of the built-in generator
 from a model or training checkpoint: writes a GIF/MP4 grid (one column per prompt) and prints each
-video's built-in rewards. Without ``--prompt`` it samples the held-out evaluation prompts.
+video's built-in rewards. Without ``--prompt`` it samples the held-out evaluation prompts. A
+``--wan_dir`` run's checkpoint samples Wan2.1 (its adapters and weights; ``--prompt`` required;
+the generic rewards).
 A prompt may switch mid-video: ``"a red circle moving left slowly -> moving up"`` takes the
 second direction from the middle chunk on (multi-prompt video).
 """
@@ -16,9 +18,9 @@ from pathlib import Path
 import torch
 
 from . import data
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError, load_model, trainer_config
 from .report import save_videos
-from .rewards import BUILTIN, CompositeReward
+from .rewards import BUILTIN, GENERIC, CompositeReward
 from .rollout import generate
 
 
@@ -35,25 +37,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--checkpoint", type=Path, required=True, help="model or training checkpoint")
     ap.add_argument("--ema", action="store_true", help="the EMA weights of a training checkpoint")
     ap.add_argument("--prompt", action="append", help="repeat for several (default: held-out)")
+    ap.add_argument("--wan_dir", default=None, help="a Wan run's directory, if it moved")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("samples"), help="writes OUT.gif / OUT.mp4")
     args = ap.parse_args(argv)
     try:
-        model = load_model(args.checkpoint, ema=args.ema).eval()
-    except CheckpointError as e:
+        wan = bool(trainer_config(args.checkpoint).get("wan_dir"))
+        if wan:  # a Wan2.1 run: its directory, shape and adapters, then the weights
+            from .adapters.wan import from_checkpoint
+
+            model = from_checkpoint(args.checkpoint, ema=args.ema, wan_dir=args.wan_dir)
+        else:
+            model = load_model(args.checkpoint, ema=args.ema).eval()
+    except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     n_chunks = model.num_frames // model.chunk_frames
+    if wan and not args.prompt:
+        raise SystemExit("error: a Wan checkpoint needs --prompt")
     prompts = args.prompt or data.split_prompts()[1]
     try:
         per_chunk = [chunk_prompts(p, n_chunks) for p in prompts]
-        for ps in per_chunk:
+        for ps in per_chunk if not wan else []:
             for p in set(ps):
                 data.Scene.parse(p)  # the built-in rewards read the prompt's scene
     except (ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
     with torch.no_grad():
         videos = generate(model, per_chunk, torch.Generator().manual_seed(args.seed))
-    reward = CompositeReward(dict.fromkeys(BUILTIN, 1.0))
+    reward = CompositeReward(dict.fromkeys(GENERIC if wan else BUILTIN, 1.0))
     comps = reward.components((videos + 1) / 2, per_chunk)
     rows = [
         {"prompt": p, **{k: round(float(v[i]), 4) for k, v in comps.items()}}

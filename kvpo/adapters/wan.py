@@ -424,3 +424,62 @@ def load_wan(
         tf, text_encoder, (z, H // s, W // s), num_frames, chunk_frames, sink_frames,
         local_window, decode=decode, encode=encode, temporal_stride=st, **kwargs,
     )  # fmt: skip
+
+
+def from_checkpoint(
+    path: str | Path,
+    ema: bool = False,
+    wan_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> WanStreamingGenerator:
+    """The generator a ``--wan_dir`` training checkpoint holds (its EMA with ``ema=True``):
+    built from the run's Wan directory (``wan_dir`` overrides the path it recorded) and shape,
+    with the run's LoRA adapters, and the checkpoint's weights loaded."""
+    from ..checkpoint import CheckpointError, load_model, trainer_config
+
+    cfg = trainer_config(path)
+    root = wan_dir or cfg.get("wan_dir")
+    if not root:
+        raise CheckpointError(f"checkpoint {str(path)!r} was not trained with --wan_dir")
+    gen = load_wan(
+        root, cfg["wan_frames"], cfg["wan_chunk_frames"], cfg["wan_sink_frames"],
+        cfg.get("local_window"), size=tuple(cfg["wan_size"]), device=device,
+    )  # fmt: skip
+    if cfg.get("lora_rank"):
+        gen.add_lora(cfg["lora_rank"], cfg.get("lora_alpha") or None)
+    return load_model(path, ema=ema, module=gen).to(device).eval()
+
+
+def export(path: str | Path, out: str | Path, ema: bool = False, wan_dir=None) -> Path:
+    """Write the transformer of a ``--wan_dir`` training checkpoint, LoRA merged, as a diffusers
+    ``WanTransformer3DModel`` directory (``from_pretrained(out)``; it replaces the
+    ``transformer/`` folder of a Wan2.1 pipeline)."""
+    gen = from_checkpoint(path, ema, wan_dir)
+    lora.merge_lora(gen)
+    gen.transformer.save_pretrained(str(out))
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from ..checkpoint import CheckpointError
+
+    ap = argparse.ArgumentParser(
+        prog="python -m kvpo.adapters.wan",
+        description="Export a --wan_dir training checkpoint as a diffusers transformer.",
+    )
+    ap.add_argument("--checkpoint", required=True, help="a training checkpoint of a Wan run")
+    ap.add_argument("--out", required=True, help="directory for the merged transformer")
+    ap.add_argument("--ema", action="store_true", help="its EMA weights")
+    ap.add_argument("--wan_dir", default=None, help="the Wan directory, if it moved")
+    args = ap.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out, args.ema, args.wan_dir)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {out} (WanTransformer3DModel.from_pretrained)")
+
+
+if __name__ == "__main__":
+    main()

@@ -397,6 +397,7 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
     main(args + ["--iterations", "3", "--resume", str(out / "checkpoint.safetensors")])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["iter"] == 2
+    check_sample_and_export(out / "checkpoint.safetensors", tmp_path)
     for bad, match in (
         (["--clip_reward_path", ""], "clip_reward_path"),
         (["--prompts_file", ""], "prompts_file"),
@@ -490,3 +491,44 @@ def test_a_lora_policy_shares_the_reference_weights():
     for p, e in zip(model.parameters(), ema.model.parameters(), strict=True):
         assert (e is p) if not p.requires_grad else (e.data_ptr() not in ref_ptrs | {p.data_ptr()})
     assert all(p.requires_grad is False for p in ref.parameters())
+
+
+def check_sample_and_export(ck, tmp_path):
+    """A Wan run's checkpoint samples (python -m kvpo.sample) and exports, LoRA merged, as a
+    diffusers transformer that computes what the trained generator does."""
+    from kvpo.adapters.wan import export, from_checkpoint
+    from kvpo.adapters.wan import main as export_main
+    from kvpo.sample import main as sample_main
+
+    rows = sample_main(["--checkpoint", str(ck), "--prompt", "a red car", "--prompt", "two birds",
+                        "--out", str(tmp_path / "s" / "grid")])  # fmt: skip
+    assert [r["prompt"] for r in rows] == ["a red car", "two birds"]
+    assert {"dynamic", "smoothness"} <= set(rows[0]) and (tmp_path / "s" / "grid.gif").is_file()
+    with pytest.raises(SystemExit, match="needs --prompt"):
+        sample_main(["--checkpoint", str(ck), "--out", str(tmp_path / "s" / "x")])
+    gen = from_checkpoint(ck)
+    lora_b = [p for n, p in gen.named_parameters() if n.endswith("lora_b")]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # training moved the adapters
+    export_main(["--checkpoint", str(ck), "--out", str(tmp_path / "exported")])
+    assert export(ck, tmp_path / "exported2", ema=False) == tmp_path / "exported2"
+    tf = WanTransformer3DModel.from_pretrained(tmp_path / "exported")
+    plain = WanStreamingGenerator(tf, gen.text_encoder.fn, gen.latent_shape, gen.num_frames,
+                                  gen.chunk_frames)  # fmt: skip
+    assert not any("lora" in n for n, _ in tf.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, 2 * gen.frame_tokens, gen.token_dim, generator=g), torch.tensor([0.6]),
+            gen.encode_prompts(["a sun"]), torch.tensor([[2, 3]]),
+            torch.tensor([[0, 1]], dtype=torch.int32))  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(plain(*args), gen(*args), rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit, match="does not exist"):
+        export_main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "e")])
+    from trainer_support import tiny_model
+
+    from kvpo.checkpoint import save_model
+
+    save_model(tiny_model(), tmp_path / "builtin.safetensors")
+    with pytest.raises(SystemExit, match="not trained with --wan_dir"):
+        export_main(
+            ["--checkpoint", str(tmp_path / "builtin.safetensors"), "--out", str(tmp_path / "e")]
+        )
