@@ -44,7 +44,7 @@ class TrainConfig:
     wan_chunk_frames: int = 3  # latent frames per chunk
     wan_sink_frames: int = 0  # attention sink frames (LongLive: 3)
     wan_size: tuple[int, int] = (480, 832)  # video height, width
-    prompts_file: str = ""  # one prompt per line; the last eval_prompts lines are held out
+    prompts_file: str = ""  # a prompt per line ("A | B": A, then B); the last eval_prompts held out
     # Loop.
     iterations: int = 20  # rollout + update rounds
     prompts_per_iter: int = 4  # groups per iteration, over all ranks

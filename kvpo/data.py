@@ -209,3 +209,20 @@ def random_prompts(
         new_dir = others[int(torch.randint(len(others), (1,), generator=generator))]
         out = switched_prompts(base, n_chunks, at, new_dir)
     return out
+
+
+def segments(prompts: list[str]) -> list[str]:
+    """One prompt per chunk, with ``"A | B | C"`` spread over the chunks in order (a multi-prompt
+    video, LongLive-style: A for the first third of the chunks, then B, then C); a prompt without
+    ``|`` is left as it is."""
+    n = len(prompts)
+    out = []
+    for j, p in enumerate(prompts):
+        parts = [s.strip() for s in p.split("|")]
+        if len(parts) > n or not all(parts):
+            raise ValueError(
+                f"prompt {p!r}: {len(parts)} segments for {n} chunks (at most one per chunk, "
+                "none empty)"
+            )
+        out.append(parts[j * len(parts) // n])
+    return out

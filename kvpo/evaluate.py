@@ -31,7 +31,8 @@ def evaluate(
 
     Returns mean rewards over all samples and the videos of the first noise, [P, F, C, H, W]."""
     nC = model.num_frames // model.chunk_frames
-    asked = [p if isinstance(p, list) else [p] * nC for p in prompts] * seeds  # row s * P + p
+    # row s * P + p: prompt p under noise s
+    asked = [data.segments(p if isinstance(p, list) else [p] * nC) for p in prompts] * seeds
     videos = generate(model, asked, torch.Generator().manual_seed(seed), device)
     comps = reward.components(((videos + 1) / 2).cpu(), asked)
     out = {f"eval_{k}": float(v.mean()) for k, v in comps.items()}

@@ -271,8 +271,9 @@ class CompositeReward:
 class ClipReward:
     """Text-video similarity from a ``transformers`` CLIP model in a local directory.
 
-    The mean, over ``frames`` evenly spaced frames, of the cosine similarity between the image and
-    text embeddings. Images are resized and normalised here (no image-processor files needed);
+    The mean, over ``frames`` evenly spaced frames, of the cosine similarity between each frame's
+    image embedding and the text embedding of its prompt (of its chunk's, in a multi-prompt
+    video). Images are resized and normalised here (no image-processor files needed);
     the tokenizer is loaded with ``AutoTokenizer`` from the same directory. Nothing is downloaded.
     """
 
@@ -307,16 +308,18 @@ class ClipReward:
         mean = torch.tensor(self.MEAN, device=self.device)[None, :, None, None]
         std = torch.tensor(self.STD, device=self.device)[None, :, None, None]
         img_emb = self.model.get_image_features(pixel_values=(imgs - mean) / std)
-        texts = [p if isinstance(p, str) else p[0] for p in prompts]
+        # each sampled frame against the prompt of its chunk (multi-prompt videos switch)
+        asked = [[_chunk_prompts(p, T)[int(i)] for i in idx] for p in prompts]
+        texts = sorted({t for frames in asked for t in frames})
         tok = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
         txt_emb = self.model.get_text_features(
             input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]
         )
         img_emb = _as_tensor(img_emb)
-        txt_emb = _as_tensor(txt_emb)
+        txt_emb = torch.nn.functional.normalize(_as_tensor(txt_emb), dim=-1)
         img_emb = torch.nn.functional.normalize(img_emb, dim=-1).view(B, len(idx), -1)
-        txt_emb = torch.nn.functional.normalize(txt_emb, dim=-1)
-        return (img_emb * txt_emb[:, None]).sum(-1).mean(-1).float().cpu()
+        where = torch.tensor([[texts.index(t) for t in frames] for frames in asked])
+        return (img_emb * txt_emb[where.to(self.device)]).sum(-1).mean(-1).float().cpu()
 
 
 def _as_tensor(x) -> torch.Tensor:

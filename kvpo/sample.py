@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit("error: a Wan checkpoint needs --prompt")
     prompts = args.prompt or data.split_prompts()[1]
     try:
-        per_chunk = [chunk_prompts(p, n_chunks) for p in prompts]
+        if wan:  # "A | B": A for the first half of the chunks, then B
+            per_chunk = [data.segments([p] * n_chunks) for p in prompts]
+        else:
+            per_chunk = [chunk_prompts(p, n_chunks) for p in prompts]
         for ps in per_chunk if not wan else []:
             for p in set(ps):
                 data.Scene.parse(p)  # the built-in rewards read the prompt's scene

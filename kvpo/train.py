@@ -267,6 +267,8 @@ def train(
             raise ValueError("prompts must be (training prompts, held-out prompts), both non-empty")
     eval_prompts = eval_prompts[: cfg.eval_prompts]
     nC = model.num_frames // model.chunk_frames
+    for p in train_prompts + eval_prompts:  # "A | B" segments must fit the chunks: say so now
+        data.segments([p] * nC)
 
     def autocast() -> torch.autocast:
         """bfloat16 forwards with fp32 master weights (``amp="bf16"``), or nothing."""
@@ -338,6 +340,7 @@ def train(
         gen = iteration_generator(cfg, it, rank)
         mine = pick[rank::world]
         batch = [data.random_prompts([train_prompts[i]], nC, cfg.multi_prompt, gen) for i in mine]
+        batch = [data.segments(ps) for ps in batch]
         shift = int(
             torch.randint(
                 cfg.window_shift + 1, (), generator=iteration_generator(cfg, it, stream=2)

@@ -131,6 +131,17 @@ def test_clip_reward_from_local_tiny_model(tmp_path, truth):
     torch.testing.assert_close(comp(videos, prompts), visual_reward(videos, prompts) + r)
 
 
+def test_clip_reward_scores_each_frame_against_its_chunks_prompt(tmp_path, truth):
+    videos, prompts = truth  # 12 frames; 4 sampled: 0, 4, 7, 11; two chunks of 6 frames
+    reward = ClipReward(tiny_clip(tmp_path), frames=4)
+    a, b = prompts[0], "green circle"
+    both = reward(videos[:1], [[a, b]])
+    first = ClipReward.__call__(reward, videos[:1, [0, 4]], [a])  # frames=4 > 2: both frames
+    second = reward(videos[:1, [7, 11]], [b])
+    torch.testing.assert_close(both, (first + second) / 2)
+    assert not torch.allclose(both, reward(videos[:1], [a]))
+
+
 def test_clip_reward_bad_path(tmp_path):
     with pytest.raises(ValueError, match="CLIP config"):
         ClipReward(tmp_path / "missing")

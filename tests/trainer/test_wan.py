@@ -255,8 +255,11 @@ def test_kvpo_trains_the_adapter_with_lora(tmp_path):
 
     seen = []
 
+    asked = []
+
     def redness(videos, prompts):  # videos [B, T', 3, H, W] in [0, 1]
         seen.append(videos.shape[1])
+        asked.extend(prompts)
         return videos[:, :, 0].mean(dim=(1, 2, 3)) - videos[:, :, 2].mean(dim=(1, 2, 3))
 
     gen, _ = make(num_frames=10, chunk_frames=2, sink_frames=1, decode=decode, temporal_stride=4)
@@ -268,11 +271,13 @@ def test_kvpo_trains_the_adapter_with_lora(tmp_path):
         out_dir=str(tmp_path), iterations=2, prompts_per_iter=2, group_size=3, eval_prompts=1,
         eval_every=2, save_every=2, progress=False, threads=1, tau=0.05, window=(2, 4),
         routing="sample", local_window=2, recent_frames=1, reward_scopes={"local": 1.0, "global": 0.5},
-        samples=False, grad_checkpointing=True, lr=1e-3, amp="bf16",
+        samples=False, grad_checkpointing=True, lr=1e-3, amp="bf16", recache=True,
     ))  # fmt: skip
-    res = train(
-        cfg, generator=gen, reward=redness, prompts=(["a red car", "a blue sea"], ["a sun"])
-    )
+    prompts = (["a red car | a blue sea"], ["a sun"])
+    res = train(cfg, generator=gen, reward=redness, prompts=prompts)
+    # the multi-prompt video: chunks 0-2 under one prompt, 3-4 under the other; the local clip
+    # (the window, chunks 2-3) straddles the switch, the global one (chunks 2-4) too
+    assert ["a red car", "a blue sea"] in asked and ["a red car"] + ["a blue sea"] * 2 in asked
     row = res.history[-1]
     assert all(torch.isfinite(torch.tensor(v)) for v in row.values() if isinstance(v, float))
     # local: chunks 2..3 -> latent frames 4..7 -> 16 video frames; global: 4..9 -> 24; video: 37
@@ -372,7 +377,8 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
     from kvpo.train import main
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red car\ntwo birds\n\na blue sea\nthe sun on the road\n")
+    # a multi-prompt line (the prompt switches mid-video) and LongLive's KV re-cache
+    prompts.write_text("a red car | two birds\ntwo birds\n\na blue sea\nthe sun on the road\n")
     clip = tiny_clip(tmp_path / "clip")
     out = tmp_path / "run"
     args = [
@@ -382,7 +388,7 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
         "--iterations", "2", "--prompts_per_iter", "2", "--group_size", "3", "--window", "1,3",
         "--lora_rank", "2", "--out_dir", str(out), "--progress", "false", "--threads", "1",
         "--eval_every", "2", "--save_every", "2", "--lr", "1e-3",
-        "--reward_weights", "dynamic=0.5,smoothness=0.5,alignment=1",
+        "--reward_weights", "dynamic=0.5,smoothness=0.5,alignment=1", "--recache", "true",
     ]  # fmt: skip
     main(args)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
