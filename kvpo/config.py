@@ -44,6 +44,7 @@ class TrainConfig:
     wan_chunk_frames: int = 3  # latent frames per chunk
     wan_sink_frames: int = 0  # attention sink frames (LongLive: 3)
     wan_size: tuple[int, int] = (480, 832)  # video height, width
+    wan_dtype: str = "fp32"  # fp32 | bf16: the transformer's weights (bf16 needs lora_rank)
     prompts_file: str = ""  # a prompt per line ("A | B": A, then B); the last eval_prompts held out
     # Loop.
     iterations: int = 20  # rollout + update rounds
@@ -149,6 +150,10 @@ class TrainConfig:
                 raise bad(name, "must be a finite number >= 0")
         if not isinstance(self.window_shift, int) or self.window_shift < 0:
             raise bad("window_shift", "must be an integer >= 0")
+        if self.wan_dtype not in ("fp32", "bf16"):
+            raise bad("wan_dtype", "must be 'fp32' or 'bf16'")
+        if self.wan_dtype == "bf16" and not self.lora_rank:
+            raise bad("wan_dtype", "bf16 weights train only through LoRA adapters: set lora_rank")
         if self.routing not in ("drop", "sample"):
             raise bad("routing", "must be 'drop' or 'sample'")
         if not isinstance(self.recent_frames, int) or self.recent_frames < 1:

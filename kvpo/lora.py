@@ -16,7 +16,8 @@ class LoRALinear(nn.Module):
     """``y = base(x) + (alpha / rank) * x A^T B^T`` with ``base`` frozen.
 
     ``A: [rank, in]`` starts random (Kaiming-uniform) and ``B: [out, rank]`` at zero, so an adapted
-    layer starts as its base layer.
+    layer starts as its base layer. The adapters are at least float32 whatever the base's dtype
+    (a 16-bit base saves memory; AdamW on 16-bit adapters would lose small updates).
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
@@ -27,19 +28,23 @@ class LoRALinear(nn.Module):
         self.rank = rank
         self.scale = (rank if alpha is None else alpha) / rank
         w = base.weight
-        self.lora_a = nn.Parameter(torch.empty(rank, w.shape[1], device=w.device, dtype=w.dtype))
-        self.lora_b = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
+        kw = dict(device=w.device, dtype=torch.promote_types(w.dtype, torch.float32))
+        self.lora_a = nn.Parameter(torch.empty(rank, w.shape[1], **kw))
+        self.lora_b = nn.Parameter(torch.zeros(w.shape[0], rank, **kw))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+        y = self.base(x)
+        delta = x.to(self.lora_a.dtype) @ self.lora_a.t() @ self.lora_b.t()
+        return y + (delta * self.scale).to(y.dtype)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function (for deployment)."""
         out = nn.Linear(self.base.in_features, self.base.out_features, self.base.bias is not None)
         out.to(self.base.weight.device, self.base.weight.dtype)
-        out.weight.copy_(self.base.weight + self.scale * self.lora_b @ self.lora_a)
+        delta = self.scale * self.lora_b @ self.lora_a
+        out.weight.copy_((self.base.weight.to(delta.dtype) + delta).to(out.weight.dtype))
         if self.base.bias is not None:
             out.bias.copy_(self.base.bias)
         return out

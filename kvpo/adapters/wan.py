@@ -30,6 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from .. import lora
 from ..streaming import PagedKVCache, chunk_attention, patchify, shift_timesteps, unpatchify
 
+# --wan_dtype: the transformer's weights
+WAN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Linear layers of a Wan block that LoRA adapts (WanStreamingGenerator.add_lora): self- and
 # cross-attention projections (to_out[0] is child "0"), feed-forward in ("proj") and out ("2").
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "0", "proj", "2")
@@ -360,6 +362,7 @@ def load_wan(
     max_text_len: int = 512,
     transformer_checkpoint: str | Path | None = None,
     checkpoint_key: str = "generator_ema",
+    dtype: torch.dtype = torch.float32,
     **kwargs,
 ) -> WanStreamingGenerator:
     """A :class:`WanStreamingGenerator` from a local diffusers Wan2.1 text-to-video directory
@@ -372,7 +375,9 @@ def load_wan(
     video in [-1, 1]. ``size`` is the video's (H, W). ``transformer_checkpoint`` replaces the
     directory's transformer weights by a checkpoint in Wan's original layout (Self-Forcing's
     ``self_forcing_dmd.pt``, LongLive's base; :func:`load_original_weights`, ``checkpoint_key``
-    picks its EMA or raw generator). The remaining keyword arguments go to
+    picks its EMA or raw generator). ``dtype`` is the transformer's (``torch.bfloat16`` halves a
+    frozen base under LoRA; the modules diffusers keeps in float32 stay so). The remaining
+    keyword arguments go to
     :class:`WanStreamingGenerator` (``steps``, ``shift``, ``recache``).
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -386,7 +391,9 @@ def load_wan(
         raise ValueError(f"load_wan: {str(root)!r} lacks the diffusers folders {missing}")
     device = torch.device(device)
     local = dict(local_files_only=True)
-    tf = WanTransformer3DModel.from_pretrained(root, subfolder="transformer", **local)
+    tf = WanTransformer3DModel.from_pretrained(
+        root, subfolder="transformer", torch_dtype=dtype, **local
+    )
     if transformer_checkpoint is not None:
         load_original_weights(tf, transformer_checkpoint, checkpoint_key)
     tf = tf.to(device)
@@ -444,6 +451,7 @@ def from_checkpoint(
     gen = load_wan(
         root, cfg["wan_frames"], cfg["wan_chunk_frames"], cfg["wan_sink_frames"],
         cfg.get("local_window"), size=tuple(cfg["wan_size"]), device=device,
+        dtype=WAN_DTYPES[cfg.get("wan_dtype", "fp32")],
     )  # fmt: skip
     if cfg.get("lora_rank"):
         gen.add_lora(cfg["lora_rank"], cfg.get("lora_alpha") or None)

@@ -44,6 +44,27 @@ def test_lora_linear_matches_float64_formula_and_merges():
         LoRALinear(base, rank=0)
 
 
+def test_a_16_bit_base_keeps_float32_adapters():
+    """A bfloat16 base (half the memory of a large frozen model) with float32 adapters: the
+    output is bfloat16, the adapter's contribution is computed in float32 and rounded once."""
+    torch.manual_seed(1)
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = LoRALinear(base, rank=4)
+    assert layer.lora_a.dtype == layer.lora_b.dtype == torch.float32
+    _randomize_adapters(layer)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    y = layer(x)
+    a, b = layer.lora_a.double(), layer.lora_b.double()
+    want = base(x).double() + (x.double() @ a.t() @ b.t()).to(torch.bfloat16).double()
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), want, rtol=1e-2, atol=1e-2)
+    y.float().sum().backward()
+    assert layer.lora_a.grad.dtype == torch.float32 and base.weight.grad is None
+    merged = layer.merged()
+    assert merged.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(merged(x).float(), y.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_model_adapters_train_alone_save_load_and_merge(tmp_path):
     model = tiny_model()
     before = _velocity(model)

@@ -404,12 +404,22 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["iter"] == 2
     check_sample_and_export(out / "checkpoint.safetensors", tmp_path)
+    # a bfloat16 base under LoRA: the frozen weights stay bfloat16, the adapters float32
+    half = tmp_path / "half"
+    main(
+        args + ["--wan_dtype", "bf16", "--amp", "bf16", "--iterations", "1", "--out_dir", str(half)]
+    )
+    saved = load_file(half / "checkpoint.safetensors")
+    assert saved["model.transformer.blocks.0.attn1.to_q.base.weight"].dtype == torch.bfloat16
+    assert saved["model.transformer.blocks.0.attn1.to_q.lora_a"].dtype == torch.float32
+    assert saved["model.transformer.scale_shift_table"].dtype == torch.float32  # kept by diffusers
     for bad, match in (
         (["--clip_reward_path", ""], "clip_reward_path"),
         (["--prompts_file", ""], "prompts_file"),
         (["--prompts_file", str(tmp_path / "none.txt")], "prompts_file"),
         (["--eval_prompts", "4"], "need more than"),
         (["--wan_checkpoint", str(tmp_path / "none.pt")], "none.pt' is not a file"),
+        (["--wan_dtype", "bf16", "--lora_rank", "0"], "through LoRA"),
     ):
         with pytest.raises((ValueError, SystemExit), match=match):
             main(args + bad + ["--out_dir", str(tmp_path / "bad")])
