@@ -12,8 +12,9 @@ their cost is the user's choice). Two tables:
   bfloat16: :class:`kvpo.adapters.wan.WanStreamingGenerator` over the paged cache against
   diffusers' own forward over all 21 frames with a block-causal mask (what streaming costs
   without a KV cache);
-* one KVPO iteration (LoRA rank 256, gradient checkpointing, bf16 autocast, sample routing in a
-  12-frame local window with 3 sinks): seconds of rollout, replay and update, and peak memory.
+* one KVPO iteration (LoRA rank 256 on a bfloat16 base, gradient checkpointing, bf16 autocast,
+  sample routing in a 12-frame local window with 3 sinks): seconds of rollout, replay and update,
+  and peak memory.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def iteration(smoke: bool, device: torch.device, group_size: int, out_dir: str) 
     from kvpo.config import build_config
     from kvpo.train import train
 
-    gen, s = make_generator(smoke, device, torch.float32)
+    gen, s = make_generator(smoke, device, torch.bfloat16)  # the frozen base, as --wan_dtype bf16
     gen.add_lora(rank=2 if smoke else 256)
     nC = s["frames"] // s["chunk"]
 
