@@ -513,7 +513,7 @@ def check_sample_and_export(ck, tmp_path):
     """A Wan run's checkpoint samples (python -m kvpo.sample) and exports, LoRA merged, as a
     diffusers transformer that computes what the trained generator does."""
     from kvpo.adapters.wan import export, from_checkpoint
-    from kvpo.adapters.wan import main as export_main
+    from kvpo.adapters.wan.__main__ import main as export_main
     from kvpo.sample import main as sample_main
 
     rows = sample_main(["--checkpoint", str(ck), "--prompt", "a red car", "--prompt", "two birds",

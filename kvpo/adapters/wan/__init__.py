@@ -1,0 +1,17 @@
+"""Wan2.1 (Self-Forcing, CausVid, LongLive) through diffusers: the streaming generator
+(:mod:`.generator`) and its weights (:mod:`.weights`); ``python -m kvpo.adapters.wan`` exports a
+trained transformer."""
+
+from .generator import WAN_DTYPES, WAN_LORA_TARGETS, RoutedSelfAttention, WanStreamingGenerator
+from .weights import export, from_checkpoint, load_original_weights, load_wan
+
+__all__ = [
+    "WAN_DTYPES",
+    "WAN_LORA_TARGETS",
+    "RoutedSelfAttention",
+    "WanStreamingGenerator",
+    "export",
+    "from_checkpoint",
+    "load_original_weights",
+    "load_wan",
+]

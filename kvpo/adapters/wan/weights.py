@@ -1,0 +1,172 @@
+"""Wan2.1's weights in and out of kvpo: a local diffusers directory, checkpoints in Wan's original
+layout (Self-Forcing, LongLive, CausVid), a Wan run's training checkpoint, and the export of a
+trained transformer (LoRA merged) back to diffusers' layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ... import lora
+from .generator import WAN_DTYPES, WanStreamingGenerator
+
+
+def load_original_weights(
+    transformer: nn.Module, path: str | Path, key: str = "generator_ema"
+) -> None:
+    """Load weights in Wan's original layout into a diffusers ``WanTransformer3DModel``.
+
+    ``path``: ``.safetensors`` or a torch checkpoint (read with ``weights_only=True``) of the
+    Wan2.1 release or of a model distilled from it: Self-Forcing's and LongLive's
+    ``{"generator": ..., "generator_ema": ...}`` (``key`` picks one) with their ``model.``
+    prefix, CausVid's, or a bare state dict. Prefixes shared by every key (``model.``,
+    ``diffusion_model.``, ``module.`` from DDP, ``_orig_mod.`` from torch.compile) are stripped;
+    diffusers' converter renames the rest; every parameter must be matched (strict)."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Wan checkpoint {str(path)!r} is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not all(torch.is_tensor(v) for v in sd.values()):
+        if not isinstance(sd.get(key), dict):
+            raise ValueError(
+                f"Wan checkpoint {str(path)!r} holds {sorted(sd)[:8]}, no state dict under "
+                f"key {key!r}"
+            )
+        sd = sd[key]
+    prefixes = ("module.", "_orig_mod.", "model.", "diffusion_model.")
+    while sd and (p := next((p for p in prefixes if all(k.startswith(p) for k in sd)), None)):
+        sd = {k[len(p) :]: v for k, v in sd.items()}
+    converted = convert_wan_transformer_to_diffusers(dict(sd))
+    missing, unexpected = transformer.load_state_dict(converted, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"Wan checkpoint {str(path)!r} does not fit the transformer: missing "
+            f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
+        )
+
+
+def load_wan(
+    root: str | Path,
+    num_frames: int = 21,
+    chunk_frames: int = 3,
+    sink_frames: int = 0,
+    local_window: int | None = None,
+    size: tuple[int, int] = (480, 832),
+    device: str | torch.device = "cpu",
+    text_dtype: torch.dtype | None = torch.bfloat16,
+    max_text_len: int = 512,
+    transformer_checkpoint: str | Path | None = None,
+    checkpoint_key: str = "generator_ema",
+    dtype: torch.dtype = torch.float32,
+    **kwargs,
+) -> WanStreamingGenerator:
+    """A :class:`WanStreamingGenerator` from a local diffusers Wan2.1 text-to-video directory
+    (``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, as
+    ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` ships them; nothing is downloaded).
+
+    The text encoder (UMT5) runs in ``text_dtype`` and returns ``max_text_len`` token embeddings
+    with the padding zeroed, as Wan's pipeline does; ``decode`` undoes the VAE's latent
+    normalization and decodes ``[N, T, C, h, w]`` latents to ``[N, 1 + 4 (T - 1), 3, H, W]``
+    video in [-1, 1]. ``size`` is the video's (H, W). ``transformer_checkpoint`` replaces the
+    directory's transformer weights by a checkpoint in Wan's original layout (Self-Forcing's
+    ``self_forcing_dmd.pt``, LongLive's base; :func:`load_original_weights`, ``checkpoint_key``
+    picks its EMA or raw generator). ``dtype`` is the transformer's (``torch.bfloat16`` halves a
+    frozen base under LoRA; the modules diffusers keeps in float32 stay so). The remaining
+    keyword arguments go to
+    :class:`WanStreamingGenerator` (``steps``, ``shift``, ``recache``).
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    root = Path(root)
+    missing = [
+        d for d in ("transformer", "vae", "text_encoder", "tokenizer") if not (root / d).is_dir()
+    ]
+    if missing:
+        raise ValueError(f"load_wan: {str(root)!r} lacks the diffusers folders {missing}")
+    device = torch.device(device)
+    local = dict(local_files_only=True)
+    tf = WanTransformer3DModel.from_pretrained(
+        root, subfolder="transformer", torch_dtype=dtype, **local
+    )
+    if transformer_checkpoint is not None:
+        load_original_weights(tf, transformer_checkpoint, checkpoint_key)
+    tf = tf.to(device)
+    vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", **local).to(device)
+    t5 = UMT5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=text_dtype, **local)
+    t5 = t5.to(device).eval().requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer", **local)
+    vae.eval().requires_grad_(False)
+    s, st = vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
+    H, W = size
+    if H % s or W % s:
+        raise ValueError(f"size {tuple(size)} must be a multiple of the VAE's {s}x compression")
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def text_encoder(prompts: list[str]) -> torch.Tensor:
+        ids = tok(prompts, padding="max_length", max_length=max_text_len, truncation=True,
+                  return_tensors="pt").to(device)  # fmt: skip
+        h = t5(input_ids=ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state
+        return (h * ids.attention_mask[..., None]).to(tf.proj_out.weight.dtype)
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        x = latents.transpose(1, 2).to(vae.dtype) * std + mean
+        return vae.decode(x).sample.transpose(1, 2).clamp(-1, 1).to(latents.dtype)
+
+    @torch.no_grad()
+    def encode(video: torch.Tensor) -> torch.Tensor:
+        x = vae.encode(video.transpose(1, 2).to(vae.dtype)).latent_dist.mode()
+        return ((x - mean) / std).transpose(1, 2).to(video.dtype)
+
+    return WanStreamingGenerator(
+        tf, text_encoder, (z, H // s, W // s), num_frames, chunk_frames, sink_frames,
+        local_window, decode=decode, encode=encode, temporal_stride=st, **kwargs,
+    )  # fmt: skip
+
+
+def from_checkpoint(
+    path: str | Path,
+    ema: bool = False,
+    wan_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> WanStreamingGenerator:
+    """The generator a ``--wan_dir`` training checkpoint holds (its EMA with ``ema=True``):
+    built from the run's Wan directory (``wan_dir`` overrides the path it recorded) and shape,
+    with the run's LoRA adapters, and the checkpoint's weights loaded."""
+    from ...checkpoint import CheckpointError, load_model, trainer_config
+
+    cfg = trainer_config(path)
+    root = wan_dir or cfg.get("wan_dir")
+    if not root:
+        raise CheckpointError(f"checkpoint {str(path)!r} was not trained with --wan_dir")
+    gen = load_wan(
+        root, cfg["wan_frames"], cfg["wan_chunk_frames"], cfg["wan_sink_frames"],
+        cfg.get("local_window"), size=tuple(cfg["wan_size"]), device=device,
+        dtype=WAN_DTYPES[cfg.get("wan_dtype", "fp32")],
+    )  # fmt: skip
+    if cfg.get("lora_rank"):
+        gen.add_lora(cfg["lora_rank"], cfg.get("lora_alpha") or None)
+    return load_model(path, ema=ema, module=gen).to(device).eval()
+
+
+def export(path: str | Path, out: str | Path, ema: bool = False, wan_dir=None) -> Path:
+    """Write the transformer of a ``--wan_dir`` training checkpoint, LoRA merged, as a diffusers
+    ``WanTransformer3DModel`` directory (``from_pretrained(out)``; it replaces the
+    ``transformer/`` folder of a Wan2.1 pipeline)."""
+    gen = from_checkpoint(path, ema, wan_dir)
+    lora.merge_lora(gen)
+    gen.transformer.save_pretrained(str(out))
+    return Path(out)
