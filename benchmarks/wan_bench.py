@@ -205,16 +205,25 @@ def main(argv: list[str] | None = None) -> None:
     for r in chunk_step(args.smoke, device, args.reps):
         lines.append(f"| {r['method']} | {r['ms']:.2f} | {r['peak_gib']:.2f} | {r['error']} |")
     print("\n".join(lines), flush=True)
+    _write(args.out, lines)  # the first table survives whatever the iteration does
     first = len(lines)
-    it = iteration(args.smoke, device, args.group_size, args.run_dir)
-    keys = ("time_rollout", "time_reward", "time_replay", "time_update", "wall_s", "peak_gib")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     lines += ["", f"| one iteration, G = {args.group_size} | value |", "|---|---:|"]
-    lines += [f"| {k} | {it[k]:.2f} |" for k in keys if k in it]
-    text = "\n".join(lines)
+    try:
+        it = iteration(args.smoke, device, args.group_size, args.run_dir)
+        keys = ("time_rollout", "time_reward", "time_replay", "time_update", "wall_s", "peak_gib")
+        lines += [f"| {k} | {it[k]:.2f} |" for k in keys if k in it]
+    except Exception as e:  # out of memory at this G, say: the row says so, the table stays
+        lines.append(f"| error | {type(e).__name__}: {str(e)[:160]} |")
     print("\n".join(lines[first:]))
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    _write(args.out, lines)
+
+
+def _write(path: str | None, lines: list[str]) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
