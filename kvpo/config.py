@@ -89,6 +89,7 @@ class TrainConfig:
     adv_eps: float = 1e-6  # added to the std of the advantages' denominator
     # Update.
     epochs: int = 2  # PPO passes over each rollout
+    replay_branches: int = 0  # backward through this many branches per group at a time (0: all)
     lr: float = 1e-5  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # gradient-norm clip
@@ -144,6 +145,7 @@ class TrainConfig:
             "lora_rank",
             "lora_alpha",
             "wan_sink_frames",
+            "replay_branches",
         ):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:

@@ -20,7 +20,7 @@ recorded is the step taken, ``(x_{k+1} - x_k) / dt``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -139,6 +139,18 @@ class Rollout:
     tables: dict[int, torch.Tensor]  # chunk -> [B*G, W] int32 denoising tables of the branches
     cache_bytes: int  # bytes of KV pages the rollout used
     explore: str = "routing"  # how the branches were explored (RolloutSpec.explore)
+
+    def branches(self, sel: slice) -> Rollout:
+        """The same rollout restricted to branches ``sel`` of every group (what replay needs to
+        recompute them alone)."""
+        B, G = self.tokens.shape[:2]
+        return replace(
+            self,
+            tokens=self.tokens[:, sel],
+            states=self.states[:, sel],
+            velocities=self.velocities[:, sel],
+            tables={j: t.view(B, G, -1)[:, sel].flatten(0, 1) for j, t in self.tables.items()},
+        )
 
 
 def _steps(model: StreamingVideoGenerator, spec: RolloutSpec) -> list[int]:

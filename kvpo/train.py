@@ -29,7 +29,7 @@ from .likelihood import branch_log_probs, kl_term
 from .replay import replay_velocities, step_weights, trajectory_energy
 from .report import MetricsLog, plot_rewards, save_videos
 from .rewards import GENERIC, ClipReward, CompositeReward, RewardFn
-from .rollout import RolloutSpec, rollout
+from .rollout import Rollout, RolloutSpec, rollout
 from .scoring import branch_rewards, fused_reward
 
 
@@ -53,6 +53,57 @@ def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> Composi
         extra["clip"] = ClipReward(cfg.clip_reward_path, device=device)
         weights.setdefault("clip", cfg.clip_reward_weight)
     return CompositeReward(weights, extra)
+
+
+def policy_gradients(
+    cfg: TrainConfig,
+    model: nn.Module,
+    ro: Rollout,
+    weight: torch.Tensor,
+    adv: torch.Tensor,
+    valid: torch.Tensor,
+    logp_old: torch.Tensor | None,
+    u_ref: torch.Tensor | None,
+    logp_ref: torch.Tensor | None,
+    autocast,
+) -> tuple[dict[str, float], torch.Tensor, float]:
+    """Accumulate into the policy's ``.grad`` the gradient of the PPO objective plus
+    ``kl_coef`` times the KL term, from its replay of ``ro``.
+
+    Everything the objective reads is the replay's velocities ``u`` [B, G, K, L, d]. With
+    ``cfg.replay_branches`` < G the graph of the whole replay is never held: ``u`` is computed
+    without it, the objective's gradient ``dL/du`` from that, and the branches are replayed again
+    a few at a time, each pushing its slice of ``dL/du`` through the model (the same gradient;
+    one extra forward; the activations of ``replay_branches`` branches per group).
+
+    Returns the step's statistics, the old log-probabilities (``logp_old``, or these ones on the
+    first epoch: the rollout policy is the policy before the first step) and the seconds spent
+    in replay forwards."""
+    G = ro.tokens.shape[1]
+    per = cfg.replay_branches or G
+    t0 = time.perf_counter()
+    with autocast(), torch.set_grad_enabled(per >= G):
+        u = replay_velocities(model, ro)
+    if per < G:
+        u = u.detach().requires_grad_()
+    with autocast():  # the backward runs outside, as autocast wants
+        energy = trajectory_energy(u, ro, weight)
+        logp = branch_log_probs(cfg, model, u, ro, energy)
+    t_replay = time.perf_counter() - t0
+    logp_old = logp.detach() if logp_old is None else logp_old
+    loss, st = ppo_objective(logp, logp_old, adv, valid, cfg.clip_low, cfg.clip_high)
+    kl = kl_term(cfg, u, u_ref, logp, logp_ref) if u_ref is not None else loss.new_zeros(())
+    (loss + cfg.kl_coef * kl).backward()
+    for g0 in range(0, G if per < G else 0, per):
+        sel = slice(g0, g0 + per)
+        t0 = time.perf_counter()
+        with autocast():
+            u_sel = replay_velocities(model, ro.branches(sel))
+        t_replay += time.perf_counter() - t0
+        u_sel.backward(u.grad[:, sel].to(u_sel.dtype))
+    stats = {**st, "loss": float(loss.detach()), "kl": float(kl.detach())}
+    stats["tve"] = float(energy.detach().mean())
+    return stats, logp_old, t_replay
 
 
 def read_prompts(path: str, held_out: int) -> tuple[list[str], list[str]]:
@@ -374,33 +425,17 @@ def train(
         model.train()
         logp_old, stats, t_replay = None, [], 0.0
         for _ in range(cfg.epochs):
-            tr0 = time.perf_counter()
-            with autocast():  # the forwards; the backward runs outside, as autocast wants
-                u = replay_velocities(model, ro)
-                energy = trajectory_energy(u, ro, weight)
-                logp = branch_log_probs(cfg, model, u, ro, energy)
-            t_replay += time.perf_counter() - tr0
-            if logp_old is None:  # the rollout policy is the policy before the first step
-                logp_old = logp.detach()
-            loss, st = ppo_objective(logp, logp_old, adv, valid, cfg.clip_low, cfg.clip_high)
-            kl = kl_term(cfg, u, u_ref, logp, logp_ref) if u_ref is not None else loss.new_zeros(())
-            total_loss = loss + cfg.kl_coef * kl
             opt.zero_grad(set_to_none=True)
-            total_loss.backward()
+            st, logp_old, dt = policy_gradients(
+                cfg, model, ro, weight, adv, valid, logp_old, u_ref, logp_ref, autocast
+            )
+            t_replay += dt
             distributed.average_gradients(params)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             if ema is not None:
                 ema.update(model)
-            stats.append(
-                {
-                    **st,
-                    "loss": float(loss.detach()),
-                    "kl": float(kl.detach()),
-                    "grad_norm": float(gnorm),
-                    "tve": float(energy.detach().mean()),
-                }
-            )
+            stats.append({**st, "grad_norm": float(gnorm)})
         t3 = time.perf_counter()
 
         g_total = distributed.all_gather(total)
