@@ -10,8 +10,10 @@ Vocabulary:
 
 ``kvpo.train.train(cfg, generator=...)`` aligns any ``nn.Module`` with this protocol. It also uses,
 when present: ``recache`` (KV re-cache at prompt switches), ``grad_checkpointing`` (a bool switch
-for ``--grad_checkpointing``), and ``set_local_window`` / ``set_recache`` (else ``--local_window``
-and ``--recache`` set the attributes directly).
+for ``--grad_checkpointing``), ``set_local_window`` / ``set_recache`` (else ``--local_window``
+and ``--recache`` set the attributes directly), ``add_lora(rank, alpha)`` (``--lora_rank``), and
+``video_frames(first, last) -> slice`` (the frames of :meth:`~StreamingVideoGenerator.to_video`'s
+output that frames ``[first, last)`` decode to, when a VAE makes several of each).
 """
 
 from __future__ import annotations

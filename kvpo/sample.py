@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             per_chunk = [data.segments([p] * n_chunks) for p in prompts]
         else:
             per_chunk = [chunk_prompts(p, n_chunks) for p in prompts]
-        for ps in per_chunk if not wan else []:
-            for p in set(ps):
+            for p in {p for ps in per_chunk for p in ps}:
                 data.Scene.parse(p)  # the built-in rewards read the prompt's scene
     except (ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
