@@ -309,7 +309,7 @@ class ClipReward:
         std = torch.tensor(self.STD, device=self.device)[None, :, None, None]
         img_emb = self.model.get_image_features(pixel_values=(imgs - mean) / std)
         # each sampled frame against the prompt of its chunk (multi-prompt videos switch)
-        asked = [[_chunk_prompts(p, T)[int(i)] for i in idx] for p in prompts]
+        asked = [[per[int(i)] for i in idx] for per in (_chunk_prompts(p, T) for p in prompts)]
         texts = sorted({t for frames in asked for t in frames})
         tok = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
         txt_emb = self.model.get_text_features(

@@ -268,14 +268,9 @@ def train(
     if cfg.wan_dir:
         if generator is not None:
             raise ValueError("config wan_dir and train(generator=...) both name a generator")
-        from .adapters.wan import WAN_DTYPES, load_wan
+        from .adapters.wan import load_from_config
 
-        generator = load_wan(
-            cfg.wan_dir, cfg.wan_frames, cfg.wan_chunk_frames, cfg.wan_sink_frames,
-            size=tuple(cfg.wan_size), device=device,
-            transformer_checkpoint=cfg.wan_checkpoint or None,
-            checkpoint_key=cfg.wan_checkpoint_key, dtype=WAN_DTYPES[cfg.wan_dtype],
-        )  # fmt: skip
+        generator = load_from_config(cfg.to_dict(), device)
     rank, world = distributed.init(device)
     if cfg.prompts_per_iter % world:
         raise ValueError(

@@ -3,7 +3,7 @@
 trained transformer."""
 
 from .generator import WAN_DTYPES, WAN_LORA_TARGETS, RoutedSelfAttention, WanStreamingGenerator
-from .weights import export, from_checkpoint, load_original_weights, load_wan
+from .weights import export, from_checkpoint, load_from_config, load_original_weights, load_wan
 
 __all__ = [
     "WAN_DTYPES",
@@ -12,6 +12,7 @@ __all__ = [
     "WanStreamingGenerator",
     "export",
     "from_checkpoint",
+    "load_from_config",
     "load_original_weights",
     "load_wan",
 ]

@@ -137,6 +137,24 @@ def load_wan(
     )  # fmt: skip
 
 
+def load_from_config(
+    cfg: dict,
+    device: str | torch.device = "cpu",
+    root: str | Path | None = None,
+    original_weights: bool = True,
+) -> WanStreamingGenerator:
+    """The generator a trainer config's ``wan_*`` fields (and ``local_window``) describe, from
+    ``root`` or the config's ``wan_dir``; ``original_weights``: also load ``wan_checkpoint``."""
+    checkpoint = cfg.get("wan_checkpoint") if original_weights else None
+    return load_wan(
+        root or cfg["wan_dir"], cfg["wan_frames"], cfg["wan_chunk_frames"],
+        cfg["wan_sink_frames"], cfg.get("local_window"), size=tuple(cfg["wan_size"]),
+        device=device, transformer_checkpoint=checkpoint or None,
+        checkpoint_key=cfg.get("wan_checkpoint_key", "generator_ema"),
+        dtype=WAN_DTYPES[cfg.get("wan_dtype", "fp32")],
+    )  # fmt: skip
+
+
 def from_checkpoint(
     path: str | Path,
     ema: bool = False,
@@ -152,11 +170,8 @@ def from_checkpoint(
     root = wan_dir or cfg.get("wan_dir")
     if not root:
         raise CheckpointError(f"checkpoint {str(path)!r} was not trained with --wan_dir")
-    gen = load_wan(
-        root, cfg["wan_frames"], cfg["wan_chunk_frames"], cfg["wan_sink_frames"],
-        cfg.get("local_window"), size=tuple(cfg["wan_size"]), device=device,
-        dtype=WAN_DTYPES[cfg.get("wan_dtype", "fp32")],
-    )  # fmt: skip
+    # the checkpoint holds every weight: the original-layout ones need not be read first
+    gen = load_from_config(cfg, device, root, original_weights=False)
     if cfg.get("lora_rank"):
         gen.add_lora(cfg["lora_rank"], cfg.get("lora_alpha") or None)
     return load_model(path, ema=ema, module=gen).to(device).eval()
