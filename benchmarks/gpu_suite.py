@@ -1,6 +1,6 @@
 """GPU benchmark suite: routed_attention and velocity_energy against the baselines, one run.
 
-    python -m benchmarks.gpu_suite [--quick] [--out results.md]
+    python -m benchmarks.gpu_suite [--part all|main|sweep] [--out results.md]
     python -m benchmarks.gpu_suite --smoke --device cpu   # tiny shapes: checks the suite runs
 
 
@@ -235,13 +235,26 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def sections(smoke: bool = False, quick: bool = False, device: str = "cuda"):
-    """(title, rows) of every table of the suite, in order."""
+def sections(smoke: bool = False, part: str = "all", device: str = "cuda"):
+    """(title, rows) of every table of the suite, in order.
+
+    part: "main" (the Wan2.1 shape and velocity_energy), "sweep" (the 1536-token frames and the
+    cache length x G sweep), or "all" (both): a lent GPU's few minutes can run them apart.
+    """
+    if part not in ("all", "main", "sweep"):
+        raise ValueError(f"part must be 'all', 'main' or 'sweep', got {part!r}")
     # One compiled FlexAttention per shape: the sweep alone has 9, more than dynamo's default
     # recompile limit (8), past which it would silently run the eager kernel.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     main_setup = dataclasses.replace(SMOKE if smoke else WAN, device=device)
     dtype = str(main_setup.dtype).removeprefix("torch.")
+    if part != "sweep":
+        yield from _main_sections(main_setup, dtype, smoke, device)
+    if part != "main":
+        yield from _sweep_sections(main_setup, smoke)
+
+
+def _main_sections(main_setup: Setup, dtype: str, smoke: bool, device: str):
     yield f"routed_attention forward, Wan2.1 shape, {dtype}", routed_rows(main_setup, False)
     yield (
         f"routed_attention forward + backward, Wan2.1 shape, {dtype}",
@@ -249,8 +262,9 @@ def sections(smoke: bool = False, quick: bool = False, device: str = "cuda"):
     )
     energy = velocity_rows(2, 2, 3000, torch.float16, device) if smoke else velocity_rows()
     yield f"velocity_energy, {dtype}", energy
-    if quick:
-        return
+
+
+def _sweep_sections(main_setup: Setup, smoke: bool):
     if not smoke:
         fa = dataclasses.replace(main_setup, page_size=1536, queries=4608)
         title = "forward, 1536-token frames (flash-attn block table needs 256 | page)"
@@ -258,13 +272,20 @@ def sections(smoke: bool = False, quick: bool = False, device: str = "cuda"):
     sweep = [(3, 2)] if smoke else [(p, g) for p in (9, 21, 33) for g in (4, 8, 16)]
     for pages, g in sweep:
         s = dataclasses.replace(main_setup, pages=pages, branches=g)
-        rows = routed_rows(s, False, only=("kvpo triton", "FlexAttention + BlockMask build"))
+        rows = routed_rows(
+            s, False, only=("kvpo triton", "kvpo cuda", "FlexAttention + BlockMask build")
+        )
         yield f"sweep: {pages} frames of cache, G = {g}", rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="the main shape only")
+    parser.add_argument(
+        "--part",
+        choices=("all", "main", "sweep"),
+        default="all",
+        help="main: the Wan2.1 shape and velocity_energy; sweep: 1536-token frames, cache x G",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check the suite runs")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
@@ -272,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke run)"
     out = [f"Device: {name}, torch {torch.__version__}, triton {triton.__version__}"]
     print(out[0], flush=True)
-    for title, rows in sections(args.smoke, args.quick, args.device):
+    for title, rows in sections(args.smoke, args.part, args.device):
         out += ["", f"### {title}", _table(rows)]
         print("\n".join(out[-3:]), flush=True)
         if args.out:  # rewritten after every table: a run cut short keeps what it measured
