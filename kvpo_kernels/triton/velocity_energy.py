@@ -1,8 +1,9 @@
 """Triton velocity energy: one launch for all G energies, one launch for the backward.
 
-The forward splits each branch's S * N elements over ``splits`` programs; every program reduces
-its slice in fp32 (weighting each element by its step's weight) and adds its partial sum to
-``energy[g]`` with one atomic add. No ``v_pred - v_ref`` temporary is written.
+The grid is (G * S rows, splits of N): a program streams a slice of one (branch, step) row of
+v_pred and v_ref, reduces (a - b)^2 in fp32, and adds weight[g, s] * its partial sum to
+``energy[g]`` with one atomic add. A row's weight is one scalar, so the loop is loads and FMAs
+only (no per-element step index or weight gather). No ``v_pred - v_ref`` temporary is written.
 """
 
 from __future__ import annotations
@@ -19,21 +20,20 @@ def _fwd_kernel(
     A, Bp, W, E, S, N, chunk, inv_n,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    g = tl.program_id(0)
+    row = tl.program_id(0)  # g * S + s
     sp = tl.program_id(1)
-    total = S * N
-    base = g.to(tl.int64) * total
+    base = row.to(tl.int64) * N
     lo = sp * chunk
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(lo, lo + chunk, BLOCK):
         idx = off + tl.arange(0, BLOCK)
-        mask = idx < total
+        mask = idx < N
         a = tl.load(A + base + idx, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(Bp + base + idx, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(W + g * S + idx // N, mask=mask, other=0.0)
         d = a - b
-        acc += w * d * d
-    tl.atomic_add(E + g, tl.sum(acc, 0) * inv_n)
+        acc += d * d
+    w = tl.load(W + row)
+    tl.atomic_add(E + row // S, tl.sum(acc, 0) * (w * inv_n))
 
 
 @triton.jit
@@ -41,30 +41,29 @@ def _bwd_kernel(
     GRAD, A, Bp, W, DA, DB, S, N, chunk, coef_n,
     NEED_REF: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    g = tl.program_id(0)
+    row = tl.program_id(0)
     sp = tl.program_id(1)
-    total = S * N
-    base = g.to(tl.int64) * total
+    base = row.to(tl.int64) * N
     lo = sp * chunk
-    grad = tl.load(GRAD + g).to(tl.float32) * coef_n
+    c = tl.load(GRAD + row // S) * tl.load(W + row) * coef_n
     for off in range(lo, lo + chunk, BLOCK):
         idx = off + tl.arange(0, BLOCK)
-        mask = idx < total
+        mask = idx < N
         a = tl.load(A + base + idx, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(Bp + base + idx, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(W + g * S + idx // N, mask=mask, other=0.0)
-        d = grad * w * (a - b)
+        d = c * (a - b)
         tl.store(DA + base + idx, d.to(DA.dtype.element_ty), mask=mask)
         if NEED_REF:
             tl.store(DB + base + idx, (-d).to(DB.dtype.element_ty), mask=mask)
 
 
-def _split(G: int, total: int, device: torch.device, block: int) -> tuple[int, int]:
-    """(splits, chunk): about 4 programs per SM over all branches, chunk a multiple of block."""
-    want = max(1, (4 * num_sms(device) + G - 1) // G)
-    splits = max(1, min(want, triton.cdiv(total, block)))
-    chunk = triton.cdiv(triton.cdiv(total, splits), block) * block
-    return triton.cdiv(total, chunk), chunk
+def _split(rows: int, n: int, device: torch.device, block: int) -> tuple[int, int]:
+    """(splits, chunk) of each row's n elements: about 4 programs per SM over all rows, chunk a
+    multiple of block."""
+    want = max(1, (4 * num_sms(device) + rows - 1) // rows)
+    splits = max(1, min(want, triton.cdiv(n, block)))
+    chunk = triton.cdiv(triton.cdiv(n, splits), block) * block
+    return triton.cdiv(n, chunk), chunk
 
 
 def _block() -> int:
@@ -76,8 +75,8 @@ def _layout(v_pred: torch.Tensor) -> tuple[int, int, int, tuple[int, int], int]:
     the same way."""
     G, S, N = v_pred.shape
     block = _block()
-    splits, chunk = _split(G, S * N, v_pred.device, block)
-    return S, N, block, (G, splits), chunk
+    splits, chunk = _split(G * S, N, v_pred.device, block)
+    return S, N, block, (G * S, splits), chunk
 
 
 def fwd_launch(v_pred, v_ref, weight, mean, energy) -> Launch:

@@ -62,5 +62,6 @@ def test_velocity_energy_rows_are_correct(tables):
         row = _row(rows, method)
         assert row["error"] == "", row
         assert row["rel_err"] < 2e-3 and row["of_copy"] > 0, row
+        assert row["call_ms"] > 0 and row["gpu_ms"] > 0, row
     assert _row(rows, "device copy (read + write)")["of_copy"] == 1.0
-    assert math.isnan(_row(rows, "device copy (read + write)")["ms"])
+    assert math.isnan(_row(rows, "device copy (read + write)")["gpu_ms"])
