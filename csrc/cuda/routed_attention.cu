@@ -1,26 +1,29 @@
-// Routed paged attention forward on CUDA tensor cores (WMMA, fp16/bf16 in, fp32 accumulate).
+// Routed paged attention forward on tensor cores (mma.sync m16n8k16, fp16/bf16 in, fp32
+// accumulate), FlashAttention-2 style with everything per query row in registers.
 //
-// One CTA = one (row b, query tile of 64, head h); 4 warps, each owning 16 query rows. The CTA
+// One CTA = one (row b, tile of 64 queries, head h); 4 warps, each owning 16 query rows. The CTA
 // walks row b's page table; a routed-out page (-1) is skipped without touching its memory, and a
-// page is consumed in blocks of 64 keys (the tail of a partly filled page is masked). Per block:
-//   S = Q K^T on tensor cores -> shared memory; an online softmax by two lanes per query row
-//   (running max m and sum l in registers, probabilities P written back as fp16/bf16, the
-//   running output rescaled); O += P V on tensor cores with O kept in shared memory.
+// page is consumed in blocks of 64 keys whose rows past the page's fill are zero-filled and masked.
+// K and V blocks stream through shared memory in two stages with cp.async: the next block's copy
+// runs while the tensor cores work on the current one. Per block and warp:
+//   S = Q K^T      Q fragments held in registers for the whole walk, K read with ldmatrix;
+//   online softmax on the S accumulators (a query row's 64 scores live in the 4 lanes of a quad:
+//                  two shuffles give its max); the probabilities are repacked in registers as the
+//                  A operand of the next product, never written to memory;
+//   O += P V       V read with ldmatrix.trans, O accumulated in registers.
 // Grid x runs over rows b, fastest, so branches that share history pages run side by side and read
 // those pages from L2.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "dtype.cuh"
 #include "kernels.h"
 
 namespace kvpo::cuda {
 namespace {
-
-namespace wmma = nvcuda::wmma;
 
 constexpr int kWarps = 4;
 constexpr int kBM = 16 * kWarps;  // query rows per CTA
@@ -31,157 +34,290 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Shared-memory tiles: rows of D elements padded by 8 (16 bytes), so the 8 rows an ldmatrix
+// reads start in 8 different 16-byte bank groups (no bank conflicts) and stay 16-byte aligned for
+// cp.async.
 template <int D>
 struct Layout {
-  static constexpr int kLdT = D + 8;    // fp16/bf16 tiles (ldm: multiple of 8 elements)
-  static constexpr int kLdS = kBN + 4;  // fp32 scores (ldm: multiple of 4)
-  static constexpr int kLdP = kBN + 8;  // fp16/bf16 probabilities
-  static constexpr int kLdO = D + 4;    // fp32 output accumulator
-  static constexpr size_t kQ = size_t(kBM) * kLdT * 2;
-  static constexpr size_t kK = size_t(kBN) * kLdT * 2;
-  static constexpr size_t kS = size_t(kWarps) * 16 * kLdS * 4;
-  static constexpr size_t kP = size_t(kWarps) * 16 * kLdP * 2;
-  static constexpr size_t kO = size_t(kWarps) * 16 * kLdO * 4;
-  static constexpr size_t kBytes = kQ + 2 * kK + kS + kP + kO;
-  // Every region is a multiple of 32 bytes, so WMMA pointers stay 256-bit aligned.
-  static_assert(kQ % 32 == 0 && kK % 32 == 0 && kS % 32 == 0 && kP % 32 == 0 && kO % 32 == 0);
+  static constexpr int kLd = D + 8;
+  static constexpr int kQ = kBM * kLd;  // elements
+  static constexpr int kKV = kBN * kLd;
+  static constexpr size_t kBytes = size_t(kQ + 4 * kKV) * 2;  // Q, 2 stages of K and V
 };
 
-// Copies `rows` rows of D elements (row stride D in global memory) into a shared tile of
-// stride ld, zero-filling rows [rows, total). 16-byte vectors; D % 8 == 0.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 zero-fills the destination.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c += a b for one m16n8k16 tile: a = 4 registers of the row-major A fragment, b = 2 of the
+// column-major B fragment, c = 4 fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                                 uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                        uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as one register of 16-bit pairs, the lower column in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// The walk over row b's kept key blocks: page slot j of the table, first key k0 of the block.
+struct Cursor {
+  int64_t j, k0, n, base;  // n: keys in the page; base: element offset of (page, hk) in K/V
+};
+
+__device__ __forceinline__ bool first_from(Cursor& c, int64_t j, const RoutedAttnParams& p,
+                                           int64_t b, int64_t hk, int D) {
+  for (; j < p.max_pages; ++j) {
+    const int32_t page = p.page_table[b * p.max_pages + j];
+    if (page < 0) continue;  // routed out: its memory is never read
+    int64_t n = p.page_size;
+    if (p.page_lens != nullptr) n = imin(p.page_lens[page] > 0 ? p.page_lens[page] : 0, n);
+    if (n <= 0) continue;
+    c = {j, 0, n, ((int64_t(page) * p.Hkv + hk) * p.page_size) * D};
+    return true;
+  }
+  return false;
+}
+
+__device__ __forceinline__ bool advance(Cursor& c, const RoutedAttnParams& p, int64_t b,
+                                        int64_t hk, int D) {
+  if (c.k0 + kBN < c.n) {
+    c.k0 += kBN;
+    return true;
+  }
+  return first_from(c, c.j + 1, p, b, hk, D);
+}
+
+// Queues the copy of one block of K and V (rows past the page's fill zero-filled).
 template <typename T, int D>
-__device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, int rows, int total) {
+__device__ __forceinline__ void load_kv(T* sK, T* sV, const T* kp, const T* vp, const Cursor& c) {
+  using L = Layout<D>;
   constexpr int kVecPerRow = D / 8;
-  for (int i = threadIdx.x; i < total * kVecPerRow; i += kThreads) {
-    const int r = i / kVecPerRow, c = (i % kVecPerRow) * 8;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r < rows) v = __ldg(reinterpret_cast<const uint4*>(src + int64_t(r) * D + c));
-    *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
+  const int valid = static_cast<int>(imin(kBN, c.n - c.k0));
+  const T* k = kp + c.base + c.k0 * D;
+  const T* v = vp + c.base + c.k0 * D;
+#pragma unroll
+  for (int i = threadIdx.x; i < kBN * kVecPerRow; i += kThreads) {
+    const int r = i / kVecPerRow, col = (i % kVecPerRow) * 8;
+    const bool in = r < valid;
+    const int64_t off = in ? int64_t(r) * D + col : 0;
+    cp_async16(sK + r * L::kLd + col, k + off, in ? 16 : 0);
+    cp_async16(sV + r * L::kLd + col, v + off, in ? 16 : 0);
   }
 }
 
-// Two CTAs per SM: at D = 128 a CTA takes 112 KB of shared memory, so two fit an H100's SM. The
-// hint also keeps ptxas from spilling the fp16 variants (16-36 bytes without it, at 40-64 of 255
-// registers); the build fails on any spill (-warn-spills, tests/kernels/test_cuda_build.py).
+// Two CTAs per SM: at D = 128 a CTA holds 87 KB of shared memory.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) routed_attn_fwd_kernel(RoutedAttnParams p) {
   using L = Layout<D>;
   extern __shared__ __align__(128) unsigned char smem[];
+  // Q, then stage 0's K and V, then stage 1's.
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = reinterpret_cast<T*>(smem + L::kQ);
-  T* sV = reinterpret_cast<T*>(smem + L::kQ + L::kK);
-  float* sS = reinterpret_cast<float*>(smem + L::kQ + 2 * L::kK);
-  T* sP = reinterpret_cast<T*>(smem + L::kQ + 2 * L::kK + L::kS);
-  float* sO = reinterpret_cast<float*>(smem + L::kQ + 2 * L::kK + L::kS + L::kP);
+  auto sK = [&](int stage) { return sQ + L::kQ + 2 * stage * L::kKV; };
+  auto sV = [&](int stage) { return sQ + L::kQ + (2 * stage + 1) * L::kKV; };
 
   const int64_t b = blockIdx.x, h = blockIdx.z;
   const int64_t q0 = int64_t(blockIdx.y) * kBM;
   const int64_t hk = h / (p.H / p.Hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* wS = sS + warp * 16 * L::kLdS;
-  T* wP = sP + warp * 16 * L::kLdP;
-  float* wO = sO + warp * 16 * L::kLdO;
+  const int quad_row = lane / 4, quad_col = lane % 4;  // mma fragment coordinates
   const T* q = static_cast<const T*>(p.q) + ((b * p.H + h) * p.Lq + q0) * D;
   const T* kp = static_cast<const T*>(p.k_pages);
   const T* vp = static_cast<const T*>(p.v_pages);
 
+  // Q tile -> shared (rows past Lq zero-filled), in the first copy group with the first K/V block.
   const int q_rows = static_cast<int>(imin(kBM, p.Lq - q0));
-  load_tile<T, D>(sQ, L::kLdT, q, q_rows, kBM);
-  for (int i = lane; i < 16 * L::kLdO; i += 32) wO[i] = 0.f;
+  constexpr int kVecPerRow = D / 8;
+  for (int i = threadIdx.x; i < kBM * kVecPerRow; i += kThreads) {
+    const int r = i / kVecPerRow, col = (i % kVecPerRow) * 8;
+    const bool in = r < q_rows;
+    cp_async16(sQ + r * L::kLd + col, q + (in ? int64_t(r) * D + col : 0), in ? 16 : 0);
+  }
+  Cursor cur;
+  bool have = first_from(cur, 0, p, b, hk, D);
+  if (have) load_kv<T, D>(sK(0), sV(0), kp, vp, cur);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
 
-  // Two lanes per query row: lane 2r and 2r+1 own row r of this warp's 16, half the columns each.
-  const int r = lane >> 1, half = lane & 1;
-  const float scale_log2 = p.scale * kLog2e;
-  float m = -INFINITY, l = 0.f;
-
-  for (int64_t j = 0; j < p.max_pages; ++j) {
-    const int32_t page = p.page_table[b * p.max_pages + j];
-    if (page < 0) continue;  // routed out: its memory is never read
-    int64_t n = p.page_size;
-    if (p.page_lens != nullptr) n = imin(p.page_lens[page] > 0 ? p.page_lens[page] : 0, n);
-    const int64_t base = ((int64_t(page) * p.Hkv + hk) * p.page_size) * D;
-    for (int64_t k0 = 0; k0 < n; k0 += kBN) {
-      const int valid = static_cast<int>(imin(kBN, n - k0));
-      __syncthreads();  // the previous block's K, V are no longer read
-      load_tile<T, D>(sK, L::kLdT, kp + base + k0 * D, valid, kBN);
-      load_tile<T, D>(sV, L::kLdT, vp + base + k0 * D, valid, kBN);
-      __syncthreads();
-
-      // S = Q K^T for this warp's 16 rows: [16, kBN].
+  // This warp's 16 query rows as A fragments, one per 16 columns of D.
+  uint32_t qf[D / 16][4];
 #pragma unroll
-      for (int nt = 0; nt < kBN / 16; ++nt) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-          wmma::load_matrix_sync(a, sQ + warp * 16 * L::kLdT + kk * 16, L::kLdT);
-          wmma::load_matrix_sync(bt, sK + nt * 16 * L::kLdT + kk * 16, L::kLdT);
-          wmma::mma_sync(acc, a, bt, acc);
-        }
-        wmma::store_matrix_sync(wS + nt * 16, acc, L::kLdS, wmma::mem_row_major);
-      }
-      __syncwarp();
-
-      // Online softmax over the block (log2 domain).
-      constexpr int kCols = kBN / 2;
-      float* srow = wS + r * L::kLdS + half * kCols;
-      float mx = -INFINITY;
-#pragma unroll 8
-      for (int c = 0; c < kCols; ++c) {
-        const float s = (half * kCols + c < valid) ? srow[c] * scale_log2 : -INFINITY;
-        srow[c] = s;
-        mx = fmaxf(mx, s);
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      const float m_new = fmaxf(m, mx);
-      // m_new is finite here: every block has at least one valid key.
-      const float alpha = exp2f(m - m_new);  // m = -inf on the first block gives 0
-      float sum = 0.f;
-      T* prow = wP + r * L::kLdP + half * kCols;
-#pragma unroll 8
-      for (int c = 0; c < kCols; ++c) {
-        const float e = exp2f(srow[c] - m_new);
-        sum += e;
-        prow[c] = from_f<T>(e);
-      }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      l = l * alpha + sum;
-      m = m_new;
-      float* orow = wO + r * L::kLdO + half * (D / 2);
-#pragma unroll 8
-      for (int c = 0; c < D / 2; ++c) orow[c] *= alpha;
-      __syncwarp();
-
-      // O += P V: [16, kBN] x [kBN, D].
-#pragma unroll
-      for (int dt = 0; dt < D / 16; ++dt) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::load_matrix_sync(acc, wO + dt * 16, L::kLdO, wmma::mem_row_major);
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-          wmma::load_matrix_sync(a, wP + kk * 16, L::kLdP);
-          wmma::load_matrix_sync(bv, sV + kk * 16 * L::kLdT + dt * 16, L::kLdT);
-          wmma::mma_sync(acc, a, bv, acc);
-        }
-        wmma::store_matrix_sync(wO + dt * 16, acc, L::kLdO, wmma::mem_row_major);
-      }
-      __syncwarp();
-    }
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+    const int col = kk * 16 + (lane / 16) * 8;
+    ldmatrix_x4(qf[kk], sQ + row * L::kLd + col);
   }
 
-  // Epilogue: normalise and write this warp's rows; rows without a kept token give 0 and -inf.
-  const int64_t qi = q0 + warp * 16 + r;
-  if (qi < p.Lq) {
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    T* out = static_cast<T*>(p.out) + ((b * p.H + h) * p.Lq + qi) * D + half * (D / 2);
-    const float* orow = wO + r * L::kLdO + half * (D / 2);
-#pragma unroll 8
-    for (int c = 0; c < D / 2; ++c) out[c] = from_f<T>(orow[c] * inv);
-    if (half == 0) p.lse[(b * p.H + h) * p.Lq + qi] = l > 0.f ? m * kLn2 + logf(l) : -INFINITY;
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  // Rows quad_row and quad_row + 8 of the warp's 16: running max (log2 domain) and this lane's
+  // part of the running sum (the quad's four parts are added at the end).
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const float scale_log2 = p.scale * kLog2e;
+
+  for (int stage = 0; have; stage ^= 1) {
+    Cursor nxt = cur;
+    const bool more = advance(nxt, p, b, hk, D);
+    if (more) load_kv<T, D>(sK(stage ^ 1), sV(stage ^ 1), kp, vp, nxt);
+    cp_async_commit();
+    cp_async_wait<1>();  // this block's copy is done (the next one may still run)
+    __syncthreads();
+    const T* k = sK(stage);
+    const T* v = sV(stage);
+    const int valid = static_cast<int>(imin(kBN, cur.n - cur.k0));
+
+    // S = Q K^T: [16, 64] per warp, 8 tiles of 8 keys.
+    float s[kBN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int np = 0; np < kBN / 16; ++np) {
+        // matrices: keys +0..7 / +8..15 (by lane / 16) x columns +0..7 / +8..15 (by lane / 8 % 2)
+        uint32_t kb[4];
+        const int key = np * 16 + (lane % 8) + (lane / 16) * 8;
+        const int col = kk * 16 + ((lane / 8) % 2) * 8;
+        ldmatrix_x4(kb, k + key * L::kLd + col);
+        mma16816<T>(s[2 * np], qf[kk], kb[0], kb[1]);
+        mma16816<T>(s[2 * np + 1], qf[kk], kb[2], kb[3]);
+      }
+    }
+
+    // Online softmax. Lane holds, for 8-key tile i, keys i*8 + quad_col*2 + {0, 1} of rows
+    // quad_row (s[i][0..1]) and quad_row + 8 (s[i][2..3]).
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = i * 8 + quad_col * 2 + (e & 1);
+        s[i][e] = key < valid ? s[i][e] * scale_log2 : -INFINITY;
+        mx[e / 2] = fmaxf(mx[e / 2], s[i][e]);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);  // finite: a block has at least one valid key
+      alpha[r] = exp2f(m[r] - m_new);           // 0 on the first block (m = -inf)
+      m[r] = m_new;
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[i][e] = exp2f(s[i][e] - m[e / 2]);
+        l[e / 2] += s[i][e];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[i][0] *= alpha[0];
+      o[i][1] *= alpha[0];
+      o[i][2] *= alpha[1];
+      o[i][3] *= alpha[1];
+    }
+
+    // O += P V: P's accumulators repacked as A fragments (keys 16 kk .. 16 kk + 15 = tiles 2 kk
+    // and 2 kk + 1), V as B fragments by ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint32_t pa[4] = {
+          pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+          pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+          pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        // matrices: keys +0..7 / +8..15 (by lane / 8 % 2) x columns +0..7 / +8..15 (by lane / 16)
+        uint32_t vb[4];
+        const int key = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+        const int col = dp * 16 + (lane / 16) * 8;
+        ldmatrix_x4_trans(vb, v + key * L::kLd + col);
+        mma16816<T>(o[2 * dp], pa, vb[0], vb[1]);
+        mma16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before its next copy is queued
+    cur = nxt;
+    have = more;
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: normalise and write; rows without a kept token give 0 and lse = -inf.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  T* out = static_cast<T*>(p.out) + ((b * p.H + h) * p.Lq + q0) * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + quad_row + r * 8;
+    if (q0 + row >= p.Lq) continue;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    T* orow = out + int64_t(row) * D + quad_col * 2;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+      *reinterpret_cast<uint32_t*>(orow + i * 8) =
+          pack2<T>(o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
+    if (quad_col == 0)
+      p.lse[(b * p.H + h) * p.Lq + q0 + row] =
+          l[r] > 0.f ? m[r] * kLn2 + logf(l[r]) : -INFINITY;
   }
 }
 

@@ -1,10 +1,10 @@
 // Per-branch Trajectory Velocity Energy on CUDA.
 //
-// Forward: a 2-D grid, y = the G*S (branch, step) rows and x = slices of N. Each thread reads
-// 16 bytes of v_pred and v_ref at a time, accumulates (a - b)^2 in float32, the block reduces with
-// warp shuffles then shared memory, and one atomicAdd per block adds weight * partial into
-// energy[g]: all branches in one launch, no (a - b) temporary.
-// Backward: elementwise, 16-byte loads and stores.
+// Forward: a 2-D grid, y = the G*S (branch, step) rows and x = slices of N. Each thread keeps
+// four 16-byte loads of v_pred and of v_ref in flight, accumulates (a - b)^2 in float32, the
+// block reduces with warp shuffles then shared memory, and one atomicAdd per block adds
+// weight * partial into energy[g]: all branches in one launch, no (a - b) temporary.
+// Backward: elementwise, 16-byte loads and stores, unrolled the same way.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -85,6 +85,40 @@ __device__ __forceinline__ float block_sum(float v) {
   return v;  // valid in thread 0
 }
 
+constexpr int kUnroll = 4;
+
+// acc + sum over one vector of (x - y)^2.
+template <typename V>
+__device__ __forceinline__ float sq_dist(const typename V::Raw& x, const typename V::Raw& y,
+                                         float acc) {
+  float fx[V::kN], fy[V::kN];
+  V::to_float(x, fx);
+  V::to_float(y, fy);
+#pragma unroll
+  for (int k = 0; k < V::kN; ++k) {
+    const float d = fx[k] - fy[k];
+    acc = fmaf(d, d, acc);
+  }
+  return acc;
+}
+
+// *dx = c (x - y) and, when dy is given, *dy = -c (x - y), for one vector.
+template <typename V>
+__device__ __forceinline__ void scaled_diff(const typename V::Raw& x, const typename V::Raw& y,
+                                            float c, typename V::Raw* dx, typename V::Raw* dy) {
+  float fx[V::kN], fy[V::kN], g[V::kN];
+  V::to_float(x, fx);
+  V::to_float(y, fy);
+#pragma unroll
+  for (int k = 0; k < V::kN; ++k) g[k] = c * (fx[k] - fy[k]);
+  *dx = V::from_float(g);
+  if (dy) {
+#pragma unroll
+    for (int k = 0; k < V::kN; ++k) g[k] = -g[k];
+    *dy = V::from_float(g);
+  }
+}
+
 // kVec: rows are 16-byte aligned and N is a multiple of the vector width.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
@@ -101,16 +135,20 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t nv = N / V::kN;
     const auto* xv = reinterpret_cast<const typename V::Raw*>(x);
     const auto* yv = reinterpret_cast<const typename V::Raw*>(y);
-    for (int64_t i = blockIdx.x * kThreads + threadIdx.x; i < nv; i += gridDim.x * kThreads) {
-      float fx[V::kN], fy[V::kN];
-      V::to_float(__ldg(xv + i), fx);
-      V::to_float(__ldg(yv + i), fy);
+    const int64_t stride = int64_t(gridDim.x) * kThreads;
+    int64_t i = blockIdx.x * kThreads + threadIdx.x;
+    // kUnroll vectors of each operand in flight per thread before any is used.
+    for (; i + (kUnroll - 1) * stride < nv; i += kUnroll * stride) {
+      typename V::Raw rx[kUnroll], ry[kUnroll];
 #pragma unroll
-      for (int k = 0; k < V::kN; ++k) {
-        const float d = fx[k] - fy[k];
-        acc = fmaf(d, d, acc);
+      for (int u = 0; u < kUnroll; ++u) {
+        rx[u] = __ldg(xv + i + u * stride);
+        ry[u] = __ldg(yv + i + u * stride);
       }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) acc = sq_dist<V>(rx[u], ry[u], acc);
     }
+    for (; i < nv; i += stride) acc = sq_dist<V>(__ldg(xv + i), __ldg(yv + i), acc);
   } else {
     for (int64_t i = blockIdx.x * kThreads + threadIdx.x; i < N; i += gridDim.x * kThreads) {
       const float d = to_f(x[i]) - to_f(y[i]);
@@ -141,19 +179,21 @@ __global__ void __launch_bounds__(kThreads)
     const auto* yv = reinterpret_cast<const typename V::Raw*>(y);
     auto* dxv = reinterpret_cast<typename V::Raw*>(dx);
     auto* dyv = reinterpret_cast<typename V::Raw*>(dy);
-    for (int64_t i = blockIdx.x * kThreads + threadIdx.x; i < nv; i += gridDim.x * kThreads) {
-      float fx[V::kN], fy[V::kN], g[V::kN];
-      V::to_float(__ldg(xv + i), fx);
-      V::to_float(__ldg(yv + i), fy);
+    const int64_t stride = int64_t(gridDim.x) * kThreads;
+    int64_t i = blockIdx.x * kThreads + threadIdx.x;
+    for (; i + (kUnroll - 1) * stride < nv; i += kUnroll * stride) {
+      typename V::Raw rx[kUnroll], ry[kUnroll];
 #pragma unroll
-      for (int k = 0; k < V::kN; ++k) g[k] = c * (fx[k] - fy[k]);
-      dxv[i] = V::from_float(g);
-      if (dy) {
-#pragma unroll
-        for (int k = 0; k < V::kN; ++k) g[k] = -g[k];
-        dyv[i] = V::from_float(g);
+      for (int u = 0; u < kUnroll; ++u) {
+        rx[u] = __ldg(xv + i + u * stride);
+        ry[u] = __ldg(yv + i + u * stride);
       }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        scaled_diff<V>(rx[u], ry[u], c, dxv + i + u * stride, dy ? dyv + i + u * stride : nullptr);
     }
+    for (; i < nv; i += stride)
+      scaled_diff<V>(__ldg(xv + i), __ldg(yv + i), c, dxv + i, dy ? dyv + i : nullptr);
   } else {
     for (int64_t i = blockIdx.x * kThreads + threadIdx.x; i < N; i += gridDim.x * kThreads) {
       const float g = c * (to_f(x[i]) - to_f(y[i]));
@@ -166,12 +206,22 @@ __global__ void __launch_bounds__(kThreads)
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// Blocks along N: enough to fill the device with G*S rows in y, at most what N can use.
+int sm_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return 132;
+  return sms;
+}
+
+// Blocks along N: enough to fill the device with G*S rows in y (8 blocks of 256 threads per SM:
+// a full SM, each thread with kUnroll 16-byte loads of each operand in flight), at most what N
+// can use.
 dim3 grid_for(int64_t G, int64_t S, int64_t N, int vec) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * vec;
   int64_t bx = (N + per_block - 1) / per_block;
   const int64_t rows = G * S;
-  const int64_t target = 4 * 132;  // ~4 blocks per SM of an H100 in total is plenty
+  const int64_t target = 8 * int64_t(sm_count());
   const int64_t want = (target + rows - 1) / rows;
   bx = bx < want ? bx : want;
   if (bx < 1) bx = 1;

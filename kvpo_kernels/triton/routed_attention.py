@@ -13,7 +13,7 @@ several rows list is summed inside one program: no atomics, deterministic.
 Tiles: chosen per operand width and padded head dim from tables whose every entry compiles for
 sm_80 and sm_90a without spilling registers and within the SM's shared memory
 (:mod:`kvpo_kernels.triton.aot` compiles them on a machine without a GPU;
-tests/kernels/test_triton_aot.py keeps it so). The forward autotunes over its table's entries.
+tests/kernels/test_triton_aot.py keeps it so). Each kernel autotunes over its table's entries.
 """
 
 from __future__ import annotations
@@ -48,21 +48,31 @@ FWD_TILES: dict[tuple[int, int], list[Tiles]] = {
     (4, 128): [Tiles(64, 32, 8, 2), Tiles(64, 16, 8, 2), Tiles(32, 32, 8, 2)],
     (4, 256): [Tiles(32, 16, 8, 2), Tiles(32, 16, 8, 1), Tiles(16, 32, 8, 1)],
 }
-DQ_TILES: dict[tuple[int, int], Tiles] = {
-    (2, 64): Tiles(64, 64, 8, 3),
-    (2, 128): Tiles(64, 64, 8, 3),
-    (2, 256): Tiles(32, 32, 8, 3),
-    (4, 64): Tiles(32, 32, 8, 2),
-    (4, 128): Tiles(32, 16, 8, 1),
-    (4, 256): Tiles(16, 16, 8, 1),
+# Backward candidates, each compiling without a spill for sm_80 and sm_90a (16-bit; the first
+# entry is the tile the first H200 run used untuned). Larger query blocks for dq and larger key
+# blocks for dk/dv cut how often K/V and Q/dO are re-read; the autotuner picks per shape.
+DQ_TILES: dict[tuple[int, int], list[Tiles]] = {
+    (2, 64): [Tiles(64, 64, 8, 3), Tiles(128, 64, 8, 2), Tiles(128, 32, 8, 2), Tiles(64, 32, 4, 3)],
+    (2, 128): [Tiles(64, 64, 8, 3), Tiles(128, 32, 8, 2), Tiles(64, 32, 4, 3), Tiles(64, 32, 8, 3)],
+    (2, 256): [Tiles(32, 32, 8, 3), Tiles(64, 32, 8, 2), Tiles(64, 32, 8, 3)],
+    (4, 64): [Tiles(32, 32, 8, 2)],
+    (4, 128): [Tiles(32, 16, 8, 1)],
+    (4, 256): [Tiles(16, 16, 8, 1)],
 }
-DKDV_TILES: dict[tuple[int, int], Tiles] = {
-    (2, 64): Tiles(64, 32, 8, 3),
-    (2, 128): Tiles(32, 64, 8, 3),
-    (2, 256): Tiles(16, 32, 8, 3),
-    (4, 64): Tiles(32, 32, 8, 1),
-    (4, 128): Tiles(32, 16, 4, 1),
-    (4, 256): Tiles(32, 16, 8, 1),
+DKDV_TILES: dict[tuple[int, int], list[Tiles]] = {
+    (2, 64): [Tiles(32, 64, 8, 3), Tiles(32, 128, 8, 2), Tiles(64, 64, 8, 2), Tiles(16, 128, 8, 2)],
+    (2, 128): [Tiles(32, 64, 8, 3), Tiles(16, 128, 8, 2), Tiles(64, 64, 8, 2), Tiles(32, 64, 8, 2)],
+    (2, 256): [Tiles(16, 32, 8, 3), Tiles(32, 32, 8, 2), Tiles(32, 32, 8, 3)],
+    (4, 64): [Tiles(32, 32, 8, 1)],
+    (4, 128): [Tiles(32, 16, 4, 1)],
+    (4, 256): [Tiles(32, 16, 8, 1)],
+}
+# dk/dv over pages of at most 16 tokens: the keys (the products' M dimension) are one 16-row
+# block, too few for 8 warps; ptxas spills the table's 8-warp entries capped to 16 keys.
+DKDV_SMALL_PAGE_TILES: dict[tuple[int, int], Tiles] = {
+    (2, 64): Tiles(16, 16, 4, 2),
+    (2, 128): Tiles(16, 16, 4, 2),
+    (2, 256): Tiles(32, 16, 4, 2),
 }
 INTERPRETER_TILES = Tiles(16, 16, 4, 1)
 
@@ -83,22 +93,47 @@ def _config(t: Tiles) -> triton.Config:
     )
 
 
-def _fwd_configs() -> list[triton.Config]:
+def _configs(table: dict[tuple[int, int], list[Tiles]]) -> list[triton.Config]:
     if interpreted():
         return [_config(INTERPRETER_TILES)]
-    return [_config(t) for t in sorted({t for ts in FWD_TILES.values() for t in ts})]
+    return [_config(t) for t in sorted({t for ts in table.values() for t in ts})]
 
 
-def _prune_fwd(configs, named_args, **meta) -> list[triton.Config]:
-    """The table's entries for this dtype and head dim, keys capped at the page size."""
-    wanted = FWD_TILES[tiles_key(named_args["Q"].dtype, meta["BLOCK_D"])]
-    kept: dict[Tiles, triton.Config] = {}
-    for c in configs:
-        t = Tiles(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-        if t in wanted:
-            t = _cap_n(t, named_args["page_size"])
-            kept.setdefault(t, _config(t))
-    return list(kept.values())
+def _pruner(
+    table: dict[tuple[int, int], list[Tiles]], small_pages: dict[tuple[int, int], Tiles] | None
+):
+    """An early_config_prune keeping ``table``'s entries for this dtype and head dim, keys capped
+    at the page size (``small_pages``' entry instead, where given, for pages of <= 16 tokens)."""
+
+    def prune(configs, named_args, **meta) -> list[triton.Config]:
+        if interpreted():
+            return configs
+        key = tiles_key(named_args["Q"].dtype, meta["BLOCK_D"])
+        if small_pages and key in small_pages and named_args["page_size"] <= 16:
+            return [_config(small_pages[key])]
+        wanted = table[key]
+        kept: dict[Tiles, triton.Config] = {}
+        for c in configs:
+            t = Tiles(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            if t in wanted:
+                t = _cap_n(t, named_args["page_size"])
+                kept.setdefault(t, _config(t))
+        return list(kept.values())
+
+    return prune
+
+
+def _autotune(
+    table: dict[tuple[int, int], list[Tiles]],
+    small_pages: dict[tuple[int, int], Tiles] | None = None,
+):
+    # Keyed on what changes the best tiles, never on the table or row count: a new routing
+    # reuses the compiled kernels and the tuning.
+    return triton.autotune(
+        configs=_configs(table),
+        key=["Lq", "page_size", "D", "GROUP"],
+        prune_configs_by={"early_config_prune": _pruner(table, small_pages)},
+    )
 
 
 @triton.jit
@@ -108,11 +143,7 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
-@triton.autotune(
-    configs=_fwd_configs(),
-    key=["Lq", "page_size", "D", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune_fwd},
-)
+@_autotune(FWD_TILES)
 @triton.jit(do_not_specialize=["B", "max_pages"])
 def _fwd_kernel(
     Q, K, V, TABLE, LENS, OUT, LSE,
@@ -177,6 +208,7 @@ def _fwd_kernel(
     tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_mask)
 
 
+@_autotune(DQ_TILES)
 @triton.jit(do_not_specialize=["B", "max_pages"])
 def _bwd_dq_kernel(
     Q, K, V, TABLE, LENS, DO, LSE, DELTA, DQ,
@@ -233,6 +265,7 @@ def _bwd_dq_kernel(
     tl.store(DQ + row, (dq * sm_scale).to(DQ.dtype.element_ty), mask=md_mask)
 
 
+@_autotune(DKDV_TILES, DKDV_SMALL_PAGE_TILES)
 @triton.jit(do_not_specialize=["B", "Lq"])
 def _bwd_dkdv_kernel(
     Q, K, V, LENS, DO, LSE, DELTA, DK, DV, ROW_PTR, ROWS,
@@ -266,6 +299,8 @@ def _bwd_dkdv_kernel(
     qk_scale = sm_scale * 1.4426950408889634
     start = tl.load(ROW_PTR + p)
     end = tl.load(ROW_PTR + p + 1)
+    # Transposed products (keys x queries): every tl.dot has this program's BLOCK_N keys as its
+    # M dimension, which the tensor-core instruction wants at least 64 wide on Hopper.
     for e in range(start, end):
         b = tl.load(ROWS + e)
         for g in range(0, GROUP):
@@ -281,12 +316,12 @@ def _bwd_dkdv_kernel(
                 lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
                 lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
                 delta = tl.load(DELTA + stat, mask=m_mask, other=0.0)
-                s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [M, N]
-                pr = tl.where(m_mask[:, None] & n_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
-                dv += _dot(tl.trans(pr.to(do.dtype)), do, IEEE)
-                dp = _dot(do, tl.trans(v), IEEE)
-                ds = pr * (dp - delta[:, None])
-                dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+                s_t = _dot(k, tl.trans(q), IEEE) * qk_scale  # [N, M]
+                p_t = tl.where(n_mask[:, None] & m_mask[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+                dv += _dot(p_t.to(do.dtype), do, IEEE)
+                dp_t = _dot(v, tl.trans(do), IEEE)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += _dot(ds_t.to(q.dtype), q, IEEE)
     tl.store(DK + kv_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -352,17 +387,6 @@ def page_rows_csr(page_table: torch.Tensor, num_pages: int) -> tuple[torch.Tenso
     return row_ptr.to(torch.int32), rows[order].to(torch.int32)
 
 
-def _bwd_tiles(table: dict[tuple[int, int], Tiles], q, page_size: int) -> Tiles:
-    if interpreted():
-        return INTERPRETER_TILES
-    return _cap_n(table[tiles_key(q.dtype, q.shape[-1])], page_size)
-
-
-def _tile_meta(common: dict, t: Tiles) -> dict:
-    return dict(common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps,
-                num_stages=t.num_stages)  # fmt: skip
-
-
 def bwd_launches(dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, scale, dq, dk, dv):
     """The two backward launches (dq; dk and dv), arguments as :func:`routed_attention_bwd`,
     gradients given. lse and delta: float32, contiguous."""
@@ -378,9 +402,8 @@ def bwd_launches(dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, s
         page_table.stride(0),
         B, H, Lq, page_table.shape[1], page_size, D,
     )  # fmt: skip
-    t = _bwd_tiles(DQ_TILES, q, page_size)
     dq_launch = Launch(
-        _bwd_dq_kernel, (triton.cdiv(Lq, t.block_m), B * H), dq_args, _tile_meta(common, t)
+        _bwd_dq_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H), dq_args, common
     )
     row_ptr, rows = page_rows_csr(page_table, P)
     dkdv_args = (
@@ -389,10 +412,9 @@ def bwd_launches(dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, s
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         B, H, Lq, Hkv, page_size, D,
     )  # fmt: skip
-    t = _bwd_tiles(DKDV_TILES, q, page_size)
     dkdv_launch = Launch(
-        _bwd_dkdv_kernel, (triton.cdiv(page_size, t.block_n), P * Hkv), dkdv_args,
-        _tile_meta(common, t),
+        _bwd_dkdv_kernel, lambda meta: (triton.cdiv(page_size, meta["BLOCK_N"]), P * Hkv),
+        dkdv_args, common,
     )  # fmt: skip
     return dq_launch, dkdv_launch
 

@@ -55,26 +55,48 @@ def test_routed_attention_gpu_backends(case, dtype):
                 assert_low_precision(a.cpu(), b.cpu(), c, f"{backend} {dtype} {name}")
 
 
+def _energy_and_grad(fn, v_pred, v_ref, weight):
+    """Energies and d(sum_g c_g energy_g) / d v_pred for fixed random c."""
+    v_pred = v_pred.detach().clone().requires_grad_()
+    e = fn(v_pred, v_ref, weight)
+    c = torch.linspace(0.5, 1.5, e.shape[0], dtype=e.dtype, device=e.device)
+    (grad,) = torch.autograd.grad((e * c).sum(), v_pred)
+    return e.detach(), grad
+
+
+# (G, S, N): a Wan chunk's step at 1560 tokens; N long enough for the CUDA kernels' unrolled
+# loop; N odd (no 16-byte vectors).
+ENERGY_SHAPES = [(8, 4, 3 * 1560), (2, 3, 2**20 + 8), (3, 2, 2**18 + 3)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_velocity_energy_gpu_backends(dtype):
+@pytest.mark.parametrize("shape", ENERGY_SHAPES, ids=str)
+def test_velocity_energy_gpu_backends(shape, dtype):
     backends = _gpu_backends("velocity_energy_fwd")
     if not backends:
         pytest.skip("no GPU backend built")
-    v_pred = torch.randn(8, 4, 3, 1560, dtype=torch.float64)
+    G, S, N = shape
+    v_pred = torch.randn(G, S, N, dtype=torch.float64)
     v_ref = v_pred + torch.randn_like(v_pred)
-    weight = torch.rand(4, dtype=torch.float64)
-    ref = kvpo_kernels.velocity_energy_reference(v_pred, v_ref, weight, "mean")
-    pt = kvpo_kernels.velocity_energy_reference(
-        v_pred.to(dtype), v_ref.to(dtype), weight.to(dtype), "mean"
-    )
+    weight = torch.rand(S, dtype=torch.float64)
+
+    def ref(a, b, w):
+        return kvpo_kernels.velocity_energy_reference(a, b, w, "mean")
+
+    want = _energy_and_grad(ref, v_pred, v_ref, weight)
+    low = [t.cuda().to(dtype) for t in (v_pred, v_ref)]
+    pt = _energy_and_grad(ref, *low, weight.cuda().to(dtype))
     for backend in backends:
-        got = kvpo_kernels.velocity_energy(
-            v_pred.cuda().to(dtype), v_ref.cuda().to(dtype), weight.cuda(), "mean", backend=backend
-        )
-        if dtype == torch.float32:
-            assert_rel(got.cpu(), ref, 1e-5, backend)
-        else:
-            assert_low_precision(got.cpu(), pt, ref, f"{backend} {dtype}")
+
+        def fn(a, b, w, backend=backend):
+            return kvpo_kernels.velocity_energy(a, b, w, "mean", backend=backend)
+
+        got = _energy_and_grad(fn, *low, weight.cuda())
+        for name, a, b, c in zip(("energy", "grad"), got, pt, want, strict=True):
+            if dtype == torch.float32:
+                assert_rel(a.cpu(), c, 1e-5, f"{backend} {name}")
+            else:
+                assert_low_precision(a.cpu(), b.cpu(), c, f"{backend} {dtype} {name}")
 
 
 def test_triton_does_not_recompile_when_only_the_table_changes():
