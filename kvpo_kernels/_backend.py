@@ -5,8 +5,8 @@ Backends:
   ``cpu``       the C++ kernels of ``kvpo_kernels._C`` on CPU tensors;
   ``cuda``      the CUDA C++ kernels of ``kvpo_kernels._C`` on CUDA tensors (CUDA builds only);
   ``triton``    the Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
-  ``auto``      CPU tensors -> ``cpu``; CUDA tensors -> ``triton`` (else ``cuda``, else
-                ``reference``).
+  ``auto``      CPU tensors -> ``cpu``; CUDA tensors -> the op's faster GPU backend where both
+                exist (:data:`CUDA_PREFERENCE`), else the other, else ``reference``.
 
 The choice comes, first match wins, from the op's ``backend=`` argument, the environment variable
 ``KVPO_<OP>_BACKEND`` (``KVPO_ROUTED_ATTENTION_BACKEND``, ``KVPO_VELOCITY_ENERGY_BACKEND``), the
@@ -21,6 +21,15 @@ import os
 import torch
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+# ``auto``'s order on CUDA tensors, per op, from the H200 suite (benchmarks/RESULTS.md): Triton's
+# routed attention forward ran at 409 TFLOP/s against the CUDA C++ kernel's 246; for
+# velocity_energy the kernels take the same GPU time, and a CUDA call costs half a Triton call
+# (0.08 against 0.14 ms forward, 0.18 against 0.38 ms with the backward).
+CUDA_PREFERENCE: dict[str, tuple[str, str]] = {
+    "routed_attention": ("triton", "cuda"),
+    "velocity_energy": ("cuda", "triton"),
+}
 
 
 def _probe_native() -> bool:
@@ -86,10 +95,10 @@ def resolve(
         if device.type == "cpu":
             return "cpu" if native_available() else "reference"
         if device.type == "cuda" and dtype != torch.float64:
-            if triton_available():
-                return "triton"
-            if native_cuda_available(native_op):
-                return "cuda"
+            available = {"triton": triton_available(), "cuda": native_cuda_available(native_op)}
+            for name in CUDA_PREFERENCE.get(op, ("triton", "cuda")):
+                if available[name]:
+                    return name
         return "reference"
     if choice in ("triton", "cuda") and dtype == torch.float64:
         raise TypeError(

@@ -119,3 +119,27 @@ def test_merge_attention_shape_errors():
         kvpo_kernels.merge_attention(
             torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(2, 3, 4), torch.randn(2, 4)
         )
+
+
+@pytest.mark.parametrize(
+    ("triton", "cuda", "attention", "energy"),
+    [
+        (True, True, "triton", "cuda"),  # each op's faster GPU kernel (the H200 suite)
+        (True, False, "triton", "triton"),
+        (False, True, "cuda", "cuda"),
+        (False, False, "reference", "reference"),
+    ],
+)
+def test_auto_on_cuda_picks_each_ops_faster_backend(monkeypatch, triton, cuda, attention, energy):
+    from kvpo_kernels import _backend
+
+    monkeypatch.setattr(_backend, "triton_available", lambda: triton)
+    monkeypatch.setattr(_backend, "native_cuda_available", lambda op: cuda)
+    for var in ("KVPO_BACKEND", "KVPO_ROUTED_ATTENTION_BACKEND", "KVPO_VELOCITY_ENERGY_BACKEND"):
+        monkeypatch.delenv(var, raising=False)
+    gpu = torch.device("cuda")
+    assert _backend.resolve("routed_attention", gpu, None, "routed_attn_fwd") == attention
+    assert _backend.resolve("velocity_energy", gpu, None, "velocity_energy_fwd") == energy
+    # float64 always goes to the reference (the GPU kernels accumulate in float32)
+    assert _backend.resolve("velocity_energy", gpu, None, "", torch.float64) == "reference"
+    assert _backend.resolve("velocity_energy", torch.device("cpu")) in ("cpu", "reference")
