@@ -13,8 +13,8 @@ their cost is the user's choice). Two tables:
   diffusers' own forward over all 21 frames with a block-causal mask (what streaming costs
   without a KV cache);
 * one KVPO iteration (LoRA rank 256 on a bfloat16 base, gradient checkpointing, the replay's
-  backward one branch at a time, bf16 autocast, sample routing in a 12-frame local window with 3
-  sinks): seconds of rollout, replay and update, and peak memory.
+  backward one branch at a time, bf16 autocast, drop routing with p_keep 0.5 in chunks 2-4 as
+  configs/wan_self_forcing.yaml does): seconds of rollout, replay and update, and peak memory.
 """
 
 from __future__ import annotations
@@ -174,8 +174,8 @@ def iteration(smoke: bool, device: torch.device, group_size: int, out_dir: str) 
 
     cfg = build_config(dict(
         out_dir=out_dir, device=device.type, iterations=2, prompts_per_iter=1,
-        group_size=group_size, window=(1, min(4, nC)), routing="sample", recent_frames=1,
-        local_window=s["window"], grad_checkpointing=True, amp="bf16", replay_branches=1, eval_prompts=1,
+        group_size=group_size, window=(2, min(5, nC)), routing="drop", p_keep=0.5,
+        grad_checkpointing=True, amp="bf16", replay_branches=1, eval_prompts=1,
         eval_seeds=1, eval_every=100, save_every=100, samples=False, progress=False,
     ))  # fmt: skip
     if device.type == "cuda":

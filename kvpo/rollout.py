@@ -158,6 +158,38 @@ def _steps(model: StreamingVideoGenerator, spec: RolloutSpec) -> list[int]:
     return list(range(S)) if spec.score_steps is None else sorted(spec.score_steps)
 
 
+def _sample_layout(
+    model: StreamingVideoGenerator, spec: RolloutSpec, chunk: int
+) -> tuple[int, int, int]:
+    """``routing="sample"`` at ``chunk``: (sink frames, recent frames, window slots drawn from the
+    older history between them)."""
+    start = chunk * model.chunk_frames
+    sinks = min(model.sink_frames, start)
+    recent = min(spec.recent_frames, start - sinks)
+    return sinks, recent, max(len(visible_frames(model, chunk)) - sinks - recent, 0)
+
+
+def exploring_chunks(model: StreamingVideoGenerator, spec: RolloutSpec) -> list[int]:
+    """The chunks of ``spec.window`` whose branches can attend to different history frames.
+
+    ``drop``: a frame besides the sinks and the most recent one is visible, and ``0 < p_keep <
+    1``. ``sample``: the older history (between sinks and recent frames) holds more frames than
+    the local window's free slots, and there is a slot. Elsewhere every branch sees the same
+    context, so with no exploring chunk the G branches of a group are one video.
+    """
+    found = []
+    for chunk in range(*spec.window):
+        if spec.routing == "drop":
+            n = len(visible_frames(model, chunk))
+            explores = n - 1 > model.sink_frames and 0.0 < spec.p_keep < 1.0
+        else:
+            sinks, recent, slots = _sample_layout(model, spec, chunk)
+            explores = 0 < slots < chunk * model.chunk_frames - sinks - recent
+        if explores:
+            found.append(chunk)
+    return found
+
+
 def _route(
     model: StreamingVideoGenerator,
     spec: RolloutSpec,
@@ -179,9 +211,7 @@ def _route(
         )
         return torch.where(keep >= 0, hist, torch.full_like(hist, -1))
     start = chunk * model.chunk_frames
-    sinks = min(model.sink_frames, start)
-    recent = min(spec.recent_frames, start - sinks)
-    slots = max(len(visible_frames(model, chunk)) - sinks - recent, 0)
+    sinks, recent, slots = _sample_layout(model, spec, chunk)
     routed = sample_pages(
         page_map[:, :start].to(torch.int32),
         1,  # one branch per row: each row routes its own history

@@ -29,7 +29,7 @@ from .likelihood import branch_log_probs, kl_term
 from .replay import replay_velocities, step_weights, trajectory_energy
 from .report import MetricsLog, plot_rewards, save_videos
 from .rewards import GENERIC, ClipReward, CompositeReward, RewardFn
-from .rollout import Rollout, RolloutSpec, rollout
+from .rollout import Rollout, RolloutSpec, exploring_chunks, rollout
 from .scoring import branch_rewards, fused_reward
 
 
@@ -138,6 +138,52 @@ def iteration_generator(
 
 def shifted(window: tuple[int, int], by: int) -> tuple[int, int]:
     return (window[0] + by, window[1] + by)
+
+
+def rollout_spec(cfg: TrainConfig) -> RolloutSpec:
+    """What the config's rollouts explore and record (the window before any shift)."""
+    return RolloutSpec(
+        group_size=cfg.group_size,
+        window=tuple(cfg.window),
+        p_keep=cfg.p_keep,
+        routing=cfg.routing,
+        recent_frames=cfg.recent_frames,
+        score_after_window=cfg.score_after_window,
+        score_steps=None if cfg.score_steps is None else tuple(cfg.score_steps),
+        anchor=cfg.advantage == "anchor",
+        record_prefix=cfg.kl_prefix and cfg.kl == "velocity",
+        explore=cfg.explore,
+        sde_noise=cfg.sde_noise,
+    )
+
+
+def check_exploration(spec: RolloutSpec, model: nn.Module) -> None:
+    """Validates ``spec`` for ``model`` and refuses a KV-routing window in which no chunk's
+    branches can differ: their rewards would tie, every group would be skipped, and the run would
+    train nothing while looking healthy."""
+    spec.validate(model)
+    if spec.explore != "routing" or spec.group_size < 2 or exploring_chunks(model, spec):
+        return
+    w0, w1 = spec.window
+    c, sinks, lw = model.chunk_frames, model.sink_frames, model.local_window
+    if spec.routing == "sample":
+        why = (
+            f"routing='sample' refills the local window ({sinks} sink frames + local_window "
+            f"{lw}) from older history, but chunks {w0}..{w1 - 1} have at most {(w1 - 1) * c} "
+            f"history frames, which the window (less recent_frames={spec.recent_frames}) already "
+            f"shows whole; perturb chunks whose history passes {sinks + lw} frames, make the video "
+            "longer, or use routing='drop'"
+        )
+    else:
+        why = (
+            f"routing='drop' with p_keep={spec.p_keep}: chunks {w0}..{w1 - 1} have no history "
+            f"frame besides the {sinks} sink frames and the most recent one, or p_keep is 0 or 1; "
+            "perturb later chunks or set 0 < p_keep < 1"
+        )
+    raise ValueError(
+        f"window {spec.window}: no chunk's branches can attend to different history, so the "
+        f"{spec.group_size} branches of a group would be one video and nothing would train: {why}"
+    )
 
 
 @dataclass
@@ -284,23 +330,11 @@ def train(
     ref = copy.deepcopy(generator) if generator is not None else load_model(cfg.base_checkpoint)
     ref = ref.to(device).requires_grad_(False).eval()
     set_context(cfg, ref)
+    spec = rollout_spec(cfg)
+    for shift in range(cfg.window_shift + 1):  # before the policy, its AdamW and EMA are made
+        check_exploration(dataclasses.replace(spec, window=shifted(cfg.window, shift)), ref)
     model, opt, ema, start, history = load_policy(cfg, ref, device, generator)
     del generator  # the policy and the reference are copies: a loaded Wan2.1 need not stay a third
-    spec = RolloutSpec(
-        group_size=cfg.group_size,
-        window=tuple(cfg.window),
-        p_keep=cfg.p_keep,
-        routing=cfg.routing,
-        recent_frames=cfg.recent_frames,
-        score_after_window=cfg.score_after_window,
-        score_steps=None if cfg.score_steps is None else tuple(cfg.score_steps),
-        anchor=cfg.advantage == "anchor",
-        record_prefix=cfg.kl_prefix and cfg.kl == "velocity",
-        explore=cfg.explore,
-        sde_noise=cfg.sde_noise,
-    )
-    spec.validate(model)
-    dataclasses.replace(spec, window=shifted(cfg.window, cfg.window_shift)).validate(model)
     if reward is None:
         reward = make_reward(cfg, device)
     elif not isinstance(reward, CompositeReward):

@@ -1,8 +1,14 @@
 """Trainer config: defaults, YAML, CLI overrides and clear errors."""
 
+import dataclasses
+from pathlib import Path
+
 import pytest
+import torch
 
 from kvpo.config import TrainConfig, build_config, parse_args
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_are_valid():
@@ -90,3 +96,45 @@ def test_every_field_has_help(capsys):
         parse_args(["--help"])
     out = capsys.readouterr().out
     assert "--p_keep FLOAT" in out and "(default: 0.3)" in out and "<class" not in out
+
+
+class _Shape:
+    """A generator's shape, all that routing and the window checks read."""
+
+    def __init__(self, frames, chunk, sinks, local_window, steps=4):
+        self.num_frames, self.chunk_frames = frames, chunk
+        self.sink_frames, self.local_window = sinks, local_window
+        self.steps = steps
+
+    def timesteps(self):
+        return torch.linspace(1, 0, self.steps + 1)
+
+
+@pytest.mark.parametrize("name", ["wan_self_forcing.yaml", "wan_longlive.yaml"])
+def test_wan_recipes_explore_at_every_window_start(name):
+    """Every window position of the shipped Wan recipes has a chunk whose branches can see
+    different history (checked on the shape they configure)."""
+    from kvpo.rollout import exploring_chunks
+    from kvpo.train import check_exploration, rollout_spec, shifted
+
+    cfg = parse_args(["--config", str(ROOT / "configs" / name)])
+    model = _Shape(cfg.wan_frames, cfg.wan_chunk_frames, cfg.wan_sink_frames, cfg.local_window)
+    spec = rollout_spec(cfg)
+    for shift in range(cfg.window_shift + 1):
+        at = dataclasses.replace(spec, window=shifted(cfg.window, shift))
+        check_exploration(at, model)
+        assert exploring_chunks(model, at), (name, at.window)
+
+
+def test_sample_routing_over_a_window_that_shows_everything_is_refused():
+    """LongLive's window (3 sinks + 12 frames) over a 21-frame clip's chunks 1-5: every branch
+    would see all of its history (what the README's first Wan command did)."""
+    from kvpo.rollout import RolloutSpec, exploring_chunks
+    from kvpo.train import check_exploration
+
+    model = _Shape(21, 3, 3, 12)
+    spec = RolloutSpec(group_size=8, window=(1, 6), routing="sample", recent_frames=4)
+    assert exploring_chunks(model, spec) == []
+    with pytest.raises(ValueError, match="history passes 15 frames"):
+        check_exploration(spec, model)
+    assert exploring_chunks(model, dataclasses.replace(spec, window=(1, 7))) == [6]

@@ -1,5 +1,7 @@
 """Rollouts: page sharing before the window, routing inside it, reproducibility, memory."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from trainer_support import PROMPTS, tiny_model
@@ -156,3 +158,31 @@ def test_kv_recache_changes_only_what_follows_the_switch():
     torch.testing.assert_close(
         same, generate(model, [[left] * 5], torch.Generator().manual_seed(0))
     )
+
+
+def test_exploring_chunks_are_those_whose_context_can_differ(model):
+    """drop: a frame besides the sinks and the most recent one, 0 < p_keep < 1; sample: more
+    older frames than free window slots. Checked against rollouts: branches differ in a window
+    exactly when it has an exploring chunk."""
+    from kvpo.rollout import exploring_chunks
+
+    c, s = model.chunk_frames, model.sink_frames
+    drop = RolloutSpec(group_size=3, window=(1, model.num_frames // c), p_keep=0.5)
+    assert exploring_chunks(model, drop) == [j for j in range(*drop.window) if j * c - 1 > s]
+    assert exploring_chunks(model, replace(drop, p_keep=1.0)) == []
+    assert exploring_chunks(model, replace(drop, p_keep=0.0)) == []
+    old = model.local_window
+    try:
+        model.local_window = 3
+        sample = replace(drop, routing="sample", recent_frames=2)
+        # visible history: all of it while it fits sinks + window, then sinks + 3 frames
+        want = [j for j in range(*drop.window) if j * c > s + 3]
+        assert exploring_chunks(model, sample) == want
+        for j in (want[0] - 1, want[0]):
+            spec = replace(sample, window=(j, j + 1), group_size=8, anchor=False)
+            ro = rollout(model, [["a red ball"] * (model.num_frames // c)], spec,
+                         torch.Generator().manual_seed(0))  # fmt: skip
+            differ = any(not torch.equal(ro.tokens[0, 0], ro.tokens[0, g]) for g in range(1, 8))
+            assert differ == (j in want), j
+    finally:
+        model.local_window = old

@@ -104,8 +104,8 @@ def test_sample_routing_local_window_recache_and_window_shift(base, tmp_path):
         tmp_path,
         iterations=4,
         routing="sample",
-        local_window=3,
-        recent_frames=2,
+        local_window=2,
+        recent_frames=1,
         window=(2, 3),
         window_shift=2,
         multi_prompt=1.0,
@@ -116,11 +116,18 @@ def test_sample_routing_local_window_recache_and_window_shift(base, tmp_path):
     starts = [r["window_start"] for r in res.history if r["iter"] >= 0]
     assert set(starts) <= {2, 3, 4} and len(set(starts)) > 1
     saved = load_model(tmp_path / "checkpoint.safetensors")
-    assert saved.local_window == 3 and saved.recache
+    assert saved.local_window == 2 and saved.recache
     with pytest.raises(ValueError, match="window"):
         train(_cfg(base, tmp_path / "b", window=(2, 4), window_shift=2))
     with pytest.raises(ValueError, match="local_window=None"):
         train(_cfg(base, tmp_path / "c", routing="sample"))
+    # Chunk 2's 4 history frames fit in 1 sink + a 3-frame window: at window start 2 every branch
+    # would see the same context.
+    with pytest.raises(ValueError, match=r"window \(2, 3\): no chunk's branches can attend"):
+        train(_cfg(base, tmp_path / "d", routing="sample", local_window=3, recent_frames=2,
+                   window=(2, 3), window_shift=2))  # fmt: skip
+    with pytest.raises(ValueError, match="p_keep=1.0"):
+        train(_cfg(base, tmp_path / "e", p_keep=1.0))
 
 
 def test_resume_continues_exactly(base, tmp_path):
@@ -219,7 +226,7 @@ def test_public_recipe_config_trains(base, tmp_path):
         **_over(base, tmp_path, samples=False),
         "window": "2,3",
         "window_shift": 1,
-        "local_window": 3,
+        "local_window": 2,  # chunk 2's 4 history frames overflow 1 sink + 2: sample routing explores
         "score_steps": "0,1",
     }
     argv = ["--config", str(ROOT / "configs" / "public_recipe.yaml")]
