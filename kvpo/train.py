@@ -330,11 +330,11 @@ def train(
     ref = copy.deepcopy(generator) if generator is not None else load_model(cfg.base_checkpoint)
     ref = ref.to(device).requires_grad_(False).eval()
     set_context(cfg, ref)
-    spec = rollout_spec(cfg)
-    for shift in range(cfg.window_shift + 1):  # before the policy, its AdamW and EMA are made
-        check_exploration(dataclasses.replace(spec, window=shifted(cfg.window, shift)), ref)
     model, opt, ema, start, history = load_policy(cfg, ref, device, generator)
     del generator  # the policy and the reference are copies: a loaded Wan2.1 need not stay a third
+    spec = rollout_spec(cfg)
+    for shift in range(cfg.window_shift + 1):
+        check_exploration(dataclasses.replace(spec, window=shifted(cfg.window, shift)), model)
     if reward is None:
         reward = make_reward(cfg, device)
     elif not isinstance(reward, CompositeReward):
