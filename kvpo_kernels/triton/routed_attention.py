@@ -48,9 +48,9 @@ FWD_TILES: dict[tuple[int, int], list[Tiles]] = {
     (4, 128): [Tiles(64, 32, 8, 2), Tiles(64, 16, 8, 2), Tiles(32, 32, 8, 2)],
     (4, 256): [Tiles(32, 16, 8, 2), Tiles(32, 16, 8, 1), Tiles(16, 32, 8, 1)],
 }
-# Backward candidates, each compiling without a spill for sm_80 and sm_90a (16-bit; the first
-# entry is the tile the first H200 run used untuned). Larger query blocks for dq and larger key
-# blocks for dk/dv cut how often K/V and Q/dO are re-read; the autotuner picks per shape.
+# Backward candidates, each compiling without a spill for sm_80 and sm_90a (16-bit; checked with
+# kvpo_kernels.triton.aot). Larger query blocks for dq and larger key blocks for dk/dv cut how
+# often K/V and Q/dO are re-read; the autotuner picks per shape.
 DQ_TILES: dict[tuple[int, int], list[Tiles]] = {
     (2, 64): [Tiles(64, 64, 8, 3), Tiles(128, 64, 8, 2), Tiles(128, 32, 8, 2), Tiles(64, 32, 4, 3)],
     (2, 128): [Tiles(64, 64, 8, 3), Tiles(128, 32, 8, 2), Tiles(64, 32, 4, 3), Tiles(64, 32, 8, 3)],
