@@ -136,6 +136,13 @@ def iteration_generator(
     return torch.Generator().manual_seed(((cfg.seed * 1_000_003 + it) * 131 + rank) * 7 + stream)
 
 
+# Why an iteration can train no group (its row's valid_groups is 0), by advantage mode.
+NO_GROUP = {
+    "group": "every group's rewards tied (spread within 1e-6)",
+    "anchor": "no branch beat its group's anchor (the protect gate)",
+}
+
+
 def shifted(window: tuple[int, int], by: int) -> tuple[int, int]:
     return (window[0] + by, window[1] + by)
 
@@ -512,6 +519,10 @@ def train(
                 + (f" multi-prompt {row['eval_mp_reward']:.4f}" if "eval_mp_reward" in row else ""),
                 file=sys.stdout,
             )
+            if row["valid_groups"] == 0:
+                tqdm.write(
+                    f"it {it:4d} | no group trained: {NO_GROUP[cfg.advantage]}", file=sys.stdout
+                )
             if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
                 save_training(
                     out / "checkpoint.safetensors",

@@ -356,3 +356,16 @@ def test_bf16_autocast_training(base, tmp_path):
         assert all(map(math.isfinite, (row["loss"], row["ratio"], row["tve"], row["grad_norm"])))
         assert row["tve"] > 0 and math.isfinite(row["eval_reward"])
     assert next(res.model.parameters()).dtype == torch.float32  # fp32 master weights
+
+
+def test_an_iteration_that_trains_no_group_says_so(base, tmp_path, capsys):
+    """A reward that ties every group (here: a constant) leaves nothing to train; the log line
+    of each such iteration says so instead of looking like a quiet step."""
+
+    def constant(videos, prompts):
+        return torch.full((videos.shape[0],), 0.5)
+
+    res = train(_cfg(base, tmp_path, samples=False), reward=constant)
+    assert all(r["valid_groups"] == 0 for r in res.history if r["iter"] >= 0)
+    out = capsys.readouterr().out
+    assert out.count("no group trained: every group's rewards tied") == 2
