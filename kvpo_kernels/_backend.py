@@ -50,9 +50,21 @@ def native_available() -> bool:
     return _NATIVE
 
 
+def _has_cuda_kernel(op: str) -> bool:
+    return _NATIVE and torch._C._dispatch_has_kernel_for_dispatch_key(f"kvpo::{op}", "CUDA")
+
+
+# The native ops' CUDA kernels, probed once at import like _NATIVE: resolve() asks on every call
+# with CUDA tensors, and a dispatcher query inside it would break torch.compile(fullgraph=True).
+_NATIVE_CUDA = {
+    op: _has_cuda_kernel(op)
+    for op in ("routed_attn_fwd", "routed_attn_bwd", "velocity_energy_fwd", "velocity_energy_bwd")
+}
+
+
 def native_cuda_available(op: str) -> bool:
     """True when the extension registered a CUDA kernel for the native op ``kvpo::<op>``."""
-    return _NATIVE and torch._C._dispatch_has_kernel_for_dispatch_key(f"kvpo::{op}", "CUDA")
+    return _NATIVE_CUDA[op] if op in _NATIVE_CUDA else _has_cuda_kernel(op)
 
 
 def triton_available() -> bool:

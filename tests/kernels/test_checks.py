@@ -143,3 +143,20 @@ def test_auto_on_cuda_picks_each_ops_faster_backend(monkeypatch, triton, cuda, a
     # float64 always goes to the reference (the GPU kernels accumulate in float32)
     assert _backend.resolve("velocity_energy", gpu, None, "", torch.float64) == "reference"
     assert _backend.resolve("velocity_energy", torch.device("cpu")) in ("cpu", "reference")
+
+
+def test_resolve_on_cuda_traces_under_fullgraph_compile():
+    """resolve() runs inside the ops' Python wrappers, which torch.compile traces: on CUDA it asks
+    which GPU kernels exist, and that answer must be a constant (a dispatcher query there is an
+    unsupported call under fullgraph=True)."""
+    from kvpo_kernels import _backend
+
+    gpu = torch.device("cuda")
+
+    def f(x):
+        attention = _backend.resolve("routed_attention", gpu, None, "routed_attn_fwd")
+        energy = _backend.resolve("velocity_energy", gpu, None, "velocity_energy_fwd")
+        return x + len(attention) + 10 * len(energy)
+
+    x = torch.randn(3)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
