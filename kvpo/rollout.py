@@ -181,7 +181,7 @@ def exploring_chunks(model: StreamingVideoGenerator, spec: RolloutSpec) -> list[
     for chunk in range(*spec.window):
         if spec.routing == "drop":
             n = len(visible_frames(model, chunk))
-            explores = n - 1 > model.sink_frames and 0.0 < spec.p_keep < 1.0
+            explores = bool(droppable_columns(model, chunk, n).any()) and 0.0 < spec.p_keep < 1.0
         else:
             sinks, recent, slots = _sample_layout(model, spec, chunk)
             explores = 0 < slots < chunk * model.chunk_frames - sinks - recent

@@ -138,7 +138,7 @@ def iteration_generator(
 
 # Why an iteration can train no group (its row's valid_groups is 0), by advantage mode.
 NO_GROUP = {
-    "group": "every group's rewards tied (spread within 1e-6)",
+    "group": "every group's rewards tied",
     "anchor": "no branch beat its group's anchor (the protect gate)",
 }
 

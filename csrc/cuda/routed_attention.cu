@@ -19,7 +19,6 @@
 #include <cmath>
 #include <cstdint>
 
-#include "dtype.cuh"
 #include "kernels.h"
 
 namespace kvpo::cuda {

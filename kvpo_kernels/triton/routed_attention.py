@@ -106,8 +106,6 @@ def _pruner(
     at the page size (``small_pages``' entry instead, where given, for pages of <= 16 tokens)."""
 
     def prune(configs, named_args, **meta) -> list[triton.Config]:
-        if interpreted():
-            return configs
         key = tiles_key(named_args["Q"].dtype, meta["BLOCK_D"])
         if small_pages and key in small_pages and named_args["page_size"] <= 16:
             return [_config(small_pages[key])]
