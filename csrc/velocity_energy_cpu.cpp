@@ -8,19 +8,25 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 namespace kvpo {
 namespace {
 
-void check_inputs(const at::Tensor& v_pred, const at::Tensor& v_ref, const at::Tensor& weight) {
+// weight [G, S] (any strides) as a contiguous double tensor; ones when absent.
+at::Tensor checked_weight(const at::Tensor& v_pred, const at::Tensor& v_ref,
+                          const std::optional<at::Tensor>& weight) {
   TORCH_CHECK(v_pred.dim() == 3, "velocity_energy: v_pred must be viewed as [G, S, N]");
   TORCH_CHECK(v_pred.sizes() == v_ref.sizes(), "velocity_energy: v_pred and v_ref differ in shape");
   TORCH_CHECK(v_pred.scalar_type() == v_ref.scalar_type(), "velocity_energy: dtypes differ");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == v_pred.size(0) &&
-                  weight.size(1) == v_pred.size(1),
+  const auto opts = v_pred.options().dtype(at::kDouble);
+  if (!weight.has_value()) return at::ones({v_pred.size(0), v_pred.size(1)}, opts);
+  TORCH_CHECK(weight->dim() == 2 && weight->size(0) == v_pred.size(0) &&
+                  weight->size(1) == v_pred.size(1),
               "velocity_energy: weight must be [G, S]");
+  return weight->to(opts).contiguous();
 }
 
 template <typename scalar_t>
@@ -43,8 +49,7 @@ void fwd_kernel(const at::Tensor& vp, const at::Tensor& vr, const at::Tensor& w,
       partial[gs] = sum;
     }
   });
-  const auto wd = w.to(at::kDouble).contiguous();
-  const double* wp = wd.const_data_ptr<double>();
+  const double* wp = w.const_data_ptr<double>();
   const double inv_n = mean ? 1.0 / static_cast<double>(N) : 1.0;
   auto e64 = at::empty({G}, energy.options().dtype(at::kDouble));
   double* ep = e64.data_ptr<double>();
@@ -61,7 +66,7 @@ void bwd_kernel(const at::Tensor& grad, const at::Tensor& vp, const at::Tensor& 
                 const at::Tensor& w, bool mean, at::Tensor& dvp, at::Tensor* dvr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = vp.size(0), S = vp.size(1), N = vp.size(2);
-  const at::Tensor coef = (grad.to(at::kDouble).unsqueeze(1) * w.to(at::kDouble) *
+  const at::Tensor coef = (grad.to(at::kDouble).unsqueeze(1) * w *
                      (mean ? 2.0 / static_cast<double>(N) : 2.0))
                         .to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat)
                         .contiguous();
@@ -84,12 +89,12 @@ void bwd_kernel(const at::Tensor& grad, const at::Tensor& vp, const at::Tensor& 
 
 }  // namespace
 
-// v_pred, v_ref: [G, S, N]; weight: [G, S] (float32 or float64). Returns energy [G]
-// (float32, float64 for float64 inputs).
+// v_pred, v_ref: [G, S, N]; weight: [G, S] (float32 or float64, any strides) or none (ones).
+// Returns energy [G] (float32, float64 for float64 inputs).
 at::Tensor velocity_energy_fwd_cpu(const at::Tensor& v_pred_, const at::Tensor& v_ref_,
-                                   const at::Tensor& weight, bool mean) {
+                                   const std::optional<at::Tensor>& weight_, bool mean) {
   const auto v_pred = v_pred_.contiguous(), v_ref = v_ref_.contiguous();
-  check_inputs(v_pred, v_ref, weight);
+  const auto weight = checked_weight(v_pred, v_ref, weight_);
   const auto acc_type = v_pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto energy = at::empty({v_pred.size(0)}, v_pred.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v_pred.scalar_type(),
@@ -102,10 +107,10 @@ at::Tensor velocity_energy_fwd_cpu(const at::Tensor& v_pred_, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> velocity_energy_bwd_cpu(const at::Tensor& grad,
                                                            const at::Tensor& v_pred_,
                                                            const at::Tensor& v_ref_,
-                                                           const at::Tensor& weight, bool mean,
-                                                           bool need_ref) {
+                                                           const std::optional<at::Tensor>& weight_,
+                                                           bool mean, bool need_ref) {
   const auto v_pred = v_pred_.contiguous(), v_ref = v_ref_.contiguous();
-  check_inputs(v_pred, v_ref, weight);
+  const auto weight = checked_weight(v_pred, v_ref, weight_);
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == v_pred.size(0), "velocity_energy_bwd: grad [G]");
   auto dvp = at::empty_like(v_pred);
   auto dvr = need_ref ? at::empty_like(v_ref) : at::empty({0}, v_ref.options());

@@ -24,7 +24,10 @@ def _fwd_reference(v_pred, v_ref, weight, mean):
 
 def _bwd_reference(grad, v_pred, v_ref, weight, mean, need_ref):
     acc = _backend.acc_dtype(v_pred.dtype)
-    coef = grad.to(acc)[:, None] * weight.to(acc) * (2.0 / v_pred.shape[2] if mean else 2.0)
+    coef = grad.to(acc)[:, None] * (2.0 / v_pred.shape[2] if mean else 2.0)
+    if weight is not None:
+        coef = coef * weight.to(acc)
+    coef = coef.expand(v_pred.shape[:2])
     d_pred = (coef[..., None] * (v_pred.to(acc) - v_ref.to(acc))).to(v_pred.dtype)
     d_ref = -d_pred if need_ref else v_ref.new_empty(0)
     return d_pred, d_ref
@@ -58,11 +61,17 @@ _KERNELS = {
 }
 
 
+# weight: [G, S] in the accumulation dtype, any strides (a [S] weight arrives expanded, stride 0
+# over G: the kernels read it through its strides, so no copy), or None for ones.
 @torch.library.custom_op("kvpo::velocity_energy", mutates_args=())
 def _velocity_energy_op(
-    v_pred: torch.Tensor, v_ref: torch.Tensor, weight: torch.Tensor, mean: bool, backend: str
+    v_pred: torch.Tensor,
+    v_ref: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: bool,
+    backend: str,
 ) -> torch.Tensor:
-    out = _KERNELS[backend][0](v_pred.contiguous(), v_ref.contiguous(), weight.contiguous(), mean)
+    out = _KERNELS[backend][0](v_pred.contiguous(), v_ref.contiguous(), weight, mean)
     return out.to(_backend.acc_dtype(v_pred.dtype))
 
 
@@ -76,12 +85,12 @@ def _velocity_energy_backward_op(
     grad: torch.Tensor,
     v_pred: torch.Tensor,
     v_ref: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     mean: bool,
     need_ref: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (grad.contiguous(), v_pred.contiguous(), v_ref.contiguous(), weight.contiguous())
+    args = (grad.contiguous(), v_pred.contiguous(), v_ref.contiguous(), weight)
     d_pred, d_ref = _KERNELS[backend][1](*args, mean, need_ref)
     return d_pred.contiguous(), d_ref.contiguous()
 
@@ -145,11 +154,8 @@ def velocity_energy(
     """
     _checks.check_velocity_energy(v_pred, v_ref, weight, reduction)
     G, S = v_pred.shape[:2]
-    acc = _backend.acc_dtype(v_pred.dtype)
-    if weight is None:
-        weight = torch.ones((G, S), dtype=acc, device=v_pred.device)
-    else:
-        weight = weight.to(acc).expand(G, S).contiguous()
+    if weight is not None:
+        weight = weight.to(_backend.acc_dtype(v_pred.dtype)).expand(G, S)
     name = _backend.resolve(
         OP, v_pred.device, backend, native_op="velocity_energy_fwd", dtype=v_pred.dtype
     )

@@ -84,47 +84,55 @@ std::tuple<at::Tensor, at::Tensor> routed_attn_fwd_cuda(const at::Tensor& q_,
   return {out, lse};
 }
 
-void check_energy(const at::Tensor& a, const at::Tensor& b, const at::Tensor& w) {
+void check_energy(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 3 && a.sizes() == b.sizes(), "velocity_energy: v_pred, v_ref [G, S, N]");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "velocity_energy: v_pred, v_ref dtypes differ");
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == a.size(0) && w.size(1) == a.size(1),
+}
+
+// The kernels read weight [G, S] through its strides: an expanded [S] weight is not copied.
+// `held` keeps a converted weight alive until the launch is queued.
+cuda::StepWeight step_weight(const std::optional<at::Tensor>& weight, const at::Tensor& a,
+                             at::Tensor& held) {
+  if (!weight.has_value()) return {nullptr, 0, 0};
+  TORCH_CHECK(weight->dim() == 2 && weight->size(0) == a.size(0) && weight->size(1) == a.size(1),
               "velocity_energy: weight must be [G, S]");
+  held = weight->to(a.device(), at::kFloat);
+  return {held.const_data_ptr<float>(), held.stride(0), held.stride(1)};
 }
 
 at::Tensor velocity_energy_fwd_cuda(const at::Tensor& v_pred, const at::Tensor& v_ref,
-                                    const at::Tensor& weight, bool mean) {
-  check_energy(v_pred, v_ref, weight);
+                                    const std::optional<at::Tensor>& weight, bool mean) {
+  check_energy(v_pred, v_ref);
   const auto dt = to_dtype(v_pred, "velocity_energy_fwd");
   const c10::cuda::CUDAGuard guard(v_pred.device());
   const auto a = aligned(v_pred), b = aligned(v_ref);
-  const auto w = weight.to(a.device(), at::kFloat).contiguous();
+  at::Tensor held;
+  const auto w = step_weight(weight, a, held);
   auto energy = at::empty({a.size(0)}, a.options().dtype(at::kFloat));
-  check_cuda(cuda::velocity_energy_fwd(a.const_data_ptr(), b.const_data_ptr(),
-                                       w.const_data_ptr<float>(), energy.data_ptr<float>(),
-                                       a.size(0), a.size(1), a.size(2), mean, dt,
-                                       c10::cuda::getCurrentCUDAStream().stream()),
+  check_cuda(cuda::velocity_energy_fwd(a.const_data_ptr(), b.const_data_ptr(), w,
+                                       energy.data_ptr<float>(), a.size(0), a.size(1), a.size(2),
+                                       mean, dt, c10::cuda::getCurrentCUDAStream().stream()),
              "velocity_energy_fwd");
   return energy;
 }
 
-std::tuple<at::Tensor, at::Tensor> velocity_energy_bwd_cuda(const at::Tensor& grad,
-                                                            const at::Tensor& v_pred,
-                                                            const at::Tensor& v_ref,
-                                                            const at::Tensor& weight, bool mean,
-                                                            bool need_ref) {
-  check_energy(v_pred, v_ref, weight);
+std::tuple<at::Tensor, at::Tensor> velocity_energy_bwd_cuda(
+    const at::Tensor& grad, const at::Tensor& v_pred, const at::Tensor& v_ref,
+    const std::optional<at::Tensor>& weight, bool mean, bool need_ref) {
+  check_energy(v_pred, v_ref);
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == v_pred.size(0), "velocity_energy_bwd: grad [G]");
   const auto dt = to_dtype(v_pred, "velocity_energy_bwd");
   const c10::cuda::CUDAGuard guard(v_pred.device());
   const auto a = aligned(v_pred), b = aligned(v_ref);
-  const auto w = weight.to(a.device(), at::kFloat).contiguous();
+  at::Tensor held;
+  const auto w = step_weight(weight, a, held);
   const auto g = grad.to(a.device(), at::kFloat).contiguous();
   auto da = at::empty_like(a);
   auto db = need_ref ? at::empty_like(b) : at::empty({0}, b.options());
   check_cuda(cuda::velocity_energy_bwd(g.const_data_ptr<float>(), a.const_data_ptr(),
-                                       b.const_data_ptr(), w.const_data_ptr<float>(),
-                                       da.data_ptr(), need_ref ? db.data_ptr() : nullptr,
-                                       a.size(0), a.size(1), a.size(2), mean, dt,
+                                       b.const_data_ptr(), w, da.data_ptr(),
+                                       need_ref ? db.data_ptr() : nullptr, a.size(0), a.size(1),
+                                       a.size(2), mean, dt,
                                        c10::cuda::getCurrentCUDAStream().stream()),
              "velocity_energy_bwd");
   return {da, db};

@@ -10,17 +10,23 @@ namespace kvpo::cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// A [G, S] float32 weight read through its strides (stride 0 broadcasts); ptr null = ones.
+struct StepWeight {
+  const float* ptr;
+  int64_t stride_g, stride_s;
+};
+
 // energy[g] = sum_s weight[g, s] * reduce_n (v_pred[g, s, n] - v_ref[g, s, n])^2, reduce = sum or
-// mean over n. v_pred, v_ref: [G, S, N] contiguous, dtype dt; weight: [G, S] float32;
-// energy: [G] float32 (zeroed here). One kernel launch for all branches.
-cudaError_t velocity_energy_fwd(const void* v_pred, const void* v_ref, const float* weight,
+// mean over n. v_pred, v_ref: [G, S, N] contiguous, dtype dt; energy: [G] float32 (zeroed here).
+// One kernel launch for all branches.
+cudaError_t velocity_energy_fwd(const void* v_pred, const void* v_ref, StepWeight weight,
                                 float* energy, int64_t G, int64_t S, int64_t N, bool mean,
                                 DType dt, cudaStream_t stream);
 
 // grad_pred = grad[g] * weight[g, s] * (2 / N if mean else 2) * (v_pred - v_ref), grad_ref =
 // -grad_pred (skipped when grad_ref is null). grad: [G] float32; outputs like v_pred.
 cudaError_t velocity_energy_bwd(const float* grad, const void* v_pred, const void* v_ref,
-                                const float* weight, void* grad_pred, void* grad_ref, int64_t G,
+                                StepWeight weight, void* grad_pred, void* grad_ref, int64_t G,
                                 int64_t S, int64_t N, bool mean, DType dt, cudaStream_t stream);
 
 // Routed paged attention forward (tensor cores; fp16/bf16; head_dim 64 or 128).

@@ -5,6 +5,8 @@
 // block reduces with warp shuffles then shared memory, and one atomicAdd per block adds
 // weight * partial into energy[g]: all branches in one launch, no (a - b) temporary.
 // Backward: elementwise, 16-byte loads and stores, unrolled the same way.
+// Both are sized to one wave of the blocks an SM holds, and read weight[g, s] through its strides
+// (a per-step weight broadcast over G is not copied).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -87,6 +89,12 @@ __device__ __forceinline__ float block_sum(float v) {
 
 constexpr int kUnroll = 4;
 
+__device__ __forceinline__ float row_weight(const StepWeight& w, int64_t row, int64_t S) {
+  if (w.ptr == nullptr) return 1.f;
+  const int64_t g = row / S;
+  return w.ptr[g * w.stride_g + (row - g * S) * w.stride_s];
+}
+
 // acc + sum over one vector of (x - y)^2.
 template <typename V>
 __device__ __forceinline__ float sq_dist(const typename V::Raw& x, const typename V::Raw& y,
@@ -119,12 +127,16 @@ __device__ __forceinline__ void scaled_diff(const typename V::Raw& x, const type
   }
 }
 
+// The forward is held to 32 registers per thread, so 8 blocks (2048 threads) fill an SM: it
+// needs no more without spilling. The backward's unrolled stores need 64-80 and get them.
+constexpr int kFwdBlocksPerSm = 8;
+
 // kVec: rows are 16-byte aligned and N is a multiple of the vector width.
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads)
-    energy_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b,
-                      const float* __restrict__ w, float* __restrict__ energy, int64_t rows,
-                      int64_t S, int64_t N, float inv_n) {
+__global__ void __launch_bounds__(kThreads, kFwdBlocksPerSm)
+    energy_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b, StepWeight w,
+                      float* __restrict__ energy, int64_t rows, int64_t S, int64_t N,
+                      float inv_n) {
   // y walks the G * S rows (grid-stride: gridDim.y is capped at 65535).
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
   const T* x = a + row * N;
@@ -156,18 +168,18 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   acc = block_sum(acc);
-  if (threadIdx.x == 0) atomicAdd(energy + row / S, w[row] * acc * inv_n);
+  if (threadIdx.x == 0) atomicAdd(energy + row / S, row_weight(w, row, S) * acc * inv_n);
   }
 }
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     energy_bwd_kernel(const float* __restrict__ grad, const T* __restrict__ a,
-                      const T* __restrict__ b, const float* __restrict__ w, T* __restrict__ da,
+                      const T* __restrict__ b, StepWeight w, T* __restrict__ da,
                       T* __restrict__ db, int64_t rows, int64_t S, int64_t N,
                       float two_over_n) {
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-  const float c = grad[row / S] * w[row] * two_over_n;
+  const float c = grad[row / S] * row_weight(w, row, S) * two_over_n;
   const T* x = a + row * N;
   const T* y = b + row * N;
   T* dx = da + row * N;
@@ -214,59 +226,72 @@ int sm_count() {
   return sms;
 }
 
-// Blocks along N: enough to fill the device with G*S rows in y (8 blocks of 256 threads per SM:
-// a full SM, each thread with kUnroll 16-byte loads of each operand in flight), at most what N
-// can use.
-dim3 grid_for(int64_t G, int64_t S, int64_t N, int vec) {
+// Blocks of `kernel` that one SM holds at kThreads threads (registers, shared memory), asked of
+// the occupancy calculator once per kernel.
+template <typename Kernel>
+int resident_blocks(Kernel kernel) {
+  int n = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0);
+  return err == cudaSuccess && n > 0 ? n : 1;
+}
+
+// Blocks along N: G*S rows in y times bx blocks fill the device in one wave (resident blocks per
+// SM times the SMs), at most what N can use. Every block streams the same amount, so bx rounds
+// down: rounding up would leave a second wave of a few blocks streaming the last percent of the
+// data at a fraction of the bandwidth.
+dim3 grid_for(int64_t G, int64_t S, int64_t N, int vec, int per_sm) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * vec;
   int64_t bx = (N + per_block - 1) / per_block;
   const int64_t rows = G * S;
-  const int64_t target = 8 * int64_t(sm_count());
-  const int64_t want = (target + rows - 1) / rows;
+  const int64_t want = int64_t(per_sm) * sm_count() / rows;
   bx = bx < want ? bx : want;
   if (bx < 1) bx = 1;
   return dim3(static_cast<unsigned>(bx), static_cast<unsigned>(rows < 65535 ? rows : 65535));
 }
 
+// Launches kKernel over the G*S rows, sized to one wave of it (its occupancy is asked once: the
+// kernel is a template argument, so each kernel has its own static).
+template <auto kKernel, typename... Args>
+cudaError_t launch_rows(int64_t G, int64_t S, int64_t N, int vec, cudaStream_t st, Args... args) {
+  static const int per_sm = resident_blocks(kKernel);
+  kKernel<<<grid_for(G, S, N, vec, per_sm), kThreads, 0, st>>>(args...);
+  return cudaGetLastError();
+}
+
 template <typename T>
-cudaError_t launch_fwd(const void* a, const void* b, const float* w, float* e, int64_t G,
+cudaError_t launch_fwd(const void* a, const void* b, StepWeight w, float* e, int64_t G,
                        int64_t S, int64_t N, bool mean, cudaStream_t st) {
   cudaError_t err = cudaMemsetAsync(e, 0, sizeof(float) * G, st);
   if (err != cudaSuccess || G * S == 0) return err;
   const float inv_n = mean ? 1.f / static_cast<float>(N) : 1.f;
-  const bool vec = aligned16(a) && aligned16(b) && N % Vec<T>::kN == 0;
-  const dim3 grid = grid_for(G, S, N, vec ? Vec<T>::kN : 1);
-  if (vec)
-    energy_fwd_kernel<T, true><<<grid, kThreads, 0, st>>>(
-        static_cast<const T*>(a), static_cast<const T*>(b), w, e, G * S, S, N, inv_n);
-  else
-    energy_fwd_kernel<T, false><<<grid, kThreads, 0, st>>>(
-        static_cast<const T*>(a), static_cast<const T*>(b), w, e, G * S, S, N, inv_n);
-  return cudaGetLastError();
+  const auto* x = static_cast<const T*>(a);
+  const auto* y = static_cast<const T*>(b);
+  if (aligned16(a) && aligned16(b) && N % Vec<T>::kN == 0)
+    return launch_rows<energy_fwd_kernel<T, true>>(G, S, N, Vec<T>::kN, st, x, y, w, e, G * S, S,
+                                                   N, inv_n);
+  return launch_rows<energy_fwd_kernel<T, false>>(G, S, N, 1, st, x, y, w, e, G * S, S, N, inv_n);
 }
 
 template <typename T>
-cudaError_t launch_bwd(const float* g, const void* a, const void* b, const float* w, void* da,
+cudaError_t launch_bwd(const float* g, const void* a, const void* b, StepWeight w, void* da,
                        void* db, int64_t G, int64_t S, int64_t N, bool mean, cudaStream_t st) {
   if (G * S == 0 || N == 0) return cudaSuccess;
   const float two_over_n = mean ? 2.f / static_cast<float>(N) : 2.f;
-  const bool vec = aligned16(a) && aligned16(b) && aligned16(da) && (!db || aligned16(db)) &&
-                   N % Vec<T>::kN == 0;
-  const dim3 grid = grid_for(G, S, N, vec ? Vec<T>::kN : 1);
-  if (vec)
-    energy_bwd_kernel<T, true><<<grid, kThreads, 0, st>>>(
-        g, static_cast<const T*>(a), static_cast<const T*>(b), w, static_cast<T*>(da),
-        static_cast<T*>(db), G * S, S, N, two_over_n);
-  else
-    energy_bwd_kernel<T, false><<<grid, kThreads, 0, st>>>(
-        g, static_cast<const T*>(a), static_cast<const T*>(b), w, static_cast<T*>(da),
-        static_cast<T*>(db), G * S, S, N, two_over_n);
-  return cudaGetLastError();
+  const auto* x = static_cast<const T*>(a);
+  const auto* y = static_cast<const T*>(b);
+  auto* dx = static_cast<T*>(da);
+  auto* dy = static_cast<T*>(db);
+  if (aligned16(a) && aligned16(b) && aligned16(da) && (!db || aligned16(db)) &&
+      N % Vec<T>::kN == 0)
+    return launch_rows<energy_bwd_kernel<T, true>>(G, S, N, Vec<T>::kN, st, g, x, y, w, dx, dy,
+                                                   G * S, S, N, two_over_n);
+  return launch_rows<energy_bwd_kernel<T, false>>(G, S, N, 1, st, g, x, y, w, dx, dy, G * S, S, N,
+                                                  two_over_n);
 }
 
 }  // namespace
 
-cudaError_t velocity_energy_fwd(const void* v_pred, const void* v_ref, const float* weight,
+cudaError_t velocity_energy_fwd(const void* v_pred, const void* v_ref, StepWeight weight,
                                 float* energy, int64_t G, int64_t S, int64_t N, bool mean,
                                 DType dt, cudaStream_t stream) {
   switch (dt) {
@@ -281,7 +306,7 @@ cudaError_t velocity_energy_fwd(const void* v_pred, const void* v_ref, const flo
 }
 
 cudaError_t velocity_energy_bwd(const float* grad, const void* v_pred, const void* v_ref,
-                                const float* weight, void* grad_pred, void* grad_ref, int64_t G,
+                                StepWeight weight, void* grad_pred, void* grad_ref, int64_t G,
                                 int64_t S, int64_t N, bool mean, DType dt, cudaStream_t stream) {
   switch (dt) {
     case DType::kFloat32:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,53 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def resident_programs(n_regs: int, num_warps: int, regs_per_sm: int, warps_per_sm: int) -> int:
+    """Programs of ``num_warps`` warps at ``n_regs`` registers per thread that one SM holds, by
+    its register file (allocated per warp in units of 256) and its warp slots. For kernels without
+    shared memory, as the CUDA occupancy calculator counts them."""
+    per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    return max(1, min(regs_per_sm // (per_warp * num_warps), warps_per_sm // num_warps))
+
+
+_RESIDENT: dict[tuple, int] = {}
+
+
+def programs_per_sm(key: tuple, probe: Callable[[], Launch], default: int) -> int:
+    """How many programs of a launch's compiled kernel one SM of its device holds, so that a
+    grid can be sized to exactly one wave.
+
+    ``probe()`` builds the launch; its kernel is compiled (not run) the first time ``key`` is
+    seen and the answer is cached under ``key``, which must name what changes the compiled code
+    (kernel, dtype, constexprs, device). ``default`` off CUDA and under the interpreter."""
+    if key in _RESIDENT:
+        return _RESIDENT[key]
+    launch = probe()
+    device = next(a.device for a in launch.args if isinstance(a, torch.Tensor))
+    if interpreted() or device.type != "cuda":
+        return default
+    try:
+        with torch.cuda.device(device):
+            compiled = launch.jit_fn.warmup(*launch.args, grid=launch.grid, **launch.meta)
+            compiled._init_handles()  # loads the binary, which is what reports its registers
+            n_regs = int(compiled.n_regs)
+    except (AttributeError, TypeError) as e:  # a Triton without these internals
+        warnings.warn(
+            f"Triton {triton.__version__} did not report {launch.jit_fn.__name__}'s registers "
+            f"({type(e).__name__}: {e}); its grid assumes {default} programs per SM",
+            stacklevel=2,
+        )
+        _RESIDENT[key] = default
+        return default
+    props = torch.cuda.get_device_properties(device)
+    _RESIDENT[key] = resident_programs(
+        n_regs,
+        launch.meta["num_warps"],
+        getattr(props, "regs_per_multiprocessor", 65536),
+        props.max_threads_per_multi_processor // 32,
+    )
+    return _RESIDENT[key]
 
 
 def next_pow2(n: int) -> int:

@@ -4,48 +4,67 @@ The grid is (G * S rows, splits of N): a program streams a slice of one (branch,
 v_pred and v_ref, reduces (a - b)^2 in fp32, and adds weight[g, s] * its partial sum to
 ``energy[g]`` with one atomic add. A row's weight is one scalar, so the loop is loads and FMAs
 only (no per-element step index or weight gather). No ``v_pred - v_ref`` temporary is written.
+
+The weight is read through its strides (a [S] weight broadcast to [G, S] has stride 0 over G) or
+not at all (None: ones), so a call launches no kernel to materialise it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import Launch, interpreted, num_sms
+from ._common import Launch, interpreted, num_sms, programs_per_sm
+
+
+@triton.jit
+def _row_weight(W, row, S, w_sg, w_ss, HAS_W: tl.constexpr):
+    """weight[g, s] of row g * S + s (1 without a weight)."""
+    if HAS_W:
+        g = row // S
+        return tl.load(W + g * w_sg + (row - g * S) * w_ss)
+    else:
+        return 1.0
 
 
 @triton.jit
 def _fwd_kernel(
-    A, Bp, W, E, S, N, chunk, inv_n,
-    BLOCK: tl.constexpr,
+    A, Bp, W, E, S, N, chunk, inv_n, w_sg, w_ss,
+    HAS_W: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)  # g * S + s
     sp = tl.program_id(1)
     base = row.to(tl.int64) * N
     lo = sp * chunk
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    # Each thread folds the VEC contiguous elements of each of its 16-byte loads as it goes: an
+    # accumulator of BLOCK / VEC rather than BLOCK values keeps the 16-bit kernel at <= 32
+    # registers, so 8 programs of 8 warps fill an SM (40 registers and 6 programs with [BLOCK]).
+    acc = tl.zeros([BLOCK // VEC], dtype=tl.float32)
     for off in range(lo, lo + chunk, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         mask = idx < N
         a = tl.load(A + base + idx, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(Bp + base + idx, mask=mask, other=0.0).to(tl.float32)
         d = a - b
-        acc += d * d
-    w = tl.load(W + row)
-    tl.atomic_add(E + row // S, tl.sum(acc, 0) * (w * inv_n))
+        acc += tl.sum(tl.reshape(d * d, (BLOCK // VEC, VEC)), 1)
+    w = _row_weight(W, row, S, w_sg, w_ss, HAS_W)
+    # Relaxed: the sum needs no ordering against other memory (no fence before the atomic).
+    tl.atomic_add(E + row // S, tl.sum(acc, 0) * (w * inv_n), sem="relaxed")
 
 
 @triton.jit
 def _bwd_kernel(
-    GRAD, A, Bp, W, DA, DB, S, N, chunk, coef_n,
-    NEED_REF: tl.constexpr, BLOCK: tl.constexpr,
+    GRAD, A, Bp, W, DA, DB, S, N, chunk, coef_n, w_sg, w_ss,
+    HAS_W: tl.constexpr, NEED_REF: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     sp = tl.program_id(1)
     base = row.to(tl.int64) * N
     lo = sp * chunk
-    c = tl.load(GRAD + row // S) * tl.load(W + row) * coef_n
+    c = tl.load(GRAD + row // S) * _row_weight(W, row, S, w_sg, w_ss, HAS_W) * coef_n
     for off in range(lo, lo + chunk, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         mask = idx < N
@@ -57,55 +76,109 @@ def _bwd_kernel(
             tl.store(DB + base + idx, (-d).to(DB.dtype.element_ty), mask=mask)
 
 
-def _split(rows: int, n: int, device: torch.device, block: int) -> tuple[int, int]:
-    """(splits, chunk) of each row's n elements: about 8 programs per SM over all rows (a full
-    SM of 8-warp programs), chunk a multiple of block."""
-    want = max(1, (8 * num_sms(device) + rows - 1) // rows)
-    splits = max(1, min(want, triton.cdiv(n, block)))
+# Programs of 8 warps per SM the grid assumes before the compiled kernel has said how many fit
+# (off CUDA, under the interpreter): 8 at <= 32 registers (64 warps, 2048 threads per SM).
+PROGRAMS_PER_SM = 8
+
+
+def _split(rows: int, n: int, device: torch.device, block: int, per_sm: int) -> tuple[int, int]:
+    """(splits, chunk) of each row's n elements. Every program streams the same amount, so the
+    launch is sized to one wave: rows * splits <= per_sm programs per SM (rounding the splits up
+    would leave a second wave of a few programs, streaming at a fraction of the bandwidth, for
+    the last percent of the data); chunk is a multiple of block."""
+    slots = per_sm * num_sms(device)
+    splits = max(1, min(slots // rows, triton.cdiv(n, block)))
     chunk = triton.cdiv(triton.cdiv(n, splits), block) * block
     return triton.cdiv(n, chunk), chunk
 
 
-def _block() -> int:
-    # 4096 elements over 8 warps: each thread has two 16-byte loads of each operand in flight
-    # (16-bit data) per iteration.
-    return 256 if interpreted() else 4096
+def _block(element_size: int) -> int:
+    # 8 KiB of each operand per iteration over 8 warps: each thread has two 16-byte loads of each
+    # in flight (4096 16-bit or 2048 fp32 elements).
+    return 256 if interpreted() else 8192 // element_size
 
 
-def _layout(v_pred: torch.Tensor) -> tuple[int, int, int, tuple[int, int], int]:
-    """(S, N, block, grid, chunk) of a launch over v_pred [G, S, N]: forward and backward split
-    the same way."""
+def _one_wave(kernel, v_pred: torch.Tensor, args: Callable[[int, int, int], tuple], meta) -> Launch:
+    """The launch of kernel over v_pred [G, S, N]'s G * S rows, its splits sized to one wave of
+    the programs an SM holds (asked of the compiled kernel once per dtype, constexprs and device).
+    args(S, N, chunk) gives the kernel's arguments."""
     G, S, N = v_pred.shape
-    block = _block()
-    splits, chunk = _split(G * S, N, v_pred.device, block)
-    return S, N, block, (G * S, splits), chunk
+
+    def build(per_sm: int) -> Launch:
+        splits, chunk = _split(G * S, N, v_pred.device, meta["BLOCK"], per_sm)
+        return Launch(kernel, (G * S, splits), args(S, N, chunk), meta)
+
+    # S == 1 is specialised as a constant by Triton's JIT, so it is compiled apart.
+    key = (kernel, v_pred.dtype, v_pred.device, S == 1, tuple(sorted(meta.items())))
+    return build(programs_per_sm(key, lambda: build(PROGRAMS_PER_SM), PROGRAMS_PER_SM))
+
+
+def _weight_args(weight: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
+    """(pointer, stride over G, stride over S) of weight [G, S] float32; a never-read pointer
+    without a weight."""
+    if weight is None:
+        return dummy, 0, 0
+    return weight, weight.stride(0), weight.stride(1)
 
 
 def fwd_launch(v_pred, v_ref, weight, mean, energy) -> Launch:
-    """The forward launch; arguments as :func:`velocity_energy_fwd`, weight float32 contiguous,
-    energy [G] float32 zeros."""
-    S, N, block, grid, chunk = _layout(v_pred)
-    args = (v_pred, v_ref, weight, energy, S, N, chunk, 1.0 / N if mean else 1.0)
-    return Launch(_fwd_kernel, grid, args, dict(BLOCK=block, num_warps=8))
+    """The forward launch; arguments as :func:`velocity_energy_fwd`, energy [G] float32 zeros."""
+    w, w_sg, w_ss = _weight_args(weight, energy)
+    inv_n = 1.0 / v_pred.shape[2] if mean else 1.0
+    meta = dict(
+        HAS_W=weight is not None,
+        BLOCK=_block(v_pred.element_size()),
+        VEC=16 // v_pred.element_size(),  # elements per 16-byte load
+        num_warps=8,
+    )
+    return _one_wave(
+        _fwd_kernel,
+        v_pred,
+        lambda S, N, chunk: (v_pred, v_ref, w, energy, S, N, chunk, inv_n, w_sg, w_ss),
+        meta,
+    )
 
 
 def bwd_launch(grad, v_pred, v_ref, weight, mean, need_ref, d_pred, d_ref) -> Launch:
-    """The backward launch; grad and weight float32 contiguous, gradients given."""
-    S, N, block, grid, chunk = _layout(v_pred)
-    args = (
-        grad, v_pred, v_ref, weight, d_pred, d_ref if need_ref else d_pred, S, N, chunk,
-        2.0 / N if mean else 2.0,
-    )  # fmt: skip
-    return Launch(_bwd_kernel, grid, args, dict(NEED_REF=need_ref, BLOCK=block, num_warps=8))
+    """The backward launch; grad float32 contiguous, weight as the forward's, gradients given."""
+    w, w_sg, w_ss = _weight_args(weight, grad)
+    coef_n = 2.0 / v_pred.shape[2] if mean else 2.0
+    d_ref = d_ref if need_ref else d_pred
+    meta = dict(
+        HAS_W=weight is not None,
+        NEED_REF=need_ref,
+        BLOCK=_block(v_pred.element_size()),
+        num_warps=8,
+    )
+    return _one_wave(
+        _bwd_kernel,
+        v_pred,
+        lambda S, N, chunk: (
+            grad,
+            v_pred,
+            v_ref,
+            w,
+            d_pred,
+            d_ref,
+            S,
+            N,
+            chunk,
+            coef_n,
+            w_sg,
+            w_ss,
+        ),  # fmt: skip
+        meta,
+    )
 
 
 def velocity_energy_fwd(
-    v_pred: torch.Tensor, v_ref: torch.Tensor, weight: torch.Tensor, mean: bool
+    v_pred: torch.Tensor, v_ref: torch.Tensor, weight: torch.Tensor | None, mean: bool
 ) -> torch.Tensor:
-    """v_pred, v_ref: [G, S, N] contiguous; weight: [G, S] float32. Returns energy [G] float32."""
+    """v_pred, v_ref: [G, S, N] contiguous; weight: [G, S] float32 (any strides) or None (ones).
+    Returns energy [G] float32."""
     energy = torch.zeros(v_pred.shape[0], device=v_pred.device, dtype=torch.float32)
     if v_pred.numel() > 0:
-        fwd_launch(v_pred, v_ref, weight.float().contiguous(), mean, energy)()
+        fwd_launch(v_pred, v_ref, weight, mean, energy)()
     return energy
 
 
@@ -113,7 +186,7 @@ def velocity_energy_bwd(
     grad: torch.Tensor,
     v_pred: torch.Tensor,
     v_ref: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     mean: bool,
     need_ref: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,8 +195,7 @@ def velocity_energy_bwd(
     d_ref = torch.empty_like(v_ref) if need_ref else v_ref.new_empty(0)
     if v_pred.numel() > 0:
         launch = bwd_launch(
-            grad.float().contiguous(), v_pred, v_ref, weight.float().contiguous(), mean,
-            need_ref, d_pred, d_ref,
-        )  # fmt: skip
+            grad.float().contiguous(), v_pred, v_ref, weight, mean, need_ref, d_pred, d_ref
+        )
         launch()
     return d_pred, d_ref

@@ -69,34 +69,77 @@ def _energy_and_grad(fn, v_pred, v_ref, weight):
 ENERGY_SHAPES = [(8, 4, 3 * 1560), (2, 3, 2**20 + 8), (3, 2, 2**18 + 3)]
 
 
+def _energy_weight(kind: str, G: int, S: int):
+    """[S] (a stride-0 view over G at the kernels), [G, S] with strides (1, G), or None."""
+    return {
+        "step": lambda: torch.rand(S, dtype=torch.float64),
+        "strided": lambda: torch.rand(S, G, dtype=torch.float64).t(),
+        "none": lambda: None,
+    }[kind]()
+
+
+@pytest.mark.parametrize("weight_kind", ["step", "strided", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", ENERGY_SHAPES, ids=str)
-def test_velocity_energy_gpu_backends(shape, dtype):
+def test_velocity_energy_gpu_backends(shape, dtype, weight_kind):
     backends = _gpu_backends("velocity_energy_fwd")
     if not backends:
         pytest.skip("no GPU backend built")
     G, S, N = shape
     v_pred = torch.randn(G, S, N, dtype=torch.float64)
     v_ref = v_pred + torch.randn_like(v_pred)
-    weight = torch.rand(S, dtype=torch.float64)
+    weight = _energy_weight(weight_kind, G, S)
+    w_dev = None if weight is None else weight.cuda()
 
     def ref(a, b, w):
         return kvpo_kernels.velocity_energy_reference(a, b, w, "mean")
 
     want = _energy_and_grad(ref, v_pred, v_ref, weight)
     low = [t.cuda().to(dtype) for t in (v_pred, v_ref)]
-    pt = _energy_and_grad(ref, *low, weight.cuda().to(dtype))
+    pt = _energy_and_grad(ref, *low, None if weight is None else w_dev.to(dtype))
     for backend in backends:
 
         def fn(a, b, w, backend=backend):
             return kvpo_kernels.velocity_energy(a, b, w, "mean", backend=backend)
 
-        got = _energy_and_grad(fn, *low, weight.cuda())
+        got = _energy_and_grad(fn, *low, w_dev)
         for name, a, b, c in zip(("energy", "grad"), got, pt, want, strict=True):
             if dtype == torch.float32:
                 assert_rel(a.cpu(), c, 1e-5, f"{backend} {name}")
             else:
                 assert_low_precision(a.cpu(), b.cpu(), c, f"{backend} {dtype} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_velocity_energy_launch_is_one_wave_of_its_resident_programs(dtype):
+    """The grid is sized from the compiled kernel's registers: rows * splits programs fit the
+    SMs at the occupancy the registers allow (8 of 8 warps at <= 32 registers)."""
+    if "triton" not in _gpu_backends("velocity_energy_fwd"):
+        pytest.skip("needs compiled Triton")
+    from kvpo_kernels.triton import _common
+    from kvpo_kernels.triton import velocity_energy as ve
+
+    a = torch.randn(8, 4, 3 * 16 * 60 * 104, device="cuda", dtype=dtype)  # a Wan chunk
+    b = torch.randn_like(a)
+    energy = torch.zeros(8, device="cuda")
+    launch = ve.fwd_launch(a, b, None, True, energy)
+    launch()
+    compiled = launch.jit_fn.warmup(*launch.args, grid=launch.grid, **launch.meta)
+    compiled._init_handles()
+    props = torch.cuda.get_device_properties(a.device)
+    per_sm = _common.resident_programs(
+        compiled.n_regs,
+        8,
+        props.regs_per_multiprocessor,
+        props.max_threads_per_multi_processor // 32,
+    )
+    slots = per_sm * props.multi_processor_count
+    rows, splits = launch.grid
+    assert rows == 32 and rows * splits <= slots
+    blocks = -(-a.shape[2] // launch.meta["BLOCK"])  # and no program loops more than it must
+    assert launch.args[6] // launch.meta["BLOCK"] == -(-blocks // min(slots // rows, blocks))
+    want = kvpo_kernels.velocity_energy_reference(a.double(), b.double(), None, "mean")
+    assert_rel(energy.cpu().double(), want.cpu(), 1e-5, "one-wave launch")
 
 
 def test_triton_does_not_recompile_when_only_the_table_changes():

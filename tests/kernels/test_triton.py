@@ -76,14 +76,25 @@ def test_page_rows_index():
     assert rows.tolist() == [0, 1, 0, 1, 1]
 
 
+def _weight(kind, G, S, gen):
+    """[G, S], [S] (a stride-0 view over G at the op) or [G, S] with strides (1, G); None."""
+    return {
+        "branch_step": lambda: torch.rand(G, S, generator=gen, dtype=torch.float64),
+        "step": lambda: torch.rand(S, generator=gen, dtype=torch.float64),
+        "strided": lambda: torch.rand(S, G, generator=gen, dtype=torch.float64).t(),
+        "none": lambda: None,
+    }[kind]()
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 4, 333), (8, 2, 5, 7, 11)], ids=str)
-def test_velocity_energy(reduction, dtype, shape):
+@pytest.mark.parametrize("weight_kind", ["branch_step", "step", "strided", "none"])
+def test_velocity_energy(reduction, dtype, shape, weight_kind):
     gen = torch.Generator().manual_seed(4)
     v_pred = torch.randn(shape, generator=gen, dtype=torch.float64)
     v_ref = v_pred + torch.randn(shape, generator=gen, dtype=torch.float64)
-    weight = torch.rand(shape[:2], generator=gen, dtype=torch.float64)
+    weight = _weight(weight_kind, *shape[:2], gen)
     grad = torch.randn(shape[0], dtype=torch.float64)
 
     def run(fn, a, b, w):
@@ -103,9 +114,50 @@ def test_velocity_energy(reduction, dtype, shape):
         for name, a, b in zip(("energy", "d_pred", "d_ref"), got, ref, strict=True):
             assert_rel(a, b, 1e-5, name)
     else:
-        pt = run(kvpo_kernels.velocity_energy_reference, *low, weight.to(dtype))
+        w_low = None if weight is None else weight.to(dtype)
+        pt = run(kvpo_kernels.velocity_energy_reference, *low, w_low)
         for name, a, b, c in zip(("energy", "d_pred", "d_ref"), got, pt, ref, strict=True):
             assert_low_precision(a, b, c, name)
+
+
+@pytest.mark.parametrize("sms", [4, 108, 132])
+@pytest.mark.parametrize("per_sm", [3, 8])
+def test_velocity_energy_launch_is_one_wave(sms, per_sm):
+    """Every (rows, N): rows * splits programs fit the device's resident slots (no second wave
+    of a few programs) unless the rows alone exceed them, the slices cover N, every slice is a
+    whole number of blocks, and no program takes more blocks than the fullest split needs."""
+    from unittest import mock
+
+    from kvpo_kernels.triton import velocity_energy as ve
+
+    def cdiv(a, b):
+        return -(-a // b)
+
+    slots = per_sm * sms
+    gen = torch.Generator().manual_seed(0)
+    with mock.patch.object(ve, "num_sms", lambda device: sms):
+        for _ in range(300):
+            rows = int(torch.randint(1, 3 * slots, (1,), generator=gen))
+            n = int(torch.randint(1, 2**22, (1,), generator=gen))
+            for block in (256, 4096):
+                splits, chunk = ve._split(rows, n, torch.device("cpu"), block, per_sm)
+                assert chunk % block == 0 and splits * chunk >= n > (splits - 1) * chunk
+                assert rows * splits <= max(slots, rows), (rows, n, splits)
+                most = max(1, min(slots // rows, cdiv(n, block)))
+                assert chunk // block == cdiv(cdiv(n, block), most), (rows, n, splits)
+
+
+def test_resident_programs_match_the_occupancy_rules():
+    from kvpo_kernels.triton._common import resident_programs
+
+    # H100 / A100: 64K registers, 64 warps per SM; registers go to warps in units of 256
+    assert resident_programs(31, 8, 65536, 64) == 8  # 32 x 32 x 8 = 8K per program
+    assert resident_programs(33, 8, 65536, 64) == 6  # 40 x 32 x 8 = 10K
+    assert resident_programs(40, 8, 65536, 64) == 6
+    assert resident_programs(80, 8, 65536, 64) == 3
+    assert resident_programs(16, 8, 65536, 64) == 8  # warp slots bind first
+    assert resident_programs(31, 8, 65536, 48) == 6  # sm_86 / sm_89: 1536 threads
+    assert resident_programs(255, 8, 65536, 64) == 1
 
 
 def test_float64_is_refused_not_downgraded():
@@ -126,6 +178,8 @@ def test_opcheck_both_ops():
     a = torch.randn(3, 2, 7, requires_grad=True)
     b = torch.randn(3, 2, 7, requires_grad=True)
     torch.library.opcheck(_velocity_energy_op, (a, b, torch.rand(3, 2), True, "triton"))
+    torch.library.opcheck(_velocity_energy_op, (a, b, torch.rand(2).expand(3, 2), False, "triton"))
+    torch.library.opcheck(_velocity_energy_op, (a, b, None, True, "triton"))
 
 
 def test_an_unusable_interpreter_stops_with_its_reason(monkeypatch):

@@ -107,3 +107,14 @@ def test_16_bit_attention_runs_on_tensor_cores(records):
         and r["page_size"] == 1560
     ]
     assert any(r["matmul"] == "wgmma" for r in hopper_fwd), hopper_fwd
+
+
+def test_velocity_energy_forward_fills_an_sm(records):
+    """The forward folds each 16-byte load into its accumulator as it goes, which keeps it at
+    32 registers or fewer: 8 programs of 8 warps (a full SM) then fit, and the launch, sized to
+    the resident programs, is one wave of 8 per SM. (The grid is sized from the compiled kernel's
+    registers at run time, so this guards the speed, not the correctness.)"""
+    fwd = [r for r in records if r["kernel"] == "velocity_energy.fwd"]
+    assert len(fwd) == 6
+    for r in fwd:
+        assert r["num_warps"] == 8 and r["registers"] <= 32, r

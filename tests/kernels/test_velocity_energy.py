@@ -9,6 +9,7 @@ from kvpo_kernels.velocity_energy import _velocity_energy_op
 
 BACKENDS = ["cpu", "reference"]
 SHAPES = [(1, 1, 1), (4, 3, 17), (8, 4, 3, 5, 7), (3, 2, 4099)]
+WEIGHT_KINDS = ["none", "step", "branch_step", "branch_step_strided"]
 
 
 def _inputs(shape, weight_kind, dtype=torch.float64, seed=0):
@@ -20,6 +21,8 @@ def _inputs(shape, weight_kind, dtype=torch.float64, seed=0):
         "none": None,
         "step": torch.rand(S, generator=gen, dtype=torch.float64) + 0.1,
         "branch_step": torch.rand(G, S, generator=gen, dtype=torch.float64) + 0.1,
+        # [G, S] with strides (1, G): read through its strides, not copied
+        "branch_step_strided": torch.rand(S, G, generator=gen, dtype=torch.float64).t() + 0.1,
     }[weight_kind]
     return v_pred.to(dtype), v_ref.to(dtype), weight
 
@@ -38,7 +41,7 @@ def _kernel(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("weight_kind", ["none", "step", "branch_step"])
+@pytest.mark.parametrize("weight_kind", WEIGHT_KINDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_fp32_matches_float64_reference(backend, reduction, weight_kind, shape):
     v_pred, v_ref, weight = _inputs(shape, weight_kind)
@@ -106,3 +109,34 @@ def test_compile_fullgraph_matches_eager():
     comp.backward()
     torch.testing.assert_close(comp, eager)
     torch.testing.assert_close(a2.grad, a1.grad)
+
+
+@pytest.mark.parametrize("weight_kind", ["none", "step"])
+def test_the_weight_reaches_the_op_without_a_copy(weight_kind):
+    """A [S] weight arrives at the op as a stride-0 view over G and None as None: a call on a GPU
+    launches no kernel to build the [G, S] weight (its kernels read the strides)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append((str(func), args))
+            return func(*args, **(kwargs or {}))
+
+    v_pred, v_ref, weight = _inputs((4, 3, 17), weight_kind, torch.float32)
+    if weight is not None:
+        weight = weight.float()
+    with Log() as log:
+        kvpo_kernels.velocity_energy(v_pred, v_ref, weight, "mean", backend="cpu")
+    ops = [name for name, _ in log.calls]
+    assert "kvpo.velocity_energy.default" in ops, ops
+    copying = [n for n in ops if any(k in n for k in ("copy", "clone", "ones", "fill", "full"))]
+    assert not copying, ops
+    (w_arg,) = [args[2] for name, args in log.calls if name == "kvpo.velocity_energy.default"]
+    if weight is None:
+        assert w_arg is None
+    else:
+        assert w_arg.shape == (4, 3) and w_arg.stride() == (0, 1)
