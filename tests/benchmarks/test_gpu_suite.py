@@ -58,10 +58,17 @@ def test_backward_rows_run_or_name_their_error(tables):
 
 def test_velocity_energy_rows_are_correct(tables):
     rows = tables["velocity_energy, float16"]
-    for method in ("kvpo triton fwd", "kvpo triton bwd", "torch eager fwd"):
+    alone = "kvpo triton fwd kernel alone (no op, no zero fill)"
+    for method in ("kvpo triton fwd", "kvpo triton bwd", "torch eager fwd", alone):
         row = _row(rows, method)
         assert row["error"] == "", row
         assert row["rel_err"] < 2e-3 and row["of_copy"] > 0, row
         assert row["call_ms"] > 0 and row["gpu_ms"] > 0, row
     assert _row(rows, "device copy (read + write)")["of_copy"] == 1.0
     assert math.isnan(_row(rows, "device copy (read + write)")["gpu_ms"])
+    for method in (
+        "copy of the same bytes (read + write)",
+        "torch.sum over the same bytes (read only)",
+    ):
+        row = _row(rows, method)
+        assert row["error"] == "" and row["gpu_ms"] > 0 and row["GB/s"] > 0, row
