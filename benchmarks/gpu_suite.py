@@ -1,6 +1,6 @@
 """GPU benchmark suite: routed_attention and velocity_energy against the baselines, one run.
 
-    python -m benchmarks.gpu_suite [--part all|main|sweep] [--out results.md]
+    python -m benchmarks.gpu_suite [--part all|main|sweep|velocity] [--out results.md]
     python -m benchmarks.gpu_suite --smoke --device cpu   # tiny shapes: checks the suite runs
 
 
@@ -303,19 +303,26 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PARTS = ("all", "main", "sweep", "velocity")
+
+
 def sections(smoke: bool = False, part: str = "all", device: str = "cuda"):
     """(title, rows) of every table of the suite, in order.
 
     part: "main" (the Wan2.1 shape and velocity_energy), "sweep" (the 1536-token frames and the
-    cache length x G sweep), or "all" (both): a lent GPU's few minutes can run them apart.
+    cache length x G sweep), "all" (both), or "velocity" (velocity_energy's tables alone: seconds,
+    no FlexAttention compile): a lent GPU's few minutes can run them apart.
     """
-    if part not in ("all", "main", "sweep"):
-        raise ValueError(f"part must be 'all', 'main' or 'sweep', got {part!r}")
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     # One compiled FlexAttention per shape: the sweep alone has 9, more than dynamo's default
     # recompile limit (8), past which it would silently run the eager kernel.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     main_setup = dataclasses.replace(SMOKE if smoke else WAN, device=device)
     dtype = str(main_setup.dtype).removeprefix("torch.")
+    if part == "velocity":
+        yield from _velocity_sections(dtype, smoke, device)
+        return
     if part != "sweep":
         yield from _main_sections(main_setup, dtype, smoke, device)
     if part != "main":
@@ -328,6 +335,10 @@ def _main_sections(main_setup: Setup, dtype: str, smoke: bool, device: str):
         f"routed_attention forward + backward, Wan2.1 shape, {dtype}",
         routed_rows(main_setup, True),
     )
+    yield from _velocity_sections(dtype, smoke, device)
+
+
+def _velocity_sections(dtype: str, smoke: bool, device: str):
     energy = velocity_rows(2, 2, 3000, torch.float16, device) if smoke else velocity_rows()
     yield f"velocity_energy, {dtype}", energy
     if not smoke:  # the whole 21-frame clip at once: 134 MB per operand, past any L2
@@ -353,9 +364,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--part",
-        choices=("all", "main", "sweep"),
+        choices=PARTS,
         default="all",
-        help="main: the Wan2.1 shape and velocity_energy; sweep: 1536-token frames, cache x G",
+        help="main: the Wan2.1 shape and velocity_energy; sweep: 1536-token frames, cache x G; "
+        "velocity: velocity_energy alone",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check the suite runs")
     parser.add_argument("--device", default="cuda")

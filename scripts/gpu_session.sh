@@ -7,6 +7,8 @@
 #   bash scripts/gpu_session.sh check   # build with CUDA, GPU tests, the main tables, 2 trainer
 #                                       # iterations
 #   bash scripts/gpu_session.sh suite   # the full GPU suite (main tables, cache length x G sweep)
+#   bash scripts/gpu_session.sh velocity  # build, velocity_energy's GPU tests and tables (about
+#                                       # 2 minutes: no FlexAttention compile)
 #   bash scripts/gpu_session.sh wan     # Wan2.1-1.3B's shape (random weights): the adapter's
 #                                       # chunk step against diffusers, one KVPO iteration
 #
@@ -61,12 +63,12 @@ echo "build: $(($(date +%s) - t0))s" | tee -a "$OUT/steps.txt"
 python3 -c "import kvpo_kernels as k; from kvpo_kernels import _backend as b; print('native', k.native_available(), 'cuda kernels', b.native_cuda_available('routed_attn_fwd'), b.native_cuda_available('velocity_energy_fwd'))" \
   | tee -a "$OUT/env.txt"
 
-gpu_tests() {
+gpu_tests() {  # extra arguments go to pytest (-k velocity)
   local par=()
   python3 -c "import xdist" 2>/dev/null && par=(-n 4)
   local rc=0
-  python3 -m pytest -q -ra --tb=short "${par[@]}" tests/kernels/test_cuda.py > "$OUT/tests.log" 2>&1 \
-    || rc=$?
+  python3 -m pytest -q -ra --tb=short "${par[@]}" tests/kernels/test_cuda.py "$@" \
+    > "$OUT/tests.log" 2>&1 || rc=$?
   tail -25 "$OUT/tests.log"
   return $rc
 }
@@ -95,6 +97,10 @@ case "$stage" in
   suite)
     step suite 600 python3 -m benchmarks.gpu_suite --out "$OUT/gpu.md"
     ;;
+  velocity)
+    step tests 120 bash -c "gpu_tests -k velocity"
+    step velocity 120 python3 -m benchmarks.gpu_suite --part velocity --out "$OUT/gpu_velocity.md"
+    ;;
   wan)
     # The device reaches no index: diffusers, if the image lacks it, comes from wheels carried
     # in wheels/ (here: pip download --no-deps -d wheels diffusers accelerate huggingface_hub,
@@ -107,7 +113,7 @@ case "$stage" in
     step wan 600 python3 -m benchmarks.wan_bench --out "$OUT/wan.md" --run_dir /tmp/kvpo-wan-run
     ;;
   *)
-    echo "usage: $0 all|check|suite|wan" >&2
+    echo "usage: $0 all|check|suite|velocity|wan" >&2
     exit 2
     ;;
 esac

@@ -72,3 +72,12 @@ def test_velocity_energy_rows_are_correct(tables):
     ):
         row = _row(rows, method)
         assert row["error"] == "" and row["gpu_ms"] > 0 and row["GB/s"] > 0, row
+
+
+def test_the_velocity_part_runs_velocity_energy_alone():
+    from benchmarks.gpu_suite import sections
+
+    (title,) = [t for t, _ in sections(smoke=True, part="velocity", device="cpu")]
+    assert title == "velocity_energy, float16"
+    with pytest.raises(ValueError, match="part must be one of"):
+        next(sections(smoke=True, part="attention", device="cpu"))
