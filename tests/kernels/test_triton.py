@@ -160,6 +160,52 @@ def test_resident_programs_match_the_occupancy_rules():
     assert resident_programs(255, 8, 65536, 64) == 1
 
 
+def test_programs_per_sm_asks_the_compiled_kernel_once(monkeypatch):
+    """The CUDA branch's plumbing, with the GPU parts stood in for (a tensor that reports a CUDA
+    device, the device's properties, the compiled kernel's registers): the answer follows the
+    occupancy rules, is cached per key, and a Triton that cannot report registers gets the
+    default with a warning instead of a failed call. tests/kernels/test_cuda.py checks it on a
+    GPU."""
+    import contextlib
+    import types
+
+    from kvpo_kernels.triton import _common
+
+    class OnCuda(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    compiled = types.SimpleNamespace(n_regs=40, _init_handles=lambda: None)
+    warmups = []
+
+    def warmup(*args, grid, **meta):
+        warmups.append((args, grid, meta))
+        return compiled
+
+    jit = types.SimpleNamespace(warmup=warmup, __name__="_fwd_kernel")
+    monkeypatch.setattr(_common, "interpreted", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    props = types.SimpleNamespace(
+        regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(_common, "_RESIDENT", {})
+    t = torch.Tensor._make_subclass(OnCuda, torch.zeros(4))
+
+    def probe():
+        return _common.Launch(jit, (7, 1), (t, 3), {"BLOCK": 256, "num_warps": 8})
+
+    assert _common.programs_per_sm(("k", 1), probe, 8) == 6  # 40 registers x 8 warps
+    assert _common.programs_per_sm(("k", 1), probe, 8) == 6
+    assert len(warmups) == 1 and warmups[0][1] == (7, 1) and warmups[0][2]["num_warps"] == 8
+    compiled.n_regs = 31
+    assert _common.programs_per_sm(("k", 2), probe, 8) == 8
+    del compiled._init_handles  # a Triton whose compiled kernels lack it
+    with pytest.warns(UserWarning, match="did not report _fwd_kernel's registers"):
+        assert _common.programs_per_sm(("k", 3), probe, 5) == 5
+
+
 def test_float64_is_refused_not_downgraded():
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
