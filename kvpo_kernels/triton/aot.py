@@ -211,6 +211,8 @@ def velocity_energy_launches(dtype: torch.dtype) -> dict[str, Launch]:
     e = torch.zeros(G)
     return {
         "velocity_energy.fwd": ve.fwd_launch(v, v, w, True, e),
+        # under torch.use_deterministic_algorithms(True): partial sums, no atomics
+        "velocity_energy.fwd_partials": ve.fwd_launch(v, v, w, True, None),
         "velocity_energy.bwd": ve.bwd_launch(e, v, v, w, True, True, v, v),
     }
 

@@ -33,7 +33,7 @@ def _row_weight(W, row, S, w_sg, w_ss, HAS_W: tl.constexpr):
 @triton.jit
 def _fwd_kernel(
     A, Bp, W, E, S, N, chunk, inv_n, w_sg, w_ss,
-    HAS_W: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+    HAS_W: tl.constexpr, PARTIALS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)  # g * S + s
     sp = tl.program_id(1)
@@ -50,9 +50,12 @@ def _fwd_kernel(
         b = tl.load(Bp + base + idx, mask=mask, other=0.0).to(tl.float32)
         d = a - b
         acc += tl.sum(tl.reshape(d * d, (BLOCK // VEC, VEC)), 1)
-    w = _row_weight(W, row, S, w_sg, w_ss, HAS_W)
-    # Relaxed: the sum needs no ordering against other memory (no fence before the atomic).
-    tl.atomic_add(E + row // S, tl.sum(acc, 0) * (w * inv_n), sem="relaxed")
+    part = tl.sum(acc, 0) * (_row_weight(W, row, S, w_sg, w_ss, HAS_W) * inv_n)
+    if PARTIALS:  # E: [G * S * splits], summed per branch by the caller in a fixed order
+        tl.store(E + row * tl.num_programs(1) + sp, part)
+    else:
+        # Relaxed: the sum needs no ordering against other memory (no fence before the atomic).
+        tl.atomic_add(E + row // S, part, sem="relaxed")
 
 
 @triton.jit
@@ -122,21 +125,28 @@ def _weight_args(weight: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
 
 
 def fwd_launch(v_pred, v_ref, weight, mean, energy) -> Launch:
-    """The forward launch; arguments as :func:`velocity_energy_fwd`, energy [G] float32 zeros."""
-    w, w_sg, w_ss = _weight_args(weight, energy)
+    """The forward launch; arguments as :func:`velocity_energy_fwd`. energy: [G] float32 zeros,
+    which the programs add into (float atomics: the order of the adds varies from run to run), or
+    None: each program writes its weighted partial sum into a new [G * S * splits] float32 buffer,
+    ``launch.args[3]``, for the caller to sum per branch in a fixed order."""
     inv_n = 1.0 / v_pred.shape[2] if mean else 1.0
     meta = dict(
         HAS_W=weight is not None,
+        PARTIALS=energy is None,
         BLOCK=_block(v_pred.element_size()),
         VEC=16 // v_pred.element_size(),  # elements per 16-byte load
         num_warps=8,
     )
-    return _one_wave(
-        _fwd_kernel,
-        v_pred,
-        lambda S, N, chunk: (v_pred, v_ref, w, energy, S, N, chunk, inv_n, w_sg, w_ss),
-        meta,
-    )
+
+    def args(S, N, chunk):
+        splits = triton.cdiv(N, chunk)
+        out = energy
+        if out is None:
+            out = torch.empty(v_pred.shape[0] * S * splits, device=v_pred.device)
+        w, w_sg, w_ss = _weight_args(weight, out)
+        return (v_pred, v_ref, w, out, S, N, chunk, inv_n, w_sg, w_ss)
+
+    return _one_wave(_fwd_kernel, v_pred, args, meta)
 
 
 def bwd_launch(grad, v_pred, v_ref, weight, mean, need_ref, d_pred, d_ref) -> Launch:
@@ -175,10 +185,20 @@ def velocity_energy_fwd(
     v_pred: torch.Tensor, v_ref: torch.Tensor, weight: torch.Tensor | None, mean: bool
 ) -> torch.Tensor:
     """v_pred, v_ref: [G, S, N] contiguous; weight: [G, S] float32 (any strides) or None (ones).
-    Returns energy [G] float32."""
-    energy = torch.zeros(v_pred.shape[0], device=v_pred.device, dtype=torch.float32)
-    if v_pred.numel() > 0:
-        fwd_launch(v_pred, v_ref, weight, mean, energy)()
+    Returns energy [G] float32.
+
+    One launch, its programs adding into energy with float atomics; under
+    ``torch.use_deterministic_algorithms(True)`` the programs write partial sums instead and a
+    second launch sums them per branch in a fixed order, so equal inputs give equal bits."""
+    G = v_pred.shape[0]
+    if v_pred.numel() == 0:
+        return torch.zeros(G, device=v_pred.device, dtype=torch.float32)
+    if torch.are_deterministic_algorithms_enabled():
+        launch = fwd_launch(v_pred, v_ref, weight, mean, None)
+        launch()
+        return launch.args[3].view(G, -1).sum(1)
+    energy = torch.zeros(G, device=v_pred.device, dtype=torch.float32)
+    fwd_launch(v_pred, v_ref, weight, mean, energy)()
     return energy
 
 

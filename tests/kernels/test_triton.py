@@ -120,6 +120,30 @@ def test_velocity_energy(reduction, dtype, shape, weight_kind):
             assert_low_precision(a, b, c, name)
 
 
+def test_velocity_energy_deterministic_mode_sums_partials_in_a_fixed_order():
+    """Under torch.use_deterministic_algorithms(True) the forward writes one partial sum per
+    program (no atomics) and sums them per branch: the same energies as the reference, and the
+    launch it makes is the partials one."""
+    from kvpo_kernels.triton import velocity_energy as ve
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 4, 1000, generator=gen)
+    b = a + torch.randn(3, 4, 1000, generator=gen)
+    w = torch.rand(4, generator=gen)
+    want = kvpo_kernels.velocity_energy_reference(a.double(), b.double(), w.double(), "mean")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = kvpo_kernels.velocity_energy(a, b, w, "mean", backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert_rel(got.double(), want, 1e-5, "deterministic energy")
+    launch = ve.fwd_launch(a, b, w.expand(3, 4), True, None)
+    assert launch.meta["PARTIALS"] and launch.args[3].numel() == 12 * launch.grid[1]
+    launch()
+    assert_rel(launch.args[3].view(3, -1).sum(1).double(), want, 1e-5, "partials")
+
+
 @pytest.mark.parametrize("sms", [4, 108, 132])
 @pytest.mark.parametrize("per_sm", [3, 8])
 def test_velocity_energy_launch_is_one_wave(sms, per_sm):
