@@ -99,7 +99,9 @@ def programs_per_sm(key: tuple, probe: Callable[[], Launch], default: int) -> in
     _RESIDENT[key] = resident_programs(
         n_regs,
         launch.meta["num_warps"],
-        getattr(props, "regs_per_multiprocessor", 65536),
+        getattr(
+            props, "regs_per_multiprocessor", 65536
+        ),  # 64K on sm_50 to sm_90; not all torch have it
         props.max_threads_per_multi_processor // 32,
     )
     return _RESIDENT[key]
