@@ -6,9 +6,7 @@ Backends:
   ``cuda``      the CUDA C++ kernels of ``kvpo_kernels._C`` on CUDA tensors (CUDA builds only);
   ``triton``    the Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
   ``auto``      CPU tensors -> ``cpu``; CUDA tensors -> the op's faster GPU backend where both
-                exist (:data:`CUDA_PREFERENCE`), else the other, else ``reference``; under
-                ``torch.use_deterministic_algorithms(True)`` it passes over the kernels that sum
-                with atomics (:data:`NONDETERMINISTIC`).
+                exist (:data:`CUDA_PREFERENCE`), else the other, else ``reference``.
 
 The choice comes, first match wins, from the op's ``backend=`` argument, the environment variable
 ``KVPO_<OP>_BACKEND`` (``KVPO_ROUTED_ATTENTION_BACKEND``, ``KVPO_VELOCITY_ENERGY_BACKEND``), the
@@ -19,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import warnings
 
 import torch
 
@@ -33,27 +30,6 @@ CUDA_PREFERENCE: dict[str, tuple[str, str]] = {
     "routed_attention": ("triton", "cuda"),
     "velocity_energy": ("cuda", "triton"),
 }
-
-
-# GPU kernels that sum with float atomics, whose results can differ in the last bits from run to
-# run. Under torch.use_deterministic_algorithms(True), ``auto`` passes over them and asking for
-# one raises (warns with warn_only=True), as PyTorch's own such ops do; the Triton
-# velocity_energy then takes its two-launch path (partial sums, then a fixed-order sum).
-NONDETERMINISTIC: frozenset[tuple[str, str]] = frozenset({("velocity_energy", "cuda")})
-
-
-def _alert_nondeterministic(op: str, backend: str) -> None:
-    if (op, backend) not in NONDETERMINISTIC or not torch.are_deterministic_algorithms_enabled():
-        return
-    msg = (
-        f"{op}: backend {backend!r} sums with float atomics, which is not deterministic, but "
-        "torch.use_deterministic_algorithms(True) is set; backend 'triton' (or 'auto') has a "
-        "deterministic path"
-    )
-    if torch.is_deterministic_algorithms_warn_only_enabled():
-        warnings.warn(msg, stacklevel=3)
-    else:
-        raise RuntimeError(msg)
 
 
 def _probe_native() -> bool:
@@ -132,9 +108,8 @@ def resolve(
             return "cpu" if native_available() else "reference"
         if device.type == "cuda" and dtype != torch.float64:
             available = {"triton": triton_available(), "cuda": native_cuda_available(native_op)}
-            deterministic = torch.are_deterministic_algorithms_enabled()
             for name in CUDA_PREFERENCE.get(op, ("triton", "cuda")):
-                if available[name] and not (deterministic and (op, name) in NONDETERMINISTIC):
+                if available[name]:
                     return name
         return "reference"
     if choice in ("triton", "cuda") and dtype == torch.float64:
@@ -157,7 +132,6 @@ def resolve(
             raise RuntimeError(
                 f"{op}: backend 'cuda' needs kvpo_kernels._C built with CUDA (CUDA torch and nvcc)"
             )
-        _alert_nondeterministic(op, choice)
     elif choice == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend 'triton' needs the triton package")

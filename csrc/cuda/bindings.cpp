@@ -108,10 +108,14 @@ at::Tensor velocity_energy_fwd_cuda(const at::Tensor& v_pred, const at::Tensor& 
   const auto a = aligned(v_pred), b = aligned(v_ref);
   at::Tensor held;
   const auto w = step_weight(weight, a, held);
-  auto energy = at::empty({a.size(0)}, a.options().dtype(at::kFloat));
+  const auto opts = a.options().dtype(at::kFloat);
+  auto energy = at::empty({a.size(0)}, opts);
+  auto workspace = at::empty({cuda::velocity_energy_fwd_workspace(a.size(0), a.size(1), a.size(2))},
+                             opts);
   check_cuda(cuda::velocity_energy_fwd(a.const_data_ptr(), b.const_data_ptr(), w,
-                                       energy.data_ptr<float>(), a.size(0), a.size(1), a.size(2),
-                                       mean, dt, c10::cuda::getCurrentCUDAStream().stream()),
+                                       workspace.data_ptr<float>(), energy.data_ptr<float>(),
+                                       a.size(0), a.size(1), a.size(2), mean, dt,
+                                       c10::cuda::getCurrentCUDAStream().stream()),
              "velocity_energy_fwd");
   return energy;
 }

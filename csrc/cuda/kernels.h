@@ -17,11 +17,14 @@ struct StepWeight {
 };
 
 // energy[g] = sum_s weight[g, s] * reduce_n (v_pred[g, s, n] - v_ref[g, s, n])^2, reduce = sum or
-// mean over n. v_pred, v_ref: [G, S, N] contiguous, dtype dt; energy: [G] float32 (zeroed here).
-// One kernel launch for all branches.
+// mean over n. v_pred, v_ref: [G, S, N] contiguous, dtype dt; energy: [G] float32 (written, not
+// accumulated); workspace: velocity_energy_fwd_workspace(G, S, N) float32 values, any contents.
+// Two launches for all branches: per-block partial sums, then a fixed-order sum per branch (no
+// atomics: bitwise repeatable).
+int64_t velocity_energy_fwd_workspace(int64_t G, int64_t S, int64_t N);
 cudaError_t velocity_energy_fwd(const void* v_pred, const void* v_ref, StepWeight weight,
-                                float* energy, int64_t G, int64_t S, int64_t N, bool mean,
-                                DType dt, cudaStream_t stream);
+                                float* workspace, float* energy, int64_t G, int64_t S, int64_t N,
+                                bool mean, DType dt, cudaStream_t stream);
 
 // grad_pred = grad[g] * weight[g, s] * (2 / N if mean else 2) * (v_pred - v_ref), grad_ref =
 // -grad_pred (skipped when grad_ref is null). grad: [G] float32; outputs like v_pred.

@@ -2,8 +2,9 @@
 //
 // Forward: a 2-D grid, y = the G*S (branch, step) rows and x = slices of N. Each thread keeps
 // four 16-byte loads of v_pred and of v_ref in flight, accumulates (a - b)^2 in float32, the
-// block reduces with warp shuffles then shared memory, and one atomicAdd per block adds
-// weight * partial into energy[g]: all branches in one launch, no (a - b) temporary.
+// block reduces with warp shuffles then shared memory, and writes weight * partial to its own
+// slot of a workspace; a second launch sums each branch's slots in a fixed order. No atomics, so
+// the energies repeat bit for bit, and no zero fill; no (a - b) temporary.
 // Backward: elementwise, 16-byte loads and stores, unrolled the same way.
 // Both are sized to one wave of the blocks an SM holds, and read weight[g, s] through its strides
 // (a per-step weight broadcast over G is not copied).
@@ -135,7 +136,7 @@ constexpr int kFwdBlocksPerSm = 8;
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads, kFwdBlocksPerSm)
     energy_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b, StepWeight w,
-                      float* __restrict__ energy, int64_t rows, int64_t S, int64_t N,
+                      float* __restrict__ partials, int64_t rows, int64_t S, int64_t N,
                       float inv_n) {
   // y walks the G * S rows (grid-stride: gridDim.y is capped at 65535).
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
@@ -168,8 +169,21 @@ __global__ void __launch_bounds__(kThreads, kFwdBlocksPerSm)
     }
   }
   acc = block_sum(acc);
-  if (threadIdx.x == 0) atomicAdd(energy + row / S, row_weight(w, row, S) * acc * inv_n);
+  if (threadIdx.x == 0)
+    partials[row * gridDim.x + blockIdx.x] = row_weight(w, row, S) * acc * inv_n;
   }
+}
+
+// energy[g] = the sum of branch g's per_g partial sums (its S rows times the blocks per row,
+// contiguous), one block per branch: a fixed assignment and a fixed shuffle tree.
+__global__ void __launch_bounds__(kThreads)
+    sum_partials_kernel(const float* __restrict__ partials, int64_t per_g,
+                        float* __restrict__ energy) {
+  const float* p = partials + blockIdx.x * per_g;
+  float acc = 0.f;
+  for (int64_t i = threadIdx.x; i < per_g; i += kThreads) acc += p[i];
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) energy[blockIdx.x] = acc;
 }
 
 template <typename T, bool kVec>
@@ -235,72 +249,101 @@ int resident_blocks(Kernel kernel) {
   return err == cudaSuccess && n > 0 ? n : 1;
 }
 
-// Blocks along N: G*S rows in y times bx blocks fill the device in one wave (resident blocks per
-// SM times the SMs), at most what N can use. Every block streams the same amount, so bx rounds
-// down: rounding up would leave a second wave of a few blocks streaming the last percent of the
-// data at a fraction of the bandwidth.
-dim3 grid_for(int64_t G, int64_t S, int64_t N, int vec, int per_sm) {
+// Blocks of 256 threads an SM can hold at most (2048 threads on sm_80 and sm_90).
+constexpr int kMaxBlocksPerSm = 8;
+
+// Blocks along N per row: the G*S rows (in y) times these fill the device in one wave (resident
+// blocks per SM times the SMs), at most what N can use. Every block streams the same amount, so
+// this rounds down: rounding up would leave a second wave of a few blocks streaming the last
+// percent of the data at a fraction of the bandwidth.
+int64_t blocks_per_row(int64_t rows, int64_t N, int vec, int per_sm) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * vec;
-  int64_t bx = (N + per_block - 1) / per_block;
-  const int64_t rows = G * S;
-  const int64_t want = int64_t(per_sm) * sm_count() / rows;
-  bx = bx < want ? bx : want;
-  if (bx < 1) bx = 1;
-  return dim3(static_cast<unsigned>(bx), static_cast<unsigned>(rows < 65535 ? rows : 65535));
+  const int64_t useful = (N + per_block - 1) / per_block;
+  const int64_t blocks_per_sm = per_sm < kMaxBlocksPerSm ? per_sm : kMaxBlocksPerSm;
+  const int64_t want = blocks_per_sm * sm_count() / rows;
+  const int64_t bx = useful < want ? useful : want;
+  return bx < 1 ? 1 : bx;
 }
 
-// Launches kKernel over the G*S rows, sized to one wave of it (its occupancy is asked once: the
-// kernel is a template argument, so each kernel has its own static).
-template <auto kKernel, typename... Args>
-cudaError_t launch_rows(int64_t G, int64_t S, int64_t N, int vec, cudaStream_t st, Args... args) {
+// blocks_per_row for kKernel, its occupancy asked once (the kernel is a template argument, so
+// each kernel has its own static).
+template <auto kKernel>
+int64_t kernel_blocks_per_row(int64_t rows, int64_t N, int vec) {
   static const int per_sm = resident_blocks(kKernel);
-  kKernel<<<grid_for(G, S, N, vec, per_sm), kThreads, 0, st>>>(args...);
+  return blocks_per_row(rows, N, vec, per_sm);
+}
+
+template <auto kKernel, typename... Args>
+cudaError_t launch_rows(int64_t rows, int64_t bx, cudaStream_t st, Args... args) {
+  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(rows < 65535 ? rows : 65535));
+  kKernel<<<grid, kThreads, 0, st>>>(args...);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_fwd(const void* a, const void* b, StepWeight w, float* e, int64_t G,
-                       int64_t S, int64_t N, bool mean, cudaStream_t st) {
-  cudaError_t err = cudaMemsetAsync(e, 0, sizeof(float) * G, st);
-  if (err != cudaSuccess || G * S == 0) return err;
+cudaError_t launch_fwd(const void* a, const void* b, StepWeight w, float* partials, float* e,
+                       int64_t G, int64_t S, int64_t N, bool mean, cudaStream_t st) {
+  const int64_t rows = G * S;
+  if (rows == 0) return G == 0 ? cudaSuccess : cudaMemsetAsync(e, 0, sizeof(float) * G, st);
   const float inv_n = mean ? 1.f / static_cast<float>(N) : 1.f;
   const auto* x = static_cast<const T*>(a);
   const auto* y = static_cast<const T*>(b);
-  if (aligned16(a) && aligned16(b) && N % Vec<T>::kN == 0)
-    return launch_rows<energy_fwd_kernel<T, true>>(G, S, N, Vec<T>::kN, st, x, y, w, e, G * S, S,
-                                                   N, inv_n);
-  return launch_rows<energy_fwd_kernel<T, false>>(G, S, N, 1, st, x, y, w, e, G * S, S, N, inv_n);
+  int64_t bx;
+  cudaError_t err;
+  if (aligned16(a) && aligned16(b) && N % Vec<T>::kN == 0) {
+    constexpr auto kernel = energy_fwd_kernel<T, true>;
+    bx = kernel_blocks_per_row<kernel>(rows, N, Vec<T>::kN);
+    err = launch_rows<kernel>(rows, bx, st, x, y, w, partials, rows, S, N, inv_n);
+  } else {
+    constexpr auto kernel = energy_fwd_kernel<T, false>;
+    bx = kernel_blocks_per_row<kernel>(rows, N, 1);
+    err = launch_rows<kernel>(rows, bx, st, x, y, w, partials, rows, S, N, inv_n);
+  }
+  if (err != cudaSuccess) return err;
+  sum_partials_kernel<<<static_cast<unsigned>(G), kThreads, 0, st>>>(partials, S * bx, e);
+  return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_bwd(const float* g, const void* a, const void* b, StepWeight w, void* da,
                        void* db, int64_t G, int64_t S, int64_t N, bool mean, cudaStream_t st) {
-  if (G * S == 0 || N == 0) return cudaSuccess;
+  const int64_t rows = G * S;
+  if (rows == 0 || N == 0) return cudaSuccess;
   const float two_over_n = mean ? 2.f / static_cast<float>(N) : 2.f;
   const auto* x = static_cast<const T*>(a);
   const auto* y = static_cast<const T*>(b);
   auto* dx = static_cast<T*>(da);
   auto* dy = static_cast<T*>(db);
   if (aligned16(a) && aligned16(b) && aligned16(da) && (!db || aligned16(db)) &&
-      N % Vec<T>::kN == 0)
-    return launch_rows<energy_bwd_kernel<T, true>>(G, S, N, Vec<T>::kN, st, g, x, y, w, dx, dy,
-                                                   G * S, S, N, two_over_n);
-  return launch_rows<energy_bwd_kernel<T, false>>(G, S, N, 1, st, g, x, y, w, dx, dy, G * S, S, N,
-                                                  two_over_n);
+      N % Vec<T>::kN == 0) {
+    constexpr auto kernel = energy_bwd_kernel<T, true>;
+    const int64_t bx = kernel_blocks_per_row<kernel>(rows, N, Vec<T>::kN);
+    return launch_rows<kernel>(rows, bx, st, g, x, y, w, dx, dy, rows, S, N, two_over_n);
+  }
+  constexpr auto kernel = energy_bwd_kernel<T, false>;
+  const int64_t bx = kernel_blocks_per_row<kernel>(rows, N, 1);
+  return launch_rows<kernel>(rows, bx, st, g, x, y, w, dx, dy, rows, S, N, two_over_n);
 }
 
 }  // namespace
 
+int64_t velocity_energy_fwd_workspace(int64_t G, int64_t S, int64_t N) {
+  const int64_t rows = G * S;
+  // the most blocks a row can get: one-element vectors and a full SM of blocks
+  return rows == 0 ? 0 : rows * blocks_per_row(rows, N, 1, kMaxBlocksPerSm);
+}
+
 cudaError_t velocity_energy_fwd(const void* v_pred, const void* v_ref, StepWeight weight,
-                                float* energy, int64_t G, int64_t S, int64_t N, bool mean,
-                                DType dt, cudaStream_t stream) {
+                                float* workspace, float* energy, int64_t G, int64_t S, int64_t N,
+                                bool mean, DType dt, cudaStream_t stream) {
   switch (dt) {
     case DType::kFloat32:
-      return launch_fwd<float>(v_pred, v_ref, weight, energy, G, S, N, mean, stream);
+      return launch_fwd<float>(v_pred, v_ref, weight, workspace, energy, G, S, N, mean, stream);
     case DType::kFloat16:
-      return launch_fwd<__half>(v_pred, v_ref, weight, energy, G, S, N, mean, stream);
+      return launch_fwd<__half>(v_pred, v_ref, weight, workspace, energy, G, S, N, mean, stream);
     case DType::kBFloat16:
-      return launch_fwd<__nv_bfloat16>(v_pred, v_ref, weight, energy, G, S, N, mean, stream);
+      return launch_fwd<__nv_bfloat16>(v_pred, v_ref, weight, workspace, energy, G, S, N, mean,
+                                       stream);
   }
   return cudaErrorInvalidValue;
 }

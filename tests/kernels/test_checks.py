@@ -145,40 +145,6 @@ def test_auto_on_cuda_picks_each_ops_faster_backend(monkeypatch, triton, cuda, a
     assert _backend.resolve("velocity_energy", torch.device("cpu")) in ("cpu", "reference")
 
 
-@pytest.fixture
-def deterministic():
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    yield lambda warn_only=False: torch.use_deterministic_algorithms(True, warn_only=warn_only)
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
-@pytest.mark.parametrize(("triton", "energy"), [(True, "triton"), (False, "reference")])
-def test_deterministic_mode_passes_over_atomic_kernels(monkeypatch, deterministic, triton, energy):
-    """velocity_energy's CUDA kernel sums with float atomics: under
-    torch.use_deterministic_algorithms(True) auto takes Triton (its two-launch path) or the
-    reference, and asking for "cuda" raises, or warns with warn_only, as PyTorch's ops do."""
-    from kvpo_kernels import _backend
-
-    monkeypatch.setattr(_backend, "triton_available", lambda: triton)
-    monkeypatch.setattr(_backend, "native_cuda_available", lambda op: True)
-    for var in ("KVPO_BACKEND", "KVPO_ROUTED_ATTENTION_BACKEND", "KVPO_VELOCITY_ENERGY_BACKEND"):
-        monkeypatch.delenv(var, raising=False)
-    gpu = torch.device("cuda")
-    assert _backend.resolve("velocity_energy", gpu, None, "velocity_energy_fwd") == "cuda"
-    deterministic()
-    assert _backend.resolve("velocity_energy", gpu, None, "velocity_energy_fwd") == energy
-    attention = "triton" if triton else "cuda"  # deterministic: no atomics in routed attention
-    assert _backend.resolve("routed_attention", gpu, None, "routed_attn_fwd") == attention
-    with pytest.raises(RuntimeError, match="use_deterministic_algorithms"):
-        _backend.resolve("velocity_energy", gpu, "cuda", "velocity_energy_fwd")
-    deterministic(warn_only=True)
-    with pytest.warns(UserWarning, match="float atomics"):
-        assert _backend.resolve("velocity_energy", gpu, "cuda", "velocity_energy_fwd") == "cuda"
-
-
 def test_resolve_on_cuda_traces_under_fullgraph_compile():
     """resolve() runs inside the ops' Python wrappers, which torch.compile traces: on CUDA it asks
     which GPU kernels exist, and that answer must be a constant (a dispatcher query there is an

@@ -142,24 +142,28 @@ def test_triton_velocity_energy_launch_is_one_wave_of_its_resident_programs(dtyp
     assert_rel(energy.cpu().double(), want.cpu(), 1e-5, "one-wave launch")
 
 
-def test_velocity_energy_is_bitwise_repeatable_under_deterministic_mode():
-    """torch.use_deterministic_algorithms(True): auto takes Triton's partial-sums path, and the
-    same inputs give the same bits every time (float atomics need not)."""
-    if "triton" not in _gpu_backends("velocity_energy_fwd"):
-        pytest.skip("needs compiled Triton")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_velocity_energy_is_bitwise_repeatable(backend):
+    """The CUDA kernel (partial sums, then a fixed-order sum) always; Triton under
+    torch.use_deterministic_algorithms(True), when it takes the same path (its default one launch
+    adds with float atomics, which need not repeat)."""
+    if backend not in _gpu_backends("velocity_energy_fwd"):
+        pytest.skip(f"no {backend} kernel")
     a = torch.randn(8, 4, 3 * 16 * 60 * 104, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
     w = torch.rand(4, device="cuda")
     before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(backend == "triton")
     try:
-        first = kvpo_kernels.velocity_energy(a, b, w, "mean")
+        first = kvpo_kernels.velocity_energy(a, b, w, "mean", backend=backend)
         for _ in range(10):
-            assert torch.equal(kvpo_kernels.velocity_energy(a, b, w, "mean"), first)
+            assert torch.equal(
+                kvpo_kernels.velocity_energy(a, b, w, "mean", backend=backend), first
+            )
     finally:
         torch.use_deterministic_algorithms(before)
     want = kvpo_kernels.velocity_energy_reference(a.double(), b.double(), w.double(), "mean")
-    assert_rel(first.cpu().double(), want.cpu(), 1e-5, "deterministic energy")
+    assert_rel(first.cpu().double(), want.cpu(), 1e-5, f"{backend} energy")
 
 
 def test_triton_does_not_recompile_when_only_the_table_changes():
