@@ -6,6 +6,8 @@ differentiable by autograd, so their gradients are the reference gradients too.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -75,7 +77,7 @@ def velocity_energy_reference(
     the trailing dims. Returns energy [G] in the dtype of the inputs.
     """
     G, S = v_pred.shape[:2]
-    diff = (v_pred - v_ref).reshape(G, S, -1)
+    diff = (v_pred - v_ref).reshape(G, S, math.prod(v_pred.shape[2:]))
     per_step = diff.pow(2).sum(-1) if reduction == "sum" else diff.pow(2).mean(-1)
     if weight is None:
         return per_step.sum(-1)

@@ -7,6 +7,8 @@ softmax_g(-energy / tau).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _backend, _checks
@@ -24,7 +26,8 @@ def _fwd_reference(v_pred, v_ref, weight, mean):
 
 def _bwd_reference(grad, v_pred, v_ref, weight, mean, need_ref):
     acc = _backend.acc_dtype(v_pred.dtype)
-    coef = grad.to(acc)[:, None] * (2.0 / v_pred.shape[2] if mean else 2.0)
+    # max(N, 1): with N = 0 the gradient is empty and the coefficient unused
+    coef = grad.to(acc)[:, None] * (2.0 / max(v_pred.shape[2], 1) if mean else 2.0)
     if weight is not None:
         coef = coef * weight.to(acc)
     coef = coef.expand(v_pred.shape[:2])
@@ -154,11 +157,12 @@ def velocity_energy(
     """
     _checks.check_velocity_energy(v_pred, v_ref, weight, reduction)
     G, S = v_pred.shape[:2]
+    n = math.prod(v_pred.shape[2:])  # not -1: ambiguous when G or S is 0
     if weight is not None:
         weight = weight.to(_backend.acc_dtype(v_pred.dtype)).expand(G, S)
     name = _backend.resolve(
         OP, v_pred.device, backend, native_op="velocity_energy_fwd", dtype=v_pred.dtype
     )
     return _velocity_energy_op(
-        v_pred.reshape(G, S, -1), v_ref.reshape(G, S, -1), weight, reduction == "mean", name
+        v_pred.reshape(G, S, n), v_ref.reshape(G, S, n), weight, reduction == "mean", name
     )

@@ -190,9 +190,11 @@ def velocity_energy_fwd(
     One launch, its programs adding into energy with float atomics; under
     ``torch.use_deterministic_algorithms(True)`` the programs write partial sums instead and a
     second launch sums them per branch in a fixed order, so equal inputs give equal bits."""
-    G = v_pred.shape[0]
+    G, S, N = v_pred.shape
     if v_pred.numel() == 0:
-        return torch.zeros(G, device=v_pred.device, dtype=torch.float32)
+        # a mean over no elements is NaN, as torch.mean and the other backends give
+        fill = float("nan") if mean and N == 0 and S > 0 else 0.0
+        return torch.full((G,), fill, device=v_pred.device, dtype=torch.float32)
     if torch.are_deterministic_algorithms_enabled():
         launch = fwd_launch(v_pred, v_ref, weight, mean, None)
         launch()

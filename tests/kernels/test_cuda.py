@@ -142,6 +142,19 @@ def test_triton_velocity_energy_launch_is_one_wave_of_its_resident_programs(dtyp
     assert_rel(energy.cpu().double(), want.cpu(), 1e-5, "one-wave launch")
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("shape", [(2, 3, 0), (0, 3, 5), (2, 0, 5)], ids=str)
+def test_velocity_energy_empty_dimensions_on_gpu(shape, reduction):
+    backends = _gpu_backends("velocity_energy_fwd")
+    if not backends:
+        pytest.skip("no GPU backend built")
+    a, b = torch.randn(shape, device="cuda"), torch.randn(shape, device="cuda")
+    want = kvpo_kernels.velocity_energy_reference(a, b, None, reduction)  # 0, NaN or []
+    for backend in backends:
+        got = kvpo_kernels.velocity_energy(a, b, None, reduction, backend=backend)
+        torch.testing.assert_close(got, want, equal_nan=True, msg=backend)
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_velocity_energy_is_bitwise_repeatable(backend):
     """The CUDA kernel (partial sums, then a fixed-order sum) always; Triton under

@@ -230,6 +230,17 @@ def test_programs_per_sm_asks_the_compiled_kernel_once(monkeypatch):
         assert _common.programs_per_sm(("k", 3), probe, 5) == 5
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("shape", [(2, 3, 0), (0, 3, 5), (2, 0, 5)], ids=str)
+def test_velocity_energy_empty_dimensions_agree_with_torch(reduction, shape):
+    v_pred, v_ref = torch.randn(shape, requires_grad=True), torch.randn(shape)
+    got = kvpo_kernels.velocity_energy(v_pred, v_ref, None, reduction, backend="triton")
+    want = kvpo_kernels.velocity_energy_reference(v_pred.detach(), v_ref, None, reduction)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    got.sum().backward()
+    assert v_pred.grad.shape == shape
+
+
 def test_float64_is_refused_not_downgraded():
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):

@@ -140,3 +140,19 @@ def test_the_weight_reaches_the_op_without_a_copy(weight_kind):
         assert w_arg is None
     else:
         assert w_arg.shape == (4, 3) and w_arg.stride() == (0, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("shape", [(2, 3, 0), (0, 3, 5), (2, 0, 5), (2, 3, 4, 0)], ids=str)
+def test_empty_dimensions_agree_with_torch(backend, reduction, shape):
+    """No branches: []; no steps: zeros; no elements per step: 0 for "sum", NaN for "mean" (a
+    mean over nothing, as torch.mean gives). Gradients keep their shapes."""
+    v_pred = torch.randn(shape, requires_grad=True)
+    v_ref = torch.randn(shape)
+    got = kvpo_kernels.velocity_energy(v_pred, v_ref, None, reduction, backend=backend)
+    want = kvpo_kernels.velocity_energy_reference(v_pred.detach(), v_ref, None, reduction)
+    assert got.shape == (shape[0],)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    got.sum().backward()
+    assert v_pred.grad.shape == shape
