@@ -69,19 +69,21 @@ def resident_programs(n_regs: int, num_warps: int, regs_per_sm: int, warps_per_s
 _RESIDENT: dict[tuple, int] = {}
 
 
-def programs_per_sm(key: tuple, probe: Callable[[], Launch], default: int) -> int:
-    """How many programs of a launch's compiled kernel one SM of its device holds, so that a
+def programs_per_sm(
+    key: tuple, device: torch.device, probe: Callable[[], Launch], default: int
+) -> int:
+    """How many programs of a launch's compiled kernel one SM of ``device`` holds, so that a
     grid can be sized to exactly one wave.
 
     ``probe()`` builds the launch; its kernel is compiled (not run) the first time ``key`` is
     seen and the answer is cached under ``key``, which must name what changes the compiled code
-    (kernel, dtype, constexprs, device). ``default`` off CUDA and under the interpreter."""
+    (kernel, dtype, constexprs, device). ``default`` off CUDA and under the interpreter, where
+    nothing is built."""
+    if interpreted() or device.type != "cuda":
+        return default
     if key in _RESIDENT:
         return _RESIDENT[key]
     launch = probe()
-    device = next(a.device for a in launch.args if isinstance(a, torch.Tensor))
-    if interpreted() or device.type != "cuda":
-        return default
     try:
         with torch.cuda.device(device):
             compiled = launch.jit_fn.warmup(*launch.args, grid=launch.grid, **launch.meta)

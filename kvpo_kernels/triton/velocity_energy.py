@@ -113,7 +113,8 @@ def _one_wave(kernel, v_pred: torch.Tensor, args: Callable[[int, int, int], tupl
 
     # S == 1 is specialised as a constant by Triton's JIT, so it is compiled apart.
     key = (kernel, v_pred.dtype, v_pred.device, S == 1, tuple(sorted(meta.items())))
-    return build(programs_per_sm(key, lambda: build(PROGRAMS_PER_SM), PROGRAMS_PER_SM))
+    probe = lambda: build(PROGRAMS_PER_SM)  # noqa: E731
+    return build(programs_per_sm(key, v_pred.device, probe, PROGRAMS_PER_SM))
 
 
 def _weight_args(weight: torch.Tensor | None, dummy: torch.Tensor) -> tuple:

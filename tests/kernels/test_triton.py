@@ -185,20 +185,14 @@ def test_resident_programs_match_the_occupancy_rules():
 
 
 def test_programs_per_sm_asks_the_compiled_kernel_once(monkeypatch):
-    """The CUDA branch's plumbing, with the GPU parts stood in for (a tensor that reports a CUDA
-    device, the device's properties, the compiled kernel's registers): the answer follows the
-    occupancy rules, is cached per key, and a Triton that cannot report registers gets the
-    default with a warning instead of a failed call. tests/kernels/test_cuda.py checks it on a
-    GPU."""
+    """The CUDA branch's plumbing, with the GPU parts stood in for (the device's properties,
+    the compiled kernel's registers): the answer follows the occupancy rules, is cached per key,
+    and a Triton that cannot report registers gets the default with a warning instead of a
+    failed call; off CUDA nothing is built. tests/kernels/test_cuda.py checks it on a GPU."""
     import contextlib
     import types
 
     from kvpo_kernels.triton import _common
-
-    class OnCuda(torch.Tensor):
-        @property
-        def device(self):
-            return torch.device("cuda", 0)
 
     compiled = types.SimpleNamespace(n_regs=40, _init_handles=lambda: None)
     warmups = []
@@ -215,19 +209,21 @@ def test_programs_per_sm_asks_the_compiled_kernel_once(monkeypatch):
     )
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     monkeypatch.setattr(_common, "_RESIDENT", {})
-    t = torch.Tensor._make_subclass(OnCuda, torch.zeros(4))
+    gpu = torch.device("cuda", 0)
 
     def probe():
-        return _common.Launch(jit, (7, 1), (t, 3), {"BLOCK": 256, "num_warps": 8})
+        return _common.Launch(jit, (7, 1), (torch.zeros(4), 3), {"BLOCK": 256, "num_warps": 8})
 
-    assert _common.programs_per_sm(("k", 1), probe, 8) == 6  # 40 registers x 8 warps
-    assert _common.programs_per_sm(("k", 1), probe, 8) == 6
+    assert _common.programs_per_sm(("k", 0), torch.device("cpu"), probe, 8) == 8
+    assert warmups == []  # off CUDA: the default, nothing built
+    assert _common.programs_per_sm(("k", 1), gpu, probe, 8) == 6  # 40 registers x 8 warps
+    assert _common.programs_per_sm(("k", 1), gpu, probe, 8) == 6
     assert len(warmups) == 1 and warmups[0][1] == (7, 1) and warmups[0][2]["num_warps"] == 8
     compiled.n_regs = 31
-    assert _common.programs_per_sm(("k", 2), probe, 8) == 8
+    assert _common.programs_per_sm(("k", 2), gpu, probe, 8) == 8
     del compiled._init_handles  # a Triton whose compiled kernels lack it
     with pytest.warns(UserWarning, match="did not report _fwd_kernel's registers"):
-        assert _common.programs_per_sm(("k", 3), probe, 5) == 5
+        assert _common.programs_per_sm(("k", 3), gpu, probe, 5) == 5
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
