@@ -53,24 +53,35 @@ def _bench(fn, device: str) -> float:
     return statistics.median(times)
 
 
-def _gpu_ms(fn, device: str, reps: int = 30) -> float:
+def _gpu_ms(fn, device: str, reps: int = 30, flush: str = "write") -> float:
     """Median milliseconds the GPU spends in fn()'s kernels, with a cold L2 and the CPU's launch
     cost hidden: a spin kernel queued ahead of each call keeps the GPU busy while the CPU queues
     the events and fn's launches, so the events time only the kernels. On CPU: :func:`_bench`.
 
+    flush: how L2 is emptied of fn's data before each call. "write" zeroes 256 MB (what
+    ``triton.testing.do_bench`` does): L2 is left full of dirty lines, which the timed kernels
+    write back to memory as their reads evict them, up to an L2's worth of extra traffic (50 MB
+    on an H100/H200: a fifth more than a 268 MB read-only kernel moves, 2.5 % of a 2 GB copy's).
+    "read" sums the same 256 MB instead: L2 holds clean lines, evicted for free.
+
     For an op of a few microseconds of memory traffic (velocity_energy at one chunk), the time of
     a Python call (``_bench``: dispatch and launch included) and this GPU time differ several
     times over; both are reported."""
+    if flush not in ("write", "read"):
+        raise ValueError(f"flush must be 'write' or 'read', got {flush!r}")
     if device != "cuda":
         return _bench(fn, device)
     fn()
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    buf = torch.ones(256 * 2**20 // 8, dtype=torch.int64, device=device)
     events = [
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         for _ in range(reps)
     ]
     for start, end in events:
-        flush.zero_()
+        if flush == "write":
+            buf.zero_()
+        else:
+            buf.sum()
         torch.cuda._sleep(2_000_000)  # about 1 ms: longer than queuing one call takes
         start.record()
         fn()
@@ -129,7 +140,7 @@ def _flash_attn_paged(q, k, v, table, block=256):
 
 
 ROUTED_COLS = ("ms", "tflops", "peak_mib", "rel_err_vs_kvpo")
-ENERGY_COLS = ("call_ms", "gpu_ms", "GB/s", "of_copy", "rel_err")
+ENERGY_COLS = ("call_ms", "gpu_ms", "GB/s", "of_copy", "gpu_ms_clean", "of_copy_clean", "rel_err")
 
 
 def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -> list[dict]:
@@ -186,11 +197,12 @@ def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -
     return rows
 
 
-def copy_bandwidth_gbs(device: str, numel: int = 2**28) -> float:
-    """Bytes read and written per second by a device-to-device copy of numel float32 values."""
+def copy_bandwidth_gbs(device: str, numel: int = 2**28, flush: str = "write") -> float:
+    """Bytes read and written per second by a device-to-device copy of numel float32 values, L2
+    emptied before each copy as ``_gpu_ms``'s flush says."""
     x = torch.empty(numel, dtype=torch.float32, device=device).normal_()
     y = torch.empty_like(x)
-    ms = _gpu_ms(lambda: y.copy_(x), device)
+    ms = _gpu_ms(lambda: y.copy_(x), device, flush=flush)
     return 2 * x.numel() * 4 / ms / 1e6
 
 
@@ -228,13 +240,18 @@ def velocity_rows(
     """Wan latents: 16 channels x 60 x 104 per frame, a chunk of 3 frames, 4 steps, G = 8.
 
     call_ms: a Python call as a caller waits for it (dispatch and launch included); gpu_ms: the
-    kernels alone (cold L2), from which GB/s and the fraction of copy bandwidth are computed."""
+    kernels alone, L2 emptied by writes (as in every earlier run), from which GB/s and the fraction
+    of copy bandwidth are computed; gpu_ms_clean / of_copy_clean: the same with L2 emptied by
+    reads, the copy it divides by measured likewise (see ``_gpu_ms``: written-back dirty lines
+    weigh on a 268 MB read five times more than on the 2 GB copy)."""
     a = torch.randn(G, S, N, device=device, dtype=dtype)
     b = torch.randn(G, S, N, device=device, dtype=dtype)
     w = torch.rand(S, device=device)
     bytes_fwd = 2 * a.numel() * a.element_size()
     bytes_bwd = 3 * a.numel() * a.element_size()  # read both, write d_pred
-    copy = copy_bandwidth_gbs(device, 2**28 if device == "cuda" else 2**20)
+    copy_numel = 2**28 if device == "cuda" else 2**20
+    copy = copy_bandwidth_gbs(device, copy_numel)
+    copy_clean = copy_bandwidth_gbs(device, copy_numel, flush="read")
     ref = kvpo_kernels.velocity_energy_reference(a.double(), b.double(), w.double(), "mean")
 
     def energy(backend):
@@ -277,17 +294,22 @@ def velocity_rows(
                     err = float((out[0].double() - want).norm() / want.norm())
             call_ms = _bench(fn, device)
             gpu_ms = _gpu_ms(fn, device)
+            clean_ms = _gpu_ms(fn, device, flush="read")
             gbs = nbytes / gpu_ms / 1e6
             rows.append(
                 {"method": name, "call_ms": call_ms, "gpu_ms": gpu_ms, "GB/s": gbs,
-                 "of_copy": gbs / copy, "rel_err": err, "error": ""}
+                 "of_copy": gbs / copy, "gpu_ms_clean": clean_ms,
+                 "of_copy_clean": nbytes / clean_ms / 1e6 / copy_clean, "rel_err": err, "error": ""}
             )  # fmt: skip
         except Exception as e:  # noqa: BLE001
             rows.append(_failed(name, e, ENERGY_COLS))
     rows.append(
         {"method": "device copy (read + write)", "call_ms": float("nan"), "gpu_ms": float("nan"),
-         "GB/s": copy, "of_copy": 1.0, "rel_err": float("nan"), "error": ""}
+         "GB/s": copy, "of_copy": 1.0, "gpu_ms_clean": float("nan"), "of_copy_clean": 1.0,
+         "rel_err": float("nan"), "error": ""}
     )  # fmt: skip
+    rows.append({**rows[-1], "method": "device copy (read + write), L2 emptied by reads",
+                 "GB/s": copy_clean})  # fmt: skip
     return rows
 
 

@@ -62,10 +62,12 @@ def test_velocity_energy_rows_are_correct(tables):
     for method in ("kvpo triton fwd", "kvpo triton bwd", "torch eager fwd", alone):
         row = _row(rows, method)
         assert row["error"] == "", row
-        assert row["rel_err"] < 2e-3 and row["of_copy"] > 0, row
-        assert row["call_ms"] > 0 and row["gpu_ms"] > 0, row
-    assert _row(rows, "device copy (read + write)")["of_copy"] == 1.0
-    assert math.isnan(_row(rows, "device copy (read + write)")["gpu_ms"])
+        assert row["rel_err"] < 2e-3 and row["of_copy"] > 0 and row["of_copy_clean"] > 0, row
+        assert row["call_ms"] > 0 and row["gpu_ms"] > 0 and row["gpu_ms_clean"] > 0, row
+    for copy in ("device copy (read + write)", "device copy (read + write), L2 emptied by reads"):
+        row = _row(rows, copy)
+        assert row["of_copy"] == row["of_copy_clean"] == 1.0 and row["GB/s"] > 0, row
+        assert math.isnan(row["gpu_ms"]), row
     for method in (
         "copy of the same bytes (read + write)",
         "torch.sum over the same bytes (read only)",
@@ -75,9 +77,11 @@ def test_velocity_energy_rows_are_correct(tables):
 
 
 def test_the_velocity_part_runs_velocity_energy_alone():
-    from benchmarks.gpu_suite import sections
+    from benchmarks.gpu_suite import _gpu_ms, sections
 
     (title,) = [t for t, _ in sections(smoke=True, part="velocity", device="cpu")]
     assert title == "velocity_energy, float16"
+    with pytest.raises(ValueError, match="flush must be"):
+        _gpu_ms(lambda: None, "cpu", flush="none")
     with pytest.raises(ValueError, match="part must be one of"):
         next(sections(smoke=True, part="attention", device="cpu"))
