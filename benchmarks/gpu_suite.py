@@ -90,6 +90,36 @@ def _gpu_ms(fn, device: str, reps: int = 30, flush: str = "write") -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def _graph_ms(fn, device: str, calls: int = 10, reps: int = 20) -> float:
+    """Median milliseconds per call of fn() replayed back to back from a CUDA graph of ``calls``
+    calls: the steady state of a loop that calls it, without the gaps between launches, where
+    each call evicts the previous call's lines (clean unless that call wrote them: it pays for its
+    own traffic only). On CPU: :func:`_bench`."""
+    if device != "cuda":
+        return _bench(fn, device)
+    side = torch.cuda.Stream()  # capture wants its warm-up off the default stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(reps)
+    ]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events) / calls
+
+
 def _peak(fn, device: str) -> float:
     """MiB allocated at the peak of one warm call beyond what was allocated before it."""
     if device != "cuda":
@@ -140,7 +170,10 @@ def _flash_attn_paged(q, k, v, table, block=256):
 
 
 ROUTED_COLS = ("ms", "tflops", "peak_mib", "rel_err_vs_kvpo")
-ENERGY_COLS = ("call_ms", "gpu_ms", "GB/s", "of_copy", "gpu_ms_clean", "of_copy_clean", "rel_err")
+ENERGY_COLS = (
+    "call_ms", "gpu_ms", "GB/s", "of_copy", "gpu_ms_clean", "of_copy_clean", "graph_ms",
+    "of_copy_graph", "rel_err",
+)  # fmt: skip
 
 
 def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -> list[dict]:
@@ -199,10 +232,12 @@ def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -
 
 def copy_bandwidth_gbs(device: str, numel: int = 2**28, flush: str = "write") -> float:
     """Bytes read and written per second by a device-to-device copy of numel float32 values, L2
-    emptied before each copy as ``_gpu_ms``'s flush says."""
+    emptied before each copy as ``_gpu_ms``'s flush says, or (flush="graph") copies replayed
+    back to back from a CUDA graph (``_graph_ms``)."""
     x = torch.empty(numel, dtype=torch.float32, device=device).normal_()
     y = torch.empty_like(x)
-    ms = _gpu_ms(lambda: y.copy_(x), device, flush=flush)
+    copy = lambda: y.copy_(x)  # noqa: E731
+    ms = _graph_ms(copy, device) if flush == "graph" else _gpu_ms(copy, device, flush=flush)
     return 2 * x.numel() * 4 / ms / 1e6
 
 
@@ -243,7 +278,9 @@ def velocity_rows(
     kernels alone, L2 emptied by writes (as in every earlier run), from which GB/s and the fraction
     of copy bandwidth are computed; gpu_ms_clean / of_copy_clean: the same with L2 emptied by
     reads, the copy it divides by measured likewise (see ``_gpu_ms``: written-back dirty lines
-    weigh on a 268 MB read five times more than on the 2 GB copy)."""
+    weigh on a 268 MB read five times more than on the 2 GB copy); graph_ms / of_copy_graph: per
+    call of 10 replayed back to back from a CUDA graph, against copies replayed likewise (the
+    steady state of a loop, no launch gaps)."""
     a = torch.randn(G, S, N, device=device, dtype=dtype)
     b = torch.randn(G, S, N, device=device, dtype=dtype)
     w = torch.rand(S, device=device)
@@ -252,6 +289,10 @@ def velocity_rows(
     copy_numel = 2**28 if device == "cuda" else 2**20
     copy = copy_bandwidth_gbs(device, copy_numel)
     copy_clean = copy_bandwidth_gbs(device, copy_numel, flush="read")
+    try:
+        copy_graph = copy_bandwidth_gbs(device, copy_numel, flush="graph")
+    except Exception:  # noqa: BLE001 (the other columns stand without it)
+        copy_graph = float("nan")
     ref = kvpo_kernels.velocity_energy_reference(a.double(), b.double(), w.double(), "mean")
 
     def energy(backend):
@@ -295,21 +336,29 @@ def velocity_rows(
             call_ms = _bench(fn, device)
             gpu_ms = _gpu_ms(fn, device)
             clean_ms = _gpu_ms(fn, device, flush="read")
+            try:
+                graph_ms = _graph_ms(fn, device)
+            except Exception:  # noqa: BLE001 (a row that cannot be captured keeps its others)
+                graph_ms = float("nan")
             gbs = nbytes / gpu_ms / 1e6
             rows.append(
                 {"method": name, "call_ms": call_ms, "gpu_ms": gpu_ms, "GB/s": gbs,
                  "of_copy": gbs / copy, "gpu_ms_clean": clean_ms,
-                 "of_copy_clean": nbytes / clean_ms / 1e6 / copy_clean, "rel_err": err, "error": ""}
+                 "of_copy_clean": nbytes / clean_ms / 1e6 / copy_clean, "graph_ms": graph_ms,
+                 "of_copy_graph": nbytes / graph_ms / 1e6 / copy_graph, "rel_err": err,
+                 "error": ""}
             )  # fmt: skip
         except Exception as e:  # noqa: BLE001
             rows.append(_failed(name, e, ENERGY_COLS))
     rows.append(
         {"method": "device copy (read + write)", "call_ms": float("nan"), "gpu_ms": float("nan"),
          "GB/s": copy, "of_copy": 1.0, "gpu_ms_clean": float("nan"), "of_copy_clean": 1.0,
-         "rel_err": float("nan"), "error": ""}
+         "graph_ms": float("nan"), "of_copy_graph": 1.0, "rel_err": float("nan"), "error": ""}
     )  # fmt: skip
     rows.append({**rows[-1], "method": "device copy (read + write), L2 emptied by reads",
                  "GB/s": copy_clean})  # fmt: skip
+    rows.append({**rows[-1], "method": "device copy (read + write), graph replay",
+                 "GB/s": copy_graph})  # fmt: skip
     return rows
 
 
