@@ -10,6 +10,7 @@ loaded back into an instance the caller makes (``module=``).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -147,7 +148,9 @@ def trainer_config(path: str | Path) -> dict:
 
 
 def load_training(
-    path: str | Path, opt_factory, module: nn.Module | None = None
+    path: str | Path,
+    opt_factory: Callable[[nn.Module], torch.optim.Optimizer],
+    module: nn.Module | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer, int, dict, list]:
     """Model (the built-in generator, or ``module`` loaded), optimizer (made by
     ``opt_factory(model)`` then loaded), iteration, trainer config and log history of a

@@ -155,7 +155,15 @@ class Block(nn.Module):
         out = chunk_attention(q, k, v, self.cfg.chunk_frames, table, cache, layer, slots)
         return self.proj(out.transpose(1, 2).reshape(R, L, self.cfg.dim))
 
-    def forward(self, x, c, table, cache, layer, slots):
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        table: torch.Tensor,
+        cache: PagedKVCache | None,
+        layer: int,
+        slots: torch.Tensor | None,
+    ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.mod(c)[:, None].chunk(6, dim=-1)
         h = self.norm1(x) * (1 + scale1) + shift1
         x = x + gate1 * self.attention(h, table, cache, layer, slots)
@@ -196,7 +204,16 @@ class TinyARVideo(nn.Module):
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return self.text(list(prompts))
 
-    def forward(self, x, t, cond, frame_index, table, cache=None, slots=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        frame_index: torch.Tensor,
+        table: torch.Tensor,
+        cache: PagedKVCache | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         cfg = self.cfg
         R, L, _ = x.shape
         if L != cfg.chunk_frames * self.frame_tokens or x.shape[-1] != self.token_dim:

@@ -86,7 +86,9 @@ def patchify(frames: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     return x.reshape(N, T, (H // ph) * (W // pw), C * ph * pw)
 
 
-def unpatchify(tokens: torch.Tensor, channels: int, height: int, width: int, ph: int, pw: int):
+def unpatchify(
+    tokens: torch.Tensor, channels: int, height: int, width: int, ph: int, pw: int
+) -> torch.Tensor:
     """The inverse of :func:`patchify`: [N, T, (H/ph)(W/pw), C*ph*pw] -> [N, T, C, H, W]."""
     N, T = tokens.shape[:2]
     x = tokens.reshape(N, T, height // ph, width // pw, channels, ph, pw)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def policy_gradients(
     logp_old: torch.Tensor | None,
     u_ref: torch.Tensor | None,
     logp_ref: torch.Tensor | None,
-    autocast,
+    autocast: Callable[[], torch.autocast],
 ) -> tuple[dict[str, float], torch.Tensor, float]:
     """Accumulate into the policy's ``.grad`` the gradient of the PPO objective plus
     ``kl_coef`` times the KL term, from its replay of ``ro``.

@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -217,7 +218,11 @@ def velocity_energy_launches(dtype: torch.dtype) -> dict[str, Launch]:
     }
 
 
-def compile_all(archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS) -> list[Compiled]:
+def compile_all(
+    archs: Sequence[str] = tuple(ARCHS),
+    dtypes: Sequence[torch.dtype] = DTYPES,
+    head_dims: Sequence[int] = HEAD_DIMS,
+) -> list[Compiled]:
     """Every launch of both ops for each of ``archs``."""
     if interpreted():
         raise RuntimeError("TRITON_INTERPRET=1 replaces the kernels: unset it to compile them")

@@ -330,7 +330,16 @@ def _meta(q, k_pages):
     return B, H, Lq, D, Hkv, page_size
 
 
-def fwd_launch(q, k_pages, v_pages, page_table, page_lens, scale, out, lse) -> Launch:
+def fwd_launch(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    page_lens: torch.Tensor | None,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> Launch:
     """The forward kernel's launch; arguments as :func:`routed_attention_fwd`, outputs given."""
     B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
 
@@ -385,7 +394,20 @@ def page_rows_csr(page_table: torch.Tensor, num_pages: int) -> tuple[torch.Tenso
     return row_ptr.to(torch.int32), rows[order].to(torch.int32)
 
 
-def bwd_launches(dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, scale, dq, dk, dv):
+def bwd_launches(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    page_lens: torch.Tensor | None,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    scale: float,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+) -> tuple[Launch, Launch]:
     """The two backward launches (dq; dk and dv), arguments as :func:`routed_attention_bwd`,
     gradients given. lse and delta: float32, contiguous."""
     B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)

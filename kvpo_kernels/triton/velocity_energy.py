@@ -125,7 +125,13 @@ def _weight_args(weight: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
     return weight, weight.stride(0), weight.stride(1)
 
 
-def fwd_launch(v_pred, v_ref, weight, mean, energy) -> Launch:
+def fwd_launch(
+    v_pred: torch.Tensor,
+    v_ref: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: bool,
+    energy: torch.Tensor | None,
+) -> Launch:
     """The forward launch; arguments as :func:`velocity_energy_fwd`. energy: [G] float32 zeros,
     which the programs add into (float atomics: the order of the adds varies from run to run), or
     None: each program writes its weighted partial sum into a new [G * S * splits] float32 buffer,
@@ -150,7 +156,16 @@ def fwd_launch(v_pred, v_ref, weight, mean, energy) -> Launch:
     return _one_wave(_fwd_kernel, v_pred, args, meta)
 
 
-def bwd_launch(grad, v_pred, v_ref, weight, mean, need_ref, d_pred, d_ref) -> Launch:
+def bwd_launch(
+    grad: torch.Tensor,
+    v_pred: torch.Tensor,
+    v_ref: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: bool,
+    need_ref: bool,
+    d_pred: torch.Tensor,
+    d_ref: torch.Tensor,
+) -> Launch:
     """The backward launch; grad float32 contiguous, weight as the forward's, gradients given."""
     w, w_sg, w_ss = _weight_args(weight, grad)
     coef_n = 2.0 / v_pred.shape[2] if mean else 2.0

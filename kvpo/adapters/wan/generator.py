@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,8 +81,15 @@ class RoutedSelfAttention:
     projections and RMS norms, rotary angles of the rows' absolute frames, then attention over the
     paged cache through the rows' page table (:func:`kvpo.streaming.chunk_attention`)."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 rotary_emb=None, **kwargs):  # fmt: skip
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: _Rows | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         rows = rotary_emb
         if not isinstance(rows, _Rows):
             raise TypeError(
@@ -213,7 +221,16 @@ class WanStreamingGenerator(nn.Module):
             )
         return emb.to(self._param().device)
 
-    def forward(self, x, t, cond, frame_index, table, cache=None, slots=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        frame_index: torch.Tensor,
+        table: torch.Tensor,
+        cache: PagedKVCache | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Velocity of R rows (see :meth:`kvpo.interface.StreamingVideoGenerator.forward`);
         ``cond``: [R, L, text_dim] text embeddings of each row."""
         R, L, _ = x.shape

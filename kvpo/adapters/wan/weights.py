@@ -5,6 +5,7 @@ trained transformer (LoRA merged) back to diffusers' layout."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ def load_wan(
     transformer_checkpoint: str | Path | None = None,
     checkpoint_key: str = "generator_ema",
     dtype: torch.dtype = torch.float32,
-    **kwargs,
+    **kwargs: Any,
 ) -> WanStreamingGenerator:
     """A :class:`WanStreamingGenerator` from a local diffusers Wan2.1 text-to-video directory
     (``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, as
@@ -177,7 +178,9 @@ def from_checkpoint(
     return load_model(path, ema=ema, module=gen).to(device).eval()
 
 
-def export(path: str | Path, out: str | Path, ema: bool = False, wan_dir=None) -> Path:
+def export(
+    path: str | Path, out: str | Path, ema: bool = False, wan_dir: str | Path | None = None
+) -> Path:
     """Write the transformer of a ``--wan_dir`` training checkpoint, LoRA merged, as a diffusers
     ``WanTransformer3DModel`` directory (``from_pretrained(out)``; it replaces the
     ``transformer/`` folder of a Wan2.1 pipeline)."""
