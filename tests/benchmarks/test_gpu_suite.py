@@ -64,7 +64,8 @@ def test_velocity_energy_rows_are_correct(tables):
         assert row["error"] == "", row
         assert row["rel_err"] < 2e-3 and row["of_copy"] > 0 and row["of_copy_clean"] > 0, row
         assert row["call_ms"] > 0 and row["gpu_ms"] > 0 and row["gpu_ms_clean"] > 0, row
-        assert row["graph_ms"] > 0 and row["of_copy_graph"] > 0, row
+        graphed = method != "torch eager fwd" and "bwd" not in method
+        assert row["graph_ms"] > 0 if graphed else math.isnan(row["graph_ms"]), row
     copies = [r for r in rows if r["method"].startswith("device copy (read + write)")]
     assert len(copies) == 3
     for row in copies:
