@@ -336,9 +336,9 @@ def velocity_rows(
             call_ms = _bench(fn, device)
             gpu_ms = _gpu_ms(fn, device)
             clean_ms = _gpu_ms(fn, device, flush="read")
-            # Only the forward kernels and the yardsticks are captured: a backward captured on the
-            # graph's stream would run on the stream its forward ran on (outside the capture),
-            # and a failed capture could leave the rows after it without a device.
+            # Only the forward kernels and the yardsticks are captured: autograd would run a
+            # backward's kernels on the stream its forward ran on, outside the capture, and a
+            # capture broken that way could leave its error to the rows after it.
             graph_ms = float("nan")
             if (name.startswith("kvpo") and "bwd" not in name) or "same bytes" in name:
                 try:
