@@ -32,8 +32,11 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 namespace kvpo {
 namespace {
 
-constexpr int64_t kTileM = 64;   // query rows per task
-constexpr int64_t kBlockN = 512;  // key tokens per staged block (forward)
+// Query rows per GEMM: the heads of a GQA group that read one KV head are stacked with their
+// query rows (a row's pages are staged once for all of them), and the dk/dv pass stacks the rows
+// of every batch row that lists a page, so the BLAS sees a few large products, not many small.
+constexpr int64_t kStackM = 256;
+constexpr int64_t kBlockN = 512;  // key tokens per staged block (forward, dq)
 
 struct Dims {
   int64_t B, H, Lq, D, P, Hkv, page_size, max_pages, group;
@@ -55,6 +58,24 @@ Dims get_dims(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& 
 
 inline int64_t page_len(const int32_t* page_lens, int64_t p, int64_t page_size) {
   return page_lens ? static_cast<int64_t>(page_lens[p]) : page_size;
+}
+
+// Tiles of the query dimension for the tasks of one (row, KV head): the group's heads times a
+// tile's rows stay within kStackM (at least one row), and the tiles are of equal size (72 queries
+// are one tile of 72, not 64 + 8).
+struct QueryTiles {
+  int64_t count, rows;
+};
+
+QueryTiles query_tiles(const Dims& d) {
+  const int64_t most = std::max<int64_t>(1, kStackM / d.group);
+  const int64_t count = std::max<int64_t>(1, (d.Lq + most - 1) / most);
+  return {count, (d.Lq + count - 1) / count};
+}
+
+// Index into [B, H, Lq] of query i of head g of KV head hk's group, batch row b.
+inline int64_t query_index(const Dims& d, int64_t b, int64_t hk, int64_t g, int64_t i) {
+  return (b * d.H + hk * d.group + g) * d.Lq + i;
 }
 
 // Row-major C[M, N] = op(A) op(B) + beta * C, op(X) = X^T when the flag is set. A row-major matrix
@@ -153,6 +174,72 @@ inline int64_t stage_pages(const int32_t* row_table, int64_t max_pages, int64_t&
   return n;
 }
 
+// The softmax work between the GEMMs (exponentials, row maxima, rescaling) costs as much as the
+// GEMMs at small head dims. The build targets baseline x86-64 (SSE2), so the float versions are
+// also compiled for AVX2 + FMA and AVX-512, and the loader picks the widest the CPU runs.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define KVPO_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KVPO_SIMD_CLONES
+#endif
+
+// One staged block of the online softmax: s [rows, n] scores in, exp(s - new max) out; the
+// running max m, sum l and output accumulator acc [rows, D] rescaled to the new max.
+template <typename acc_t>
+__attribute__((always_inline)) inline void online_softmax_impl(acc_t* s, int64_t rows, int64_t n,
+                                                               acc_t* m, acc_t* l, acc_t* acc,
+                                                               int64_t D) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* sr = s + r * n;
+    acc_t mx = m[r];
+#pragma omp simd reduction(max : mx)
+    for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sr[t]);
+    const acc_t corr = std::exp(m[r] - mx);  // m[r] = -inf on the first block gives 0
+    l[r] = l[r] * corr + exp_shifted(sr, n, mx);
+    m[r] = mx;
+    acc_t* ar = acc + r * D;
+#pragma omp simd
+    for (int64_t c = 0; c < D; ++c) ar[c] *= corr;
+  }
+}
+
+KVPO_SIMD_CLONES void online_softmax(float* s, int64_t rows, int64_t n, float* m, float* l,
+                                     float* acc, int64_t D) {
+  online_softmax_impl(s, rows, n, m, l, acc, D);
+}
+
+void online_softmax(double* s, int64_t rows, int64_t n, double* m, double* l, double* acc,
+                    int64_t D) {
+  online_softmax_impl(s, rows, n, m, l, acc, D);
+}
+
+// dS = P * (dP - delta) for one block of rows, with P = exp(S - lse) written into s.
+template <typename acc_t>
+__attribute__((always_inline)) inline void softmax_grad_impl(acc_t* s, acc_t* dp,
+                                                             const acc_t* lse,
+                                                             const acc_t* delta, int64_t rows,
+                                                             int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* sr = s + r * n;
+    acc_t* dr = dp + r * n;
+    exp_shifted(sr, n, lse[r]);
+    const acc_t dl = delta[r];
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) dr[t] = sr[t] * (dr[t] - dl);
+  }
+}
+
+KVPO_SIMD_CLONES void softmax_grad(float* s, float* dp, const float* lse, const float* delta,
+                                   int64_t rows, int64_t n) {
+  softmax_grad_impl(s, dp, lse, delta, rows, n);
+}
+
+void softmax_grad(double* s, double* dp, const double* lse, const double* delta, int64_t rows,
+                  int64_t n) {
+  softmax_grad_impl(s, dp, lse, delta, rows, n);
+}
+
 template <typename scalar_t>
 void fwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
                 const at::Tensor& page_table, const int32_t* page_lens, double scale,
@@ -165,70 +252,52 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
   const int32_t* tp = page_table.const_data_ptr<int32_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   acc_t* lp = lse.data_ptr<acc_t>();
-  const int64_t n_tiles = (d.Lq + kTileM - 1) / kTileM;
+  const QueryTiles tiles = query_tiles(d);
+  const int64_t m_max = d.group * tiles.rows;
   const acc_t sc = static_cast<acc_t>(scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   // Kept pages are staged, a few at a time, into one bounded block per thread, so that each GEMM is
   // large enough for the BLAS to run near its peak; the cache itself is never copied per row.
   const int64_t block_n = staged_block(d.page_size);
 
-  at::parallel_for(0, d.B * d.H * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qbuf(kTileM * d.D), acc(kTileM * d.D), kbuf(block_n * d.D),
-        vbuf(block_n * d.D), s(kTileM * block_n);
-    acc_t m[kTileM], l[kTileM];
+  // One task per (batch row, KV head, query tile): the group's heads stacked as GEMM rows.
+  at::parallel_for(0, d.B * d.Hkv * tiles.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qbuf(m_max * d.D), acc(m_max * d.D), kbuf(block_n * d.D),
+        vbuf(block_n * d.D), s(m_max * block_n), m(m_max), l(m_max);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t tile = w % n_tiles;
-      const int64_t bh = w / n_tiles;
-      const int64_t b = bh / d.H, h = bh % d.H, hk = h / d.group;
-      const int64_t i0 = tile * kTileM, rows = std::min(kTileM, d.Lq - i0);
-      const scalar_t* qrow = qp + (bh * d.Lq + i0) * d.D;
-      for (int64_t x = 0; x < rows * d.D; ++x) qbuf[x] = static_cast<acc_t>(qrow[x]) * sc;
+      const int64_t tile = w % tiles.count;
+      const int64_t b = w / tiles.count / d.Hkv, hk = w / tiles.count % d.Hkv;
+      const int64_t i0 = tile * tiles.rows, rows = std::min(tiles.rows, d.Lq - i0);
+      if (rows <= 0) continue;
+      const int64_t M = d.group * rows;
+      for (int64_t g = 0; g < d.group; ++g) {
+        const scalar_t* src = qp + query_index(d, b, hk, g, i0) * d.D;
+        acc_t* dst = qbuf.data() + g * rows * d.D;
+        for (int64_t x = 0; x < rows * d.D; ++x) dst[x] = static_cast<acc_t>(src[x]) * sc;
+      }
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(m, m + kTileM, neg_inf);
-      std::fill(l, l + kTileM, acc_t(0));
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), acc_t(0));
       int64_t j = 0;
       while (j < d.max_pages) {
         const int64_t n =
             stage_pages(tp + b * d.max_pages, d.max_pages, j, page_lens, kp, vp, d.Hkv, hk,
                         d.page_size, d.D, block_n, kbuf.data(), vbuf.data());
         if (n == 0) continue;
-        gemm<acc_t>(false, true, rows, n, d.D, qbuf.data(), d.D, kbuf.data(), d.D, 0, s.data(), n);
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* sr = s.data() + r * n;
-          acc_t mx = m[r];
-#pragma omp simd reduction(max : mx)
-          for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sr[t]);
-          const acc_t corr = std::exp(m[r] - mx);  // m[r] = -inf on the first block gives 0
-          l[r] = l[r] * corr + exp_shifted(sr, n, mx);
-          m[r] = mx;
-          acc_t* ar = acc.data() + r * d.D;
-          for (int64_t c = 0; c < d.D; ++c) ar[c] *= corr;
-        }
-        gemm<acc_t>(false, false, rows, d.D, n, s.data(), n, vbuf.data(), d.D, 1, acc.data(), d.D);
+        gemm<acc_t>(false, true, M, n, d.D, qbuf.data(), d.D, kbuf.data(), d.D, 0, s.data(), n);
+        online_softmax(s.data(), M, n, m.data(), l.data(), acc.data(), d.D);
+        gemm<acc_t>(false, false, M, d.D, n, s.data(), n, vbuf.data(), d.D, 1, acc.data(), d.D);
       }
-      scalar_t* orow = op + (bh * d.Lq + i0) * d.D;
-      acc_t* lrow = lp + bh * d.Lq + i0;
-      for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t qi = query_index(d, b, hk, r / rows, i0 + r % rows);
         const bool empty = !(l[r] > 0);
         const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
         for (int64_t c = 0; c < d.D; ++c)
-          orow[r * d.D + c] = static_cast<scalar_t>(acc[r * d.D + c] * inv);
-        lrow[r] = empty ? neg_inf : m[r] + std::log(l[r]);
+          op[qi * d.D + c] = static_cast<scalar_t>(acc[r * d.D + c] * inv);
+        lp[qi] = empty ? neg_inf : m[r] + std::log(l[r]);
       }
     }
   });
-}
-
-// dS = P * (dP - delta) for one (query tile, page) block, with P = exp(S - lse) written into s.
-template <typename acc_t>
-inline void softmax_grad(acc_t* s, acc_t* dp, const acc_t* lse, const acc_t* delta, int64_t rows,
-                         int64_t n) {
-  for (int64_t r = 0; r < rows; ++r) {
-    acc_t* sr = s + r * n;
-    acc_t* dr = dp + r * n;
-    exp_shifted(sr, n, lse[r]);
-    for (int64_t t = 0; t < n; ++t) dr[t] = sr[t] * (dr[t] - delta[r]);
-  }
 }
 
 template <typename scalar_t>
@@ -246,29 +315,41 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
   const acc_t* lp = lse.const_data_ptr<acc_t>();
   const acc_t* dlt = delta.const_data_ptr<acc_t>();
   const acc_t sc = static_cast<acc_t>(scale);
-  const int64_t n_tiles = (d.Lq + kTileM - 1) / kTileM;
 
-  // Loads a query tile (scaled: the scale is exactly d(score)/dk) and its output gradient.
-  auto load_rows = [&](int64_t bh, int64_t i0, int64_t rows, acc_t* qbuf, acc_t* dobuf) {
-    const int64_t off = (bh * d.Lq + i0) * d.D;
-    for (int64_t x = 0; x < rows * d.D; ++x) {
-      qbuf[x] = static_cast<acc_t>(qp[off + x]) * sc;
-      dobuf[x] = static_cast<acc_t>(dop[off + x]);
+  // Appends n queries from index qi on (one head's, contiguous) to the stacked buffers at row r:
+  // q scaled (the scale is exactly d(score)/dk), its output gradient, lse and delta.
+  auto load_rows = [&](int64_t qi, int64_t n, int64_t r, acc_t* qbuf, acc_t* dobuf, acc_t* lbuf,
+                       acc_t* dbuf) {
+    const int64_t off = qi * d.D;
+    acc_t* qd = qbuf + r * d.D;
+    acc_t* dd = dobuf + r * d.D;
+    for (int64_t x = 0; x < n * d.D; ++x) {
+      qd[x] = static_cast<acc_t>(qp[off + x]) * sc;
+      dd[x] = static_cast<acc_t>(dop[off + x]);
     }
+    std::copy(lp + qi, lp + qi + n, lbuf + r);
+    std::copy(dlt + qi, dlt + qi + n, dbuf + r);
   };
 
-  // dq: one task per (row, head, query tile), walking the row's table like the forward.
+  // dq: one task per (batch row, KV head, query tile), the group's heads stacked, walking the
+  // row's table like the forward.
   scalar_t* dqp = dq.data_ptr<scalar_t>();
+  const QueryTiles tiles = query_tiles(d);
+  const int64_t m_max = d.group * tiles.rows;
   const int64_t block_n = staged_block(d.page_size);
-  at::parallel_for(0, d.B * d.H * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qbuf(kTileM * d.D), dobuf(kTileM * d.D), dqacc(kTileM * d.D),
-        kbuf(block_n * d.D), vbuf(block_n * d.D), s(kTileM * block_n), dp(kTileM * block_n);
+  at::parallel_for(0, d.B * d.Hkv * tiles.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qbuf(m_max * d.D), dobuf(m_max * d.D), dqacc(m_max * d.D),
+        kbuf(block_n * d.D), vbuf(block_n * d.D), s(m_max * block_n), dp(m_max * block_n),
+        lbuf(m_max), dbuf(m_max);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t tile = w % n_tiles;
-      const int64_t bh = w / n_tiles;
-      const int64_t b = bh / d.H, h = bh % d.H, hk = h / d.group;
-      const int64_t i0 = tile * kTileM, rows = std::min(kTileM, d.Lq - i0);
-      load_rows(bh, i0, rows, qbuf.data(), dobuf.data());
+      const int64_t tile = w % tiles.count;
+      const int64_t b = w / tiles.count / d.Hkv, hk = w / tiles.count % d.Hkv;
+      const int64_t i0 = tile * tiles.rows, rows = std::min(tiles.rows, d.Lq - i0);
+      if (rows <= 0) continue;
+      const int64_t M = d.group * rows;
+      for (int64_t g = 0; g < d.group; ++g)
+        load_rows(query_index(d, b, hk, g, i0), rows, g * rows, qbuf.data(), dobuf.data(),
+                  lbuf.data(), dbuf.data());
       std::fill(dqacc.begin(), dqacc.end(), acc_t(0));
       int64_t j = 0;
       while (j < d.max_pages) {
@@ -277,15 +358,17 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
             stage_pages(tp + b * d.max_pages, d.max_pages, j, page_lens, kp, vp, d.Hkv, hk,
                         d.page_size, d.D, block_n, kbuf.data(), vbuf.data());
         if (n == 0) continue;
-        gemm<acc_t>(false, true, rows, n, d.D, qbuf.data(), d.D, kbuf.data(), d.D, 0, s.data(), n);
-        gemm<acc_t>(false, true, rows, n, d.D, dobuf.data(), d.D, vbuf.data(), d.D, 0, dp.data(),
-                    n);
-        softmax_grad(s.data(), dp.data(), lp + bh * d.Lq + i0, dlt + bh * d.Lq + i0, rows, n);
-        gemm<acc_t>(false, false, rows, d.D, n, dp.data(), n, kbuf.data(), d.D, 1, dqacc.data(),
+        gemm<acc_t>(false, true, M, n, d.D, qbuf.data(), d.D, kbuf.data(), d.D, 0, s.data(), n);
+        gemm<acc_t>(false, true, M, n, d.D, dobuf.data(), d.D, vbuf.data(), d.D, 0, dp.data(), n);
+        softmax_grad(s.data(), dp.data(), lbuf.data(), dbuf.data(), M, n);
+        gemm<acc_t>(false, false, M, d.D, n, dp.data(), n, kbuf.data(), d.D, 1, dqacc.data(),
                     d.D);
       }
-      const int64_t off = (bh * d.Lq + i0) * d.D;
-      for (int64_t x = 0; x < rows * d.D; ++x) dqp[off + x] = static_cast<scalar_t>(dqacc[x] * sc);
+      for (int64_t g = 0; g < d.group; ++g) {
+        scalar_t* dst = dqp + query_index(d, b, hk, g, i0) * d.D;
+        const acc_t* src = dqacc.data() + g * rows * d.D;
+        for (int64_t x = 0; x < rows * d.D; ++x) dst[x] = static_cast<scalar_t>(src[x] * sc);
+      }
     }
   });
 
@@ -301,12 +384,15 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
       if (tp[x] >= 0) rows_of[fill[tp[x]]++] = x / d.max_pages;
   }
 
+  // dk, dv: every query of every (batch row listing the page, head of the group) is stacked into
+  // GEMMs of up to kStackM rows against the page's keys.
   scalar_t* dkp = dk.data_ptr<scalar_t>();
   scalar_t* dvp = dv.data_ptr<scalar_t>();
   at::parallel_for(0, d.P * d.Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> kbuf(d.page_size * d.D), vbuf(d.page_size * d.D),
-        dkacc(d.page_size * d.D), dvacc(d.page_size * d.D), qbuf(kTileM * d.D),
-        dobuf(kTileM * d.D), s(kTileM * d.page_size), dp(kTileM * d.page_size);
+        dkacc(d.page_size * d.D), dvacc(d.page_size * d.D), qbuf(kStackM * d.D),
+        dobuf(kStackM * d.D), s(kStackM * d.page_size), dp(kStackM * d.page_size),
+        lbuf(kStackM), dbuf(kStackM);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t p = w / d.Hkv, hk = w % d.Hkv;
       const int64_t base = w * d.page_size * d.D;
@@ -316,24 +402,30 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
       if (n > 0 && offsets[p + 1] > offsets[p]) {
         const acc_t* kt = as_acc(kp + base, kbuf.data(), n * d.D);
         const acc_t* vt = as_acc(vp + base, vbuf.data(), n * d.D);
+        int64_t M = 0;
+        auto accumulate = [&] {
+          gemm<acc_t>(false, true, M, n, d.D, qbuf.data(), d.D, kt, d.D, 0, s.data(), n);
+          gemm<acc_t>(false, true, M, n, d.D, dobuf.data(), d.D, vt, d.D, 0, dp.data(), n);
+          softmax_grad(s.data(), dp.data(), lbuf.data(), dbuf.data(), M, n);
+          gemm<acc_t>(true, false, n, d.D, M, s.data(), n, dobuf.data(), d.D, 1, dvacc.data(),
+                      d.D);
+          gemm<acc_t>(true, false, n, d.D, M, dp.data(), n, qbuf.data(), d.D, 1, dkacc.data(),
+                      d.D);
+          M = 0;
+        };
         for (int64_t e = offsets[p]; e < offsets[p + 1]; ++e) {
-          const int64_t b = rows_of[e];
-          for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
-            const int64_t bh = b * d.H + h;
-            for (int64_t i0 = 0; i0 < d.Lq; i0 += kTileM) {
-              const int64_t rows = std::min(kTileM, d.Lq - i0);
-              load_rows(bh, i0, rows, qbuf.data(), dobuf.data());
-              gemm<acc_t>(false, true, rows, n, d.D, qbuf.data(), d.D, kt, d.D, 0, s.data(), n);
-              gemm<acc_t>(false, true, rows, n, d.D, dobuf.data(), d.D, vt, d.D, 0, dp.data(), n);
-              softmax_grad(s.data(), dp.data(), lp + bh * d.Lq + i0, dlt + bh * d.Lq + i0, rows,
-                           n);
-              gemm<acc_t>(true, false, n, d.D, rows, s.data(), n, dobuf.data(), d.D, 1,
-                          dvacc.data(), d.D);
-              gemm<acc_t>(true, false, n, d.D, rows, dp.data(), n, qbuf.data(), d.D, 1,
-                          dkacc.data(), d.D);
+          for (int64_t g = 0; g < d.group; ++g) {
+            for (int64_t i0 = 0; i0 < d.Lq;) {
+              const int64_t take = std::min(d.Lq - i0, kStackM - M);
+              load_rows(query_index(d, rows_of[e], hk, g, i0), take, M, qbuf.data(),
+                        dobuf.data(), lbuf.data(), dbuf.data());
+              M += take;
+              i0 += take;
+              if (M == kStackM) accumulate();
             }
           }
         }
+        if (M > 0) accumulate();
       }
       for (int64_t x = 0; x < d.page_size * d.D; ++x) {
         dkp[base + x] = static_cast<scalar_t>(dkacc[x]);

@@ -35,6 +35,34 @@ def test_fp32_matches_float64_reference(backend, case):
         assert_rel(a, b, 1e-5, f"{backend} {name}")
 
 
+# Shapes past the C++ kernels' blocking: query tiles (a GQA group's heads x a tile's queries are
+# stacked up to 256 GEMM rows), the dk/dv pass's stacks of several batch rows split mid-head,
+# several staged key blocks per row (pages of 300 tokens), a group wider than a stack.
+LARGE_CASES = [
+    RoutedCase(3, 4, 2, 150, 32, 6, 20, 5, partial=True),
+    RoutedCase(2, 2, 1, 40, 16, 5, 300, 4, partial=True, empty_row=True),
+    RoutedCase(2, 260, 1, 3, 8, 3, 4, 3),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", LARGE_CASES, ids=str)
+def test_cpu_kernel_past_its_blocking(case, dtype):
+    q, k, v, table, lens = make_routed(case, torch.float64)
+    dout = torch.randn_like(q)
+    dlse = torch.randn(q.shape[:3], dtype=torch.float64)
+    ref = routed_grads(reference_fn, q, k, v, table, lens, dout, dlse)
+    low = [t.to(dtype) for t in (q, k, v, dout)]
+    got = routed_grads(kernel_fn("cpu"), *low[:3], table, lens, low[3], dlse)
+    if dtype == torch.float32:
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
+            assert_rel(a, b, 1e-5, f"cpu {name}")
+        return
+    pt = routed_grads(reference_fn, *low[:3], table, lens, low[3], dlse)
+    for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), got, pt, ref, strict=True):
+        assert_low_precision(a, b, c, f"cpu {dtype} {name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES[:4], ids=str)
