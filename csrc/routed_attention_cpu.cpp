@@ -60,22 +60,46 @@ inline int64_t page_len(const int32_t* page_lens, int64_t p, int64_t page_size) 
   return page_lens ? static_cast<int64_t>(page_lens[p]) : page_size;
 }
 
-// Tiles of the query dimension for the tasks of one (row, KV head): the group's heads times a
-// tile's rows stay within kStackM (at least one row), and the tiles are of equal size (72 queries
-// are one tile of 72, not 64 + 8).
+// How the forward and dq passes split one (batch row, KV head) into tasks: the group's heads in
+// `head_splits` parts of up to `heads`, its queries in `count` equal tiles of up to `rows` (72
+// queries are one tile, not 64 + 8), a task's heads x rows stacked as the GEMMs' rows, at most
+// kStackM unless one row per head of the group is already more. Few batch rows (decoding) get
+// finer tasks, so that every thread has one.
 struct QueryTiles {
-  int64_t count, rows;
+  int64_t count, rows, head_splits, heads;
+  int64_t tasks(int64_t B, int64_t Hkv) const { return B * Hkv * head_splits * count; }
 };
 
 QueryTiles query_tiles(const Dims& d) {
   const int64_t most = std::max<int64_t>(1, kStackM / d.group);
-  const int64_t count = std::max<int64_t>(1, (d.Lq + most - 1) / most);
-  return {count, (d.Lq + count - 1) / count};
+  int64_t count = std::max<int64_t>(1, (d.Lq + most - 1) / most);
+  const int64_t units = std::max<int64_t>(1, d.B * d.Hkv);
+  const int64_t want = (at::get_num_threads() + units - 1) / units;  // tasks per unit
+  count = std::min(std::max(count, want), std::max<int64_t>(d.Lq, 1));
+  const int64_t head_splits = std::min(d.group, (want + count - 1) / count);
+  const int64_t heads = (d.group + head_splits - 1) / head_splits;
+  return {count, (d.Lq + count - 1) / count, (d.group + heads - 1) / heads, heads};
 }
 
 // Index into [B, H, Lq] of query i of head g of KV head hk's group, batch row b.
 inline int64_t query_index(const Dims& d, int64_t b, int64_t hk, int64_t g, int64_t i) {
   return (b * d.H + hk * d.group + g) * d.Lq + i;
+}
+
+// Task w of QueryTiles: batch row b, KV head hk, heads g0 .. g0 + heads of its group, queries
+// i0 .. i0 + rows.
+struct Task {
+  int64_t b, hk, g0, heads, i0, rows;
+};
+
+inline Task task_of(const Dims& d, const QueryTiles& tiles, int64_t w) {
+  const int64_t tile = w % tiles.count;
+  w /= tiles.count;
+  const int64_t split = w % tiles.head_splits;
+  w /= tiles.head_splits;
+  const int64_t g0 = split * tiles.heads, i0 = tile * tiles.rows;
+  return {w / d.Hkv, w % d.Hkv, g0, std::min(tiles.heads, d.group - g0), i0,
+          std::min(tiles.rows, d.Lq - i0)};
 }
 
 // Row-major C[M, N] = op(A) op(B) + beta * C, op(X) = X^T when the flag is set. A row-major matrix
@@ -253,25 +277,25 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
   scalar_t* op = out.data_ptr<scalar_t>();
   acc_t* lp = lse.data_ptr<acc_t>();
   const QueryTiles tiles = query_tiles(d);
-  const int64_t m_max = d.group * tiles.rows;
+  const int64_t m_max = tiles.heads * tiles.rows;
   const acc_t sc = static_cast<acc_t>(scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   // Kept pages are staged, a few at a time, into one bounded block per thread, so that each GEMM is
   // large enough for the BLAS to run near its peak; the cache itself is never copied per row.
   const int64_t block_n = staged_block(d.page_size);
 
-  // One task per (batch row, KV head, query tile): the group's heads stacked as GEMM rows.
-  at::parallel_for(0, d.B * d.Hkv * tiles.count, 1, [&](int64_t begin, int64_t end) {
+  // One task per (batch row, KV head, heads of its group, query tile), the heads' queries
+  // stacked as the GEMMs' rows.
+  at::parallel_for(0, tiles.tasks(d.B, d.Hkv), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qbuf(m_max * d.D), acc(m_max * d.D), kbuf(block_n * d.D),
         vbuf(block_n * d.D), s(m_max * block_n), m(m_max), l(m_max);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t tile = w % tiles.count;
-      const int64_t b = w / tiles.count / d.Hkv, hk = w / tiles.count % d.Hkv;
-      const int64_t i0 = tile * tiles.rows, rows = std::min(tiles.rows, d.Lq - i0);
-      if (rows <= 0) continue;
-      const int64_t M = d.group * rows;
-      for (int64_t g = 0; g < d.group; ++g) {
-        const scalar_t* src = qp + query_index(d, b, hk, g, i0) * d.D;
+      const Task t = task_of(d, tiles, w);
+      if (t.rows <= 0 || t.heads <= 0) continue;
+      const int64_t b = t.b, hk = t.hk, i0 = t.i0, rows = t.rows;
+      const int64_t M = t.heads * rows;
+      for (int64_t g = 0; g < t.heads; ++g) {
+        const scalar_t* src = qp + query_index(d, b, hk, t.g0 + g, i0) * d.D;
         acc_t* dst = qbuf.data() + g * rows * d.D;
         for (int64_t x = 0; x < rows * d.D; ++x) dst[x] = static_cast<acc_t>(src[x]) * sc;
       }
@@ -289,7 +313,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
         gemm<acc_t>(false, false, M, d.D, n, s.data(), n, vbuf.data(), d.D, 1, acc.data(), d.D);
       }
       for (int64_t r = 0; r < M; ++r) {
-        const int64_t qi = query_index(d, b, hk, r / rows, i0 + r % rows);
+        const int64_t qi = query_index(d, b, hk, t.g0 + r / rows, i0 + r % rows);
         const bool empty = !(l[r] > 0);
         const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
         for (int64_t c = 0; c < d.D; ++c)
@@ -335,21 +359,20 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
   // row's table like the forward.
   scalar_t* dqp = dq.data_ptr<scalar_t>();
   const QueryTiles tiles = query_tiles(d);
-  const int64_t m_max = d.group * tiles.rows;
+  const int64_t m_max = tiles.heads * tiles.rows;
   const int64_t block_n = staged_block(d.page_size);
-  at::parallel_for(0, d.B * d.Hkv * tiles.count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles.tasks(d.B, d.Hkv), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qbuf(m_max * d.D), dobuf(m_max * d.D), dqacc(m_max * d.D),
         kbuf(block_n * d.D), vbuf(block_n * d.D), s(m_max * block_n), dp(m_max * block_n),
         lbuf(m_max), dbuf(m_max);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t tile = w % tiles.count;
-      const int64_t b = w / tiles.count / d.Hkv, hk = w / tiles.count % d.Hkv;
-      const int64_t i0 = tile * tiles.rows, rows = std::min(tiles.rows, d.Lq - i0);
-      if (rows <= 0) continue;
-      const int64_t M = d.group * rows;
-      for (int64_t g = 0; g < d.group; ++g)
-        load_rows(query_index(d, b, hk, g, i0), rows, g * rows, qbuf.data(), dobuf.data(),
-                  lbuf.data(), dbuf.data());
+      const Task t = task_of(d, tiles, w);
+      if (t.rows <= 0 || t.heads <= 0) continue;
+      const int64_t b = t.b, hk = t.hk, i0 = t.i0, rows = t.rows;
+      const int64_t M = t.heads * rows;
+      for (int64_t g = 0; g < t.heads; ++g)
+        load_rows(query_index(d, b, hk, t.g0 + g, i0), rows, g * rows, qbuf.data(),
+                  dobuf.data(), lbuf.data(), dbuf.data());
       std::fill(dqacc.begin(), dqacc.end(), acc_t(0));
       int64_t j = 0;
       while (j < d.max_pages) {
@@ -364,8 +387,8 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
         gemm<acc_t>(false, false, M, d.D, n, dp.data(), n, kbuf.data(), d.D, 1, dqacc.data(),
                     d.D);
       }
-      for (int64_t g = 0; g < d.group; ++g) {
-        scalar_t* dst = dqp + query_index(d, b, hk, g, i0) * d.D;
+      for (int64_t g = 0; g < t.heads; ++g) {
+        scalar_t* dst = dqp + query_index(d, b, hk, t.g0 + g, i0) * d.D;
         const acc_t* src = dqacc.data() + g * rows * d.D;
         for (int64_t x = 0; x < rows * d.D; ++x) dst[x] = static_cast<scalar_t>(src[x] * sc);
       }

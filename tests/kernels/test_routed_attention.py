@@ -63,6 +63,29 @@ def test_cpu_kernel_past_its_blocking(case, dtype):
         assert_low_precision(a, b, c, f"cpu {dtype} {name}")
 
 
+@pytest.mark.parametrize(
+    "case",
+    [RoutedCase(1, 8, 1, 1, 16, 4, 5, 3), RoutedCase(1, 6, 2, 5, 16, 4, 5, 3, partial=True)],
+    ids=str,
+)
+def test_cpu_kernel_splits_few_rows_over_threads(case):
+    """One batch row (decoding): the C++ kernel splits a KV head's group of heads and its queries
+    into a task per thread; each part must still see the whole row."""
+    q, k, v, table, lens = make_routed(case, torch.float64)
+    dout = torch.randn_like(q)
+    dlse = torch.randn(q.shape[:3], dtype=torch.float64)
+    ref = routed_grads(reference_fn, q, k, v, table, lens, dout, dlse)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        got = routed_grads(kernel_fn("cpu"), q.float(), k.float(), v.float(), table, lens,
+                           dout.float(), dlse.float())  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
+        assert_rel(a, b, 1e-5, f"cpu {name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES[:4], ids=str)
