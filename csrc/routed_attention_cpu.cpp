@@ -201,7 +201,8 @@ inline int64_t stage_pages(const int32_t* row_table, int64_t max_pages, int64_t&
 // The softmax work between the GEMMs (exponentials, row maxima, rescaling) costs as much as the
 // GEMMs at small head dims. The build targets baseline x86-64 (SSE2), so the float versions are
 // also compiled for AVX2 + FMA and AVX-512, and the loader picks the widest the CPU runs.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// (GCC 11 named the x86-64-v3/v4 levels; other compilers get the baseline build.)
+#if defined(__GNUC__) && __GNUC__ >= 11 && !defined(__clang__) && defined(__x86_64__)
 #define KVPO_SIMD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
