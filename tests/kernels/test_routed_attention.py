@@ -20,19 +20,40 @@ from kvpo_kernels.routed_attention import _routed_attention_op
 BACKENDS = ["cpu", "reference"]
 
 
+def check_against_reference(backend: str, case: RoutedCase, dtype: torch.dtype) -> None:
+    """out, lse and the gradients of q, k, v in dtype against float64: fp32 within 1e-5 of it,
+    16-bit within twice the error of the reference computed in that dtype."""
+    q, k, v, table, lens = make_routed(case, torch.float64)
+    dout = torch.randn_like(q)
+    # 16-bit: the loss is <out, dout> alone (the gradient through lse is checked in fp32)
+    dlse = torch.randn(q.shape[:3], dtype=torch.float64)
+    if dtype != torch.float32:
+        dlse.zero_()
+    ref = routed_grads(reference_fn, q, k, v, table, lens, dout, dlse)
+    low = [t.to(dtype) for t in (q, k, v, dout)]
+    got = routed_grads(kernel_fn(backend), *low[:3], table, lens, low[3], dlse.to(torch.float32))
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    names = ("out", "lse", "dq", "dk", "dv")
+    if dtype == torch.float32:
+        for name, a, b in zip(names, got, ref, strict=True):
+            assert_rel(a, b, 1e-5, f"{backend} {name}")
+        return
+    pt = routed_grads(reference_fn, *low[:3], table, lens, low[3], dlse)
+    for name, a, b, c in zip(names, got, pt, ref, strict=True):
+        assert_low_precision(a, b, c, f"{backend} {dtype} {name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fp32_matches_float64_reference(backend, case):
-    q, k, v, table, lens = make_routed(case, torch.float64)
-    dout = torch.randn_like(q)
-    dlse = torch.randn(q.shape[:3], dtype=torch.float64)
-    ref = routed_grads(reference_fn, q, k, v, table, lens, dout, dlse)
-    got = routed_grads(
-        kernel_fn(backend), q.float(), k.float(), v.float(), table, lens, dout.float(), dlse.float()
-    )
-    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
-        assert_rel(a, b, 1e-5, f"{backend} {name}")
+    check_against_reference(backend, case, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES[:4], ids=str)
+def test_half_precision_within_twice_torch_error(backend, dtype, case):
+    check_against_reference(backend, case, dtype)
 
 
 # Shapes past the C++ kernels' blocking: query tiles (a GQA group's heads x a tile's queries are
@@ -48,19 +69,7 @@ LARGE_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", LARGE_CASES, ids=str)
 def test_cpu_kernel_past_its_blocking(case, dtype):
-    q, k, v, table, lens = make_routed(case, torch.float64)
-    dout = torch.randn_like(q)
-    dlse = torch.randn(q.shape[:3], dtype=torch.float64)
-    ref = routed_grads(reference_fn, q, k, v, table, lens, dout, dlse)
-    low = [t.to(dtype) for t in (q, k, v, dout)]
-    got = routed_grads(kernel_fn("cpu"), *low[:3], table, lens, low[3], dlse)
-    if dtype == torch.float32:
-        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
-            assert_rel(a, b, 1e-5, f"cpu {name}")
-        return
-    pt = routed_grads(reference_fn, *low[:3], table, lens, low[3], dlse)
-    for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), got, pt, ref, strict=True):
-        assert_low_precision(a, b, c, f"cpu {dtype} {name}")
+    check_against_reference("cpu", case, dtype)
 
 
 @pytest.mark.parametrize(
@@ -71,35 +80,12 @@ def test_cpu_kernel_past_its_blocking(case, dtype):
 def test_cpu_kernel_splits_few_rows_over_threads(case):
     """One batch row (decoding): the C++ kernel splits a KV head's group of heads and its queries
     into a task per thread; each part must still see the whole row."""
-    q, k, v, table, lens = make_routed(case, torch.float64)
-    dout = torch.randn_like(q)
-    dlse = torch.randn(q.shape[:3], dtype=torch.float64)
-    ref = routed_grads(reference_fn, q, k, v, table, lens, dout, dlse)
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        got = routed_grads(kernel_fn("cpu"), q.float(), k.float(), v.float(), table, lens,
-                           dout.float(), dlse.float())  # fmt: skip
+        check_against_reference("cpu", case, torch.float32)
     finally:
         torch.set_num_threads(threads)
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
-        assert_rel(a, b, 1e-5, f"cpu {name}")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", CASES[:4], ids=str)
-def test_half_precision_within_twice_torch_error(backend, dtype, case):
-    q, k, v, table, lens = make_routed(case, torch.float64)
-    dout = torch.randn_like(q)
-    dlse = torch.zeros(q.shape[:3], dtype=torch.float64)
-    ref = routed_grads(reference_fn, q, k, v, table, lens, dout, dlse)
-    low = [t.to(dtype) for t in (q, k, v)]
-    pt = routed_grads(reference_fn, *low, table, lens, dout.to(dtype), dlse)
-    got = routed_grads(kernel_fn(backend), *low, table, lens, dout.to(dtype), dlse)
-    assert got[0].dtype == dtype and got[1].dtype == torch.float32
-    for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), got, pt, ref, strict=True):
-        assert_low_precision(a, b, c, f"{backend} {dtype} {name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
