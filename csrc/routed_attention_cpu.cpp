@@ -61,24 +61,25 @@ inline int64_t page_len(const int32_t* page_lens, int64_t p, int64_t page_size) 
 }
 
 // How the forward and dq passes split one (batch row, KV head) into tasks: the group's heads in
-// `head_splits` parts of up to `heads`, its queries in `count` equal tiles of up to `rows` (72
-// queries are one tile, not 64 + 8), a task's heads x rows stacked as the GEMMs' rows, at most
-// kStackM unless one row per head of the group is already more. Few batch rows (decoding) get
-// finer tasks, so that every thread has one.
+// `head_splits` parts of up to kStackHeads, its queries in `count` equal tiles of up to `rows`
+// (72 queries are one tile, not 64 + 8), a task's heads x rows stacked as the GEMMs' rows, at
+// most kStackM. The split depends on the head counts and Lq alone, never on the batch size or the
+// thread count: the BLAS may round a product's row differently when the product has other rows,
+// so a row's result would otherwise change with the rows batched beside it (the trainer's anchor
+// branch, one row among the group's, is meant to repeat the deployment sample).
+constexpr int64_t kStackHeads = 8;  // MQA decoding: 32 heads over 1 KV head are still 4 tasks
+
 struct QueryTiles {
   int64_t count, rows, head_splits, heads;
   int64_t tasks(int64_t B, int64_t Hkv) const { return B * Hkv * head_splits * count; }
 };
 
 QueryTiles query_tiles(const Dims& d) {
-  const int64_t most = std::max<int64_t>(1, kStackM / d.group);
-  int64_t count = std::max<int64_t>(1, (d.Lq + most - 1) / most);
-  const int64_t units = std::max<int64_t>(1, d.B * d.Hkv);
-  const int64_t want = (at::get_num_threads() + units - 1) / units;  // tasks per unit
-  count = std::min(std::max(count, want), std::max<int64_t>(d.Lq, 1));
-  const int64_t head_splits = std::min(d.group, (want + count - 1) / count);
+  const int64_t head_splits = (d.group + kStackHeads - 1) / kStackHeads;
   const int64_t heads = (d.group + head_splits - 1) / head_splits;
-  return {count, (d.Lq + count - 1) / count, (d.group + heads - 1) / heads, heads};
+  const int64_t most = std::max<int64_t>(1, kStackM / heads);
+  const int64_t count = std::max<int64_t>(1, (d.Lq + most - 1) / most);
+  return {count, (d.Lq + count - 1) / count, head_splits, heads};
 }
 
 // Index into [B, H, Lq] of query i of head g of KV head hk's group, batch row b.

@@ -74,18 +74,24 @@ def test_cpu_kernel_past_its_blocking(case, dtype):
 
 @pytest.mark.parametrize(
     "case",
-    [RoutedCase(1, 8, 1, 1, 16, 4, 5, 3), RoutedCase(1, 6, 2, 5, 16, 4, 5, 3, partial=True)],
+    [
+        RoutedCase(6, 4, 2, 72, 32, 12, 36, 8, partial=True),  # the built-in generator's calls
+        RoutedCase(5, 20, 1, 1, 16, 9, 5, 8),  # MQA decoding: 20 heads in 3 stacks of <= 8
+    ],
     ids=str,
 )
-def test_cpu_kernel_splits_few_rows_over_threads(case):
-    """One batch row (decoding): the C++ kernel splits a KV head's group of heads and its queries
-    into a task per thread; each part must still see the whole row."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
-        check_against_reference("cpu", case, torch.float32)
-    finally:
-        torch.set_num_threads(threads)
+def test_cpu_kernel_row_does_not_depend_on_its_batch(case):
+    """A row's output, lse and dq are the same bits computed alone, or beside other rows: the C++
+    kernel splits its work by the head counts and Lq, never by the batch (the trainer's anchor
+    branch, one row of a group, must repeat the deployment sample)."""
+    q, k, v, table, lens = make_routed(case, torch.float32)
+    dout = torch.randn_like(q)
+    batch = routed_grads(kernel_fn("cpu"), q, k, v, table, lens, dout, torch.zeros(q.shape[:3]))
+    for rows in (slice(0, 1), slice(2, 4)):
+        alone = routed_grads(kernel_fn("cpu"), q[rows], k, v, table[rows], lens, dout[rows],
+                             torch.zeros(q[rows].shape[:3]))  # fmt: skip
+        for name, a, b in zip(("out", "lse", "dq"), alone, batch, strict=False):
+            assert torch.equal(a, b[rows]), f"{name} of rows {rows}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

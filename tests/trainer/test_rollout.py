@@ -15,6 +15,14 @@ def _prompts(model, n=2):
     return [[p] * nC for p in PROMPTS[:n]]
 
 
+def assert_anchor_is(deployment: torch.Tensor, anchor: torch.Tensor) -> None:
+    """The anchor branch (a row among the group's) against the deployment sample (a batch of the
+    prompts alone): equal up to the BLAS, whose linear layers round a row differently in a batch of
+    another size (5e-7 seen in a query projection), carried through the chunks' 4-step ODEs. A
+    wrong context or noise differs by orders of magnitude more."""
+    torch.testing.assert_close(deployment, anchor, rtol=0, atol=1e-5)
+
+
 def _run(model, seed=0, **kw):
     spec = RolloutSpec(
         **{"group_size": 4, "window": (2, 4), "p_keep": 0.3, "score_after_window": True, **kw}
@@ -79,7 +87,7 @@ def test_reproducible_and_anchor_is_deployment_sample(model):
     assert all(torch.equal(a.tables[j], b.tables[j]) for j in a.tables)
     assert not torch.equal(a.tokens, _run(model, seed=4).tokens)
     video = generate(model, _prompts(model), torch.Generator().manual_seed(3))
-    torch.testing.assert_close(model.to_tokens(video), a.anchor_tokens, rtol=0, atol=1e-6)
+    assert_anchor_is(model.to_tokens(video), a.anchor_tokens)
 
 
 def test_records_and_shapes(model):
@@ -114,7 +122,7 @@ def test_sample_routing_refills_the_local_window_from_older_history():
     win = ro.tokens[:, :, 2 * c :]
     assert ((win - win[:, :1]).abs().amax(dim=(2, 3, 4))[:, 1:] > 1e-4).any(dim=1).all()
     video = generate(model, _prompts(model), torch.Generator().manual_seed(0))
-    torch.testing.assert_close(model.to_tokens(video), ro.anchor_tokens, rtol=0, atol=1e-6)
+    assert_anchor_is(model.to_tokens(video), ro.anchor_tokens)
 
 
 def test_sample_routing_needs_a_local_window(model):
