@@ -2,8 +2,9 @@
 //
 // Every row b of the batch reads the shared physical pages that its page table lists; nothing is
 // copied per row. The forward is a tiled online softmax; the backward recomputes probabilities from
-// the saved log-sum-exp, computes dq per row, and dk/dv per physical page through a page -> rows
-// index, so a page shared by several rows accumulates its gradient without races.
+// the saved log-sum-exp once per row and takes dq and the row's dk/dv contributions from them, then
+// sums each physical page's contributions through a page -> rows index in row order: no races, and
+// the same bits at any thread count.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -11,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -36,7 +38,19 @@ namespace {
 // query rows (a row's pages are staged once for all of them), and the dk/dv pass stacks the rows
 // of every batch row that lists a page, so the BLAS sees a few large products, not many small.
 constexpr int64_t kStackM = 256;
-constexpr int64_t kBlockN = 512;  // key tokens per staged block (forward, dq)
+constexpr int64_t kBlockN = 512;  // key tokens per staged block
+
+// Bytes of the backward's per-row dk/dv partials held at once: KVPO_CPU_WORKSPACE_MB, default 16
+// (rows run in chunks that fit, at least one row; the chunking changes no result bit).
+int64_t workspace_bytes() {
+  const char* env = std::getenv("KVPO_CPU_WORKSPACE_MB");
+  if (env == nullptr || *env == '\0') return int64_t{16} << 20;
+  char* end = nullptr;
+  const long long mb = std::strtoll(env, &end, 10);
+  TORCH_CHECK(*end == '\0' && mb >= 0 && mb < (int64_t{1} << 40),
+              "KVPO_CPU_WORKSPACE_MB must be a non-negative integer (MiB), got '", env, "'");
+  return static_cast<int64_t>(mb) << 20;
+}
 
 struct Dims {
   int64_t B, H, Lq, D, P, Hkv, page_size, max_pages, group;
@@ -341,123 +355,152 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
   const acc_t* lp = lse.const_data_ptr<acc_t>();
   const acc_t* dlt = delta.const_data_ptr<acc_t>();
   const acc_t sc = static_cast<acc_t>(scale);
-
-  // Appends n queries from index qi on (one head's, contiguous) to the stacked buffers at row r:
-  // q scaled (the scale is exactly d(score)/dk), its output gradient, lse and delta.
-  auto load_rows = [&](int64_t qi, int64_t n, int64_t r, acc_t* qbuf, acc_t* dobuf, acc_t* lbuf,
-                       acc_t* dbuf) {
-    const int64_t off = qi * d.D;
-    acc_t* qd = qbuf + r * d.D;
-    acc_t* dd = dobuf + r * d.D;
-    for (int64_t x = 0; x < n * d.D; ++x) {
-      qd[x] = static_cast<acc_t>(qp[off + x]) * sc;
-      dd[x] = static_cast<acc_t>(dop[off + x]);
-    }
-    std::copy(lp + qi, lp + qi + n, lbuf + r);
-    std::copy(dlt + qi, dlt + qi + n, dbuf + r);
-  };
-
-  // dq: one task per (batch row, KV head, query tile), the group's heads stacked, walking the
-  // row's table like the forward.
   scalar_t* dqp = dq.data_ptr<scalar_t>();
+
+  // dk and dv accumulate in acc_t: the output itself when it is acc_t, else a buffer.
+  constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor dk_acc = kSame ? dk.zero_() : at::zeros(dk.sizes(), dk.options().dtype(acc_type));
+  at::Tensor dv_acc = kSame ? dv.zero_() : at::zeros(dv.sizes(), dv.options().dtype(acc_type));
+  acc_t* dkap = dk_acc.data_ptr<acc_t>();
+  acc_t* dvap = dv_acc.data_ptr<acc_t>();
+
+  // Each row's kept tokens, in table order, numbered across the batch: slot x = b * max_pages + j
+  // starts at token slot_pos[x]; row b's tokens are [row_start[b], row_start[b + 1]).
+  const int64_t slots = d.B * d.max_pages;
+  std::vector<int64_t> slot_pos(slots), row_start(d.B + 1, 0);
+  for (int64_t x = 0, total = 0; x < slots; ++x) {
+    slot_pos[x] = total;
+    if (tp[x] >= 0) total += page_len(page_lens, tp[x], d.page_size);
+    if ((x + 1) % std::max<int64_t>(d.max_pages, 1) == 0) row_start[x / d.max_pages + 1] = total;
+  }
+  // Page -> the slots listing it (CSR), in increasing slot order, hence in row order.
+  std::vector<int64_t> offsets(d.P + 1, 0);
+  for (int64_t x = 0; x < slots; ++x)
+    if (tp[x] >= 0) offsets[tp[x] + 1]++;
+  for (int64_t p = 0; p < d.P; ++p) offsets[p + 1] += offsets[p];
+  std::vector<int64_t> listing(offsets[d.P]);
+  {
+    std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+    for (int64_t x = 0; x < slots; ++x)
+      if (tp[x] >= 0) listing[fill[tp[x]]++] = x;
+  }
+  if (d.Lq == 0 || d.B == 0) return;
+
+  // One pass computes P and dS once per (row, KV head, heads of its group, query tile, staged
+  // block) and takes all three gradients from them: dq in the task, and each row's dk, dv
+  // contributions as partials [its kept tokens, D] per (KV head, head split), into a workspace.
+  // A second pass sums the partials of the rows listing each page in row order. Both the split and
+  // that order depend on the shapes alone (never on the batch size or thread count), so dq repeats
+  // the row's bits in any batch, and dk, dv repeat theirs; the rows run in chunks whose partials
+  // fit workspace_bytes(), which bounds memory without changing any sum.
   const QueryTiles tiles = query_tiles(d);
   const int64_t m_max = tiles.heads * tiles.rows;
   const int64_t block_n = staged_block(d.page_size);
-  at::parallel_for(0, tiles.tasks(d.B, d.Hkv), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qbuf(m_max * d.D), dobuf(m_max * d.D), dqacc(m_max * d.D),
-        kbuf(block_n * d.D), vbuf(block_n * d.D), s(m_max * block_n), dp(m_max * block_n),
-        lbuf(m_max), dbuf(m_max);
-    for (int64_t w = begin; w < end; ++w) {
-      const Task t = task_of(d, tiles, w);
-      if (t.rows <= 0 || t.heads <= 0) continue;
-      const int64_t b = t.b, hk = t.hk, i0 = t.i0, rows = t.rows;
-      const int64_t M = t.heads * rows;
-      for (int64_t g = 0; g < t.heads; ++g)
-        load_rows(query_index(d, b, hk, t.g0 + g, i0), rows, g * rows, qbuf.data(),
-                  dobuf.data(), lbuf.data(), dbuf.data());
-      std::fill(dqacc.begin(), dqacc.end(), acc_t(0));
-      int64_t j = 0;
-      while (j < d.max_pages) {
-        // Pages staged into blocks as in the forward, so the GEMMs are large.
-        const int64_t n =
-            stage_pages(tp + b * d.max_pages, d.max_pages, j, page_lens, kp, vp, d.Hkv, hk,
-                        d.page_size, d.D, block_n, kbuf.data(), vbuf.data());
-        if (n == 0) continue;
-        gemm<acc_t>(false, true, M, n, d.D, qbuf.data(), d.D, kbuf.data(), d.D, 0, s.data(), n);
-        gemm<acc_t>(false, true, M, n, d.D, dobuf.data(), d.D, vbuf.data(), d.D, 0, dp.data(), n);
-        softmax_grad(s.data(), dp.data(), lbuf.data(), dbuf.data(), M, n);
-        gemm<acc_t>(false, false, M, d.D, n, dp.data(), n, kbuf.data(), d.D, 1, dqacc.data(),
-                    d.D);
-      }
-      for (int64_t g = 0; g < t.heads; ++g) {
-        scalar_t* dst = dqp + query_index(d, b, hk, t.g0 + g, i0) * d.D;
-        const acc_t* src = dqacc.data() + g * rows * d.D;
-        for (int64_t x = 0; x < rows * d.D; ++x) dst[x] = static_cast<scalar_t>(src[x] * sc);
-      }
+  const int64_t slices = d.Hkv * tiles.head_splits;  // partial sets per row
+  const int64_t token_bytes = 2 * slices * d.D * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t budget = workspace_bytes();
+  const int64_t min_rows = (4 * at::get_num_threads() + slices - 1) / slices;  // work per thread
+  std::vector<acc_t> ws_k, ws_v;
+  for (int64_t b0 = 0, b1 = 0; b0 < d.B; b0 = b1) {
+    b1 = b0 + 1;
+    while (b1 < d.B && ((row_start[b1 + 1] - row_start[b0]) * token_bytes <= budget ||
+                        b1 - b0 < min_rows))
+      ++b1;
+    const int64_t chunk_tokens = row_start[b1] - row_start[b0];
+    if (static_cast<int64_t>(ws_k.size()) < slices * chunk_tokens * d.D) {
+      ws_k.resize(slices * chunk_tokens * d.D);
+      ws_v.resize(slices * chunk_tokens * d.D);
     }
-  });
+    // The slice (KV head, head split) of row b's partials in the workspace.
+    auto partial = [&](std::vector<acc_t>& ws, int64_t slice, int64_t token) {
+      return ws.data() + (slice * chunk_tokens + token - row_start[b0]) * d.D;
+    };
 
-  // page -> (rows) index in CSR form, so each task owns one physical page and one KV head.
-  std::vector<int64_t> offsets(d.P + 1, 0);
-  for (int64_t x = 0; x < d.B * d.max_pages; ++x)
-    if (tp[x] >= 0) offsets[tp[x] + 1]++;
-  for (int64_t p = 0; p < d.P; ++p) offsets[p + 1] += offsets[p];
-  std::vector<int64_t> rows_of(offsets[d.P]);
-  {
-    std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
-    for (int64_t x = 0; x < d.B * d.max_pages; ++x)
-      if (tp[x] >= 0) rows_of[fill[tp[x]]++] = x / d.max_pages;
-  }
+    at::parallel_for(0, (b1 - b0) * slices, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> qbuf(m_max * d.D), dobuf(m_max * d.D), dqacc(m_max * d.D),
+          kbuf(block_n * d.D), vbuf(block_n * d.D), s(m_max * block_n), dp(m_max * block_n),
+          lbuf(m_max), dbuf(m_max);
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t b = b0 + w / slices, slice = w % slices;
+        const int64_t hk = slice / tiles.head_splits;
+        const int64_t g0 = (slice % tiles.head_splits) * tiles.heads;
+        const int64_t heads = std::min(tiles.heads, d.group - g0);
+        acc_t* wk = partial(ws_k, slice, row_start[b]);
+        acc_t* wv = partial(ws_v, slice, row_start[b]);
+        bool first = true;
+        for (int64_t i0 = 0; i0 < d.Lq && heads > 0; i0 += tiles.rows) {
+          const int64_t rows = std::min(tiles.rows, d.Lq - i0), M = heads * rows;
+          // The heads' queries stacked: q scaled (the scale is exactly d(score)/dk), dout, lse,
+          // delta.
+          for (int64_t g = 0; g < heads; ++g) {
+            const int64_t qi = query_index(d, b, hk, g0 + g, i0), r = g * rows;
+            for (int64_t x = 0; x < rows * d.D; ++x) {
+              qbuf[r * d.D + x] = static_cast<acc_t>(qp[qi * d.D + x]) * sc;
+              dobuf[r * d.D + x] = static_cast<acc_t>(dop[qi * d.D + x]);
+            }
+            std::copy(lp + qi, lp + qi + rows, lbuf.begin() + r);
+            std::copy(dlt + qi, dlt + qi + rows, dbuf.begin() + r);
+          }
+          std::fill(dqacc.begin(), dqacc.end(), acc_t(0));
+          const acc_t beta = first ? 0 : 1;
+          int64_t j = 0, pos = 0;
+          while (j < d.max_pages) {
+            const int64_t n =
+                stage_pages(tp + b * d.max_pages, d.max_pages, j, page_lens, kp, vp, d.Hkv, hk,
+                            d.page_size, d.D, block_n, kbuf.data(), vbuf.data());
+            if (n == 0) continue;
+            gemm<acc_t>(false, true, M, n, d.D, qbuf.data(), d.D, kbuf.data(), d.D, 0, s.data(),
+                        n);
+            gemm<acc_t>(false, true, M, n, d.D, dobuf.data(), d.D, vbuf.data(), d.D, 0,
+                        dp.data(), n);
+            softmax_grad(s.data(), dp.data(), lbuf.data(), dbuf.data(), M, n);
+            gemm<acc_t>(false, false, M, d.D, n, dp.data(), n, kbuf.data(), d.D, 1,
+                        dqacc.data(), d.D);
+            gemm<acc_t>(true, false, n, d.D, M, s.data(), n, dobuf.data(), d.D, beta,
+                        wv + pos * d.D, d.D);
+            gemm<acc_t>(true, false, n, d.D, M, dp.data(), n, qbuf.data(), d.D, beta,
+                        wk + pos * d.D, d.D);
+            pos += n;
+          }
+          first = false;
+          for (int64_t g = 0; g < heads; ++g) {
+            scalar_t* dst = dqp + query_index(d, b, hk, g0 + g, i0) * d.D;
+            const acc_t* src = dqacc.data() + g * rows * d.D;
+            for (int64_t x = 0; x < rows * d.D; ++x) dst[x] = static_cast<scalar_t>(src[x] * sc);
+          }
+        }
+      }
+    });
 
-  // dk, dv: every query of every (batch row listing the page, head of the group) is stacked into
-  // GEMMs of up to kStackM rows against the page's keys.
-  scalar_t* dkp = dk.data_ptr<scalar_t>();
-  scalar_t* dvp = dv.data_ptr<scalar_t>();
-  at::parallel_for(0, d.P * d.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> kbuf(d.page_size * d.D), vbuf(d.page_size * d.D),
-        dkacc(d.page_size * d.D), dvacc(d.page_size * d.D), qbuf(kStackM * d.D),
-        dobuf(kStackM * d.D), s(kStackM * d.page_size), dp(kStackM * d.page_size),
-        lbuf(kStackM), dbuf(kStackM);
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t p = w / d.Hkv, hk = w % d.Hkv;
-      const int64_t base = w * d.page_size * d.D;
-      const int64_t n = page_len(page_lens, p, d.page_size);
-      std::fill(dkacc.begin(), dkacc.end(), acc_t(0));
-      std::fill(dvacc.begin(), dvacc.end(), acc_t(0));
-      if (n > 0 && offsets[p + 1] > offsets[p]) {
-        const acc_t* kt = as_acc(kp + base, kbuf.data(), n * d.D);
-        const acc_t* vt = as_acc(vp + base, vbuf.data(), n * d.D);
-        int64_t M = 0;
-        auto accumulate = [&] {
-          gemm<acc_t>(false, true, M, n, d.D, qbuf.data(), d.D, kt, d.D, 0, s.data(), n);
-          gemm<acc_t>(false, true, M, n, d.D, dobuf.data(), d.D, vt, d.D, 0, dp.data(), n);
-          softmax_grad(s.data(), dp.data(), lbuf.data(), dbuf.data(), M, n);
-          gemm<acc_t>(true, false, n, d.D, M, s.data(), n, dobuf.data(), d.D, 1, dvacc.data(),
-                      d.D);
-          gemm<acc_t>(true, false, n, d.D, M, dp.data(), n, qbuf.data(), d.D, 1, dkacc.data(),
-                      d.D);
-          M = 0;
-        };
-        for (int64_t e = offsets[p]; e < offsets[p + 1]; ++e) {
-          for (int64_t g = 0; g < d.group; ++g) {
-            for (int64_t i0 = 0; i0 < d.Lq;) {
-              const int64_t take = std::min(d.Lq - i0, kStackM - M);
-              load_rows(query_index(d, rows_of[e], hk, g, i0), take, M, qbuf.data(),
-                        dobuf.data(), lbuf.data(), dbuf.data());
-              M += take;
-              i0 += take;
-              if (M == kStackM) accumulate();
+    // dk, dv of (page, KV head): its listings by this chunk's rows, in row order.
+    at::parallel_for(0, d.P * d.Hkv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t p = w / d.Hkv, hk = w % d.Hkv;
+        const int64_t n = page_len(page_lens, p, d.page_size) * d.D;
+        const auto first = listing.begin() + offsets[p], last = listing.begin() + offsets[p + 1];
+        acc_t* dkw = dkap + w * d.page_size * d.D;
+        acc_t* dvw = dvap + w * d.page_size * d.D;
+        for (auto e = std::lower_bound(first, last, b0 * d.max_pages);
+             e != last && *e < b1 * d.max_pages; ++e) {
+          for (int64_t split = 0; split < tiles.head_splits; ++split) {
+            const int64_t slice = hk * tiles.head_splits + split;
+            const acc_t* pk = partial(ws_k, slice, slot_pos[*e]);
+            const acc_t* pv = partial(ws_v, slice, slot_pos[*e]);
+#pragma omp simd
+            for (int64_t x = 0; x < n; ++x) {
+              dkw[x] += pk[x];
+              dvw[x] += pv[x];
             }
           }
         }
-        if (M > 0) accumulate();
       }
-      for (int64_t x = 0; x < d.page_size * d.D; ++x) {
-        dkp[base + x] = static_cast<scalar_t>(dkacc[x]);
-        dvp[base + x] = static_cast<scalar_t>(dvacc[x]);
-      }
-    }
-  });
+    });
+  }
+  if constexpr (!kSame) {
+    dk.copy_(dk_acc);
+    dv.copy_(dv_acc);
+  }
 }
 
 void check_common(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,

@@ -94,6 +94,39 @@ def test_cpu_kernel_row_does_not_depend_on_its_batch(case):
             assert torch.equal(a, b[rows]), f"{name} of rows {rows}"
 
 
+# 12 rows over 2 KV heads: with the workspace at 0 MiB the backward runs them in chunks of as few
+# rows as keep the threads busy, so the pages' sums cross chunk boundaries.
+CHUNKED = RoutedCase(12, 4, 2, 9, 32, 10, 24, 8, partial=True, empty_row=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_backward_in_workspace_chunks(monkeypatch, dtype):
+    monkeypatch.setenv("KVPO_CPU_WORKSPACE_MB", "0")
+    check_against_reference("cpu", CHUNKED, dtype)
+
+
+def test_cpu_backward_bits_do_not_depend_on_the_workspace(monkeypatch):
+    """dk and dv sum each page's rows in row order whatever the chunking: the same bits."""
+    q, k, v, table, lens = make_routed(CHUNKED, torch.float32)
+    dout, dlse = torch.randn_like(q), torch.randn(q.shape[:3])
+    grads = []
+    for mb in ("0", "1", "1024"):
+        monkeypatch.setenv("KVPO_CPU_WORKSPACE_MB", mb)
+        grads.append(routed_grads(kernel_fn("cpu"), q, k, v, table, lens, dout, dlse))
+    for other in grads[1:]:
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), grads[0], other, strict=True):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "1.5"])
+def test_cpu_workspace_setting_must_be_a_size(monkeypatch, value):
+    q, k, v, table, lens = make_routed(CASES[1], torch.float32)
+    monkeypatch.setenv("KVPO_CPU_WORKSPACE_MB", value)
+    with pytest.raises(RuntimeError, match="KVPO_CPU_WORKSPACE_MB"):
+        routed_grads(kernel_fn("cpu"), q, k, v, table, lens, torch.randn_like(q),
+                     torch.zeros(q.shape[:3]))  # fmt: skip
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_rows_give_zero_and_minus_inf_without_nan(backend):
     case = RoutedCase(3, 4, 2, 5, 16, 4, 3, 4, empty_row=True)
