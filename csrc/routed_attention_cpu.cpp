@@ -35,8 +35,8 @@ namespace kvpo {
 namespace {
 
 // Query rows per GEMM: the heads of a GQA group that read one KV head are stacked with their
-// query rows (a row's pages are staged once for all of them), and the dk/dv pass stacks the rows
-// of every batch row that lists a page, so the BLAS sees a few large products, not many small.
+// query rows (a row's pages are staged once for all of them, and staged a few at a time as the
+// keys of one product), so the BLAS sees a few large products, not many small.
 constexpr int64_t kStackM = 256;
 constexpr int64_t kBlockN = 512;  // key tokens per staged block
 

@@ -57,8 +57,8 @@ def test_half_precision_within_twice_torch_error(backend, dtype, case):
 
 
 # Shapes past the C++ kernels' blocking: query tiles (a GQA group's heads x a tile's queries are
-# stacked up to 256 GEMM rows), the dk/dv pass's stacks of several batch rows split mid-head,
-# several staged key blocks per row (pages of 300 tokens), a group wider than a stack.
+# stacked up to 256 GEMM rows; the backward adds each tile's dk/dv partials to the row's), several
+# staged key blocks per row (pages of 300 tokens), a group wider than a stack.
 LARGE_CASES = [
     RoutedCase(3, 4, 2, 150, 32, 6, 20, 5, partial=True),
     RoutedCase(2, 2, 1, 40, 16, 5, 300, 4, partial=True, empty_row=True),
