@@ -105,14 +105,20 @@ def test_cpu_backward_in_workspace_chunks(monkeypatch, dtype):
     check_against_reference("cpu", CHUNKED, dtype)
 
 
-def test_cpu_backward_bits_do_not_depend_on_the_workspace(monkeypatch):
-    """dk and dv sum each page's rows in row order whatever the chunking: the same bits."""
+def test_cpu_backward_bits_do_not_depend_on_the_workspace_or_threads(monkeypatch):
+    """dk and dv sum each page's rows in row order whatever the chunking and the thread count
+    (which sets how many rows a chunk needs at least): the same bits."""
     q, k, v, table, lens = make_routed(CHUNKED, torch.float32)
     dout, dlse = torch.randn_like(q), torch.randn(q.shape[:3])
     grads = []
-    for mb in ("0", "1", "1024"):
-        monkeypatch.setenv("KVPO_CPU_WORKSPACE_MB", mb)
-        grads.append(routed_grads(kernel_fn("cpu"), q, k, v, table, lens, dout, dlse))
+    threads = torch.get_num_threads()
+    try:
+        for mb, n in (("0", 1), ("0", 2), ("1", 2), ("1024", 2)):
+            monkeypatch.setenv("KVPO_CPU_WORKSPACE_MB", mb)
+            torch.set_num_threads(n)
+            grads.append(routed_grads(kernel_fn("cpu"), q, k, v, table, lens, dout, dlse))
+    finally:
+        torch.set_num_threads(threads)
     for other in grads[1:]:
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), grads[0], other, strict=True):
             assert torch.equal(a, b), name
