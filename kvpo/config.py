@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from .loggers import parse_log_to
+
 REWARD_SCOPES = ("video", "global", "local")  # see kvpo.train.scope_chunks
 BASE_CHECKPOINT = str(Path(__file__).parent / "assets" / "base.safetensors")
 
@@ -110,6 +112,8 @@ class TrainConfig:
     save_every: int = 10  # checkpoint every this many iterations
     samples: bool = True  # before/after GIF and MP4 of the evaluation prompts
     progress: bool = True  # progress bar on stderr
+    log_to: str = ""  # also log to tensorboard, wandb, or both: "tensorboard,wandb"
+    wandb_project: str = "kvpo"  # the W&B project of log_to=wandb (WANDB_MODE=offline: on disk)
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -205,6 +209,10 @@ class TrainConfig:
                 "reward_scopes",
                 f"must map some of {REWARD_SCOPES} to finite weights >= 0, not all 0",
             )
+        try:
+            parse_log_to(self.log_to)
+        except ValueError as e:
+            raise bad("log_to", str(e)) from None
         if not isinstance(self.reward_weights, dict) or not self.reward_weights:
             raise bad("reward_weights", "must be a non-empty mapping of reward name to weight")
 

@@ -27,6 +27,7 @@ from .ema import ParamEMA
 from .evaluate import evaluate, turned_prompts
 from .grpo import anchor_advantages, group_advantages, ppo_objective
 from .likelihood import branch_log_probs, kl_term
+from .loggers import make_loggers
 from .replay import replay_velocities, step_weights, trajectory_energy
 from .report import MetricsLog, plot_rewards, save_videos
 from .rewards import GENERIC, ClipReward, CompositeReward, RewardFn
@@ -378,6 +379,7 @@ def train(
 
     log = MetricsLog(out)
     params = trainable(model)
+    loggers = make_loggers(cfg.log_to, out, cfg.to_dict(), cfg.wandb_project) if lead else []
     if lead:
         log.truncate(start)
         (out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -409,6 +411,8 @@ def train(
             if cfg.samples:
                 save_videos(vids, out / "samples_before")
             history.append({"iter": -1, **ev})
+            for lg in loggers:
+                lg.write(history[-1])
 
     bar = tqdm(
         range(start, cfg.iterations),
@@ -508,6 +512,8 @@ def train(
         history.append(row)
         if lead:
             log.write(row)
+            for lg in loggers:
+                lg.write(row)
             tqdm.write(
                 f"it {it:4d} | reward {row['reward']:.4f} ± {row['reward_std']:.4f} ("
                 + ", ".join(f"{k} {row[f'reward_{k}']:.3f}" for k in comps)
@@ -549,6 +555,10 @@ def train(
             + f"; outputs in {out}/",
             flush=True,
         )
+        for lg in loggers:
+            if cfg.samples:
+                lg.videos({k: out / f"samples_{k}.gif" for k in ("before", "after")})
+            lg.close()
     distributed.barrier()
     distributed.shutdown()
     return TrainResult(history, model, None if ema is None else ema.model)

@@ -1,0 +1,120 @@
+"""Experiment trackers beside metrics.jsonl / metrics.csv: TensorBoard and Weights & Biases.
+
+``--log_to tensorboard`` writes every iteration's numbers to ``out_dir/tensorboard`` (read it with
+``tensorboard --logdir runs``); ``--log_to wandb`` logs them to a W&B run of ``--wandb_project``
+(``WANDB_MODE=offline`` keeps it on disk; ``wandb sync`` uploads it later); ``tensorboard,wandb``
+does both. Metrics are grouped by their prefix: ``eval_reward`` is ``eval/reward``, ``time_update``
+``time/update``, the rest ``train/...``. Iteration ``it``'s row is logged at step ``it + 1`` (the
+updates made when it ends), so the evaluation before training is step 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+LOGGERS = ("tensorboard", "wandb")
+
+
+def parse_log_to(value: str) -> tuple[str, ...]:
+    """``"tensorboard,wandb"`` -> ("tensorboard", "wandb"); "" -> (). Unknown names raise."""
+    names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise ValueError(f"unknown logger(s) {unknown}; known: {list(LOGGERS)}")
+    return names
+
+
+def metric_name(key: str) -> str:
+    for prefix in ("eval_", "time_"):
+        if key.startswith(prefix):
+            return f"{prefix[:-1]}/{key[len(prefix) :]}"
+    return f"train/{key}"
+
+
+def scalars(row: dict) -> tuple[int, dict[str, float]]:
+    """A metrics row -> (step, {name: value}) for its numbers (the iteration itself excluded)."""
+    values = {
+        metric_name(k): float(v)
+        for k, v in row.items()
+        if k != "iter" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    return row["iter"] + 1, values
+
+
+class Logger(Protocol):
+    def write(self, row: dict) -> None: ...
+
+    def videos(self, paths: dict[str, Path]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _missing(name: str, package: str) -> ImportError:
+    return ImportError(f"config log_to={name!r} needs the {package} package: pip install {package}")
+
+
+class TensorBoardLogger:
+    """Scalars (and the run's config as text) to ``out_dir/tensorboard``, flushed every row so
+    that a run that stops early keeps what it logged."""
+
+    def __init__(self, out_dir: Path, config: dict) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise _missing("tensorboard", "tensorboard") from e
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+
+    def write(self, row: dict) -> None:
+        step, values = scalars(row)
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def videos(self, paths: dict[str, Path]) -> None:
+        pass  # TensorBoard's add_video needs moviepy; the GIF and MP4 files are in out_dir
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger:
+    """A W&B run in ``out_dir`` with the config; scalars each row, the sample GIFs at the end."""
+
+    def __init__(self, out_dir: Path, config: dict, project: str) -> None:
+        try:
+            import wandb
+        except ImportError as e:
+            raise _missing("wandb", "wandb") from e
+        self.wandb = wandb
+        self.run = wandb.init(project=project, dir=str(out_dir), config=config)
+        self.step = 0
+
+    def write(self, row: dict) -> None:
+        self.step, values = scalars(row)
+        self.run.log(values, step=self.step)
+
+    def videos(self, paths: dict[str, Path]) -> None:
+        media = {
+            f"samples/{name}": self.wandb.Video(str(path), format="gif")
+            for name, path in paths.items()
+            if path.exists()
+        }
+        if media:
+            self.run.log(media, step=self.step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_loggers(log_to: str, out_dir: Path, config: dict, wandb_project: str) -> list[Logger]:
+    """The loggers ``log_to`` names (see :func:`parse_log_to`)."""
+    made: list[Logger] = []
+    for name in parse_log_to(log_to):
+        if name == "tensorboard":
+            made.append(TensorBoardLogger(out_dir, config))
+        else:
+            made.append(WandbLogger(out_dir, config, wandb_project))
+    return made

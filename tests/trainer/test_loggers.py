@@ -1,0 +1,115 @@
+"""TensorBoard and W&B logging of a training run: the numbers logged are the run's own."""
+
+import sys
+import types
+
+import pytest
+from trainer_support import tiny_model
+
+from kvpo.checkpoint import save_model
+from kvpo.config import build_config
+from kvpo.loggers import metric_name, parse_log_to, scalars
+from kvpo.train import train
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
+    save_model(tiny_model(), path)
+    return str(path)
+
+
+def _cfg(base, out, **kw):
+    over = dict(
+        base_checkpoint=base,
+        out_dir=str(out),
+        iterations=2,
+        prompts_per_iter=2,
+        group_size=3,
+        eval_prompts=2,
+        eval_every=1,
+        save_every=2,
+        progress=False,
+        threads=1,
+        tau=0.05,
+        window=(2, 4),
+    )
+    over.update(kw)
+    return build_config(over)
+
+
+def test_names_steps_and_values():
+    assert parse_log_to(" wandb, tensorboard,wandb ") == ("wandb", "tensorboard")
+    assert parse_log_to("") == ()
+    assert metric_name("eval_reward") == "eval/reward"
+    assert metric_name("eval_ema_reward") == "eval/ema_reward"
+    assert metric_name("time_update") == "time/update"
+    assert metric_name("reward_path_std") == "train/reward_path_std"
+    step, values = scalars({"iter": 4, "reward": 1.5, "groups": 3, "note": "x", "flag": True})
+    assert step == 5 and values == {"train/reward": 1.5, "train/groups": 3.0}
+
+
+def test_unknown_logger_is_refused(base, tmp_path):
+    with pytest.raises(ValueError, match=r"config log_to='tensorboard,mlflow'.*mlflow"):
+        _cfg(base, tmp_path, log_to="tensorboard,mlflow")
+
+
+def test_tensorboard_gets_every_row(base, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = train(_cfg(base, tmp_path, log_to="tensorboard"))
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/reward", "train/tve", "time/update", "eval/reward"} <= tags
+
+    def logged(tag):
+        return {e.step: e.value for e in acc.Scalars(tag)}
+
+    rows = res.history
+    assert logged("train/reward") == pytest.approx({r["iter"] + 1: r["reward"] for r in rows[1:]})
+    # the evaluation before training is step 0, then one after each iteration
+    assert logged("eval/reward") == pytest.approx({r["iter"] + 1: r["eval_reward"] for r in rows})
+    assert "config/text_summary" in acc.Tags()["tensors"]
+
+
+def test_wandb_run_gets_config_rows_and_samples(base, tmp_path, monkeypatch):
+    calls = {"log": [], "finish": 0}
+
+    class Run:
+        def log(self, values, step):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    def init(**kw):
+        calls["init"] = kw
+        return Run()
+
+    class Video:
+        def __init__(self, path, format):
+            self.path, self.format = path, format
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Video=Video))
+    cfg = _cfg(base, tmp_path, log_to="wandb", wandb_project="mine", samples=True)
+    res = train(cfg)
+    assert calls["init"]["project"] == "mine" and calls["init"]["dir"] == str(tmp_path)
+    assert calls["init"]["config"] == cfg.to_dict()
+    rows = [(s, v) for s, v in calls["log"] if "train/reward" in v or "eval/reward" in v]
+    assert [s for s, _ in rows] == [0, 1, 2]
+    for (step, values), row in zip(rows, res.history, strict=True):
+        assert step == row["iter"] + 1
+        assert values["eval/reward"] == pytest.approx(row["eval_reward"])
+        if row["iter"] >= 0:
+            assert values["train/reward"] == pytest.approx(row["reward"])
+    step, media = calls["log"][-1]
+    assert step == 2 and set(media) == {"samples/before", "samples/after"}
+    assert media["samples/after"].path == str(tmp_path / "samples_after.gif")
+    assert calls["finish"] == 1
+
+
+def test_a_missing_package_is_named(base, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(ImportError, match="pip install wandb"):
+        train(_cfg(base, tmp_path, log_to="wandb"))
