@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "routed_attention.h"
+#include "simd.h"
 
 // Fortran BLAS of the BLAS library that torch bundles; weak, so a torch without them still loads
 // this extension and the kernels fall back to plain loops.
@@ -214,15 +215,7 @@ inline int64_t stage_pages(const int32_t* row_table, int64_t max_pages, int64_t&
 }
 
 // The softmax work between the GEMMs (exponentials, row maxima, rescaling) costs as much as the
-// GEMMs at small head dims. The build targets baseline x86-64 (SSE2), so the float versions are
-// also compiled for AVX2 + FMA and AVX-512, and the loader picks the widest the CPU runs.
-// (GCC 11 named the x86-64-v3/v4 levels; other compilers get the baseline build.)
-#if defined(__GNUC__) && __GNUC__ >= 11 && !defined(__clang__) && defined(__x86_64__)
-#define KVPO_SIMD_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KVPO_SIMD_CLONES
-#endif
+// GEMMs at small head dims: the float versions are compiled for AVX2 and AVX-512 too (simd.h).
 
 // One staged block of the online softmax: s [rows, n] scores in, exp(s - new max) out; the
 // running max m, sum l and output accumulator acc [rows, D] rescaled to the new max.

@@ -8,7 +8,9 @@ import kvpo_kernels
 from kvpo_kernels.velocity_energy import _velocity_energy_op
 
 BACKENDS = ["cpu", "reference"]
-SHAPES = [(1, 1, 1), (4, 3, 17), (8, 4, 3, 5, 7), (3, 2, 4099)]
+# The C++ kernel splits rows into chunks of 2^14 elements: the last shape spans four.
+LONG = (2, 3, 3 * 2**14 + 5)
+SHAPES = [(1, 1, 1), (4, 3, 17), (8, 4, 3, 5, 7), (3, 2, 4099), LONG]
 WEIGHT_KINDS = ["none", "step", "branch_step", "branch_step_strided"]
 
 
@@ -55,10 +57,10 @@ def test_fp32_matches_float64_reference(backend, reduction, weight_kind, shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_within_twice_torch_error(backend, dtype):
-    shape = (4, 3, 2000)
+@pytest.mark.parametrize("shape", [(4, 3, 2000), LONG], ids=str)
+def test_half_precision_within_twice_torch_error(backend, dtype, shape):
     v_pred, v_ref, weight = _inputs(shape, "step")
-    grad_out = torch.randn(4, dtype=torch.float64)
+    grad_out = torch.randn(shape[0], dtype=torch.float64)
     ref = _grads(kvpo_kernels.velocity_energy_reference, v_pred, v_ref, weight, "mean", grad_out)
     low = (v_pred.to(dtype), v_ref.to(dtype))
     pt = _grads(kvpo_kernels.velocity_energy_reference, *low, weight.to(dtype), "mean", grad_out)
@@ -66,6 +68,23 @@ def test_half_precision_within_twice_torch_error(backend, dtype):
     assert got[0].dtype == torch.float32 and got[1].dtype == dtype
     for name, a, b, c in zip(("energy", "d_pred", "d_ref"), got, pt, ref, strict=True):
         assert_low_precision(a, b, c, f"{backend} {dtype} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_bits_do_not_depend_on_the_thread_count(dtype):
+    v_pred, v_ref, weight = _inputs(LONG, "branch_step", dtype)
+    grad_out = torch.randn(LONG[0], dtype=torch.float64)
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got.append(_grads(_kernel("cpu"), v_pred, v_ref, weight, "mean", grad_out))
+    finally:
+        torch.set_num_threads(threads)
+    for other in got[1:]:
+        for name, a, b in zip(("energy", "d_pred", "d_ref"), got[0], other, strict=True):
+            assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
