@@ -32,6 +32,26 @@ def tiny_model(seed: int = 0, **overrides) -> TinyARVideo:
     return model.eval()
 
 
+def run_overrides(base: str, out, **kw) -> dict:
+    """Config fields of a seconds-long training run of the checkpoint ``base`` into ``out``."""
+    over = dict(
+        base_checkpoint=base,
+        out_dir=str(out),
+        iterations=2,
+        prompts_per_iter=2,
+        group_size=3,
+        eval_prompts=2,
+        eval_every=1,
+        save_every=1,
+        progress=False,
+        threads=1,
+        tau=0.05,
+        window=(2, 4),
+    )
+    over.update(kw)
+    return over
+
+
 PROMPTS = ["a large red circle moving left slowly", "a small blue square moving up quickly"]
 
 

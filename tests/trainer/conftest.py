@@ -1,9 +1,18 @@
 import pytest
 from trainer_support import tiny_model
 
+from kvpo.checkpoint import save_model
 from kvpo.model import TinyARVideo
 
 
 @pytest.fixture
 def model() -> TinyARVideo:
     return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    """A checkpoint of the tiny generator, for training runs."""
+    path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
+    save_model(tiny_model(), path)
+    return str(path)

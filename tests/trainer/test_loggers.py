@@ -4,38 +4,15 @@ import sys
 import types
 
 import pytest
-from trainer_support import tiny_model
+from trainer_support import run_overrides
 
-from kvpo.checkpoint import save_model
 from kvpo.config import build_config
 from kvpo.loggers import metric_name, parse_log_to, scalars
 from kvpo.train import train
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
-    save_model(tiny_model(), path)
-    return str(path)
-
-
 def _cfg(base, out, **kw):
-    over = dict(
-        base_checkpoint=base,
-        out_dir=str(out),
-        iterations=2,
-        prompts_per_iter=2,
-        group_size=3,
-        eval_prompts=2,
-        eval_every=1,
-        save_every=2,
-        progress=False,
-        threads=1,
-        tau=0.05,
-        window=(2, 4),
-    )
-    over.update(kw)
-    return build_config(over)
+    return build_config(run_overrides(base, out, save_every=2, **kw))
 
 
 def test_names_steps_and_values():

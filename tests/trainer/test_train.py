@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_support import tiny_model
+from trainer_support import run_overrides, tiny_model
 
 from kvpo import data
-from kvpo.checkpoint import CheckpointError, load_model, save_model
+from kvpo.checkpoint import CheckpointError, load_model
 from kvpo.config import build_config, parse_args
 from kvpo.evaluate import evaluate, turned_prompts
 from kvpo.rewards import CompositeReward
@@ -21,34 +21,8 @@ from kvpo.train import main, train
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
-    save_model(tiny_model(), path)
-    return str(path)
-
-
-def _over(base, out, **kw) -> dict:
-    over = dict(
-        base_checkpoint=base,
-        out_dir=str(out),
-        iterations=2,
-        prompts_per_iter=2,
-        group_size=3,
-        eval_prompts=2,
-        eval_every=1,
-        save_every=1,
-        progress=False,
-        threads=1,
-        tau=0.05,
-        window=(2, 4),
-    )
-    over.update(kw)
-    return over
-
-
 def _cfg(base, out, **kw):
-    return build_config(_over(base, out, **kw))
+    return build_config(run_overrides(base, out, **kw))
 
 
 def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path):
@@ -192,7 +166,7 @@ open(f"{over['out_dir']}/rank{rank}.txt", "w").write(repr(total))
 def test_two_ranks_over_gloo(base, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    over = _over(base, tmp_path, eval_every=5, save_every=5, samples=False)
+    over = run_overrides(base, tmp_path, eval_every=5, save_every=5, samples=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
         [
@@ -223,7 +197,7 @@ def test_public_recipe_config_trains(base, tmp_path):
     """configs/public_recipe.yaml (sample routing, per-step likelihood, anchor advantages over the
     local and global clips, softmax KL, EMA) end to end, scaled to the tiny generator."""
     over = {
-        **_over(base, tmp_path, samples=False),
+        **run_overrides(base, tmp_path, samples=False),
         "window": "2,3",
         "window_shift": 1,
         "local_window": 2,  # chunk 2's 4 history frames overflow 1 sink + 2: sample routing explores
