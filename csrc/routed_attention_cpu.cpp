@@ -174,17 +174,6 @@ inline float exp_shifted(float* x, int64_t n, float shift) {
   return sum;
 }
 
-// A page's K or V tile as acc_t: the page memory itself when no conversion is needed, else a copy.
-template <typename scalar_t, typename acc_t>
-inline const acc_t* as_acc(const scalar_t* src, acc_t* buf, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
-    return buf;
-  }
-}
-
 // Tokens per staged block: whole pages, about kBlockN tokens (at least one page).
 inline int64_t staged_block(int64_t page_size) {
   return std::max(page_size, kBlockN - kBlockN % page_size);
