@@ -410,8 +410,7 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
         const int64_t heads = std::min(tiles.heads, d.group - g0);
         acc_t* wk = partial(ws_k, slice, row_start[b]);
         acc_t* wv = partial(ws_v, slice, row_start[b]);
-        bool first = true;
-        for (int64_t i0 = 0; i0 < d.Lq && heads > 0; i0 += tiles.rows) {
+        for (int64_t i0 = 0; i0 < d.Lq; i0 += tiles.rows) {
           const int64_t rows = std::min(tiles.rows, d.Lq - i0), M = heads * rows;
           // The heads' queries stacked: q scaled (the scale is exactly d(score)/dk), dout, lse,
           // delta.
@@ -425,7 +424,7 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
             std::copy(dlt + qi, dlt + qi + rows, dbuf.begin() + r);
           }
           std::fill(dqacc.begin(), dqacc.end(), acc_t(0));
-          const acc_t beta = first ? 0 : 1;
+          const acc_t beta = i0 == 0 ? 0 : 1;  // the first tile writes the partials
           int64_t j = 0, pos = 0;
           while (j < d.max_pages) {
             const int64_t n =
@@ -445,7 +444,6 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
                         wk + pos * d.D, d.D);
             pos += n;
           }
-          first = false;
           for (int64_t g = 0; g < heads; ++g) {
             scalar_t* dst = dqp + query_index(d, b, hk, g0 + g, i0) * d.D;
             const acc_t* src = dqacc.data() + g * rows * d.D;
