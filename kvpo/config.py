@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from .loggers import parse_log_to
+from .rewards import BUILTIN, split_reward_spec
 
 REWARD_SCOPES = ("video", "global", "local")  # see kvpo.train.scope_chunks
 BASE_CHECKPOINT = str(Path(__file__).parent / "assets" / "base.safetensors")
@@ -37,7 +38,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0: torch's default)
     seed: int = 0  # rollouts, prompts and the evaluation noises
-    # Wan2.1 instead of the built-in generator (kvpo.adapters.wan; needs clip_reward_path): a
+    # Wan2.1 instead of the built-in generator (kvpo.adapters.wan; needs clip_reward_path or reward_fns): a
     # local diffusers directory with transformer/, vae/, text_encoder/ and tokenizer/.
     wan_dir: str = ""  # a local diffusers Wan2.1 text-to-video directory (trains it)
     wan_checkpoint: str = ""  # Wan-layout transformer weights instead (self_forcing_dmd.pt, ...)
@@ -86,6 +87,9 @@ class TrainConfig:
     reward_scopes: dict[str, float] = field(default_factory=_whole_video)  # video|global|local
     clip_reward_path: str = ""  # a local transformers CLIP directory: adds a "clip" reward
     clip_reward_weight: float = 1.0  # weight of the clip reward when clip_reward_path is set
+    # Your own rewards by import path, e.g. hps=my_rewards:HPSReward or aes=/code/aes.py:score
+    # (kvpo.rewards.load_reward); each weighted by reward_weights[name], 1 if not named there.
+    reward_fns: dict[str, str] = field(default_factory=dict)  # name -> module:fn or file.py:fn
     advantage: str = "group"  # group: (r - mean) / std | anchor: against the unperturbed branch
     adv_clip: float = 2.5  # advantages clipped to [-adv_clip, adv_clip]
     adv_eps: float = 1e-6  # added to the std of the advantages' denominator
@@ -215,6 +219,15 @@ class TrainConfig:
             raise bad("log_to", str(e)) from None
         if not isinstance(self.reward_weights, dict) or not self.reward_weights:
             raise bad("reward_weights", "must be a non-empty mapping of reward name to weight")
+        if not isinstance(self.reward_fns, dict):
+            raise bad("reward_fns", "must be a mapping of reward name to 'module:fn'")
+        for name, spec in self.reward_fns.items():
+            if name in BUILTIN or name == "clip":
+                raise bad("reward_fns", f"{name!r} is a built-in reward's name: choose another")
+            try:
+                split_reward_spec(spec)
+            except ValueError as e:
+                raise bad("reward_fns", str(e)) from None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -253,7 +266,8 @@ def _coerce(name: str, value, hint) -> object:
         if origin is dict:
             if isinstance(value, str):
                 value = dict(kv.split("=", 1) for kv in value.split(",") if kv.strip())
-            return {str(k): float(v) for k, v in dict(value).items()}
+            kind = args[1] if len(args) == 2 else float  # dict[str, float] or dict[str, str]
+            return {str(k): kind(v) for k, v in dict(value).items()}
     except (TypeError, ValueError) as e:
         raise ValueError(f"config {name}: cannot read {value!r} as {hint}") from e
     return value

@@ -24,7 +24,11 @@ CLIP; pixel-space stand-ins for VBench's flow- and interpolation-based measures)
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
 import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -266,6 +270,70 @@ class CompositeReward:
 
     def __call__(self, videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
         return self.total(self.components(videos, prompts))
+
+
+class RewardSpecError(ValueError):
+    """A user reward that :func:`load_reward` cannot load (the message names its spec)."""
+
+
+def split_reward_spec(spec: str) -> tuple[str, str]:
+    """``"where:name"`` -> (where, name), or a :class:`RewardSpecError` naming ``spec``."""
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise RewardSpecError(
+            f"reward {spec!r}: expected 'package.module:name' or 'path/to/file.py:name'"
+        )
+    where, name = spec.split(":")
+    return where, name
+
+
+def load_reward(spec: str) -> RewardFn:
+    """The user reward named by ``spec``: ``"package.module:name"`` or ``"path/to/file.py:name"``.
+
+    ``name`` (dotted for a nested attribute) is a :class:`RewardFn`, or a class whose instances
+    are (constructed with no arguments; a reward model that needs a path or a device reads it
+    in its ``__init__``). The module is imported as Python imports it: from ``sys.path`` (the
+    working directory included when run with ``python -m``), or from the file.
+
+    Raises:
+        RewardSpecError: (a ValueError) naming ``spec`` when it is malformed, cannot be imported, has no such
+            attribute, or does not name a callable.
+    """
+    where, name = split_reward_spec(spec)
+    path = Path(where).expanduser() if where.endswith(".py") else None
+    if path is not None and not path.is_file():
+        raise RewardSpecError(f"reward {spec!r}: no file {str(path)!r}")
+    try:
+        if path is not None:
+            module_name = f"kvpo_user_reward_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            # registered before it runs, as an import would be: dataclasses and pickling in the
+            # module look themselves up in sys.modules
+            sys.modules[module_name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except Exception as e:  # an error of the user's module itself, named with its spec
+        raise RewardSpecError(
+            f"reward {spec!r}: cannot import {where!r}: {type(e).__name__}: {e}"
+        ) from e
+    obj = module
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise RewardSpecError(f"reward {spec!r}: {where!r} has no attribute {name!r}")
+        obj = getattr(obj, part)
+    if inspect.isclass(obj):
+        try:
+            obj = obj()
+        except Exception as e:
+            raise RewardSpecError(
+                f"reward {spec!r}: constructing {name}() failed: {type(e).__name__}: {e}"
+            ) from e
+    if not callable(obj):
+        raise RewardSpecError(
+            f"reward {spec!r}: {type(obj).__name__} is not callable as fn(videos, prompts) -> [B]"
+        )
+    return obj
 
 
 class ClipReward:

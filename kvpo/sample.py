@@ -2,7 +2,7 @@
 
 Deployment-time sampling (the deterministic few-step ODE, no routing) of the built-in generator
 from a model or training checkpoint: writes a GIF/MP4 grid (one column per prompt) and prints each
-video's built-in rewards. Without ``--prompt`` it samples the held-out evaluation prompts. A
+video's built-in rewards (and yours, ``--reward_fns name=module:fn``). Without ``--prompt`` it samples the held-out evaluation prompts. A
 ``--wan_dir`` run's checkpoint samples Wan2.1 (its adapters and weights; ``--prompt`` required;
 the generic rewards).
 A prompt may switch mid-video: ``"a red circle moving left slowly -> moving up"`` takes the
@@ -20,7 +20,7 @@ import torch
 from . import data
 from .checkpoint import CheckpointError, load_model, trainer_config
 from .report import save_videos
-from .rewards import BUILTIN, GENERIC, CompositeReward
+from .rewards import BUILTIN, GENERIC, CompositeReward, load_reward
 from .rollout import generate
 
 
@@ -32,6 +32,15 @@ def chunk_prompts(prompt: str, chunks: int) -> list[str]:
     return data.switched_prompts(base, chunks, chunks // 2, switch.split()[-1] if switch else "")
 
 
+def _name_spec(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ValueError(f"{item!r}: expected name=module:fn")
+    name, spec = (x.strip() for x in item.split("=", 1))
+    if name in BUILTIN:
+        raise ValueError(f"{name!r} is a built-in reward's name: choose another")
+    return name, spec
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m kvpo.sample", description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, required=True, help="model or training checkpoint")
@@ -40,7 +49,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--wan_dir", default=None, help="a Wan run's directory, if it moved")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("samples"), help="writes OUT.gif / OUT.mp4")
+    ap.add_argument(
+        "--reward_fns",
+        default="",
+        metavar="NAME=SPEC,...",
+        help="also print your rewards: name=module:fn or name=file.py:fn (kvpo.rewards.load_reward)",
+    )
     args = ap.parse_args(argv)
+    try:
+        extra = {
+            name: load_reward(spec)
+            for name, spec in (_name_spec(kv) for kv in args.reward_fns.split(",") if kv.strip())
+        }
+    except ValueError as e:
+        raise SystemExit(f"error: --reward_fns: {e}") from None
     try:
         wan = bool(trainer_config(args.checkpoint).get("wan_dir"))
         if wan:  # a Wan2.1 run: its directory, shape and adapters, then the weights
@@ -66,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"error: {e}") from None
     with torch.no_grad():
         videos = generate(model, per_chunk, torch.Generator().manual_seed(args.seed))
-    reward = CompositeReward(dict.fromkeys(GENERIC if wan else BUILTIN, 1.0))
+    reward = CompositeReward(dict.fromkeys([*(GENERIC if wan else BUILTIN), *extra], 1.0), extra)
     comps = reward.components((videos + 1) / 2, per_chunk)
     rows = [
         {"prompt": p, **{k: round(float(v[i]), 4) for k, v in comps.items()}}

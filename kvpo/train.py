@@ -30,30 +30,40 @@ from .likelihood import branch_log_probs, kl_term
 from .loggers import make_loggers
 from .replay import replay_velocities, step_weights, trajectory_energy
 from .report import MetricsLog, plot_rewards, save_videos
-from .rewards import GENERIC, ClipReward, CompositeReward, RewardFn
+from .rewards import (
+    GENERIC,
+    ClipReward,
+    CompositeReward,
+    RewardFn,
+    RewardSpecError,
+    load_reward,
+)
 from .rollout import Rollout, RolloutSpec, exploring_chunks, rollout
 from .scoring import branch_rewards, fused_reward
 
 
 def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> CompositeReward:
     """``cfg.reward_weights`` over the built-in rewards, plus CLIP (run on ``device``) with
-    ``clip_reward_path``. A ``wan_dir`` run scores real videos: CLIP and the generic rewards
-    that ``reward_weights`` names (``dynamic``, ``smoothness``); the others read the procedural
-    shapes and are left out."""
-    if cfg.wan_dir:
-        if not cfg.clip_reward_path:
-            raise ValueError(
-                "config wan_dir needs a reward for real videos: set clip_reward_path to a local "
-                "CLIP directory (or call train(cfg, reward=...))"
-            )
-        clip = ClipReward(cfg.clip_reward_path, device=device)
-        weights = {k: w for k, w in cfg.reward_weights.items() if k in GENERIC}
-        return CompositeReward({"clip": cfg.clip_reward_weight, **weights}, {"clip": clip})
+    ``clip_reward_path`` and the user rewards of ``reward_fns`` (each weighted by
+    ``reward_weights[name]``, 1 if not named there). A ``wan_dir`` run scores real videos: CLIP,
+    the user rewards and the generic rewards that ``reward_weights`` names (``dynamic``,
+    ``smoothness``); the others read the procedural shapes and are left out."""
+    if cfg.wan_dir and not (cfg.clip_reward_path or cfg.reward_fns):
+        raise ValueError(
+            "config wan_dir needs a reward for real videos: set clip_reward_path to a local "
+            "CLIP directory, reward_fns to your own (name=module:fn), or call "
+            "train(cfg, reward=...)"
+        )
     weights = dict(cfg.reward_weights)
-    extra = {}
+    if cfg.wan_dir:
+        weights = {k: w for k, w in weights.items() if k in GENERIC or k in cfg.reward_fns}
+    extra: dict[str, RewardFn] = {}
     if cfg.clip_reward_path:
         extra["clip"] = ClipReward(cfg.clip_reward_path, device=device)
         weights.setdefault("clip", cfg.clip_reward_weight)
+    for name, spec in cfg.reward_fns.items():
+        extra[name] = load_reward(spec)
+        weights.setdefault(name, 1.0)
     return CompositeReward(weights, extra)
 
 
@@ -571,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     try:
         train(cfg)
-    except CheckpointError as e:
+    except (CheckpointError, RewardSpecError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

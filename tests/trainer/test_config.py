@@ -40,6 +40,8 @@ def test_yaml_then_cli_overrides(tmp_path):
     assert cfg.local_window == 4 and cfg.routing == "sample" and cfg.window_shift == 1
     assert parse_args(["--local_window", "none"]).local_window is None
     assert parse_args(["--recache", "true"]).recache is True and parse_args([]).recache is None
+    cfg = parse_args(["--reward_fns", "hps=my_rewards:HPS,aes=/code/aes.py:score"])
+    assert cfg.reward_fns == {"hps": "my_rewards:HPS", "aes": "/code/aes.py:score"}
 
 
 @pytest.mark.parametrize(
@@ -68,6 +70,10 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"lora_rank": -2}, "lora_rank"),
         ({"lora_rank": 2.5}, "lora_rank"),
         ({"reward_scopes": {"local": 0.0}}, "reward_scopes"),
+        ({"reward_fns": {"alignment": "my_rewards:fn"}}, "reward_fns.*built-in"),
+        ({"reward_fns": {"clip": "my_rewards:fn"}}, "reward_fns.*built-in"),
+        ({"reward_fns": {"hps": "my_rewards"}}, "reward_fns.*expected 'package.module:name'"),
+        ({"reward_fns": "my_rewards:fn"}, "reward_fns"),
     ],
 )
 def test_bad_values_name_the_field(over, match):

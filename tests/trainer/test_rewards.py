@@ -1,5 +1,7 @@
 """Built-in rewards on rendered ground truth and on corrupted videos; the reward interface."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from kvpo.rewards import (
     alignment_reward,
     alignment_scores,
     dynamic_reward,
+    load_reward,
     motion_reward,
     path_reward,
     smoothness_reward,
@@ -106,6 +109,78 @@ def test_composite_weights_and_user_reward(truth):
         CompositeReward({"bad": 1.0}, {"bad": lambda v, p: torch.zeros(3)})(videos, prompts)
     only = comp.components(videos, prompts, names=["brightness"])
     assert set(only) == {"brightness"} and torch.equal(only["brightness"], parts["brightness"])
+
+
+USER_REWARDS = """
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+SCALE = 3.0  # not callable
+
+
+def brightness(videos, prompts):
+    return videos.mean(dim=(1, 2, 3, 4))
+
+
+@dataclasses.dataclass  # string annotations: dataclass looks its module up in sys.modules
+class Contrast:
+    power: float = 2.0
+
+    def __call__(self, videos, prompts):
+        return videos.std(dim=(1, 2, 3, 4)) ** self.power
+
+
+class Scorers:
+    red = staticmethod(lambda videos, prompts: videos[:, :, 0].mean(dim=(1, 2, 3)))
+"""
+
+
+def test_load_reward_from_a_module_or_a_file(truth, tmp_path, monkeypatch):
+    videos, prompts = truth
+    (tmp_path / "kvpo_test_user_rewards.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    as_f64 = videos.double()
+    mean = as_f64.flatten(1).mean(1)
+    std = as_f64.flatten(1).std(1)
+    red = as_f64[:, :, 0].flatten(1).mean(1)
+    for where in ("kvpo_test_user_rewards", str(tmp_path / "kvpo_test_user_rewards.py")):
+        for name, want in (("brightness", mean), ("Contrast", std**2), ("Scorers.red", red)):
+            fn = load_reward(f"{where}:{name}")
+            torch.testing.assert_close(fn(videos, prompts).double(), want, rtol=1e-5, atol=1e-6)
+    comp = CompositeReward(
+        {"alignment": 1.0, "bright": 0.5},
+        {"bright": load_reward(str(tmp_path / "kvpo_test_user_rewards.py:brightness"))},
+    )
+    torch.testing.assert_close(
+        comp(videos, prompts).double(), alignment_reward(videos, prompts).double() + 0.5 * mean
+    )
+
+
+def test_load_reward_errors_name_the_spec(tmp_path, monkeypatch):
+    (tmp_path / "kvpo_test_user_rewards.py").write_text(USER_REWARDS)
+    (tmp_path / "kvpo_test_broken.py").write_text("raise RuntimeError('needs a GPU')\n")
+    (tmp_path / "kvpo_test_ctor.py").write_text(
+        "class Model:\n    def __init__(self):\n        raise OSError('no weights here')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec, match in (
+        ("kvpo_test_user_rewards", "expected 'package.module:name'"),
+        ("a:b:c", "expected"),
+        (":brightness", "expected"),
+        ("kvpo_test_user_rewards:", "expected"),
+        ("kvpo_test_no_such_module:fn", "cannot import 'kvpo_test_no_such_module'"),
+        (str(tmp_path / "none.py") + ":fn", "no file"),
+        ("kvpo_test_broken:fn", "cannot import.*RuntimeError: needs a GPU"),
+        ("kvpo_test_user_rewards:darkness", "has no attribute 'darkness'"),
+        ("kvpo_test_user_rewards:Scorers.blue", "has no attribute 'Scorers.blue'"),
+        ("kvpo_test_user_rewards:SCALE", "float is not callable"),
+        ("kvpo_test_ctor:Model", r"constructing Model\(\) failed: OSError: no weights here"),
+    ):
+        with pytest.raises(ValueError, match=f"reward {re.escape(repr(spec))}: .*{match}"):
+            load_reward(spec)
 
 
 @pytest.mark.parametrize(

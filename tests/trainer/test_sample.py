@@ -39,6 +39,25 @@ def test_sample_scores_and_writes(tmp_path, capsys):
     assert '"prompt"' in capsys.readouterr().out
 
 
+def test_sample_prints_your_rewards_too(tmp_path):
+    model = tiny_model()
+    ckpt = tmp_path / "m.safetensors"
+    save_model(model, ckpt)
+    mine = tmp_path / "mine.py"
+    mine.write_text("def bright(videos, prompts):\n    return videos.mean(dim=(1, 2, 3, 4))\n")
+    base = ["--checkpoint", str(ckpt), "--prompt", LEFT, "--out", str(tmp_path / "g")]
+    (row,) = main([*base, "--reward_fns", f"bright={mine}:bright"])
+    video = generate(model, [chunk_prompts(LEFT, 5)], torch.Generator().manual_seed(0))
+    assert set(BUILTIN) < set(row) and abs(row["bright"] - float((video + 1).mean() / 2)) < 1e-4
+    for bad, match in (
+        ("bright", "expected name=module:fn"),
+        (f"alignment={mine}:bright", "built-in"),
+        (f"bright={mine}:dim", "has no attribute 'dim'"),
+    ):
+        with pytest.raises(SystemExit, match=f"error: --reward_fns: .*{match}"):
+            main([*base, "--reward_fns", bad])
+
+
 def test_sample_errors(tmp_path):
     ckpt = tmp_path / "m.safetensors"
     save_model(tiny_model(), ckpt)

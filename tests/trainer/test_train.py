@@ -307,6 +307,31 @@ def test_train_a_users_generator_reward_and_prompts(base, tmp_path):
         run("c", multi_prompt=0.5)
 
 
+def test_cli_trains_on_rewards_named_by_import_path(base, tmp_path, monkeypatch):
+    """--reward_fns name=module:fn,name=file.py:Class, weighted by --reward_weights (1 if absent)."""
+    (tmp_path / "kvpo_test_cli_rewards.py").write_text(
+        "def brightness(videos, prompts):\n"
+        "    return videos.mean(dim=(1, 2, 3, 4))\n"
+        "class Contrast:\n"
+        "    def __call__(self, videos, prompts):\n"
+        "        return videos.std(dim=(1, 2, 3, 4))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    over = run_overrides(base, tmp_path / "run", iterations=1, samples=False)
+    args = [
+        f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in over.items()
+    ]
+    fns = f"bright=kvpo_test_cli_rewards:brightness,contrast={tmp_path}/kvpo_test_cli_rewards.py:Contrast"
+    main(args + ["--reward_fns", fns, "--reward_weights", "alignment=1,bright=0.5"])
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"reward_alignment", "reward_bright", "reward_contrast"} <= set(row)
+    assert "reward_path" not in row and 0 < row["reward_bright"] < 1 and row["reward_contrast"] > 0
+    total = row["reward_alignment"] + 0.5 * row["reward_bright"] + row["reward_contrast"]
+    assert row["reward"] == pytest.approx(total, rel=1e-5)
+    with pytest.raises(SystemExit, match="error: reward .* has no attribute 'darkness'"):
+        main(args + ["--reward_fns", "dark=kvpo_test_cli_rewards:darkness"])
+
+
 def test_multi_prompt_evaluation(base, tmp_path):
     """eval_multi_prompt: the held-out prompts also turn a quarter mid-video, scored apart."""
     res = train(_cfg(base, tmp_path, eval_multi_prompt=True, multi_prompt=0.5, samples=False))

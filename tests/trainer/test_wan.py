@@ -413,6 +413,19 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
     assert saved["model.transformer.blocks.0.attn1.to_q.base.weight"].dtype == torch.bfloat16
     assert saved["model.transformer.blocks.0.attn1.to_q.lora_a"].dtype == torch.float32
     assert saved["model.transformer.scale_shift_table"].dtype == torch.float32  # kept by diffusers
+    # your own reward instead of CLIP, by import path, beside the generic ones
+    (tmp_path / "my_reward.py").write_text(
+        "def bright(videos, prompts):\n    return videos.mean(dim=(1, 2, 3, 4))\n"
+    )
+    own = tmp_path / "own"
+    fns = ["--reward_fns", f"bright={tmp_path / 'my_reward.py'}:bright", "--clip_reward_path", ""]
+    main(args + fns + ["--iterations", "1", "--out_dir", str(own)])
+    row = json.loads((own / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"reward_bright", "reward_dynamic", "reward_smoothness"} <= set(row)
+    assert "reward_clip" not in row and "reward_alignment" not in row
+    assert row["reward"] == pytest.approx(
+        row["reward_bright"] + 0.5 * (row["reward_dynamic"] + row["reward_smoothness"]), rel=1e-5
+    )
     for bad, match in (
         (["--clip_reward_path", ""], "clip_reward_path"),
         (["--prompts_file", ""], "prompts_file"),
