@@ -23,6 +23,15 @@ def init(device: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
+def local_device(device: torch.device) -> torch.device:
+    """The device this process runs on: under ``torchrun`` with several ranks, a CUDA rank takes
+    ``cuda:LOCAL_RANK`` (one GPU per rank, as NCCL requires); anything else is ``device``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type != "cuda" or device.index is not None or world <= 1:
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def active() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
@@ -31,9 +40,12 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` ([n, ...], same shape on every rank) over ranks along dim 0."""
     if not active():
         return x
+    home = x.device
+    if dist.get_backend() == "nccl":  # NCCL gathers CUDA tensors only; rewards live on the CPU
+        x = x.cuda()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    return torch.cat(parts).to(home)
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:

@@ -252,12 +252,18 @@ class CompositeReward:
         prompts: Sequence[Prompt],
         names: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """name -> [B] float32 rewards of every component (or of ``names`` only)."""
+        """name -> [B] float32 rewards of every component (or of ``names`` only).
+
+        Rewards are scores, never differentiated: each runs under ``torch.no_grad()`` (a reward
+        model whose weights require grad keeps no activations), and its output is detached and
+        moved to the CPU."""
         _check_videos(videos, prompts)
         out = {}
         for name in self.fns if names is None else names:
             fn = self.fns[name]
-            r = torch.as_tensor(fn(videos, prompts)).float().reshape(-1)
+            with torch.no_grad():
+                r = torch.as_tensor(fn(videos, prompts))
+            r = r.detach().float().cpu().reshape(-1)
             if r.shape[0] != videos.shape[0]:
                 raise ValueError(
                     f"reward {name!r} returned {tuple(r.shape)}, expected [{videos.shape[0]}]"

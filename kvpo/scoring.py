@@ -23,6 +23,7 @@ def video_frames(model: StreamingVideoGenerator, first: int, last: int) -> slice
     return slice(first, last)
 
 
+@torch.no_grad()  # decoding and scoring keep no graph
 def branch_rewards(
     model: StreamingVideoGenerator,
     ro: Rollout,

@@ -328,6 +328,14 @@ def train(
     )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("config device='cuda' but no CUDA device is available")
+    device = distributed.local_device(device)
+    if device.index is not None and device.type == "cuda":
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"this rank's LOCAL_RANK={device.index} has no GPU: {torch.cuda.device_count()} "
+                "visible (torchrun --nproc_per_node at most the GPU count)"
+            )
+        torch.cuda.set_device(device)  # before NCCL starts: one GPU per rank
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.wan_dir:

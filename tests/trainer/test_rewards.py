@@ -183,6 +183,23 @@ def test_load_reward_errors_name_the_spec(tmp_path, monkeypatch):
             load_reward(spec)
 
 
+def test_rewards_run_without_autograd(truth):
+    """A reward model with trainable weights keeps no graph: rewards are scores, not losses."""
+    videos, prompts = truth
+    head = torch.nn.Linear(3, 1)
+    seen = []
+
+    def learned(v, ps):
+        seen.append(torch.is_grad_enabled())
+        return head(v.mean(dim=(1, 3, 4))).squeeze(-1)
+
+    r = CompositeReward({"learned": 1.0}, {"learned": learned}).components(videos, prompts)
+    assert seen == [False] and not r["learned"].requires_grad
+    with torch.no_grad():
+        want = head(videos.mean(dim=(1, 3, 4))).squeeze(-1)
+    torch.testing.assert_close(r["learned"], want)
+
+
 @pytest.mark.parametrize(
     "name, frames",
     [("motion", 2), ("alignment", 1), ("path", 1), ("dynamic", 1), ("smoothness", 2)],
