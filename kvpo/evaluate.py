@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import data
+from . import data, distributed
 from .interface import StreamingVideoGenerator
 from .rewards import CompositeReward
 from .rollout import generate
@@ -25,16 +25,35 @@ def evaluate(
     seed: int,
     device: torch.device,
     seeds: int = 1,
-) -> tuple[dict[str, float], torch.Tensor]:
+) -> tuple[dict[str, float], torch.Tensor | None]:
     """Deployment-time samples of fixed prompts (a prompt, or a list of one per chunk), each with
     ``seeds`` fixed noises.
 
-    Returns mean rewards over all samples and the videos of the first noise, [P, F, C, H, W]."""
+    Under ``torchrun`` every rank makes and scores its share of the samples (each from the noise
+    it has on one rank, so any number of ranks gives the same samples); every rank gets the means.
+
+    Returns mean rewards over all samples and the videos of the first noise, [P, F, C, H, W]
+    (on rank 0; None on the others)."""
     nC = model.num_frames // model.chunk_frames
     # row s * P + p: prompt p under noise s
     asked = [data.segments(p if isinstance(p, list) else [p] * nC) for p in prompts] * seeds
-    videos = generate(model, asked, torch.Generator().manual_seed(seed), device)
-    comps = reward.components(((videos + 1) / 2).cpu(), asked)
-    out = {f"eval_{k}": float(v.mean()) for k, v in comps.items()}
-    out["eval_reward"] = float(reward.total(comps).mean())
-    return out, videos[: len(prompts)].cpu()
+    rank, world = distributed.rank_and_world()
+    mine = list(range(rank, len(asked), world))
+    comps, firsts = {}, {}
+    if mine:
+        videos = generate(model, asked, torch.Generator().manual_seed(seed), device, mine)
+        comps = reward.components(((videos + 1) / 2).cpu(), [asked[i] for i in mine])
+        firsts = {i: v.cpu() for i, v in zip(mine, videos, strict=True) if i < len(prompts)}
+    # every rank's rewards back in row order, then the means of one process
+    per_row = {}
+    for r, got in enumerate(distributed.all_gather_object(comps)):
+        rows = range(r, len(asked), world)
+        per_row.update({i: {k: v[j] for k, v in got.items()} for j, i in enumerate(rows)})
+    full = {k: torch.stack([per_row[i][k] for i in range(len(asked))]) for k in reward.weights}
+    out = {f"eval_{k}": float(v.mean()) for k, v in full.items()}
+    out["eval_reward"] = float(reward.total(full).mean())
+    gathered = distributed.gather_object(firsts)
+    if gathered is None:
+        return out, None
+    firsts = {i: v for part in gathered for i, v in part.items()}
+    return out, torch.stack([firsts[i] for i in range(len(prompts))])

@@ -20,6 +20,7 @@ recorded is the step taken, ``(x_{k+1} - x_k) / dt``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -230,12 +231,15 @@ def rollout(
     spec: RolloutSpec,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
+    noise: torch.Tensor | None = None,
 ) -> Rollout:
     """Generate B groups of G branches (plus an anchor each if ``spec.anchor``).
 
     Args:
         prompts: B lists of one prompt per chunk.
         generator: CPU generator for the noise and the routing (reproducible rollouts).
+        noise: each group's initial noise ``[B, chunks, chunk_frames * frame_tokens, token_dim]``
+            (default: drawn from ``generator`` first).
     """
     spec.validate(model)
     device = torch.device(device)
@@ -252,7 +256,11 @@ def rollout(
     ts = model.timesteps().to(device)
 
     cond_bj = chunk_conditioning(model, prompts)  # [B, nC, C]
-    noise = torch.randn((B, nC, c * T, d), generator=generator).to(device)
+    if noise is None:
+        noise = torch.randn((B, nC, c * T, d), generator=generator)
+    elif tuple(noise.shape) != (B, nC, c * T, d):
+        raise ValueError(f"noise {tuple(noise.shape)} must be [{B}, {nC}, {c * T}, {d}]")
+    noise = noise.to(device)
 
     switches = [prompt_switches(p) if recaches(model) else [] for p in prompts]
     recache_pages = sum(
@@ -396,9 +404,18 @@ def generate(
     prompts: list[list[str]],
     generator: torch.Generator,
     device: torch.device | str = "cpu",
+    rows: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Deployment-time sampling (no routing): [B, F, C, H, W] videos in [-1, 1]."""
+    """Deployment-time sampling (no routing): [B, F, C, H, W] videos in [-1, 1].
+
+    ``rows`` makes only those of the B videos ([len(rows), F, C, H, W]), each from the noise it
+    has in the whole batch: ranks that split a batch make the videos the whole batch would."""
     nC = model.num_frames // model.chunk_frames
     spec = RolloutSpec(group_size=1, window=(1, nC), p_keep=1.0, anchor=False, score_steps=(0,))
-    ro = rollout(model, prompts, spec, generator, device)
+    shape = (len(prompts), nC, model.chunk_frames * model.frame_tokens, model.token_dim)
+    noise = torch.randn(shape, generator=generator)
+    if rows is not None:
+        rows = list(rows)
+        prompts, noise = [prompts[i] for i in rows], noise[rows]
+    ro = rollout(model, prompts, spec, generator, device, noise=noise)
     return model.to_video(ro.tokens[:, 0])

@@ -385,8 +385,9 @@ def train(
     if cfg.eval_multi_prompt:  # the held-out prompts turning a quarter mid-video
         eval_sets["eval_mp_"] = turned_prompts(eval_prompts, nC)
 
-    def evaluation(m: nn.Module) -> tuple[dict[str, float], torch.Tensor]:
-        """Held-out rewards of every evaluation set; the videos of the single-prompt one."""
+    def evaluation(m: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
+        """Held-out rewards of every evaluation set (each rank makes its share of the samples);
+        the videos of the single-prompt one (on rank 0)."""
         scores, videos = {}, None
         for tag, ps in eval_sets.items():
             with autocast():
@@ -419,8 +420,10 @@ def train(
             ),
             flush=True,
         )
-        if start == 0:
-            ev, vids = evaluation(model)
+    if start == 0:  # every rank evaluates its share
+        ev, vids = evaluation(model)
+        history.append({"iter": -1, **ev})
+        if lead:
             print(
                 f"before training: eval reward {ev['eval_reward']:.4f}"
                 + (f" (multi-prompt {ev['eval_mp_reward']:.4f})" if "eval_mp_reward" in ev else ""),
@@ -428,7 +431,6 @@ def train(
             )
             if cfg.samples:
                 save_videos(vids, out / "samples_before")
-            history.append({"iter": -1, **ev})
             for lg in loggers:
                 lg.write(history[-1])
 
@@ -519,13 +521,13 @@ def train(
             "time_replay": t_replay,  # policy replay forwards with gradients, TVE
             "time_update": t3 - t2 - t_replay,  # PPO loss, backward, all-reduce, AdamW
         }
-        if lead and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
+        if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
             ev, vids = evaluation(model)
             row.update(ev)
             if ema is not None:
                 ev, _ = evaluation(ema.model)
                 row.update({k.replace("eval_", "eval_ema_", 1): v for k, v in ev.items()})
-            if it + 1 == cfg.iterations and cfg.samples:
+            if lead and it + 1 == cfg.iterations and cfg.samples:
                 save_videos(vids, out / "samples_after")
         history.append(row)
         if lead:

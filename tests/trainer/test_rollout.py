@@ -1,5 +1,6 @@
 """Rollouts: page sharing before the window, routing inside it, reproducibility, memory."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -166,6 +167,34 @@ def test_kv_recache_changes_only_what_follows_the_switch():
     torch.testing.assert_close(
         same, generate(model, [[left] * 5], torch.Generator().manual_seed(0))
     )
+
+
+def test_generate_rows_makes_those_videos_of_the_batch(model):
+    """A rank making rows [2, 0] of a batch of 3 gets the videos the whole batch has there."""
+    prompts = [[p] * 5 for p in (*PROMPTS, PROMPTS[0].replace("left", "up"))]
+    full = generate(model, prompts, torch.Generator().manual_seed(4))
+    part = generate(model, prompts, torch.Generator().manual_seed(4), rows=[2, 0])
+    torch.testing.assert_close(part, full[[2, 0]], rtol=0, atol=1e-5)
+    assert (full[0] - full[2]).abs().max() > 0.1  # different prompts and noises: a real check
+
+
+def test_rollout_takes_the_noise_given(model):
+    spec = RolloutSpec(group_size=2, window=(2, 4), p_keep=0.5)
+    prompts = _prompts(model)
+    c, nC = model.chunk_frames, model.num_frames // model.chunk_frames
+    shape = (len(prompts), nC, c * model.frame_tokens, model.token_dim)
+    drawn = rollout(model, prompts, spec, torch.Generator().manual_seed(1))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    given = rollout(model, prompts, spec, torch.Generator().manual_seed(9), noise=noise)
+    # the same chunks before the window (no routing yet, the same noise), whatever the generator
+    pre = 2 * c
+    torch.testing.assert_close(given.tokens[:, :, :pre], drawn.tokens[:, :, :pre], rtol=0, atol=0)
+    assert not torch.equal(given.tokens, rollout(model, prompts, spec, torch.Generator()).tokens)
+    bad = (*shape[:-1], shape[-1] - 1)
+    with pytest.raises(
+        ValueError, match=re.escape(f"noise {bad} must be [{', '.join(map(str, shape))}]")
+    ):
+        rollout(model, prompts, spec, torch.Generator(), noise=noise[..., :-1])
 
 
 def test_exploring_chunks_are_those_whose_context_can_differ(model):

@@ -16,7 +16,7 @@ from kvpo.checkpoint import CheckpointError, load_model
 from kvpo.config import build_config, parse_args
 from kvpo.evaluate import evaluate, turned_prompts
 from kvpo.rewards import CompositeReward
-from kvpo.train import main, train
+from kvpo.train import main, make_reward, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -160,13 +160,14 @@ res = train(build_config(over))
 rank = int(__import__("os").environ["RANK"])
 total = sum(float(p.double().sum()) for p in res.model.parameters())
 open(f"{over['out_dir']}/rank{rank}.txt", "w").write(repr(total))
+json.dump(res.history, open(f"{over['out_dir']}/history{rank}.json", "w"))
 """
 
 
 def test_two_ranks_over_gloo(base, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    over = run_overrides(base, tmp_path, eval_every=5, save_every=5, samples=False)
+    over = run_overrides(base, tmp_path, eval_every=5, save_every=5, samples=True, eval_seeds=3)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
         [
@@ -191,6 +192,19 @@ def test_two_ranks_over_gloo(base, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["valid_groups"] <= 2 for r in rows)
     assert all(r["groups"] == 2 for r in rows)  # each rank's group, gathered
+    # the evaluation is split over the ranks (3 and 3 of 2 prompts x 3 noises): every rank has
+    # the means, and before training they are those of one process making all six samples
+    hist = [json.loads((tmp_path / f"history{r}.json").read_text()) for r in (0, 1)]
+    evals = [[{k: v for k, v in h.items() if k.startswith("eval_")} for h in x] for x in hist]
+    assert evals[0] == evals[1] and [h["iter"] for h in hist[0]] == [-1, 0, 1]
+    assert "eval_reward" in evals[0][0] and "eval_reward" in evals[0][-1]
+    cfg = build_config(over)
+    eval_prompts = data.split_prompts(num_eval=cfg.eval_prompts)[1][: cfg.eval_prompts]
+    one, _ = evaluate(
+        load_model(base), eval_prompts, make_reward(cfg), cfg.seed, torch.device("cpu"), 3
+    )
+    assert evals[0][0] == pytest.approx(one, rel=1e-5, abs=1e-6)
+    assert (tmp_path / "samples_before.gif").stat().st_size > 0  # rank 0 gathered the videos
 
 
 def test_public_recipe_config_trains(base, tmp_path):
