@@ -353,8 +353,9 @@ def test_load_wan_reads_a_diffusers_directory(wan_dir):
     want = want * (ids > 0)[..., None]
     assert emb.shape == (2, 8, TEXT_DIM) and emb[0, 3:].abs().sum() == 0
     torch.testing.assert_close(emb, want, rtol=1e-5, atol=1e-6)
-    # video: the VAE's decode of the de-normalized latents; encode inverts the normalization
-    z = latents(1, 6).float()
+    # video: the VAE's decode of the de-normalized latents (one video at a time: the same as
+    # the batch's); encode inverts the normalization
+    z = latents(3, 6).float()
     video = gen.to_video(patchify(z, 2, 2))
     torch.testing.assert_close(video.double(), tiny_vae_decode()(z.double()), rtol=1e-4, atol=1e-4)
     back = gen.to_tokens(video)

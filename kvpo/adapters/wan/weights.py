@@ -124,8 +124,13 @@ def load_wan(
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        x = latents.transpose(1, 2).to(vae.dtype) * std + mean
-        return vae.decode(x).sample.transpose(1, 2).clamp(-1, 1).to(latents.dtype)
+        # One video at a time: the VAE's activations are GBs per 480p video, a group's G videos
+        # at once would multiply them, and one video already fills the GPU.
+        videos = []
+        for z in latents.split(1):
+            x = z.transpose(1, 2).to(vae.dtype) * std + mean
+            videos.append(vae.decode(x).sample.transpose(1, 2).clamp(-1, 1).to(latents.dtype))
+        return torch.cat(videos)
 
     @torch.no_grad()
     def encode(video: torch.Tensor) -> torch.Tensor:
