@@ -6,6 +6,9 @@ Shape, dtype and device checks are static (they run in the public wrappers and t
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -93,6 +96,17 @@ def check_routed_attention(
             raise ValueError(f"page_lens must be [P] with P={P}, got {_desc(page_lens)}")
         if page_lens.device != q.device:
             raise ValueError(f"page_lens is on {page_lens.device} but q is on {q.device}")
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    """The softmax scale as a float: ``head_dim ** -0.5`` for None, else a finite real number."""
+    if scale is None:
+        return float(head_dim**-0.5)
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
 
 
 def check_page_values(

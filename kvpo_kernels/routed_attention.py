@@ -212,7 +212,7 @@ def routed_attention(
     through both outputs. Page indices are validated (one reduction; a host sync on CUDA).
     """
     _checks.check_routed_attention(q, k_pages, v_pages, page_table, page_lens)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = _checks.check_scale(scale, q.shape[-1])
     name = _backend.resolve(OP, q.device, backend, native_op="routed_attn_fwd", dtype=q.dtype)
     return _routed_attention_op(q, k_pages, v_pages, page_table, page_lens, scale, name)
 

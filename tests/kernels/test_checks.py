@@ -65,6 +65,35 @@ def test_routed_attention_errors(backend, mutate, exc, match):
         )
 
 
+@pytest.mark.parametrize(
+    "scale, exc, match",
+    [
+        (float("nan"), ValueError, "scale must be finite, got nan"),
+        (float("inf"), ValueError, "scale must be finite, got inf"),
+        ("0.1", TypeError, "scale must be a float or None, got str"),
+        (torch.tensor(0.1), TypeError, "scale must be a float or None, got Tensor"),
+        (True, TypeError, "scale must be a float or None, got bool"),
+    ],
+)
+def test_bad_scale(scale, exc, match):
+    q, k, v, table = _ok()
+    with pytest.raises(exc, match=match):
+        kvpo_kernels.routed_attention(q, k, v, table, scale=scale)
+
+
+def test_integer_and_numpy_scales_are_scales():
+    np = pytest.importorskip("numpy")
+    q, k, v, table = _ok()
+    want, _ = kvpo_kernels.routed_attention(q, k, v, table, scale=0.5)
+    for scale in (np.float32(0.5), np.float64(0.5)):
+        torch.testing.assert_close(
+            kvpo_kernels.routed_attention(q, k, v, table, scale=scale)[0], want
+        )
+    one, _ = kvpo_kernels.routed_attention(q, k, v, table, scale=1)
+    torch.testing.assert_close(one, kvpo_kernels.routed_attention(q, k, v, table, scale=1.0)[0])
+    assert not torch.allclose(one, want)
+
+
 def test_unknown_backend_and_wrong_device_backend():
     q, k, v, table = _ok()
     with pytest.raises(ValueError, match="backend must be one of"):
