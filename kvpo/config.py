@@ -115,6 +115,7 @@ class TrainConfig:
     eval_every: int = 10  # held-out evaluation every this many iterations
     save_every: int = 10  # checkpoint every this many iterations
     samples: bool = True  # before/after GIF and MP4 of the evaluation prompts
+    samples_at_eval: bool = False  # also every evaluation's: samples/step_N.gif, to the loggers
     progress: bool = True  # progress bar on stderr
     log_to: str = ""  # also log to tensorboard, wandb, or both: "tensorboard,wandb"
     wandb_project: str = "kvpo"  # the W&B project of log_to=wandb (WANDB_MODE=offline: on disk)

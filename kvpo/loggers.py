@@ -5,7 +5,9 @@
 (``WANDB_MODE=offline`` keeps it on disk; ``wandb sync`` uploads it later); ``tensorboard,wandb``
 does both. Metrics are grouped by their prefix: ``eval_reward`` is ``eval/reward``, ``time_update``
 ``time/update``, the rest ``train/...``. Iteration ``it``'s row is logged at step ``it + 1`` (the
-updates made when it ends), so the evaluation before training is step 0.
+updates made when it ends), so the evaluation before training is step 0. The sample GIFs
+(before and after training; with ``--samples_at_eval`` every evaluation's, at its step) go to W&B
+as videos and to TensorBoard as images of a few frames side by side.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 LOGGERS = ("tensorboard", "wandb")
 
@@ -43,6 +47,16 @@ def scalars(row: dict) -> tuple[int, dict[str, float]]:
     return row["iter"] + 1, values
 
 
+def filmstrip(frames: np.ndarray, count: int = 4, max_width: int = 2048) -> np.ndarray:
+    """``count`` evenly spaced frames of ``frames`` [T, H, W, C] side by side, [H', W', C],
+    subsampled by a whole stride to at most ``max_width`` pixels wide."""
+    T = frames.shape[0]
+    picked = frames[np.linspace(0, T - 1, min(count, T)).round().astype(int)]
+    strip = np.concatenate(list(picked), axis=1)
+    stride = -(-strip.shape[1] // max_width)  # ceil
+    return np.ascontiguousarray(strip[::stride, ::stride])
+
+
 class Logger(Protocol):
     def write(self, row: dict) -> None: ...
 
@@ -66,22 +80,31 @@ class TensorBoardLogger:
             raise _missing("tensorboard", "tensorboard") from e
         self.writer = SummaryWriter(str(out_dir / "tensorboard"))
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+        self.step = 0
 
     def write(self, row: dict) -> None:
-        step, values = scalars(row)
+        self.step, values = scalars(row)
         for name, value in values.items():
-            self.writer.add_scalar(name, value, step)
+            self.writer.add_scalar(name, value, self.step)
         self.writer.flush()
 
     def videos(self, paths: dict[str, Path]) -> None:
-        pass  # TensorBoard's add_video needs moviepy; the GIF and MP4 files are in out_dir
+        """Each GIF as an image of a few of its frames side by side (TensorBoard's own videos
+        need moviepy); the GIF and MP4 files are in out_dir."""
+        import imageio.v3 as iio
+
+        for name, path in paths.items():
+            if path.exists():
+                strip = filmstrip(iio.imread(path)[..., :3])
+                self.writer.add_image(f"samples/{name}", strip, self.step, dataformats="HWC")
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
 
 
 class WandbLogger:
-    """A W&B run in ``out_dir`` with the config; scalars each row, the sample GIFs at the end."""
+    """A W&B run in ``out_dir`` with the config; scalars each row, sample GIFs as videos."""
 
     def __init__(self, out_dir: Path, config: dict, project: str) -> None:
         try:

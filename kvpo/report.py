@@ -67,13 +67,16 @@ def video_grid(videos: torch.Tensor, scale: int = 4) -> torch.Tensor:
     return frames.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
 
 
-def save_videos(videos: torch.Tensor, stem: Path, fps: int = 6) -> list[Path]:
-    """Write ``stem.gif`` and ``stem.mp4`` of a grid of videos; returns the paths written."""
+def save_videos(videos: torch.Tensor, stem: Path, fps: int = 6, mp4: bool = True) -> list[Path]:
+    """Write ``stem.gif`` (and ``stem.mp4``) of a grid of videos; returns the paths written."""
     import imageio.v3 as iio
 
     frames = video_grid(videos).numpy()
     out = [stem.with_suffix(".gif")]
+    stem.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(out[0], frames, duration=1000 / fps, loop=0)
+    if not mp4:
+        return out
     try:
         iio.imwrite(
             stem.with_suffix(".mp4"),

@@ -433,6 +433,8 @@ def train(
                 save_videos(vids, out / "samples_before")
             for lg in loggers:
                 lg.write(history[-1])
+                if cfg.samples and cfg.samples_at_eval:
+                    lg.videos({"eval": out / "samples_before.gif"})
 
     bar = tqdm(
         range(start, cfg.iterations),
@@ -521,6 +523,7 @@ def train(
             "time_replay": t_replay,  # policy replay forwards with gradients, TVE
             "time_update": t3 - t2 - t_replay,  # PPO loss, backward, all-reduce, AdamW
         }
+        eval_samples = {}  # name -> GIF of this step's evaluation samples, for the loggers
         if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
             ev, vids = evaluation(model)
             row.update(ev)
@@ -529,11 +532,16 @@ def train(
                 row.update({k.replace("eval_", "eval_ema_", 1): v for k, v in ev.items()})
             if lead and it + 1 == cfg.iterations and cfg.samples:
                 save_videos(vids, out / "samples_after")
+            if lead and cfg.samples and cfg.samples_at_eval:
+                stem = out / "samples" / f"step_{it + 1:06d}"
+                eval_samples["eval"] = save_videos(vids, stem, mp4=False)[0]
         history.append(row)
         if lead:
             log.write(row)
             for lg in loggers:
                 lg.write(row)
+                if eval_samples:
+                    lg.videos(eval_samples)
             tqdm.write(
                 f"it {it:4d} | reward {row['reward']:.4f} ± {row['reward_std']:.4f} ("
                 + ", ".join(f"{k} {row[f'reward_{k}']:.3f}" for k in comps)

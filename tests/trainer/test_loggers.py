@@ -3,11 +3,14 @@
 import sys
 import types
 
+import imageio.v3 as iio
+import numpy as np
 import pytest
+import torch
 from trainer_support import run_overrides
 
 from kvpo.config import build_config
-from kvpo.loggers import metric_name, parse_log_to, scalars
+from kvpo.loggers import filmstrip, metric_name, parse_log_to, scalars
 from kvpo.train import train
 
 
@@ -26,6 +29,15 @@ def test_names_steps_and_values():
     assert step == 5 and values == {"train/reward": 1.5, "train/groups": 3.0}
 
 
+def test_filmstrip():
+    frames = torch.randint(0, 256, (5, 6, 7, 3), dtype=torch.uint8).numpy()
+    strip = filmstrip(frames)  # frames 0, 1, 3, 4 (evenly spaced, rounded)
+    assert np.array_equal(strip, np.concatenate([frames[i] for i in (0, 1, 3, 4)], axis=1))
+    small = filmstrip(frames, count=2, max_width=5)  # 14 wide -> every third pixel
+    assert np.array_equal(small, np.concatenate([frames[0], frames[4]], axis=1)[::3, ::3])
+    assert filmstrip(frames[:1]).shape == (6, 7, 3)
+
+
 def test_unknown_logger_is_refused(base, tmp_path):
     with pytest.raises(ValueError, match=r"config log_to='tensorboard,mlflow'.*mlflow"):
         _cfg(base, tmp_path, log_to="tensorboard,mlflow")
@@ -34,8 +46,8 @@ def test_unknown_logger_is_refused(base, tmp_path):
 def test_tensorboard_gets_every_row(base, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    res = train(_cfg(base, tmp_path, log_to="tensorboard"))
-    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    res = train(_cfg(base, tmp_path, log_to="tensorboard", samples=True, samples_at_eval=True))
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/reward", "train/tve", "time/update", "eval/reward"} <= tags
@@ -48,6 +60,12 @@ def test_tensorboard_gets_every_row(base, tmp_path):
     # the evaluation before training is step 0, then one after each iteration
     assert logged("eval/reward") == pytest.approx({r["iter"] + 1: r["eval_reward"] for r in rows})
     assert "config/text_summary" in acc.Tags()["tensors"]
+    # every evaluation's samples at its step; before and after at the end
+    assert [e.step for e in acc.Images("samples/eval")] == [0, 1, 2]
+    assert [e.step for e in acc.Images("samples/after")] == [2]
+    gif = iio.imread(tmp_path / "samples" / "step_000002.gif")[..., :3]
+    png = iio.imread(acc.Images("samples/eval")[-1].encoded_image_string, extension=".png")
+    assert np.array_equal(png[..., :3], filmstrip(gif))
 
 
 def test_wandb_run_gets_config_rows_and_samples(base, tmp_path, monkeypatch):
@@ -69,7 +87,9 @@ def test_wandb_run_gets_config_rows_and_samples(base, tmp_path, monkeypatch):
             self.path, self.format = path, format
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Video=Video))
-    cfg = _cfg(base, tmp_path, log_to="wandb", wandb_project="mine", samples=True)
+    cfg = _cfg(
+        base, tmp_path, log_to="wandb", wandb_project="mine", samples=True, samples_at_eval=True
+    )
     res = train(cfg)
     assert calls["init"]["project"] == "mine" and calls["init"]["dir"] == str(tmp_path)
     assert calls["init"]["config"] == cfg.to_dict()
@@ -80,9 +100,15 @@ def test_wandb_run_gets_config_rows_and_samples(base, tmp_path, monkeypatch):
         assert values["eval/reward"] == pytest.approx(row["eval_reward"])
         if row["iter"] >= 0:
             assert values["train/reward"] == pytest.approx(row["reward"])
-    step, media = calls["log"][-1]
-    assert step == 2 and set(media) == {"samples/before", "samples/after"}
-    assert media["samples/after"].path == str(tmp_path / "samples_after.gif")
+    media = [(s, v) for s, v in calls["log"] if any(k.startswith("samples/") for k in v)]
+    assert [(s, set(v)) for s, v in media] == [
+        (0, {"samples/eval"}),
+        (1, {"samples/eval"}),
+        (2, {"samples/eval"}),
+        (2, {"samples/before", "samples/after"}),
+    ]
+    assert media[1][1]["samples/eval"].path == str(tmp_path / "samples" / "step_000001.gif")
+    assert media[-1][1]["samples/after"].path == str(tmp_path / "samples_after.gif")
     assert calls["finish"] == 1
 
 
