@@ -96,6 +96,9 @@ class TrainConfig:
     # Update.
     epochs: int = 2  # PPO passes over each rollout
     replay_branches: int = 0  # backward through this many branches per group at a time (0: all)
+    # Groups rolled out, replayed and back-propagated at a time on a rank, gradients accumulated
+    # over them: the KV cache and activations of micro_batch groups, the whole batch's objective.
+    micro_batch: int = 0  # groups per pass on each rank (0: all of the rank's groups at once)
     lr: float = 1e-5  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # gradient-norm clip
@@ -111,6 +114,7 @@ class TrainConfig:
     # Reporting.
     eval_prompts: int = 16  # held-out prompts, never trained on
     eval_seeds: int = 4  # fixed noises per held-out prompt (one sample is a noisy estimate)
+    eval_batch: int = 0  # evaluation videos made at a time on each rank (0: all at once)
     eval_multi_prompt: bool = False  # also the held-out prompts turning 90 degrees mid-video
     eval_every: int = 10  # held-out evaluation every this many iterations
     save_every: int = 10  # checkpoint every this many iterations
@@ -161,6 +165,9 @@ class TrainConfig:
                 raise bad(name, "must be a finite number >= 0")
         if not isinstance(self.window_shift, int) or self.window_shift < 0:
             raise bad("window_shift", "must be an integer >= 0")
+        for name in ("micro_batch", "eval_batch"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise bad(name, "must be an integer >= 0 (0: all at once)")
         if self.wan_dtype not in ("fp32", "bf16"):
             raise bad("wan_dtype", "must be 'fp32' or 'bf16'")
         if self.wan_dtype == "bf16" and not self.lora_rank:

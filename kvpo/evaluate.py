@@ -25,12 +25,14 @@ def evaluate(
     seed: int,
     device: torch.device,
     seeds: int = 1,
+    batch: int = 0,
 ) -> tuple[dict[str, float], torch.Tensor | None]:
     """Deployment-time samples of fixed prompts (a prompt, or a list of one per chunk), each with
-    ``seeds`` fixed noises.
+    ``seeds`` fixed noises, made ``batch`` at a time (0: all at once).
 
-    Under ``torchrun`` every rank makes and scores its share of the samples (each from the noise
-    it has on one rank, so any number of ranks gives the same samples); every rank gets the means.
+    Under ``torchrun`` every rank makes and scores its share of the samples; each sample comes
+    from the noise it has in one pass of one process, so any number of ranks and any ``batch``
+    give the same samples. Every rank gets the means.
 
     Returns mean rewards over all samples and the videos of the first noise, [P, F, C, H, W]
     (on rank 0; None on the others)."""
@@ -39,11 +41,14 @@ def evaluate(
     asked = [data.segments(p if isinstance(p, list) else [p] * nC) for p in prompts] * seeds
     rank, world = distributed.rank_and_world()
     mine = list(range(rank, len(asked), world))
-    comps, firsts = {}, {}
-    if mine:
-        videos = generate(model, asked, torch.Generator().manual_seed(seed), device, mine)
-        comps = reward.components(((videos + 1) / 2).cpu(), [asked[i] for i in mine])
-        firsts = {i: v.cpu() for i, v in zip(mine, videos, strict=True) if i < len(prompts)}
+    per_pass = batch or max(len(mine), 1)
+    got, firsts = [], {}
+    for j in range(0, len(mine), per_pass):
+        rows = mine[j : j + per_pass]
+        videos = generate(model, asked, torch.Generator().manual_seed(seed), device, rows)
+        got.append(reward.components(((videos + 1) / 2).cpu(), [asked[i] for i in rows]))
+        firsts.update({i: v.cpu() for i, v in zip(rows, videos, strict=True) if i < len(prompts)})
+    comps = {k: torch.cat([c[k] for c in got]) for k in got[0]} if got else {}
     # every rank's rewards back in row order, then the means of one process
     per_row = {}
     for r, got in enumerate(distributed.all_gather_object(comps)):

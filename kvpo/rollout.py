@@ -141,6 +141,19 @@ class Rollout:
     cache_bytes: int  # bytes of KV pages the rollout used
     explore: str = "routing"  # how the branches were explored (RolloutSpec.explore)
 
+    def groups(self, sel: slice) -> Rollout:
+        """The same rollout restricted to groups ``sel`` (a micro-batch of it)."""
+        B, G = self.tokens.shape[:2]
+        return replace(
+            self,
+            prompts=self.prompts[sel],
+            tokens=self.tokens[sel],
+            states=self.states[sel],
+            velocities=self.velocities[sel],
+            anchor_tokens=None if self.anchor_tokens is None else self.anchor_tokens[sel],
+            tables={j: t.view(B, G, -1)[sel].flatten(0, 1) for j, t in self.tables.items()},
+        )
+
     def branches(self, sel: slice) -> Rollout:
         """The same rollout restricted to branches ``sel`` of every group (what replay needs to
         recompute them alone)."""

@@ -78,9 +78,12 @@ def policy_gradients(
     u_ref: torch.Tensor | None,
     logp_ref: torch.Tensor | None,
     autocast: Callable[[], torch.autocast],
+    ppo_share: float = 1.0,
+    kl_share: float = 1.0,
 ) -> tuple[dict[str, float], torch.Tensor, float]:
-    """Accumulate into the policy's ``.grad`` the gradient of the PPO objective plus
-    ``kl_coef`` times the KL term, from its replay of ``ro``.
+    """Accumulate into the policy's ``.grad`` the gradient of ``ppo_share`` times the PPO
+    objective plus ``kl_share * kl_coef`` times the KL term, from its replay of ``ro`` (the
+    shares weigh a micro-batch's terms in the whole batch's: :func:`accumulate_gradients`).
 
     Everything the objective reads is the replay's velocities ``u`` [B, G, K, L, d]. With
     ``cfg.replay_branches`` < G the graph of the whole replay is never held: ``u`` is computed
@@ -105,7 +108,7 @@ def policy_gradients(
     logp_old = logp.detach() if logp_old is None else logp_old
     loss, st = ppo_objective(logp, logp_old, adv, valid, cfg.clip_low, cfg.clip_high)
     kl = kl_term(cfg, u, u_ref, logp, logp_ref) if u_ref is not None else loss.new_zeros(())
-    (loss + cfg.kl_coef * kl).backward()
+    (loss * ppo_share + cfg.kl_coef * kl * kl_share).backward()
     for g0 in range(0, G if per < G else 0, per):
         sel = slice(g0, g0 + per)
         t0 = time.perf_counter()
@@ -116,6 +119,49 @@ def policy_gradients(
     stats = {**st, "loss": float(loss.detach()), "kl": float(kl.detach())}
     stats["tve"] = float(energy.detach().mean())
     return stats, logp_old, t_replay
+
+
+def accumulate_gradients(
+    cfg: TrainConfig,
+    model: nn.Module,
+    parts: list[Rollout],
+    weights: list[torch.Tensor],
+    adv: torch.Tensor,
+    valid: torch.Tensor,
+    logp_old: list[torch.Tensor | None],
+    refs: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+    autocast: Callable[[], torch.autocast],
+) -> tuple[dict[str, float], list[torch.Tensor], float]:
+    """:func:`policy_gradients` of a batch of groups rolled out in micro-batches ``parts``
+    (consecutive groups; ``adv`` [B, G], ``valid`` [B] of the whole batch), replayed and
+    back-propagated one part at a time: the activations of one part, the gradient of the whole
+    batch's objective. The PPO loss is a mean over the valid groups' entries and the KL term a
+    mean over the groups, so a part's terms weigh its share of the valid groups and of the groups.
+
+    Returns the batch's statistics, each part's old log-probabilities and the replay seconds."""
+    B = sum(r.tokens.shape[0] for r in parts)
+    n_valid = float(valid.sum())
+    totals: dict[str, float] = {}
+    olds, t_replay, g0 = [], 0.0, 0
+    for ro, w, old, (u_ref, logp_ref) in zip(parts, weights, logp_old, refs, strict=True):
+        sel = slice(g0, g0 + ro.tokens.shape[0])
+        g0 = sel.stop
+        kl_share = (sel.stop - sel.start) / B
+        ppo_share = float(valid[sel].sum()) / n_valid if n_valid else 0.0
+        st, old, dt = policy_gradients(
+            cfg, model, ro, w, adv[sel], valid[sel], old, u_ref, logp_ref, autocast,
+            ppo_share, kl_share,
+        )  # fmt: skip
+        olds.append(old)
+        t_replay += dt
+        for k, v in st.items():  # PPO statistics are means over the valid groups' entries
+            share = ppo_share if k in PPO_STATS and n_valid else kl_share
+            totals[k] = totals.get(k, 0.0) + share * v
+    return totals, olds, t_replay
+
+
+# Statistics of ppo_objective (and its loss): means over the valid groups' entries.
+PPO_STATS = ("ratio", "clip_frac", "loss")
 
 
 def read_prompts(path: str, held_out: int) -> tuple[list[str], list[str]]:
@@ -391,7 +437,7 @@ def train(
         scores, videos = {}, None
         for tag, ps in eval_sets.items():
             with autocast():
-                ev, vids = evaluate(m, ps, reward, cfg.seed, device, cfg.eval_seeds)
+                ev, vids = evaluate(m, ps, reward, cfg.seed, device, cfg.eval_seeds, cfg.eval_batch)
             scores.update({k.replace("eval_", tag, 1): v for k, v in ev.items()})
             videos = vids if videos is None else videos
         return scores, videos
@@ -462,11 +508,21 @@ def train(
         )
         spec_it = dataclasses.replace(spec, window=shifted(cfg.window, shift))
         model.eval()
+        # micro-batches of groups: one's KV cache and activations at a time
+        step = cfg.micro_batch or len(batch)
         with autocast():
-            ro = rollout(model, batch, spec_it, gen, device)
+            parts = [
+                rollout(model, batch[g : g + step], spec_it, gen, device)
+                for g in range(0, len(batch), step)
+            ]
         t1 = time.perf_counter()
 
-        comps, anchor, weights = branch_rewards(model, ro, reward, cfg.reward_scopes)
+        scored = [branch_rewards(model, ro, reward, cfg.reward_scopes) for ro in parts]
+        comps = {k: torch.cat([c[k] for c, _, _ in scored]) for k in scored[0][0]}
+        anchor = None if scored[0][1] is None else {
+            k: torch.cat([a[k] for _, a, _ in scored]) for k in scored[0][1]
+        }  # fmt: skip
+        weights = scored[0][2]
         total = fused_reward(comps, weights)
         all_comps = {k: distributed.all_gather(v) for k, v in comps.items()}
         if cfg.advantage == "group":
@@ -475,22 +531,25 @@ def train(
             sigma = {k: v.std() for k, v in all_comps.items()}
             adv, valid = anchor_advantages(comps, anchor, weights, sigma, cfg.adv_clip, cfg.adv_eps)
         adv, valid = adv.to(device), valid.to(device)
-        weight = step_weights(ro, cfg.step_weighting)
+        step_w = [step_weights(ro, cfg.step_weighting) for ro in parts]
+        refs = []
         with torch.no_grad(), autocast():
-            u_ref = replay_velocities(ref, ro) if cfg.kl != "none" else None
-            logp_ref = (
-                branch_log_probs(cfg, ref, u_ref, ro, trajectory_energy(u_ref, ro, weight))
-                if cfg.kl == "softmax"
-                else None
-            )
+            for ro, w in zip(parts, step_w, strict=True):
+                u_ref = replay_velocities(ref, ro) if cfg.kl != "none" else None
+                logp_ref = (
+                    branch_log_probs(cfg, ref, u_ref, ro, trajectory_energy(u_ref, ro, w))
+                    if cfg.kl == "softmax"
+                    else None
+                )
+                refs.append((u_ref, logp_ref))
         t2 = time.perf_counter()
 
         model.train()
-        logp_old, stats, t_replay = None, [], 0.0
+        logp_old, stats, t_replay = [None] * len(parts), [], 0.0
         for _ in range(cfg.epochs):
             opt.zero_grad(set_to_none=True)
-            st, logp_old, dt = policy_gradients(
-                cfg, model, ro, weight, adv, valid, logp_old, u_ref, logp_ref, autocast
+            st, logp_old, dt = accumulate_gradients(
+                cfg, model, parts, step_w, adv, valid, logp_old, refs, autocast
             )
             t_replay += dt
             distributed.average_gradients(params)
@@ -511,7 +570,9 @@ def train(
             "groups": int(g_total.shape[0]),
             **{f"reward_{k}": float(v.mean()) for k, v in all_comps.items()},
             **{f"reward_{k}_std": float(v.std(1).mean()) for k, v in all_comps.items()},
-            "window_start": ro.window[0],
+            "window_start": parts[0].window[0],
+            # KV pages of the largest micro-batch's rollout (what micro_batch bounds)
+            "rollout_cache_mib": max(ro.cache_bytes for ro in parts) / 2**20,
             "valid_groups": int(g_valid.sum()),
             # advantages of the trained groups: their mean is 0 for group advantages, not for
             # anchor-relative ones; their size sets how hard PPO pushes

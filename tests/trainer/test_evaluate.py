@@ -1,5 +1,6 @@
 """Held-out evaluation: fixed prompts, fixed noises, deployment sampling."""
 
+import pytest
 import torch
 from trainer_support import PROMPTS
 
@@ -22,3 +23,14 @@ def test_evaluate_averages_over_fixed_noises(model):
     want = reward.total(reward.components((v + 1) / 2, asked)).mean()
     assert abs(two["eval_reward"] - float(want)) < 1e-6
     assert abs(two["eval_reward"] - one["eval_reward"]) > 1e-6
+
+
+def test_evaluation_in_passes_makes_the_same_samples(model):
+    """batch=k makes k videos at a time, each from the noise it has in the whole batch."""
+    reward = CompositeReward({"alignment": 1.0, "visual": 0.5})
+    cpu = torch.device("cpu")
+    whole, vids = evaluate(model, PROMPTS, reward, seed=3, device=cpu, seeds=3)
+    for batch in (1, 4, 6, 10):
+        part, vids_part = evaluate(model, PROMPTS, reward, seed=3, device=cpu, seeds=3, batch=batch)
+        assert part == pytest.approx(whole, rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(vids_part, vids, rtol=0, atol=1e-5)

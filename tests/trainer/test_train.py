@@ -346,6 +346,21 @@ def test_cli_trains_on_rewards_named_by_import_path(base, tmp_path, monkeypatch)
         main(args + ["--reward_fns", "dark=kvpo_test_cli_rewards:darkness"])
 
 
+def test_micro_batches_bound_the_rollout_cache(base, tmp_path):
+    """micro_batch=1: each rank's groups are rolled out and trained one at a time (the KV pages
+    of one group at a time); micro_batch >= the groups is the one-pass run, bit for bit."""
+    kw = dict(iterations=1, samples=False, prompts_per_iter=2)
+    rows = {}
+    for mb in (0, 1, 5):
+        res = train(_cfg(base, tmp_path / f"mb{mb}", micro_batch=mb, **kw))
+        rows[mb] = res.history[-1]
+    assert rows[1]["rollout_cache_mib"] * 2 == pytest.approx(rows[0]["rollout_cache_mib"])
+    assert rows[5] == {**rows[0], **{k: rows[5][k] for k in rows[5] if k.startswith("time_")}}
+    assert math.isfinite(rows[1]["grad_norm"]) and rows[1]["valid_groups"] > 0
+    anchor = train(_cfg(base, tmp_path / "anchor", micro_batch=1, advantage="anchor", **kw))
+    assert "adv_abs" in anchor.history[-1] and math.isfinite(anchor.history[-1]["loss"])
+
+
 def test_multi_prompt_evaluation(base, tmp_path):
     """eval_multi_prompt: the held-out prompts also turn a quarter mid-video, scored apart."""
     res = train(_cfg(base, tmp_path, eval_multi_prompt=True, multi_prompt=0.5, samples=False))

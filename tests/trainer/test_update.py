@@ -91,3 +91,79 @@ def test_replay_in_branch_batches_gives_the_same_gradient(over):
     for a, b in zip(*grads, strict=True):  # float32 sums in another order: relative to the largest
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
     assert stats[0] == pytest.approx(stats[1], rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        dict(),  # branch likelihood, velocity KL
+        dict(likelihood="step", kl="softmax", score_steps=(0, 1), replay_branches=1),
+        dict(explore="sde", kl="velocity"),
+    ],
+    ids=["branch-velocity_kl", "step-softmax_kl-one_branch", "sde"],
+)
+def test_micro_batches_accumulate_the_whole_batch_gradient(over):
+    """Groups replayed and back-propagated in micro-batches (2 + 1 of 3 groups, one of them
+    without a valid advantage) give the gradient, statistics and old log-probabilities of the
+    whole batch at once."""
+    import contextlib
+    import copy
+
+    from kvpo.config import build_config
+    from kvpo.likelihood import branch_log_probs
+    from kvpo.train import accumulate_gradients
+
+    model = tiny_model().train()
+    ref = copy.deepcopy(model).requires_grad_(False)
+    torch.manual_seed(3)
+    with torch.no_grad():  # the policy has moved from the reference: a KL term to weigh
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    nC = model.num_frames // model.chunk_frames
+    cfg = build_config(dict(tau=0.05, kl_coef=3.0, **over))
+    spec = RolloutSpec(
+        group_size=3, window=(2, 4), p_keep=0.3, anchor=False, explore=cfg.explore,
+        score_steps=cfg.score_steps,
+    )  # fmt: skip
+    prompts = [*PROMPTS, PROMPTS[0].replace("left", "down")]
+    ro = rollout(model, [[p] * nC for p in prompts], spec, torch.Generator().manual_seed(0))
+    rewards = torch.randn(3, 3, generator=torch.Generator().manual_seed(1))
+    rewards[1] = 0.5  # a tied group: no valid advantage
+    adv, valid = group_advantages(rewards)
+    assert valid.tolist() == [True, False, True]
+
+    def refs(r, w):
+        with torch.no_grad():
+            u_ref = replay_velocities(ref, r)
+            logp_ref = None
+            if cfg.kl == "softmax":
+                logp_ref = branch_log_probs(cfg, ref, u_ref, r, trajectory_energy(u_ref, r, w))
+        return u_ref, logp_ref
+
+    def run(split, logp_old):
+        parts = [ro.groups(s) for s in split]
+        w = [step_weights(r) for r in parts]
+        olds = [None if logp_old is None else logp_old[s] for s in split]
+        model.zero_grad(set_to_none=True)
+        st, olds, _ = accumulate_gradients(
+            cfg, model, parts, w, adv, valid, olds,
+            [refs(r, x) for r, x in zip(parts, w, strict=True)], contextlib.nullcontext,
+        )  # fmt: skip
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return grads, st, torch.cat(olds)
+
+    whole = [slice(0, 3)]
+    _, _, first = run(whole, None)  # the first epoch: old = current log-probabilities
+    # a later epoch: the policy has moved away from the rollout's (ratios off 1, some clipped)
+    old = first + 0.2 * torch.randn(first.shape, generator=torch.Generator().manual_seed(2))
+    g_all, st_all, _ = run(whole, old)
+    assert len(g_all) > 0 and sum(g.abs().sum() for g in g_all) > 0
+    assert st_all["kl"] > 1e-5 and abs(st_all["loss"]) > 1e-3 and 0 < st_all["clip_frac"] < 1
+    scale = max(float(g.abs().max()) for g in g_all)
+    for split in ([slice(0, 2), slice(2, 3)], [slice(0, 1), slice(1, 3)]):
+        torch.testing.assert_close(run(split, None)[2], first)
+        grads, st, _ = run(split, old)
+        assert len(grads) == len(g_all)
+        for a, b in zip(g_all, grads, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
+        assert st == pytest.approx(st_all, rel=1e-5, abs=1e-8)
