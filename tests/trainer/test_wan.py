@@ -390,6 +390,7 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
         "--lora_rank", "2", "--out_dir", str(out), "--progress", "false", "--threads", "1",
         "--eval_every", "2", "--save_every", "2", "--lr", "1e-3",
         "--reward_weights", "dynamic=0.5,smoothness=0.5,alignment=1", "--recache", "true",
+        "--micro_batch", "1", "--eval_batch", "1",  # the recipes' one group at a time
     ]  # fmt: skip
     main(args)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
