@@ -1,6 +1,7 @@
 """Built-in rewards on rendered ground truth and on corrupted videos; the reward interface."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,3 +268,29 @@ def test_generic_rewards_rank_motion():
     assert dyn[0] == 0 and dyn[0] < dyn[1] < dyn[2] < 1
     smooth = [smoothness_reward(v, ["p"]).item() for v in (still, slow, fast, flicker)]
     assert smooth[:3] == pytest.approx([1.0, 1.0, 1.0], abs=1e-6) and smooth[3] < 0.99
+
+
+def test_the_example_rewards(truth):
+    """examples/rewards.py, loaded as the README's command line loads it, against per-frame
+    float64 formulas."""
+    root = Path(__file__).resolve().parents[2]
+    videos, prompts = truth
+    colorful = load_reward(f"{root}/examples/rewards.py:colorfulness")(videos, prompts)
+    contrast = load_reward(f"{root}/examples/rewards.py:Contrast")(videos, prompts)
+    want_colorful, want_contrast = [], []
+    for video in videos.double():
+        c, k = [], []
+        for r, g, b in video:  # each frame [C, H, W]
+            rg, yb = (r - g).flatten(), ((r + g) / 2 - b).flatten()
+            c.append(
+                (rg.var(False) + yb.var(False)).sqrt()
+                + 0.3 * (rg.mean() ** 2 + yb.mean() ** 2).sqrt()
+            )
+            k.append((0.299 * r + 0.587 * g + 0.114 * b).flatten().std(False))
+        want_colorful.append(torch.stack(c).mean())
+        want_contrast.append(torch.stack(k).mean())
+    torch.testing.assert_close(colorful.double(), torch.stack(want_colorful), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(contrast.double(), torch.stack(want_contrast), rtol=1e-5, atol=1e-6)
+    grey = videos.mean(2, keepdim=True).expand_as(videos)  # no colour left
+    assert (load_reward(f"{root}/examples/rewards.py:colorfulness")(grey, prompts) < 1e-6).all()
+    assert (colorful > 0.05).all()
