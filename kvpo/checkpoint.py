@@ -26,6 +26,7 @@ class CheckpointError(ValueError):
 
 
 def save_model(model: TinyARVideo, path: str | Path, extra: dict | None = None) -> None:
+    """The built-in generator's weights and config (and ``extra``, JSON) as a safetensors file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model_config": json.dumps(model.config_dict()), "extra": json.dumps(extra or {})}

@@ -50,6 +50,8 @@ def recaches(model: StreamingVideoGenerator) -> bool:
 
 
 def context_width(model: StreamingVideoGenerator, chunks: int) -> int:
+    """Columns of a page table wide enough for any of the ``chunks`` chunks: its visible history
+    frames and its own."""
     return max(len(visible_frames(model, j)) for j in range(chunks)) + model.chunk_frames
 
 

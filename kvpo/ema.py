@@ -32,6 +32,7 @@ class ParamEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """``ema = decay * ema + (1 - decay) * model``, parameter by parameter, in place."""
         for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
             if e is not p:  # shared frozen parameters are their own average
                 e.lerp_(p.detach().to(e.dtype), 1.0 - self.decay)

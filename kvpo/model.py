@@ -214,6 +214,10 @@ class TinyARVideo(nn.Module):
         cache: PagedKVCache | None = None,
         slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Velocity [R, chunk_frames * frame_tokens, token_dim] of R rows; the arguments are
+        those of :meth:`kvpo.interface.StreamingVideoGenerator.forward` (``x`` row states,
+        ``t`` [R] timesteps, ``cond`` prompt conditioning, ``frame_index`` [R, chunk_frames],
+        ``table`` [R, N] int32 pages, ``cache`` and ``slots`` where the chunk's K/V go)."""
         cfg = self.cfg
         R, L, _ = x.shape
         if L != cfg.chunk_frames * self.frame_tokens or x.shape[-1] != self.token_dim:
@@ -254,15 +258,18 @@ class TinyARVideo(nn.Module):
         )
 
     def to_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        """[N, F, C, H, W] video in [-1, 1] -> [N, F, frame_tokens, token_dim] tokens."""
         return patchify(video, self.cfg.patch, self.cfg.patch)
 
     def to_video(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, F, frame_tokens, token_dim] tokens -> [N, F, C, H, W] video in [-1, 1]."""
         cfg = self.cfg
         return unpatchify(
             tokens, cfg.channels, cfg.frame_size, cfg.frame_size, cfg.patch, cfg.patch
         )
 
     def timesteps(self) -> torch.Tensor:
+        """[steps + 1] float32 noise levels of the ODE sampler, from 1 down to 0 (shifted)."""
         return shifted_timesteps(self.cfg.steps, self.cfg.shift)
 
     def set_local_window(self, frames: int | None) -> None:

@@ -35,6 +35,7 @@ class MetricsLog:
 
 
 def plot_rewards(history: list[dict], path: Path) -> None:
+    """A PNG of the training reward per iteration and the evaluation rewards of ``history``."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -58,4 +58,5 @@ def branch_rewards(
 
 
 def fused_reward(comps: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """The weighted sum [B, G] of the components [B, G] that ``weights`` names."""
     return sum(w * comps[k] for k, w in weights.items())

@@ -32,6 +32,7 @@ class PagedKVCache:
         self.used = 0
 
     def allocate(self, n: int) -> torch.Tensor:
+        """Ids [n] int64 of ``n`` fresh pages (a RuntimeError when the cache is full)."""
         if self.used + n > self.capacity:
             raise RuntimeError(f"KV cache full: {self.used} + {n} pages > capacity {self.capacity}")
         ids = torch.arange(self.used, self.used + n)
@@ -39,6 +40,7 @@ class PagedKVCache:
         return ids
 
     def nbytes(self) -> int:
+        """Bytes of every layer's K and V pages (allocated, used or not)."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
