@@ -100,6 +100,8 @@ class TrainConfig:
     # over them: the KV cache and activations of micro_batch groups, the whole batch's objective.
     micro_batch: int = 0  # groups per pass on each rank (0: all of the rank's groups at once)
     lr: float = 1e-5  # AdamW learning rate
+    lr_warmup: int = 0  # iterations of linear warmup from lr / lr_warmup up to lr
+    lr_schedule: str = "constant"  # constant | cosine: from lr after warmup to ~0 at the end
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # gradient-norm clip
     clip_low: float = 0.1  # PPO ratio clipped below at 1 - clip_low
@@ -190,6 +192,10 @@ class TrainConfig:
             raise bad("multi_prompt", "must be in [0, 1]")
         if self.clip_low >= 1:
             raise bad("clip_low", "must be < 1")
+        if not isinstance(self.lr_warmup, int) or self.lr_warmup < 0:
+            raise bad("lr_warmup", "must be an integer >= 0 (iterations)")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise bad("lr_schedule", "must be 'constant' or 'cosine'")
         if self.advantage not in ("group", "anchor"):
             raise bad("advantage", "must be 'group' or 'anchor'")
         if self.kl not in ("velocity", "softmax", "none"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -185,6 +186,18 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def learning_rate(cfg: TrainConfig, it: int) -> float:
+    """AdamW's learning rate in iteration ``it``: ``lr * (it + 1) / lr_warmup`` during the warmup,
+    then ``lr`` (``constant``) or ``lr`` decaying on a half cosine to ~0 at the last iteration
+    (``cosine``). A function of the iteration alone, so a resumed run steps as the original."""
+    if it < cfg.lr_warmup:
+        return cfg.lr * (it + 1) / cfg.lr_warmup
+    if cfg.lr_schedule == "cosine":
+        done = (it - cfg.lr_warmup) / max(cfg.iterations - cfg.lr_warmup, 1)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * done))
+    return cfg.lr
 
 
 def iteration_generator(
@@ -545,6 +558,9 @@ def train(
         t2 = time.perf_counter()
 
         model.train()
+        lr = learning_rate(cfg, it)
+        for group in opt.param_groups:
+            group["lr"] = lr
         logp_old, stats, t_replay = [None] * len(parts), [], 0.0
         for _ in range(cfg.epochs):
             opt.zero_grad(set_to_none=True)
@@ -570,6 +586,7 @@ def train(
             "groups": int(g_total.shape[0]),
             **{f"reward_{k}": float(v.mean()) for k, v in all_comps.items()},
             **{f"reward_{k}_std": float(v.std(1).mean()) for k, v in all_comps.items()},
+            "lr": lr,
             "window_start": parts[0].window[0],
             # KV pages of the largest micro-batch's rollout (what micro_batch bounds)
             "rollout_cache_mib": max(ro.cache_bytes for ro in parts) / 2**20,

@@ -71,6 +71,8 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"lora_rank": 2.5}, "lora_rank"),
         ({"reward_scopes": {"local": 0.0}}, "reward_scopes"),
         ({"micro_batch": -1}, "micro_batch"),
+        ({"lr_warmup": -1}, "lr_warmup"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
         ({"micro_batch": 1.5}, "micro_batch"),
         ({"reward_fns": {"alignment": "my_rewards:fn"}}, "reward_fns.*built-in"),
         ({"reward_fns": {"clip": "my_rewards:fn"}}, "reward_fns.*built-in"),
