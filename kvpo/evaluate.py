@@ -51,9 +51,9 @@ def evaluate(
     comps = {k: torch.cat([c[k] for c in got]) for k in got[0]} if got else {}
     # every rank's rewards back in row order, then the means of one process
     per_row = {}
-    for r, got in enumerate(distributed.all_gather_object(comps)):
-        rows = range(r, len(asked), world)
-        per_row.update({i: {k: v[j] for k, v in got.items()} for j, i in enumerate(rows)})
+    for r, theirs in enumerate(distributed.all_gather_object(comps)):
+        their_rows = range(r, len(asked), world)
+        per_row.update({i: {k: v[j] for k, v in theirs.items()} for j, i in enumerate(their_rows)})
     full = {k: torch.stack([per_row[i][k] for i in range(len(asked))]) for k in reward.weights}
     out = {f"eval_{k}": float(v.mean()) for k, v in full.items()}
     out["eval_reward"] = float(reward.total(full).mean())
