@@ -10,10 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +24,9 @@ from .checkpoint import CheckpointError, load_model, load_training, save_trainin
 from .config import TrainConfig, parse_args
 from .ema import ParamEMA
 from .evaluate import evaluate, turned_prompts
-from .grpo import anchor_advantages, group_advantages, ppo_objective
-from .likelihood import branch_log_probs, kl_term
+from .grpo import anchor_advantages, group_advantages
 from .loggers import make_loggers
-from .replay import replay_velocities, step_weights, trajectory_energy
+from .replay import step_weights
 from .report import MetricsLog, plot_rewards, save_videos
 from .rewards import (
     GENERIC,
@@ -41,6 +38,7 @@ from .rewards import (
 )
 from .rollout import Rollout, RolloutSpec, exploring_chunks, rollout
 from .scoring import branch_rewards, fused_reward
+from .update import accumulate_gradients, learning_rate, reference_terms
 
 
 def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> CompositeReward:
@@ -68,103 +66,6 @@ def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> Composi
     return CompositeReward(weights, extra)
 
 
-def policy_gradients(
-    cfg: TrainConfig,
-    model: nn.Module,
-    ro: Rollout,
-    weight: torch.Tensor,
-    adv: torch.Tensor,
-    valid: torch.Tensor,
-    logp_old: torch.Tensor | None,
-    u_ref: torch.Tensor | None,
-    logp_ref: torch.Tensor | None,
-    autocast: Callable[[], torch.autocast],
-    ppo_share: float = 1.0,
-    kl_share: float = 1.0,
-) -> tuple[dict[str, float], torch.Tensor, float]:
-    """Accumulate into the policy's ``.grad`` the gradient of ``ppo_share`` times the PPO
-    objective plus ``kl_share * kl_coef`` times the KL term, from its replay of ``ro`` (the
-    shares weigh a micro-batch's terms in the whole batch's: :func:`accumulate_gradients`).
-
-    Everything the objective reads is the replay's velocities ``u`` [B, G, K, L, d]. With
-    ``cfg.replay_branches`` < G the graph of the whole replay is never held: ``u`` is computed
-    without it, the objective's gradient ``dL/du`` from that, and the branches are replayed again
-    a few at a time, each pushing its slice of ``dL/du`` through the model (the same gradient;
-    one extra forward; the activations of ``replay_branches`` branches per group).
-
-    Returns the step's statistics, the old log-probabilities (``logp_old``, or these ones on the
-    first epoch: the rollout policy is the policy before the first step) and the seconds spent
-    in replay forwards."""
-    G = ro.tokens.shape[1]
-    per = cfg.replay_branches or G
-    t0 = time.perf_counter()
-    with autocast(), torch.set_grad_enabled(per >= G):
-        u = replay_velocities(model, ro)
-    if per < G:
-        u = u.detach().requires_grad_()
-    with autocast():  # the backward runs outside, as autocast wants
-        energy = trajectory_energy(u, ro, weight)
-        logp = branch_log_probs(cfg, model, u, ro, energy)
-    t_replay = time.perf_counter() - t0
-    logp_old = logp.detach() if logp_old is None else logp_old
-    loss, st = ppo_objective(logp, logp_old, adv, valid, cfg.clip_low, cfg.clip_high)
-    kl = kl_term(cfg, u, u_ref, logp, logp_ref) if u_ref is not None else loss.new_zeros(())
-    (loss * ppo_share + cfg.kl_coef * kl * kl_share).backward()
-    for g0 in range(0, G if per < G else 0, per):
-        sel = slice(g0, g0 + per)
-        t0 = time.perf_counter()
-        with autocast():
-            u_sel = replay_velocities(model, ro.branches(sel))
-        t_replay += time.perf_counter() - t0
-        u_sel.backward(u.grad[:, sel].to(u_sel.dtype))
-    stats = {**st, "loss": float(loss.detach()), "kl": float(kl.detach())}
-    stats["tve"] = float(energy.detach().mean())
-    return stats, logp_old, t_replay
-
-
-def accumulate_gradients(
-    cfg: TrainConfig,
-    model: nn.Module,
-    parts: list[Rollout],
-    weights: list[torch.Tensor],
-    adv: torch.Tensor,
-    valid: torch.Tensor,
-    logp_old: list[torch.Tensor | None],
-    refs: list[tuple[torch.Tensor | None, torch.Tensor | None]],
-    autocast: Callable[[], torch.autocast],
-) -> tuple[dict[str, float], list[torch.Tensor], float]:
-    """:func:`policy_gradients` of a batch of groups rolled out in micro-batches ``parts``
-    (consecutive groups; ``adv`` [B, G], ``valid`` [B] of the whole batch), replayed and
-    back-propagated one part at a time: the activations of one part, the gradient of the whole
-    batch's objective. The PPO loss is a mean over the valid groups' entries and the KL term a
-    mean over the groups, so a part's terms weigh its share of the valid groups and of the groups.
-
-    Returns the batch's statistics, each part's old log-probabilities and the replay seconds."""
-    B = sum(r.tokens.shape[0] for r in parts)
-    n_valid = float(valid.sum())
-    totals: dict[str, float] = {}
-    olds, t_replay, g0 = [], 0.0, 0
-    for ro, w, old, (u_ref, logp_ref) in zip(parts, weights, logp_old, refs, strict=True):
-        sel = slice(g0, g0 + ro.tokens.shape[0])
-        g0 = sel.stop
-        kl_share = (sel.stop - sel.start) / B
-        ppo_share = float(valid[sel].sum()) / n_valid if n_valid else 0.0
-        st, old, dt = policy_gradients(
-            cfg, model, ro, w, adv[sel], valid[sel], old, u_ref, logp_ref, autocast,
-            ppo_share, kl_share,
-        )  # fmt: skip
-        olds.append(old)
-        t_replay += dt
-        for k, v in st.items():  # PPO statistics are means over the valid groups' entries
-            share = ppo_share if k in PPO_STATS and n_valid else kl_share
-            totals[k] = totals.get(k, 0.0) + share * v
-    return totals, olds, t_replay
-
-
-# Statistics of ppo_objective (and its loss): means over the valid groups' entries.
-PPO_STATS = ("ratio", "clip_frac", "loss")
-
-
 def read_prompts(path: str, held_out: int) -> tuple[list[str], list[str]]:
     """(training, held-out) prompts of a text file, one per line (blank lines skipped): the last
     ``held_out`` lines are held out."""
@@ -186,18 +87,6 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def learning_rate(cfg: TrainConfig, it: int) -> float:
-    """AdamW's learning rate in iteration ``it``: ``lr * (it + 1) / lr_warmup`` during the warmup,
-    then ``lr`` (``constant``) or ``lr`` decaying on a half cosine to ~0 at the last iteration
-    (``cosine``). A function of the iteration alone, so a resumed run steps as the original."""
-    if it < cfg.lr_warmup:
-        return cfg.lr * (it + 1) / cfg.lr_warmup
-    if cfg.lr_schedule == "cosine":
-        done = (it - cfg.lr_warmup) / max(cfg.iterations - cfg.lr_warmup, 1)
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * done))
-    return cfg.lr
 
 
 def iteration_generator(
@@ -261,6 +150,72 @@ def check_exploration(spec: RolloutSpec, model: nn.Module) -> None:
     raise ValueError(
         f"window {spec.window}: no chunk's branches can attend to different history, so the "
         f"{spec.group_size} branches of a group would be one video and nothing would train: {why}"
+    )
+
+
+def training_device(cfg: TrainConfig) -> torch.device:
+    """The device ``cfg.device`` names (``auto``: CUDA when there is one); under ``torchrun``
+    a CUDA rank takes ``cuda:LOCAL_RANK``, made current before NCCL starts."""
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config device='cuda' but no CUDA device is available")
+    device = distributed.local_device(device)
+    if device.index is not None and device.type == "cuda":
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"this rank's LOCAL_RANK={device.index} has no GPU: {torch.cuda.device_count()} "
+                "visible (torchrun --nproc_per_node at most the GPU count)"
+            )
+        torch.cuda.set_device(device)
+    return device
+
+
+def micro_batch_rewards(
+    model: nn.Module, parts: list[Rollout], reward: CompositeReward, scopes: dict[str, float]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, float]]:
+    """:func:`kvpo.scoring.branch_rewards` of a batch rolled out in micro-batches: components
+    [B, G] (and the anchors' [B]) concatenated over the parts, and each component's weight."""
+    scored = [branch_rewards(model, ro, reward, scopes) for ro in parts]
+    comps = {k: torch.cat([c[k] for c, _, _ in scored]) for k in scored[0][0]}
+    anchor = None
+    if scored[0][1] is not None:
+        anchor = {k: torch.cat([a[k] for _, a, _ in scored]) for k in scored[0][1]}
+    return comps, anchor, scored[0][2]
+
+
+def advantages(
+    cfg: TrainConfig,
+    total: torch.Tensor,
+    comps: dict[str, torch.Tensor],
+    anchor: dict[str, torch.Tensor] | None,
+    weights: dict[str, float],
+    all_comps: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [B, G], valid groups [B]) of ``cfg.advantage``: group-relative over the fused
+    reward ``total`` [B, G], or anchor-relative per component over each component's std across
+    every rank's groups (``all_comps``)."""
+    if cfg.advantage == "group":
+        return group_advantages(total, eps=cfg.adv_eps, clip=cfg.adv_clip)
+    sigma = {k: v.std() for k, v in all_comps.items()}
+    return anchor_advantages(comps, anchor, weights, sigma, cfg.adv_clip, cfg.adv_eps)
+
+
+def progress_line(row: dict, components: list[str]) -> str:
+    """An iteration's row as the line the trainer prints."""
+    return (
+        f"it {row['iter']:4d} | reward {row['reward']:.4f} ± {row['reward_std']:.4f} ("
+        + ", ".join(f"{k} {row[f'reward_{k}']:.3f}" for k in components)
+        + f") | tve {row['tve']:.2e} ratio {row['ratio']:.3f} clip {row['clip_frac']:.2f} "
+        f"kl {row['kl']:.2e} | rollout {row['time_rollout']:.1f}s reward "
+        f"{row['time_reward']:.1f}s replay {row['time_replay']:.1f}s update "
+        f"{row['time_update']:.1f}s"
+        + (f" | eval {row['eval_reward']:.4f}" if "eval_reward" in row else "")
+        + (f" (EMA {row['eval_ema_reward']:.4f})" if "eval_ema_reward" in row else "")
+        + (f" multi-prompt {row['eval_mp_reward']:.4f}" if "eval_mp_reward" in row else "")
     )
 
 
@@ -380,21 +335,7 @@ def train(
             "config multi_prompt and eval_multi_prompt switch the direction of the built-in "
             "prompts; with your own prompts set them to 0 and false"
         )
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config device='cuda' but no CUDA device is available")
-    device = distributed.local_device(device)
-    if device.index is not None and device.type == "cuda":
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"this rank's LOCAL_RANK={device.index} has no GPU: {torch.cuda.device_count()} "
-                "visible (torchrun --nproc_per_node at most the GPU count)"
-            )
-        torch.cuda.set_device(device)  # before NCCL starts: one GPU per rank
+    device = training_device(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.wan_dir:
@@ -530,31 +471,14 @@ def train(
             ]
         t1 = time.perf_counter()
 
-        scored = [branch_rewards(model, ro, reward, cfg.reward_scopes) for ro in parts]
-        comps = {k: torch.cat([c[k] for c, _, _ in scored]) for k in scored[0][0]}
-        anchor = None if scored[0][1] is None else {
-            k: torch.cat([a[k] for _, a, _ in scored]) for k in scored[0][1]
-        }  # fmt: skip
-        weights = scored[0][2]
+        comps, anchor, weights = micro_batch_rewards(model, parts, reward, cfg.reward_scopes)
         total = fused_reward(comps, weights)
         all_comps = {k: distributed.all_gather(v) for k, v in comps.items()}
-        if cfg.advantage == "group":
-            adv, valid = group_advantages(total, eps=cfg.adv_eps, clip=cfg.adv_clip)
-        else:
-            sigma = {k: v.std() for k, v in all_comps.items()}
-            adv, valid = anchor_advantages(comps, anchor, weights, sigma, cfg.adv_clip, cfg.adv_eps)
+        adv, valid = advantages(cfg, total, comps, anchor, weights, all_comps)
         adv, valid = adv.to(device), valid.to(device)
         step_w = [step_weights(ro, cfg.step_weighting) for ro in parts]
-        refs = []
         with torch.no_grad(), autocast():
-            for ro, w in zip(parts, step_w, strict=True):
-                u_ref = replay_velocities(ref, ro) if cfg.kl != "none" else None
-                logp_ref = (
-                    branch_log_probs(cfg, ref, u_ref, ro, trajectory_energy(u_ref, ro, w))
-                    if cfg.kl == "softmax"
-                    else None
-                )
-                refs.append((u_ref, logp_ref))
+            refs = [reference_terms(cfg, ref, ro, w) for ro, w in zip(parts, step_w, strict=True)]
         t2 = time.perf_counter()
 
         model.train()
@@ -620,18 +544,7 @@ def train(
                 lg.write(row)
                 if eval_samples:
                     lg.videos(eval_samples)
-            tqdm.write(
-                f"it {it:4d} | reward {row['reward']:.4f} ± {row['reward_std']:.4f} ("
-                + ", ".join(f"{k} {row[f'reward_{k}']:.3f}" for k in comps)
-                + f") | tve {row['tve']:.2e} ratio {row['ratio']:.3f} clip {row['clip_frac']:.2f} "
-                f"kl {row['kl']:.2e} | rollout {row['time_rollout']:.1f}s reward "
-                f"{row['time_reward']:.1f}s replay {row['time_replay']:.1f}s update "
-                f"{row['time_update']:.1f}s"
-                + (f" | eval {row['eval_reward']:.4f}" if "eval_reward" in row else "")
-                + (f" (EMA {row['eval_ema_reward']:.4f})" if "eval_ema_reward" in row else "")
-                + (f" multi-prompt {row['eval_mp_reward']:.4f}" if "eval_mp_reward" in row else ""),
-                file=sys.stdout,
-            )
+            tqdm.write(progress_line(row, list(comps)), file=sys.stdout)
             if row["valid_groups"] == 0:
                 tqdm.write(
                     f"it {it:4d} | no group trained: {NO_GROUP[cfg.advantage]}", file=sys.stdout

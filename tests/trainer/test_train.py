@@ -16,7 +16,7 @@ from kvpo.checkpoint import CheckpointError, load_model
 from kvpo.config import build_config, parse_args
 from kvpo.evaluate import evaluate, turned_prompts
 from kvpo.rewards import CompositeReward
-from kvpo.train import learning_rate, main, make_reward, train
+from kvpo.train import main, make_reward, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,20 +128,6 @@ def test_resume_continues_exactly(base, tmp_path):
     train(_cfg(base, tmp_path / "c", iterations=1, samples=False))
     with pytest.raises(CheckpointError, match="no EMA"):
         load_model(tmp_path / "c" / "checkpoint.safetensors", ema=True)
-
-
-def test_learning_rate_schedules():
-    def lrs(**kw):
-        cfg = build_config(dict(lr=1e-3, iterations=10, **kw))
-        return [learning_rate(cfg, it) for it in range(10)]
-
-    assert lrs() == [1e-3] * 10
-    assert lrs(lr_warmup=4) == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3] + [1e-3] * 6)
-    cos = lrs(lr_warmup=3, lr_schedule="cosine")
-    want = [1e-3 / 3, 2e-3 / 3, 1e-3] + [5e-4 * (1 + math.cos(math.pi * k / 7)) for k in range(7)]
-    assert cos == pytest.approx(want)
-    assert cos[3] == pytest.approx(1e-3) and 0 < cos[-1] < 1e-4
-    assert all(a > b for a, b in zip(cos[3:-1], cos[4:], strict=True))  # decays after warmup
 
 
 def test_warmup_logs_its_rates_and_resumes_exactly(base, tmp_path):

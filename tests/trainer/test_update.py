@@ -1,5 +1,7 @@
 """The KVPO update on a fixed rollout: it moves probability to high-advantage branches."""
 
+import math
+
 import pytest
 import torch
 from trainer_support import PROMPTS, tiny_model
@@ -57,7 +59,7 @@ def test_replay_in_branch_batches_gives_the_same_gradient(over):
 
     from kvpo.config import build_config
     from kvpo.likelihood import branch_log_probs
-    from kvpo.train import policy_gradients
+    from kvpo.update import policy_gradients
 
     model = tiny_model().train()
     ref = copy.deepcopy(model).requires_grad_(False)
@@ -111,7 +113,7 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(over):
 
     from kvpo.config import build_config
     from kvpo.likelihood import branch_log_probs
-    from kvpo.train import accumulate_gradients
+    from kvpo.update import accumulate_gradients
 
     model = tiny_model().train()
     ref = copy.deepcopy(model).requires_grad_(False)
@@ -167,3 +169,20 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(over):
         for a, b in zip(g_all, grads, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
         assert st == pytest.approx(st_all, rel=1e-5, abs=1e-8)
+
+
+def test_learning_rate_schedules():
+    from kvpo.config import build_config
+    from kvpo.update import learning_rate
+
+    def lrs(**kw):
+        cfg = build_config(dict(lr=1e-3, iterations=10, **kw))
+        return [learning_rate(cfg, it) for it in range(10)]
+
+    assert lrs() == [1e-3] * 10
+    assert lrs(lr_warmup=4) == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3] + [1e-3] * 6)
+    cos = lrs(lr_warmup=3, lr_schedule="cosine")
+    want = [1e-3 / 3, 2e-3 / 3, 1e-3] + [5e-4 * (1 + math.cos(math.pi * k / 7)) for k in range(7)]
+    assert cos == pytest.approx(want)
+    assert cos[3] == pytest.approx(1e-3) and 0 < cos[-1] < 1e-4
+    assert all(a > b for a, b in zip(cos[3:-1], cos[4:], strict=True))  # decays after warmup

@@ -1,0 +1,139 @@
+"""The policy update of one iteration: replay with gradients, the PPO objective and KL term, and
+their gradient accumulated over micro-batches of groups; the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .grpo import ppo_objective
+from .likelihood import branch_log_probs, kl_term
+from .replay import replay_velocities, trajectory_energy
+from .rollout import Rollout
+
+# Statistics of ppo_objective (and its loss): means over the valid groups' entries.
+PPO_STATS = ("ratio", "clip_frac", "loss")
+
+
+def policy_gradients(
+    cfg: TrainConfig,
+    model: nn.Module,
+    ro: Rollout,
+    weight: torch.Tensor,
+    adv: torch.Tensor,
+    valid: torch.Tensor,
+    logp_old: torch.Tensor | None,
+    u_ref: torch.Tensor | None,
+    logp_ref: torch.Tensor | None,
+    autocast: Callable[[], torch.autocast],
+    ppo_share: float = 1.0,
+    kl_share: float = 1.0,
+) -> tuple[dict[str, float], torch.Tensor, float]:
+    """Accumulate into the policy's ``.grad`` the gradient of ``ppo_share`` times the PPO
+    objective plus ``kl_share * kl_coef`` times the KL term, from its replay of ``ro`` (the
+    shares weigh a micro-batch's terms in the whole batch's: :func:`accumulate_gradients`).
+
+    Everything the objective reads is the replay's velocities ``u`` [B, G, K, L, d]. With
+    ``cfg.replay_branches`` < G the graph of the whole replay is never held: ``u`` is computed
+    without it, the objective's gradient ``dL/du`` from that, and the branches are replayed again
+    a few at a time, each pushing its slice of ``dL/du`` through the model (the same gradient;
+    one extra forward; the activations of ``replay_branches`` branches per group).
+
+    Returns the step's statistics, the old log-probabilities (``logp_old``, or these ones on the
+    first epoch: the rollout policy is the policy before the first step) and the seconds spent
+    in replay forwards."""
+    G = ro.tokens.shape[1]
+    per = cfg.replay_branches or G
+    t0 = time.perf_counter()
+    with autocast(), torch.set_grad_enabled(per >= G):
+        u = replay_velocities(model, ro)
+    if per < G:
+        u = u.detach().requires_grad_()
+    with autocast():  # the backward runs outside, as autocast wants
+        energy = trajectory_energy(u, ro, weight)
+        logp = branch_log_probs(cfg, model, u, ro, energy)
+    t_replay = time.perf_counter() - t0
+    logp_old = logp.detach() if logp_old is None else logp_old
+    loss, st = ppo_objective(logp, logp_old, adv, valid, cfg.clip_low, cfg.clip_high)
+    kl = kl_term(cfg, u, u_ref, logp, logp_ref) if u_ref is not None else loss.new_zeros(())
+    (loss * ppo_share + cfg.kl_coef * kl * kl_share).backward()
+    for g0 in range(0, G if per < G else 0, per):
+        sel = slice(g0, g0 + per)
+        t0 = time.perf_counter()
+        with autocast():
+            u_sel = replay_velocities(model, ro.branches(sel))
+        t_replay += time.perf_counter() - t0
+        u_sel.backward(u.grad[:, sel].to(u_sel.dtype))
+    stats = {**st, "loss": float(loss.detach()), "kl": float(kl.detach())}
+    stats["tve"] = float(energy.detach().mean())
+    return stats, logp_old, t_replay
+
+
+def accumulate_gradients(
+    cfg: TrainConfig,
+    model: nn.Module,
+    parts: list[Rollout],
+    weights: list[torch.Tensor],
+    adv: torch.Tensor,
+    valid: torch.Tensor,
+    logp_old: list[torch.Tensor | None],
+    refs: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+    autocast: Callable[[], torch.autocast],
+) -> tuple[dict[str, float], list[torch.Tensor], float]:
+    """:func:`policy_gradients` of a batch of groups rolled out in micro-batches ``parts``
+    (consecutive groups; ``adv`` [B, G], ``valid`` [B] of the whole batch), replayed and
+    back-propagated one part at a time: the activations of one part, the gradient of the whole
+    batch's objective. The PPO loss is a mean over the valid groups' entries and the KL term a
+    mean over the groups, so a part's terms weigh its share of the valid groups and of the groups.
+
+    Returns the batch's statistics, each part's old log-probabilities and the replay seconds."""
+    B = sum(r.tokens.shape[0] for r in parts)
+    n_valid = float(valid.sum())
+    totals: dict[str, float] = {}
+    olds, t_replay, g0 = [], 0.0, 0
+    for ro, w, old, (u_ref, logp_ref) in zip(parts, weights, logp_old, refs, strict=True):
+        sel = slice(g0, g0 + ro.tokens.shape[0])
+        g0 = sel.stop
+        kl_share = (sel.stop - sel.start) / B
+        ppo_share = float(valid[sel].sum()) / n_valid if n_valid else 0.0
+        st, old, dt = policy_gradients(
+            cfg, model, ro, w, adv[sel], valid[sel], old, u_ref, logp_ref, autocast,
+            ppo_share, kl_share,
+        )  # fmt: skip
+        olds.append(old)
+        t_replay += dt
+        for k, v in st.items():  # PPO statistics are means over the valid groups' entries
+            share = ppo_share if k in PPO_STATS and n_valid else kl_share
+            totals[k] = totals.get(k, 0.0) + share * v
+    return totals, olds, t_replay
+
+
+def reference_terms(
+    cfg: TrainConfig, ref: nn.Module, ro: Rollout, weight: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What the KL term reads of the frozen reference policy (call without grad): its replay
+    velocities of ``ro`` (for ``kl`` velocity or softmax) and its branch log-probabilities (for
+    softmax)."""
+    if cfg.kl == "none":
+        return None, None
+    u_ref = replay_velocities(ref, ro)
+    if cfg.kl != "softmax":
+        return u_ref, None
+    return u_ref, branch_log_probs(cfg, ref, u_ref, ro, trajectory_energy(u_ref, ro, weight))
+
+
+def learning_rate(cfg: TrainConfig, it: int) -> float:
+    """AdamW's learning rate in iteration ``it``: ``lr * (it + 1) / lr_warmup`` during the warmup,
+    then ``lr`` (``constant``) or ``lr`` decaying on a half cosine to ~0 at the last iteration
+    (``cosine``). A function of the iteration alone, so a resumed run steps as the original."""
+    if it < cfg.lr_warmup:
+        return cfg.lr * (it + 1) / cfg.lr_warmup
+    if cfg.lr_schedule == "cosine":
+        done = (it - cfg.lr_warmup) / max(cfg.iterations - cfg.lr_warmup, 1)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * done))
+    return cfg.lr
