@@ -148,6 +148,22 @@ def trainer_config(path: str | Path) -> dict:
     return json.loads(_header(path).get("trainer", "{}"))
 
 
+def load_generator(
+    path: str | Path,
+    ema: bool = False,
+    wan_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """The generator a checkpoint holds, in eval mode on ``device``: the built-in one of a model
+    or training checkpoint, or the Wan2.1 generator of a ``--wan_dir`` run (built from the run's
+    directory, or ``wan_dir`` if it moved); its EMA weights with ``ema``."""
+    if trainer_config(path).get("wan_dir"):
+        from .adapters.wan import from_checkpoint
+
+        return from_checkpoint(path, ema=ema, wan_dir=wan_dir, device=device)
+    return load_model(path, ema=ema).to(device).eval()
+
+
 def load_training(
     path: str | Path,
     opt_factory: Callable[[nn.Module], torch.optim.Optimizer],

@@ -1,10 +1,17 @@
-"""Held-out evaluation: deployment-time samples of fixed prompts and fixed noises, scored."""
+"""Held-out evaluation: deployment-time samples of fixed prompts and fixed noises, scored.
+
+``python -m kvpo.evaluate --checkpoint PATH [--ema]`` evaluates a checkpoint as its training run
+did (the run's held-out prompts, noises, reward and precision) and prints the scores as JSON.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from . import data, distributed
+from .config import TrainConfig
 from .interface import StreamingVideoGenerator
 from .rewards import CompositeReward
 from .rollout import generate
@@ -62,3 +69,93 @@ def evaluate(
         return out, None
     firsts = {i: v for part in gathered for i, v in part.items()}
     return out, torch.stack([firsts[i] for i in range(len(prompts))])
+
+
+def evaluation_sets(prompts: list[str], chunks: int, multi_prompt: bool) -> dict[str, list]:
+    """The held-out sets by metric prefix: ``eval_`` the prompts, and with ``multi_prompt``
+    ``eval_mp_`` the same prompts turning a quarter at the middle chunk."""
+    sets: dict[str, list] = {"eval_": prompts}
+    if multi_prompt:
+        sets["eval_mp_"] = turned_prompts(prompts, chunks)
+    return sets
+
+
+def evaluate_sets(
+    model: StreamingVideoGenerator,
+    sets: dict[str, list],
+    reward: CompositeReward,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> tuple[dict[str, float], torch.Tensor | None]:
+    """:func:`evaluate` of every set with the config's seed, noises, batch and precision (bfloat16
+    autocast with ``amp="bf16"``); scores named by each set's prefix, and the videos of the
+    first set (on rank 0)."""
+    scores, videos = {}, None
+    training = model.training
+    model.eval()  # deployment: no dropout, whatever the caller was doing
+    for tag, ps in sets.items():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+            ev, vids = evaluate(model, ps, reward, cfg.seed, device, cfg.eval_seeds, cfg.eval_batch)
+        scores.update({k.replace("eval_", tag, 1): v for k, v in ev.items()})
+        videos = vids if videos is None else videos
+    model.train(training)
+    return scores, videos
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    import argparse
+    import json
+
+    from .checkpoint import CheckpointError, load_generator, trainer_config
+    from .config import build_config
+    from .train import held_out_prompts, make_reward
+
+    ap = argparse.ArgumentParser(
+        prog="python -m kvpo.evaluate", description=__doc__.splitlines()[2]
+    )
+    ap.add_argument("--checkpoint", type=Path, required=True, help="model or training checkpoint")
+    ap.add_argument("--ema", action="store_true", help="the EMA weights of a training checkpoint")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--wan_dir", default=None, help="a Wan run's directory, if it moved")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override the run's config: eval_prompts, eval_seeds, eval_batch, seed, reward_fns, "
+        "reward_weights, clip_reward_path, prompts_file, amp, eval_multi_prompt",
+    )
+    args = ap.parse_args(argv)
+    try:
+        over = {k: v for k, v in trainer_config(args.checkpoint).items() if k != "resume"}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            if key not in EVAL_FIELDS:
+                raise ValueError(f"--set {item!r}: not one of {sorted(EVAL_FIELDS)}")
+            over[key] = value
+        cfg = build_config({**over, "device": args.device})
+        device = torch.device(
+            "cuda" if args.device == "auto" and torch.cuda.is_available()
+            else "cpu" if args.device == "auto" else args.device
+        )  # fmt: skip
+        model = load_generator(args.checkpoint, args.ema, args.wan_dir, device)
+        reward = make_reward(cfg, device)
+        prompts = held_out_prompts(cfg)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    nC = model.num_frames // model.chunk_frames
+    sets = evaluation_sets(prompts, nC, cfg.eval_multi_prompt)
+    scores, _ = evaluate_sets(model, sets, reward, cfg, device)
+    print(json.dumps(scores))
+    return scores
+
+
+# Config fields ``--set`` may change: what is evaluated and how, never the model.
+EVAL_FIELDS = (
+    "eval_prompts", "eval_seeds", "eval_batch", "seed", "reward_fns", "reward_weights",
+    "clip_reward_path", "clip_reward_weight", "prompts_file", "amp", "eval_multi_prompt",
+)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

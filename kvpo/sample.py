@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import data
-from .checkpoint import CheckpointError, load_model, trainer_config
+from .checkpoint import CheckpointError, load_generator, trainer_config
 from .report import save_videos
 from .rewards import BUILTIN, GENERIC, CompositeReward, load_reward
 from .rollout import generate
@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--prompt", action="append", help="repeat for several (default: held-out)")
     ap.add_argument("--wan_dir", default=None, help="a Wan run's directory, if it moved")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto (CUDA if there is one) | cpu | cuda")
+    ap.add_argument(
+        "--amp",
+        choices=("none", "bf16"),
+        default=None,
+        help="bfloat16 autocast (default: the run's)",
+    )
     ap.add_argument("--out", type=Path, default=Path("samples"), help="writes OUT.gif / OUT.mp4")
     ap.add_argument(
         "--reward_fns",
@@ -63,16 +70,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
     except ValueError as e:
         raise SystemExit(f"error: --reward_fns: {e}") from None
+    device = torch.device(
+        "cuda" if args.device == "auto" and torch.cuda.is_available()
+        else "cpu" if args.device == "auto" else args.device
+    )  # fmt: skip
     try:
-        wan = bool(trainer_config(args.checkpoint).get("wan_dir"))
-        if wan:  # a Wan2.1 run: its directory, shape and adapters, then the weights
-            from .adapters.wan import from_checkpoint
-
-            model = from_checkpoint(args.checkpoint, ema=args.ema, wan_dir=args.wan_dir)
-        else:
-            model = load_model(args.checkpoint, ema=args.ema).eval()
-    except (CheckpointError, ValueError) as e:
+        run = trainer_config(args.checkpoint)
+        wan = bool(run.get("wan_dir"))  # a Wan2.1 run: its directory, shape, adapters, weights
+        model = load_generator(args.checkpoint, args.ema, args.wan_dir, device)
+    except (CheckpointError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
+    amp = args.amp or run.get("amp", "none")
     n_chunks = model.num_frames // model.chunk_frames
     if wan and not args.prompt:
         raise SystemExit("error: a Wan checkpoint needs --prompt")
@@ -86,8 +94,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 data.Scene.parse(p)  # the built-in rewards read the prompt's scene
     except (ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
-    with torch.no_grad():
-        videos = generate(model, per_chunk, torch.Generator().manual_seed(args.seed))
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    with torch.no_grad(), bf16:
+        videos = generate(model, per_chunk, torch.Generator().manual_seed(args.seed), device)
+    videos = videos.float().cpu()
     reward = CompositeReward(dict.fromkeys([*(GENERIC if wan else BUILTIN), *extra], 1.0), extra)
     comps = reward.components((videos + 1) / 2, per_chunk)
     rows = [

@@ -23,7 +23,7 @@ from . import data, distributed
 from .checkpoint import CheckpointError, load_model, load_training, save_training
 from .config import TrainConfig, parse_args
 from .ema import ParamEMA
-from .evaluate import evaluate, turned_prompts
+from .evaluate import evaluate_sets, evaluation_sets
 from .grpo import anchor_advantages, group_advantages
 from .loggers import make_loggers
 from .replay import step_weights
@@ -79,6 +79,21 @@ def read_prompts(path: str, held_out: int) -> tuple[list[str], list[str]]:
             f"eval_prompts={held_out} held out"
         )
     return lines[:-held_out], lines[-held_out:]
+
+
+def config_prompts(cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(training, held-out) prompts a config names: ``prompts_file``'s, or the built-in
+    procedural ones (a ``wan_dir`` run needs a file)."""
+    if cfg.prompts_file:
+        return read_prompts(cfg.prompts_file, cfg.eval_prompts)
+    if cfg.wan_dir:
+        raise ValueError("config wan_dir needs prompts_file (one prompt per line)")
+    return data.split_prompts(num_eval=max(cfg.eval_prompts, 1))
+
+
+def held_out_prompts(cfg: TrainConfig) -> list[str]:
+    """The prompts a run with ``cfg`` evaluates on."""
+    return list(config_prompts(cfg)[1])[: cfg.eval_prompts]
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -326,11 +341,10 @@ def train(
         prompts: (training prompts, held-out prompts); default: the built-in procedural ones.
     """
     cfg.validate()
-    if prompts is None and cfg.prompts_file:
-        prompts = read_prompts(cfg.prompts_file, cfg.eval_prompts)
-    elif prompts is None and cfg.wan_dir:
-        raise ValueError("config wan_dir needs prompts_file (one prompt per line)")
-    if prompts is not None and (cfg.multi_prompt or cfg.eval_multi_prompt):
+    builtin_prompts = prompts is None and not cfg.prompts_file
+    if prompts is None:
+        prompts = config_prompts(cfg)
+    if not builtin_prompts and (cfg.multi_prompt or cfg.eval_multi_prompt):
         raise ValueError(
             "config multi_prompt and eval_multi_prompt switch the direction of the built-in "
             "prompts; with your own prompts set them to 0 and false"
@@ -366,12 +380,9 @@ def train(
         reward = make_reward(cfg, device)
     elif not isinstance(reward, CompositeReward):
         reward = CompositeReward({"reward": 1.0}, {"reward": reward})
-    if prompts is None:
-        train_prompts, eval_prompts = data.split_prompts(num_eval=max(cfg.eval_prompts, 1))
-    else:
-        train_prompts, eval_prompts = (list(p) for p in prompts)
-        if not train_prompts or not eval_prompts:
-            raise ValueError("prompts must be (training prompts, held-out prompts), both non-empty")
+    train_prompts, eval_prompts = (list(p) for p in prompts)
+    if not train_prompts or not eval_prompts:
+        raise ValueError("prompts must be (training prompts, held-out prompts), both non-empty")
     eval_prompts = eval_prompts[: cfg.eval_prompts]
     nC = model.num_frames // model.chunk_frames
     for p in train_prompts + eval_prompts:  # "A | B" segments must fit the chunks: say so now
@@ -381,20 +392,12 @@ def train(
         """bfloat16 forwards with fp32 master weights (``amp="bf16"``), or nothing."""
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
 
-    eval_sets = {"eval_": eval_prompts}
-    if cfg.eval_multi_prompt:  # the held-out prompts turning a quarter mid-video
-        eval_sets["eval_mp_"] = turned_prompts(eval_prompts, nC)
+    eval_sets = evaluation_sets(eval_prompts, nC, cfg.eval_multi_prompt)
 
     def evaluation(m: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
         """Held-out rewards of every evaluation set (each rank makes its share of the samples);
         the videos of the single-prompt one (on rank 0)."""
-        scores, videos = {}, None
-        for tag, ps in eval_sets.items():
-            with autocast():
-                ev, vids = evaluate(m, ps, reward, cfg.seed, device, cfg.eval_seeds, cfg.eval_batch)
-            scores.update({k.replace("eval_", tag, 1): v for k, v in ev.items()})
-            videos = vids if videos is None else videos
-        return scores, videos
+        return evaluate_sets(m, eval_sets, reward, cfg, device)
 
     log = MetricsLog(out)
     params = trainable(model)

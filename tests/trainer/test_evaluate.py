@@ -34,3 +34,47 @@ def test_evaluation_in_passes_makes_the_same_samples(model):
         part, vids_part = evaluate(model, PROMPTS, reward, seed=3, device=cpu, seeds=3, batch=batch)
         assert part == pytest.approx(whole, rel=1e-5, abs=1e-6)
         torch.testing.assert_close(vids_part, vids, rtol=0, atol=1e-5)
+
+
+def test_cli_reproduces_the_runs_evaluation(base, tmp_path, capsys):
+    """python -m kvpo.evaluate --checkpoint: the run's last held-out scores, policy and EMA."""
+    import json
+
+    from trainer_support import run_overrides
+
+    from kvpo.config import build_config
+    from kvpo.evaluate import main
+    from kvpo.train import train
+
+    cfg = build_config(run_overrides(base, tmp_path, ema=0.5, samples=False, eval_seeds=2))
+    last = train(cfg).history[-1]
+    ckpt = str(tmp_path / "checkpoint.safetensors")
+    scores = main(["--checkpoint", ckpt, "--device", "cpu"])
+    assert scores["eval_reward"] == pytest.approx(last["eval_reward"], rel=1e-6)
+    assert scores["eval_alignment"] == pytest.approx(last["eval_alignment"], rel=1e-6)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == scores
+    ema = main(["--checkpoint", ckpt, "--ema", "--device", "cpu"])
+    assert ema["eval_reward"] == pytest.approx(last["eval_ema_reward"], rel=1e-6)
+    one = main(["--checkpoint", ckpt, "--set", "eval_seeds=1", "--set", "eval_batch=3"])
+    assert one["eval_reward"] != pytest.approx(scores["eval_reward"], rel=1e-6)
+    for bad, match in (
+        (["--set", "lr=1"], "not one of"),
+        (["--set", "eval_seeds=0"], "eval_seeds"),
+        (["--checkpoint", str(tmp_path / "none.safetensors")], "does not exist"),
+    ):
+        with pytest.raises(SystemExit, match=match):
+            main(["--checkpoint", ckpt, *bad])
+
+
+def test_evaluation_runs_in_eval_mode_and_restores_the_mode(model):
+    """A policy evaluated between updates samples as deployed (no dropout), then trains on."""
+    from kvpo.config import build_config
+    from kvpo.evaluate import evaluate_sets
+
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    model.train()
+    sets = {"eval_": PROMPTS}
+    cfg = build_config(dict(eval_seeds=1))
+    evaluate_sets(model, sets, CompositeReward({"visual": 1.0}), cfg, torch.device("cpu"))
+    assert seen and not any(seen) and model.training
