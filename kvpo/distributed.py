@@ -28,6 +28,13 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when there is a GPU, else the CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def local_device(device: torch.device) -> torch.device:
     """The device this process runs on: under ``torchrun`` with several ranks, a CUDA rank takes
     ``cuda:LOCAL_RANK`` (one GPU per rank, as NCCL requires); anything else is ``device``."""

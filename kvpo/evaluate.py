@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     ap.add_argument("--checkpoint", type=Path, required=True, help="model or training checkpoint")
     ap.add_argument("--ema", action="store_true", help="the EMA weights of a training checkpoint")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any"
+    )
     ap.add_argument("--wan_dir", default=None, help="a Wan run's directory, if it moved")
     ap.add_argument(
         "--set",
@@ -134,10 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 raise ValueError(f"--set {item!r}: not one of {sorted(EVAL_FIELDS)}")
             over[key] = value
         cfg = build_config({**over, "device": args.device})
-        device = torch.device(
-            "cuda" if args.device == "auto" and torch.cuda.is_available()
-            else "cpu" if args.device == "auto" else args.device
-        )  # fmt: skip
+        device = distributed.resolve_device(args.device)
         model = load_generator(args.checkpoint, args.ema, args.wan_dir, device)
         reward = make_reward(cfg, device)
         prompts = held_out_prompts(cfg)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import data
+from . import data, distributed
 from .checkpoint import CheckpointError, load_generator, trainer_config
 from .report import save_videos
 from .rewards import BUILTIN, GENERIC, CompositeReward, load_reward
@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--prompt", action="append", help="repeat for several (default: held-out)")
     ap.add_argument("--wan_dir", default=None, help="a Wan run's directory, if it moved")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto", help="auto (CUDA if there is one) | cpu | cuda")
+    ap.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any"
+    )
     ap.add_argument(
         "--amp",
         choices=("none", "bf16"),
@@ -70,10 +72,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
     except ValueError as e:
         raise SystemExit(f"error: --reward_fns: {e}") from None
-    device = torch.device(
-        "cuda" if args.device == "auto" and torch.cuda.is_available()
-        else "cpu" if args.device == "auto" else args.device
-    )  # fmt: skip
+    device = distributed.resolve_device(args.device)
     try:
         run = trainer_config(args.checkpoint)
         wan = bool(run.get("wan_dir"))  # a Wan2.1 run: its directory, shape, adapters, weights

@@ -171,11 +171,7 @@ def check_exploration(spec: RolloutSpec, model: nn.Module) -> None:
 def training_device(cfg: TrainConfig) -> torch.device:
     """The device ``cfg.device`` names (``auto``: CUDA when there is one); under ``torchrun``
     a CUDA rank takes ``cuda:LOCAL_RANK``, made current before NCCL starts."""
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    device = distributed.resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("config device='cuda' but no CUDA device is available")
     device = distributed.local_device(device)
