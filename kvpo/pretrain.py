@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import data
+from . import data, distributed
 from .checkpoint import load_model, save_model
 from .context import chunk_conditioning, clean_context, context_table, teacher_forcing
 from .ema import ParamEMA
@@ -92,8 +92,8 @@ def flow_matching_loss(
     N, Fr, T, d = clean.shape
     c = model.chunk_frames
     x0 = clean.reshape(N * (Fr // c), c * T, d)
-    noise = torch.randn(x0.shape, generator=gen)
-    t = sample_t(x0.shape[0], model, gen)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)  # CPU draws: any device, same noise
+    t = sample_t(x0.shape[0], model, gen).to(x0.device)
     xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
     v = teacher_forced_velocity(model, clean, chunk_prompts, xt, t)
     return torch.nn.functional.mse_loss(v, noise - x0)
@@ -110,11 +110,14 @@ def pretrain(
     ema_decay: float = 0.995,
     log_every: int = 50,
     init: Path | None = None,
+    device: torch.device | str = "cpu",
 ) -> TinyARVideo:
-    """Train from scratch (or continue from the model checkpoint ``init``, whose config wins)."""
+    """Train from scratch (or continue from the model checkpoint ``init``, whose config wins) on
+    ``device``; videos, noise and timesteps are drawn on the CPU, the same on any device."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = load_model(init) if init is not None else TinyARVideo(cfg)
+    model = model.to(device)
     ema = ParamEMA(model, ema_decay)
     train_prompts, _ = data.split_prompts()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -129,6 +132,7 @@ def pretrain(
     bar = tqdm(range(steps), desc="pretrain", mininterval=5.0)
     for step in bar:
         clean, prompts = make_batch(model, train_prompts, batch, p_switch, gen)
+        clean = clean.to(device)
         loss = flow_matching_loss(model, clean, prompts, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -150,7 +154,7 @@ def pretrain(
                 flush=True,
             )
     save_model(
-        ema.model,
+        ema.model.cpu(),
         out,
         extra={
             "pretrain_steps": steps,
@@ -172,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=int, default=ModelConfig.dim)
     ap.add_argument("--depth", type=int, default=ModelConfig.depth)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any"
+    )
     ap.add_argument("--init", type=Path, default=None, help="continue from this model checkpoint")
     ap.add_argument(
         "--local_window", type=int, default=None, help="frames besides sinks a chunk attends to"
@@ -196,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seed,
         args.out,
         init=args.init,
+        device=distributed.resolve_device(args.device),
     )
 
 

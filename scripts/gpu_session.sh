@@ -73,11 +73,19 @@ gpu_tests() {  # extra arguments go to pytest (-k velocity)
   return $rc
 }
 train_two() {
-  # The trainer end to end on the GPU (Triton kernels under it); its log has per-stage seconds.
+  # The trainer end to end on the GPU (Triton kernels under it; two micro-batches of groups);
+  # its log has per-stage seconds. Then the checkpoint's evaluation and samples, and a few
+  # pretraining steps, on the GPU.
   local rc=0
-  python3 -m kvpo.train --device cuda --iterations 2 --eval_every 2 --samples false \
-    --progress false --out_dir /tmp/kvpo-train > "$OUT/train.log" 2>&1 || rc=$?
-  tail -8 "$OUT/train.log"
+  {
+    python3 -m kvpo.train --device cuda --iterations 2 --eval_every 2 --samples false \
+      --micro_batch 2 --eval_batch 16 --progress false --out_dir /tmp/kvpo-train &&
+      python3 -m kvpo.evaluate --device cuda --checkpoint /tmp/kvpo-train/checkpoint.safetensors &&
+      python3 -m kvpo.sample --device cuda --checkpoint /tmp/kvpo-train/checkpoint.safetensors \
+        --out /tmp/kvpo-samples &&
+      python3 -m kvpo.pretrain --device cuda --steps 20 --out /tmp/kvpo-pretrain.safetensors
+  } > "$OUT/train.log" 2>&1 || rc=$?
+  tail -12 "$OUT/train.log"
   return $rc
 }
 export -f gpu_tests train_two  # `timeout` runs them through `bash -c`
