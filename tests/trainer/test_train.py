@@ -190,7 +190,10 @@ json.dump(res.history, open(f"{over['out_dir']}/history{rank}.json", "w"))
 def test_two_ranks_over_gloo(base, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    over = run_overrides(base, tmp_path, eval_every=5, save_every=5, samples=True, eval_seeds=3)
+    over = run_overrides(
+        base, tmp_path, eval_every=5, save_every=5, samples=True, eval_seeds=3,
+        prompts_per_iter=4, micro_batch=1, eval_batch=2,
+    )  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
         [
@@ -213,10 +216,11 @@ def test_two_ranks_over_gloo(base, tmp_path):
     sums = [float((tmp_path / f"rank{r}.txt").read_text()) for r in (0, 1)]
     assert sums[0] == sums[1]  # gradients averaged over ranks keep the replicas identical
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(r["valid_groups"] <= 2 for r in rows)
-    assert all(r["groups"] == 2 for r in rows)  # each rank's group, gathered
-    # the evaluation is split over the ranks (3 and 3 of 2 prompts x 3 noises): every rank has
-    # the means, and before training they are those of one process making all six samples
+    assert len(rows) == 2 and all(r["valid_groups"] <= 4 for r in rows)
+    assert all(r["groups"] == 4 for r in rows)  # each rank's two groups (one at a time), gathered
+    # the evaluation is split over the ranks (3 and 3 of 2 prompts x 3 noises, 2 at a time):
+    # every rank has the means, and before training they are those of one process making all
+    # six samples at once
     hist = [json.loads((tmp_path / f"history{r}.json").read_text()) for r in (0, 1)]
     evals = [[{k: v for k, v in h.items() if k.startswith("eval_")} for h in x] for x in hist]
     assert evals[0] == evals[1] and [h["iter"] for h in hist[0]] == [-1, 0, 1]
