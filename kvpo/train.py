@@ -445,6 +445,8 @@ def train(
     )
     for it in bar:
         t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         pick = torch.randint(
             len(train_prompts),
             (cfg.prompts_per_iter,),
@@ -524,6 +526,8 @@ def train(
             "time_replay": t_replay,  # policy replay forwards with gradients, TVE
             "time_update": t3 - t2 - t_replay,  # PPO loss, backward, all-reduce, AdamW
         }
+        if device.type == "cuda":  # this rank's peak through the iteration's training stages
+            row["cuda_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         eval_samples = {}  # name -> GIF of this step's evaluation samples, for the loggers
         if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
             ev, vids = evaluation(model)
