@@ -38,8 +38,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0: torch's default)
     seed: int = 0  # rollouts, prompts and the evaluation noises
-    # Wan2.1 instead of the built-in generator (kvpo.adapters.wan; needs clip_reward_path or reward_fns): a
-    # local diffusers directory with transformer/, vae/, text_encoder/ and tokenizer/.
+    # Wan2.1 instead of the built-in generator (kvpo.adapters.wan; needs clip_reward_path or
+    # reward_fns): a local diffusers directory with transformer/, vae/, text_encoder/, tokenizer/.
     wan_dir: str = ""  # a local diffusers Wan2.1 text-to-video directory (trains it)
     wan_checkpoint: str = ""  # Wan-layout transformer weights instead (self_forcing_dmd.pt, ...)
     wan_checkpoint_key: str = "generator_ema"  # its state dict (Self-Forcing: generator_ema)

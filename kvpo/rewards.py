@@ -301,8 +301,8 @@ def load_reward(spec: str) -> RewardFn:
     working directory included when run with ``python -m``), or from the file.
 
     Raises:
-        RewardSpecError: (a ValueError) naming ``spec`` when it is malformed, cannot be imported, has no such
-            attribute, or does not name a callable.
+        RewardSpecError: (a ValueError) naming ``spec`` when it is malformed, cannot be
+            imported, has no such attribute, or does not name a callable.
     """
     where, name = split_reward_spec(spec)
     path = Path(where).expanduser() if where.endswith(".py") else None

@@ -2,9 +2,10 @@
 
 Deployment-time sampling (the deterministic few-step ODE, no routing) of the built-in generator
 from a model or training checkpoint: writes a GIF/MP4 grid (one column per prompt) and prints each
-video's built-in rewards (and yours, ``--reward_fns name=module:fn``). Without ``--prompt`` it samples the held-out evaluation prompts. A
-``--wan_dir`` run's checkpoint samples Wan2.1 (its adapters and weights; ``--prompt`` required;
-the generic rewards).
+video's built-in rewards (and yours, ``--reward_fns name=module:fn``). Without ``--prompt`` it
+samples the held-out evaluation prompts. A ``--wan_dir`` run's checkpoint samples Wan2.1 (its
+adapters and weights; ``--prompt`` required; the generic rewards). On the GPU when there is one,
+under the run's precision.
 A prompt may switch mid-video: ``"a red circle moving left slowly -> moving up"`` takes the
 second direction from the middle chunk on (multi-prompt video).
 """
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--reward_fns",
         default="",
         metavar="NAME=SPEC,...",
-        help="also print your rewards: name=module:fn or name=file.py:fn (kvpo.rewards.load_reward)",
+        help="also print your rewards: name=module:fn or name=file.py:fn (see load_reward)",
     )
     args = ap.parse_args(argv)
     try:

@@ -349,7 +349,8 @@ def test_train_a_users_generator_reward_and_prompts(base, tmp_path):
 
 
 def test_cli_trains_on_rewards_named_by_import_path(base, tmp_path, monkeypatch):
-    """--reward_fns name=module:fn,name=file.py:Class, weighted by --reward_weights (1 if absent)."""
+    """--reward_fns name=module:fn,name=file.py:Class, weighted by --reward_weights (1 if
+    absent)."""
     (tmp_path / "kvpo_test_cli_rewards.py").write_text(
         "def brightness(videos, prompts):\n"
         "    return videos.mean(dim=(1, 2, 3, 4))\n"
