@@ -119,6 +119,7 @@ class TrainConfig:
     eval_batch: int = 0  # evaluation videos made at a time on each rank (0: all at once)
     eval_multi_prompt: bool = False  # also the held-out prompts turning 90 degrees mid-video
     eval_every: int = 10  # held-out evaluation every this many iterations
+    eval_before: bool = True  # also before the first iteration (the baseline; step 0 of loggers)
     save_every: int = 10  # checkpoint every this many iterations
     samples: bool = True  # before/after GIF and MP4 of the evaluation prompts
     samples_at_eval: bool = False  # also every evaluation's: samples/step_N.gif, to the loggers

@@ -419,7 +419,7 @@ def train(
             ),
             flush=True,
         )
-    if start == 0:  # every rank evaluates its share
+    if start == 0 and cfg.eval_before:  # every rank evaluates its share
         ev, vids = evaluation(model)
         history.append({"iter": -1, **ev})
         if lead:

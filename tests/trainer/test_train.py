@@ -69,6 +69,17 @@ def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path):
     assert moved > 0
 
 
+def test_without_the_evaluation_before_training(base, tmp_path, capsys):
+    res = train(_cfg(base, tmp_path, samples=True, eval_before=False, eval_every=2))
+    assert [h["iter"] for h in res.history] == [0, 1] and "eval_reward" not in res.history[0]
+    assert "eval_reward" in res.history[1] and not (tmp_path / "samples_before.gif").exists()
+    out = capsys.readouterr().out
+    assert (
+        "before training" not in out
+        and f"done: eval reward {res.history[1]['eval_reward']:.4f}" in out
+    )
+
+
 def test_sample_routing_local_window_recache_and_window_shift(base, tmp_path):
     """The public recipe's exploration: a local window refilled from older history, the window
     start drawn per iteration, multi-prompt videos with KV re-cache; the trained model keeps the
