@@ -270,7 +270,7 @@ def rollout(
 
     cond_bj = chunk_conditioning(model, prompts)  # [B, nC, C]
     if noise is None:
-        noise = torch.randn((B, nC, c * T, d), generator=generator)
+        noise = batch_noise(model, B, generator)
     elif tuple(noise.shape) != (B, nC, c * T, d):
         raise ValueError(f"noise {tuple(noise.shape)} must be [{B}, {nC}, {c * T}, {d}]")
     noise = noise.to(device)
@@ -412,21 +412,32 @@ def rollout(
 
 
 @torch.no_grad()
+def batch_noise(model: StreamingVideoGenerator, B: int, generator: torch.Generator) -> torch.Tensor:
+    """The initial noise [B, chunks, chunk_frames * frame_tokens, token_dim] of B videos, drawn on
+    the CPU from ``generator`` (what :func:`rollout` draws first)."""
+    nC = model.num_frames // model.chunk_frames
+    shape = (B, nC, model.chunk_frames * model.frame_tokens, model.token_dim)
+    return torch.randn(shape, generator=generator)
+
+
 def generate(
     model: StreamingVideoGenerator,
     prompts: list[list[str]],
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     rows: Sequence[int] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Deployment-time sampling (no routing): [B, F, C, H, W] videos in [-1, 1].
 
     ``rows`` makes only those of the B videos ([len(rows), F, C, H, W]), each from the noise it
-    has in the whole batch: ranks that split a batch make the videos the whole batch would."""
+    has in the whole batch: ranks that split a batch make the videos the whole batch would.
+    ``noise`` is the whole batch's (:func:`batch_noise`; default: drawn from ``generator``), for
+    callers that make a batch in several calls."""
     nC = model.num_frames // model.chunk_frames
     spec = RolloutSpec(group_size=1, window=(1, nC), p_keep=1.0, anchor=False, score_steps=(0,))
-    shape = (len(prompts), nC, model.chunk_frames * model.frame_tokens, model.token_dim)
-    noise = torch.randn(shape, generator=generator)
+    if noise is None:
+        noise = batch_noise(model, len(prompts), generator)
     if rows is not None:
         rows = list(rows)
         prompts, noise = [prompts[i] for i in rows], noise[rows]
