@@ -31,6 +31,9 @@ def _whole_video() -> dict[str, float]:
 
 @dataclass
 class TrainConfig:
+    """Every setting of a KVPO run; each field is a ``--field`` flag and a YAML key (the comment
+    on its line is its ``--help``)."""
+
     # Model and output.
     base_checkpoint: str = BASE_CHECKPOINT  # the initial and reference policy
     out_dir: str = "runs/kvpo"  # metrics, plots, samples and checkpoints
@@ -128,6 +131,8 @@ class TrainConfig:
     wandb_project: str = "kvpo"  # the W&B project of log_to=wandb (WANDB_MODE=offline: on disk)
 
     def validate(self) -> None:
+        """Raise a ValueError naming the first field whose value cannot run."""
+
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"config {name}={getattr(self, name)!r}: {why}")
 
@@ -245,6 +250,7 @@ class TrainConfig:
                 raise bad("reward_fns", str(e)) from None
 
     def to_dict(self) -> dict:
+        """The fields as plain JSON/YAML values (tuples as lists)."""
         d = dataclasses.asdict(self)
         d["window"] = list(self.window)
         d["score_steps"] = None if self.score_steps is None else list(self.score_steps)

@@ -45,6 +45,7 @@ def local_device(device: torch.device) -> torch.device:
 
 
 def active() -> bool:
+    """Whether this process is one of several ranks."""
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -79,6 +80,8 @@ def gather_object(obj: object) -> list | None:
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over the ranks (one all-reduce of them all;
+    a missing gradient counts as zeros), so every rank takes the same step."""
     if not active():
         return
     world = dist.get_world_size()
@@ -94,10 +97,12 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 
 
 def barrier() -> None:
+    """Wait for every rank (nothing with one)."""
     if active():
         dist.barrier()
 
 
 def shutdown() -> None:
+    """End the process group, if one was started."""
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -42,6 +42,8 @@ Prompt = str | Sequence[str]
 
 @runtime_checkable
 class RewardFn(Protocol):
+    """What a reward is: any callable of videos and prompts to one score per video."""
+
     def __call__(self, videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
         """videos: [B, T, C, H, W] in [0, 1]; prompts: B entries -> rewards [B] float32."""
         ...
@@ -272,6 +274,7 @@ class CompositeReward:
         return out
 
     def total(self, comps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of the components of :meth:`components` ([B] each)."""
         return sum(self.weights[k] * comps[k] for k in self.weights)
 
     def __call__(self, videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:

@@ -80,6 +80,7 @@ class RolloutSpec:
     sde_noise: float = 0.7
 
     def validate(self, model: StreamingVideoGenerator) -> None:
+        """Raise a ValueError naming what in the spec ``model``'s video cannot hold."""
         n_chunks = model.num_frames // model.chunk_frames
         w0, w1 = self.window
         if not (1 <= w0 < w1 <= n_chunks):
@@ -115,6 +116,8 @@ class RolloutSpec:
             )
 
     def scored_chunks(self, model: StreamingVideoGenerator) -> list[int]:
+        """The chunks whose steps carry TVE weight: the window's (and the later ones with
+        ``score_after_window``)."""
         end = model.num_frames // model.chunk_frames if self.score_after_window else self.window[1]
         return list(range(self.window[0], end))
 

@@ -97,10 +97,12 @@ def held_out_prompts(cfg: TrainConfig) -> list[str]:
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters the update trains (those that require grad: all, or the LoRA adapters)."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW over :func:`trainable` parameters with the config's rate and weight decay."""
     return torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -119,6 +121,7 @@ NO_GROUP = {
 
 
 def shifted(window: tuple[int, int], by: int) -> tuple[int, int]:
+    """The perturbed window ``[w0, w1)`` started ``by`` chunks later."""
     return (window[0] + by, window[1] + by)
 
 
@@ -232,6 +235,8 @@ def progress_line(row: dict, components: list[str]) -> str:
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns."""
+
     history: list[dict]  # one row per iteration (also in out_dir/metrics.jsonl)
     model: nn.Module  # the trained policy
     ema: nn.Module | None = None  # its EMA (config ema > 0)
