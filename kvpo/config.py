@@ -124,6 +124,7 @@ class TrainConfig:
     eval_every: int = 10  # held-out evaluation every this many iterations
     eval_before: bool = True  # also before the first iteration (the baseline; step 0 of loggers)
     save_every: int = 10  # checkpoint every this many iterations
+    keep_checkpoints: bool = False  # also keep each one as checkpoints/step_N.safetensors
     samples: bool = True  # before/after GIF and MP4 of the evaluation prompts
     samples_at_eval: bool = False  # also every evaluation's: samples/step_N.gif, to the loggers
     progress: bool = True  # progress bar on stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -558,8 +559,9 @@ def train(
                     f"it {it:4d} | no group trained: {NO_GROUP[cfg.advantage]}", file=sys.stdout
                 )
             if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
+                latest = out / "checkpoint.safetensors"
                 save_training(
-                    out / "checkpoint.safetensors",
+                    latest,
                     model,
                     opt,
                     it + 1,
@@ -567,6 +569,9 @@ def train(
                     history,
                     ema=None if ema is None else ema.model,
                 )
+                if cfg.keep_checkpoints:  # to go back to, e.g. before a reward was gamed
+                    (out / "checkpoints").mkdir(exist_ok=True)
+                    shutil.copyfile(latest, out / "checkpoints" / f"step_{it + 1:06d}.safetensors")
                 plot_rewards(history, out / "rewards.png")
     if lead:
         first = next((h["eval_reward"] for h in history if "eval_reward" in h), None)

@@ -164,6 +164,18 @@ def test_warmup_logs_its_rates_and_resumes_exactly(base, tmp_path):
     assert 0 < moved(half.model) < moved(full.model)
 
 
+def test_kept_checkpoints_resume_from_their_step(base, tmp_path):
+    kw = dict(samples=False, eval_every=5, save_every=1)
+    straight = train(_cfg(base, tmp_path / "a", iterations=2, keep_checkpoints=True, **kw))
+    kept = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert kept == ["step_000001.safetensors", "step_000002.safetensors"]
+    first = str(tmp_path / "a" / "checkpoints" / "step_000001.safetensors")
+    again = train(_cfg(base, tmp_path / "b", iterations=2, resume=first, **kw))
+    for (n, p), q in zip(straight.model.named_parameters(), again.model.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    assert not (tmp_path / "b" / "checkpoints").exists()  # off by default
+
+
 def test_resume_rejects_mismatched_or_unreadable_checkpoints(base, tmp_path):
     train(_cfg(base, tmp_path, iterations=1, samples=False))
     ckpt = str(tmp_path / "checkpoint.safetensors")
