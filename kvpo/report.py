@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -58,14 +59,32 @@ def plot_rewards(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def video_grid(videos: torch.Tensor, scale: int = 4) -> torch.Tensor:
-    """[B, T, C, H, W] in [-1, 1] -> [T, B*H*scale... ] uint8 frames [T, H', W', 3] (a column per
-    video, separated by 1-pixel lines)."""
+def video_grid(
+    videos: torch.Tensor, tile: int = 96, max_tile: int = 256, max_width: int = 2048
+) -> torch.Tensor:
+    """[B, T, C, H, W] in [-1, 1] -> uint8 frames [T, H', W', C] of the videos side by side,
+    separated by 1-pixel white lines: one row when it fits ``max_width`` pixels, else a square-ish
+    grid. Frames shorter than ``tile`` pixels are enlarged by a whole factor (the built-in 24x24
+    ones 4x); taller than ``max_tile`` are averaged down by a whole factor (a Wan2.1 480x832 video
+    to 240x416), so a grid of real videos stays a few hundred MB, not tens of GB."""
     B, T, C, H, W = videos.shape
-    v = ((videos.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    v = torch.nn.functional.pad(v, (0, 1), value=255)  # separators
-    frames = v.permute(1, 3, 0, 4, 2).reshape(T, H, B * (W + 1), C)
-    return frames.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    v = videos.detach().float().clamp(-1, 1)
+    if H > max_tile:
+        k = math.ceil(H / max_tile)
+        v = torch.nn.functional.avg_pool2d(v.flatten(0, 1), k, ceil_mode=True)
+        v = v.view(B, T, C, *v.shape[-2:])
+    up = max(1, tile // v.shape[-2])
+    h, w = v.shape[-2:]
+    cols = B if B * (w + 1) * up <= max_width else math.ceil(math.sqrt(B))
+    rows = math.ceil(B / cols)
+    v = ((v + 1) * 127.5).round().to(torch.uint8)
+    v = torch.nn.functional.pad(v, (0, 1, 0, 1 if rows > 1 else 0), value=255)  # separators
+    if rows * cols > B:  # white tiles fill the last row
+        v = torch.cat([v, v.new_full((rows * cols - B, *v.shape[1:]), 255)])
+    hh, ww = v.shape[-2:]
+    frames = v.view(rows, cols, T, C, hh, ww).permute(2, 0, 4, 1, 5, 3)
+    frames = frames.reshape(T, rows * hh, cols * ww, C)
+    return frames.repeat_interleave(up, 1).repeat_interleave(up, 2)
 
 
 def save_videos(videos: torch.Tensor, stem: Path, fps: int = 6, mp4: bool = True) -> list[Path]:

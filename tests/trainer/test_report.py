@@ -1,0 +1,42 @@
+"""Sample grids: small frames enlarged in one row, real-size videos averaged down into a grid."""
+
+import torch
+
+from kvpo.report import save_videos, video_grid
+
+
+def _u8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.double().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def test_small_frames_side_by_side_enlarged():
+    videos = torch.rand(3, 2, 3, 24, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grid = video_grid(videos)
+    assert grid.shape == (2, 96, 3 * 25 * 4, 3) and grid.dtype == torch.uint8
+    for b in range(3):  # video b's frame, 4x4 pixel blocks, then a white separator column
+        tile = grid[:, :, b * 100 : b * 100 + 96].permute(0, 3, 1, 2)
+        want = _u8(videos[b]).repeat_interleave(4, 2).repeat_interleave(4, 3)
+        assert torch.equal(tile, want)
+        assert (grid[:, :, b * 100 + 96 : b * 100 + 100] == 255).all()
+
+
+def test_real_size_videos_averaged_down_into_a_grid():
+    """16 videos of 480x832 (Wan2.1's size): 2x2 averages, 4 x 4 tiles, 1.7k pixels wide."""
+    videos = torch.rand(16, 2, 3, 480, 832, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    grid = video_grid(videos)
+    assert grid.shape == (2, 4 * 241, 4 * 417, 3)
+    pooled = videos.double().view(16, 2, 3, 240, 2, 416, 2).mean((4, 6))
+    for b in (0, 5, 15):
+        r, c = divmod(b, 4)
+        tile = grid[:, r * 241 : r * 241 + 240, c * 417 : c * 417 + 416].permute(0, 3, 1, 2)
+        assert (tile.int() - _u8(pooled[b]).int()).abs().max() <= 1  # float32 vs float64 rounding
+    assert (grid[:, 240] == 255).all() and (grid[:, :, 416] == 255).all()
+
+
+def test_a_partial_last_row_is_white_and_files_are_written(tmp_path):
+    videos = torch.rand(5, 3, 3, 300, 900, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    grid = video_grid(videos)  # 2x down: 150x450; 5 x 451 > 2048 -> 3 columns, 2 rows
+    assert grid.shape == (3, 2 * 151, 3 * 451, 3)
+    assert (grid[:, 151:, 2 * 451 :] == 255).all()  # the sixth tile
+    written = save_videos(videos, tmp_path / "sub" / "grid", mp4=False)
+    assert written == [tmp_path / "sub" / "grid.gif"] and written[0].stat().st_size > 0
