@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import shutil
 import sys
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -406,7 +406,8 @@ def train(
     loggers = make_loggers(cfg.log_to, out, cfg.to_dict(), cfg.wandb_project) if lead else []
     if lead:
         log.truncate(start)
-        (out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2))
+        # the run's every setting, in the form --config reads back
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         n = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in params)
         print(

@@ -26,7 +26,8 @@ def _cfg(base, out, **kw):
 
 
 def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path):
-    res = train(_cfg(base, tmp_path, samples=True))
+    res_cfg = _cfg(base, tmp_path, samples=True, reward_fns={}, window_shift=1)
+    res = train(res_cfg)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [0, 1]
     for key in (
@@ -61,6 +62,8 @@ def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path):
     ):
         assert (tmp_path / name).stat().st_size > 0, name
     assert res.history[-1]["iter"] == 1
+    # config.yaml is the run's config, read back by --config
+    assert parse_args(["--config", str(tmp_path / "config.yaml")]) == res_cfg
     base_model = tiny_model()
     moved = sum(
         (a - b).abs().sum()
