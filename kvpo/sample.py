@@ -22,7 +22,7 @@ from . import data, distributed
 from .checkpoint import CheckpointError, load_generator, trainer_config
 from .report import save_videos
 from .rewards import BUILTIN, GENERIC, CompositeReward, load_reward
-from .rollout import generate
+from .rollout import batch_noise, generate
 
 
 def chunk_prompts(prompt: str, chunks: int) -> list[str]:
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--checkpoint", type=Path, required=True, help="model or training checkpoint")
     ap.add_argument("--ema", action="store_true", help="the EMA weights of a training checkpoint")
     ap.add_argument("--prompt", action="append", help="repeat for several (default: held-out)")
+    ap.add_argument("--prompts_file", type=Path, help="one prompt per line, after any --prompt")
+    ap.add_argument("--batch", type=int, default=0, help="videos made at a time (0: all at once)")
     ap.add_argument("--wan_dir", default=None, help="a Wan run's directory, if it moved")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -82,9 +84,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"error: {e}") from None
     amp = args.amp or run.get("amp", "none")
     n_chunks = model.num_frames // model.chunk_frames
-    if wan and not args.prompt:
-        raise SystemExit("error: a Wan checkpoint needs --prompt")
-    prompts = args.prompt or data.split_prompts()[1]
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        try:
+            lines = args.prompts_file.read_text().splitlines()
+        except OSError as e:
+            why = f"error: --prompts_file {str(args.prompts_file)!r}: {e.strerror}"
+            raise SystemExit(why) from None
+        prompts += [ln.strip() for ln in lines if ln.strip()]
+    if args.batch < 0:
+        raise SystemExit(f"error: --batch {args.batch}: must be >= 0 (0: all at once)")
+    if wan and not prompts:
+        raise SystemExit("error: a Wan checkpoint needs --prompt or --prompts_file")
+    prompts = prompts or data.split_prompts()[1]
     try:
         if wan:  # "A | B": A for the first half of the chunks, then B
             per_chunk = [data.segments([p] * n_chunks) for p in prompts]
@@ -95,9 +107,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except (ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
-    with torch.no_grad(), bf16:
-        videos = generate(model, per_chunk, torch.Generator().manual_seed(args.seed), device)
-    videos = videos.float().cpu()
+    noise = batch_noise(model, len(per_chunk), torch.Generator().manual_seed(args.seed))
+    step, parts = args.batch or len(per_chunk), []
+    for j in range(0, len(per_chunk), step):  # each video from its noise in the whole batch
+        rows = range(j, min(j + step, len(per_chunk)))
+        with torch.no_grad(), bf16:
+            parts.append(generate(model, per_chunk, torch.Generator(), device, rows, noise))
+        parts[-1] = parts[-1].float().cpu()
+    videos = torch.cat(parts)
     reward = CompositeReward(dict.fromkeys([*(GENERIC if wan else BUILTIN), *extra], 1.0), extra)
     comps = reward.components((videos + 1) / 2, per_chunk)
     rows = [

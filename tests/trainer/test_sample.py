@@ -58,6 +58,22 @@ def test_sample_prints_your_rewards_too(tmp_path):
             main([*base, "--reward_fns", bad])
 
 
+def test_prompts_file_and_batches_make_the_same_videos(tmp_path):
+    model = tiny_model()
+    ckpt = tmp_path / "m.safetensors"
+    save_model(model, ckpt)
+    up = LEFT.replace("left", "up")
+    (tmp_path / "p.txt").write_text(f"{up}\n\n{LEFT} -> moving down\n")
+    base = ["--checkpoint", str(ckpt), "--prompt", LEFT, "--prompts_file", str(tmp_path / "p.txt")]
+    whole = main([*base, "--out", str(tmp_path / "a")])
+    assert [r["prompt"] for r in whole] == [LEFT, up, f"{LEFT} -> moving down"]
+    assert main([*base, "--batch", "2", "--out", str(tmp_path / "b")]) == whole
+    with pytest.raises(SystemExit, match="--prompts_file"):
+        main(["--checkpoint", str(ckpt), "--prompts_file", str(tmp_path / "none.txt")])
+    with pytest.raises(SystemExit, match="--batch -1"):
+        main([*base, "--batch", "-1"])
+
+
 def test_sample_errors(tmp_path):
     ckpt = tmp_path / "m.safetensors"
     save_model(tiny_model(), ckpt)
