@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from .train import held_out_prompts, make_reward
 
     ap = argparse.ArgumentParser(
-        prog="python -m kvpo.evaluate", description=__doc__.splitlines()[2]
+        prog="python -m kvpo.evaluate",
+        description="Evaluate a checkpoint as its training run did; print the scores as JSON.",
     )
     ap.add_argument("--checkpoint", type=Path, required=True, help="model or training checkpoint")
     ap.add_argument("--ema", action="store_true", help="the EMA weights of a training checkpoint")
@@ -125,8 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override the run's config: eval_prompts, eval_seeds, eval_batch, seed, reward_fns, "
-        "reward_weights, clip_reward_path, prompts_file, amp, eval_multi_prompt",
+        help="override a field of the run's config: " + ", ".join(EVAL_FIELDS),
     )
     args = ap.parse_args(argv)
     try:
