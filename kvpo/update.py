@@ -130,7 +130,8 @@ def reference_terms(
 def learning_rate(cfg: TrainConfig, it: int) -> float:
     """AdamW's learning rate in iteration ``it``: ``lr * (it + 1) / lr_warmup`` during the warmup,
     then ``lr`` (``constant``) or ``lr`` decaying on a half cosine to ~0 at the last iteration
-    (``cosine``). A function of the iteration alone, so a resumed run steps as the original."""
+    (``cosine``). A function of the iteration and the config alone, so a resumed run steps as
+    the original (one resumed with more ``iterations`` follows the longer cosine)."""
     if it < cfg.lr_warmup:
         return cfg.lr * (it + 1) / cfg.lr_warmup
     if cfg.lr_schedule == "cosine":
