@@ -52,6 +52,7 @@ class TrainConfig:
     wan_size: tuple[int, int] = (480, 832)  # video height, width
     wan_dtype: str = "fp32"  # fp32 | bf16: the transformer's weights (bf16 needs lora_rank)
     prompts_file: str = ""  # a prompt per line ("A | B": A, then B); the last eval_prompts held out
+    eval_prompts_file: str = ""  # held-out prompts of their own (then prompts_file all trains)
     # Loop.
     iterations: int = 20  # rollout + update rounds
     prompts_per_iter: int = 4  # groups per iteration, over all ranks

@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 # Config fields ``--set`` may change: what is evaluated and how, never the model.
 EVAL_FIELDS = (
     "eval_prompts", "eval_seeds", "eval_batch", "seed", "reward_fns", "reward_weights",
-    "clip_reward_path", "clip_reward_weight", "prompts_file", "amp", "eval_multi_prompt",
+    "clip_reward_path", "clip_reward_weight", "prompts_file", "eval_prompts_file", "amp",
+    "eval_multi_prompt",
 )  # fmt: skip
 
 

@@ -67,13 +67,21 @@ def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> Composi
     return CompositeReward(weights, extra)
 
 
-def read_prompts(path: str, held_out: int) -> tuple[list[str], list[str]]:
-    """(training, held-out) prompts of a text file, one per line (blank lines skipped): the last
-    ``held_out`` lines are held out."""
+def prompt_lines(path: str, field: str = "prompts_file") -> list[str]:
+    """The prompts of a text file, one per line (blank lines skipped); errors name ``field``."""
     try:
         lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
     except OSError as e:
-        raise ValueError(f"config prompts_file={path!r}: {e.strerror}") from None
+        raise ValueError(f"config {field}={path!r}: {e.strerror}") from None
+    if not lines:
+        raise ValueError(f"config {field}={path!r}: no prompts in it")
+    return lines
+
+
+def read_prompts(path: str, held_out: int) -> tuple[list[str], list[str]]:
+    """(training, held-out) prompts of a text file, one per line (blank lines skipped): the last
+    ``held_out`` lines are held out."""
+    lines = prompt_lines(path)
     if len(lines) <= held_out:
         raise ValueError(
             f"config prompts_file={path!r}: {len(lines)} prompts, need more than the "
@@ -83,13 +91,16 @@ def read_prompts(path: str, held_out: int) -> tuple[list[str], list[str]]:
 
 
 def config_prompts(cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """(training, held-out) prompts a config names: ``prompts_file``'s, or the built-in
-    procedural ones (a ``wan_dir`` run needs a file)."""
-    if cfg.prompts_file:
-        return read_prompts(cfg.prompts_file, cfg.eval_prompts)
-    if cfg.wan_dir:
+    """(training, held-out) prompts a config names: ``prompts_file``'s (its last ``eval_prompts``
+    held out, or all of it with an ``eval_prompts_file``), or the built-in procedural ones (a
+    ``wan_dir`` run needs a file)."""
+    if cfg.wan_dir and not cfg.prompts_file:
         raise ValueError("config wan_dir needs prompts_file (one prompt per line)")
-    return data.split_prompts(num_eval=max(cfg.eval_prompts, 1))
+    builtin = data.split_prompts(num_eval=max(cfg.eval_prompts, 1))
+    if not cfg.eval_prompts_file:
+        return read_prompts(cfg.prompts_file, cfg.eval_prompts) if cfg.prompts_file else builtin
+    train = prompt_lines(cfg.prompts_file) if cfg.prompts_file else builtin[0]
+    return train, prompt_lines(cfg.eval_prompts_file, "eval_prompts_file")
 
 
 def held_out_prompts(cfg: TrainConfig) -> list[str]:
@@ -343,7 +354,7 @@ def train(
         prompts: (training prompts, held-out prompts); default: the built-in procedural ones.
     """
     cfg.validate()
-    builtin_prompts = prompts is None and not cfg.prompts_file
+    builtin_prompts = prompts is None and not (cfg.prompts_file or cfg.eval_prompts_file)
     if prompts is None:
         prompts = config_prompts(cfg)
     if not builtin_prompts and (cfg.multi_prompt or cfg.eval_multi_prompt):

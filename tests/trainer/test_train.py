@@ -167,6 +167,34 @@ def test_warmup_logs_its_rates_and_resumes_exactly(base, tmp_path):
     assert 0 < moved(half.model) < moved(full.model)
 
 
+def test_held_out_prompts_from_their_own_file(base, tmp_path):
+    """eval_prompts_file: the evaluation's prompts; prompts_file (or the built-in set) all
+    trains."""
+    from kvpo.train import config_prompts
+
+    train_p, held_p = data.split_prompts()
+    (tmp_path / "train.txt").write_text("\n".join(train_p[:3]) + "\n")
+    (tmp_path / "held.txt").write_text("\n\n".join(held_p[5:7]) + "\n")
+    files = dict(prompts_file=str(tmp_path / "train.txt"))
+    held = dict(eval_prompts_file=str(tmp_path / "held.txt"))
+    assert config_prompts(build_config({**files, **held})) == (train_p[:3], held_p[5:7])
+    assert config_prompts(build_config(held)) == (data.split_prompts(num_eval=16)[0], held_p[5:7])
+    assert config_prompts(build_config(files | {"eval_prompts": 1})) == (train_p[:2], train_p[2:3])
+    kw = dict(iterations=1, samples=False, eval_seeds=2, eval_prompts=4, **files, **held)
+    res = train(_cfg(base, tmp_path / "run", **kw))
+    want, _ = evaluate(
+        load_model(base), held_p[5:7], make_reward(build_config({})), 0, torch.device("cpu"), 2
+    )
+    assert res.history[0]["eval_reward"] == pytest.approx(want["eval_reward"], rel=1e-6)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    for bad, match in (
+        (str(tmp_path / "none.txt"), "eval_prompts_file=.*No such file"),
+        (str(tmp_path / "empty.txt"), "eval_prompts_file=.*no prompts"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            train(_cfg(base, tmp_path / "bad", **{**kw, "eval_prompts_file": bad}))
+
+
 def test_kept_checkpoints_resume_from_their_step(base, tmp_path):
     kw = dict(samples=False, eval_every=5, save_every=1)
     straight = train(_cfg(base, tmp_path / "a", iterations=2, keep_checkpoints=True, **kw))
