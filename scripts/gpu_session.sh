@@ -94,13 +94,13 @@ case "$stage" in
   all)
     step tests 170 bash -c gpu_tests
     step main 240 python3 -m benchmarks.gpu_suite --part main --out "$OUT/gpu_main.md"
-    step train 75 bash -c train_two
+    step train 120 bash -c train_two
     step sweep 600 python3 -m benchmarks.gpu_suite --part sweep --out "$OUT/gpu_sweep.md"
     ;;
   check)
     step tests 300 bash -c gpu_tests
     step main 300 python3 -m benchmarks.gpu_suite --part main --out "$OUT/gpu_main.md"
-    step train 120 bash -c train_two
+    step train 180 bash -c train_two
     ;;
   suite)
     step suite 600 python3 -m benchmarks.gpu_suite --out "$OUT/gpu.md"
