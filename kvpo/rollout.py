@@ -146,27 +146,25 @@ class Rollout:
 
     def groups(self, sel: slice) -> Rollout:
         """The same rollout restricted to groups ``sel`` (a micro-batch of it)."""
-        B, G = self.tokens.shape[:2]
-        return replace(
-            self,
-            prompts=self.prompts[sel],
-            tokens=self.tokens[sel],
-            states=self.states[sel],
-            velocities=self.velocities[sel],
-            anchor_tokens=None if self.anchor_tokens is None else self.anchor_tokens[sel],
-            tables={j: t.view(B, G, -1)[sel].flatten(0, 1) for j, t in self.tables.items()},
-        )
+        return self._select(sel, slice(None))
 
     def branches(self, sel: slice) -> Rollout:
         """The same rollout restricted to branches ``sel`` of every group (what replay needs to
         recompute them alone)."""
+        return self._select(slice(None), sel)
+
+    def _select(self, groups: slice, branches: slice) -> Rollout:
         B, G = self.tokens.shape[:2]
         return replace(
             self,
-            tokens=self.tokens[:, sel],
-            states=self.states[:, sel],
-            velocities=self.velocities[:, sel],
-            tables={j: t.view(B, G, -1)[:, sel].flatten(0, 1) for j, t in self.tables.items()},
+            prompts=self.prompts[groups],
+            tokens=self.tokens[groups, branches],
+            states=self.states[groups, branches],
+            velocities=self.velocities[groups, branches],
+            anchor_tokens=None if self.anchor_tokens is None else self.anchor_tokens[groups],
+            tables={
+                j: t.view(B, G, -1)[groups, branches].flatten(0, 1) for j, t in self.tables.items()
+            },
         )
 
 
