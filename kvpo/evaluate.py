@@ -14,7 +14,7 @@ from . import data, distributed
 from .config import TrainConfig
 from .interface import StreamingVideoGenerator
 from .rewards import CompositeReward
-from .rollout import batch_noise, generate
+from .rollout import generate_passes
 
 
 def turned_prompts(prompts: list[str], chunks: int) -> list[list[str]]:
@@ -48,12 +48,9 @@ def evaluate(
     asked = [data.segments(p if isinstance(p, list) else [p] * nC) for p in prompts] * seeds
     rank, world = distributed.rank_and_world()
     mine = list(range(rank, len(asked), world))
-    per_pass = batch or max(len(mine), 1)
-    noise = batch_noise(model, len(asked), torch.Generator().manual_seed(seed))  # once, all rows
     got, firsts = [], {}
-    for j in range(0, len(mine), per_pass):
-        rows = mine[j : j + per_pass]
-        videos = generate(model, asked, torch.Generator(), device, rows, noise)
+    gen = torch.Generator().manual_seed(seed)
+    for rows, videos in generate_passes(model, asked, gen, device, mine, batch):
         got.append(reward.components(((videos + 1) / 2).cpu(), [asked[i] for i in rows]))
         firsts.update({i: v.cpu() for i, v in zip(rows, videos, strict=True) if i < len(prompts)})
     comps = {k: torch.cat([c[k] for c in got]) for k in got[0]} if got else {}

@@ -20,7 +20,7 @@ recorded is the step taken, ``(x_{k+1} - x_k) / dt``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -444,3 +444,22 @@ def generate(
         prompts, noise = [prompts[i] for i in rows], noise[rows]
     ro = rollout(model, prompts, spec, generator, device, noise=noise)
     return model.to_video(ro.tokens[:, 0])
+
+
+def generate_passes(
+    model: StreamingVideoGenerator,
+    prompts: list[list[str]],
+    generator: torch.Generator,
+    device: torch.device | str,
+    rows: Sequence[int],
+    per_pass: int = 0,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """:func:`generate` of ``rows`` of the batch ``prompts``, ``per_pass`` videos at a time (0:
+    all at once): yields (rows, their videos) per pass, each video from the noise it has in the
+    whole batch (drawn once from ``generator``), so any split makes the same videos."""
+    rows = list(rows)
+    noise = batch_noise(model, len(prompts), generator)
+    step = per_pass or max(len(rows), 1)
+    for j in range(0, len(rows), step):
+        part = rows[j : j + step]
+        yield part, generate(model, prompts, torch.Generator(), device, part, noise)

@@ -22,7 +22,7 @@ from . import data, distributed
 from .checkpoint import CheckpointError, load_generator, trainer_config
 from .report import save_videos
 from .rewards import BUILTIN, GENERIC, CompositeReward, load_reward
-from .rollout import batch_noise, generate
+from .rollout import generate_passes
 
 
 def chunk_prompts(prompt: str, chunks: int) -> list[str]:
@@ -107,14 +107,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except (ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
-    noise = batch_noise(model, len(per_chunk), torch.Generator().manual_seed(args.seed))
-    step, parts = args.batch or len(per_chunk), []
-    for j in range(0, len(per_chunk), step):  # each video from its noise in the whole batch
-        rows = range(j, min(j + step, len(per_chunk)))
-        with torch.no_grad(), bf16:
-            parts.append(generate(model, per_chunk, torch.Generator(), device, rows, noise))
-        parts[-1] = parts[-1].float().cpu()
-    videos = torch.cat(parts)
+    gen = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad(), bf16:
+        passes = generate_passes(model, per_chunk, gen, device, range(len(per_chunk)), args.batch)
+        videos = torch.cat([v.float().cpu() for _, v in passes])
     reward = CompositeReward(dict.fromkeys([*(GENERIC if wan else BUILTIN), *extra], 1.0), extra)
     comps = reward.components((videos + 1) / 2, per_chunk)
     rows = [
