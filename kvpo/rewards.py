@@ -270,6 +270,13 @@ class CompositeReward:
                 raise ValueError(
                     f"reward {name!r} returned {tuple(r.shape)}, expected [{videos.shape[0]}]"
                 )
+            bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
+            if bad:  # one NaN would make its group's advantages, then every weight, NaN
+                raise ValueError(
+                    f"reward {name!r} returned {len(bad)} non-finite value(s) of {len(r)}, the "
+                    f"first {r[bad[0]].item()} for video {bad[0]} (prompt {prompts[bad[0]]!r}); "
+                    "a reward must be finite for every video"
+                )
             out[name] = r
         return out
 

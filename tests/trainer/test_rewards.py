@@ -108,6 +108,18 @@ def test_composite_weights_and_user_reward(truth):
         comp(videos, prompts[:3])
     with pytest.raises(ValueError, match="returned"):
         CompositeReward({"bad": 1.0}, {"bad": lambda v, p: torch.zeros(3)})(videos, prompts)
+
+    def nan_on_third(v, ps):
+        r = v.mean(dim=(1, 2, 3, 4)).double()
+        r[2] = float("nan")
+        return r
+
+    with pytest.raises(ValueError, match=r"'odd' returned 1 non-finite value\(s\) of .* video 2"):
+        CompositeReward({"odd": 1.0}, {"odd": nan_on_third})(videos, prompts)
+    with pytest.raises(ValueError, match="first inf"):
+        CompositeReward(
+            {"odd": 1.0}, {"odd": lambda v, p: torch.full((len(p),), 1e300, dtype=torch.float64)}
+        )(videos, prompts)  # finite in float64, inf once read as float32
     only = comp.components(videos, prompts, names=["brightness"])
     assert set(only) == {"brightness"} and torch.equal(only["brightness"], parts["brightness"])
 
