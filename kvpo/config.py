@@ -108,6 +108,9 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine: from lr after warmup to ~0 at the end
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # gradient-norm clip
+    # A step whose gradient holds a NaN or inf (bf16 overflow, a diverging replay) is skipped:
+    # weights, AdamW moments and EMA unchanged.
+    max_skipped_steps: int = 3  # NaN/inf-gradient steps skipped in a row before the run stops
     clip_low: float = 0.1  # PPO ratio clipped below at 1 - clip_low
     clip_high: float = 0.2  # ... and above at 1 + clip_high
     kl: str = "velocity"  # velocity: beta * mean |u - u_ref|^2 | softmax: KL(p || p_ref) | none
@@ -173,8 +176,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a finite number >= 0")
-        if not isinstance(self.window_shift, int) or self.window_shift < 0:
-            raise bad("window_shift", "must be an integer >= 0")
+        for name in ("window_shift", "max_skipped_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise bad(name, "must be an integer >= 0")
         for name in ("micro_batch", "eval_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "must be an integer >= 0 (0: all at once)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import shutil
 import sys
 import time
@@ -39,7 +40,13 @@ from .rewards import (
 )
 from .rollout import Rollout, RolloutSpec, exploring_chunks, rollout
 from .scoring import branch_rewards, fused_reward
-from .update import accumulate_gradients, learning_rate, reference_terms
+from .update import (
+    NonFiniteGradientError,
+    accumulate_gradients,
+    learning_rate,
+    optimizer_step,
+    reference_terms,
+)
 
 
 def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> CompositeReward:
@@ -453,6 +460,7 @@ def train(
                 if cfg.samples and cfg.samples_at_eval:
                     lg.videos({"eval": out / "samples_before.gif"})
 
+    skipped_in_a_row = 0  # optimizer steps skipped for a NaN or inf gradient
     bar = tqdm(
         range(start, cfg.iterations),
         desc="kvpo",
@@ -504,7 +512,7 @@ def train(
         lr = learning_rate(cfg, it)
         for group in opt.param_groups:
             group["lr"] = lr
-        logp_old, stats, t_replay = [None] * len(parts), [], 0.0
+        logp_old, stats, t_replay, skipped = [None] * len(parts), [], 0.0, 0
         for _ in range(cfg.epochs):
             opt.zero_grad(set_to_none=True)
             st, logp_old, dt = accumulate_gradients(
@@ -512,11 +520,22 @@ def train(
             )
             t_replay += dt
             distributed.average_gradients(params)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            if ema is not None:
-                ema.update(model)
-            stats.append({**st, "grad_norm": float(gnorm)})
+            gnorm = optimizer_step(opt, params, cfg.grad_clip)
+            if math.isfinite(gnorm):
+                skipped_in_a_row = 0
+                if ema is not None:
+                    ema.update(model)
+            else:
+                skipped += 1
+                skipped_in_a_row += 1
+                if skipped_in_a_row > cfg.max_skipped_steps:
+                    raise NonFiniteGradientError(
+                        f"{skipped_in_a_row} optimizer steps in a row had a NaN or inf gradient "
+                        f"(iteration {it}, config max_skipped_steps={cfg.max_skipped_steps}): the "
+                        f"run diverged; resume from a checkpoint in {out} with a smaller lr or "
+                        "grad_clip, or without amp"
+                    )
+            stats.append({**st, "grad_norm": gnorm})
         t3 = time.perf_counter()
 
         g_total = distributed.all_gather(total)
@@ -534,6 +553,7 @@ def train(
             # KV pages of the largest micro-batch's rollout (what micro_batch bounds)
             "rollout_cache_mib": max(ro.cache_bytes for ro in parts) / 2**20,
             "valid_groups": int(g_valid.sum()),
+            "skipped_steps": skipped,  # optimizer steps skipped for a NaN or inf gradient
             # advantages of the trained groups: their mean is 0 for group advantages, not for
             # anchor-relative ones; their size sets how hard PPO pushes
             "adv_mean": float(g_adv[g_valid].mean()) if bool(g_valid.any()) else 0.0,
@@ -566,6 +586,13 @@ def train(
                 if eval_samples:
                     lg.videos(eval_samples)
             tqdm.write(progress_line(row, list(comps)), file=sys.stdout)
+            if skipped:
+                tqdm.write(
+                    f"it {it:4d} | {skipped} of {cfg.epochs} optimizer steps skipped: NaN or inf "
+                    f"gradient norm ({skipped_in_a_row} in a row, the run stops after "
+                    f"{cfg.max_skipped_steps})",
+                    file=sys.stdout,
+                )
             if row["valid_groups"] == 0:
                 tqdm.write(
                     f"it {it:4d} | no group trained: {NO_GROUP[cfg.advantage]}", file=sys.stdout
@@ -615,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     try:
         train(cfg)
-    except (CheckpointError, RewardSpecError) as e:
+    except (CheckpointError, RewardSpecError, NonFiniteGradientError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -113,6 +113,25 @@ def accumulate_gradients(
     return totals, olds, t_replay
 
 
+class NonFiniteGradientError(FloatingPointError):
+    """More optimizer steps in a row than ``max_skipped_steps`` had a NaN or inf gradient."""
+
+
+def optimizer_step(
+    opt: torch.optim.Optimizer, params: list[nn.Parameter], grad_clip: float
+) -> float:
+    """Clip the gradients of ``params`` to norm ``grad_clip`` and step ``opt``, unless their norm
+    is NaN or inf: then the step is skipped (weights and AdamW's moments and step count stay as
+    they were; clipping a NaN norm would turn every gradient NaN and the step every weight).
+    Every rank holds the same averaged gradients, so every rank decides alike.
+
+    Returns the gradient norm before clipping (NaN or inf: the step was skipped)."""
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    if math.isfinite(norm):
+        opt.step()
+    return norm
+
+
 def reference_terms(
     cfg: TrainConfig, ref: nn.Module, ro: Rollout, weight: torch.Tensor
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from trainer_support import run_overrides, tiny_model
 
 from kvpo import data
@@ -17,6 +18,7 @@ from kvpo.config import build_config, parse_args
 from kvpo.evaluate import evaluate, turned_prompts
 from kvpo.rewards import CompositeReward
 from kvpo.train import main, make_reward, train
+from kvpo.update import NonFiniteGradientError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,6 +144,51 @@ def test_resume_continues_exactly(base, tmp_path):
     train(_cfg(base, tmp_path / "c", iterations=1, samples=False))
     with pytest.raises(CheckpointError, match="no EMA"):
         load_model(tmp_path / "c" / "checkpoint.safetensors", ema=True)
+
+
+def test_a_step_with_a_nan_gradient_is_skipped_and_a_run_of_them_stops(
+    base, tmp_path, monkeypatch, capsys
+):
+    """A NaN gradient leaves weights, AdamW and EMA as they were, is logged, and training goes
+    on; more skipped steps in a row than max_skipped_steps stop the run with a clear error."""
+    import kvpo.train as trainer
+
+    accumulate, poison, seen = trainer.accumulate_gradients, set(), []
+
+    def poisoned(cfg, model, *args):
+        seen.append([p.detach().clone() for p in model.parameters()])
+        out = accumulate(cfg, model, *args)
+        if len(seen) in poison:
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
+        return out
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", poisoned)
+    poison.update({3})  # iteration 1's first of its 2 epochs
+    res = train(
+        _cfg(base, tmp_path / "a", iterations=3, samples=False, max_skipped_steps=1, ema=0.5)
+    )
+    assert [r["skipped_steps"] for r in res.history if r["iter"] >= 0] == [0, 1, 0]
+    assert math.isnan(res.history[2]["grad_norm"]) and math.isfinite(res.history[3]["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(seen[2], seen[3], strict=True))  # skipped
+    assert not all(torch.equal(a, b) for a, b in zip(seen[1], seen[2], strict=True))  # stepped
+    assert all(p.isfinite().all() for p in [*res.model.parameters(), *res.ema.parameters()])
+    scalars = json.loads(
+        safe_open(str(tmp_path / "a" / "checkpoint.safetensors"), "pt").metadata()["optim_scalars"]
+    )
+    assert {s["step"] for s in scalars.values()} == {5.0}  # 6 steps, one skipped
+    assert (
+        "it    1 | 1 of 2 optimizer steps skipped: NaN or inf gradient" in capsys.readouterr().out
+    )
+
+    seen.clear()
+    poison.update({4})  # and the next one: two in a row
+    with pytest.raises(
+        NonFiniteGradientError, match=r"2 optimizer steps in a row .*\(iteration 1,"
+    ):
+        train(_cfg(base, tmp_path / "b", iterations=3, samples=False, max_skipped_steps=1))
+    seen.clear()
+    with pytest.raises(ValueError, match="max_skipped_steps=-1"):
+        train(_cfg(base, tmp_path / "c", max_skipped_steps=-1))
 
 
 def test_warmup_logs_its_rates_and_resumes_exactly(base, tmp_path):
