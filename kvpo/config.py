@@ -37,7 +37,7 @@ class TrainConfig:
     # Model and output.
     base_checkpoint: str = BASE_CHECKPOINT  # the initial and reference policy
     out_dir: str = "runs/kvpo"  # metrics, plots, samples and checkpoints
-    resume: str = ""  # a training checkpoint to continue from
+    resume: str = ""  # a training checkpoint to continue from (auto: out_dir's, if any)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0: torch's default)
     seed: int = 0  # rollouts, prompts and the evaluation noises

@@ -61,6 +61,17 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(home)
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's ``value`` (on every rank)."""
+    if not active():
+        return value
+    x = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+        x = x.cuda()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())
+
+
 def all_gather_object(obj: object) -> list:
     """Every rank's ``obj`` (picklable, any size), in rank order, on every rank."""
     if not active():

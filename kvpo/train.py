@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import math
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from .rewards import (
 )
 from .rollout import Rollout, RolloutSpec, exploring_chunks, rollout
 from .scoring import branch_rewards, fused_reward
+from .stopping import StopSignals
 from .update import (
     NonFiniteGradientError,
     accumulate_gradients,
@@ -259,6 +261,8 @@ class TrainResult:
     history: list[dict]  # one row per iteration (also in out_dir/metrics.jsonl)
     model: nn.Module  # the trained policy
     ema: nn.Module | None = None  # its EMA (config ema > 0)
+    # The signal that stopped the run before cfg.iterations, after a checkpoint (kvpo.stopping).
+    stopped_by: signal.Signals | None = None
 
 
 def set_context(cfg: TrainConfig, model: nn.Module) -> None:
@@ -361,6 +365,9 @@ def train(
         prompts: (training prompts, held-out prompts); default: the built-in procedural ones.
     """
     cfg.validate()
+    if cfg.resume == "auto":  # a requeued job's unchanged command continues where it stopped
+        latest = Path(cfg.out_dir) / "checkpoint.safetensors"
+        cfg = dataclasses.replace(cfg, resume=str(latest) if latest.is_file() else "")
     builtin_prompts = prompts is None and not (cfg.prompts_file or cfg.eval_prompts_file)
     if prompts is None:
         prompts = config_prompts(cfg)
@@ -444,176 +451,208 @@ def train(
             ),
             flush=True,
         )
-    if start == 0 and cfg.eval_before:  # every rank evaluates its share
-        ev, vids = evaluation(model)
-        history.append({"iter": -1, **ev})
-        if lead:
-            print(
-                f"before training: eval reward {ev['eval_reward']:.4f}"
-                + (f" (multi-prompt {ev['eval_mp_reward']:.4f})" if "eval_mp_reward" in ev else ""),
-                flush=True,
-            )
-            if cfg.samples:
-                save_videos(vids, out / "samples_before")
-            for lg in loggers:
-                lg.write(history[-1])
-                if cfg.samples and cfg.samples_at_eval:
-                    lg.videos({"eval": out / "samples_before.gif"})
+        if cfg.resume:
+            print(f"resumed from {cfg.resume} after {start} iterations", flush=True)
 
-    skipped_in_a_row = 0  # optimizer steps skipped for a NaN or inf gradient
-    bar = tqdm(
-        range(start, cfg.iterations),
-        desc="kvpo",
-        disable=not (lead and cfg.progress),
-        initial=start,
-        total=cfg.iterations,
-        file=sys.stderr,
-    )
-    for it in bar:
-        t0 = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        pick = torch.randint(
-            len(train_prompts),
-            (cfg.prompts_per_iter,),
-            generator=iteration_generator(cfg, it, stream=1),
-        ).tolist()
-        gen = iteration_generator(cfg, it, rank)
-        mine = pick[rank::world]
-        batch = [data.random_prompts([train_prompts[i]], nC, cfg.multi_prompt, gen) for i in mine]
-        batch = [data.segments(ps) for ps in batch]
-        shift = int(
-            torch.randint(
-                cfg.window_shift + 1, (), generator=iteration_generator(cfg, it, stream=2)
-            )
-        )
-        spec_it = dataclasses.replace(spec, window=shifted(cfg.window, shift))
-        model.eval()
-        # micro-batches of groups: one's KV cache and activations at a time
-        step = cfg.micro_batch or len(batch)
-        with autocast():
-            parts = [
-                rollout(model, batch[g : g + step], spec_it, gen, device)
-                for g in range(0, len(batch), step)
-            ]
-        t1 = time.perf_counter()
+    def save(done: int) -> None:
+        """The state after ``done`` iterations to ``out/checkpoint.safetensors`` (and
+        ``checkpoints/step_N`` with ``keep_checkpoints``), the reward plot (rank 0 only)."""
+        latest = out / "checkpoint.safetensors"
+        save_training(
+            latest, model, opt, done, cfg.to_dict(), history,
+            ema=None if ema is None else ema.model,
+        )  # fmt: skip
+        if cfg.keep_checkpoints:  # to go back to, e.g. before a reward was gamed
+            (out / "checkpoints").mkdir(exist_ok=True)
+            shutil.copyfile(latest, out / "checkpoints" / f"step_{done:06d}.safetensors")
+        plot_rewards(history, out / "rewards.png")
 
-        comps, anchor, weights = micro_batch_rewards(model, parts, reward, cfg.reward_scopes)
-        total = fused_reward(comps, weights)
-        all_comps = {k: distributed.all_gather(v) for k, v in comps.items()}
-        adv, valid = advantages(cfg, total, comps, anchor, weights, all_comps)
-        adv, valid = adv.to(device), valid.to(device)
-        step_w = [step_weights(ro, cfg.step_weighting) for ro in parts]
-        with torch.no_grad(), autocast():
-            refs = [reference_terms(cfg, ref, ro, w) for ro, w in zip(parts, step_w, strict=True)]
-        t2 = time.perf_counter()
-
-        model.train()
-        lr = learning_rate(cfg, it)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        logp_old, stats, t_replay, skipped = [None] * len(parts), [], 0.0, 0
-        for _ in range(cfg.epochs):
-            opt.zero_grad(set_to_none=True)
-            st, logp_old, dt = accumulate_gradients(
-                cfg, model, parts, step_w, adv, valid, logp_old, refs, autocast
-            )
-            t_replay += dt
-            distributed.average_gradients(params)
-            gnorm = optimizer_step(opt, params, cfg.grad_clip)
-            if math.isfinite(gnorm):
-                skipped_in_a_row = 0
-                if ema is not None:
-                    ema.update(model)
-            else:
-                skipped += 1
-                skipped_in_a_row += 1
-                if skipped_in_a_row > cfg.max_skipped_steps:
-                    raise NonFiniteGradientError(
-                        f"{skipped_in_a_row} optimizer steps in a row had a NaN or inf gradient "
-                        f"(iteration {it}, config max_skipped_steps={cfg.max_skipped_steps}): the "
-                        f"run diverged; resume from a checkpoint in {out} with a smaller lr or "
-                        "grad_clip, or without amp"
-                    )
-            stats.append({**st, "grad_norm": gnorm})
-        t3 = time.perf_counter()
-
-        g_total = distributed.all_gather(total)
-        g_adv = distributed.all_gather(adv.cpu())
-        g_valid = distributed.all_gather(valid.cpu())
-        row = {
-            "iter": it,
-            "reward": float(g_total.mean()),
-            "reward_std": float(g_total.std(1).mean()),
-            "groups": int(g_total.shape[0]),
-            **{f"reward_{k}": float(v.mean()) for k, v in all_comps.items()},
-            **{f"reward_{k}_std": float(v.std(1).mean()) for k, v in all_comps.items()},
-            "lr": lr,
-            "window_start": parts[0].window[0],
-            # KV pages of the largest micro-batch's rollout (what micro_batch bounds)
-            "rollout_cache_mib": max(ro.cache_bytes for ro in parts) / 2**20,
-            "valid_groups": int(g_valid.sum()),
-            "skipped_steps": skipped,  # optimizer steps skipped for a NaN or inf gradient
-            # advantages of the trained groups: their mean is 0 for group advantages, not for
-            # anchor-relative ones; their size sets how hard PPO pushes
-            "adv_mean": float(g_adv[g_valid].mean()) if bool(g_valid.any()) else 0.0,
-            "adv_abs": float(g_adv[g_valid].abs().mean()) if bool(g_valid.any()) else 0.0,
-            **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
-            "time_rollout": t1 - t0,
-            "time_reward": t2 - t1,  # rewards, advantages, reference replay (no grad)
-            "time_replay": t_replay,  # policy replay forwards with gradients, TVE
-            "time_update": t3 - t2 - t_replay,  # PPO loss, backward, all-reduce, AdamW
-        }
-        if device.type == "cuda":  # this rank's peak through the iteration's training stages
-            row["cuda_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        eval_samples = {}  # name -> GIF of this step's evaluation samples, for the loggers
-        if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
+    stopped = None  # the signal that stopped the run early (kvpo.stopping)
+    with StopSignals() as stop:
+        if start == 0 and cfg.eval_before and not history:  # every rank evaluates its share
             ev, vids = evaluation(model)
-            row.update(ev)
-            if ema is not None:
-                ev, _ = evaluation(ema.model)
-                row.update({k.replace("eval_", "eval_ema_", 1): v for k, v in ev.items()})
-            if lead and it + 1 == cfg.iterations and cfg.samples:
-                save_videos(vids, out / "samples_after")
-            if lead and cfg.samples and cfg.samples_at_eval:
-                stem = out / "samples" / f"step_{it + 1:06d}"
-                eval_samples["eval"] = save_videos(vids, stem, mp4=False)[0]
-        history.append(row)
-        if lead:
-            log.write(row)
-            for lg in loggers:
-                lg.write(row)
-                if eval_samples:
-                    lg.videos(eval_samples)
-            tqdm.write(progress_line(row, list(comps)), file=sys.stdout)
-            if skipped:
-                tqdm.write(
-                    f"it {it:4d} | {skipped} of {cfg.epochs} optimizer steps skipped: NaN or inf "
-                    f"gradient norm ({skipped_in_a_row} in a row, the run stops after "
-                    f"{cfg.max_skipped_steps})",
-                    file=sys.stdout,
+            history.append({"iter": -1, **ev})
+            if lead:
+                print(
+                    f"before training: eval reward {ev['eval_reward']:.4f}"
+                    + (
+                        f" (multi-prompt {ev['eval_mp_reward']:.4f})"
+                        if "eval_mp_reward" in ev
+                        else ""
+                    ),
+                    flush=True,
                 )
-            if row["valid_groups"] == 0:
-                tqdm.write(
-                    f"it {it:4d} | no group trained: {NO_GROUP[cfg.advantage]}", file=sys.stdout
+                if cfg.samples:
+                    save_videos(vids, out / "samples_before")
+                for lg in loggers:
+                    lg.write(history[-1])
+                    if cfg.samples and cfg.samples_at_eval:
+                        lg.videos({"eval": out / "samples_before.gif"})
+
+        skipped_in_a_row = 0  # optimizer steps skipped for a NaN or inf gradient
+        bar = tqdm(
+            range(start, cfg.iterations),
+            desc="kvpo",
+            disable=not (lead and cfg.progress),
+            initial=start,
+            total=cfg.iterations,
+            file=sys.stderr,
+        )
+        for it in bar:
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            pick = torch.randint(
+                len(train_prompts),
+                (cfg.prompts_per_iter,),
+                generator=iteration_generator(cfg, it, stream=1),
+            ).tolist()
+            gen = iteration_generator(cfg, it, rank)
+            mine = pick[rank::world]
+            batch = [
+                data.random_prompts([train_prompts[i]], nC, cfg.multi_prompt, gen) for i in mine
+            ]
+            batch = [data.segments(ps) for ps in batch]
+            shift = int(
+                torch.randint(
+                    cfg.window_shift + 1, (), generator=iteration_generator(cfg, it, stream=2)
                 )
-            if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
-                latest = out / "checkpoint.safetensors"
-                save_training(
-                    latest,
-                    model,
-                    opt,
-                    it + 1,
-                    cfg.to_dict(),
-                    history,
-                    ema=None if ema is None else ema.model,
+            )
+            spec_it = dataclasses.replace(spec, window=shifted(cfg.window, shift))
+            model.eval()
+            # micro-batches of groups: one's KV cache and activations at a time
+            step = cfg.micro_batch or len(batch)
+            with autocast():
+                parts = [
+                    rollout(model, batch[g : g + step], spec_it, gen, device)
+                    for g in range(0, len(batch), step)
+                ]
+            t1 = time.perf_counter()
+
+            comps, anchor, weights = micro_batch_rewards(model, parts, reward, cfg.reward_scopes)
+            total = fused_reward(comps, weights)
+            all_comps = {k: distributed.all_gather(v) for k, v in comps.items()}
+            adv, valid = advantages(cfg, total, comps, anchor, weights, all_comps)
+            adv, valid = adv.to(device), valid.to(device)
+            step_w = [step_weights(ro, cfg.step_weighting) for ro in parts]
+            with torch.no_grad(), autocast():
+                refs = [
+                    reference_terms(cfg, ref, ro, w) for ro, w in zip(parts, step_w, strict=True)
+                ]
+            t2 = time.perf_counter()
+            stopped = stop.requested()
+            if stopped:  # before the update: the iteration is dropped, and redone on resume
+                if lead:
+                    save(it)
+                break
+
+            model.train()
+            lr = learning_rate(cfg, it)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            logp_old, stats, t_replay, skipped = [None] * len(parts), [], 0.0, 0
+            for _ in range(cfg.epochs):
+                opt.zero_grad(set_to_none=True)
+                st, logp_old, dt = accumulate_gradients(
+                    cfg, model, parts, step_w, adv, valid, logp_old, refs, autocast
                 )
-                if cfg.keep_checkpoints:  # to go back to, e.g. before a reward was gamed
-                    (out / "checkpoints").mkdir(exist_ok=True)
-                    shutil.copyfile(latest, out / "checkpoints" / f"step_{it + 1:06d}.safetensors")
-                plot_rewards(history, out / "rewards.png")
-    if lead:
-        first = next((h["eval_reward"] for h in history if "eval_reward" in h), None)
+                t_replay += dt
+                distributed.average_gradients(params)
+                gnorm = optimizer_step(opt, params, cfg.grad_clip)
+                if math.isfinite(gnorm):
+                    skipped_in_a_row = 0
+                    if ema is not None:
+                        ema.update(model)
+                else:
+                    skipped += 1
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row > cfg.max_skipped_steps:
+                        raise NonFiniteGradientError(
+                            f"{skipped_in_a_row} optimizer steps in a row had a NaN or inf gradient "
+                            f"(iteration {it}, config max_skipped_steps={cfg.max_skipped_steps}): the "
+                            f"run diverged; resume from a checkpoint in {out} with a smaller lr or "
+                            "grad_clip, or without amp"
+                        )
+                stats.append({**st, "grad_norm": gnorm})
+            t3 = time.perf_counter()
+
+            g_total = distributed.all_gather(total)
+            g_adv = distributed.all_gather(adv.cpu())
+            g_valid = distributed.all_gather(valid.cpu())
+            row = {
+                "iter": it,
+                "reward": float(g_total.mean()),
+                "reward_std": float(g_total.std(1).mean()),
+                "groups": int(g_total.shape[0]),
+                **{f"reward_{k}": float(v.mean()) for k, v in all_comps.items()},
+                **{f"reward_{k}_std": float(v.std(1).mean()) for k, v in all_comps.items()},
+                "lr": lr,
+                "window_start": parts[0].window[0],
+                # KV pages of the largest micro-batch's rollout (what micro_batch bounds)
+                "rollout_cache_mib": max(ro.cache_bytes for ro in parts) / 2**20,
+                "valid_groups": int(g_valid.sum()),
+                "skipped_steps": skipped,  # optimizer steps skipped for a NaN or inf gradient
+                # advantages of the trained groups: their mean is 0 for group advantages, not for
+                # anchor-relative ones; their size sets how hard PPO pushes
+                "adv_mean": float(g_adv[g_valid].mean()) if bool(g_valid.any()) else 0.0,
+                "adv_abs": float(g_adv[g_valid].abs().mean()) if bool(g_valid.any()) else 0.0,
+                **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
+                "time_rollout": t1 - t0,
+                "time_reward": t2 - t1,  # rewards, advantages, reference replay (no grad)
+                "time_replay": t_replay,  # policy replay forwards with gradients, TVE
+                "time_update": t3 - t2 - t_replay,  # PPO loss, backward, all-reduce, AdamW
+            }
+            if device.type == "cuda":  # this rank's peak through the iteration's training stages
+                row["cuda_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            eval_samples = {}  # name -> GIF of this step's evaluation samples, for the loggers
+            if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
+                ev, vids = evaluation(model)
+                row.update(ev)
+                if ema is not None:
+                    ev, _ = evaluation(ema.model)
+                    row.update({k.replace("eval_", "eval_ema_", 1): v for k, v in ev.items()})
+                if lead and it + 1 == cfg.iterations and cfg.samples:
+                    save_videos(vids, out / "samples_after")
+                if lead and cfg.samples and cfg.samples_at_eval:
+                    stem = out / "samples" / f"step_{it + 1:06d}"
+                    eval_samples["eval"] = save_videos(vids, stem, mp4=False)[0]
+            history.append(row)
+            if lead:
+                log.write(row)
+                for lg in loggers:
+                    lg.write(row)
+                    if eval_samples:
+                        lg.videos(eval_samples)
+                tqdm.write(progress_line(row, list(comps)), file=sys.stdout)
+                if skipped:
+                    tqdm.write(
+                        f"it {it:4d} | {skipped} of {cfg.epochs} optimizer steps skipped: NaN or inf "
+                        f"gradient norm ({skipped_in_a_row} in a row, the run stops after "
+                        f"{cfg.max_skipped_steps})",
+                        file=sys.stdout,
+                    )
+                if row["valid_groups"] == 0:
+                    tqdm.write(
+                        f"it {it:4d} | no group trained: {NO_GROUP[cfg.advantage]}", file=sys.stdout
+                    )
+            saved = (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations
+            if saved and lead:
+                save(it + 1)
+            stopped = stop.requested()
+            if stopped:
+                if lead and not saved:
+                    save(it + 1)
+                break
+    if lead and stopped:
+        done = history[-1]["iter"] + 1 if history else start
+        print(
+            f"stopped by {stopped.name} after {done} of {cfg.iterations} iterations, saved in "
+            f"{out / 'checkpoint.safetensors'}; the same command with --resume auto continues "
+            "the run",
+            flush=True,
+        )
+    elif lead:
+        first = next((h["eval_reward"] for h in history if "eval_reward" in h), float("nan"))
         last = history[-1]
         print(
             f"done: eval reward {first:.4f} -> {last.get('eval_reward', float('nan')):.4f}"
@@ -626,13 +665,13 @@ def train(
             + f"; outputs in {out}/",
             flush=True,
         )
-        for lg in loggers:
-            if cfg.samples:
-                lg.videos({k: out / f"samples_{k}.gif" for k in ("before", "after")})
-            lg.close()
+    for lg in loggers:
+        if cfg.samples and not stopped:
+            lg.videos({k: out / f"samples_{k}.gif" for k in ("before", "after")})
+        lg.close()
     distributed.barrier()
     distributed.shutdown()
-    return TrainResult(history, model, None if ema is None else ema.model)
+    return TrainResult(history, model, None if ema is None else ema.model, stopped)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -641,9 +680,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     try:
-        train(cfg)
+        result = train(cfg)
     except (CheckpointError, RewardSpecError, NonFiniteGradientError) as e:
         raise SystemExit(f"error: {e}") from None
+    if result.stopped_by is not None:  # saved, not finished: a shell's status for that signal
+        raise SystemExit(128 + result.stopped_by)
 
 
 if __name__ == "__main__":

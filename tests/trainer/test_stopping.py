@@ -1,0 +1,215 @@
+"""kvpo.stopping and the trainer under it: a stop signal saves and exits, `--resume auto`
+continues where the run stopped, as if it had never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from trainer_support import run_overrides
+
+from kvpo.config import build_config
+from kvpo.stopping import StopSignals
+from kvpo.train import main, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _saved_iteration(out: Path) -> int:
+    with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
+        return int(f.metadata()["iteration"])
+
+
+def _rows(out: Path) -> list[int]:
+    return [json.loads(x)["iter"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_first_signal_is_a_request_and_the_handlers_come_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert stop.requested() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested() == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+    def elsewhere():  # Python takes signals in the main thread only: nothing is installed
+        with StopSignals():
+            assert signal.getsignal(signal.SIGTERM) is before
+
+    t = threading.Thread(target=elsewhere)
+    t.start()
+    t.join()
+
+
+def test_a_second_signal_stops_at_once():
+    code = (
+        "import os, signal, time\n"
+        "from kvpo.stopping import StopSignals\n"
+        "with StopSignals() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    assert stop.requested() == signal.SIGTERM\n"
+        "    print('asked', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "print('survived')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert res.returncode == -signal.SIGTERM, res.stderr[-2000:]
+    assert res.stdout == "asked\n" and "kvpo: got SIGTERM" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "where, call, done",
+    [
+        ("micro_batch_rewards", 2, 1),  # during iteration 1's rollout: dropped, saved after 1
+        ("accumulate_gradients", 3, 2),  # during its update: finished, saved after 2
+    ],
+)
+def test_a_stopped_run_resumes_as_if_never_stopped(
+    base, tmp_path, monkeypatch, capsys, where, call, done
+):
+    import kvpo.train as trainer
+
+    kw = dict(iterations=3, samples=False, ema=0.5, save_every=10, eval_every=10)
+    straight = train(build_config(run_overrides(base, tmp_path / "a", **kw)))
+    capsys.readouterr()
+    real, calls = getattr(trainer, where), []
+
+    def signalling(*args):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(trainer, where, signalling)
+    cfg = build_config(run_overrides(base, tmp_path / "b", resume="auto", **kw))
+    stopped = train(cfg)  # no checkpoint yet: auto starts afresh
+    monkeypatch.undo()
+    assert stopped.stopped_by == signal.SIGTERM
+    assert [h["iter"] for h in stopped.history] == list(range(-1, done))
+    assert _saved_iteration(tmp_path / "b") == done and _rows(tmp_path / "b") == list(range(done))
+    out = capsys.readouterr().out
+    assert f"stopped by SIGTERM after {done} of 3 iterations" in out and "done:" not in out
+
+    resumed = train(cfg)
+    assert resumed.stopped_by is None
+    assert f"resumed from {tmp_path / 'b' / 'checkpoint.safetensors'} after {done}" in (
+        capsys.readouterr().out
+    )
+    for a, b in ((straight.model, resumed.model), (straight.ema, resumed.ema)):
+        for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q), n
+    assert [h["iter"] for h in resumed.history] == [-1, 0, 1, 2]
+
+    def untimed(history):
+        return [{k: v for k, v in h.items() if not k.startswith("time_")} for h in history]
+
+    assert untimed(resumed.history) == untimed(straight.history)
+
+
+def test_the_cli_exits_with_the_signal_status_and_resumes(base, tmp_path, monkeypatch):
+    """Stopped before any iteration ran, `--resume auto` neither repeats the evaluation before
+    training nor loses it."""
+    import kvpo.train as trainer
+
+    real = trainer.micro_batch_rewards
+
+    def signalling(*args):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real(*args)
+
+    over = run_overrides(base, tmp_path, iterations=2, samples=False, save_every=10)
+    args = [
+        f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in over.items()
+    ]
+    monkeypatch.setattr(trainer, "micro_batch_rewards", signalling)
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--resume", "auto"])
+    assert e.value.code == 128 + signal.SIGUSR1 and _saved_iteration(tmp_path) == 0
+    monkeypatch.undo()
+    main(args + ["--resume", "auto"])
+    assert _saved_iteration(tmp_path) == 2 and _rows(tmp_path) == [0, 1]
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
+        history = json.loads(f.metadata()["history"])
+    assert [h["iter"] for h in history] == [-1, 0, 1]
+
+
+REWARD = """
+import os, signal
+
+calls = 0
+
+
+def stop_rank_1(videos, prompts):
+    global calls
+    calls += 1
+    if os.environ["RANK"] == "1" and calls == 2:  # iteration 1, on one rank only
+        os.kill(os.getpid(), signal.SIGTERM)
+    return videos.mean(dim=(1, 2, 3, 4))
+"""
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_point(base, tmp_path):
+    (tmp_path / "stop_reward.py").write_text(REWARD)
+    over = run_overrides(
+        base, tmp_path / "run", iterations=3, samples=False, save_every=10, eval_before=False,
+        eval_every=10, prompts_per_iter=4,
+    )  # fmt: skip
+    args = [
+        f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in over.items()
+    ]
+    args += ["--reward_fns", f"mean={tmp_path / 'stop_reward.py'}:stop_rank_1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29519", "-m", "kvpo.train", *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert res.returncode != 0, "a stopped run is not a finished one"
+    assert "exitcode  : 143" in res.stderr, res.stderr[-4000:]
+    assert res.stderr.count("kvpo: got SIGTERM") == 1  # rank 1 got it, rank 0 stopped with it
+    assert "stopped by SIGTERM after 1 of 3 iterations" in res.stdout, res.stdout[-2000:]
+    assert _saved_iteration(tmp_path / "run") == 1 and _rows(tmp_path / "run") == [0]
+
+
+def test_torchrun_forwards_the_signal_and_waits_for_the_checkpoint(base, tmp_path):
+    """The README's torchrun flags: SIGUSR1 to torchrun reaches every rank, which save and stop
+    within --shutdown-timeout."""
+    out = tmp_path / "run"
+    over = run_overrides(
+        base, out, iterations=200, samples=False, save_every=1000, eval_before=False,
+        eval_every=1000, prompts_per_iter=4,
+    )  # fmt: skip
+    args = [
+        f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in over.items()
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29521", "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1",
+         "--shutdown-timeout", "120", "-m", "kvpo.train", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)  # the first iteration is done: the ranks are mid-run
+        agent.send_signal(signal.SIGUSR1)
+        stdout, stderr = agent.communicate(timeout=180)
+    finally:
+        agent.kill()
+    assert "stopped by SIGUSR1 after" in stdout, stderr[-4000:]
+    assert stderr.count("kvpo: got SIGUSR1") == 2  # each rank's own
+    done = _saved_iteration(out)
+    assert 1 <= done < 200 and _rows(out) == list(range(done))
