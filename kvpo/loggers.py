@@ -73,12 +73,15 @@ class TensorBoardLogger:
     """Scalars (and the run's config as text) to ``out_dir/tensorboard``, flushed every row so
     that a run that stops early keeps what it logged."""
 
-    def __init__(self, out_dir: Path, config: dict) -> None:
+    def __init__(self, out_dir: Path, config: dict, start: int = 0) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise _missing("tensorboard", "tensorboard") from e
-        self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        # resumed after `start` iterations: what an earlier process logged past its checkpoint
+        # (steps > start) is dropped when read, so those steps are not drawn twice
+        purge = start + 1 if start else None
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
         self.step = 0
 
@@ -106,13 +109,19 @@ class TensorBoardLogger:
 class WandbLogger:
     """A W&B run in ``out_dir`` with the config; scalars each row, sample GIFs as videos."""
 
-    def __init__(self, out_dir: Path, config: dict, project: str) -> None:
+    def __init__(self, out_dir: Path, config: dict, project: str, start: int = 0) -> None:
         try:
             import wandb
         except ImportError as e:
             raise _missing("wandb", "wandb") from e
         self.wandb = wandb
-        self.run = wandb.init(project=project, dir=str(out_dir), config=config)
+        # resumed after `start` iterations: the same W&B run goes on (its id kept in out_dir)
+        id_file = out_dir / "wandb_run_id"
+        same = {}
+        if start and id_file.is_file():
+            same = {"id": id_file.read_text().strip(), "resume": "allow"}
+        self.run = wandb.init(project=project, dir=str(out_dir), config=config, **same)
+        id_file.write_text(self.run.id)
         self.step = 0
 
     def write(self, row: dict) -> None:
@@ -132,12 +141,15 @@ class WandbLogger:
         self.run.finish()
 
 
-def make_loggers(log_to: str, out_dir: Path, config: dict, wandb_project: str) -> list[Logger]:
-    """The loggers ``log_to`` names (see :func:`parse_log_to`)."""
+def make_loggers(
+    log_to: str, out_dir: Path, config: dict, wandb_project: str, start: int = 0
+) -> list[Logger]:
+    """The loggers ``log_to`` names (see :func:`parse_log_to`), for a run resumed after
+    ``start`` iterations (0: a new run)."""
     made: list[Logger] = []
     for name in parse_log_to(log_to):
         if name == "tensorboard":
-            made.append(TensorBoardLogger(out_dir, config))
+            made.append(TensorBoardLogger(out_dir, config, start))
         else:
-            made.append(WandbLogger(out_dir, config, wandb_project))
+            made.append(WandbLogger(out_dir, config, wandb_project, start))
     return made

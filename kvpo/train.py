@@ -428,7 +428,7 @@ def train(
 
     log = MetricsLog(out)
     params = trainable(model)
-    loggers = make_loggers(cfg.log_to, out, cfg.to_dict(), cfg.wandb_project) if lead else []
+    loggers = make_loggers(cfg.log_to, out, cfg.to_dict(), cfg.wandb_project, start) if lead else []
     if lead:
         log.truncate(start)
         # the run's every setting, in the form --config reads back

@@ -68,10 +68,27 @@ def test_tensorboard_gets_every_row(base, tmp_path):
     assert np.array_equal(png[..., :3], filmstrip(gif))
 
 
+def test_a_resumed_run_logs_each_step_once(base, tmp_path):
+    """Iteration 2 was logged (step 3) after the kept checkpoint of step 2: resumed from there,
+    TensorBoard shows the resumed run's step 3, not both."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    kw = dict(log_to="tensorboard", iterations=3, keep_checkpoints=True, eval_every=10)
+    train(_cfg(base, tmp_path, **kw))
+    step2 = tmp_path / "checkpoints" / "step_000002.safetensors"
+    res = train(_cfg(base, tmp_path, resume=str(step2), **kw))
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/reward")] == [1, 2, 3]
+    assert acc.Scalars("train/reward")[-1].value == pytest.approx(res.history[-1]["reward"])
+
+
 def test_wandb_run_gets_config_rows_and_samples(base, tmp_path, monkeypatch):
     calls = {"log": [], "finish": 0}
 
     class Run:
+        id = "run-1"
+
         def log(self, values, step):
             calls["log"].append((step, values))
 
@@ -110,6 +127,11 @@ def test_wandb_run_gets_config_rows_and_samples(base, tmp_path, monkeypatch):
     assert media[1][1]["samples/eval"].path == str(tmp_path / "samples" / "step_000001.gif")
     assert media[-1][1]["samples/after"].path == str(tmp_path / "samples_after.gif")
     assert calls["finish"] == 1
+    assert "id" not in calls["init"] and (tmp_path / "wandb_run_id").read_text() == "run-1"
+    ckpt = tmp_path / "checkpoint.safetensors"
+    train(_cfg(base, tmp_path, log_to="wandb", iterations=3, resume=str(ckpt)))
+    assert calls["init"]["id"] == "run-1" and calls["init"]["resume"] == "allow"  # the same run
+    assert [s for s, v in calls["log"] if "train/reward" in v][-1] == 3
 
 
 def test_a_missing_package_is_named(base, tmp_path, monkeypatch):
