@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import shutil
 import signal
 import sys
@@ -44,10 +43,10 @@ from .scoring import branch_rewards, fused_reward
 from .stopping import StopSignals
 from .update import (
     NonFiniteGradientError,
-    accumulate_gradients,
+    SkippedSteps,
     learning_rate,
-    optimizer_step,
     reference_terms,
+    update_policy,
 )
 
 
@@ -144,6 +143,30 @@ NO_GROUP = {
 def shifted(window: tuple[int, int], by: int) -> tuple[int, int]:
     """The perturbed window ``[w0, w1)`` started ``by`` chunks later."""
     return (window[0] + by, window[1] + by)
+
+
+def iteration_batch(
+    cfg: TrainConfig, spec: RolloutSpec, it: int, train_prompts: list[str], chunks: int
+) -> tuple[list[list[str]], RolloutSpec, torch.Generator]:
+    """Iteration ``it``'s groups on this rank: each group's prompt per chunk (the iteration's
+    ``prompts_per_iter`` prompts are drawn alike on every rank, which takes its share), ``spec``
+    with the window started as drawn for the iteration, and the rank's generator for its
+    rollouts. Every draw is seeded by (seed, it, rank): a resumed run draws the same."""
+    rank, world = distributed.rank_and_world()
+    pick = torch.randint(
+        len(train_prompts),
+        (cfg.prompts_per_iter,),
+        generator=iteration_generator(cfg, it, stream=1),
+    ).tolist()
+    gen = iteration_generator(cfg, it, rank)
+    batch = [
+        data.segments(data.random_prompts([train_prompts[i]], chunks, cfg.multi_prompt, gen))
+        for i in pick[rank::world]
+    ]
+    shift = torch.randint(
+        cfg.window_shift + 1, (), generator=iteration_generator(cfg, it, stream=2)
+    )
+    return batch, dataclasses.replace(spec, window=shifted(cfg.window, int(shift))), gen
 
 
 def rollout_spec(cfg: TrainConfig) -> RolloutSpec:
@@ -489,7 +512,7 @@ def train(
                     if cfg.samples and cfg.samples_at_eval:
                         lg.videos({"eval": out / "samples_before.gif"})
 
-        skipped_in_a_row = 0  # optimizer steps skipped for a NaN or inf gradient
+        skips = SkippedSteps(cfg.max_skipped_steps)
         bar = tqdm(
             range(start, cfg.iterations),
             desc="kvpo",
@@ -502,23 +525,7 @@ def train(
             t0 = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            pick = torch.randint(
-                len(train_prompts),
-                (cfg.prompts_per_iter,),
-                generator=iteration_generator(cfg, it, stream=1),
-            ).tolist()
-            gen = iteration_generator(cfg, it, rank)
-            mine = pick[rank::world]
-            batch = [
-                data.random_prompts([train_prompts[i]], nC, cfg.multi_prompt, gen) for i in mine
-            ]
-            batch = [data.segments(ps) for ps in batch]
-            shift = int(
-                torch.randint(
-                    cfg.window_shift + 1, (), generator=iteration_generator(cfg, it, stream=2)
-                )
-            )
-            spec_it = dataclasses.replace(spec, window=shifted(cfg.window, shift))
+            batch, spec_it, gen = iteration_batch(cfg, spec, it, train_prompts, nC)
             model.eval()
             # micro-batches of groups: one's KV cache and activations at a time
             step = cfg.micro_batch or len(batch)
@@ -550,30 +557,9 @@ def train(
             lr = learning_rate(cfg, it)
             for group in opt.param_groups:
                 group["lr"] = lr
-            logp_old, stats, t_replay, skipped = [None] * len(parts), [], 0.0, 0
-            for _ in range(cfg.epochs):
-                opt.zero_grad(set_to_none=True)
-                st, logp_old, dt = accumulate_gradients(
-                    cfg, model, parts, step_w, adv, valid, logp_old, refs, autocast
-                )
-                t_replay += dt
-                distributed.average_gradients(params)
-                gnorm = optimizer_step(opt, params, cfg.grad_clip)
-                if math.isfinite(gnorm):
-                    skipped_in_a_row = 0
-                    if ema is not None:
-                        ema.update(model)
-                else:
-                    skipped += 1
-                    skipped_in_a_row += 1
-                    if skipped_in_a_row > cfg.max_skipped_steps:
-                        raise NonFiniteGradientError(
-                            f"{skipped_in_a_row} optimizer steps in a row had a NaN or inf gradient "
-                            f"(iteration {it}, config max_skipped_steps={cfg.max_skipped_steps}): the "
-                            f"run diverged; resume from a checkpoint in {out} with a smaller lr or "
-                            "grad_clip, or without amp"
-                        )
-                stats.append({**st, "grad_norm": gnorm})
+            st, t_replay, skipped = update_policy(
+                cfg, model, opt, params, ema, parts, step_w, adv, valid, refs, autocast, skips
+            )
             t3 = time.perf_counter()
 
             g_total = distributed.all_gather(total)
@@ -596,7 +582,7 @@ def train(
                 # anchor-relative ones; their size sets how hard PPO pushes
                 "adv_mean": float(g_adv[g_valid].mean()) if bool(g_valid.any()) else 0.0,
                 "adv_abs": float(g_adv[g_valid].abs().mean()) if bool(g_valid.any()) else 0.0,
-                **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
+                **st,
                 "time_rollout": t1 - t0,
                 "time_reward": t2 - t1,  # rewards, advantages, reference replay (no grad)
                 "time_replay": t_replay,  # policy replay forwards with gradients, TVE
@@ -627,7 +613,7 @@ def train(
                 if skipped:
                     tqdm.write(
                         f"it {it:4d} | {skipped} of {cfg.epochs} optimizer steps skipped: NaN or inf "
-                        f"gradient norm ({skipped_in_a_row} in a row, the run stops after "
+                        f"gradient norm ({skips.in_a_row} in a row, the run stops after "
                         f"{cfg.max_skipped_steps})",
                         file=sys.stdout,
                     )

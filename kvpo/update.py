@@ -6,11 +6,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from . import distributed
 from .config import TrainConfig
+from .ema import ParamEMA
 from .grpo import ppo_objective
 from .likelihood import branch_log_probs, kl_term
 from .replay import replay_velocities, trajectory_energy
@@ -117,6 +120,29 @@ class NonFiniteGradientError(FloatingPointError):
     """More optimizer steps in a row than ``max_skipped_steps`` had a NaN or inf gradient."""
 
 
+@dataclass
+class SkippedSteps:
+    """Counts the optimizer steps skipped for a NaN or inf gradient in a row, across
+    iterations; more than ``limit`` in a row raise :class:`NonFiniteGradientError`."""
+
+    limit: int
+    in_a_row: int = 0
+
+    def count(self, norm: float) -> bool:
+        """Whether the step of gradient norm ``norm`` was skipped (it was not finite)."""
+        if math.isfinite(norm):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        if self.in_a_row > self.limit:
+            raise NonFiniteGradientError(
+                f"{self.in_a_row} optimizer steps in a row had a NaN or inf gradient (config "
+                f"max_skipped_steps={self.limit}): the run diverged; resume from its last "
+                "checkpoint with a smaller lr or grad_clip, or without amp"
+            )
+        return True
+
+
 def optimizer_step(
     opt: torch.optim.Optimizer, params: list[nn.Parameter], grad_clip: float
 ) -> float:
@@ -130,6 +156,45 @@ def optimizer_step(
     if math.isfinite(norm):
         opt.step()
     return norm
+
+
+def update_policy(
+    cfg: TrainConfig,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    ema: ParamEMA | None,
+    parts: list[Rollout],
+    weights: list[torch.Tensor],
+    adv: torch.Tensor,
+    valid: torch.Tensor,
+    refs: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+    autocast: Callable[[], torch.autocast],
+    skips: SkippedSteps,
+) -> tuple[dict[str, float], float, int]:
+    """An iteration's update: ``cfg.epochs`` AdamW steps of ``params`` (the trainable ones), each
+    on the gradient of the whole batch's objective (:func:`accumulate_gradients`, against the
+    first epoch's log-probabilities), averaged over the ranks and clipped; the EMA follows each
+    step. A step whose gradient is not finite is skipped (:func:`optimizer_step`, ``skips``).
+
+    Returns the statistics averaged over the epochs (``grad_norm`` included), the replay
+    seconds, and the number of steps skipped."""
+    logp_old: list[torch.Tensor | None] = [None] * len(parts)
+    stats, t_replay, skipped = [], 0.0, 0
+    for _ in range(cfg.epochs):
+        opt.zero_grad(set_to_none=True)
+        st, logp_old, dt = accumulate_gradients(
+            cfg, model, parts, weights, adv, valid, logp_old, refs, autocast
+        )
+        t_replay += dt
+        distributed.average_gradients(params)
+        norm = optimizer_step(opt, params, cfg.grad_clip)
+        if skips.count(norm):
+            skipped += 1
+        elif ema is not None:
+            ema.update(model)
+        stats.append({**st, "grad_norm": norm})
+    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}, t_replay, skipped
 
 
 def reference_terms(

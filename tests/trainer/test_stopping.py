@@ -1,6 +1,7 @@
 """kvpo.stopping and the trainer under it: a stop signal saves and exits, `--resume auto`
 continues where the run stopped, as if it had never stopped."""
 
+import importlib
 import json
 import os
 import signal
@@ -70,21 +71,21 @@ def test_a_second_signal_stops_at_once():
 
 
 @pytest.mark.parametrize(
-    "where, call, done",
+    "module, where, call, done",
     [
-        ("micro_batch_rewards", 2, 1),  # during iteration 1's rollout: dropped, saved after 1
-        ("accumulate_gradients", 3, 2),  # during its update: finished, saved after 2
+        # during iteration 1's rollout and rewards: dropped, saved after 1
+        ("kvpo.train", "micro_batch_rewards", 2, 1),
+        ("kvpo.update", "accumulate_gradients", 3, 2),  # during its update: finished, saved after 2
     ],
 )
 def test_a_stopped_run_resumes_as_if_never_stopped(
-    base, tmp_path, monkeypatch, capsys, where, call, done
+    base, tmp_path, monkeypatch, capsys, module, where, call, done
 ):
-    import kvpo.train as trainer
-
+    module = importlib.import_module(module)
     kw = dict(iterations=3, samples=False, ema=0.5, save_every=10, eval_every=10)
     straight = train(build_config(run_overrides(base, tmp_path / "a", **kw)))
     capsys.readouterr()
-    real, calls = getattr(trainer, where), []
+    real, calls = getattr(module, where), []
 
     def signalling(*args):
         calls.append(1)
@@ -92,7 +93,7 @@ def test_a_stopped_run_resumes_as_if_never_stopped(
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args)
 
-    monkeypatch.setattr(trainer, where, signalling)
+    monkeypatch.setattr(module, where, signalling)
     cfg = build_config(run_overrides(base, tmp_path / "b", resume="auto", **kw))
     stopped = train(cfg)  # no checkpoint yet: auto starts afresh
     monkeypatch.undo()
