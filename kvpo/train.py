@@ -388,6 +388,7 @@ def train(
         prompts: (training prompts, held-out prompts); default: the built-in procedural ones.
     """
     cfg.validate()
+    asked = cfg  # what config.yaml records: `resume: auto` stays auto for the next start
     if cfg.resume == "auto":  # a requeued job's unchanged command continues where it stopped
         latest = Path(cfg.out_dir) / "checkpoint.safetensors"
         cfg = dataclasses.replace(cfg, resume=str(latest) if latest.is_file() else "")
@@ -455,7 +456,7 @@ def train(
     if lead:
         log.truncate(start)
         # the run's every setting, in the form --config reads back
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (out / "config.yaml").write_text(yaml.safe_dump(asked.to_dict(), sort_keys=False))
         n = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in params)
         print(

@@ -144,6 +144,7 @@ def test_the_cli_exits_with_the_signal_status_and_resumes(base, tmp_path, monkey
     with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
         history = json.loads(f.metadata()["history"])
     assert [h["iter"] for h in history] == [-1, 0, 1]
+    assert "resume: auto" in (tmp_path / "config.yaml").read_text().splitlines()
 
 
 REWARD = """
