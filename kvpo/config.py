@@ -132,6 +132,7 @@ class TrainConfig:
     samples: bool = True  # before/after GIF and MP4 of the evaluation prompts
     samples_at_eval: bool = False  # also every evaluation's: samples/step_N.gif, to the loggers
     progress: bool = True  # progress bar on stderr
+    profile_iteration: int = -1  # torch.profiler trace of this iteration to out_dir/profile
     log_to: str = ""  # also log to tensorboard, wandb, or both: "tensorboard,wandb"
     wandb_project: str = "kvpo"  # the W&B project of log_to=wandb (WANDB_MODE=offline: on disk)
 
@@ -179,6 +180,8 @@ class TrainConfig:
         for name in ("window_shift", "max_skipped_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "must be an integer >= 0")
+        if not isinstance(self.profile_iteration, int) or self.profile_iteration < -1:
+            raise bad("profile_iteration", "must be an iteration (>= 0), or -1 for none")
         for name in ("micro_batch", "eval_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "must be an integer >= 0 (0: all at once)")

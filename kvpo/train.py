@@ -28,6 +28,7 @@ from .ema import ParamEMA
 from .evaluate import evaluate_sets, evaluation_sets
 from .grpo import anchor_advantages, group_advantages
 from .loggers import make_loggers
+from .profiling import IterationProfiler
 from .replay import step_weights
 from .report import MetricsLog, plot_rewards, save_videos
 from .rewards import (
@@ -514,6 +515,7 @@ def train(
                         lg.videos({"eval": out / "samples_before.gif"})
 
         skips = SkippedSteps(cfg.max_skipped_steps)
+        profiler = IterationProfiler(cfg.profile_iteration, out, rank, device)
         bar = tqdm(
             range(start, cfg.iterations),
             desc="kvpo",
@@ -523,6 +525,7 @@ def train(
             file=sys.stderr,
         )
         for it in bar:
+            profiler.step(it)
             t0 = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -630,6 +633,7 @@ def train(
                 if lead and not saved:
                     save(it + 1)
                 break
+    profiler.close()
     if lead and stopped:
         done = history[-1]["iter"] + 1 if history else start
         print(
