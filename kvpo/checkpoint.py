@@ -41,9 +41,21 @@ def _unreadable(path: str | Path, e: Exception) -> CheckpointError:
     return CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file: {e}")
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """``path``, or for a run's ``out_dir`` its latest ``checkpoint.safetensors``."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "checkpoint.safetensors").is_file():
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is a directory without a checkpoint.safetensors"
+            )
+        return path / "checkpoint.safetensors"
+    return path
+
+
 def _header(path: str | Path) -> dict[str, str]:
     """The metadata of a safetensors checkpoint, read without its tensors."""
-    path = Path(path)
+    path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -54,6 +66,7 @@ def _header(path: str | Path) -> dict[str, str]:
 
 
 def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = checkpoint_file(path)
     meta = _header(path)
     try:
         tensors = load_file(str(path))

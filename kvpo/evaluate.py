@@ -112,7 +112,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         prog="python -m kvpo.evaluate",
         description="Evaluate a checkpoint as its training run did; print the scores as JSON.",
     )
-    ap.add_argument("--checkpoint", type=Path, required=True, help="model or training checkpoint")
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="model or training checkpoint, or a run's out_dir (its latest)",
+    )
     ap.add_argument("--ema", action="store_true", help="the EMA weights of a training checkpoint")
     ap.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any"

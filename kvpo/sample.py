@@ -44,7 +44,12 @@ def _name_spec(item: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m kvpo.sample", description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", type=Path, required=True, help="model or training checkpoint")
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="model or training checkpoint, or a run's out_dir (its latest)",
+    )
     ap.add_argument("--ema", action="store_true", help="the EMA weights of a training checkpoint")
     ap.add_argument("--prompt", action="append", help="repeat for several (default: held-out)")
     ap.add_argument("--prompts_file", type=Path, help="one prompt per line, after any --prompt")

@@ -4,7 +4,14 @@ import pytest
 import torch
 from trainer_support import tiny_model
 
-from kvpo.checkpoint import CheckpointError, load_model, load_training, save_model, save_training
+from kvpo.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_training,
+    save_model,
+    save_training,
+    trainer_config,
+)
 from kvpo.config import BASE_CHECKPOINT
 
 
@@ -41,6 +48,13 @@ def test_training_round_trip(tmp_path):
                 torch.as_tensor(s2[i][k]).float(), torch.as_tensor(s1[i][k]).float(), rtol=0, atol=0
             )
     assert load_model(tmp_path / "t.safetensors").cfg == m.cfg
+    # a run's out_dir stands for its latest checkpoint
+    (tmp_path / "t.safetensors").rename(tmp_path / "checkpoint.safetensors")
+    assert trainer_config(tmp_path) == {"lr": 1e-3}
+    for (k, a), b in zip(
+        m.state_dict().items(), load_model(tmp_path).state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), k
 
 
 def test_shipped_base_checkpoint_loads():
@@ -51,6 +65,8 @@ def test_shipped_base_checkpoint_loads():
 def test_unreadable_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "missing.safetensors")
+    with pytest.raises(CheckpointError, match="a directory without a checkpoint.safetensors"):
+        load_model(tmp_path)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
     with pytest.raises(CheckpointError, match="not a readable"):
