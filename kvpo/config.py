@@ -129,6 +129,8 @@ class TrainConfig:
     eval_before: bool = True  # also before the first iteration (the baseline; step 0 of loggers)
     save_every: int = 10  # checkpoint every this many iterations
     keep_checkpoints: bool = False  # also keep each one as checkpoints/step_N.safetensors
+    # best.safetensors: the training state at the best value yet of this held-out metric
+    keep_best: str = ""  # an eval metric: eval_reward, eval_ema_reward, ... ("": none)
     samples: bool = True  # before/after GIF and MP4 of the evaluation prompts
     samples_at_eval: bool = False  # also every evaluation's: samples/step_N.gif, to the loggers
     progress: bool = True  # progress bar on stderr
@@ -180,6 +182,10 @@ class TrainConfig:
         for name in ("window_shift", "max_skipped_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "must be an integer >= 0")
+        if not isinstance(self.keep_best, str) or (
+            self.keep_best and not self.keep_best.startswith("eval_")
+        ):
+            raise bad("keep_best", "must name a held-out metric (eval_reward, ...) or be empty")
         if not isinstance(self.profile_iteration, int) or self.profile_iteration < -1:
             raise bad("profile_iteration", "must be an iteration (>= 0), or -1 for none")
         for name in ("micro_batch", "eval_batch"):

@@ -479,24 +479,43 @@ def train(
         if cfg.resume:
             print(f"resumed from {cfg.resume} after {start} iterations", flush=True)
 
-    def save(done: int) -> None:
-        """The state after ``done`` iterations to ``out/checkpoint.safetensors`` (and
-        ``checkpoints/step_N`` with ``keep_checkpoints``), the reward plot (rank 0 only)."""
-        latest = out / "checkpoint.safetensors"
+    def save(done: int, name: str = "checkpoint") -> None:
+        """The state after ``done`` iterations to ``out/<name>.safetensors``; the latest one
+        (``checkpoint``) is also kept as ``checkpoints/step_N`` with ``keep_checkpoints``, and
+        the reward plot redrawn. Rank 0 only."""
+        latest = out / f"{name}.safetensors"
         save_training(
             latest, model, opt, done, cfg.to_dict(), history,
             ema=None if ema is None else ema.model,
         )  # fmt: skip
+        if name != "checkpoint":
+            return
         if cfg.keep_checkpoints:  # to go back to, e.g. before a reward was gamed
             (out / "checkpoints").mkdir(exist_ok=True)
             shutil.copyfile(latest, out / "checkpoints" / f"step_{done:06d}.safetensors")
         plot_rewards(history, out / "rewards.png")
+
+    def keep_if_best(done: int) -> None:
+        """``best.safetensors``: the state after ``done`` iterations, if the evaluation just
+        logged has the best ``keep_best`` metric yet (every rank checks, rank 0 saves)."""
+        if not cfg.keep_best:
+            return
+        row = history[-1]
+        if cfg.keep_best not in row:
+            raise ValueError(
+                f"config keep_best={cfg.keep_best!r} is not a metric of this run's evaluation: "
+                f"{sorted(k for k in row if k.startswith('eval_'))}"
+            )
+        earlier = [h[cfg.keep_best] for h in history[:-1] if cfg.keep_best in h]
+        if lead and (not earlier or row[cfg.keep_best] > max(earlier)):
+            save(done, "best")
 
     stopped = None  # the signal that stopped the run early (kvpo.stopping)
     with StopSignals() as stop:
         if start == 0 and cfg.eval_before and not history:  # every rank evaluates its share
             ev, vids = evaluation(model)
             history.append({"iter": -1, **ev})
+            keep_if_best(0)
             if lead:
                 print(
                     f"before training: eval reward {ev['eval_reward']:.4f}"
@@ -595,7 +614,8 @@ def train(
             if device.type == "cuda":  # this rank's peak through the iteration's training stages
                 row["cuda_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             eval_samples = {}  # name -> GIF of this step's evaluation samples, for the loggers
-            if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
+            evaluated = (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations
+            if evaluated:
                 ev, vids = evaluation(model)
                 row.update(ev)
                 if ema is not None:
@@ -607,6 +627,8 @@ def train(
                     stem = out / "samples" / f"step_{it + 1:06d}"
                     eval_samples["eval"] = save_videos(vids, stem, mp4=False)[0]
             history.append(row)
+            if evaluated:
+                keep_if_best(it + 1)
             if lead:
                 log.write(row)
                 for lg in loggers:

@@ -254,6 +254,32 @@ def test_kept_checkpoints_resume_from_their_step(base, tmp_path):
     assert not (tmp_path / "b" / "checkpoints").exists()  # off by default
 
 
+def test_the_best_evaluation_keeps_its_state(base, tmp_path):
+    """best.safetensors is the state at the best held-out reward (the base, before training,
+    counts): the kept checkpoint of that step, or the base."""
+    kw = dict(iterations=4, eval_every=1, keep_checkpoints=True, samples=False, lr=3e-3)
+    res = train(_cfg(base, tmp_path, keep_best="eval_reward", **kw))
+    rows = [h for h in res.history if "eval_reward" in h]
+    top = max(rows, key=lambda h: h["eval_reward"])
+    with safe_open(str(tmp_path / "best.safetensors"), "pt") as f:
+        assert int(f.metadata()["iteration"]) == top["iter"] + 1
+    best = load_model(tmp_path / "best.safetensors")
+    same = (
+        tmp_path / "checkpoints" / f"step_{top['iter'] + 1:06d}.safetensors"
+        if top["iter"] >= 0
+        else base
+    )
+    for (n, p), q in zip(best.named_parameters(), load_model(same).parameters(), strict=True):
+        assert torch.equal(p, q), n
+    assert len({h["eval_reward"] for h in rows}) > 1  # the runs' evaluations differ
+    with pytest.raises(
+        ValueError, match=r"keep_best='eval_ema_reward' is not a metric .*eval_reward"
+    ):
+        train(_cfg(base, tmp_path / "b", keep_best="eval_ema_reward"))
+    with pytest.raises(ValueError, match="keep_best='reward'"):
+        _cfg(base, tmp_path / "c", keep_best="reward")
+
+
 def test_resume_rejects_mismatched_or_unreadable_checkpoints(base, tmp_path):
     train(_cfg(base, tmp_path, iterations=1, samples=False))
     ckpt = str(tmp_path / "checkpoint.safetensors")
