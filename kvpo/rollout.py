@@ -153,6 +153,18 @@ class Rollout:
         recompute them alone)."""
         return self._select(slice(None), sel)
 
+    def branch_spread(self) -> torch.Tensor:
+        """How far apart each group's branches end up, scale-free: the RMS difference between two
+        of its branches' clean latents from the fork on (the window's first frame), over the
+        latents' RMS. [B] float32; 0 when every branch made the same video, sqrt(2) for
+        independent zero-mean ones. Exploration that changes nothing shows here first."""
+        T = self.tokens.shape[3]
+        fork = self.window[0] * (self.states.shape[3] // T)
+        x = self.tokens[:, :, fork:].flatten(2).float()  # [B, G, n]
+        # the mean over branch pairs of (x_g - x_h)^2 is twice the (unbiased) branch variance
+        pairs = 2 * x.var(dim=1).mean(dim=1)
+        return (pairs / x.square().mean(dim=(1, 2))).sqrt()
+
     def _select(self, groups: slice, branches: slice) -> Rollout:
         B, G = self.tokens.shape[:2]
         return replace(

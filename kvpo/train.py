@@ -588,6 +588,7 @@ def train(
             g_total = distributed.all_gather(total)
             g_adv = distributed.all_gather(adv.cpu())
             g_valid = distributed.all_gather(valid.cpu())
+            spread = distributed.all_gather(torch.cat([ro.branch_spread().cpu() for ro in parts]))
             row = {
                 "iter": it,
                 "reward": float(g_total.mean()),
@@ -600,6 +601,9 @@ def train(
                 # KV pages of the largest micro-batch's rollout (what micro_batch bounds)
                 "rollout_cache_mib": max(ro.cache_bytes for ro in parts) / 2**20,
                 "valid_groups": int(g_valid.sum()),
+                # how different the branches' videos came out (Rollout.branch_spread): the
+                # exploration's strength, before any reward reads it
+                "branch_spread": float(spread.mean()),
                 "skipped_steps": skipped,  # optimizer steps skipped for a NaN or inf gradient
                 # advantages of the trained groups: their mean is 0 for group advantages, not for
                 # anchor-relative ones; their size sets how hard PPO pushes

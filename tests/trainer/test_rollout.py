@@ -82,6 +82,25 @@ def test_keep_all_gives_identical_branches(model):
     torch.testing.assert_close(ro.anchor_tokens, ro.tokens[:, 0], rtol=0, atol=1e-5)
 
 
+def test_branch_spread_is_the_pairwise_distance_from_the_fork(model):
+    ro = _run(model)
+    B, G = ro.tokens.shape[:2]
+    fork = ro.window[0] * model.chunk_frames
+    x = ro.tokens[:, :, fork:].flatten(2).double()
+    want = torch.stack([
+        torch.stack([(x[b, g] - x[b, h]).square().mean() for g in range(G) for h in range(G) if g != h])
+        .mean().sqrt() / x[b].square().mean().sqrt()
+        for b in range(B)
+    ])  # fmt: skip
+    torch.testing.assert_close(ro.branch_spread().double(), want, rtol=1e-5, atol=0)
+    assert bool((want > 0.01).all())  # routing made the branches differ
+    assert float(_run(model, p_keep=1.0).branch_spread().max()) < 1e-4  # no routing: no spread
+    # the frames before the fork do not count: a shared chunk more before it changes nothing
+    chunk = ro.tokens[:, :, : model.chunk_frames]
+    longer = replace(ro, tokens=torch.cat([chunk, ro.tokens], 2), window=(3, 5))
+    torch.testing.assert_close(longer.branch_spread(), ro.branch_spread(), rtol=0, atol=0)
+
+
 def test_reproducible_and_anchor_is_deployment_sample(model):
     a, b = _run(model, seed=3), _run(model, seed=3)
     assert torch.equal(a.tokens, b.tokens)

@@ -46,11 +46,13 @@ def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path):
         "time_update",
         "eval_reward",
         "valid_groups",
+        "branch_spread",
         "adv_mean",
         "adv_abs",
     ):
         assert key in rows[-1], key
     assert rows[0]["tve"] > 0  # routed branches are away from the full-context policy
+    assert all(0 < r["branch_spread"] < 2 for r in rows)  # and from each other
     for r in rows:  # group advantages are centred in every trained group
         assert abs(r["adv_mean"]) < 1e-3 and (r["adv_abs"] > 0) == (r["valid_groups"] > 0)
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
