@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from . import data, distributed
 from .config import TrainConfig
 from .interface import StreamingVideoGenerator
 from .rewards import CompositeReward
-from .rollout import generate_passes
+from .rollout import generate_passes, spread
 
 
 def turned_prompts(prompts: list[str], chunks: int) -> list[list[str]]:
@@ -41,6 +42,10 @@ def evaluate(
     from the noise it has in one pass of one process, so any number of ranks and any ``batch``
     give the same samples. Every rank gets the means.
 
+    With several ``seeds`` the scores also hold ``eval_diversity``: how different a prompt's
+    samples are (:func:`kvpo.rollout.spread` of their frames averaged down to at most 16 x 16
+    pixels, the mean over prompts), which falls when training collapses onto one video a prompt.
+
     Returns mean rewards over all samples and the videos of the first noise, [P, F, C, H, W]
     (on rank 0; None on the others)."""
     nC = model.num_frames // model.chunk_frames
@@ -48,20 +53,31 @@ def evaluate(
     asked = [data.segments(p if isinstance(p, list) else [p] * nC) for p in prompts] * seeds
     rank, world = distributed.rank_and_world()
     mine = list(range(rank, len(asked), world))
-    got, firsts = [], {}
+    got, firsts, small = [], {}, {}
     gen = torch.Generator().manual_seed(seed)
     for rows, videos in generate_passes(model, asked, gen, device, mine, batch):
-        got.append(reward.components(((videos + 1) / 2).cpu(), [asked[i] for i in rows]))
         firsts.update({i: v.cpu() for i, v in zip(rows, videos, strict=True) if i < len(prompts)})
+        videos = ((videos + 1) / 2).cpu()
+        got.append(reward.components(videos, [asked[i] for i in rows]))
+        if seeds > 1:
+            size = [min(n, 16) for n in videos.shape[-2:]]
+            thumbs = F.adaptive_avg_pool2d(videos.flatten(0, 1), size).view(*videos.shape[:3], -1)
+            small.update(zip(rows, thumbs, strict=True))
     comps = {k: torch.cat([c[k] for c in got]) for k in got[0]} if got else {}
-    # every rank's rewards back in row order, then the means of one process
+    # every rank's rewards (and thumbnails) back in row order, then the means of one process
     per_row = {}
-    for r, theirs in enumerate(distributed.all_gather_object(comps)):
+    for r, (theirs, thumbs) in enumerate(distributed.all_gather_object((comps, small))):
         their_rows = range(r, len(asked), world)
         per_row.update({i: {k: v[j] for k, v in theirs.items()} for j, i in enumerate(their_rows)})
+        small.update(thumbs)
     full = {k: torch.stack([per_row[i][k] for i in range(len(asked))]) for k in reward.weights}
     out = {f"eval_{k}": float(v.mean()) for k, v in full.items()}
     out["eval_reward"] = float(reward.total(full).mean())
+    if seeds > 1:  # rows s * P + p -> [P, seeds, ...]
+        thumbs = torch.stack([small[i] for i in range(len(asked))])
+        out["eval_diversity"] = float(
+            spread(thumbs.unflatten(0, (seeds, -1)).transpose(0, 1)).mean()
+        )
     gathered = distributed.gather_object(firsts)
     if gathered is None:
         return out, None

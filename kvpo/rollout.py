@@ -122,6 +122,15 @@ class RolloutSpec:
         return list(range(self.window[0], end))
 
 
+def spread(x: torch.Tensor) -> torch.Tensor:
+    """How different M samples of each of N things are, scale-free: ``x`` [N, M, ...] -> [N]
+    float32, the RMS distance between two of a thing's samples over the samples' RMS (0: all
+    alike; sqrt(2) for unrelated zero-mean ones)."""
+    x = x.flatten(2).float()
+    # the mean over pairs of (x_g - x_h)^2 is twice the (unbiased) variance over the samples
+    return (2 * x.var(dim=1).mean(dim=1) / x.square().mean(dim=(1, 2))).sqrt()
+
+
 @dataclass
 class Rollout:
     """Everything replay and rewards need from one rollout of B groups.
@@ -158,12 +167,8 @@ class Rollout:
         of its branches' clean latents from the fork on (the window's first frame), over the
         latents' RMS. [B] float32; 0 when every branch made the same video, sqrt(2) for
         independent zero-mean ones. Exploration that changes nothing shows here first."""
-        T = self.tokens.shape[3]
-        fork = self.window[0] * (self.states.shape[3] // T)
-        x = self.tokens[:, :, fork:].flatten(2).float()  # [B, G, n]
-        # the mean over branch pairs of (x_g - x_h)^2 is twice the (unbiased) branch variance
-        pairs = 2 * x.var(dim=1).mean(dim=1)
-        return (pairs / x.square().mean(dim=(1, 2))).sqrt()
+        fork = self.window[0] * (self.states.shape[3] // self.tokens.shape[3])
+        return spread(self.tokens[:, :, fork:])
 
     def _select(self, groups: slice, branches: slice) -> Rollout:
         B, G = self.tokens.shape[:2]

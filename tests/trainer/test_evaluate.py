@@ -23,6 +23,17 @@ def test_evaluate_averages_over_fixed_noises(model):
     want = reward.total(reward.components((v + 1) / 2, asked)).mean()
     assert abs(two["eval_reward"] - float(want)) < 1e-6
     assert abs(two["eval_reward"] - one["eval_reward"]) > 1e-6
+    # diversity: the RMS distance between two noises' samples of a prompt over their RMS, on
+    # frames averaged down to 8 x 8 pixels (at most 16 x 16: these frames are 8 x 8 already)
+    x = ((v.double() + 1) / 2).view(3, len(PROMPTS), -1)
+    pair = [
+        [(x[s, p] - x[t, p]).square().mean() for s in range(3) for t in range(3) if s != t]
+        for p in range(len(PROMPTS))
+    ]
+    rms = [x[:, p].square().mean() for p in range(len(PROMPTS))]
+    want = sum((sum(d) / len(d) / r).sqrt() for d, r in zip(pair, rms, strict=True)) / len(PROMPTS)
+    assert two["eval_diversity"] == pytest.approx(float(want), rel=1e-5)
+    assert "eval_diversity" not in one  # one noise: nothing to compare
 
 
 def test_evaluation_in_passes_makes_the_same_samples(model):
