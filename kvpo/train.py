@@ -268,7 +268,7 @@ def progress_line(row: dict, components: list[str]) -> str:
     return (
         f"it {row['iter']:4d} | reward {row['reward']:.4f} ± {row['reward_std']:.4f} ("
         + ", ".join(f"{k} {row[f'reward_{k}']:.3f}" for k in components)
-        + f") | tve {row['tve']:.2e} ratio {row['ratio']:.3f} clip {row['clip_frac']:.2f} "
+        + f") spread {row['branch_spread']:.3f} | tve {row['tve']:.2e} ratio {row['ratio']:.3f} clip {row['clip_frac']:.2f} "
         f"kl {row['kl']:.2e} | rollout {row['time_rollout']:.1f}s reward "
         f"{row['time_reward']:.1f}s replay {row['time_replay']:.1f}s update "
         f"{row['time_update']:.1f}s"
