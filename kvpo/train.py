@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,6 +262,89 @@ def advantages(
         return group_advantages(total, eps=cfg.adv_eps, clip=cfg.adv_clip)
     sigma = {k: v.std() for k, v in all_comps.items()}
     return anchor_advantages(comps, anchor, weights, sigma, cfg.adv_clip, cfg.adv_eps)
+
+
+@dataclass
+class Exploration:
+    """An iteration's rollouts on this rank, made in micro-batches of groups, and what the
+    update reads of them."""
+
+    parts: list[Rollout]  # the micro-batches' rollouts, consecutive groups
+    comps: dict[str, torch.Tensor]  # this rank's reward components, [B, G] each
+    all_comps: dict[str, torch.Tensor]  # every rank's, [B * world, G]
+    total: torch.Tensor  # [B, G] this rank's fused reward
+    adv: torch.Tensor  # [B, G] advantages, on the training device
+    valid: torch.Tensor  # [B] bool: groups trained on, on the training device
+    step_weights: list[torch.Tensor]  # each part's TVE step weights
+    refs: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # each part's reference terms
+    seconds: dict[str, float]  # time_rollout, time_reward (rewards, advantages, reference)
+
+
+def explore(
+    cfg: TrainConfig,
+    model: nn.Module,
+    ref: nn.Module,
+    reward: CompositeReward,
+    batch: list[list[str]],
+    spec: RolloutSpec,
+    gen: torch.Generator,
+    device: torch.device,
+    autocast: Callable[[], torch.autocast],
+) -> Exploration:
+    """Roll out this rank's groups ``batch`` (``micro_batch`` at a time: one's KV cache at a
+    time), score them, take their advantages (over every rank's groups) and, without gradients,
+    the frozen reference's terms of the KL."""
+    t0 = time.perf_counter()
+    model.eval()
+    step = cfg.micro_batch or len(batch)
+    with autocast():
+        parts = [
+            rollout(model, batch[g : g + step], spec, gen, device)
+            for g in range(0, len(batch), step)
+        ]
+    t1 = time.perf_counter()
+    comps, anchor, weights = micro_batch_rewards(model, parts, reward, cfg.reward_scopes)
+    total = fused_reward(comps, weights)
+    all_comps = {k: distributed.all_gather(v) for k, v in comps.items()}
+    adv, valid = advantages(cfg, total, comps, anchor, weights, all_comps)
+    step_w = [step_weights(ro, cfg.step_weighting) for ro in parts]
+    with torch.no_grad(), autocast():
+        refs = [reference_terms(cfg, ref, ro, w) for ro, w in zip(parts, step_w, strict=True)]
+    seconds = {"time_rollout": t1 - t0, "time_reward": time.perf_counter() - t1}
+    return Exploration(
+        parts, comps, all_comps, total, adv.to(device), valid.to(device), step_w, refs, seconds
+    )
+
+
+def iteration_row(it: int, ex: Exploration, update: dict[str, float]) -> dict:
+    """Iteration ``it``'s log row: rewards, advantages and exploration over every rank's groups
+    (a collective: every rank calls it), ``update``'s statistics, and this rank's sizes and
+    seconds."""
+    total = distributed.all_gather(ex.total)
+    adv = distributed.all_gather(ex.adv.cpu())
+    valid = distributed.all_gather(ex.valid.cpu())
+    spread = distributed.all_gather(torch.cat([ro.branch_spread().cpu() for ro in ex.parts]))
+    return {
+        "iter": it,
+        "reward": float(total.mean()),
+        "reward_std": float(total.std(1).mean()),
+        "groups": int(total.shape[0]),
+        **{f"reward_{k}": float(v.mean()) for k, v in ex.all_comps.items()},
+        **{f"reward_{k}_std": float(v.std(1).mean()) for k, v in ex.all_comps.items()},
+        "window_start": ex.parts[0].window[0],
+        # KV pages of the largest micro-batch's rollout (what micro_batch bounds)
+        "rollout_cache_mib": max(ro.cache_bytes for ro in ex.parts) / 2**20,
+        "valid_groups": int(valid.sum()),
+        # how different the branches' videos came out (Rollout.branch_spread): the exploration's
+        # strength, before any reward reads it
+        "branch_spread": float(spread.mean()),
+        # advantages of the trained groups: their mean is 0 for group advantages, not for
+        # anchor-relative ones; their size sets how hard PPO pushes
+        "adv_mean": float(adv[valid].mean()) if bool(valid.any()) else 0.0,
+        "adv_abs": float(adv[valid].abs().mean()) if bool(valid.any()) else 0.0,
+        **update,
+        **ex.seconds,
+    }
 
 
 def progress_line(row: dict, components: list[str]) -> str:
@@ -545,30 +629,10 @@ def train(
         )
         for it in bar:
             profiler.step(it)
-            t0 = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             batch, spec_it, gen = iteration_batch(cfg, spec, it, train_prompts, nC)
-            model.eval()
-            # micro-batches of groups: one's KV cache and activations at a time
-            step = cfg.micro_batch or len(batch)
-            with autocast():
-                parts = [
-                    rollout(model, batch[g : g + step], spec_it, gen, device)
-                    for g in range(0, len(batch), step)
-                ]
-            t1 = time.perf_counter()
-
-            comps, anchor, weights = micro_batch_rewards(model, parts, reward, cfg.reward_scopes)
-            total = fused_reward(comps, weights)
-            all_comps = {k: distributed.all_gather(v) for k, v in comps.items()}
-            adv, valid = advantages(cfg, total, comps, anchor, weights, all_comps)
-            adv, valid = adv.to(device), valid.to(device)
-            step_w = [step_weights(ro, cfg.step_weighting) for ro in parts]
-            with torch.no_grad(), autocast():
-                refs = [
-                    reference_terms(cfg, ref, ro, w) for ro, w in zip(parts, step_w, strict=True)
-                ]
+            ex = explore(cfg, model, ref, reward, batch, spec_it, gen, device, autocast)
             t2 = time.perf_counter()
             stopped = stop.requested()
             if stopped:  # before the update: the iteration is dropped, and redone on resume
@@ -581,40 +645,12 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr
             st, t_replay, skipped = update_policy(
-                cfg, model, opt, params, ema, parts, step_w, adv, valid, refs, autocast, skips
-            )
-            t3 = time.perf_counter()
-
-            g_total = distributed.all_gather(total)
-            g_adv = distributed.all_gather(adv.cpu())
-            g_valid = distributed.all_gather(valid.cpu())
-            spread = distributed.all_gather(torch.cat([ro.branch_spread().cpu() for ro in parts]))
-            row = {
-                "iter": it,
-                "reward": float(g_total.mean()),
-                "reward_std": float(g_total.std(1).mean()),
-                "groups": int(g_total.shape[0]),
-                **{f"reward_{k}": float(v.mean()) for k, v in all_comps.items()},
-                **{f"reward_{k}_std": float(v.std(1).mean()) for k, v in all_comps.items()},
-                "lr": lr,
-                "window_start": parts[0].window[0],
-                # KV pages of the largest micro-batch's rollout (what micro_batch bounds)
-                "rollout_cache_mib": max(ro.cache_bytes for ro in parts) / 2**20,
-                "valid_groups": int(g_valid.sum()),
-                # how different the branches' videos came out (Rollout.branch_spread): the
-                # exploration's strength, before any reward reads it
-                "branch_spread": float(spread.mean()),
-                "skipped_steps": skipped,  # optimizer steps skipped for a NaN or inf gradient
-                # advantages of the trained groups: their mean is 0 for group advantages, not for
-                # anchor-relative ones; their size sets how hard PPO pushes
-                "adv_mean": float(g_adv[g_valid].mean()) if bool(g_valid.any()) else 0.0,
-                "adv_abs": float(g_adv[g_valid].abs().mean()) if bool(g_valid.any()) else 0.0,
-                **st,
-                "time_rollout": t1 - t0,
-                "time_reward": t2 - t1,  # rewards, advantages, reference replay (no grad)
-                "time_replay": t_replay,  # policy replay forwards with gradients, TVE
-                "time_update": t3 - t2 - t_replay,  # PPO loss, backward, all-reduce, AdamW
-            }
+                cfg, model, opt, params, ema, ex.parts, ex.step_weights, ex.adv, ex.valid,
+                ex.refs, autocast, skips,
+            )  # fmt: skip
+            row = iteration_row(it, ex, {"lr": lr, "skipped_steps": skipped, **st})
+            row["time_replay"] = t_replay  # policy replay forwards with gradients, TVE
+            row["time_update"] = time.perf_counter() - t2 - t_replay  # backward, all-reduce, AdamW
             if device.type == "cuda":  # this rank's peak through the iteration's training stages
                 row["cuda_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             eval_samples = {}  # name -> GIF of this step's evaluation samples, for the loggers
@@ -639,7 +675,7 @@ def train(
                     lg.write(row)
                     if eval_samples:
                         lg.videos(eval_samples)
-                tqdm.write(progress_line(row, list(comps)), file=sys.stdout)
+                tqdm.write(progress_line(row, list(ex.comps)), file=sys.stdout)
                 if skipped:
                     tqdm.write(
                         f"it {it:4d} | {skipped} of {cfg.epochs} optimizer steps skipped: NaN or inf "
