@@ -9,6 +9,7 @@ cache.
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -296,6 +297,39 @@ def test_kvpo_trains_the_adapter_with_lora(tmp_path):
         torch.testing.assert_close(model(*args), adapted, rtol=1e-5, atol=1e-6)
 
 
+def test_lora_export_folds_its_scale_for_diffusers(tmp_path):
+    """export_lora of adapters with alpha != rank: diffusers' loader (alpha = rank unless told)
+    on the base transformer computes what the adapted generator does."""
+    from diffusers.loaders import WanLoraLoaderMixin
+
+    from kvpo.adapters.wan import export_lora
+    from kvpo.checkpoint import CheckpointError, save_training
+
+    gen, base = make()
+    gen.add_lora(rank=2, alpha=6.0)
+    with torch.no_grad():  # adapters as training leaves them (B starts at zero)
+        for name, p in gen.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.05)
+    opt = torch.optim.AdamW([p for p in gen.parameters() if p.requires_grad])
+    meta = {"wan_dir": str(tmp_path), "lora_rank": 2, "lora_alpha": 6.0}
+    save_training(tmp_path / "checkpoint.safetensors", gen, opt, 1, meta, [])
+    assert export_lora(tmp_path, tmp_path / "lora").name == "pytorch_lora_weights.safetensors"
+    sd, info = WanLoraLoaderMixin.lora_state_dict(str(tmp_path / "lora"), return_lora_metadata=True)
+    assert len(sd) == 2 * 2 * (4 + 4 + 2)  # A and B of 10 layers in each of 2 blocks
+    WanLoraLoaderMixin.load_lora_into_transformer(sd, transformer=base, metadata=info)
+    plain = WanStreamingGenerator(base, text_encoder, (C, H, W), gen.num_frames, gen.chunk_frames)
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, 2 * gen.frame_tokens, gen.token_dim, generator=g, dtype=torch.float64),
+            torch.tensor([0.6]), gen.encode_prompts(["a sun"]), torch.tensor([[2, 3]]),
+            torch.tensor([[0, 1]], dtype=torch.int32))  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(plain(*args), gen(*args), rtol=1e-6, atol=1e-8)
+    save_training(tmp_path / "full.safetensors", gen, opt, 1, {"wan_dir": "x"}, [])
+    with pytest.raises(CheckpointError, match="without --lora_rank"):
+        export_lora(tmp_path / "full.safetensors", tmp_path / "none")
+
+
 def test_encoders_are_shared_not_parameters():
     encoder = torch.nn.Linear(3, TEXT_DIM)  # a module standing in for UMT5
 
@@ -527,8 +561,11 @@ def test_a_lora_policy_shares_the_reference_weights():
 def check_sample_and_export(ck, tmp_path):
     """A Wan run's checkpoint samples (python -m kvpo.sample) and exports, LoRA merged, as a
     diffusers transformer that computes what the trained generator does."""
-    from kvpo.adapters.wan import export, from_checkpoint
+    from diffusers.loaders import WanLoraLoaderMixin
+
+    from kvpo.adapters.wan import export, export_lora, from_checkpoint
     from kvpo.adapters.wan.__main__ import main as export_main
+    from kvpo.checkpoint import CheckpointError, trainer_config
     from kvpo.sample import main as sample_main
 
     rows = sample_main(["--checkpoint", str(ck), "--prompt", "a red car", "--prompt", "two birds",
@@ -552,6 +589,24 @@ def check_sample_and_export(ck, tmp_path):
             torch.tensor([[0, 1]], dtype=torch.int32))  # fmt: skip
     with torch.no_grad():
         torch.testing.assert_close(plain(*args), gen(*args), rtol=1e-5, atol=1e-5)
+    # the LoRA alone, in diffusers' layout, on the base transformer the run trained: the same
+    export_main(["--checkpoint", str(ck), "--out", str(tmp_path / "lora"), "--lora_only"])
+    base_tf = WanTransformer3DModel.from_pretrained(
+        Path(trainer_config(ck)["wan_dir"]) / "transformer"
+    )
+    adapted = WanStreamingGenerator(base_tf, gen.text_encoder.fn, gen.latent_shape, gen.num_frames,
+                                    gen.chunk_frames)  # fmt: skip
+    with torch.no_grad():
+        untrained = adapted(*args)
+        # what WanPipeline.load_lora_weights(directory) does
+        sd, meta = WanLoraLoaderMixin.lora_state_dict(
+            str(tmp_path / "lora"), return_lora_metadata=True
+        )
+        WanLoraLoaderMixin.load_lora_into_transformer(sd, transformer=base_tf, metadata=meta)
+        torch.testing.assert_close(adapted(*args), gen(*args), rtol=1e-5, atol=1e-5)
+        assert float((untrained - gen(*args)).abs().max()) > 1e-4  # the adapters matter
+    with pytest.raises(CheckpointError, match="holds no EMA LoRA adapters"):
+        export_lora(ck, tmp_path / "lora_ema", ema=True)
     with pytest.raises(SystemExit, match="does not exist"):
         export_main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "e")])
     from trainer_support import tiny_model

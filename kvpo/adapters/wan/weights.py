@@ -1,6 +1,6 @@
 """Wan2.1's weights in and out of kvpo: a local diffusers directory, checkpoints in Wan's original
 layout (Self-Forcing, LongLive, CausVid), a Wan run's training checkpoint, and the export of a
-trained transformer (LoRA merged) back to diffusers' layout."""
+trained transformer back to diffusers' layout (LoRA merged, or the LoRA alone)."""
 
 from __future__ import annotations
 
@@ -193,3 +193,48 @@ def export(
     lora.merge_lora(gen)
     gen.transformer.save_pretrained(str(out))
     return Path(out)
+
+
+# the file name diffusers' load_lora_weights(directory) reads
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def export_lora(path: str | Path, out: str | Path, ema: bool = False) -> Path:
+    """Write the LoRA adapters of a ``--wan_dir`` training checkpoint (its EMA's with ``ema``) in
+    diffusers' PEFT layout: ``out/pytorch_lora_weights.safetensors`` with
+    ``transformer.<layer>.lora_A.weight`` [rank, in] and ``lora_B.weight`` [out, rank], the
+    scale ``alpha / rank`` folded into ``lora_B`` (so any loader's default alpha = rank is
+    right). ``WanPipeline.load_lora_weights(out)`` or ``WanTransformer3DModel.load_lora_adapter``
+    adds them to the base transformer the run trained on. Reads the checkpoint alone: no Wan
+    directory needed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ...checkpoint import CheckpointError, checkpoint_file, trainer_config
+
+    cfg = trainer_config(path)
+    if not cfg.get("wan_dir"):
+        raise CheckpointError(f"checkpoint {str(path)!r} was not trained with --wan_dir")
+    rank = cfg.get("lora_rank") or 0
+    if not rank:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has no LoRA adapters (trained without --lora_rank): "
+            "export the whole transformer instead"
+        )
+    scale = (cfg.get("lora_alpha") or rank) / rank
+    prefix = "ema.transformer." if ema else "model.transformer."
+    tensors = {}
+    with safe_open(str(checkpoint_file(path)), framework="pt") as f:
+        for key in f.keys():
+            if key.startswith(prefix) and key.endswith((".lora_a", ".lora_b")):
+                layer, which = key[len(prefix) :].rsplit(".", 1)
+                w = f.get_tensor(key)
+                name = "lora_A" if which == "lora_a" else "lora_B"
+                tensors[f"transformer.{layer}.{name}.weight"] = w if name == "lora_A" else w * scale
+    if not tensors:
+        what = "EMA " if ema else ""
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no {what}LoRA adapters")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / LORA_WEIGHT_NAME))
+    return out / LORA_WEIGHT_NAME
