@@ -1,0 +1,100 @@
+"""What this installation of kvpo_kernels can run, and which backend each op picks here:
+``python -m kvpo_kernels.info [--json]`` (paste it into a bug report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from . import __version__, _backend
+
+# the public ops and the native op whose CUDA kernel their ``cuda`` backend needs
+OPS = {"routed_attention": "routed_attn_fwd", "velocity_energy": "velocity_energy_fwd"}
+
+
+def _pick(op: str, native_op: str, device: torch.device) -> str:
+    """The backend ``op`` runs on float32 tensors of ``device``, or why it cannot run there."""
+    try:
+        return _backend.resolve(op, device, native_op=native_op)
+    except (ValueError, RuntimeError, TypeError) as e:
+        return f"error: {e}"
+
+
+def environment() -> dict:
+    """Versions, the compiled and Triton kernels available, the backend switches set, and the
+    backend each op resolves to on CPU and (with a GPU) CUDA tensors."""
+    triton = None
+    if _backend.triton_available():
+        import triton as triton_module
+
+        triton = triton_module.__version__
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"name": props.name, "capability": f"{props.major}.{props.minor}"}
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if gpu else [])
+    return {
+        "kvpo_kernels": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "gpu": gpu,
+        "triton": triton,
+        "triton_interpret": _backend.triton_interpreted(),
+        "native_extension": _backend.native_available(),
+        "native_cuda_kernels": sorted(
+            op for op in _backend._NATIVE_CUDA if _backend.native_cuda_available(op)
+        ),
+        "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("KVPO_")},
+        "backends": {
+            op: {d.type: _pick(op, native, d) for d in devices} for op, native in OPS.items()
+        },
+    }
+
+
+def report(env: dict) -> str:
+    """:func:`environment` as the lines ``python -m kvpo_kernels.info`` prints."""
+    gpu = env["gpu"]
+    lines = [
+        f"kvpo_kernels {env['kvpo_kernels']}, python {env['python']}, torch {env['torch']} "
+        f"(CUDA {env['torch_cuda'] or 'none'})",
+        "GPU: " + (f"{gpu['name']} (sm {gpu['capability']})" if gpu else "none"),
+        "triton: "
+        + (env["triton"] or "not installed")
+        + (
+            " (TRITON_INTERPRET=1: Triton kernels run on CPU tensors)"
+            if env["triton_interpret"]
+            else ""
+        ),
+        "compiled extension kvpo_kernels._C: "
+        + (
+            "built; CUDA kernels: " + (", ".join(env["native_cuda_kernels"]) or "none")
+            if env["native_extension"]
+            else "not built (pip install --no-build-isolation -e .)"
+        ),
+        "switches: " + (", ".join(f"{k}={v}" for k, v in env["switches"].items()) or "none set"),
+        "backend per op:",
+    ]
+    for op, picks in env["backends"].items():
+        lines.append(f"  {op:<18}" + "  ".join(f"{dev} tensors -> {b}" for dev, b in picks.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(
+        prog="python -m kvpo_kernels.info", description=__doc__.splitlines()[0]
+    )
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = ap.parse_args(argv)
+    env = environment()
+    print(json.dumps(env, indent=2) if args.json else report(env))
+    return env
+
+
+if __name__ == "__main__":
+    main()
