@@ -313,7 +313,12 @@ def test_lora_export_folds_its_scale_for_diffusers(tmp_path):
                 p.normal_(0, 0.05)
     opt = torch.optim.AdamW([p for p in gen.parameters() if p.requires_grad])
     meta = {"wan_dir": str(tmp_path), "lora_rank": 2, "lora_alpha": 6.0}
-    save_training(tmp_path / "checkpoint.safetensors", gen, opt, 1, meta, [])
+    ema = copy.deepcopy(gen)
+    with torch.no_grad():
+        for name, p in ema.named_parameters():
+            if name.endswith("lora_b"):
+                p.mul_(0.5)
+    save_training(tmp_path / "checkpoint.safetensors", gen, opt, 1, meta, [], ema=ema)
     assert export_lora(tmp_path, tmp_path / "lora").name == "pytorch_lora_weights.safetensors"
     sd, info = WanLoraLoaderMixin.lora_state_dict(str(tmp_path / "lora"), return_lora_metadata=True)
     assert len(sd) == 2 * 2 * (4 + 4 + 2)  # A and B of 10 layers in each of 2 blocks
@@ -328,6 +333,13 @@ def test_lora_export_folds_its_scale_for_diffusers(tmp_path):
     save_training(tmp_path / "full.safetensors", gen, opt, 1, {"wan_dir": "x"}, [])
     with pytest.raises(CheckpointError, match="without --lora_rank"):
         export_lora(tmp_path / "full.safetensors", tmp_path / "none")
+    # the EMA's adapters, by name
+    ema_file = load_file(export_lora(tmp_path, tmp_path / "lora_ema", ema=True))
+    q = ema.transformer.blocks[1].attn2.to_q
+    torch.testing.assert_close(
+        ema_file["transformer.blocks.1.attn2.to_q.lora_B.weight"], 3.0 * q.lora_b
+    )
+    torch.testing.assert_close(ema_file["transformer.blocks.1.attn2.to_q.lora_A.weight"], q.lora_a)
 
 
 def test_encoders_are_shared_not_parameters():
