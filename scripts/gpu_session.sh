@@ -73,13 +73,16 @@ gpu_tests() {  # extra arguments go to pytest (-k velocity)
   return $rc
 }
 train_two() {
-  # The trainer end to end on the GPU (Triton kernels under it; two micro-batches of groups);
-  # its log has per-stage seconds. Then the checkpoint's evaluation and samples, and a few
-  # pretraining steps, on the GPU.
+  # The trainer end to end on the GPU (Triton kernels under it; two micro-batches of groups;
+  # a CUDA profiler trace of its second iteration); its log has per-stage seconds. Then the
+  # checkpoint's evaluation and samples, and a few pretraining steps, on the GPU.
   local rc=0
   {
     python3 -m kvpo.train --device cuda --iterations 2 --eval_every 2 --samples false \
-      --micro_batch 2 --eval_batch 16 --progress false --out_dir /tmp/kvpo-train &&
+      --micro_batch 2 --eval_batch 16 --progress false --out_dir /tmp/kvpo-train \
+      --profile_iteration 1 &&
+      head -16 /tmp/kvpo-train/profile/iter_1_rank_0.txt &&
+      cp /tmp/kvpo-train/profile/iter_1_rank_0.txt "$OUT/train_profile.txt" &&
       python3 -m kvpo.evaluate --device cuda --checkpoint /tmp/kvpo-train/checkpoint.safetensors &&
       python3 -m kvpo.sample --device cuda --checkpoint /tmp/kvpo-train/checkpoint.safetensors \
         --out /tmp/kvpo-samples &&
