@@ -29,6 +29,7 @@ from .ema import ParamEMA
 from .evaluate import evaluate_sets, evaluation_sets
 from .grpo import anchor_advantages, group_advantages
 from .loggers import make_loggers
+from .memory import TrainingOutOfMemoryError, memory_stage
 from .profiling import IterationProfiler
 from .replay import step_weights
 from .report import MetricsLog, plot_rewards, save_videos
@@ -297,18 +298,19 @@ def explore(
     t0 = time.perf_counter()
     model.eval()
     step = cfg.micro_batch or len(batch)
-    with autocast():
+    with autocast(), memory_stage("rollout", cfg):
         parts = [
             rollout(model, batch[g : g + step], spec, gen, device)
             for g in range(0, len(batch), step)
         ]
     t1 = time.perf_counter()
-    comps, anchor, weights = micro_batch_rewards(model, parts, reward, cfg.reward_scopes)
+    with memory_stage("reward", cfg):
+        comps, anchor, weights = micro_batch_rewards(model, parts, reward, cfg.reward_scopes)
     total = fused_reward(comps, weights)
     all_comps = {k: distributed.all_gather(v) for k, v in comps.items()}
     adv, valid = advantages(cfg, total, comps, anchor, weights, all_comps)
     step_w = [step_weights(ro, cfg.step_weighting) for ro in parts]
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast(), memory_stage("reference", cfg):
         refs = [reference_terms(cfg, ref, ro, w) for ro, w in zip(parts, step_w, strict=True)]
     seconds = {"time_rollout": t1 - t0, "time_reward": time.perf_counter() - t1}
     return Exploration(
@@ -533,7 +535,8 @@ def train(
     def evaluation(m: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
         """Held-out rewards of every evaluation set (each rank makes its share of the samples);
         the videos of the single-prompt one (on rank 0)."""
-        return evaluate_sets(m, eval_sets, reward, cfg, device)
+        with memory_stage("evaluation", cfg):
+            return evaluate_sets(m, eval_sets, reward, cfg, device)
 
     log = MetricsLog(out)
     params = trainable(model)
@@ -644,10 +647,11 @@ def train(
             lr = learning_rate(cfg, it)
             for group in opt.param_groups:
                 group["lr"] = lr
-            st, t_replay, skipped = update_policy(
-                cfg, model, opt, params, ema, ex.parts, ex.step_weights, ex.adv, ex.valid,
-                ex.refs, autocast, skips,
-            )  # fmt: skip
+            with memory_stage("update", cfg):
+                st, t_replay, skipped = update_policy(
+                    cfg, model, opt, params, ema, ex.parts, ex.step_weights, ex.adv, ex.valid,
+                    ex.refs, autocast, skips,
+                )  # fmt: skip
             row = iteration_row(it, ex, {"lr": lr, "skipped_steps": skipped, **st})
             row["time_replay"] = t_replay  # policy replay forwards with gradients, TVE
             row["time_update"] = time.perf_counter() - t2 - t_replay  # backward, all-reduce, AdamW
@@ -734,7 +738,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     try:
         result = train(cfg)
-    except (CheckpointError, RewardSpecError, NonFiniteGradientError) as e:
+    except (
+        CheckpointError,
+        RewardSpecError,
+        NonFiniteGradientError,
+        TrainingOutOfMemoryError,
+    ) as e:
         raise SystemExit(f"error: {e}") from None
     if result.stopped_by is not None:  # saved, not finished: a shell's status for that signal
         raise SystemExit(128 + result.stopped_by)
