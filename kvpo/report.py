@@ -1,10 +1,15 @@
-"""Run outputs: CSV/JSONL logs, the reward-curve PNG and sample videos (GIF, MP4)."""
+"""Run outputs: CSV/JSONL logs, the reward-curve PNG, sample videos (GIF, MP4) and the record of
+each process that ran the run."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import platform
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -118,3 +123,48 @@ def _has_pyav() -> bool:
     except ImportError:
         return False
     return True
+
+
+def source_revision(root: Path | None = None) -> str | None:
+    """The git commit of the kvpo source this process runs (or of ``root``), ``+dirty`` with
+    local changes; None when it is not a git checkout."""
+    root = root or Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def record_process(
+    path: Path, start: int, device: torch.device, world: int, resumed: bool = False
+) -> dict:
+    """Append to ``path`` (``environment.jsonl``; a run not ``resumed`` starts it afresh) the
+    record of the process starting the run at iteration ``start``: when, where, the command line, the kvpo
+    source revision, and what kvpo_kernels runs there (:func:`kvpo_kernels.info.environment`).
+    A run resumed after a requeue gets a line per start."""
+    from kvpo_kernels.info import environment
+
+    from . import __version__
+
+    entry = {
+        "start_iteration": start,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        "argv": sys.argv,
+        "device": str(device),
+        "ranks": world,
+        "kvpo": __version__,
+        "source_revision": source_revision(),
+        **environment(),
+    }
+    with path.open("a" if resumed else "w") as f:
+        f.write(json.dumps(entry) + "\n")
+    return entry

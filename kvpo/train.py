@@ -32,7 +32,7 @@ from .loggers import make_loggers
 from .memory import TrainingOutOfMemoryError, memory_stage
 from .profiling import IterationProfiler
 from .replay import step_weights
-from .report import MetricsLog, plot_rewards, save_videos
+from .report import MetricsLog, plot_rewards, record_process, save_videos
 from .rewards import (
     GENERIC,
     ClipReward,
@@ -545,6 +545,7 @@ def train(
         log.truncate(start)
         # the run's every setting, in the form --config reads back
         (out / "config.yaml").write_text(yaml.safe_dump(asked.to_dict(), sort_keys=False))
+        record_process(out / "environment.jsonl", start, device, world, bool(cfg.resume))
         n = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in params)
         print(

@@ -40,3 +40,17 @@ def test_a_partial_last_row_is_white_and_files_are_written(tmp_path):
     assert (grid[:, 151:, 2 * 451 :] == 255).all()  # the sixth tile
     written = save_videos(videos, tmp_path / "sub" / "grid", mp4=False)
     assert written == [tmp_path / "sub" / "grid.gif"] and written[0].stat().st_size > 0
+
+
+def test_source_revision_is_the_checkouts_commit(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    from kvpo.report import source_revision
+
+    root = Path(__file__).resolve().parents[2]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+    if head:  # a git checkout, as CI's clean clone is
+        assert source_revision().split("+")[0] == head
+    assert source_revision(tmp_path) is None  # not a checkout

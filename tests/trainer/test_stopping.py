@@ -117,6 +117,12 @@ def test_a_stopped_run_resumes_as_if_never_stopped(
         return [{k: v for k, v in h.items() if not k.startswith("time_")} for h in history]
 
     assert untimed(resumed.history) == untimed(straight.history)
+    # environment.jsonl: a line per process that ran the run, with where it started
+    starts = [
+        json.loads(x) for x in (tmp_path / "b" / "environment.jsonl").read_text().splitlines()
+    ]
+    assert [e["start_iteration"] for e in starts] == [0, done]
+    assert starts[0]["torch"] == torch.__version__ and "routed_attention" in starts[0]["backends"]
 
 
 def test_the_cli_exits_with_the_signal_status_and_resumes(base, tmp_path, monkeypatch):
