@@ -1,5 +1,6 @@
-"""The policy update of one iteration: replay with gradients, the PPO objective and KL term, and
-their gradient accumulated over micro-batches of groups; the learning-rate schedule."""
+"""The policy update of one iteration: replay with gradients, the PPO objective and KL term, their
+gradient accumulated over micro-batches of groups, the optimizer steps (one whose gradient is NaN
+or inf skipped); the learning-rate schedule."""
 
 from __future__ import annotations
 
