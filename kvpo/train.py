@@ -423,7 +423,15 @@ def load_policy(
             cfg.resume, lambda m: make_optimizer(cfg, m.to(device)), blank()
         )
         defaults = TrainConfig().to_dict()  # fields newer than the checkpoint: their defaults
-        for key in ("group_size", "window", "base_checkpoint", "seed", "explore", "lora_rank"):
+        for key in (
+            "group_size",
+            "window",
+            "base_checkpoint",
+            "seed",
+            "explore",
+            "lora_rank",
+            "lora_alpha",
+        ):
             if saved.get(key, defaults[key]) != cfg.to_dict()[key]:
                 raise CheckpointError(
                     f"--resume {cfg.resume!r} was trained with {key}="

@@ -412,6 +412,8 @@ def test_lora_training_moves_only_the_adapters_and_resumes(base, tmp_path):
     assert [r["iter"] for r in more.history if r["iter"] >= 0] == [0, 1, 2]
     with pytest.raises(CheckpointError, match="lora_rank"):
         train(_cfg(base, tmp_path, iterations=4, samples=False, resume=ckpt))
+    with pytest.raises(CheckpointError, match="lora_alpha=0.0, this config has 8.0"):
+        train(_cfg(base, tmp_path, lora_rank=4, lora_alpha=8.0, iterations=4, resume=ckpt))
 
 
 class OwnGenerator(torch.nn.Module):
