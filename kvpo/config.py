@@ -128,6 +128,7 @@ class TrainConfig:
     eval_every: int = 10  # held-out evaluation every this many iterations
     eval_before: bool = True  # also before the first iteration (the baseline; step 0 of loggers)
     save_every: int = 10  # checkpoint every this many iterations
+    max_minutes: float = 0.0  # stop, saved, before an iteration would end past this (0: never)
     keep_checkpoints: bool = False  # also keep each one as checkpoints/step_N.safetensors
     # best.safetensors: the training state at the best value yet of this held-out metric
     keep_best: str = ""  # an eval metric: eval_reward, eval_ema_reward, ... ("": none)
@@ -175,6 +176,7 @@ class TrainConfig:
             "lora_alpha",
             "wan_sink_frames",
             "replay_branches",
+            "max_minutes",
         ):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:

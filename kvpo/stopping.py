@@ -1,10 +1,12 @@
-"""Stopping a run cleanly when a scheduler asks: a checkpoint, then exit, instead of losing the
-iterations since the last save.
+"""Stopping a run cleanly when a scheduler asks, or when its time is up: a checkpoint, then exit,
+instead of losing the iterations since the last save.
 
 SIGTERM (preemption, ``scancel``, ``kill``) and SIGUSR1 (SLURM's ``--signal=USR1@<seconds>``
 before a time limit) no longer kill the trainer: it finishes or drops the iteration under way
 (see :func:`kvpo.train.train`), saves, and exits with status ``128 + signal`` so that a job
 script tells it from a finished run (0). A second signal stops it at once, as before.
+``max_minutes`` stops a run before an iteration that would end past that time (exit status 0,
+as other trainers' time limits).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from types import FrameType
 from . import distributed
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+TIME_UP = 1 << 8  # above every signal number: a rank out of time outranks a signal
 
 
 class StopSignals:
@@ -58,8 +61,13 @@ class StopSignals:
             flush=True,
         )
 
-    def requested(self) -> signal.Signals | None:
-        """The signal that asked this rank, or any rank, to stop (None: none did). Under
-        ``torchrun`` a collective: every rank calls it at the same points, so all stop alike."""
-        signum = distributed.max_over_ranks(0 if self.received is None else int(self.received))
-        return signal.Signals(signum) if signum else None
+    def requested(self, late: bool = False) -> str | None:
+        """Why the run stops now: the name of the signal that asked this rank or any rank to
+        (``"SIGTERM"``, ``"SIGUSR1"``), ``"max_minutes"`` when this rank or any is ``late``
+        for its time limit, or None. Under ``torchrun`` a collective: every rank calls it at the
+        same points, so all stop alike."""
+        code = 0 if self.received is None else int(self.received)
+        code = distributed.max_over_ranks(code + (TIME_UP if late else 0))
+        if code >= TIME_UP:
+            return "max_minutes"
+        return signal.Signals(code).name if code else None

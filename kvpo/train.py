@@ -371,8 +371,9 @@ class TrainResult:
     history: list[dict]  # one row per iteration (also in out_dir/metrics.jsonl)
     model: nn.Module  # the trained policy
     ema: nn.Module | None = None  # its EMA (config ema > 0)
-    # The signal that stopped the run before cfg.iterations, after a checkpoint (kvpo.stopping).
-    stopped_by: signal.Signals | None = None
+    # Why the run stopped before cfg.iterations, after a checkpoint (kvpo.stopping): the name of
+    # a signal ("SIGTERM", "SIGUSR1") or "max_minutes".
+    stopped_by: str | None = None
 
 
 def set_context(cfg: TrainConfig, model: nn.Module) -> None:
@@ -606,7 +607,8 @@ def train(
         if lead and (not earlier or row[cfg.keep_best] > max(earlier)):
             save(done, "best")
 
-    stopped = None  # the signal that stopped the run early (kvpo.stopping)
+    stopped = None  # why the run stopped early (kvpo.stopping)
+    t_start, longest = time.monotonic(), 0.0  # for max_minutes: the run's and its longest step
     with StopSignals() as stop:
         if start == 0 and cfg.eval_before and not history:  # every rank evaluates its share
             ev, vids = evaluation(model)
@@ -641,6 +643,7 @@ def train(
         )
         for it in bar:
             profiler.step(it)
+            t_iter = time.monotonic()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             batch, spec_it, gen = iteration_batch(cfg, spec, it, train_prompts, nC)
@@ -703,7 +706,11 @@ def train(
             saved = (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations
             if saved and lead:
                 save(it + 1)
-            stopped = stop.requested()
+            longest = max(longest, time.monotonic() - t_iter)
+            late = bool(cfg.max_minutes) and (
+                time.monotonic() - t_start + longest > 60 * cfg.max_minutes
+            )  # the next iteration (with an evaluation, say) would end past the limit
+            stopped = stop.requested(late)
             if stopped:
                 if lead and not saved:
                     save(it + 1)
@@ -712,7 +719,7 @@ def train(
     if lead and stopped:
         done = history[-1]["iter"] + 1 if history else start
         print(
-            f"stopped by {stopped.name} after {done} of {cfg.iterations} iterations, saved in "
+            f"stopped by {stopped} after {done} of {cfg.iterations} iterations, saved in "
             f"{out / 'checkpoint.safetensors'}; the same command with --resume auto continues "
             "the run",
             flush=True,
@@ -754,8 +761,8 @@ def main(argv: list[str] | None = None) -> None:
         TrainingOutOfMemoryError,
     ) as e:
         raise SystemExit(f"error: {e}") from None
-    if result.stopped_by is not None:  # saved, not finished: a shell's status for that signal
-        raise SystemExit(128 + result.stopped_by)
+    if result.stopped_by and result.stopped_by.startswith("SIG"):  # saved, not finished: the
+        raise SystemExit(128 + signal.Signals[result.stopped_by])  # shell's status for it
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def test_the_first_signal_is_a_request_and_the_handlers_come_back():
     with StopSignals() as stop:
         assert stop.requested() is None
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert stop.requested() == signal.SIGUSR1
+        assert stop.requested() == "SIGUSR1"
+        assert stop.requested(late=True) == "max_minutes"  # out of time outranks a signal
     assert signal.getsignal(signal.SIGTERM) is before
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
@@ -56,7 +57,7 @@ def test_a_second_signal_stops_at_once():
         "from kvpo.stopping import StopSignals\n"
         "with StopSignals() as stop:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    assert stop.requested() == signal.SIGTERM\n"
+        "    assert stop.requested() == 'SIGTERM'\n"
         "    print('asked', flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(30)\n"
@@ -97,7 +98,7 @@ def test_a_stopped_run_resumes_as_if_never_stopped(
     cfg = build_config(run_overrides(base, tmp_path / "b", resume="auto", **kw))
     stopped = train(cfg)  # no checkpoint yet: auto starts afresh
     monkeypatch.undo()
-    assert stopped.stopped_by == signal.SIGTERM
+    assert stopped.stopped_by == "SIGTERM"
     assert [h["iter"] for h in stopped.history] == list(range(-1, done))
     assert _saved_iteration(tmp_path / "b") == done and _rows(tmp_path / "b") == list(range(done))
     out = capsys.readouterr().out
@@ -221,3 +222,25 @@ def test_torchrun_forwards_the_signal_and_waits_for_the_checkpoint(base, tmp_pat
     assert stderr.count("kvpo: got SIGUSR1") == 2  # each rank's own
     done = _saved_iteration(out)
     assert 1 <= done < 200 and _rows(out) == list(range(done))
+
+
+def test_max_minutes_stops_before_an_iteration_that_would_end_late(base, tmp_path, capsys):
+    """The time limit: after the iteration whose end leaves less time than the longest one took,
+    a checkpoint and a normal exit; --resume auto then ends where a run never stopped does."""
+    kw = dict(iterations=3, samples=False, save_every=10, eval_every=10)
+    straight = train(build_config(run_overrides(base, tmp_path / "a", **kw)))
+    over = run_overrides(base, tmp_path / "b", resume="auto", max_minutes=1e-4, **kw)  # 6 ms
+    args = [
+        f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in over.items()
+    ]
+    main(args)  # no SystemExit: a time limit is a normal end
+    assert "stopped by max_minutes after 1 of 3 iterations" in capsys.readouterr().out
+    assert _saved_iteration(tmp_path / "b") == 1 and _rows(tmp_path / "b") == [0]
+    resumed = train(build_config({**over, "max_minutes": 0.0}))
+    assert resumed.stopped_by is None and [h["iter"] for h in resumed.history] == [-1, 0, 1, 2]
+    for (n, p), q in zip(
+        straight.model.named_parameters(), resumed.model.parameters(), strict=True
+    ):
+        assert torch.equal(p, q), n
+    with pytest.raises(ValueError, match="max_minutes=-1"):
+        build_config({**over, "max_minutes": -1})
