@@ -52,6 +52,13 @@ def run_overrides(base: str, out, **kw) -> dict:
     return over
 
 
+def cli_args(over: dict) -> list[str]:
+    """``--field=value`` command-line arguments of config fields (tuples comma-joined)."""
+    return [
+        f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in over.items()
+    ]
+
+
 PROMPTS = ["a large red circle moving left slowly", "a small blue square moving up quickly"]
 
 

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 import torch
-from trainer_support import run_overrides
+from trainer_support import cli_args, run_overrides
 
 from kvpo.config import build_config
 from kvpo.memory import TrainingOutOfMemoryError
@@ -44,8 +44,6 @@ def test_the_cli_prints_it_as_an_error(base, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "rollout", out_of_memory)
     over = run_overrides(base, tmp_path, samples=False, eval_before=False)
-    args = [
-        f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in over.items()
-    ]
+    args = cli_args(over)
     with pytest.raises(SystemExit, match="error: out of GPU memory in the rollout"):
         main(args)

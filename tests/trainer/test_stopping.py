@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from trainer_support import run_overrides
+from trainer_support import cli_args, run_overrides
 
 from kvpo.config import build_config
 from kvpo.stopping import StopSignals
@@ -138,9 +138,7 @@ def test_the_cli_exits_with_the_signal_status_and_resumes(base, tmp_path, monkey
         return real(*args)
 
     over = run_overrides(base, tmp_path, iterations=2, samples=False, save_every=10)
-    args = [
-        f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in over.items()
-    ]
+    args = cli_args(over)
     monkeypatch.setattr(trainer, "micro_batch_rewards", signalling)
     with pytest.raises(SystemExit) as e:
         main(args + ["--resume", "auto"])
@@ -175,9 +173,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_point(base, tmp_path)
         base, tmp_path / "run", iterations=3, samples=False, save_every=10, eval_before=False,
         eval_every=10, prompts_per_iter=4,
     )  # fmt: skip
-    args = [
-        f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in over.items()
-    ]
+    args = cli_args(over)
     args += ["--reward_fns", f"mean={tmp_path / 'stop_reward.py'}:stop_rank_1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
@@ -200,9 +196,7 @@ def test_torchrun_forwards_the_signal_and_waits_for_the_checkpoint(base, tmp_pat
         base, out, iterations=200, samples=False, save_every=1000, eval_before=False,
         eval_every=1000, prompts_per_iter=4,
     )  # fmt: skip
-    args = [
-        f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in over.items()
-    ]
+    args = cli_args(over)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     agent = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -230,9 +224,7 @@ def test_max_minutes_stops_before_an_iteration_that_would_end_late(base, tmp_pat
     kw = dict(iterations=3, samples=False, save_every=10, eval_every=10)
     straight = train(build_config(run_overrides(base, tmp_path / "a", **kw)))
     over = run_overrides(base, tmp_path / "b", resume="auto", max_minutes=1e-4, **kw)  # 6 ms
-    args = [
-        f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in over.items()
-    ]
+    args = cli_args(over)
     main(args)  # no SystemExit: a time limit is a normal end
     assert "stopped by max_minutes after 1 of 3 iterations" in capsys.readouterr().out
     assert _saved_iteration(tmp_path / "b") == 1 and _rows(tmp_path / "b") == [0]

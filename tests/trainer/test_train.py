@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from trainer_support import run_overrides, tiny_model
+from trainer_support import cli_args, run_overrides, tiny_model
 
 from kvpo import data
 from kvpo.checkpoint import CheckpointError, load_model
@@ -491,9 +491,7 @@ def test_cli_trains_on_rewards_named_by_import_path(base, tmp_path, monkeypatch)
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     over = run_overrides(base, tmp_path / "run", iterations=1, samples=False)
-    args = [
-        f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in over.items()
-    ]
+    args = cli_args(over)
     fns = f"bright=kvpo_test_cli_rewards:brightness,contrast={tmp_path}/kvpo_test_cli_rewards.py:Contrast"
     main(args + ["--reward_fns", fns, "--reward_weights", "alignment=1,bright=0.5"])
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
