@@ -8,11 +8,16 @@ adapters and weights; ``--prompt`` required; the generic rewards). On the GPU wh
 under the run's precision.
 A prompt may switch mid-video: ``"a red circle moving left slowly -> moving up"`` takes the
 second direction from the middle chunk on (multi-prompt video).
+
+``--branches G`` shows instead what KVPO explores: per prompt one group, the deployment video
+(the anchor) and G branches from the same noise under the run's KV routing (its window, p_keep,
+routing; ``--window`` / ``--p_keep`` override them), each scored, with the group's branch spread.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,9 +25,10 @@ import torch
 
 from . import data, distributed
 from .checkpoint import CheckpointError, load_generator, trainer_config
+from .config import TrainConfig, build_config
 from .report import save_videos
 from .rewards import BUILTIN, GENERIC, CompositeReward, load_reward
-from .rollout import generate_passes
+from .rollout import generate_passes, rollout
 
 
 def chunk_prompts(prompt: str, chunks: int) -> list[str]:
@@ -72,6 +78,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         metavar="NAME=SPEC,...",
         help="also print your rewards: name=module:fn or name=file.py:fn (see load_reward)",
     )
+    ap.add_argument(
+        "--branches",
+        type=int,
+        default=0,
+        metavar="G",
+        help="G >= 2: per prompt the deployment video and G branches as the run explores them",
+    )
+    ap.add_argument("--window", default=None, help="--branches: perturbed chunks w0,w1")
+    ap.add_argument("--p_keep", type=float, default=None, help="--branches: drop routing's p_keep")
     args = ap.parse_args(argv)
     try:
         extra = {
@@ -113,10 +128,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"error: {e}") from None
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
     gen = torch.Generator().manual_seed(args.seed)
+    reward = CompositeReward(dict.fromkeys([*(GENERIC if wan else BUILTIN), *extra], 1.0), extra)
+    if args.branches:
+        return _branches(args, run, model, prompts, per_chunk, reward, gen, device, bf16)
     with torch.no_grad(), bf16:
         passes = generate_passes(model, per_chunk, gen, device, range(len(per_chunk)), args.batch)
         videos = torch.cat([v.float().cpu() for _, v in passes])
-    reward = CompositeReward(dict.fromkeys([*(GENERIC if wan else BUILTIN), *extra], 1.0), extra)
     comps = reward.components((videos + 1) / 2, per_chunk)
     rows = [
         {"prompt": p, **{k: round(float(v[i]), 4) for k, v in comps.items()}}
@@ -127,6 +144,50 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     written = save_videos(videos, args.out)
     print("wrote " + ", ".join(str(w) for w in written))
+    return rows
+
+
+def _branches(args, run, model, prompts, per_chunk, reward, gen, device, bf16) -> list[dict]:
+    """``--branches G``: each prompt's group as the run's rollouts explore it, anchor first."""
+    from .train import check_exploration, rollout_spec
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    over = {k: v for k, v in run.items() if k in fields and k != "resume"}
+    if args.window is not None:
+        over["window"] = tuple(int(w) for w in args.window.split(","))
+    if args.p_keep is not None:
+        over["p_keep"] = args.p_keep
+    try:
+        cfg = build_config({**over, "group_size": args.branches})
+        spec = dataclasses.replace(rollout_spec(cfg), anchor=True)
+        check_exploration(spec, model)
+    except ValueError as e:
+        raise SystemExit(f"error: --branches: {e}") from None
+    G = args.branches
+    with torch.no_grad(), bf16:
+        ro = rollout(model, per_chunk, spec, gen, device)
+        tokens = torch.cat([ro.anchor_tokens[:, None], ro.tokens], 1)  # [P, 1 + G, F, T, d]
+        videos = model.to_video(tokens.flatten(0, 1)).float().cpu()
+    comps = reward.components((videos + 1) / 2, [p for p in per_chunk for _ in range(G + 1)])
+    spread = ro.branch_spread()
+    rows = []
+    for i, p in enumerate(prompts):
+        for b in range(G + 1):
+            j = i * (G + 1) + b
+            rows.append({
+                "prompt": p,
+                "branch": "anchor" if b == 0 else b - 1,
+                **{k: round(float(v[j]), 4) for k, v in comps.items()},
+            })  # fmt: skip
+        print(json.dumps({"prompt": p, "branch_spread": round(float(spread[i]), 4)}))
+    for row in rows:
+        print(json.dumps(row))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    written = save_videos(videos, args.out)
+    print(
+        f"wrote {', '.join(str(w) for w in written)} (per prompt: the deployment video, then "
+        f"{G} branches; window chunks {tuple(cfg.window)})"
+    )
     return rows
 
 

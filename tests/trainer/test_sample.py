@@ -6,7 +6,7 @@ from trainer_support import tiny_model
 
 from kvpo.checkpoint import save_model
 from kvpo.rewards import BUILTIN, CompositeReward
-from kvpo.rollout import generate
+from kvpo.rollout import generate, rollout
 from kvpo.sample import chunk_prompts, main
 
 LEFT = "a large red circle moving left slowly"
@@ -83,3 +83,39 @@ def test_sample_errors(tmp_path):
         main(["--checkpoint", str(ckpt), "--prompt", "a red thing"])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["--checkpoint", str(tmp_path / "none.safetensors")])
+
+
+def test_branches_show_a_group_as_the_run_explores_it(tmp_path, capsys):
+    """--branches G: the deployment video and G routed branches per prompt, scored: the group a
+    training rollout with the same settings and seed makes."""
+    import dataclasses
+    import json
+
+    from kvpo.config import build_config
+    from kvpo.train import rollout_spec
+
+    model = tiny_model()
+    ckpt = tmp_path / "m.safetensors"
+    save_model(model, ckpt)
+    asked = ["--prompt", LEFT, "--branches", "3", "--window", "2,4", "--p_keep", "0.3"]
+    rows = main(["--checkpoint", str(ckpt), *asked, "--seed", "1", "--out", str(tmp_path / "g")])
+    assert [r["branch"] for r in rows] == ["anchor", 0, 1, 2]
+    spec = rollout_spec(build_config({"group_size": 3, "window": (2, 4), "p_keep": 0.3}))
+    spec = dataclasses.replace(spec, anchor=True)
+    per_chunk = [chunk_prompts(LEFT, 5)]
+    ro = rollout(model, per_chunk, spec, torch.Generator().manual_seed(1))
+    tokens = torch.cat([ro.anchor_tokens[:, None], ro.tokens], 1).flatten(0, 1)
+    want = CompositeReward(dict.fromkeys(BUILTIN, 1.0)).components(
+        (model.to_video(tokens) + 1) / 2, per_chunk * 4
+    )
+    for i, r in enumerate(rows):
+        for k, v in want.items():
+            assert abs(r[k] - float(v[i])) < 1e-4, (i, k)
+    assert len({r["alignment"] for r in rows}) > 1  # the branches explored
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert out[0] == {"prompt": LEFT, "branch_spread": round(float(ro.branch_spread()[0]), 4)}
+    assert (tmp_path / "g.gif").stat().st_size > 0
+    with pytest.raises(SystemExit, match="group_size"):
+        main(["--checkpoint", str(ckpt), "--prompt", LEFT, "--branches", "1", "--window", "2,4"])
+    with pytest.raises(SystemExit, match="error: --branches: .*window"):
+        main(["--checkpoint", str(ckpt), "--prompt", LEFT, "--branches", "3", "--window", "0,9"])
