@@ -615,15 +615,9 @@ def train(
             history.append({"iter": -1, **ev})
             keep_if_best(0)
             if lead:
-                print(
-                    f"before training: eval reward {ev['eval_reward']:.4f}"
-                    + (
-                        f" (multi-prompt {ev['eval_mp_reward']:.4f})"
-                        if "eval_mp_reward" in ev
-                        else ""
-                    ),
-                    flush=True,
-                )
+                mp = ev.get("eval_mp_reward")
+                line = f"before training: eval reward {ev['eval_reward']:.4f}"
+                print(line + (f" (multi-prompt {mp:.4f})" if mp is not None else ""), flush=True)
                 if cfg.samples:
                     save_videos(vids, out / "samples_before")
                 for lg in loggers:
