@@ -586,6 +586,11 @@ def check_sample_and_export(ck, tmp_path):
     assert {"dynamic", "smoothness"} <= set(rows[0]) and (tmp_path / "s" / "grid.gif").is_file()
     with pytest.raises(SystemExit, match="needs --prompt"):
         sample_main(["--checkpoint", str(ck), "--out", str(tmp_path / "s" / "x")])
+    # the run's exploration on Wan: the deployment video and 2 branches, decoded by the VAE
+    rows = sample_main(["--checkpoint", str(ck), "--prompt", "a red car", "--branches", "2",
+                        "--out", str(tmp_path / "s" / "branches")])  # fmt: skip
+    assert [r["branch"] for r in rows] == ["anchor", 0, 1] and "smoothness" in rows[0]
+    assert (tmp_path / "s" / "branches.gif").is_file()
     gen = from_checkpoint(ck)
     lora_b = [p for n, p in gen.named_parameters() if n.endswith("lora_b")]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # training moved the adapters
