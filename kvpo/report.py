@@ -47,7 +47,7 @@ def plot_rewards(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
     tr = [(h["iter"], h["reward"]) for h in history if "reward" in h]
     if tr:
         ax.plot(*zip(*tr, strict=True), label="train reward (mean of branches)", alpha=0.6)
@@ -58,8 +58,17 @@ def plot_rewards(history: list[dict], path: Path) -> None:
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    div = [(max(h["iter"] + 1, 0), h["eval_diversity"]) for h in history if "eval_diversity" in h]
+    if div:  # on its own scale: a fall says the policy's samples of a prompt converge
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*div, strict=True), "s--", color="tab:gray", label="held-out diversity")
+        ax2.set_ylabel("diversity")
+        more = ax2.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    # below the axes: the curves fill them
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
