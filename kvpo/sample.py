@@ -164,12 +164,17 @@ def _branches(args, run, model, prompts, per_chunk, reward, gen, device, bf16) -
     except ValueError as e:
         raise SystemExit(f"error: --branches: {e}") from None
     G = args.branches
+    videos, spread = [], []
     with torch.no_grad(), bf16:
-        ro = rollout(model, per_chunk, spec, gen, device)
-        tokens = torch.cat([ro.anchor_tokens[:, None], ro.tokens], 1)  # [P, 1 + G, F, T, d]
-        videos = model.to_video(tokens.flatten(0, 1)).float().cpu()
+        for (
+            asked
+        ) in per_chunk:  # a group at a time: one group's KV pages (training's micro_batch 1)
+            ro = rollout(model, [asked], spec, gen, device)
+            tokens = torch.cat([ro.anchor_tokens[:, None], ro.tokens], 1)  # [1, 1 + G, F, T, d]
+            videos.append(model.to_video(tokens.flatten(0, 1)).float().cpu())
+            spread.append(float(ro.branch_spread()[0]))
+    videos = torch.cat(videos)
     comps = reward.components((videos + 1) / 2, [p for p in per_chunk for _ in range(G + 1)])
-    spread = ro.branch_spread()
     rows = []
     for i, p in enumerate(prompts):
         for b in range(G + 1):
@@ -179,7 +184,7 @@ def _branches(args, run, model, prompts, per_chunk, reward, gen, device, bf16) -
                 "branch": "anchor" if b == 0 else b - 1,
                 **{k: round(float(v[j]), 4) for k, v in comps.items()},
             })  # fmt: skip
-        print(json.dumps({"prompt": p, "branch_spread": round(float(spread[i]), 4)}))
+        print(json.dumps({"prompt": p, "branch_spread": round(spread[i], 4)}))
     for row in rows:
         print(json.dumps(row))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -86,8 +86,8 @@ def test_sample_errors(tmp_path):
 
 
 def test_branches_show_a_group_as_the_run_explores_it(tmp_path, capsys):
-    """--branches G: the deployment video and G routed branches per prompt, scored: the group a
-    training rollout with the same settings and seed makes."""
+    """--branches G: the deployment video and G routed branches per prompt, scored: the groups a
+    training rollout with the same settings and seed makes, one group at a time."""
     import dataclasses
     import json
 
@@ -97,23 +97,39 @@ def test_branches_show_a_group_as_the_run_explores_it(tmp_path, capsys):
     model = tiny_model()
     ckpt = tmp_path / "m.safetensors"
     save_model(model, ckpt)
-    asked = ["--prompt", LEFT, "--branches", "3", "--window", "2,4", "--p_keep", "0.3"]
+    up = "a small blue square moving up quickly"
+    asked = [
+        "--prompt",
+        LEFT,
+        "--prompt",
+        up,
+        "--branches",
+        "3",
+        "--window",
+        "2,4",
+        "--p_keep",
+        "0.3",
+    ]
     rows = main(["--checkpoint", str(ckpt), *asked, "--seed", "1", "--out", str(tmp_path / "g")])
-    assert [r["branch"] for r in rows] == ["anchor", 0, 1, 2]
+    assert [(r["prompt"], r["branch"]) for r in rows] == [
+        (p, b) for p in (LEFT, up) for b in ("anchor", 0, 1, 2)
+    ]
     spec = rollout_spec(build_config({"group_size": 3, "window": (2, 4), "p_keep": 0.3}))
     spec = dataclasses.replace(spec, anchor=True)
-    per_chunk = [chunk_prompts(LEFT, 5)]
-    ro = rollout(model, per_chunk, spec, torch.Generator().manual_seed(1))
-    tokens = torch.cat([ro.anchor_tokens[:, None], ro.tokens], 1).flatten(0, 1)
-    want = CompositeReward(dict.fromkeys(BUILTIN, 1.0)).components(
-        (model.to_video(tokens) + 1) / 2, per_chunk * 4
-    )
-    for i, r in enumerate(rows):
-        for k, v in want.items():
-            assert abs(r[k] - float(v[i])) < 1e-4, (i, k)
-    assert len({r["alignment"] for r in rows}) > 1  # the branches explored
+    gen, reward = torch.Generator().manual_seed(1), CompositeReward(dict.fromkeys(BUILTIN, 1.0))
+    spreads = []
+    for i, prompt in enumerate((LEFT, up)):
+        per_chunk = [chunk_prompts(prompt, 5)]
+        ro = rollout(model, per_chunk, spec, gen)  # training's micro_batch 1: one group at a time
+        tokens = torch.cat([ro.anchor_tokens[:, None], ro.tokens], 1).flatten(0, 1)
+        want = reward.components((model.to_video(tokens) + 1) / 2, per_chunk * 4)
+        for j, r in enumerate(rows[4 * i : 4 * i + 4]):
+            for k, v in want.items():
+                assert abs(r[k] - float(v[j])) < 1e-4, (prompt, j, k)
+        spreads.append(round(float(ro.branch_spread()[0]), 4))
+    assert len({r["path"] for r in rows[:4]}) > 1  # the branches explored
     out = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert out[0] == {"prompt": LEFT, "branch_spread": round(float(ro.branch_spread()[0]), 4)}
+    assert [o["branch_spread"] for o in out if "branch_spread" in o] == spreads
     assert (tmp_path / "g.gif").stat().st_size > 0
     with pytest.raises(SystemExit, match="group_size"):
         main(["--checkpoint", str(ckpt), "--prompt", LEFT, "--branches", "1", "--window", "2,4"])
