@@ -153,11 +153,11 @@ def _branches(args, run, model, prompts, per_chunk, reward, gen, device, bf16) -
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     over = {k: v for k, v in run.items() if k in fields and k != "resume"}
-    if args.window is not None:
-        over["window"] = tuple(int(w) for w in args.window.split(","))
     if args.p_keep is not None:
         over["p_keep"] = args.p_keep
     try:
+        if args.window is not None:
+            over["window"] = tuple(int(w) for w in args.window.split(","))
         cfg = build_config({**over, "group_size": args.branches})
         spec = dataclasses.replace(rollout_spec(cfg), anchor=True)
         check_exploration(spec, model)

@@ -135,3 +135,5 @@ def test_branches_show_a_group_as_the_run_explores_it(tmp_path, capsys):
         main(["--checkpoint", str(ckpt), "--prompt", LEFT, "--branches", "1", "--window", "2,4"])
     with pytest.raises(SystemExit, match="error: --branches: .*window"):
         main(["--checkpoint", str(ckpt), "--prompt", LEFT, "--branches", "3", "--window", "0,9"])
+    with pytest.raises(SystemExit, match="error: --branches: invalid literal"):
+        main(["--checkpoint", str(ckpt), "--prompt", LEFT, "--branches", "3", "--window", "a,b"])
