@@ -145,6 +145,9 @@ def source_revision(root: Path | None = None) -> str | None:
         ).stdout.strip()
 
     try:
+        # an installed copy inside some other repository (a project's .venv) is not a checkout
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            return None
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):

@@ -54,3 +54,6 @@ def test_source_revision_is_the_checkouts_commit(tmp_path):
     if head:  # a git checkout, as CI's clean clone is
         assert source_revision().split("+")[0] == head
     assert source_revision(tmp_path) is None  # not a checkout
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "site-packages").mkdir()
+    assert source_revision(tmp_path / "site-packages") is None  # inside another repository
