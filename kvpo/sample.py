@@ -147,8 +147,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def _branches(args, run, model, prompts, per_chunk, reward, gen, device, bf16) -> list[dict]:
-    """``--branches G``: each prompt's group as the run's rollouts explore it, anchor first."""
+def _branches(
+    args: argparse.Namespace,
+    run: dict,
+    model: torch.nn.Module,
+    prompts: list[str],
+    per_chunk: list[list[str]],
+    reward: CompositeReward,
+    gen: torch.Generator,
+    device: torch.device,
+    bf16: torch.autocast,
+) -> list[dict]:
+    """``--branches G``: each prompt's group as the run's rollouts explore it (``run``: the
+    checkpoint's trainer config), anchor first; prints and writes them, returns the rows."""
     from .train import check_exploration, rollout_spec
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
