@@ -429,7 +429,6 @@ def rollout(
     )
 
 
-@torch.no_grad()
 def batch_noise(model: StreamingVideoGenerator, B: int, generator: torch.Generator) -> torch.Tensor:
     """The initial noise [B, chunks, chunk_frames * frame_tokens, token_dim] of B videos, drawn on
     the CPU from ``generator`` (what :func:`rollout` draws first)."""
@@ -438,6 +437,7 @@ def batch_noise(model: StreamingVideoGenerator, B: int, generator: torch.Generat
     return torch.randn(shape, generator=generator)
 
 
+@torch.no_grad()
 def generate(
     model: StreamingVideoGenerator,
     prompts: list[list[str]],
