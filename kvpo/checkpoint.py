@@ -9,9 +9,11 @@ loaded back into an instance the caller makes (``module=``).
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -19,6 +21,9 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from .model import ModelConfig, TinyARVideo
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 
 class CheckpointError(ValueError):
@@ -159,6 +164,32 @@ def trainer_config(path: str | Path) -> dict:
     """The trainer config a training checkpoint was saved with ({} for a model checkpoint), read
     from its header without loading the tensors."""
     return json.loads(_header(path).get("trainer", "{}"))
+
+
+def run_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """The trainer config a checkpoint's run was saved with (its defaults for a model
+    checkpoint), ``overrides`` applied, validated. ``resume`` is left out: where that run came
+    from is not part of what it is."""
+    from .config import build_config
+
+    saved = {k: v for k, v in trainer_config(path).items() if k != "resume"}
+    return build_config({**saved, **(overrides or {})})
+
+
+def add_generator_arguments(ap: argparse.ArgumentParser) -> None:
+    """The command-line arguments of :func:`load_generator`: ``--checkpoint``, ``--ema``,
+    ``--wan_dir`` and ``--device``."""
+    from .distributed import add_device_argument
+
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="model or training checkpoint, or a run's out_dir (its latest)",
+    )
+    ap.add_argument("--ema", action="store_true", help="the EMA weights of a training checkpoint")
+    ap.add_argument("--wan_dir", default=None, help="a Wan run's directory, if it moved")
+    add_device_argument(ap)
 
 
 def load_generator(

@@ -7,6 +7,7 @@ keeps identical weights (what DistributedDataParallel does, without wrapping the
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -33,6 +34,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def add_device_argument(ap: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda`` of a command line, read by :func:`resolve_device`."""
+    ap.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any"
+    )
 
 
 def local_device(device: torch.device) -> torch.device:

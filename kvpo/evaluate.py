@@ -6,8 +6,6 @@ did (the run's held-out prompts, noises, reward and precision) and prints the sc
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -120,25 +118,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import argparse
     import json
 
-    from .checkpoint import CheckpointError, load_generator, trainer_config
-    from .config import build_config
+    from .checkpoint import CheckpointError, add_generator_arguments, load_generator, run_config
     from .train import held_out_prompts, make_reward
 
     ap = argparse.ArgumentParser(
         prog="python -m kvpo.evaluate",
         description="Evaluate a checkpoint as its training run did; print the scores as JSON.",
     )
-    ap.add_argument(
-        "--checkpoint",
-        type=Path,
-        required=True,
-        help="model or training checkpoint, or a run's out_dir (its latest)",
-    )
-    ap.add_argument("--ema", action="store_true", help="the EMA weights of a training checkpoint")
-    ap.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any"
-    )
-    ap.add_argument("--wan_dir", default=None, help="a Wan run's directory, if it moved")
+    add_generator_arguments(ap)
     ap.add_argument(
         "--set",
         action="append",
@@ -148,13 +135,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     args = ap.parse_args(argv)
     try:
-        over = {k: v for k, v in trainer_config(args.checkpoint).items() if k != "resume"}
+        over = {"device": args.device}
         for item in args.set:
             key, _, value = item.partition("=")
             if key not in EVAL_FIELDS:
                 raise ValueError(f"--set {item!r}: not one of {sorted(EVAL_FIELDS)}")
             over[key] = value
-        cfg = build_config({**over, "device": args.device})
+        cfg = run_config(args.checkpoint, over)
         device = distributed.resolve_device(args.device)
         model = load_generator(args.checkpoint, args.ema, args.wan_dir, device)
         reward = make_reward(cfg, device)

@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=int, default=ModelConfig.dim)
     ap.add_argument("--depth", type=int, default=ModelConfig.depth)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any"
-    )
+    distributed.add_device_argument(ap)
     ap.add_argument("--init", type=Path, default=None, help="continue from this model checkpoint")
     ap.add_argument(
         "--local_window", type=int, default=None, help="frames besides sinks a chunk attends to"

@@ -24,8 +24,13 @@ from pathlib import Path
 import torch
 
 from . import data, distributed
-from .checkpoint import CheckpointError, load_generator, trainer_config
-from .config import TrainConfig, build_config
+from .checkpoint import (
+    CheckpointError,
+    add_generator_arguments,
+    load_generator,
+    run_config,
+    trainer_config,
+)
 from .report import save_videos
 from .rewards import BUILTIN, GENERIC, CompositeReward, load_reward
 from .rollout import generate_passes, rollout
@@ -50,21 +55,11 @@ def _name_spec(item: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m kvpo.sample", description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--checkpoint",
-        type=Path,
-        required=True,
-        help="model or training checkpoint, or a run's out_dir (its latest)",
-    )
-    ap.add_argument("--ema", action="store_true", help="the EMA weights of a training checkpoint")
+    add_generator_arguments(ap)
     ap.add_argument("--prompt", action="append", help="repeat for several (default: held-out)")
     ap.add_argument("--prompts_file", type=Path, help="one prompt per line, after any --prompt")
     ap.add_argument("--batch", type=int, default=0, help="videos made at a time (0: all at once)")
-    ap.add_argument("--wan_dir", default=None, help="a Wan run's directory, if it moved")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if any"
-    )
     ap.add_argument(
         "--amp",
         choices=("none", "bf16"),
@@ -130,26 +125,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     gen = torch.Generator().manual_seed(args.seed)
     reward = CompositeReward(dict.fromkeys([*(GENERIC if wan else BUILTIN), *extra], 1.0), extra)
     if args.branches:
-        return _branches(args, run, model, prompts, per_chunk, reward, gen, device, bf16)
+        return _branches(args, model, prompts, per_chunk, reward, gen, device, bf16)
     with torch.no_grad(), bf16:
         passes = generate_passes(model, per_chunk, gen, device, range(len(per_chunk)), args.batch)
         videos = torch.cat([v.float().cpu() for _, v in passes])
     comps = reward.components((videos + 1) / 2, per_chunk)
-    rows = [
-        {"prompt": p, **{k: round(float(v[i]), 4) for k, v in comps.items()}}
-        for i, p in enumerate(prompts)
-    ]
+    rows = [{"prompt": p, **_scores(comps, i)} for i, p in enumerate(prompts)]
+    return _write(rows, videos, args.out)
+
+
+def _scores(comps: dict[str, torch.Tensor], i: int) -> dict[str, float]:
+    """Video ``i``'s rewards, rounded for printing."""
+    return {k: round(float(v[i]), 4) for k, v in comps.items()}
+
+
+def _write(rows: list[dict], videos: torch.Tensor, out: Path, note: str = "") -> list[dict]:
+    """Print ``rows`` as JSON lines, write the grid of ``videos`` to ``out``; returns ``rows``."""
     for row in rows:
         print(json.dumps(row))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    written = save_videos(videos, args.out)
-    print("wrote " + ", ".join(str(w) for w in written))
+    written = save_videos(videos, out)
+    print("wrote " + ", ".join(str(w) for w in written) + note)
     return rows
 
 
 def _branches(
     args: argparse.Namespace,
-    run: dict,
     model: torch.nn.Module,
     prompts: list[str],
     per_chunk: list[list[str]],
@@ -158,18 +158,17 @@ def _branches(
     device: torch.device,
     bf16: torch.autocast,
 ) -> list[dict]:
-    """``--branches G``: each prompt's group as the run's rollouts explore it (``run``: the
-    checkpoint's trainer config), anchor first; prints and writes them, returns the rows."""
+    """``--branches G``: each prompt's group as the rollouts of the checkpoint's run explore it,
+    anchor first; prints and writes them, returns the rows."""
     from .train import check_exploration, rollout_spec
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    over = {k: v for k, v in run.items() if k in fields and k != "resume"}
+    over = {"group_size": args.branches}
     if args.p_keep is not None:
         over["p_keep"] = args.p_keep
     try:
         if args.window is not None:
             over["window"] = tuple(int(w) for w in args.window.split(","))
-        cfg = build_config({**over, "group_size": args.branches})
+        cfg = run_config(args.checkpoint, over)
         spec = dataclasses.replace(rollout_spec(cfg), anchor=True)
         check_exploration(spec, model)
     except ValueError as e:
@@ -177,9 +176,8 @@ def _branches(
     G = args.branches
     videos, spread = [], []
     with torch.no_grad(), bf16:
-        for (
-            asked
-        ) in per_chunk:  # a group at a time: one group's KV pages (training's micro_batch 1)
+        # a group at a time: one group's KV pages (training's micro_batch 1)
+        for asked in per_chunk:
             ro = rollout(model, [asked], spec, gen, device)
             tokens = torch.cat([ro.anchor_tokens[:, None], ro.tokens], 1)  # [1, 1 + G, F, T, d]
             videos.append(model.to_video(tokens.flatten(0, 1)).float().cpu())
@@ -189,22 +187,13 @@ def _branches(
     rows = []
     for i, p in enumerate(prompts):
         for b in range(G + 1):
-            j = i * (G + 1) + b
-            rows.append({
-                "prompt": p,
-                "branch": "anchor" if b == 0 else b - 1,
-                **{k: round(float(v[j]), 4) for k, v in comps.items()},
-            })  # fmt: skip
+            branch = "anchor" if b == 0 else b - 1
+            rows.append({"prompt": p, "branch": branch, **_scores(comps, i * (G + 1) + b)})
         print(json.dumps({"prompt": p, "branch_spread": round(spread[i], 4)}))
-    for row in rows:
-        print(json.dumps(row))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    written = save_videos(videos, args.out)
-    print(
-        f"wrote {', '.join(str(w) for w in written)} (per prompt: the deployment video, then "
-        f"{G} branches; window chunks {tuple(cfg.window)})"
+    note = (
+        f" (per prompt: the deployment video, then {G} branches; window chunks {tuple(cfg.window)})"
     )
-    return rows
+    return _write(rows, videos, args.out, note)
 
 
 if __name__ == "__main__":
