@@ -181,18 +181,21 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a finite number >= 0")
-        for name in ("window_shift", "max_skipped_steps"):
+        for name, unit in (
+            ("window_shift", ""),
+            ("max_skipped_steps", ""),
+            ("micro_batch", " (0: all at once)"),
+            ("eval_batch", " (0: all at once)"),
+            ("lr_warmup", " (iterations)"),
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise bad(name, "must be an integer >= 0")
+                raise bad(name, "must be an integer >= 0" + unit)
         if not isinstance(self.keep_best, str) or (
             self.keep_best and not self.keep_best.startswith("eval_")
         ):
             raise bad("keep_best", "must name a held-out metric (eval_reward, ...) or be empty")
         if not isinstance(self.profile_iteration, int) or self.profile_iteration < -1:
             raise bad("profile_iteration", "must be an iteration (>= 0), or -1 for none")
-        for name in ("micro_batch", "eval_batch"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise bad(name, "must be an integer >= 0 (0: all at once)")
         if self.wan_dtype not in ("fp32", "bf16"):
             raise bad("wan_dtype", "must be 'fp32' or 'bf16'")
         if self.wan_dtype == "bf16" and not self.lora_rank:
@@ -215,8 +218,6 @@ class TrainConfig:
             raise bad("multi_prompt", "must be in [0, 1]")
         if self.clip_low >= 1:
             raise bad("clip_low", "must be < 1")
-        if not isinstance(self.lr_warmup, int) or self.lr_warmup < 0:
-            raise bad("lr_warmup", "must be an integer >= 0 (iterations)")
         if self.lr_schedule not in ("constant", "cosine"):
             raise bad("lr_schedule", "must be 'constant' or 'cosine'")
         if self.advantage not in ("group", "anchor"):

@@ -57,13 +57,17 @@ def active() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _for_backend(x: torch.Tensor) -> torch.Tensor:
+    """``x`` where the process group's collectives take it: NCCL's on the rank's GPU."""
+    return x.cuda() if dist.get_backend() == "nccl" else x
+
+
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` ([n, ...], same shape on every rank) over ranks along dim 0."""
     if not active():
         return x
     home = x.device
-    if dist.get_backend() == "nccl":  # NCCL gathers CUDA tensors only; rewards live on the CPU
-        x = x.cuda()
+    x = _for_backend(x)  # rewards live on the CPU
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts).to(home)
@@ -73,9 +77,7 @@ def max_over_ranks(value: int) -> int:
     """The largest of every rank's ``value`` (on every rank)."""
     if not active():
         return value
-    x = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
-        x = x.cuda()
+    x = _for_backend(torch.tensor([value], dtype=torch.int64))
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return int(x.item())
 

@@ -159,9 +159,10 @@ def record_process(
     path: Path, start: int, device: torch.device, world: int, resumed: bool = False
 ) -> dict:
     """Append to ``path`` (``environment.jsonl``; a run not ``resumed`` starts it afresh) the
-    record of the process starting the run at iteration ``start``: when, where, the command line, the kvpo
-    source revision, and what kvpo_kernels runs there (:func:`kvpo_kernels.info.environment`).
-    A run resumed after a requeue gets a line per start."""
+    record of the process starting the run at iteration ``start``: when, where, the command
+    line, the kvpo source revision, and what kvpo_kernels runs there
+    (:func:`kvpo_kernels.info.environment`). A run resumed after a requeue gets a line per
+    start."""
     from kvpo_kernels.info import environment
 
     from . import __version__

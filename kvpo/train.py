@@ -580,16 +580,16 @@ def train(
         """The state after ``done`` iterations to ``out/<name>.safetensors``; the latest one
         (``checkpoint``) is also kept as ``checkpoints/step_N`` with ``keep_checkpoints``, and
         the reward plot redrawn. Rank 0 only."""
-        latest = out / f"{name}.safetensors"
+        path = out / f"{name}.safetensors"
         save_training(
-            latest, model, opt, done, cfg.to_dict(), history,
+            path, model, opt, done, cfg.to_dict(), history,
             ema=None if ema is None else ema.model,
         )  # fmt: skip
         if name != "checkpoint":
             return
         if cfg.keep_checkpoints:  # to go back to, e.g. before a reward was gamed
             (out / "checkpoints").mkdir(exist_ok=True)
-            shutil.copyfile(latest, out / "checkpoints" / f"step_{done:06d}.safetensors")
+            shutil.copyfile(path, out / "checkpoints" / f"step_{done:06d}.safetensors")
         plot_rewards(history, out / "rewards.png")
 
     def keep_if_best(done: int) -> None:
