@@ -52,6 +52,14 @@ def run_overrides(base: str, out, **kw) -> dict:
     return over
 
 
+def checkpoint_meta(path) -> dict[str, str]:
+    """The metadata of a safetensors checkpoint (iteration, history, optimizer scalars, ...)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
 def cli_args(over: dict) -> list[str]:
     """``--field=value`` command-line arguments of config fields (tuples comma-joined)."""
     return [

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from trainer_support import cli_args, run_overrides
+from trainer_support import checkpoint_meta, cli_args, run_overrides
 
 from kvpo.config import build_config
 from kvpo.stopping import StopSignals
@@ -24,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _saved_iteration(out: Path) -> int:
-    with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
-        return int(f.metadata()["iteration"])
+    return int(checkpoint_meta(out / "checkpoint.safetensors")["iteration"])
 
 
 def _rows(out: Path) -> list[int]:
@@ -146,8 +144,7 @@ def test_the_cli_exits_with_the_signal_status_and_resumes(base, tmp_path, monkey
     monkeypatch.undo()
     main(args + ["--resume", "auto"])
     assert _saved_iteration(tmp_path) == 2 and _rows(tmp_path) == [0, 1]
-    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
-        history = json.loads(f.metadata()["history"])
+    history = json.loads(checkpoint_meta(tmp_path / "checkpoint.safetensors")["history"])
     assert [h["iter"] for h in history] == [-1, 0, 1]
     assert "resume: auto" in (tmp_path / "config.yaml").read_text().splitlines()
 

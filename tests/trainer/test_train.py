@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from trainer_support import cli_args, run_overrides, tiny_model
+from trainer_support import checkpoint_meta, cli_args, run_overrides, tiny_model
 
 from kvpo import data
 from kvpo.checkpoint import CheckpointError, load_model
@@ -175,7 +174,7 @@ def test_a_step_with_a_nan_gradient_is_skipped_and_a_run_of_them_stops(
     assert not all(torch.equal(a, b) for a, b in zip(seen[1], seen[2], strict=True))  # stepped
     assert all(p.isfinite().all() for p in [*res.model.parameters(), *res.ema.parameters()])
     scalars = json.loads(
-        safe_open(str(tmp_path / "a" / "checkpoint.safetensors"), "pt").metadata()["optim_scalars"]
+        checkpoint_meta(tmp_path / "a" / "checkpoint.safetensors")["optim_scalars"]
     )
     assert {s["step"] for s in scalars.values()} == {5.0}  # 6 steps, one skipped
     assert (
@@ -263,8 +262,7 @@ def test_the_best_evaluation_keeps_its_state(base, tmp_path):
     res = train(_cfg(base, tmp_path, keep_best="eval_reward", **kw))
     rows = [h for h in res.history if "eval_reward" in h]
     top = max(rows, key=lambda h: h["eval_reward"])
-    with safe_open(str(tmp_path / "best.safetensors"), "pt") as f:
-        assert int(f.metadata()["iteration"]) == top["iter"] + 1
+    assert int(checkpoint_meta(tmp_path / "best.safetensors")["iteration"]) == top["iter"] + 1
     best = load_model(tmp_path / "best.safetensors")
     same = (
         tmp_path / "checkpoints" / f"step_{top['iter'] + 1:06d}.safetensors"
