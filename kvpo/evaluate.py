@@ -1,10 +1,13 @@
 """Held-out evaluation: deployment-time samples of fixed prompts and fixed noises, scored.
 
-``python -m kvpo.evaluate --checkpoint PATH [--ema]`` evaluates a checkpoint as its training run
-did (the run's held-out prompts, noises, reward and precision) and prints the scores as JSON.
+``python -m kvpo.evaluate --checkpoint PATH [--ema] [--per_prompt FILE]`` evaluates a checkpoint as
+its training run did (the run's held-out prompts, noises, reward and precision) and prints the
+scores as JSON (and writes each prompt's to FILE).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 from . import data, distributed
 from .config import TrainConfig
 from .interface import StreamingVideoGenerator
+from .report import preview
 from .rewards import CompositeReward
 from .rollout import generate_passes, spread
 
@@ -24,6 +28,38 @@ def turned_prompts(prompts: list[str], chunks: int) -> list[list[str]]:
     ]
 
 
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` (and :func:`evaluate_sets`) return."""
+
+    scores: dict[str, float]  # means over all samples: eval_reward, eval_<component>, ...
+    # one row per prompt, in order: "prompt" (as asked) and the same metrics over its noises
+    per_prompt: list[dict]
+    # the first noise's videos [P, F, C, H, W] in [-1, 1] as report.preview keeps them (at most
+    # 256 pixels tall), on rank 0 when asked for; None otherwise
+    videos: torch.Tensor | None = None
+
+    def update(self, other: Evaluation) -> None:
+        """Add ``other``'s scores, of the same prompts under other names (another set of them,
+        another model), to these and to each prompt's row; the videos stay."""
+        if len(other.per_prompt) != len(self.per_prompt):
+            raise ValueError(
+                f"other: scores of {len(other.per_prompt)} prompts, these of {len(self.per_prompt)}"
+            )
+        self.scores.update(other.scores)
+        for row, theirs in zip(self.per_prompt, other.per_prompt, strict=True):
+            row.update({k: v for k, v in theirs.items() if k != "prompt"})
+
+    def renamed(self, old: str, new: str) -> Evaluation:
+        """These scores with the prefix ``old`` of their names changed to ``new`` (``eval_`` ->
+        ``eval_ema_``)."""
+
+        def rename(row: dict) -> dict:
+            return {new + k[len(old) :] if k.startswith(old) else k: v for k, v in row.items()}
+
+        return Evaluation(rename(self.scores), [rename(r) for r in self.per_prompt], self.videos)
+
+
 def evaluate(
     model: StreamingVideoGenerator,
     prompts: list[str] | list[list[str]],
@@ -32,20 +68,23 @@ def evaluate(
     device: torch.device,
     seeds: int = 1,
     batch: int = 0,
-) -> tuple[dict[str, float], torch.Tensor | None]:
+    videos: bool = True,
+) -> Evaluation:
     """Deployment-time samples of fixed prompts (a prompt, or a list of one per chunk), each with
     ``seeds`` fixed noises, made ``batch`` at a time (0: all at once).
 
     Under ``torchrun`` every rank makes and scores its share of the samples; each sample comes
     from the noise it has in one pass of one process, so any number of ranks and any ``batch``
-    give the same samples. Every rank gets the means.
+    give the same samples. Every rank gets the scores.
 
     With several ``seeds`` the scores also hold ``eval_diversity``: how different a prompt's
     samples are (:func:`kvpo.rollout.spread` of their frames averaged down to at most 16 x 16
-    pixels, the mean over prompts), which falls when training collapses onto one video a prompt.
+    pixels; the mean over prompts, and each prompt's in its row), which falls when training
+    collapses onto one video a prompt.
 
-    Returns mean rewards over all samples and the videos of the first noise, [P, F, C, H, W]
-    (on rank 0; None on the others)."""
+    ``videos``: keep the first noise's videos (for rank 0) as :func:`kvpo.report.preview` makes
+    them: the full-size float32 videos of a real generator would take GBs (Wan2.1: 390 MB
+    each)."""
     nC = model.num_frames // model.chunk_frames
     # row s * P + p: prompt p under noise s
     asked = [data.segments(p if isinstance(p, list) else [p] * nC) for p in prompts] * seeds
@@ -53,34 +92,43 @@ def evaluate(
     mine = list(range(rank, len(asked), world))
     got, firsts, small = [], {}, {}
     gen = torch.Generator().manual_seed(seed)
-    for rows, videos in generate_passes(model, asked, gen, device, mine, batch):
-        firsts.update({i: v.cpu() for i, v in zip(rows, videos, strict=True) if i < len(prompts)})
-        videos = ((videos + 1) / 2).cpu()
-        got.append(reward.components(videos, [asked[i] for i in rows]))
+    for rows, vids in generate_passes(model, asked, gen, device, mine, batch):
+        if videos:
+            kept = preview(vids).cpu()
+            firsts.update({i: v for i, v in zip(rows, kept, strict=True) if i < len(prompts)})
+        vids = ((vids + 1) / 2).cpu()
+        got.append(reward.components(vids, [asked[i] for i in rows]))
         if seeds > 1:
-            size = [min(n, 16) for n in videos.shape[-2:]]
-            thumbs = F.adaptive_avg_pool2d(videos.flatten(0, 1), size).view(*videos.shape[:3], -1)
+            size = [min(n, 16) for n in vids.shape[-2:]]
+            thumbs = F.adaptive_avg_pool2d(vids.flatten(0, 1), size).view(*vids.shape[:3], -1)
             small.update(zip(rows, thumbs, strict=True))
     comps = {k: torch.cat([c[k] for c in got]) for k in got[0]} if got else {}
-    # every rank's rewards (and thumbnails) back in row order, then the means of one process
+    # every rank's rewards (and thumbnails) back in row order, then the scores of one process
     per_row = {}
     for r, (theirs, thumbs) in enumerate(distributed.all_gather_object((comps, small))):
         their_rows = range(r, len(asked), world)
         per_row.update({i: {k: v[j] for k, v in theirs.items()} for j, i in enumerate(their_rows)})
         small.update(thumbs)
     full = {k: torch.stack([per_row[i][k] for i in range(len(asked))]) for k in reward.weights}
-    out = {f"eval_{k}": float(v.mean()) for k, v in full.items()}
-    out["eval_reward"] = float(reward.total(full).mean())
+    # [seeds, P] per metric: the scores are the means over all, a prompt's row over its column
+    table = {f"eval_{k}": v.view(seeds, -1) for k, v in full.items()}
+    table["eval_reward"] = reward.total(full).view(seeds, -1)
+    out = {k: float(v.mean()) for k, v in table.items()}
+    per_prompt = [
+        {"prompt": p, **{k: float(v[:, j].mean()) for k, v in table.items()}}
+        for j, p in enumerate(prompts)
+    ]
     if seeds > 1:  # rows s * P + p -> [P, seeds, ...]
         thumbs = torch.stack([small[i] for i in range(len(asked))])
-        out["eval_diversity"] = float(
-            spread(thumbs.unflatten(0, (seeds, -1)).transpose(0, 1)).mean()
-        )
-    gathered = distributed.gather_object(firsts)
+        div = spread(thumbs.unflatten(0, (seeds, -1)).transpose(0, 1))
+        out["eval_diversity"] = float(div.mean())
+        for row, d in zip(per_prompt, div.tolist(), strict=True):
+            row["eval_diversity"] = d
+    gathered = distributed.gather_object(firsts) if videos else None
     if gathered is None:
-        return out, None
+        return Evaluation(out, per_prompt)
     firsts = {i: v for part in gathered for i, v in part.items()}
-    return out, torch.stack([firsts[i] for i in range(len(prompts))])
+    return Evaluation(out, per_prompt, torch.stack([firsts[i] for i in range(len(prompts))]))
 
 
 def evaluation_sets(prompts: list[str], chunks: int, multi_prompt: bool) -> dict[str, list]:
@@ -98,25 +146,33 @@ def evaluate_sets(
     reward: CompositeReward,
     cfg: TrainConfig,
     device: torch.device,
-) -> tuple[dict[str, float], torch.Tensor | None]:
+    videos: bool = True,
+) -> Evaluation:
     """:func:`evaluate` of every set with the config's seed, noises, batch and precision (bfloat16
-    autocast with ``amp="bf16"``); scores named by each set's prefix, and the videos of the
-    first set (on rank 0)."""
-    scores, videos = {}, None
+    autocast with ``amp="bf16"``); scores named by each set's prefix. The sets are versions of the
+    same prompts (:func:`evaluation_sets`): a prompt's row holds every set's scores under the first
+    set's prompt. The videos are the first set's (on rank 0, with ``videos``)."""
+    result = None
     training = model.training
     model.eval()  # deployment: no dropout, whatever the caller was doing
     for tag, ps in sets.items():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-            ev, vids = evaluate(model, ps, reward, cfg.seed, device, cfg.eval_seeds, cfg.eval_batch)
-        scores.update({k.replace("eval_", tag, 1): v for k, v in ev.items()})
-        videos = vids if videos is None else videos
+            ev = evaluate(
+                model, ps, reward, cfg.seed, device, cfg.eval_seeds, cfg.eval_batch,
+                videos=videos and result is None,
+            ).renamed("eval_", tag)  # fmt: skip
+        if result is None:
+            result = ev
+        else:
+            result.update(ev)
     model.train(training)
-    return scores, videos
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     import argparse
     import json
+    from pathlib import Path
 
     from .checkpoint import CheckpointError, add_generator_arguments, load_generator, run_config
     from .train import held_out_prompts, make_reward
@@ -132,6 +188,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         default=[],
         metavar="FIELD=VALUE",
         help="override a field of the run's config: " + ", ".join(EVAL_FIELDS),
+    )
+    ap.add_argument(
+        "--per_prompt",
+        metavar="FILE",
+        help="also write each held-out prompt's scores, a JSON line per prompt, to FILE",
     )
     args = ap.parse_args(argv)
     try:
@@ -150,9 +211,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit(f"error: {e}") from None
     nC = model.num_frames // model.chunk_frames
     sets = evaluation_sets(prompts, nC, cfg.eval_multi_prompt)
-    scores, _ = evaluate_sets(model, sets, reward, cfg, device)
-    print(json.dumps(scores))
-    return scores
+    ev = evaluate_sets(model, sets, reward, cfg, device, videos=False)
+    if args.per_prompt and distributed.rank_and_world()[0] == 0:
+        path = Path(args.per_prompt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in ev.per_prompt))
+    print(json.dumps(ev.scores))
+    return ev.scores
 
 
 # Config fields ``--set`` may change: what is evaluated and how, never the model.

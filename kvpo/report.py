@@ -16,15 +16,16 @@ import torch
 
 
 class MetricsLog:
-    """Appends one row per iteration to ``metrics.jsonl`` and ``metrics.csv``."""
+    """Appends rows (each with its ``iter``) to ``<name>.jsonl`` and ``<name>.csv``: one per
+    iteration in ``metrics``, one per held-out prompt and evaluation in ``eval_prompts``."""
 
-    def __init__(self, out_dir: Path) -> None:
-        self.jsonl = out_dir / "metrics.jsonl"
-        self.csv = out_dir / "metrics.csv"
+    def __init__(self, out_dir: Path, name: str = "metrics") -> None:
+        self.jsonl = out_dir / f"{name}.jsonl"
+        self.csv = out_dir / f"{name}.csv"
 
-    def write(self, row: dict) -> None:
+    def write(self, *rows: dict) -> None:
         with self.jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
         rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
         keys = list(dict.fromkeys(k for r in rows for k in r))
         with self.csv.open("w", newline="") as f:  # rewritten: columns may appear later (eval)
@@ -33,7 +34,8 @@ class MetricsLog:
             w.writerows(rows)
 
     def truncate(self, iterations: int) -> None:
-        """Keep rows of iterations < ``iterations`` (a resumed run rewrites what follows)."""
+        """Keep rows of iterations < ``iterations``, those a resumed run's checkpoint holds (the
+        evaluation before training is iteration -1: -1 keeps none of a former run's rows)."""
         if not self.jsonl.exists():
             return
         rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
@@ -73,20 +75,28 @@ def plot_rewards(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def preview(videos: torch.Tensor, max_tile: int = 256) -> torch.Tensor:
+    """[B, T, C, H, W] -> float32 [B, T, C, H', W'] clamped to [-1, 1]: frames taller than
+    ``max_tile`` pixels averaged down by a whole factor (a Wan2.1 480x832 video to 240x416), the
+    size :func:`video_grid` draws them at, so a grid of real videos stays a few hundred MB, not
+    tens of GB."""
+    B, T, C, H, W = videos.shape
+    v = videos.detach().float().clamp(-1, 1)
+    if H <= max_tile:
+        return v
+    v = torch.nn.functional.avg_pool2d(v.flatten(0, 1), math.ceil(H / max_tile), ceil_mode=True)
+    return v.view(B, T, C, *v.shape[-2:])
+
+
 def video_grid(
     videos: torch.Tensor, tile: int = 96, max_tile: int = 256, max_width: int = 2048
 ) -> torch.Tensor:
     """[B, T, C, H, W] in [-1, 1] -> uint8 frames [T, H', W', C] of the videos side by side,
     separated by 1-pixel white lines: one row when it fits ``max_width`` pixels, else a square-ish
     grid. Frames shorter than ``tile`` pixels are enlarged by a whole factor (the built-in 24x24
-    ones 4x); taller than ``max_tile`` are averaged down by a whole factor (a Wan2.1 480x832 video
-    to 240x416), so a grid of real videos stays a few hundred MB, not tens of GB."""
-    B, T, C, H, W = videos.shape
-    v = videos.detach().float().clamp(-1, 1)
-    if H > max_tile:
-        k = math.ceil(H / max_tile)
-        v = torch.nn.functional.avg_pool2d(v.flatten(0, 1), k, ceil_mode=True)
-        v = v.view(B, T, C, *v.shape[-2:])
+    ones 4x); taller than ``max_tile`` are averaged down (:func:`preview`)."""
+    v = preview(videos, max_tile)
+    B, T, C = v.shape[:3]
     up = max(1, tile // v.shape[-2])
     h, w = v.shape[-2:]
     cols = B if B * (w + 1) * up <= max_width else math.ceil(math.sqrt(B))

@@ -26,7 +26,7 @@ from . import data, distributed
 from .checkpoint import CheckpointError, load_model, load_training, save_training
 from .config import TrainConfig, parse_args
 from .ema import ParamEMA
-from .evaluate import evaluate_sets, evaluation_sets
+from .evaluate import Evaluation, evaluate_sets, evaluation_sets
 from .grpo import anchor_advantages, group_advantages
 from .loggers import make_loggers
 from .memory import TrainingOutOfMemoryError, memory_stage
@@ -541,17 +541,27 @@ def train(
 
     eval_sets = evaluation_sets(eval_prompts, nC, cfg.eval_multi_prompt)
 
-    def evaluation(m: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
-        """Held-out rewards of every evaluation set (each rank makes its share of the samples);
-        the videos of the single-prompt one (on rank 0)."""
+    def evaluation(it: int) -> Evaluation:
+        """Held-out rewards of every evaluation set (each rank makes its share of the samples), of
+        the policy and after training began its EMA's (``eval_ema_...``); the videos of the
+        policy's single-prompt set (on rank 0, if samples are kept). The lead appends each
+        prompt's scores to eval_prompts.jsonl as iteration ``it``'s."""
         with memory_stage("evaluation", cfg):
-            return evaluate_sets(m, eval_sets, reward, cfg, device)
+            ev = evaluate_sets(model, eval_sets, reward, cfg, device, videos=cfg.samples)
+            if ema is not None and it >= 0:
+                of_ema = evaluate_sets(ema.model, eval_sets, reward, cfg, device, videos=False)
+                ev.update(of_ema.renamed("eval_", "eval_ema_"))
+        if lead:
+            prompt_log.write(*({"iter": it, **row} for row in ev.per_prompt))
+        return ev
 
     log = MetricsLog(out)
+    prompt_log = MetricsLog(out, "eval_prompts")
     params = trainable(model)
     loggers = make_loggers(cfg.log_to, out, cfg.to_dict(), cfg.wandb_project, start) if lead else []
     if lead:
-        log.truncate(start)
+        for lg in (log, prompt_log):  # what a resumed run redoes, or a former run's rows
+            lg.truncate(history[-1]["iter"] + 1 if history else -1)
         # the run's every setting, in the form --config reads back
         (out / "config.yaml").write_text(yaml.safe_dump(asked.to_dict(), sort_keys=False))
         record_process(out / "environment.jsonl", start, device, world, bool(cfg.resume))
@@ -611,15 +621,15 @@ def train(
     t_start, longest = time.monotonic(), 0.0  # for max_minutes: the run's and its longest step
     with StopSignals() as stop:
         if start == 0 and cfg.eval_before and not history:  # every rank evaluates its share
-            ev, vids = evaluation(model)
-            history.append({"iter": -1, **ev})
+            ev = evaluation(-1)
+            history.append({"iter": -1, **ev.scores})
             keep_if_best(0)
             if lead:
-                mp = ev.get("eval_mp_reward")
-                line = f"before training: eval reward {ev['eval_reward']:.4f}"
+                mp = ev.scores.get("eval_mp_reward")
+                line = f"before training: eval reward {ev.scores['eval_reward']:.4f}"
                 print(line + (f" (multi-prompt {mp:.4f})" if mp is not None else ""), flush=True)
                 if cfg.samples:
-                    save_videos(vids, out / "samples_before")
+                    save_videos(ev.videos, out / "samples_before")
                 for lg in loggers:
                     lg.write(history[-1])
                     if cfg.samples and cfg.samples_at_eval:
@@ -666,16 +676,13 @@ def train(
             eval_samples = {}  # name -> GIF of this step's evaluation samples, for the loggers
             evaluated = (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations
             if evaluated:
-                ev, vids = evaluation(model)
-                row.update(ev)
-                if ema is not None:
-                    ev, _ = evaluation(ema.model)
-                    row.update({k.replace("eval_", "eval_ema_", 1): v for k, v in ev.items()})
+                ev = evaluation(it)
+                row.update(ev.scores)
                 if lead and it + 1 == cfg.iterations and cfg.samples:
-                    save_videos(vids, out / "samples_after")
+                    save_videos(ev.videos, out / "samples_after")
                 if lead and cfg.samples and cfg.samples_at_eval:
                     stem = out / "samples" / f"step_{it + 1:06d}"
-                    eval_samples["eval"] = save_videos(vids, stem, mp4=False)[0]
+                    eval_samples["eval"] = save_videos(ev.videos, stem, mp4=False)[0]
             history.append(row)
             if evaluated:
                 keep_if_best(it + 1)

@@ -2,7 +2,7 @@
 
 import torch
 
-from kvpo.report import save_videos, video_grid
+from kvpo.report import preview, save_videos, video_grid
 
 
 def _u8(x: torch.Tensor) -> torch.Tensor:
@@ -31,6 +31,20 @@ def test_real_size_videos_averaged_down_into_a_grid():
         tile = grid[:, r * 241 : r * 241 + 240, c * 417 : c * 417 + 416].permute(0, 3, 1, 2)
         assert (tile.int() - _u8(pooled[b]).int()).abs().max() <= 1  # float32 vs float64 rounding
     assert (grid[:, 240] == 255).all() and (grid[:, :, 416] == 255).all()
+
+
+def test_preview_is_what_the_grid_draws():
+    """What evaluation keeps of real videos: 3x3 averages of 600-pixel frames, clamped; frames of
+    at most 256 pixels as they are. The grid of a preview is the grid of the videos."""
+    videos = torch.randn(2, 2, 3, 600, 90, generator=torch.Generator().manual_seed(3))
+    small = preview(videos)
+    assert small.shape == (2, 2, 3, 200, 30) and small.dtype == torch.float32
+    want = videos.double().clamp(-1, 1).view(2, 2, 3, 200, 3, 30, 3).mean((4, 6))
+    torch.testing.assert_close(small.double(), want, rtol=0, atol=1e-6)
+    assert torch.equal(video_grid(small), video_grid(videos))
+    assert torch.equal(preview(small), small)
+    tiny = torch.randn(1, 2, 3, 24, 24, dtype=torch.float64)
+    assert torch.equal(preview(tiny), tiny.float().clamp(-1, 1))
 
 
 def test_a_partial_last_row_is_white_and_files_are_written(tmp_path):

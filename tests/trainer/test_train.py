@@ -56,6 +56,17 @@ def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path):
         assert abs(r["adv_mean"]) < 1e-3 and (r["adv_abs"] > 0) == (r["valid_groups"] > 0)
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "reward" in header and "eval_reward" in header
+    # eval_prompts: a row per held-out prompt and evaluation; the metrics' means over prompts
+    per = _prompt_rows(tmp_path)
+    assert [r["iter"] for r in per] == [-1, -1, 0, 0, 1, 1]
+    assert per[0]["prompt"] != per[1]["prompt"]
+    assert per[0]["eval_reward"] != pytest.approx(per[1]["eval_reward"], abs=1e-4)
+    for r in rows:
+        mine = [p for p in per if p["iter"] == r["iter"]]
+        for k in ("eval_reward", "eval_alignment", "eval_diversity"):
+            assert sum(p[k] for p in mine) / len(mine) == pytest.approx(r[k], rel=1e-6), k
+    header = (tmp_path / "eval_prompts.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["iter", "prompt", "eval_alignment"]
     for name in (
         "rewards.png",
         "samples_before.gif",
@@ -121,6 +132,10 @@ def test_sample_routing_local_window_recache_and_window_shift(base, tmp_path):
         train(_cfg(base, tmp_path / "e", p_keep=1.0))
 
 
+def _prompt_rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "eval_prompts.jsonl").read_text().splitlines()]
+
+
 def test_resume_continues_exactly(base, tmp_path):
     """Policy, AdamW state and EMA all continue as if never stopped."""
     straight = train(_cfg(base, tmp_path / "a", iterations=3, samples=False, ema=0.5))
@@ -142,7 +157,20 @@ def test_resume_continues_exactly(base, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [0, 1, 2]
     assert all("eval_ema_reward" in r for r in rows)
+    # each held-out prompt's scores, policy and EMA in one row: those of the run never stopped
+    per = {d: _prompt_rows(tmp_path / d) for d in "ab"}
+    assert [(r["iter"], r["prompt"]) for r in per["b"]] == [
+        (it, p) for it in (-1, 0, 1, 2) for p in data.split_prompts(num_eval=2)[1][:2]
+    ]
+    assert all(("eval_ema_reward" in r) == (r["iter"] >= 0) for r in per["b"])
+    for a, b in zip(per["a"], per["b"], strict=True):
+        assert a.keys() == b.keys() and a["prompt"] == b["prompt"]
+        assert {k: b[k] for k in a if k != "prompt"} == pytest.approx(
+            {k: v for k, v in a.items() if k != "prompt"}, rel=1e-5
+        )
     train(_cfg(base, tmp_path / "c", iterations=1, samples=False))
+    train(_cfg(base, tmp_path / "c", iterations=1, samples=False))  # anew: a former run's rows go
+    assert [r["iter"] for r in _prompt_rows(tmp_path / "c")] == [-1, -1, 0, 0]
     with pytest.raises(CheckpointError, match="no EMA"):
         load_model(tmp_path / "c" / "checkpoint.safetensors", ema=True)
 
@@ -230,9 +258,9 @@ def test_held_out_prompts_from_their_own_file(base, tmp_path):
     assert config_prompts(build_config(files | {"eval_prompts": 1})) == (train_p[:2], train_p[2:3])
     kw = dict(iterations=1, samples=False, eval_seeds=2, eval_prompts=4, **files, **held)
     res = train(_cfg(base, tmp_path / "run", **kw))
-    want, _ = evaluate(
+    want = evaluate(
         load_model(base), held_p[5:7], make_reward(build_config({})), 0, torch.device("cpu"), 2
-    )
+    ).scores
     assert res.history[0]["eval_reward"] == pytest.approx(want["eval_reward"], rel=1e-6)
     (tmp_path / "empty.txt").write_text("\n\n")
     for bad, match in (
@@ -354,10 +382,17 @@ def test_two_ranks_over_gloo(base, tmp_path):
     assert "eval_reward" in evals[0][0] and "eval_reward" in evals[0][-1]
     cfg = build_config(over)
     eval_prompts = data.split_prompts(num_eval=cfg.eval_prompts)[1][: cfg.eval_prompts]
-    one, _ = evaluate(
+    one = evaluate(
         load_model(base), eval_prompts, make_reward(cfg), cfg.seed, torch.device("cpu"), 3
     )
-    assert evals[0][0] == pytest.approx(one, rel=1e-5, abs=1e-6)
+    assert evals[0][0] == pytest.approx(one.scores, rel=1e-5, abs=1e-6)
+    # each prompt's, from the ranks' shares, in the rank 0's eval_prompts.jsonl
+    per = [r for r in _prompt_rows(tmp_path) if r["iter"] == -1]
+    assert [r.pop("prompt") for r in per] == eval_prompts
+    assert [r.pop("iter") for r in per] == [-1, -1]
+    for got, want in zip(per, one.per_prompt, strict=True):
+        want = {k: v for k, v in want.items() if k != "prompt"}
+        assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert (tmp_path / "samples_before.gif").stat().st_size > 0  # rank 0 gathered the videos
 
 
@@ -528,7 +563,7 @@ def test_multi_prompt_evaluation(base, tmp_path):
     turned = turned_prompts(eval_prompts[:2], nC)
     assert turned[0][0] == eval_prompts[0] and turned[0][-1] != eval_prompts[0]
     reward = CompositeReward({"alignment": 1.0, "path": 1.0, "motion": 0.0, "visual": 0.0})
-    want, _ = evaluate(model, turned, reward, 0, torch.device("cpu"), 4)
+    want = evaluate(model, turned, reward, 0, torch.device("cpu"), 4).scores
     assert abs(first["eval_mp_reward"] - want["eval_reward"]) < 1e-5
     assert abs(first["eval_mp_reward"] - first["eval_reward"]) > 1e-4
 
