@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -69,6 +70,18 @@ class Scene:
 
 
 TURN = {"left": "up", "up": "right", "right": "down", "down": "left"}  # a quarter turn
+
+
+def prompt_lines(path: str | Path, what: str) -> list[str]:
+    """The prompts of a text file, one per line (blank lines skipped and spaces around stripped);
+    a missing or empty file is a ValueError naming ``what`` (``"config prompts_file"``)."""
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        raise ValueError(f"{what}={str(path)!r}: {e.strerror}") from None
+    if not lines:
+        raise ValueError(f"{what}={str(path)!r}: no prompts in it")
+    return lines
 
 
 def switched_prompts(prompt: str, n_chunks: int, at: int, direction: str) -> list[str]:

@@ -102,11 +102,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     prompts = list(args.prompt or [])
     if args.prompts_file is not None:
         try:
-            lines = args.prompts_file.read_text().splitlines()
-        except OSError as e:
-            why = f"error: --prompts_file {str(args.prompts_file)!r}: {e.strerror}"
-            raise SystemExit(why) from None
-        prompts += [ln.strip() for ln in lines if ln.strip()]
+            prompts += data.prompt_lines(args.prompts_file, "--prompts_file")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     if args.batch < 0:
         raise SystemExit(f"error: --batch {args.batch}: must be >= 0 (0: all at once)")
     if wan and not prompts:

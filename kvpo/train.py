@@ -78,21 +78,10 @@ def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> Composi
     return CompositeReward(weights, extra)
 
 
-def prompt_lines(path: str, field: str = "prompts_file") -> list[str]:
-    """The prompts of a text file, one per line (blank lines skipped); errors name ``field``."""
-    try:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-    except OSError as e:
-        raise ValueError(f"config {field}={path!r}: {e.strerror}") from None
-    if not lines:
-        raise ValueError(f"config {field}={path!r}: no prompts in it")
-    return lines
-
-
 def read_prompts(path: str, held_out: int) -> tuple[list[str], list[str]]:
     """(training, held-out) prompts of a text file, one per line (blank lines skipped): the last
     ``held_out`` lines are held out."""
-    lines = prompt_lines(path)
+    lines = data.prompt_lines(path, "config prompts_file")
     if len(lines) <= held_out:
         raise ValueError(
             f"config prompts_file={path!r}: {len(lines)} prompts, need more than the "
@@ -110,8 +99,12 @@ def config_prompts(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     builtin = data.split_prompts(num_eval=max(cfg.eval_prompts, 1))
     if not cfg.eval_prompts_file:
         return read_prompts(cfg.prompts_file, cfg.eval_prompts) if cfg.prompts_file else builtin
-    train = prompt_lines(cfg.prompts_file) if cfg.prompts_file else builtin[0]
-    return train, prompt_lines(cfg.eval_prompts_file, "eval_prompts_file")
+    train = (
+        data.prompt_lines(cfg.prompts_file, "config prompts_file")
+        if cfg.prompts_file
+        else builtin[0]
+    )
+    return train, data.prompt_lines(cfg.eval_prompts_file, "config eval_prompts_file")
 
 
 def held_out_prompts(cfg: TrainConfig) -> list[str]:
