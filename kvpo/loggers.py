@@ -5,9 +5,10 @@
 (``WANDB_MODE=offline`` keeps it on disk; ``wandb sync`` uploads it later); ``tensorboard,wandb``
 does both. Metrics are grouped by their prefix: ``eval_reward`` is ``eval/reward``, ``time_update``
 ``time/update``, the rest ``train/...``. Iteration ``it``'s row is logged at step ``it + 1`` (the
-updates made when it ends), so the evaluation before training is step 0. The sample GIFs
-(before and after training; with ``--samples_at_eval`` every evaluation's, at its step) go to W&B
-as videos and to TensorBoard as images of a few frames side by side.
+updates made when it ends), so the evaluation before training is step 0; each evaluation's
+scores per held-out prompt are a table, ``eval/prompts`` (W&B: a table; TensorBoard: text). The
+sample GIFs (before and after training; with ``--samples_at_eval`` every evaluation's, at its
+step) go to W&B as videos and to TensorBoard as images of a few frames side by side.
 """
 
 from __future__ import annotations
@@ -57,10 +58,24 @@ def filmstrip(frames: np.ndarray, count: int = 4, max_width: int = 2048) -> np.n
     return np.ascontiguousarray(strip[::stride, ::stride])
 
 
+def prompt_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """Per-prompt evaluation rows (``eval_prompts.jsonl``'s, without ``iter``) -> (columns,
+    data): the prompt, then each metric by its logged name (``eval_reward``: ``reward``)."""
+    keys = [k for k in rows[0] if k != "prompt"]
+    columns = ["prompt", *(metric_name(k).split("/", 1)[1] for k in keys)]
+    return columns, [[_text(r["prompt"]), *(r[k] for k in keys)] for r in rows]
+
+
+def _text(prompt: str | list[str]) -> str:
+    return prompt if isinstance(prompt, str) else " / ".join(prompt)
+
+
 class Logger(Protocol):
     def write(self, row: dict) -> None: ...
 
     def videos(self, paths: dict[str, Path]) -> None: ...
+
+    def prompts(self, rows: list[dict], step: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -102,6 +117,16 @@ class TensorBoardLogger:
                 self.writer.add_image(f"samples/{name}", strip, self.step, dataformats="HWC")
         self.writer.flush()
 
+    def prompts(self, rows: list[dict], step: int) -> None:
+        """The evaluation's scores per prompt as a (Markdown) table, ``eval/prompts``."""
+        columns, data = prompt_table(rows)
+        lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+        for prompt, *values in data:
+            cells = [prompt.replace("|", "\\|"), *(f"{v:.4f}" for v in values)]
+            lines.append("| " + " | ".join(cells) + " |")
+        self.writer.add_text("eval/prompts", "\n".join(lines), step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -136,6 +161,11 @@ class WandbLogger:
         }
         if media:
             self.run.log(media, step=self.step)
+
+    def prompts(self, rows: list[dict], step: int) -> None:
+        """The evaluation's scores per prompt as a W&B table, ``eval/prompts``."""
+        columns, data = prompt_table(rows)
+        self.run.log({"eval/prompts": self.wandb.Table(columns=columns, data=data)}, step=step)
 
     def close(self) -> None:
         self.run.finish()

@@ -546,6 +546,8 @@ def train(
                 ev.update(of_ema.renamed("eval_", "eval_ema_"))
         if lead:
             prompt_log.write(*({"iter": it, **row} for row in ev.per_prompt))
+            for lg in loggers:
+                lg.prompts(ev.per_prompt, it + 1)
         return ev
 
     log = MetricsLog(out)

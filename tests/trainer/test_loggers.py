@@ -1,5 +1,6 @@
 """TensorBoard and W&B logging of a training run: the numbers logged are the run's own."""
 
+import json
 import sys
 import types
 
@@ -10,7 +11,7 @@ import torch
 from trainer_support import run_overrides
 
 from kvpo.config import build_config
-from kvpo.loggers import filmstrip, metric_name, parse_log_to, scalars
+from kvpo.loggers import filmstrip, metric_name, parse_log_to, prompt_table, scalars
 from kvpo.train import train
 
 
@@ -27,6 +28,16 @@ def test_names_steps_and_values():
     assert metric_name("reward_path_std") == "train/reward_path_std"
     step, values = scalars({"iter": 4, "reward": 1.5, "groups": 3, "note": "x", "flag": True})
     assert step == 5 and values == {"train/reward": 1.5, "train/groups": 3.0}
+
+
+def test_prompt_table():
+    rows = [
+        {"prompt": "a | b", "eval_reward": 0.5, "eval_mp_reward": 0.25},
+        {"prompt": ["a", "c"], "eval_reward": 0.75, "eval_mp_reward": 0.125},
+    ]
+    columns, data = prompt_table(rows)
+    assert columns == ["prompt", "reward", "mp_reward"]
+    assert data == [["a | b", 0.5, 0.25], ["a / c", 0.75, 0.125]]
 
 
 def test_filmstrip():
@@ -60,6 +71,17 @@ def test_tensorboard_gets_every_row(base, tmp_path):
     # the evaluation before training is step 0, then one after each iteration
     assert logged("eval/reward") == pytest.approx({r["iter"] + 1: r["eval_reward"] for r in rows})
     assert "config/text_summary" in acc.Tags()["tensors"]
+    # each evaluation's per-prompt scores, a Markdown table at its step
+    tables = acc.Tensors("eval/prompts/text_summary")
+    assert [e.step for e in tables] == [0, 1, 2]
+    per = [json.loads(x) for x in (tmp_path / "eval_prompts.jsonl").read_text().splitlines()]
+    lines = tables[-1].tensor_proto.string_val[0].decode().splitlines()
+    assert lines[0].startswith("| prompt | alignment |") and len(lines) == 2 + 2
+    for line, row in zip(lines[2:], per[-2:], strict=True):
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        assert cells[0] == row["prompt"]
+        want = [v for k, v in row.items() if k not in ("iter", "prompt")]
+        assert [float(c) for c in cells[1:]] == pytest.approx(want, abs=5e-5)
     # every evaluation's samples at its step; before and after at the end
     assert [e.step for e in acc.Images("samples/eval")] == [0, 1, 2]
     assert [e.step for e in acc.Images("samples/after")] == [2]
@@ -103,7 +125,12 @@ def test_wandb_run_gets_config_rows_and_samples(base, tmp_path, monkeypatch):
         def __init__(self, path, format):
             self.path, self.format = path, format
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Video=Video))
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    wandb = types.SimpleNamespace(init=init, Video=Video, Table=Table)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
     cfg = _cfg(
         base, tmp_path, log_to="wandb", wandb_project="mine", samples=True, samples_at_eval=True
     )
@@ -126,6 +153,14 @@ def test_wandb_run_gets_config_rows_and_samples(base, tmp_path, monkeypatch):
     ]
     assert media[1][1]["samples/eval"].path == str(tmp_path / "samples" / "step_000001.gif")
     assert media[-1][1]["samples/after"].path == str(tmp_path / "samples_after.gif")
+    # each evaluation's per-prompt scores, a table at its step: eval_prompts.jsonl's rows
+    tables = [(s, v["eval/prompts"]) for s, v in calls["log"] if "eval/prompts" in v]
+    assert [s for s, _ in tables] == [0, 1, 2]
+    per = [json.loads(x) for x in (tmp_path / "eval_prompts.jsonl").read_text().splitlines()]
+    keys = [k for k in per[0] if k not in ("iter", "prompt")]
+    assert tables[0][1].columns == ["prompt", *(k.removeprefix("eval_") for k in keys)]
+    got = [row for _, t in tables for row in t.data]
+    assert got == [[r["prompt"], *(r[k] for k in keys)] for r in per]
     assert calls["finish"] == 1
     assert "id" not in calls["init"] and (tmp_path / "wandb_run_id").read_text() == "run-1"
     ckpt = tmp_path / "checkpoint.safetensors"
