@@ -2,7 +2,8 @@
 
 ``python -m kvpo.evaluate --checkpoint PATH [--ema] [--per_prompt FILE]`` evaluates a checkpoint as
 its training run did (the run's held-out prompts, noises, reward and precision) and prints the
-scores as JSON (and writes each prompt's to FILE).
+scores as JSON (and writes each prompt's to FILE). Under ``torchrun`` each rank makes its share of
+the samples (the same samples and scores as one process).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from pathlib import Path
 
     from .checkpoint import CheckpointError, add_generator_arguments, load_generator, run_config
-    from .train import held_out_prompts, make_reward
+    from .train import held_out_prompts, make_reward, training_device
 
     ap = argparse.ArgumentParser(
         prog="python -m kvpo.evaluate",
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 raise ValueError(f"--set {item!r}: not one of {sorted(EVAL_FIELDS)}")
             over[key] = value
         cfg = run_config(args.checkpoint, over)
-        device = distributed.resolve_device(args.device)
+        device = training_device(cfg)  # under torchrun: this rank's GPU
+        rank, _ = distributed.init(device)
         model = load_generator(args.checkpoint, args.ema, args.wan_dir, device)
         reward = make_reward(cfg, device)
         prompts = held_out_prompts(cfg)
@@ -212,11 +214,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     nC = model.num_frames // model.chunk_frames
     sets = evaluation_sets(prompts, nC, cfg.eval_multi_prompt)
     ev = evaluate_sets(model, sets, reward, cfg, device, videos=False)
-    if args.per_prompt and distributed.rank_and_world()[0] == 0:
-        path = Path(args.per_prompt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(row) + "\n" for row in ev.per_prompt))
-    print(json.dumps(ev.scores))
+    if rank == 0:
+        if args.per_prompt:
+            path = Path(args.per_prompt)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(row) + "\n" for row in ev.per_prompt))
+        print(json.dumps(ev.scores))
+    distributed.shutdown()
     return ev.scores
 
 

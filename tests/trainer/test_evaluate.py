@@ -124,6 +124,43 @@ def test_cli_reproduces_the_runs_evaluation(base, tmp_path, capsys):
             main(["--checkpoint", ckpt, *bad])
 
 
+def test_cli_under_torchrun_gives_one_process_scores(base, tmp_path):
+    """Two ranks make their shares of the samples: the scores (printed once) and each prompt's
+    are those of one process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from trainer_support import run_overrides
+
+    from kvpo.config import build_config
+    from kvpo.evaluate import main
+    from kvpo.train import train
+
+    train(build_config(run_overrides(base, tmp_path, iterations=1, samples=False, eval_seeds=3)))
+    ckpt = str(tmp_path / "checkpoint.safetensors")
+    one = main(["--checkpoint", ckpt, "--per_prompt", str(tmp_path / "one.jsonl")])
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", "29533", "-m", "kvpo.evaluate", "--checkpoint", ckpt, "--device",
+            "cpu", "--set", "eval_batch=2", "--per_prompt", str(tmp_path / "two.jsonl"),
+        ],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    (line,) = [x for x in res.stdout.splitlines() if x.startswith("{")]  # rank 0's only
+    assert json.loads(line) == pytest.approx(one, rel=1e-5, abs=1e-6)
+    rows = [[json.loads(x) for x in (tmp_path / f).read_text().splitlines()] for f in
+            ("one.jsonl", "two.jsonl")]  # fmt: skip
+    for a, b in zip(*rows, strict=True):
+        assert a.pop("prompt") == b.pop("prompt") and b == pytest.approx(a, rel=1e-5, abs=1e-6)
+
+
 def test_evaluation_runs_in_eval_mode_and_restores_the_mode(model):
     """A policy evaluated between updates samples as deployed (no dropout), then trains on."""
     from kvpo.config import build_config
