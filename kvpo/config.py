@@ -9,6 +9,8 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,22 @@ from .rewards import BUILTIN, split_reward_spec
 
 REWARD_SCOPES = ("video", "global", "local")  # see kvpo.train.scope_chunks
 BASE_CHECKPOINT = str(Path(__file__).parent / "assets" / "base.safetensors")
+
+
+class ConfigError(ValueError):
+    """Settings (or prompts) a run cannot work with, found as it starts: ``python -m kvpo.train``
+    prints the message alone, ``error: ...``, as it does for a bad option."""
+
+
+@contextmanager
+def config_errors() -> Iterator[None]:
+    """The ValueErrors raised inside (a check of the settings) as :class:`ConfigError`."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _default_rewards() -> dict[str, float]:

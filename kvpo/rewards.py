@@ -29,7 +29,7 @@ import importlib.util
 import inspect
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -216,6 +216,8 @@ def smoothness_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.
 
 # Rewards that read any video, not only the procedural shapes.
 GENERIC: dict[str, RewardFn] = {"dynamic": dynamic_reward, "smoothness": smoothness_reward}
+# Built-in rewards that read the asked scene (colour, shape, size, direction, speed) from the prompt.
+SCENE_READERS = ("alignment", "path")
 
 BUILTIN: dict[str, RewardFn] = {
     "alignment": alignment_reward,
@@ -279,6 +281,22 @@ class CompositeReward:
                 )
             out[name] = r
         return out
+
+    def check_prompts(self, prompts: Iterable[str]) -> None:
+        """Raise a ValueError naming the reward and the prompt if a built-in reward that reads the
+        asked scene from the prompt (:data:`SCENE_READERS`) cannot read one of ``prompts`` (each a
+        chunk's prompt): before any video is made, not at the first score."""
+        readers = [k for k in SCENE_READERS if self.fns.get(k) is BUILTIN[k]]
+        for p in dict.fromkeys(prompts) if readers else ():
+            try:
+                data.Scene.parse(p)
+            except ValueError as e:
+                raise ValueError(
+                    f"reward {readers[0]!r} reads the asked scene from each prompt, and {e}; with "
+                    f"prompts of your own train on your own rewards (reward_fns) or the generic "
+                    f"ones ({', '.join(GENERIC)}), or ask for a scene: "
+                    f"{data.all_scenes()[0].prompt!r}"
+                ) from None
 
     def total(self, comps: dict[str, torch.Tensor]) -> torch.Tensor:
         """The weighted sum of the components of :meth:`components` ([B] each)."""

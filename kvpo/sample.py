@@ -115,13 +115,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             per_chunk = [data.segments([p] * n_chunks) for p in prompts]
         else:
             per_chunk = [chunk_prompts(p, n_chunks) for p in prompts]
-            for p in {p for ps in per_chunk for p in ps}:
-                data.Scene.parse(p)  # the built-in rewards read the prompt's scene
+        reward = CompositeReward(
+            dict.fromkeys([*(GENERIC if wan else BUILTIN), *extra], 1.0), extra
+        )
+        reward.check_prompts(p for ps in per_chunk for p in ps)
     except (ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
     gen = torch.Generator().manual_seed(args.seed)
-    reward = CompositeReward(dict.fromkeys([*(GENERIC if wan else BUILTIN), *extra], 1.0), extra)
     if args.branches:
         return _branches(args, model, prompts, per_chunk, reward, gen, device, bf16)
     with torch.no_grad(), bf16:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import data, distributed
 from .checkpoint import CheckpointError, load_model, load_training, save_training
-from .config import TrainConfig, parse_args
+from .config import ConfigError, TrainConfig, config_errors, parse_args
 from .ema import ParamEMA
 from .evaluate import Evaluation, evaluate_sets, evaluation_sets
 from .grpo import anchor_advantages, group_advantages
@@ -60,7 +60,7 @@ def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> Composi
     the user rewards and the generic rewards that ``reward_weights`` names (``dynamic``,
     ``smoothness``); the others read the procedural shapes and are left out."""
     if cfg.wan_dir and not (cfg.clip_reward_path or cfg.reward_fns):
-        raise ValueError(
+        raise ConfigError(
             "config wan_dir needs a reward for real videos: set clip_reward_path to a local "
             "CLIP directory, reward_fns to your own (name=module:fn), or call "
             "train(cfg, reward=...)"
@@ -83,7 +83,7 @@ def read_prompts(path: str, held_out: int) -> tuple[list[str], list[str]]:
     ``held_out`` lines are held out."""
     lines = data.prompt_lines(path, "config prompts_file")
     if len(lines) <= held_out:
-        raise ValueError(
+        raise ConfigError(
             f"config prompts_file={path!r}: {len(lines)} prompts, need more than the "
             f"eval_prompts={held_out} held out"
         )
@@ -95,7 +95,7 @@ def config_prompts(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     held out, or all of it with an ``eval_prompts_file``), or the built-in procedural ones (a
     ``wan_dir`` run needs a file)."""
     if cfg.wan_dir and not cfg.prompts_file:
-        raise ValueError("config wan_dir needs prompts_file (one prompt per line)")
+        raise ConfigError("config wan_dir needs prompts_file (one prompt per line)")
     builtin = data.split_prompts(num_eval=max(cfg.eval_prompts, 1))
     if not cfg.eval_prompts_file:
         return read_prompts(cfg.prompts_file, cfg.eval_prompts) if cfg.prompts_file else builtin
@@ -186,7 +186,8 @@ def check_exploration(spec: RolloutSpec, model: nn.Module) -> None:
     """Validates ``spec`` for ``model`` and refuses a KV-routing window in which no chunk's
     branches can differ: their rewards would tie, every group would be skipped, and the run would
     train nothing while looking healthy."""
-    spec.validate(model)
+    with config_errors():
+        spec.validate(model)
     if spec.explore != "routing" or spec.group_size < 2 or exploring_chunks(model, spec):
         return
     w0, w1 = spec.window
@@ -205,7 +206,7 @@ def check_exploration(spec: RolloutSpec, model: nn.Module) -> None:
             f"frame besides the {sinks} sink frames and the most recent one, or p_keep is 0 or 1; "
             "perturb later chunks or set 0 < p_keep < 1"
         )
-    raise ValueError(
+    raise ConfigError(
         f"window {spec.window}: no chunk's branches can attend to different history, so the "
         f"{spec.group_size} branches of a group would be one video and nothing would train: {why}"
     )
@@ -216,11 +217,11 @@ def training_device(cfg: TrainConfig) -> torch.device:
     a CUDA rank takes ``cuda:LOCAL_RANK``, made current before NCCL starts."""
     device = distributed.resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config device='cuda' but no CUDA device is available")
+        raise ConfigError("config device='cuda' but no CUDA device is available")
     device = distributed.local_device(device)
     if device.index is not None and device.type == "cuda":
         if device.index >= torch.cuda.device_count():
-            raise ValueError(
+            raise ConfigError(
                 f"this rank's LOCAL_RANK={device.index} has no GPU: {torch.cuda.device_count()} "
                 "visible (torchrun --nproc_per_node at most the GPU count)"
             )
@@ -390,12 +391,12 @@ def load_policy(
     and their log. ``own``: the caller's generator, when it is not the built-in one: the policy
     and checkpoints load into copies of it, which train the parameters it leaves trainable."""
     if own is not None and cfg.lora_rank and not hasattr(own, "add_lora"):
-        raise ValueError(
+        raise ConfigError(
             f"config lora_rank: {type(own).__name__} has no add_lora(rank, alpha) method; give "
             "it one, or its adapters (kvpo.lora.add_lora) before passing it"
         )
     if cfg.grad_checkpointing and not hasattr(ref, "grad_checkpointing"):
-        raise ValueError(
+        raise ConfigError(
             f"config grad_checkpointing: {type(ref).__name__} has no grad_checkpointing switch"
         )
 
@@ -483,9 +484,10 @@ def train(
         cfg = dataclasses.replace(cfg, resume=str(latest) if latest.is_file() else "")
     builtin_prompts = prompts is None and not (cfg.prompts_file or cfg.eval_prompts_file)
     if prompts is None:
-        prompts = config_prompts(cfg)
+        with config_errors():  # a prompts file missing, empty, or too short
+            prompts = config_prompts(cfg)
     if not builtin_prompts and (cfg.multi_prompt or cfg.eval_multi_prompt):
-        raise ValueError(
+        raise ConfigError(
             "config multi_prompt and eval_multi_prompt switch the direction of the built-in "
             "prompts; with your own prompts set them to 0 and false"
         )
@@ -500,7 +502,7 @@ def train(
         generator = load_from_config(cfg.to_dict(), device)
     rank, world = distributed.init(device)
     if cfg.prompts_per_iter % world:
-        raise ValueError(
+        raise ConfigError(
             f"config prompts_per_iter={cfg.prompts_per_iter} must divide by the {world} ranks"
         )
     out = Path(cfg.out_dir)
@@ -525,8 +527,11 @@ def train(
         raise ValueError("prompts must be (training prompts, held-out prompts), both non-empty")
     eval_prompts = eval_prompts[: cfg.eval_prompts]
     nC = model.num_frames // model.chunk_frames
-    for p in train_prompts + eval_prompts:  # "A | B" segments must fit the chunks: say so now
-        data.segments([p] * nC)
+    # "A | B" segments must fit the chunks, and the rewards read every prompt: say so now
+    with config_errors():
+        reward.check_prompts(
+            p for q in train_prompts + eval_prompts for p in data.segments([q] * nC)
+        )
 
     def autocast() -> torch.autocast:
         """bfloat16 forwards with fp32 master weights (``amp="bf16"``), or nothing."""
@@ -604,7 +609,7 @@ def train(
             return
         row = history[-1]
         if cfg.keep_best not in row:
-            raise ValueError(
+            raise ConfigError(
                 f"config keep_best={cfg.keep_best!r} is not a metric of this run's evaluation: "
                 f"{sorted(k for k in row if k.startswith('eval_'))}"
             )
@@ -751,6 +756,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = train(cfg)
     except (
+        ConfigError,
         CheckpointError,
         RewardSpecError,
         NonFiniteGradientError,

@@ -306,3 +306,16 @@ def test_the_example_rewards(truth):
     grey = videos.mean(2, keepdim=True).expand_as(videos)  # no colour left
     assert (load_reward(f"{root}/examples/rewards.py:colorfulness")(grey, prompts) < 1e-6).all()
     assert (colorful > 0.05).all()
+
+
+def test_prompts_the_scene_rewards_cannot_read_are_named_before_scoring():
+    from kvpo.rewards import CompositeReward
+
+    scenes = [s.prompt for s in data.all_scenes()[:3]]
+    CompositeReward({"alignment": 1.0, "path": 1.0}).check_prompts(scenes)
+    for weights in ({"alignment": 1.0}, {"visual": 1.0, "path": 0.0}):
+        with pytest.raises(ValueError, match=r"reward '(alignment|path)' .*'a cat' must name"):
+            CompositeReward(weights).check_prompts([*scenes, "a cat"])
+    # rewards that read no prompt take any, yours included (a name of your own)
+    mine = {"bright": lambda videos, prompts: videos.mean(dim=(1, 2, 3, 4))}
+    CompositeReward({"dynamic": 1.0, "bright": 1.0}, mine).check_prompts(["a cat"])

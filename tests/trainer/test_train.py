@@ -13,7 +13,7 @@ from trainer_support import checkpoint_meta, cli_args, run_overrides, tiny_model
 
 from kvpo import data
 from kvpo.checkpoint import CheckpointError, load_model
-from kvpo.config import build_config, parse_args
+from kvpo.config import ConfigError, build_config, parse_args
 from kvpo.evaluate import evaluate, turned_prompts
 from kvpo.rewards import CompositeReward
 from kvpo.train import main, make_reward, train
@@ -324,8 +324,23 @@ def test_cli_reports_bad_values(base, tmp_path):
         main(["--lr", "-3"])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["--base_checkpoint", str(tmp_path / "none.safetensors"), "--out_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="window"):
+    with pytest.raises(ConfigError, match="window"):
         train(_cfg(base, tmp_path, window=[2, 9]))
+    # settings found wrong as the run starts: a clean error line too, before any video is made
+    (tmp_path / "free.txt").write_text("a small red square moving left slowly\na cat running\n")
+    run = ["--base_checkpoint", base, "--out_dir", str(tmp_path / "r"), "--progress", "false"]
+    for more, match in (
+        (["--window", "0,1"], r"window=\(0, 1\) must satisfy 1 <= w0"),
+        (["--window", "1,2", "--p_keep", "1"], r"window \(1, 2\): no chunk's branches can"),
+        (["--prompts_file", str(tmp_path / "none.txt")], "config prompts_file=.*No such file"),
+        (["--prompts_file", str(tmp_path / "free.txt"), "--eval_prompts", "1", "--window", "2,4"],
+         "reward 'alignment' reads the asked scene .*'a cat running' must name exactly one "
+         r"colour.*generic ones \(dynamic, smoothness\)"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit, match="error: " + match):
+            main(run + more)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    assert not (tmp_path / "r" / "eval_prompts.jsonl").exists()
 
 
 SCRIPT = """
