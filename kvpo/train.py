@@ -32,7 +32,7 @@ from .loggers import make_loggers
 from .memory import TrainingOutOfMemoryError, memory_stage
 from .profiling import IterationProfiler
 from .replay import step_weights
-from .report import MetricsLog, plot_rewards, record_process, save_videos
+from .report import MetricsLog, plot_rewards, prompt_changes, record_process, save_videos
 from .rewards import (
     GENERIC,
     ClipReward,
@@ -739,6 +739,9 @@ def train(
             + f"; outputs in {out}/",
             flush=True,
         )
+        changes = prompt_changes(out / "eval_prompts.jsonl")
+        if changes:
+            print(changes, flush=True)
     for lg in loggers:
         if cfg.samples and not stopped:
             lg.videos({k: out / f"samples_{k}.gif" for k in ("before", "after")})

@@ -26,7 +26,7 @@ def _cfg(base, out, **kw):
     return build_config(run_overrides(base, out, **kw))
 
 
-def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path):
+def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path, capsys):
     res_cfg = _cfg(base, tmp_path, samples=True, reward_fns={}, window_shift=1)
     res = train(res_cfg)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -67,6 +67,8 @@ def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path):
             assert sum(p[k] for p in mine) / len(mine) == pytest.approx(r[k], rel=1e-6), k
     header = (tmp_path / "eval_prompts.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["iter", "prompt", "eval_alignment"]
+    rose = sum(b["eval_reward"] > a["eval_reward"] for a, b in zip(per[:2], per[-2:], strict=True))
+    assert f"per prompt: {rose} of 2 held-out prompts rose" in capsys.readouterr().out
     for name in (
         "rewards.png",
         "samples_before.gif",
