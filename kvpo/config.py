@@ -151,7 +151,7 @@ class TrainConfig:
     # best.safetensors: the training state at the best value yet of this held-out metric
     keep_best: str = ""  # an eval metric: eval_reward, eval_ema_reward, ... ("": none)
     samples: bool = True  # before/after GIF and MP4 of the evaluation prompts
-    samples_at_eval: bool = False  # also every evaluation's: samples/step_N.gif, to the loggers
+    samples_at_eval: bool = False  # each eval's samples/step_N.gif, group_N.{gif,json}: branches
     progress: bool = True  # progress bar on stderr
     profile_iteration: int = -1  # torch.profiler trace of this iteration to out_dir/profile
     log_to: str = ""  # also log to tensorboard, wandb, or both: "tensorboard,wandb"

@@ -170,6 +170,13 @@ class Rollout:
         fork = self.window[0] * (self.states.shape[3] // self.tokens.shape[3])
         return spread(self.tokens[:, :, fork:])
 
+    def group_tokens(self, b: int = 0) -> torch.Tensor:
+        """Group ``b``'s clean frames as its videos go side by side: [1 + G, F, T, d], the anchor
+        first, or [G, F, T, d] when no anchor was rolled out."""
+        if self.anchor_tokens is None:
+            return self.tokens[b]
+        return torch.cat([self.anchor_tokens[b, None], self.tokens[b]])
+
     def _select(self, groups: slice, branches: slice) -> Rollout:
         B, G = self.tokens.shape[:2]
         return replace(

@@ -178,8 +178,7 @@ def _branches(
         # a group at a time: one group's KV pages (training's micro_batch 1)
         for asked in per_chunk:
             ro = rollout(model, [asked], spec, gen, device)
-            tokens = torch.cat([ro.anchor_tokens[:, None], ro.tokens], 1)  # [1, 1 + G, F, T, d]
-            videos.append(model.to_video(tokens.flatten(0, 1)).float().cpu())
+            videos.append(model.to_video(ro.group_tokens(0)).float().cpu())
             spread.append(float(ro.branch_spread()[0]))
     videos = torch.cat(videos)
     comps = reward.components((videos + 1) / 2, [p for p in per_chunk for _ in range(G + 1)])

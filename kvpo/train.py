@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import shutil
 import signal
 import sys
@@ -341,6 +342,30 @@ def iteration_row(it: int, ex: Exploration, update: dict[str, float]) -> dict:
         **update,
         **ex.seconds,
     }
+
+
+def save_group(model: nn.Module, ex: Exploration, stem: Path) -> Path:
+    """This rank's first group of the iteration, as the exploration made it and the update read
+    it: ``stem.gif`` (the anchor when one was rolled out, then the G branches, a column each) and
+    ``stem.json`` (the prompt, the window, and per branch the fused reward, its components and the
+    advantage; whether the group trained). Returns the GIF's path."""
+    ro = ex.parts[0]
+    with torch.no_grad():
+        videos = model.to_video(ro.group_tokens(0)).float().cpu()
+    gif = save_videos(videos, stem, mp4=False)[0]
+    G = ro.tokens.shape[1]
+    info = {
+        "prompt": ro.prompts[0],
+        "window": list(ro.window),
+        "columns": ["anchor"] * (ro.anchor_tokens is not None) + [f"branch {g}" for g in range(G)],
+        "trained": bool(ex.valid[0]),
+        "branch_spread": float(ro.branch_spread()[0]),
+        "reward": ex.total[0].tolist(),
+        "advantage": ex.adv[0].tolist(),
+        **{f"reward_{k}": v[0].tolist() for k, v in ex.comps.items()},
+    }
+    stem.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
+    return gif
 
 
 def progress_line(row: dict, components: list[str]) -> str:
@@ -683,6 +708,8 @@ def train(
                 if lead and cfg.samples and cfg.samples_at_eval:
                     stem = out / "samples" / f"step_{it + 1:06d}"
                     eval_samples["eval"] = save_videos(ev.videos, stem, mp4=False)[0]
+                    stem = out / "samples" / f"group_{it + 1:06d}"
+                    eval_samples["group"] = save_group(model, ex, stem)
             history.append(row)
             if evaluated:
                 keep_if_best(it + 1)

@@ -84,6 +84,7 @@ def test_tensorboard_gets_every_row(base, tmp_path):
         assert [float(c) for c in cells[1:]] == pytest.approx(want, abs=5e-5)
     # every evaluation's samples at its step; before and after at the end
     assert [e.step for e in acc.Images("samples/eval")] == [0, 1, 2]
+    assert [e.step for e in acc.Images("samples/group")] == [1, 2]
     assert [e.step for e in acc.Images("samples/after")] == [2]
     gif = iio.imread(tmp_path / "samples" / "step_000002.gif")[..., :3]
     png = iio.imread(acc.Images("samples/eval")[-1].encoded_image_string, extension=".png")
@@ -147,11 +148,12 @@ def test_wandb_run_gets_config_rows_and_samples(base, tmp_path, monkeypatch):
     media = [(s, v) for s, v in calls["log"] if any(k.startswith("samples/") for k in v)]
     assert [(s, set(v)) for s, v in media] == [
         (0, {"samples/eval"}),
-        (1, {"samples/eval"}),
-        (2, {"samples/eval"}),
+        (1, {"samples/eval", "samples/group"}),  # and the group iteration 0 trained on
+        (2, {"samples/eval", "samples/group"}),
         (2, {"samples/before", "samples/after"}),
     ]
     assert media[1][1]["samples/eval"].path == str(tmp_path / "samples" / "step_000001.gif")
+    assert media[1][1]["samples/group"].path == str(tmp_path / "samples" / "group_000001.gif")
     assert media[-1][1]["samples/after"].path == str(tmp_path / "samples_after.gif")
     # each evaluation's per-prompt scores, a table at its step: eval_prompts.jsonl's rows
     tables = [(s, v["eval/prompts"]) for s, v in calls["log"] if "eval/prompts" in v]

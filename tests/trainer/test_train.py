@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from trainer_support import checkpoint_meta, cli_args, run_overrides, tiny_model
@@ -132,6 +133,38 @@ def test_sample_routing_local_window_recache_and_window_shift(base, tmp_path):
                    window=(2, 3), window_shift=2))  # fmt: skip
     with pytest.raises(ValueError, match="p_keep=1.0"):
         train(_cfg(base, tmp_path / "e", p_keep=1.0))
+
+
+def test_samples_at_eval_keep_the_group_each_evaluation_trained_on(base, tmp_path, monkeypatch):
+    """samples/group_N: the anchor and branches of the first group of iteration N - 1, as the
+    rollout made them, with the rewards and advantages the update read."""
+    import imageio.v3 as iio
+
+    import kvpo.train as trainer
+    from kvpo.report import video_grid
+
+    seen, real = [], trainer.explore
+    monkeypatch.setattr(trainer, "explore", lambda *a: seen.append(real(*a)) or seen[-1])
+    train(_cfg(base, tmp_path, samples=True, samples_at_eval=True, advantage="anchor"))
+    assert len(seen) == 2
+    for it, ex in enumerate(seen):
+        stem = tmp_path / "samples" / f"group_{it + 1:06d}"
+        info = json.loads(stem.with_suffix(".json").read_text())
+        ro = ex.parts[0]
+        assert info["prompt"] == ro.prompts[0] and info["window"] == list(ro.window)
+        assert info["columns"] == ["anchor", "branch 0", "branch 1", "branch 2"]
+        assert info["reward"] == pytest.approx(ex.total[0].tolist(), abs=1e-6)
+        assert info["advantage"] == pytest.approx(ex.adv[0].tolist(), abs=1e-6)
+        assert info["reward_path"] == pytest.approx(ex.comps["path"][0].tolist(), abs=1e-6)
+        assert info["trained"] == bool(ex.valid[0])
+        assert info["branch_spread"] == pytest.approx(float(ro.branch_spread()[0]), rel=1e-5)
+        want = video_grid(load_model(base).to_video(ro.group_tokens(0))).numpy()
+        got = iio.imread(stem.with_suffix(".gif"))[..., :3]
+        assert got.shape == want.shape  # the anchor's and the 3 branches' columns
+        assert np.abs(got.astype(int) - want).mean() < 4  # GIF palette rounding only
+    train(_cfg(base, tmp_path / "g", samples=True, samples_at_eval=True, iterations=1))
+    info = json.loads((tmp_path / "g" / "samples" / "group_000001.json").read_text())
+    assert info["columns"] == ["branch 0", "branch 1", "branch 2"]  # no anchor rolled out
 
 
 def _prompt_rows(out: Path) -> list[dict]:
