@@ -7,8 +7,9 @@ does both. Metrics are grouped by their prefix: ``eval_reward`` is ``eval/reward
 ``time/update``, the rest ``train/...``. Iteration ``it``'s row is logged at step ``it + 1`` (the
 updates made when it ends), so the evaluation before training is step 0; each evaluation's
 scores per held-out prompt are a table, ``eval/prompts`` (W&B: a table; TensorBoard: text). The
-sample GIFs (before and after training; with ``--samples_at_eval`` every evaluation's, at its
-step) go to W&B as videos and to TensorBoard as images of a few frames side by side.
+sample GIFs (before and after training; with ``--samples_at_eval`` every evaluation's and the
+group its iteration trained on, at its step) go to W&B as videos and to TensorBoard as images of a
+few frames side by side.
 """
 
 from __future__ import annotations
