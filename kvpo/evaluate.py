@@ -1,9 +1,10 @@
 """Held-out evaluation: deployment-time samples of fixed prompts and fixed noises, scored.
 
-``python -m kvpo.evaluate --checkpoint PATH [--ema] [--per_prompt FILE]`` evaluates a checkpoint as
-its training run did (the run's held-out prompts, noises, reward and precision) and prints the
-scores as JSON (and writes each prompt's to FILE). Under ``torchrun`` each rank makes its share of
-the samples (the same samples and scores as one process).
+``python -m kvpo.evaluate --checkpoint PATH [--ema] [--per_prompt FILE] [--samples STEM]``
+evaluates a checkpoint as its training run did (the run's held-out prompts, noises, reward and
+precision) and prints the scores as JSON (and writes each prompt's to FILE, the first noise's
+samples to STEM.gif / .mp4: the run's samples_after for its last checkpoint). Under ``torchrun``
+each rank makes its share of the samples (the same samples and scores as one process).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from . import data, distributed
 from .config import TrainConfig
 from .interface import StreamingVideoGenerator
-from .report import preview
+from .report import preview, save_videos
 from .rewards import CompositeReward
 from .rollout import generate_passes, spread
 
@@ -195,6 +196,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metavar="FILE",
         help="also write each held-out prompt's scores, a JSON line per prompt, to FILE",
     )
+    ap.add_argument(
+        "--samples",
+        metavar="STEM",
+        help="also write the held-out prompts' samples of the first noise: STEM.gif / STEM.mp4",
+    )
     args = ap.parse_args(argv)
     try:
         over = {"device": args.device}
@@ -213,8 +219,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit(f"error: {e}") from None
     nC = model.num_frames // model.chunk_frames
     sets = evaluation_sets(prompts, nC, cfg.eval_multi_prompt)
-    ev = evaluate_sets(model, sets, reward, cfg, device, videos=False)
+    ev = evaluate_sets(model, sets, reward, cfg, device, videos=bool(args.samples))
     if rank == 0:
+        if args.samples:
+            save_videos(ev.videos, Path(args.samples))
         if args.per_prompt:
             path = Path(args.per_prompt)
             path.parent.mkdir(parents=True, exist_ok=True)

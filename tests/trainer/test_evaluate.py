@@ -86,7 +86,7 @@ def test_cli_reproduces_the_runs_evaluation(base, tmp_path, capsys):
     from kvpo.evaluate import main
     from kvpo.train import train
 
-    cfg = build_config(run_overrides(base, tmp_path, ema=0.5, samples=False, eval_seeds=2))
+    cfg = build_config(run_overrides(base, tmp_path, ema=0.5, samples=True, eval_seeds=2))
     last = train(cfg).history[-1]
     ckpt = str(tmp_path / "checkpoint.safetensors")
     per = tmp_path / "eval" / "per_prompt.jsonl"
@@ -107,6 +107,12 @@ def test_cli_reproduces_the_runs_evaluation(base, tmp_path, capsys):
         assert {k: log[k] for k in row if k != "prompt"} == pytest.approx(
             {k: v for k, v in row.items() if k != "prompt"}, rel=1e-6
         )
+    # --samples: the run's own samples_after (its last evaluation's first noise)
+    import imageio.v3 as iio
+
+    main(["--checkpoint", ckpt, "--samples", str(tmp_path / "again" / "grid")])
+    again = iio.imread(tmp_path / "again" / "grid.gif")
+    assert (again == iio.imread(tmp_path / "samples_after.gif")).all()
     ema = main(["--checkpoint", ckpt, "--ema", "--device", "cpu", "--per_prompt", str(per)])
     assert ema["eval_reward"] == pytest.approx(last["eval_ema_reward"], rel=1e-6)
     rows = [json.loads(x) for x in per.read_text().splitlines()]
