@@ -17,7 +17,8 @@ import torch
 
 class MetricsLog:
     """Appends rows (each with its ``iter``) to ``<name>.jsonl`` and ``<name>.csv``: one per
-    iteration in ``metrics``, one per held-out prompt and evaluation in ``eval_prompts``."""
+    iteration in ``metrics`` (and the evaluation before training as iteration -1), one per
+    held-out prompt and evaluation in ``eval_prompts``."""
 
     def __init__(self, out_dir: Path, name: str = "metrics") -> None:
         self.jsonl = out_dir / f"{name}.jsonl"

@@ -655,6 +655,7 @@ def train(
                 print(line + (f" (multi-prompt {mp:.4f})" if mp is not None else ""), flush=True)
                 if cfg.samples:
                     save_videos(ev.videos, out / "samples_before")
+                log.write(history[-1])
                 for lg in loggers:
                     lg.write(history[-1])
                     if cfg.samples and cfg.samples_at_eval:

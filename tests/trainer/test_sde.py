@@ -137,7 +137,8 @@ def test_trainer_runs_the_baseline(tmp_path):
     )  # fmt: skip
     res = train(cfg)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [0, 1]
+    assert [r["iter"] for r in rows] == [-1, 0, 1]  # the evaluation before training, iterations
+    rows = rows[1:]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["eval_reward"]) for r in rows)
     # per-step log-probs of the scored records only: [B, G, scored steps]
     model = res.model

@@ -98,7 +98,7 @@ def test_a_stopped_run_resumes_as_if_never_stopped(
     monkeypatch.undo()
     assert stopped.stopped_by == "SIGTERM"
     assert [h["iter"] for h in stopped.history] == list(range(-1, done))
-    assert _saved_iteration(tmp_path / "b") == done and _rows(tmp_path / "b") == list(range(done))
+    assert _saved_iteration(tmp_path / "b") == done and _rows(tmp_path / "b") == [-1, *range(done)]
     out = capsys.readouterr().out
     assert f"stopped by SIGTERM after {done} of 3 iterations" in out and "done:" not in out
 
@@ -143,7 +143,7 @@ def test_the_cli_exits_with_the_signal_status_and_resumes(base, tmp_path, monkey
     assert e.value.code == 128 + signal.SIGUSR1 and _saved_iteration(tmp_path) == 0
     monkeypatch.undo()
     main(args + ["--resume", "auto"])
-    assert _saved_iteration(tmp_path) == 2 and _rows(tmp_path) == [0, 1]
+    assert _saved_iteration(tmp_path) == 2 and _rows(tmp_path) == [-1, 0, 1]
     history = json.loads(checkpoint_meta(tmp_path / "checkpoint.safetensors")["history"])
     assert [h["iter"] for h in history] == [-1, 0, 1]
     assert "resume: auto" in (tmp_path / "config.yaml").read_text().splitlines()
@@ -224,7 +224,7 @@ def test_max_minutes_stops_before_an_iteration_that_would_end_late(base, tmp_pat
     args = cli_args(over)
     main(args)  # no SystemExit: a time limit is a normal end
     assert "stopped by max_minutes after 1 of 3 iterations" in capsys.readouterr().out
-    assert _saved_iteration(tmp_path / "b") == 1 and _rows(tmp_path / "b") == [0]
+    assert _saved_iteration(tmp_path / "b") == 1 and _rows(tmp_path / "b") == [-1, 0]
     resumed = train(build_config({**over, "max_minutes": 0.0}))
     assert resumed.stopped_by is None and [h["iter"] for h in resumed.history] == [-1, 0, 1, 2]
     for (n, p), q in zip(

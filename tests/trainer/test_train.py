@@ -30,7 +30,8 @@ def _cfg(base, out, **kw):
 def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path, capsys):
     res_cfg = _cfg(base, tmp_path, samples=True, reward_fns={}, window_shift=1)
     res = train(res_cfg)
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    before, *rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert before == res.history[0] and before["iter"] == -1  # the evaluation before training
     assert [r["iter"] for r in rows] == [0, 1]
     for key in (
         "reward",
@@ -190,8 +191,8 @@ def test_resume_continues_exactly(base, tmp_path):
     moved = [n for n, p in saved.named_parameters() if not torch.equal(p, policy[n])]
     assert moved
     rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [0, 1, 2]
-    assert all("eval_ema_reward" in r for r in rows)
+    assert [r["iter"] for r in rows] == [-1, 0, 1, 2]
+    assert all(("eval_ema_reward" in r) == (r["iter"] >= 0) for r in rows)
     # each held-out prompt's scores, policy and EMA in one row: those of the run never stopped
     per = {d: _prompt_rows(tmp_path / d) for d in "ab"}
     assert [(r["iter"], r["prompt"]) for r in per["b"]] == [
@@ -420,7 +421,7 @@ def test_two_ranks_over_gloo(base, tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     sums = [float((tmp_path / f"rank{r}.txt").read_text()) for r in (0, 1)]
     assert sums[0] == sums[1]  # gradients averaged over ranks keep the replicas identical
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][1:]
     assert len(rows) == 2 and all(r["valid_groups"] <= 4 for r in rows)
     assert all(r["groups"] == 4 for r in rows)  # each rank's two groups (one at a time), gathered
     # the evaluation is split over the ranks (3 and 3 of 2 prompts x 3 noises, 2 at a time):

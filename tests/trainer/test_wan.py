@@ -440,7 +440,8 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
     ]  # fmt: skip
     main(args)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [0, 1]
+    assert [r["iter"] for r in rows] == [-1, 0, 1]  # the evaluation before training, iterations
+    rows = rows[1:]
     # CLIP and the generic rewards; alignment reads the procedural shapes and is left out
     assert {"reward_clip", "reward_dynamic", "reward_smoothness"} <= set(rows[0])
     assert "reward_alignment" not in rows[0]
