@@ -43,28 +43,6 @@ class MetricsLog:
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows if r["iter"] < iterations))
 
 
-def prompt_changes(path: Path, metric: str = "eval_reward") -> str | None:
-    """A line on how each held-out prompt's ``metric`` moved between the first and the last
-    evaluation in ``path`` (``eval_prompts.jsonl``): how many rose, the largest rise and the
-    largest fall (or smallest rise). None if fewer than two evaluations are there."""
-    if not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-    its = sorted({r["iter"] for r in rows})
-    if len(its) < 2:
-        return None
-    first, last = (
-        {str(r["prompt"]): r[metric] for r in rows if r["iter"] == i} for i in its[:: len(its) - 1]
-    )
-    moved = sorted((last[p] - first[p], p) for p in first if p in last)
-    rose = sum(d > 0 for d, _ in moved)
-    (low, worst), (high, best) = moved[0], moved[-1]
-    return (
-        f"per prompt: {rose} of {len(moved)} held-out prompts rose (best {metric} {high:+.4f}: "
-        f"{best!r}; worst {low:+.4f}: {worst!r}) in {path.name}"
-    )
-
-
 def plot_rewards(history: list[dict], path: Path) -> None:
     """A PNG of the training reward per iteration and the evaluation rewards of ``history``."""
     import matplotlib

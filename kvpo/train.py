@@ -33,7 +33,7 @@ from .loggers import make_loggers
 from .memory import TrainingOutOfMemoryError, memory_stage
 from .profiling import IterationProfiler
 from .replay import step_weights
-from .report import MetricsLog, plot_rewards, prompt_changes, record_process, save_videos
+from .report import MetricsLog, plot_rewards, record_process, save_videos
 from .rewards import (
     GENERIC,
     ClipReward,
@@ -45,6 +45,7 @@ from .rewards import (
 from .rollout import Rollout, RolloutSpec, exploring_chunks, rollout
 from .scoring import branch_rewards, fused_reward
 from .stopping import StopSignals
+from .summary import prompt_changes
 from .update import (
     NonFiniteGradientError,
     SkippedSteps,

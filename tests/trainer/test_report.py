@@ -2,7 +2,7 @@
 
 import torch
 
-from kvpo.report import preview, prompt_changes, save_videos, video_grid
+from kvpo.report import preview, save_videos, video_grid
 
 
 def _u8(x: torch.Tensor) -> torch.Tensor:
@@ -71,28 +71,3 @@ def test_source_revision_is_the_checkouts_commit(tmp_path):
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / "site-packages").mkdir()
     assert source_revision(tmp_path / "site-packages") is None  # inside another repository
-
-
-def test_prompt_changes_compare_the_first_and_last_evaluation(tmp_path):
-    import json
-
-    path = tmp_path / "eval_prompts.jsonl"
-    assert prompt_changes(path) is None  # no evaluation yet
-    rows = [
-        {"iter": -1, "prompt": "a", "eval_reward": 0.5},
-        {"iter": -1, "prompt": "b", "eval_reward": 0.9},
-        {"iter": -1, "prompt": "c", "eval_reward": 0.2},
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert prompt_changes(path) is None  # one evaluation: nothing moved
-    later = [
-        {"iter": 4, "prompt": "a", "eval_reward": 0.1},  # a middle evaluation, not compared
-        {"iter": 9, "prompt": "a", "eval_reward": 0.75},
-        {"iter": 9, "prompt": "b", "eval_reward": 0.8},
-        {"iter": 9, "prompt": "c", "eval_reward": 0.25},
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows + later))
-    assert prompt_changes(path) == (
-        "per prompt: 2 of 3 held-out prompts rose (best eval_reward +0.2500: 'a'; "
-        "worst -0.1000: 'b') in eval_prompts.jsonl"
-    )

@@ -1,0 +1,145 @@
+"""What training runs came to, side by side: ``python -m kvpo.summary RUN [RUN ...]``.
+
+Reads each run's ``out_dir`` (``metrics.jsonl``, ``eval_prompts.jsonl``, ``config.yaml``), never
+its checkpoint, so it works on a run still going, a stopped one, or a copy of its logs. Prints a
+Markdown table, a row per run: iterations done, a held-out metric (``--metric``, default
+``eval_reward``) before training, at its best and at the end, the EMA's at the end, the held-out
+diversity, how many held-out prompts rose, skipped optimizer steps, seconds per iteration and the
+peak GPU memory; ``--json`` prints the rows as JSON instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a ``.jsonl`` file ([] if there is none)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prompt_changes(path: Path, metric: str = "eval_reward") -> str | None:
+    """A line on how each held-out prompt's ``metric`` moved between the first and the last
+    evaluation in ``path`` (``eval_prompts.jsonl``): how many rose, the largest rise and the
+    largest fall (or smallest rise). None if fewer than two evaluations are there."""
+    moved = _prompt_moves(read_rows(path), metric)
+    if not moved:
+        return None
+    rose = sum(d > 0 for d, _ in moved)
+    (low, worst), (high, best) = moved[0], moved[-1]
+    return (
+        f"per prompt: {rose} of {len(moved)} held-out prompts rose (best {metric} {high:+.4f}: "
+        f"{best!r}; worst {low:+.4f}: {worst!r}) in {path.name}"
+    )
+
+
+def _prompt_moves(rows: list[dict], metric: str) -> list[tuple[float, str]]:
+    """(last - first value of ``metric``, prompt) of each prompt in both the first and the last
+    evaluation of ``rows``, in increasing order; [] with fewer than two evaluations."""
+    its = sorted({r["iter"] for r in rows if metric in r})
+    if len(its) < 2:
+        return []
+    first, last = (
+        {str(r["prompt"]): r[metric] for r in rows if r["iter"] == i and metric in r}
+        for i in (its[0], its[-1])
+    )
+    return sorted((last[p] - first[p], p) for p in first if p in last)
+
+
+def summarize(run: Path, metric: str = "eval_reward") -> dict:
+    """One run's row (see the module's docstring); a metric it never logged is None."""
+    if not run.is_dir():
+        raise ValueError(f"run {str(run)!r}: not a directory (a run's out_dir)")
+    rows = read_rows(run / "metrics.jsonl")
+    config_file = run / "config.yaml"
+    if not rows and not config_file.is_file():
+        raise ValueError(f"run {str(run)!r}: no metrics.jsonl or config.yaml (not a run's out_dir)")
+    cfg = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    trained = [r for r in rows if r["iter"] >= 0]
+    evals = [r for r in rows if metric in r]
+    best = max(evals, key=lambda r: r[metric], default=None)
+    ema = [r for r in rows if metric.replace("eval_", "eval_ema_", 1) in r]
+    diversity = [r["eval_diversity"] for r in rows if "eval_diversity" in r]
+    moved = _prompt_moves(read_rows(run / "eval_prompts.jsonl"), metric)
+    seconds = [sum(v for k, v in r.items() if k.startswith("time_")) for r in trained]
+    peaks = [r["cuda_peak_gib"] for r in trained if "cuda_peak_gib" in r]
+    return {
+        "run": str(run),
+        "iterations": trained[-1]["iter"] + 1 if trained else 0,
+        "of": cfg.get("iterations"),
+        "metric": metric,
+        "first": evals[0][metric] if evals else None,
+        "first_iter": evals[0]["iter"] if evals else None,
+        "best": best[metric] if best else None,
+        "best_iter": best["iter"] if best else None,
+        "last": evals[-1][metric] if evals else None,
+        "last_iter": evals[-1]["iter"] if evals else None,
+        "ema_last": ema[-1][metric.replace("eval_", "eval_ema_", 1)] if ema else None,
+        "diversity_first": diversity[0] if diversity else None,
+        "diversity_last": diversity[-1] if diversity else None,
+        "prompts_rose": sum(d > 0 for d, _ in moved) if moved else None,
+        "prompts": len(moved) if moved else None,
+        "skipped_steps": sum(r.get("skipped_steps", 0) for r in trained),
+        "seconds_per_iteration": sum(seconds) / len(seconds) if seconds else None,
+        "cuda_peak_gib": max(peaks) if peaks else None,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    """The runs' rows as a Markdown table. Iterations count as the metrics do: ``@-1`` is the
+    evaluation before training, ``@9`` the one after the tenth iteration."""
+
+    def num(x: float | None, fmt: str = ".4f") -> str:
+        return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+    def at(x: float | None, it: int | None) -> str:
+        return "" if x is None else f"{num(x)} @{it}"
+
+    metric = rows[0]["metric"] if rows else "eval_reward"
+    head = [
+        "run", "iterations", f"{metric} first", "best", "last", "EMA last", "diversity",
+        "prompts rose", "skipped steps", "s / iteration", "peak GiB",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for r in rows:
+        done = f"{r['iterations']}" + (f" / {r['of']}" if r["of"] is not None else "")
+        div = ""
+        if r["diversity_first"] is not None:
+            div = f"{num(r['diversity_first'], '.3f')} -> {num(r['diversity_last'], '.3f')}"
+        rose = "" if r["prompts"] is None else f"{r['prompts_rose']} / {r['prompts']}"
+        cells = [
+            r["run"], done, at(r["first"], r["first_iter"]), at(r["best"], r["best_iter"]),
+            at(r["last"], r["last_iter"]), num(r["ema_last"]), div, rose, str(r["skipped_steps"]),
+            num(r["seconds_per_iteration"], ".1f"), num(r["cuda_peak_gib"], ".1f"),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m kvpo.summary", description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="a run's out_dir")
+    ap.add_argument(
+        "--metric", default="eval_reward", help="the held-out metric to compare (eval_path, ...)"
+    )
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = ap.parse_args(argv)
+    if not args.metric.startswith("eval_"):
+        raise SystemExit(f"error: --metric {args.metric!r}: a held-out metric, eval_...")
+    try:
+        rows = [summarize(run, args.metric) for run in args.runs]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(rows, indent=1) if args.json else table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
