@@ -1,0 +1,87 @@
+"""scripts/slurm_train.sbatch without SLURM: a real torchrun under the script, scontrol stood in
+for. What SLURM itself does (deliver --signal=B:USR1@600 to the batch shell, requeue) is not run
+here."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from trainer_support import checkpoint_meta, cli_args, run_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "slurm_train.sbatch"
+
+
+def _start(args: list[str], tmp_path: Path, job: str) -> subprocess.Popen:
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "TORCHRUN": f"{sys.executable} -m torch.distributed.run --master_port 29541",
+        "SCONTROL": str(scontrol),
+        "SLURM_JOB_ID": job,
+        "SLURM_GPUS_ON_NODE": "2",
+    }
+    return subprocess.Popen(
+        ["bash", str(SCRIPT), *args], cwd=ROOT, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def _signal_mid_run(job: subprocess.Popen, out: Path, sig: int) -> tuple[str, str]:
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)  # the first iteration is done: the ranks are mid-run
+        job.send_signal(sig)
+        return job.communicate(timeout=180)
+    finally:
+        job.kill()
+
+
+def _iters(out: Path) -> list[int]:
+    return [json.loads(x)["iter"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_time_limit_signal_stops_saves_and_requeues_and_the_job_goes_on(base, tmp_path):
+    out = tmp_path / "run"
+    over = run_overrides(
+        base, out, iterations=200, samples=False, save_every=1000, eval_before=False,
+        eval_every=1000, prompts_per_iter=4, device="cpu",
+    )  # fmt: skip
+    args = cli_args(over)
+    job = _start(args, tmp_path, "4242")
+    stdout, stderr = _signal_mid_run(job, out, signal.SIGUSR1)
+    assert job.returncode == 0, stderr[-4000:]  # stopped in time and requeued: not a failure
+    assert "stopped by SIGUSR1 after" in stdout and "requeueing job 4242" in stdout
+    assert stderr.count("kvpo: got SIGUSR1") == 2  # each rank's own
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    done = int(checkpoint_meta(out / "checkpoint.safetensors")["iteration"])
+    assert 1 <= done < 200 and _iters(out) == list(range(done))
+    # the requeued job: the same command (here told to end 2 iterations later) goes on from there
+    job = _start([*args, f"--iterations={done + 2}"], tmp_path, "4242")
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-4000:]
+    assert f"resumed from {out / 'checkpoint.safetensors'} after {done} iterations" in stdout
+    assert _iters(out) == list(range(done + 2))
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # not requeued again
+
+
+def test_scancel_stops_with_a_checkpoint_and_is_not_requeued(base, tmp_path):
+    out = tmp_path / "run"
+    over = run_overrides(
+        base, out, iterations=200, samples=False, save_every=1000, eval_before=False,
+        eval_every=1000, device="cpu",
+    )  # fmt: skip
+    job = _start(cli_args(over), tmp_path, "77")
+    stdout, stderr = _signal_mid_run(job, out, signal.SIGTERM)
+    assert job.returncode != 0 and "stopped by SIGTERM after" in stdout, stderr[-4000:]
+    assert int(checkpoint_meta(out / "checkpoint.safetensors")["iteration"]) >= 1
+    assert not (tmp_path / "scontrol.log").exists()
