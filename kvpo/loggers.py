@@ -15,6 +15,7 @@ few frames side by side.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -133,7 +134,8 @@ class TensorBoardLogger:
 
 
 class WandbLogger:
-    """A W&B run in ``out_dir`` with the config; scalars each row, sample GIFs as videos."""
+    """A W&B run in ``out_dir`` with the config, named after ``out_dir`` (``runs/lr3e-5`` ->
+    ``lr3e-5``; ``WANDB_NAME`` overrides); scalars each row, sample GIFs as videos."""
 
     def __init__(self, out_dir: Path, config: dict, project: str, start: int = 0) -> None:
         try:
@@ -146,6 +148,8 @@ class WandbLogger:
         same = {}
         if start and id_file.is_file():
             same = {"id": id_file.read_text().strip(), "resume": "allow"}
+        if not os.environ.get("WANDB_NAME"):  # W&B reads it only when init names no run
+            same["name"] = out_dir.resolve().name
         self.run = wandb.init(project=project, dir=str(out_dir), config=config, **same)
         id_file.write_text(self.run.id)
         self.step = 0

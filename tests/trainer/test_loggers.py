@@ -137,6 +137,7 @@ def test_wandb_run_gets_config_rows_and_samples(base, tmp_path, monkeypatch):
     )
     res = train(cfg)
     assert calls["init"]["project"] == "mine" and calls["init"]["dir"] == str(tmp_path)
+    assert calls["init"]["name"] == tmp_path.name  # the run's directory names it
     assert calls["init"]["config"] == cfg.to_dict()
     rows = [(s, v) for s, v in calls["log"] if "train/reward" in v or "eval/reward" in v]
     assert [s for s, _ in rows] == [0, 1, 2]
@@ -169,6 +170,9 @@ def test_wandb_run_gets_config_rows_and_samples(base, tmp_path, monkeypatch):
     train(_cfg(base, tmp_path, log_to="wandb", iterations=3, resume=str(ckpt)))
     assert calls["init"]["id"] == "run-1" and calls["init"]["resume"] == "allow"  # the same run
     assert [s for s, v in calls["log"] if "train/reward" in v][-1] == 3
+    monkeypatch.setenv("WANDB_NAME", "mine")  # W&B's own variable names it instead
+    train(_cfg(base, tmp_path / "c", log_to="wandb", iterations=1))
+    assert "name" not in calls["init"]
 
 
 def test_a_missing_package_is_named(base, tmp_path, monkeypatch):
