@@ -5,7 +5,8 @@ its checkpoint, so it works on a run still going, a stopped one, or a copy of it
 Markdown table, a row per run: iterations done, a held-out metric (``--metric``, default
 ``eval_reward``) before training, at its best and at the end, the EMA's at the end, the held-out
 diversity, how many held-out prompts rose, skipped optimizer steps, seconds per iteration and the
-peak GPU memory; ``--json`` prints the rows as JSON instead.
+peak GPU memory; ``--json`` prints the rows as JSON instead. ``--prompts`` adds a table of each
+held-out prompt's metric, before training and at each run's end.
 """
 
 from __future__ import annotations
@@ -123,6 +124,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def prompt_table(runs: list[Path], metric: str = "eval_reward") -> str:
+    """A Markdown table of each held-out prompt's ``metric``: at the first run's first evaluation
+    (``before``: before training, for a new run), then at each run's last evaluation."""
+    logs = [read_rows(run / "eval_prompts.jsonl") for run in runs]
+    if not logs[0]:
+        raise ValueError(f"run {str(runs[0])!r}: no eval_prompts.jsonl (an older kvpo's run?)")
+
+    def at(rows: list[dict], last: bool) -> dict[str, float]:
+        its = [r["iter"] for r in rows if metric in r]
+        it = (max if last else min)(its, default=None)
+        return {str(r["prompt"]): r[metric] for r in rows if r["iter"] == it and metric in r}
+
+    columns = [at(logs[0], last=False)] + [at(rows, last=True) for rows in logs]
+    prompts = list(dict.fromkeys(p for c in columns for p in c))
+    head = ["prompt", "before", *(str(run) for run in runs)]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for p in prompts:
+        cells = [f"{c[p]:.4f}" if p in c else "" for c in columns]
+        lines.append("| " + " | ".join([p.replace("|", "\\|"), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m kvpo.summary", description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="a run's out_dir")
@@ -130,14 +153,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--metric", default="eval_reward", help="the held-out metric to compare (eval_path, ...)"
     )
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument(
+        "--prompts",
+        action="store_true",
+        help="also a table of each held-out prompt's metric: before, then each run's last",
+    )
     args = ap.parse_args(argv)
     if not args.metric.startswith("eval_"):
         raise SystemExit(f"error: --metric {args.metric!r}: a held-out metric, eval_...")
     try:
         rows = [summarize(run, args.metric) for run in args.runs]
+        per = prompt_table(args.runs, args.metric) if args.prompts else None
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(rows, indent=1) if args.json else table(rows))
+    if per is not None:
+        print("\n" + per)
     return rows
 
 

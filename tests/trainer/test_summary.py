@@ -10,6 +10,10 @@ from kvpo.summary import main, prompt_changes, summarize
 from kvpo.train import train
 
 
+def _prompt_rows(out):
+    return [json.loads(x) for x in (out / "eval_prompts.jsonl").read_text().splitlines()]
+
+
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -70,7 +74,20 @@ def test_a_runs_summary_is_its_logs(base, tmp_path, capsys):
     assert lines[3].startswith(f"| {tmp_path / 'b'} | 1 / 1 | ") and rows[1]["ema_last"] is None
     main(["--json", str(tmp_path / "a")])
     assert json.loads(capsys.readouterr().out) == [row]
+    # --prompts: each held-out prompt before training, then at each run's end
+    main(["--prompts", str(tmp_path / "a"), str(tmp_path / "b")])
+    lines = capsys.readouterr().out.split("\n\n")[1].splitlines()
+    assert lines[0] == f"| prompt | before | {tmp_path / 'a'} | {tmp_path / 'b'} |"
+    ends = {d: _prompt_rows(tmp_path / d) for d in "ab"}
+    for line, first, a, b in zip(lines[2:], per[:2], ends["a"][-2:], ends["b"][-2:], strict=True):
+        assert first["prompt"] == a["prompt"] == b["prompt"] and first["iter"] == -1
+        want = [first["prompt"], *(f"{r['eval_reward']:.4f}" for r in (first, a, b))]
+        assert [c.strip() for c in line.strip("| ").split(" | ")] == want
+    (tmp_path / "old").mkdir()  # an older kvpo's run: metrics, no per-prompt log
+    (tmp_path / "old" / "metrics.jsonl").write_text((tmp_path / "b" / "metrics.jsonl").read_text())
+    assert main([str(tmp_path / "old")])[0]["prompts"] is None
     for argv, match in (
+        (["--prompts", str(tmp_path / "old")], "no eval_prompts.jsonl"),
         ([str(tmp_path / "none")], "not a directory"),
         ([str(tmp_path)], "no metrics.jsonl or config.yaml"),
         (["--metric", "reward", str(tmp_path / "a")], "a held-out metric"),
