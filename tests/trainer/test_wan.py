@@ -487,42 +487,12 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
             main(args + bad + ["--out_dir", str(tmp_path / "bad")])
 
 
-def to_original_layout(sd: dict) -> dict:
-    """diffusers' names -> those of Wan2.1's original WanModel (what Self-Forcing, CausVid and
-    LongLive checkpoints use): self_attn/cross_attn with q, k, v, o; ffn.0/ffn.2; the
-    cross-attention norm is norm3; modulation tables; head.head; *_embedding.N."""
-    renames = [
-        ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-        ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-        ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-        ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
-        ("condition_embedder.time_proj", "time_projection.1"),
-        ("attn1.", "self_attn."),
-        ("attn2.", "cross_attn."),
-        (".to_q.", ".q."),
-        (".to_k.", ".k."),
-        (".to_v.", ".v."),
-        (".to_out.0.", ".o."),
-        ("ffn.net.0.proj", "ffn.0"),
-        ("ffn.net.2", "ffn.2"),
-        (".norm2.", ".norm3."),
-        (".scale_shift_table", ".modulation"),
-        ("proj_out", "head.head"),
-    ]
-    out = {}
-    for k, v in sd.items():
-        for a, b in renames:
-            k = k.replace(a, b)
-        out["head.modulation" if k == "scale_shift_table" else k] = v.clone()
-    return out
-
-
 def test_original_layout_checkpoints_load(wan_dir, tmp_path):
     """Self-Forcing's {generator, generator_ema} with the model. prefix, and a bare safetensors
     with ComfyUI's model.diffusion_model. prefix, load into the directory's transformer."""
     from safetensors.torch import save_file
 
-    from kvpo.adapters.wan import load_wan
+    from kvpo.adapters.wan import load_wan, to_original_layout
 
     ema, raw = tiny_wan(7).float(), tiny_wan(8).float()
     sf = {name: {f"model.{k}": v for k, v in to_original_layout(m.state_dict()).items()}
@@ -576,7 +546,7 @@ def check_sample_and_export(ck, tmp_path):
     diffusers transformer that computes what the trained generator does."""
     from diffusers.loaders import WanLoraLoaderMixin
 
-    from kvpo.adapters.wan import export, export_lora, from_checkpoint
+    from kvpo.adapters.wan import export, export_lora, from_checkpoint, load_original_weights
     from kvpo.adapters.wan.__main__ import main as export_main
     from kvpo.checkpoint import CheckpointError, trainer_config
     from kvpo.sample import main as sample_main
@@ -601,6 +571,17 @@ def check_sample_and_export(ck, tmp_path):
     plain = WanStreamingGenerator(tf, gen.text_encoder.fn, gen.latent_shape, gen.num_frames,
                                   gen.chunk_frames)  # fmt: skip
     assert not any("lora" in n for n, _ in tf.named_parameters())
+    # in Wan's original layout: what Self-Forcing / LongLive load (either key), and bare
+    for out, key in (("sf.pt", "generator"), ("sf.pt", "generator_ema"), ("bare.safetensors", "")):
+        export_main(["--checkpoint", str(ck), "--out", str(tmp_path / out), "--original"])
+        orig = WanTransformer3DModel.from_pretrained(
+            Path(trainer_config(ck)["wan_dir"]) / "transformer"
+        )
+        load_original_weights(orig, tmp_path / out, key)
+        for k, v in tf.state_dict().items():
+            assert torch.equal(orig.state_dict()[k], v), (out, k)
+    with pytest.raises(SystemExit, match="a .pt .* or .safetensors file"):
+        export_main(["--checkpoint", str(ck), "--out", str(tmp_path / "x.bin"), "--original"])
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(1, 2 * gen.frame_tokens, gen.token_dim, generator=g), torch.tensor([0.6]),
             gen.encode_prompts(["a sun"]), torch.tensor([[2, 3]]),

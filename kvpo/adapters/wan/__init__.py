@@ -1,15 +1,17 @@
 """Wan2.1 (Self-Forcing, CausVid, LongLive) through diffusers: the streaming generator
 (:mod:`.generator`) and its weights (:mod:`.weights`); ``python -m kvpo.adapters.wan`` exports a
-trained transformer (LoRA merged) or its LoRA alone."""
+trained transformer (LoRA merged, in diffusers' or the original layout) or its LoRA alone."""
 
 from .generator import WAN_DTYPES, WAN_LORA_TARGETS, RoutedSelfAttention, WanStreamingGenerator
 from .weights import (
     export,
     export_lora,
+    export_original,
     from_checkpoint,
     load_from_config,
     load_original_weights,
     load_wan,
+    to_original_layout,
 )
 
 __all__ = [
@@ -19,8 +21,10 @@ __all__ = [
     "WanStreamingGenerator",
     "export",
     "export_lora",
+    "export_original",
     "from_checkpoint",
     "load_from_config",
     "load_original_weights",
     "load_wan",
+    "to_original_layout",
 ]

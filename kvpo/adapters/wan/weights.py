@@ -1,6 +1,7 @@
 """Wan2.1's weights in and out of kvpo: a local diffusers directory, checkpoints in Wan's original
 layout (Self-Forcing, LongLive, CausVid), a Wan run's training checkpoint, and the export of a
-trained transformer back to diffusers' layout (LoRA merged, or the LoRA alone)."""
+trained transformer back to diffusers' layout (LoRA merged, or the LoRA alone) or to the original
+layout (LoRA merged)."""
 
 from __future__ import annotations
 
@@ -193,6 +194,69 @@ def export(
     lora.merge_lora(gen)
     gen.transformer.save_pretrained(str(out))
     return Path(out)
+
+
+# diffusers' names -> those of Wan2.1's original WanModel, applied in order
+_ORIGINAL_NAMES = (
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn1.", "self_attn."),
+    ("attn2.", "cross_attn."),
+    (".to_q.", ".q."),
+    (".to_k.", ".k."),
+    (".to_v.", ".v."),
+    (".to_out.0.", ".o."),
+    ("ffn.net.0.proj", "ffn.0"),
+    ("ffn.net.2", "ffn.2"),
+    (".norm2.", ".norm3."),
+    (".scale_shift_table", ".modulation"),
+    ("proj_out", "head.head"),
+)
+
+
+def to_original_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers ``WanTransformer3DModel`` state dict in the names of Wan2.1's original
+    ``WanModel`` (those of the Wan release and of Self-Forcing, CausVid and LongLive checkpoints):
+    self_attn / cross_attn with q, k, v, o; ffn.0 / ffn.2; the cross-attention norm is norm3;
+    modulation tables; head.head; *_embedding.N. The inverse of diffusers'
+    ``convert_wan_transformer_to_diffusers`` (what :func:`load_original_weights` applies)."""
+    out = {}
+    for k, v in sd.items():
+        for a, b in _ORIGINAL_NAMES:
+            k = k.replace(a, b)
+        out["head.modulation" if k == "scale_shift_table" else k] = v
+    return out
+
+
+def export_original(
+    path: str | Path, out: str | Path, ema: bool = False, wan_dir: str | Path | None = None
+) -> Path:
+    """Write the transformer of a ``--wan_dir`` training checkpoint, LoRA merged, in Wan2.1's
+    original layout, for the inference code of Self-Forcing, CausVid or LongLive: ``out.pt`` holds
+    ``{"generator": sd, "generator_ema": sd}`` with their ``model.`` prefix (either key loads,
+    ``--use_ema`` or not); ``out.safetensors`` the bare state dict, as the Wan release ships it.
+    The weights keep the transformer's dtype."""
+    out = Path(out)
+    if out.suffix not in (".pt", ".safetensors"):
+        raise ValueError(f"out {str(out)!r}: a .pt (Self-Forcing / LongLive) or .safetensors file")
+    gen = from_checkpoint(path, ema, wan_dir)
+    lora.merge_lora(gen)
+    sd = {
+        k: v.detach().contiguous()
+        for k, v in to_original_layout(gen.transformer.state_dict()).items()
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(out))
+    else:
+        prefixed = {f"model.{k}": v for k, v in sd.items()}
+        torch.save({"generator": prefixed, "generator_ema": prefixed}, str(out))
+    return out
 
 
 # the file name diffusers' load_lora_weights(directory) reads
