@@ -112,6 +112,7 @@ class TrainConfig:
     # Your own rewards by import path, e.g. hps=my_rewards:HPSReward or aes=/code/aes.py:score
     # (kvpo.rewards.load_reward); each weighted by reward_weights[name], 1 if not named there.
     reward_fns: dict[str, str] = field(default_factory=dict)  # name -> module:fn or file.py:fn
+    reward_batch: int = 0  # videos per call of each reward (a large reward model's memory; 0: all)
     advantage: str = "group"  # group: (r - mean) / std | anchor: against the unperturbed branch
     adv_clip: float = 2.5  # advantages clipped to [-adv_clip, adv_clip]
     adv_eps: float = 1e-6  # added to the std of the advantages' denominator
@@ -204,6 +205,7 @@ class TrainConfig:
             ("max_skipped_steps", ""),
             ("micro_batch", " (0: all at once)"),
             ("eval_batch", " (0: all at once)"),
+            ("reward_batch", " (0: all at once)"),
             ("lr_warmup", " (iterations)"),
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:

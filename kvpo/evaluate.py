@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 EVAL_FIELDS = (
     "eval_prompts", "eval_seeds", "eval_batch", "seed", "reward_fns", "reward_weights",
     "clip_reward_path", "clip_reward_weight", "prompts_file", "eval_prompts_file", "amp",
-    "eval_multi_prompt",
+    "eval_multi_prompt", "reward_batch",
 )  # fmt: skip
 
 

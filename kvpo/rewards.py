@@ -234,9 +234,19 @@ class CompositeReward:
     Args:
         weights: name -> weight; names of built-in rewards or of ``extra`` ones.
         extra: name -> user reward (any :class:`RewardFn`).
+        batch: videos per call of each reward (0: all of them in one call); a large reward
+            model's memory grows with it, its scores do not change.
     """
 
-    def __init__(self, weights: dict[str, float], extra: dict[str, RewardFn] | None = None) -> None:
+    def __init__(
+        self,
+        weights: dict[str, float],
+        extra: dict[str, RewardFn] | None = None,
+        batch: int = 0,
+    ) -> None:
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
+            raise ValueError(f"batch={batch!r}: videos per reward call, an integer >= 0")
+        self.batch = batch
         fns = {**BUILTIN, **(extra or {})}
         unknown = sorted(set(weights) - set(fns))
         if unknown:
@@ -262,16 +272,20 @@ class CompositeReward:
         model whose weights require grad keeps no activations), and its output is detached and
         moved to the CPU."""
         _check_videos(videos, prompts)
+        B = videos.shape[0]
+        step = self.batch or max(B, 1)
         out = {}
         for name in self.fns if names is None else names:
-            fn = self.fns[name]
-            with torch.no_grad():
-                r = torch.as_tensor(fn(videos, prompts))
-            r = r.detach().float().cpu().reshape(-1)
-            if r.shape[0] != videos.shape[0]:
-                raise ValueError(
-                    f"reward {name!r} returned {tuple(r.shape)}, expected [{videos.shape[0]}]"
-                )
+            fn, parts = self.fns[name], []
+            for i in range(0, B, step):
+                with torch.no_grad():
+                    r = torch.as_tensor(fn(videos[i : i + step], prompts[i : i + step]))
+                r = r.detach().float().cpu().reshape(-1)
+                n = min(step, B - i)
+                if r.shape[0] != n:
+                    raise ValueError(f"reward {name!r} returned {tuple(r.shape)}, expected [{n}]")
+                parts.append(r)
+            r = torch.cat(parts) if parts else torch.zeros(0)
             bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
             if bad:  # one NaN would make its group's advantages, then every weight, NaN
                 raise ValueError(

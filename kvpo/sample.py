@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="also print your rewards: name=module:fn or name=file.py:fn (see load_reward)",
     )
     ap.add_argument(
+        "--reward_batch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="videos per call of each reward (a large reward model's memory; 0: all at once)",
+    )
+    ap.add_argument(
         "--branches",
         type=int,
         default=0,
@@ -105,8 +112,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             prompts += data.prompt_lines(args.prompts_file, "--prompts_file")
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-    if args.batch < 0:
-        raise SystemExit(f"error: --batch {args.batch}: must be >= 0 (0: all at once)")
+    for opt in ("batch", "reward_batch"):
+        if getattr(args, opt) < 0:
+            raise SystemExit(f"error: --{opt} {getattr(args, opt)}: must be >= 0 (0: all at once)")
     if wan and not prompts:
         raise SystemExit("error: a Wan checkpoint needs --prompt or --prompts_file")
     prompts = prompts or data.split_prompts()[1]
@@ -115,9 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             per_chunk = [data.segments([p] * n_chunks) for p in prompts]
         else:
             per_chunk = [chunk_prompts(p, n_chunks) for p in prompts]
-        reward = CompositeReward(
-            dict.fromkeys([*(GENERIC if wan else BUILTIN), *extra], 1.0), extra
-        )
+        names = [*(GENERIC if wan else BUILTIN), *extra]
+        reward = CompositeReward(dict.fromkeys(names, 1.0), extra, batch=args.reward_batch)
         reward.check_prompts(p for ps in per_chunk for p in ps)
     except (ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -58,9 +58,10 @@ from .update import (
 def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> CompositeReward:
     """``cfg.reward_weights`` over the built-in rewards, plus CLIP (run on ``device``) with
     ``clip_reward_path`` and the user rewards of ``reward_fns`` (each weighted by
-    ``reward_weights[name]``, 1 if not named there). A ``wan_dir`` run scores real videos: CLIP,
-    the user rewards and the generic rewards that ``reward_weights`` names (``dynamic``,
-    ``smoothness``); the others read the procedural shapes and are left out."""
+    ``reward_weights[name]``, 1 if not named there), each called on ``reward_batch`` videos at a
+    time. A ``wan_dir`` run scores real videos: CLIP, the user rewards and the generic rewards
+    that ``reward_weights`` names (``dynamic``, ``smoothness``); the others read the procedural
+    shapes and are left out."""
     if cfg.wan_dir and not (cfg.clip_reward_path or cfg.reward_fns):
         raise ConfigError(
             "config wan_dir needs a reward for real videos: set clip_reward_path to a local "
@@ -77,7 +78,7 @@ def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> Composi
     for name, spec in cfg.reward_fns.items():
         extra[name] = load_reward(spec)
         weights.setdefault(name, 1.0)
-    return CompositeReward(weights, extra)
+    return CompositeReward(weights, extra, batch=cfg.reward_batch)
 
 
 def read_prompts(path: str, held_out: int) -> tuple[list[str], list[str]]:

@@ -319,3 +319,29 @@ def test_prompts_the_scene_rewards_cannot_read_are_named_before_scoring():
     # rewards that read no prompt take any, yours included (a name of your own)
     mine = {"bright": lambda videos, prompts: videos.mean(dim=(1, 2, 3, 4))}
     CompositeReward({"dynamic": 1.0, "bright": 1.0}, mine).check_prompts(["a cat"])
+
+
+def test_reward_batch_calls_each_reward_on_slices_with_the_same_scores(truth):
+    videos, prompts = truth  # 8 videos
+    calls = []
+
+    def bright(v, p):
+        calls.append((v.shape[0], list(p)))
+        return v.mean(dim=(1, 2, 3, 4))
+
+    weights = {"alignment": 1.0, "motion": 0.5, "bright": 1.0}
+    whole = CompositeReward(weights, {"bright": bright}).components(videos, prompts)
+    assert [n for n, _ in calls] == [8]
+    calls.clear()
+    parts = CompositeReward(weights, {"bright": bright}, batch=3).components(videos, prompts)
+    assert [n for n, _ in calls] == [3, 3, 2]  # and each slice with its own prompts
+    assert [q for _, p in calls for q in p] == prompts
+    for k, v in whole.items():
+        torch.testing.assert_close(parts[k], v, rtol=0, atol=1e-6)
+    first = {"short": lambda v, p: v.mean(dim=(1, 2, 3, 4))[:1]}  # one score for any slice
+    short = CompositeReward({"short": 1.0}, first, batch=3)
+    with pytest.raises(ValueError, match=r"reward 'short' returned \(1,\), expected \[3\]"):
+        short.components(videos, prompts)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="batch=.*videos per reward call"):
+            CompositeReward(weights, {"bright": bright}, batch=bad)

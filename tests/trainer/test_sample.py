@@ -68,12 +68,14 @@ def test_prompts_file_and_batches_make_the_same_videos(tmp_path):
     whole = main([*base, "--out", str(tmp_path / "a")])
     assert [r["prompt"] for r in whole] == [LEFT, up, f"{LEFT} -> moving down"]
     assert main([*base, "--batch", "2", "--out", str(tmp_path / "b")]) == whole
+    assert main([*base, "--reward_batch", "1", "--out", str(tmp_path / "c")]) == whole
     (tmp_path / "blank.txt").write_text("\n \n")
     for name, match in (("none.txt", "No such file"), ("blank.txt", "no prompts in it")):
         with pytest.raises(SystemExit, match=f"--prompts_file=.*{name}.*: {match}"):
             main(["--checkpoint", str(ckpt), "--prompts_file", str(tmp_path / name)])
-    with pytest.raises(SystemExit, match="--batch -1"):
-        main([*base, "--batch", "-1"])
+    for opt in ("--batch", "--reward_batch"):
+        with pytest.raises(SystemExit, match=f"{opt} -1: must be >= 0"):
+            main([*base, opt, "-1"])
 
 
 def test_sample_errors(tmp_path):

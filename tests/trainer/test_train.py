@@ -355,9 +355,22 @@ def test_resume_rejects_mismatched_or_unreadable_checkpoints(base, tmp_path):
         main(["--base_checkpoint", base, "--out_dir", str(tmp_path), "--resume", str(bad)])
 
 
+def test_reward_batch_changes_memory_not_the_run(base, tmp_path):
+    """Each reward called on 2 videos at a time: the same rewards, so the same training."""
+    kw = dict(iterations=1, samples=False, eval_seeds=2)
+    whole = train(_cfg(base, tmp_path / "a", **kw)).history
+    parts = train(_cfg(base, tmp_path / "b", reward_batch=2, **kw)).history
+    for a, b in zip(whole, parts, strict=True):
+        for k, v in a.items():
+            if not k.startswith("time_"):
+                assert b[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+
 def test_cli_reports_bad_values(base, tmp_path):
     with pytest.raises(SystemExit, match="lr"):
         main(["--lr", "-3"])
+    with pytest.raises(SystemExit, match=r"reward_batch=-1: must be an integer >= 0 \(0: all"):
+        main(["--reward_batch", "-1"])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["--base_checkpoint", str(tmp_path / "none.safetensors"), "--out_dir", str(tmp_path)])
     with pytest.raises(ConfigError, match="window"):
