@@ -500,8 +500,9 @@ def train(
         generator: your own :class:`kvpo.interface.StreamingVideoGenerator` (an ``nn.Module``) to
             align instead of the built-in one in ``cfg.base_checkpoint``; the reference policy is
             a frozen copy of it, and ``cfg.resume`` loads into copies of it.
-        reward: the reward (a :class:`CompositeReward`, or any ``fn(videos, prompts) -> [B]``);
-            default: ``cfg.reward_weights`` over the built-in rewards.
+        reward: the reward (a :class:`CompositeReward`, or any ``fn(videos, prompts) -> [B]``,
+            called on ``cfg.reward_batch`` videos at a time); default: ``cfg.reward_weights``
+            over the built-in rewards.
         prompts: (training prompts, held-out prompts); default: the built-in procedural ones.
     """
     cfg.validate()
@@ -548,7 +549,7 @@ def train(
     if reward is None:
         reward = make_reward(cfg, device)
     elif not isinstance(reward, CompositeReward):
-        reward = CompositeReward({"reward": 1.0}, {"reward": reward})
+        reward = CompositeReward({"reward": 1.0}, {"reward": reward}, batch=cfg.reward_batch)
     train_prompts, eval_prompts = (list(p) for p in prompts)
     if not train_prompts or not eval_prompts:
         raise ValueError("prompts must be (training prompts, held-out prompts), both non-empty")

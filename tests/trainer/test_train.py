@@ -568,6 +568,15 @@ def test_train_a_users_generator_reward_and_prompts(base, tmp_path):
     for a, b in ((straight.model, resumed.model), (straight.ema, resumed.ema)):
         for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
             assert torch.equal(p, q), n
+    sizes = []  # a plain function reward is called reward_batch videos at a time too
+
+    def counted(videos, prompts):
+        sizes.append(videos.shape[0])
+        return brightness(videos, prompts)
+
+    cfg = _cfg(base, tmp_path / "d", **{**kw, "iterations": 1, "reward_batch": 2})
+    train(cfg, generator=OwnGenerator(tiny_model()), reward=counted, prompts=prompts)
+    assert sizes and set(sizes) <= {1, 2} and 2 in sizes
     with pytest.raises(ValueError, match="lora_rank"):
         run("c", lora_rank=2)
     with pytest.raises(ValueError, match="grad_checkpointing"):
