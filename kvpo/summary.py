@@ -2,10 +2,11 @@
 
 Reads each run's ``out_dir`` (``metrics.jsonl``, ``eval_prompts.jsonl``, ``config.yaml``), never
 its checkpoint, so it works on a run still going, a stopped one, or a copy of its logs. Prints a
-Markdown table, a row per run: iterations done, a held-out metric (``--metric``, default
-``eval_reward``) before training, at its best and at the end, the EMA's at the end, the held-out
-diversity, how many held-out prompts rose, skipped optimizer steps, seconds per iteration and the
-peak GPU memory; ``--json`` prints the rows as JSON instead. ``--prompts`` adds a table of each
+Markdown table, a row per run: where it ran (ranks x GPU or device, from ``environment.jsonl``),
+iterations done, a held-out metric (``--metric``, default ``eval_reward``) before training, at its
+best and at the end, the EMA's at the end, the held-out diversity, how many held-out prompts rose,
+skipped optimizer steps, seconds per iteration and the peak GPU memory; ``--json`` prints the rows
+as JSON instead. ``--prompts`` adds a table of each
 held-out prompt's metric, before training and at each run's end.
 """
 
@@ -71,8 +72,14 @@ def summarize(run: Path, metric: str = "eval_reward") -> dict:
     moved = _prompt_moves(read_rows(run / "eval_prompts.jsonl"), metric)
     seconds = [sum(v for k, v in r.items() if k.startswith("time_")) for r in trained]
     peaks = [r["cuda_peak_gib"] for r in trained if "cuda_peak_gib" in r]
+    env = read_rows(run / "environment.jsonl")[-1:]  # the latest start's
+    where = None
+    if env:
+        gpu = env[0].get("gpu")
+        where = f"{env[0].get('ranks', 1)} x {gpu['name'] if gpu else env[0].get('device')}"
     return {
         "run": str(run),
+        "where": where,
         "iterations": trained[-1]["iter"] + 1 if trained else 0,
         "of": cfg.get("iterations"),
         "metric": metric,
@@ -105,7 +112,7 @@ def table(rows: list[dict]) -> str:
 
     metric = rows[0]["metric"] if rows else "eval_reward"
     head = [
-        "run", "iterations", f"{metric} first", "best", "last", "EMA last", "diversity",
+        "run", "on", "iterations", f"{metric} first", "best", "last", "EMA last", "diversity",
         "prompts rose", "skipped steps", "s / iteration", "peak GiB",
     ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
@@ -116,7 +123,7 @@ def table(rows: list[dict]) -> str:
             div = f"{num(r['diversity_first'], '.3f')} -> {num(r['diversity_last'], '.3f')}"
         rose = "" if r["prompts"] is None else f"{r['prompts_rose']} / {r['prompts']}"
         cells = [
-            r["run"], done, at(r["first"], r["first_iter"]), at(r["best"], r["best_iter"]),
+            r["run"], r["where"] or "", done, at(r["first"], r["first_iter"]), at(r["best"], r["best_iter"]),
             at(r["last"], r["last_iter"]), num(r["ema_last"]), div, rose, str(r["skipped_steps"]),
             num(r["seconds_per_iteration"], ".1f"), num(r["cuda_peak_gib"], ".1f"),
         ]  # fmt: skip

@@ -61,6 +61,7 @@ def test_a_runs_summary_is_its_logs(base, tmp_path, capsys):
     times = [sum(v for k, v in h.items() if k.startswith("time_")) for h in hist[1:]]
     assert row["seconds_per_iteration"] == pytest.approx(sum(times) / 3)
     assert row["skipped_steps"] == 0 and row["cuda_peak_gib"] is None  # a CPU run
+    assert row["where"] == "1 x cpu"  # ranks x GPU, or the device
     path = summarize(tmp_path / "a", "eval_path")
     assert path["last"] == hist[-1]["eval_path"] and path["ema_last"] == hist[-1]["eval_ema_path"]
     # a second run beside it: a row each, in the order asked
@@ -68,10 +69,11 @@ def test_a_runs_summary_is_its_logs(base, tmp_path, capsys):
     capsys.readouterr()
     rows = main([str(tmp_path / "a"), str(tmp_path / "b")])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("| run | iterations | eval_reward first | best | last |")
-    assert len(lines) == 4 and lines[2].startswith(f"| {tmp_path / 'a'} | 3 / 3 | ")
+    assert lines[0].startswith("| run | on | iterations | eval_reward first | best | last |")
+    assert len(lines) == 4 and lines[2].startswith(f"| {tmp_path / 'a'} | 1 x cpu | 3 / 3 | ")
     assert f"{hist[-1]['eval_reward']:.4f} @2" in lines[2] and f"{rose} / 2" in lines[2]
-    assert lines[3].startswith(f"| {tmp_path / 'b'} | 1 / 1 | ") and rows[1]["ema_last"] is None
+    assert lines[3].startswith(f"| {tmp_path / 'b'} | 1 x cpu | 1 / 1 | ")
+    assert rows[1]["ema_last"] is None
     main(["--json", str(tmp_path / "a")])
     assert json.loads(capsys.readouterr().out) == [row]
     # --prompts: each held-out prompt before training, then at each run's end
