@@ -410,6 +410,18 @@ def set_context(cfg: TrainConfig, model: nn.Module) -> None:
                 setattr(model, name, value)
 
 
+def reference_and_policy(
+    cfg: TrainConfig, device: torch.device, generator: nn.Module | None = None
+) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, ParamEMA | None, int, list[dict]]:
+    """The frozen reference policy on ``device`` (a copy of ``generator``, or the built-in one of
+    ``cfg.base_checkpoint``, under the config's context), then what :func:`load_policy` gives:
+    the policy, its AdamW, its EMA, the iterations done and their log."""
+    ref = copy.deepcopy(generator) if generator is not None else load_model(cfg.base_checkpoint)
+    ref = ref.to(device).requires_grad_(False).eval()
+    set_context(cfg, ref)
+    return ref, *load_policy(cfg, ref, device, generator)
+
+
 def load_policy(
     cfg: TrainConfig, ref: nn.Module, device: torch.device, own: nn.Module | None = None
 ) -> tuple[nn.Module, torch.optim.Optimizer, ParamEMA | None, int, list[dict]]:
@@ -538,10 +550,7 @@ def train(
     if lead:
         out.mkdir(parents=True, exist_ok=True)
 
-    ref = copy.deepcopy(generator) if generator is not None else load_model(cfg.base_checkpoint)
-    ref = ref.to(device).requires_grad_(False).eval()
-    set_context(cfg, ref)
-    model, opt, ema, start, history = load_policy(cfg, ref, device, generator)
+    ref, model, opt, ema, start, history = reference_and_policy(cfg, device, generator)
     del generator  # the policy and the reference are copies: a loaded Wan2.1 need not stay a third
     spec = rollout_spec(cfg)
     for shift in range(cfg.window_shift + 1):

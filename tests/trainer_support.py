@@ -123,3 +123,33 @@ def tiny_clip(path):
     transformers.CLIPModel(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+class OwnGenerator(torch.nn.Module):
+    """A user's generator: only the StreamingVideoGenerator protocol, none of the built-in one's
+    extras (config, set_local_window, LoRA, checkpointing switch)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        for name in ("num_frames", "chunk_frames", "frame_tokens", "token_dim", "sink_frames"):
+            setattr(self, name, getattr(inner, name))
+        self.local_window = inner.local_window
+
+    def encode_prompts(self, prompts):
+        return self.inner.encode_prompts(prompts)
+
+    def forward(self, x, t, cond, frame_index, table, cache=None, slots=None):
+        return self.inner(x, t, cond, frame_index, table, cache, slots)
+
+    def new_cache(self, capacity, device="cpu"):
+        return self.inner.new_cache(capacity, device)
+
+    def to_tokens(self, video):
+        return self.inner.to_tokens(video)
+
+    def to_video(self, tokens):
+        return self.inner.to_video(tokens)
+
+    def timesteps(self):
+        return self.inner.timesteps()

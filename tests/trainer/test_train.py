@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from trainer_support import checkpoint_meta, cli_args, run_overrides, tiny_model
+from trainer_support import OwnGenerator, checkpoint_meta, cli_args, run_overrides, tiny_model
 
 from kvpo import data
 from kvpo.checkpoint import CheckpointError, load_model
@@ -511,36 +511,6 @@ def test_lora_training_moves_only_the_adapters_and_resumes(base, tmp_path):
         train(_cfg(base, tmp_path, iterations=4, samples=False, resume=ckpt))
     with pytest.raises(CheckpointError, match="lora_alpha=0.0, this config has 8.0"):
         train(_cfg(base, tmp_path, lora_rank=4, lora_alpha=8.0, iterations=4, resume=ckpt))
-
-
-class OwnGenerator(torch.nn.Module):
-    """A user's generator: only the StreamingVideoGenerator protocol, none of the built-in one's
-    extras (config, set_local_window, LoRA, checkpointing switch)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        for name in ("num_frames", "chunk_frames", "frame_tokens", "token_dim", "sink_frames"):
-            setattr(self, name, getattr(inner, name))
-        self.local_window = inner.local_window
-
-    def encode_prompts(self, prompts):
-        return self.inner.encode_prompts(prompts)
-
-    def forward(self, x, t, cond, frame_index, table, cache=None, slots=None):
-        return self.inner(x, t, cond, frame_index, table, cache, slots)
-
-    def new_cache(self, capacity, device="cpu"):
-        return self.inner.new_cache(capacity, device)
-
-    def to_tokens(self, video):
-        return self.inner.to_tokens(video)
-
-    def to_video(self, tokens):
-        return self.inner.to_video(tokens)
-
-    def timesteps(self):
-        return self.inner.timesteps()
 
 
 def test_train_a_users_generator_reward_and_prompts(base, tmp_path):

@@ -1,0 +1,238 @@
+"""Before a long run, does the generator do what KVPO assumes of it?
+
+``python -m kvpo.preflight [any python -m kvpo.train options]`` builds the policy a run with those
+options would train (the built-in generator, Wan2.1 with ``--wan_dir``, a ``--resume`` state) and
+checks, on one held-out prompt's group, what no error would report when it is missing:
+
+1. **Replay reproduces streaming.** A step taken during generation (the KV cache written chunk by
+   chunk) and replayed by teacher forcing under the same, unrouted context gives the same
+   velocity, so an unrouted branch has a TVE of 0; otherwise every branch's likelihood carries an
+   error that no reward explains (cache positions, rotary frame indices, a mask that differs
+   between the two ways of calling ``forward``).
+2. **The same noise and context make the same video**: branches differ through routing alone.
+3. **Routing changes the video**: the model reads the pages its ``table`` lists and no others
+   (a window whose branches all come out alike trains nothing).
+4. **The replay's gradient reaches the parameters the run trains.**
+5. **The reward scores the videos**: a finite score per video from each component.
+
+:func:`check_generator` measures them for any :class:`kvpo.interface.StreamingVideoGenerator`;
+the command prints the measurements and exits with an error naming each property that fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .interface import StreamingVideoGenerator
+from .replay import replay_velocities, step_weights, trajectory_energy
+from .rewards import CompositeReward
+from .rollout import Rollout, RolloutSpec, rollout
+
+# Largest branch spread (an RMS ratio) of one noise under one context: float rounding, not noise.
+SAME_SPREAD = 1e-3
+# Largest relative replay error (a squared ratio) by precision: a wrong frame index or cache slot
+# gives 1e-2 and more; rounding, tensor-core tiles and bfloat16's 8 bits stay well below.
+REPLAY_TOL = {"fp32": 1e-4, "bf16": 1e-2}
+
+
+@dataclass
+class Preflight:
+    """What :func:`check_generator` measured."""
+
+    # unrouted branches: mean (replayed - taken velocity)^2 over mean taken velocity^2 (property 1)
+    replay_error: float
+    same_spread: float  # branch spread of one noise under one context (property 2: 0)
+    routed_spread: float  # branch spread under the spec's routing (property 3: > 0)
+    reached: int  # trainable parameter tensors the replay's gradient reaches (property 4)
+    trainable: int  # trainable parameter tensors
+    rewards: dict[str, float]  # each component's mean over the routed group's videos (property 5)
+    seconds: float
+    failures: list[str]  # one line per property that fails; [] when all hold
+
+    def lines(self, tol: float) -> list[str]:
+        """The measurements as the command prints them."""
+        mark = {False: "FAILS", True: "ok"}
+        return [
+            f"replay reproduces streaming: relative error {self.replay_error:.2e} (< {tol:.0e}) "
+            f"{mark[self.replay_error < tol]}",
+            f"one noise, one context, one video: branch spread {self.same_spread:.2e} "
+            f"(< {SAME_SPREAD:.0e}) {mark[self.same_spread < SAME_SPREAD]}",
+            f"routing changes the video: branch spread {self.routed_spread:.4f} "
+            f"{mark[not any(f.startswith('routing') for f in self.failures)]}",
+            f"the gradient reaches {self.reached} of {self.trainable} trainable parameter tensors "
+            f"{mark[self.reached > 0]}",
+            "rewards: "
+            + (", ".join(f"{k} {v:.4f}" for k, v in self.rewards.items()) or "not scored")
+            + f" {mark[not any(f.startswith('reward') for f in self.failures)]}",
+            f"{self.seconds:.1f} s",
+        ]
+
+
+def check_generator(
+    model: StreamingVideoGenerator,
+    prompts: list[str],
+    spec: RolloutSpec,
+    reward: CompositeReward | None = None,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], object] = nullcontext,
+    tol: float = REPLAY_TOL["fp32"],
+    seed: int = 0,
+) -> Preflight:
+    """Measure the properties of the module's docstring on one group of ``model`` (two branches,
+    from one noise).
+
+    Args:
+        prompts: one prompt per chunk.
+        spec: the run's exploration (its window, routing, p_keep); the unrouted group keeps its
+            window but drops nothing.
+        reward: scores the routed group's videos (property 5); None skips it.
+        autocast: the context the run's forwards run under (bfloat16: ``REPLAY_TOL["bf16"]``).
+        tol: the largest relative replay error accepted (:data:`REPLAY_TOL`); one noise's
+            branches must stay within :data:`SAME_SPREAD`.
+
+    Returns the measurements, ``failures`` naming each property that fails. The model's
+    parameters end as they were, their gradients too."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    group = dataclasses.replace(spec, group_size=2, anchor=False)
+    # nothing routed out, every step from the window on (and before it) recorded and scored
+    same = dataclasses.replace(
+        group, routing="drop", p_keep=1.0, explore="routing", score_after_window=True,
+        score_steps=None, record_prefix=True,
+    )  # fmt: skip
+    was_training = model.training
+    model.eval()
+    failures = []
+    with torch.no_grad(), autocast():
+        plain = rollout(model, [prompts], same, gen, device)
+        u = replay_velocities(model, plain)
+        routed = rollout(model, [prompts], group, torch.Generator().manual_seed(seed), device)
+    v = plain.velocities.float()
+    replay_error = float((u.float() - v).square().mean() / v.square().mean().clamp_min(1e-30))
+    same_spread = float(plain.branch_spread().max())
+    routed_spread = float(routed.branch_spread().max())
+    if not replay_error < tol:
+        failures.append(
+            f"replay does not reproduce streaming: replayed under the same unrouted context, the "
+            f"velocities differ from those taken by {replay_error:.2e} (relative, >= {tol:.0e}); "
+            "forward must give the same velocity for a row whether its history comes from the "
+            "KV cache written chunk by chunk or is recomputed (check frame_index, cache slots, "
+            "and that table selects exactly the pages it lists)"
+        )
+    if not same_spread < SAME_SPREAD:
+        failures.append(
+            f"one noise under one context made different videos: branch spread {same_spread:.2e}"
+            f" (>= {SAME_SPREAD:.0e}); forward must be deterministic (dropout off in eval "
+            "mode, no noise of its own)"
+        )
+    if not routed_spread > max(10 * same_spread, SAME_SPREAD):
+        failures.append(
+            f"routing does not change the video: branch spread {routed_spread:.2e} under "
+            f"window {spec.window}, p_keep {spec.p_keep} ({spec.routing}); forward must read only "
+            "the pages each row's table lists (-1: routed out), or the window must reach history "
+            "the model attends to"
+        )
+    reached, trainable = _gradient_reach(model, routed, autocast)
+    if not reached:
+        failures.append(
+            f"the replay's gradient reaches none of the {trainable} trainable parameter tensors"
+            + (" (none requires grad)" if not trainable else "")
+        )
+    rewards = {}
+    if reward is not None:
+        videos = model.to_video(routed.tokens.flatten(0, 1)).float()
+        try:
+            comps = reward.components((videos + 1) / 2, [prompts] * videos.shape[0])
+            rewards = {k: float(c.mean()) for k, c in comps.items()}
+        except ValueError as e:
+            failures.append(f"reward: {e}")
+    model.train(was_training)
+    return Preflight(
+        replay_error, same_spread, routed_spread, reached, trainable, rewards,
+        time.perf_counter() - t0, failures,
+    )  # fmt: skip
+
+
+def _gradient_reach(
+    model: nn.Module, ro: Rollout, autocast: Callable[[], object]
+) -> tuple[int, int]:
+    """(trainable parameter tensors the routed group's TVE gradient reaches, trainable ones);
+    their ``.grad`` are left as they were."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        with autocast():
+            e = trajectory_energy(replay_velocities(model, ro), ro, step_weights(ro))
+        if params and e.requires_grad:
+            e.float().sum().backward()
+        return sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params), len(params)
+    finally:
+        for p, g in zip(params, before, strict=True):
+            p.grad = g
+
+
+def main(argv: list[str] | None = None) -> Preflight:
+    from . import data
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, parse_args
+    from .train import (
+        check_exploration,
+        held_out_prompts,
+        make_reward,
+        reference_and_policy,
+        rollout_spec,
+        training_device,
+    )
+
+    try:
+        cfg = parse_args(argv)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        device = training_device(cfg)
+        generator = None
+        if cfg.wan_dir:
+            from .adapters.wan import load_from_config
+
+            generator = load_from_config(cfg.to_dict(), device)
+        _, model, *_ = reference_and_policy(cfg, device, generator)
+        spec = rollout_spec(cfg)
+        check_exploration(spec, model)
+        reward = make_reward(cfg, device)
+        prompt = held_out_prompts(cfg)[0]
+        prompts = data.segments([prompt] * (model.num_frames // model.chunk_frames))
+        reward.check_prompts(prompts)
+    except (ConfigError, CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    bf16 = cfg.amp == "bf16"
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    tol = REPLAY_TOL["bf16" if bf16 else "fp32"]
+    print(
+        f"preflight: {type(model).__name__} on {device}"
+        + (" (bf16 autocast)" if bf16 else "")
+        + f", prompt {prompt!r}, window {tuple(cfg.window)}, "
+        + (f"{cfg.routing} routing, p_keep {cfg.p_keep}" if cfg.explore == "routing" else "SDE"),
+        flush=True,
+    )
+    result = check_generator(model, prompts, spec, reward, device, autocast, tol, cfg.seed)
+    for line in result.lines(tol):
+        print("  " + line, flush=True)
+    if result.failures:
+        raise SystemExit("error: " + "\nerror: ".join(result.failures))
+    return result
+
+
+if __name__ == "__main__":
+    main()

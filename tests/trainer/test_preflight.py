@@ -1,0 +1,97 @@
+"""kvpo.preflight: the generator properties KVPO's training rests on, and generators without
+them."""
+
+import pytest
+import torch
+from trainer_support import OwnGenerator, cli_args, run_overrides, tiny_model
+
+from kvpo.preflight import REPLAY_TOL, check_generator, main
+from kvpo.rewards import CompositeReward
+from kvpo.rollout import RolloutSpec
+
+PROMPTS = ["a large red circle moving left slowly"] * 5  # one per chunk of the tiny model
+SPEC = RolloutSpec(group_size=6, window=(2, 4), p_keep=0.4)
+REWARD = CompositeReward({"alignment": 1.0, "path": 1.0})
+
+
+def test_the_built_in_generator_passes_and_its_parameters_are_left_as_they_were():
+    model = OwnGenerator(tiny_model())
+    model.train()
+    model.inner.head.weight.grad = torch.ones_like(model.inner.head.weight)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    got = check_generator(model, PROMPTS, SPEC, REWARD)
+    assert got.failures == []
+    assert got.replay_error < 1e-10 and got.same_spread == 0 and got.routed_spread > 1e-2
+    assert got.reached == got.trainable == sum(1 for _ in model.parameters())
+    assert set(got.rewards) == {"alignment", "path"}
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert torch.equal(model.inner.head.weight.grad, torch.ones_like(model.inner.head.weight))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "inner.head.weight")
+    assert model.training  # the mode comes back too
+
+
+class ShiftedFrames(OwnGenerator):
+    """Teacher forcing (no cache) sees frames one position later than streaming does: what a
+    position or rotary mix-up between the two ways of calling forward looks like."""
+
+    def forward(self, x, t, cond, frame_index, table, cache=None, slots=None):
+        return super().forward(x, t, cond, frame_index + (cache is None), table, cache, slots)
+
+
+class Noisy(OwnGenerator):
+    """A forward with randomness of its own."""
+
+    def forward(self, *args, **kw):
+        out = super().forward(*args, **kw)
+        return out + 0.05 * torch.randn_like(out)
+
+
+class NoHistory(OwnGenerator):
+    """Reads no page of the table: routing cannot change what it makes."""
+
+    def forward(self, x, t, cond, frame_index, table, cache=None, slots=None):
+        own = table.clone()
+        own[:, : -self.chunk_frames] = -1  # the row's own chunk's pages come last
+        return super().forward(x, t, cond, frame_index, own, cache, slots)
+
+
+@pytest.mark.parametrize(
+    "broken, failing",
+    [
+        (ShiftedFrames, ["replay does not reproduce streaming"]),
+        # and its own noise hides what routing does
+        (Noisy, ["replay does not", "one noise under one context", "routing does not change"]),
+        (NoHistory, ["routing does not change the video"]),
+    ],
+)
+def test_a_generator_without_a_property_is_caught(broken, failing):
+    got = check_generator(broken(tiny_model()), PROMPTS, SPEC)
+    assert [f[: len(w)] for f, w in zip(got.failures, failing, strict=True)] == failing, got
+
+
+def test_frozen_parameters_and_a_broken_reward_are_caught():
+    model = OwnGenerator(tiny_model()).requires_grad_(False)
+    nan = CompositeReward(
+        {"nan": 1.0}, {"nan": lambda v, p: torch.full((v.shape[0],), float("nan"))}
+    )
+    got = check_generator(model, PROMPTS, SPEC, nan)
+    assert got.failures[0] == (
+        "the replay's gradient reaches none of the 0 trainable parameter tensors (none requires "
+        "grad)"
+    )
+    assert got.failures[1].startswith("reward: reward 'nan' returned 2 non-finite value(s)")
+
+
+def test_cli_builds_the_runs_policy_and_reports(base, tmp_path, capsys):
+    over = run_overrides(base, tmp_path, window=(2, 4), p_keep=0.4)
+    got = main(cli_args(over))
+    out = capsys.readouterr().out
+    assert got.failures == [] and "replay reproduces streaming: relative error" in out
+    assert out.count(" ok\n") == 5 and f"(< {REPLAY_TOL['fp32']:.0e})" in out
+    lora = main(cli_args({**over, "lora_rank": 2}))  # the run's policy: only its adapters train
+    assert lora.failures == [] and 0 < lora.reached < lora.trainable  # lora_a waits for lora_b
+    bf16 = main(cli_args({**over, "amp": "bf16"}))
+    assert bf16.failures == [] and f"(< {REPLAY_TOL['bf16']:.0e})" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: window=\\(0, 2\\)"):
+        main(cli_args({**over, "window": (0, 2)}))
