@@ -189,12 +189,13 @@ def main(argv: list[str] | None = None) -> Preflight:
         held_out_prompts,
         make_reward,
         reference_and_policy,
+        resolve_resume,
         rollout_spec,
         training_device,
     )
 
     try:
-        cfg = parse_args(argv)
+        cfg = resolve_resume(parse_args(argv))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     try:
@@ -222,8 +223,15 @@ def main(argv: list[str] | None = None) -> Preflight:
     print(
         f"preflight: {type(model).__name__} on {device}"
         + (" (bf16 autocast)" if bf16 else "")
+        + (f", resumed from {cfg.resume}" if cfg.resume else "")
         + f", prompt {prompt!r}, window {tuple(cfg.window)}, "
-        + (f"{cfg.routing} routing, p_keep {cfg.p_keep}" if cfg.explore == "routing" else "SDE"),
+        + (
+            "SDE exploration"
+            if cfg.explore == "sde"
+            else f"drop routing, p_keep {cfg.p_keep}"
+            if cfg.routing == "drop"
+            else f"sample routing, {cfg.recent_frames} recent frames kept"
+        ),
         flush=True,
     )
     result = check_generator(model, prompts, spec, reward, device, autocast, tol, cfg.seed)

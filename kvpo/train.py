@@ -410,6 +410,15 @@ def set_context(cfg: TrainConfig, model: nn.Module) -> None:
                 setattr(model, name, value)
 
 
+def resolve_resume(cfg: TrainConfig) -> TrainConfig:
+    """``resume: auto`` as the checkpoint it stands for: out_dir's own, if there is one, else
+    none (a requeued job's unchanged command continues where it stopped)."""
+    if cfg.resume != "auto":
+        return cfg
+    latest = Path(cfg.out_dir) / "checkpoint.safetensors"
+    return dataclasses.replace(cfg, resume=str(latest) if latest.is_file() else "")
+
+
 def reference_and_policy(
     cfg: TrainConfig, device: torch.device, generator: nn.Module | None = None
 ) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, ParamEMA | None, int, list[dict]]:
@@ -519,9 +528,7 @@ def train(
     """
     cfg.validate()
     asked = cfg  # what config.yaml records: `resume: auto` stays auto for the next start
-    if cfg.resume == "auto":  # a requeued job's unchanged command continues where it stopped
-        latest = Path(cfg.out_dir) / "checkpoint.safetensors"
-        cfg = dataclasses.replace(cfg, resume=str(latest) if latest.is_file() else "")
+    cfg = resolve_resume(cfg)
     builtin_prompts = prompts is None and not (cfg.prompts_file or cfg.eval_prompts_file)
     if prompts is None:
         with config_errors():  # a prompts file missing, empty, or too short

@@ -91,6 +91,12 @@ def test_cli_builds_the_runs_policy_and_reports(base, tmp_path, capsys):
     assert out.count(" ok\n") == 5 and f"(< {REPLAY_TOL['fp32']:.0e})" in out
     lora = main(cli_args({**over, "lora_rank": 2}))  # the run's policy: only its adapters train
     assert lora.failures == [] and 0 < lora.reached < lora.trainable  # lora_a waits for lora_b
+    from kvpo.config import build_config
+    from kvpo.train import train
+
+    train(build_config({**over, "iterations": 1, "samples": False}))  # resume auto: its state
+    assert main(cli_args({**over, "resume": "auto"})).failures == []
+    assert f"resumed from {tmp_path / 'checkpoint.safetensors'}" in capsys.readouterr().out
     bf16 = main(cli_args({**over, "amp": "bf16"}))
     assert bf16.failures == [] and f"(< {REPLAY_TOL['bf16']:.0e})" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: window=\\(0, 2\\)"):
