@@ -6,7 +6,7 @@
 The transformer has Wan2.1-1.3B's configuration (30 blocks, 12 heads of 128, FFN 8960, UMT5 width
 4096) with random weights (nothing is downloaded: speed and memory do not depend on the values);
 text embeddings are random, 512 tokens; the reward reads the latents (no VAE, no reward model:
-their cost is the user's choice). Two tables:
+their cost is the user's choice). Three tables:
 
 * one denoising step of the last chunk (3 latent frames, 4680 tokens, 18 frames of history) in
   bfloat16: :class:`kvpo.adapters.wan.WanStreamingGenerator` over the paged cache against
@@ -14,7 +14,9 @@ their cost is the user's choice). Two tables:
   without a KV cache);
 * one KVPO iteration (LoRA rank 256 on a bfloat16 base, gradient checkpointing, the replay's
   backward one branch at a time, bf16 autocast, drop routing with p_keep 0.5 in chunks 2-4 as
-  configs/wan_self_forcing.yaml does): seconds of rollout, replay and update, and peak memory.
+  configs/wan_self_forcing.yaml does): seconds of rollout, replay and update, and peak memory;
+* kvpo.preflight's checks of the adapter at this shape under bf16 autocast (replay against
+  streaming, routing, the gradient).
 """
 
 from __future__ import annotations
@@ -189,6 +191,25 @@ def iteration(smoke: bool, device: torch.device, group_size: int, out_dir: str) 
     return row
 
 
+def preflight(smoke: bool, device: torch.device):
+    """kvpo.preflight's checks of the adapter at this shape, as configs/wan_self_forcing.yaml
+    trains it (a bfloat16 base, LoRA, gradient checkpointing, bf16 autocast, drop routing with
+    p_keep 0.5 in chunks 2-4): how far bfloat16 leaves replay from streaming on the real shape."""
+    from kvpo.preflight import REPLAY_TOL, check_generator
+    from kvpo.rollout import RolloutSpec
+
+    gen, s = make_generator(smoke, device, torch.bfloat16)
+    gen.add_lora(rank=2 if smoke else 256)
+    gen.grad_checkpointing = True
+    nC = s["frames"] // s["chunk"]
+    spec = RolloutSpec(window=(2, min(5, nC)), p_keep=0.5)
+
+    def bf16() -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    return check_generator(gen, ["a prompt"] * nC, spec, None, device, bf16, REPLAY_TOL["bf16"])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model: check the bench runs")
@@ -215,6 +236,24 @@ def main(argv: list[str] | None = None) -> None:
         keys = ("time_rollout", "time_reward", "time_replay", "time_update", "wall_s", "peak_gib")
         lines += [f"| {k} | {it[k]:.2f} |" for k in keys if k in it]
     except Exception as e:  # out of memory at this G, say: the row says so, the table stays
+        lines.append(f"| error | {type(e).__name__}: {str(e)[:160]} |")
+    print("\n".join(lines[first:]))
+    _write(args.out, lines)
+    first = len(lines)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    lines += ["", "| preflight (kvpo.preflight) | value |", "|---|---:|"]
+    try:
+        pf = preflight(args.smoke, device)
+        lines += [
+            f"| replay error, relative (bf16; fails from 1e-2) | {pf.replay_error:.2e} |",
+            f"| branch spread, one noise one context | {pf.same_spread:.2e} |",
+            f"| branch spread, routed | {pf.routed_spread:.4f} |",
+            f"| trainable tensors the gradient reaches | {pf.reached} of {pf.trainable} |",
+            f"| failures | {'; '.join(f[:60] for f in pf.failures) or 'none'} |",
+            f"| seconds | {pf.seconds:.1f} |",
+        ]
+    except Exception as e:  # out of memory, say: the row says so
         lines.append(f"| error | {type(e).__name__}: {str(e)[:160]} |")
     print("\n".join(lines[first:]))
     _write(args.out, lines)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .interface import StreamingVideoGenerator
-from .replay import replay_velocities, step_weights, trajectory_energy
+from .replay import replay_velocities
 from .rewards import CompositeReward
 from .rollout import Rollout, RolloutSpec, rollout
 
@@ -163,17 +163,22 @@ def check_generator(
 def _gradient_reach(
     model: nn.Module, ro: Rollout, autocast: Callable[[], object]
 ) -> tuple[int, int]:
-    """(trainable parameter tensors the routed group's TVE gradient reaches, trainable ones);
-    their ``.grad`` are left as they were."""
+    """(trainable parameter tensors that the gradient of the routed group's first branch's
+    replayed velocities reaches, trainable ones; one branch: the activations of one, as
+    ``replay_branches: 1`` trains); their ``.grad`` are left as they were.
+
+    The velocities are projected on a fixed random direction: the TVE itself has no gradient at
+    the rollout's own policy wherever replay matches what was taken."""
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.grad for p in params]
     for p in params:
         p.grad = None
     try:
         with autocast():
-            e = trajectory_energy(replay_velocities(model, ro), ro, step_weights(ro))
-        if params and e.requires_grad:
-            e.float().sum().backward()
+            u = replay_velocities(model, ro.branches(slice(0, 1)))
+        if params and u.requires_grad:
+            direction = torch.randn(u.shape, generator=torch.Generator().manual_seed(0))
+            (u.float() * direction.to(u.device)).sum().backward()
         return sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params), len(params)
     finally:
         for p, g in zip(params, before, strict=True):
