@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| branch spread, one noise one context | {pf.same_spread:.2e} |",
             f"| branch spread, routed | {pf.routed_spread:.4f} |",
             f"| trainable tensors the gradient reaches | {pf.reached} of {pf.trainable} |",
-            f"| failures | {'; '.join(f[:60] for f in pf.failures) or 'none'} |",
+            f"| failures | {'; '.join(pf.failures) or 'none'} |",
             f"| seconds | {pf.seconds:.1f} |",
         ]
     except Exception as e:  # out of memory, say: the row says so

@@ -54,23 +54,26 @@ class Preflight:
     trainable: int  # trainable parameter tensors
     rewards: dict[str, float]  # each component's mean over the routed group's videos (property 5)
     seconds: float
-    failures: list[str]  # one line per property that fails; [] when all hold
+    # why each property that fails does, by name (replay, same, routing, gradient, reward)
+    failures: dict[str, str]
+    tol: float  # the replay error accepted
 
-    def lines(self, tol: float) -> list[str]:
+    def lines(self) -> list[str]:
         """The measurements as the command prints them."""
-        mark = {False: "FAILS", True: "ok"}
+
+        def mark(name: str) -> str:
+            return "FAILS" if name in self.failures else "ok"
+
+        rewards = ", ".join(f"{k} {v:.4f}" for k, v in self.rewards.items()) or "not scored"
         return [
-            f"replay reproduces streaming: relative error {self.replay_error:.2e} (< {tol:.0e}) "
-            f"{mark[self.replay_error < tol]}",
+            f"replay reproduces streaming: relative error {self.replay_error:.2e} "
+            f"(< {self.tol:.0e}) {mark('replay')}",
             f"one noise, one context, one video: branch spread {self.same_spread:.2e} "
-            f"(< {SAME_SPREAD:.0e}) {mark[self.same_spread < SAME_SPREAD]}",
-            f"routing changes the video: branch spread {self.routed_spread:.4f} "
-            f"{mark[not any(f.startswith('routing') for f in self.failures)]}",
+            f"(< {SAME_SPREAD:.0e}) {mark('same')}",
+            f"routing changes the video: branch spread {self.routed_spread:.4f} {mark('routing')}",
             f"the gradient reaches {self.reached} of {self.trainable} trainable parameter tensors "
-            f"{mark[self.reached > 0]}",
-            "rewards: "
-            + (", ".join(f"{k} {v:.4f}" for k, v in self.rewards.items()) or "not scored")
-            + f" {mark[not any(f.startswith('reward') for f in self.failures)]}",
+            f"{mark('gradient')}",
+            f"rewards: {rewards} {mark('reward')}",
             f"{self.seconds:.1f} s",
         ]
 
@@ -98,9 +101,8 @@ def check_generator(
             branches must stay within :data:`SAME_SPREAD`.
 
     Returns the measurements, ``failures`` naming each property that fails. The model's
-    parameters end as they were, their gradients too."""
+    parameters, their gradients and its train/eval mode end as they were."""
     t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed)
     group = dataclasses.replace(spec, group_size=2, anchor=False)
     # nothing routed out, every step from the window on (and before it) recorded and scored
     same = dataclasses.replace(
@@ -109,17 +111,25 @@ def check_generator(
     )  # fmt: skip
     was_training = model.training
     model.eval()
-    failures = []
-    with torch.no_grad(), autocast():
-        plain = rollout(model, [prompts], same, gen, device)
-        u = replay_velocities(model, plain)
-        routed = rollout(model, [prompts], group, torch.Generator().manual_seed(seed), device)
+    try:
+        with torch.no_grad(), autocast():
+            plain = rollout(model, [prompts], same, torch.Generator().manual_seed(seed), device)
+            u = replay_velocities(model, plain)
+            routed = rollout(model, [prompts], group, torch.Generator().manual_seed(seed), device)
+        reached, trainable = _gradient_reach(model, routed, autocast)
+        videos = None
+        if reward is not None:
+            with torch.no_grad():
+                videos = model.to_video(routed.tokens.flatten(0, 1)).float()
+    finally:
+        model.train(was_training)
     v = plain.velocities.float()
     replay_error = float((u.float() - v).square().mean() / v.square().mean().clamp_min(1e-30))
     same_spread = float(plain.branch_spread().max())
     routed_spread = float(routed.branch_spread().max())
+    failures = {}
     if not replay_error < tol:
-        failures.append(
+        failures["replay"] = (
             f"replay does not reproduce streaming: replayed under the same unrouted context, the "
             f"velocities differ from those taken by {replay_error:.2e} (relative, >= {tol:.0e}); "
             "forward must give the same velocity for a row whether its history comes from the "
@@ -127,36 +137,33 @@ def check_generator(
             "and that table selects exactly the pages it lists)"
         )
     if not same_spread < SAME_SPREAD:
-        failures.append(
+        failures["same"] = (
             f"one noise under one context made different videos: branch spread {same_spread:.2e}"
             f" (>= {SAME_SPREAD:.0e}); forward must be deterministic (dropout off in eval "
             "mode, no noise of its own)"
         )
     if not routed_spread > max(10 * same_spread, SAME_SPREAD):
-        failures.append(
+        failures["routing"] = (
             f"routing does not change the video: branch spread {routed_spread:.2e} under "
             f"window {spec.window}, p_keep {spec.p_keep} ({spec.routing}); forward must read only "
             "the pages each row's table lists (-1: routed out), or the window must reach history "
             "the model attends to"
         )
-    reached, trainable = _gradient_reach(model, routed, autocast)
     if not reached:
-        failures.append(
+        failures["gradient"] = (
             f"the replay's gradient reaches none of the {trainable} trainable parameter tensors"
             + (" (none requires grad)" if not trainable else "")
         )
     rewards = {}
-    if reward is not None:
-        videos = model.to_video(routed.tokens.flatten(0, 1)).float()
+    if videos is not None:
         try:
             comps = reward.components((videos + 1) / 2, [prompts] * videos.shape[0])
             rewards = {k: float(c.mean()) for k, c in comps.items()}
         except ValueError as e:
-            failures.append(f"reward: {e}")
-    model.train(was_training)
+            failures["reward"] = f"reward: {e}"
     return Preflight(
         replay_error, same_spread, routed_spread, reached, trainable, rewards,
-        time.perf_counter() - t0, failures,
+        time.perf_counter() - t0, failures, tol,
     )  # fmt: skip
 
 
@@ -240,10 +247,10 @@ def main(argv: list[str] | None = None) -> Preflight:
         flush=True,
     )
     result = check_generator(model, prompts, spec, reward, device, autocast, tol, cfg.seed)
-    for line in result.lines(tol):
+    for line in result.lines():
         print("  " + line, flush=True)
     if result.failures:
-        raise SystemExit("error: " + "\nerror: ".join(result.failures))
+        raise SystemExit("error: " + "\nerror: ".join(result.failures.values()))
     return result
 
 

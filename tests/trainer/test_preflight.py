@@ -20,7 +20,7 @@ def test_the_built_in_generator_passes_and_its_parameters_are_left_as_they_were(
     model.inner.head.weight.grad = torch.ones_like(model.inner.head.weight)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     got = check_generator(model, PROMPTS, SPEC, REWARD)
-    assert got.failures == []
+    assert got.failures == {}
     assert got.replay_error < 1e-10 and got.same_spread == 0 and got.routed_spread > 1e-2
     assert got.reached == got.trainable == sum(1 for _ in model.parameters())
     assert set(got.rewards) == {"alignment", "path"}
@@ -59,15 +59,24 @@ class NoHistory(OwnGenerator):
 @pytest.mark.parametrize(
     "broken, failing",
     [
-        (ShiftedFrames, ["replay does not reproduce streaming"]),
-        # and its own noise hides what routing does
-        (Noisy, ["replay does not", "one noise under one context", "routing does not change"]),
-        (NoHistory, ["routing does not change the video"]),
+        (ShiftedFrames, {"replay": "replay does not reproduce streaming: replayed under"}),
+        (  # and its own noise hides what routing does
+            Noisy,
+            {
+                "replay": "replay does not reproduce streaming",
+                "same": "one noise under one context made different videos",
+                "routing": "routing does not change the video",
+            },
+        ),
+        (NoHistory, {"routing": "routing does not change the video: branch spread 0.00e+00"}),
     ],
 )
 def test_a_generator_without_a_property_is_caught(broken, failing):
     got = check_generator(broken(tiny_model()), PROMPTS, SPEC)
-    assert [f[: len(w)] for f, w in zip(got.failures, failing, strict=True)] == failing, got
+    assert got.failures.keys() == failing.keys(), got
+    for name, start in failing.items():
+        assert got.failures[name].startswith(start)
+    assert sum(line.endswith("FAILS") for line in got.lines()) == len(failing)
 
 
 def test_frozen_parameters_and_a_broken_reward_are_caught():
@@ -76,28 +85,31 @@ def test_frozen_parameters_and_a_broken_reward_are_caught():
         {"nan": 1.0}, {"nan": lambda v, p: torch.full((v.shape[0],), float("nan"))}
     )
     got = check_generator(model, PROMPTS, SPEC, nan)
-    assert got.failures[0] == (
+    assert got.failures.keys() == {"gradient", "reward"}
+    assert got.failures["gradient"] == (
         "the replay's gradient reaches none of the 0 trainable parameter tensors (none requires "
         "grad)"
     )
-    assert got.failures[1].startswith("reward: reward 'nan' returned 2 non-finite value(s)")
+    assert got.failures["reward"].startswith("reward: reward 'nan' returned 2 non-finite value")
+    marked = [line.endswith("FAILS") for line in got.lines()]
+    assert marked == [False, False, False, True, True, False]  # as the command prints them
 
 
 def test_cli_builds_the_runs_policy_and_reports(base, tmp_path, capsys):
     over = run_overrides(base, tmp_path, window=(2, 4), p_keep=0.4)
     got = main(cli_args(over))
     out = capsys.readouterr().out
-    assert got.failures == [] and "replay reproduces streaming: relative error" in out
+    assert got.failures == {} and "replay reproduces streaming: relative error" in out
     assert out.count(" ok\n") == 5 and f"(< {REPLAY_TOL['fp32']:.0e})" in out
     lora = main(cli_args({**over, "lora_rank": 2}))  # the run's policy: only its adapters train
-    assert lora.failures == [] and 0 < lora.reached < lora.trainable  # lora_a waits for lora_b
+    assert lora.failures == {} and 0 < lora.reached < lora.trainable  # lora_a waits for lora_b
     from kvpo.config import build_config
     from kvpo.train import train
 
     train(build_config({**over, "iterations": 1, "samples": False}))  # resume auto: its state
-    assert main(cli_args({**over, "resume": "auto"})).failures == []
+    assert main(cli_args({**over, "resume": "auto"})).failures == {}
     assert f"resumed from {tmp_path / 'checkpoint.safetensors'}" in capsys.readouterr().out
     bf16 = main(cli_args({**over, "amp": "bf16"}))
-    assert bf16.failures == [] and f"(< {REPLAY_TOL['bf16']:.0e})" in capsys.readouterr().out
+    assert bf16.failures == {} and f"(< {REPLAY_TOL['bf16']:.0e})" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: window=\\(0, 2\\)"):
         main(cli_args({**over, "window": (0, 2)}))

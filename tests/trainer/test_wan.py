@@ -629,5 +629,5 @@ def test_preflight_of_the_wan_adapter():
     gen.requires_grad_(False)
     gen.add_lora(2)
     got = check_generator(gen, ["a red car"] * 4, RolloutSpec(window=(2, 4), p_keep=0.5))
-    assert got.failures == [] and got.replay_error < 1e-20  # float64: the same to rounding
+    assert got.failures == {} and got.replay_error < 1e-20  # float64: the same to rounding
     assert got.routed_spread > 1e-3 and 0 < got.reached < got.trainable
