@@ -6,8 +6,8 @@ Markdown table, a row per run: where it ran (ranks x GPU or device, from ``envir
 iterations done, a held-out metric (``--metric``, default ``eval_reward``) before training, at its
 best and at the end, the EMA's at the end, the held-out diversity, how many held-out prompts rose,
 skipped optimizer steps, seconds per iteration and the peak GPU memory; ``--json`` prints the rows
-as JSON instead. ``--prompts`` adds a table of each
-held-out prompt's metric, before training and at each run's end.
+as JSON instead. ``--prompts`` adds a table of each held-out prompt's metric, before training and
+at each run's end.
 """
 
 from __future__ import annotations
