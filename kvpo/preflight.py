@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> Preflight:
     from .config import ConfigError, parse_args
     from .train import (
         check_exploration,
-        held_out_prompts,
+        check_run_prompts,
+        config_prompts,
         make_reward,
         reference_and_policy,
         resolve_resume,
@@ -235,9 +236,12 @@ def main(argv: list[str] | None = None) -> Preflight:
         spec = rollout_spec(cfg)
         check_exploration(spec, model)
         reward = make_reward(cfg, device)
-        prompt = held_out_prompts(cfg)[0]
-        prompts = data.segments([prompt] * (model.num_frames // model.chunk_frames))
-        reward.check_prompts(prompts)
+        nC = model.num_frames // model.chunk_frames
+        train_prompts, eval_prompts = config_prompts(cfg)
+        eval_prompts = eval_prompts[: cfg.eval_prompts]
+        check_run_prompts(reward, train_prompts + eval_prompts, nC)  # as train does
+        prompt = eval_prompts[0]
+        prompts = data.segments([prompt] * nC)
     except (ConfigError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     bf16 = cfg.amp == "bf16"

@@ -185,6 +185,13 @@ def rollout_spec(cfg: TrainConfig) -> RolloutSpec:
     )
 
 
+def check_run_prompts(reward: CompositeReward, prompts: list[str], chunks: int) -> None:
+    """Before any video is made, a :class:`ConfigError` if a prompt's ``"A | B"`` segments do not
+    fit the ``chunks`` or a reward cannot read the scene it asks for."""
+    with config_errors():
+        reward.check_prompts(q for p in prompts for q in data.segments([p] * chunks))
+
+
 def check_exploration(spec: RolloutSpec, model: nn.Module) -> None:
     """Validates ``spec`` for ``model`` and refuses a KV-routing window in which no chunk's
     branches can differ: their rewards would tie, every group would be skipped, and the run would
@@ -571,11 +578,7 @@ def train(
         raise ValueError("prompts must be (training prompts, held-out prompts), both non-empty")
     eval_prompts = eval_prompts[: cfg.eval_prompts]
     nC = model.num_frames // model.chunk_frames
-    # "A | B" segments must fit the chunks, and the rewards read every prompt: say so now
-    with config_errors():
-        reward.check_prompts(
-            p for q in train_prompts + eval_prompts for p in data.segments([q] * nC)
-        )
+    check_run_prompts(reward, train_prompts + eval_prompts, nC)
 
     def autocast() -> torch.autocast:
         """bfloat16 forwards with fp32 master weights (``amp="bf16"``), or nothing."""
