@@ -377,6 +377,30 @@ def save_group(model: nn.Module, ex: Exploration, stem: Path) -> Path:
     return gif
 
 
+def group_rows(it: int, ex: Exploration) -> list[dict]:
+    """Iteration ``it``'s row per group, over every rank's groups in rank order (a collective:
+    every rank calls it): the prompt (a list, one per chunk, if it switches), the fused reward's
+    mean and spread over the branches and each component's mean, whether the group trained (a
+    group whose branches tie is skipped), its branch spread and the size of its advantages."""
+    prompts = [p for ro in ex.parts for p in ro.prompts]
+    spread = torch.cat([ro.branch_spread().cpu() for ro in ex.parts])
+    total, adv, valid = ex.total.cpu(), ex.adv.cpu(), ex.valid.cpu()
+    mine = [
+        {
+            "iter": it,
+            "prompt": ps[0] if len(set(ps)) == 1 else ps,
+            "reward": float(total[b].mean()),
+            "reward_std": float(total[b].std()),
+            **{f"reward_{k}": float(v[b].mean()) for k, v in ex.comps.items()},
+            "trained": bool(valid[b]),
+            "branch_spread": float(spread[b]),
+            "adv_abs": float(adv[b].abs().mean()),
+        }
+        for b, ps in enumerate(prompts)
+    ]
+    return [row for rank in distributed.all_gather_object(mine) for row in rank]
+
+
 def progress_line(row: dict, components: list[str]) -> str:
     """An iteration's row as the line the trainer prints."""
     return (
@@ -604,10 +628,11 @@ def train(
 
     log = MetricsLog(out)
     prompt_log = MetricsLog(out, "eval_prompts")
+    group_log = MetricsLog(out, "groups")
     params = trainable(model)
     loggers = make_loggers(cfg.log_to, out, cfg.to_dict(), cfg.wandb_project, start) if lead else []
     if lead:
-        for lg in (log, prompt_log):  # what a resumed run redoes, or a former run's rows
+        for lg in (log, prompt_log, group_log):  # what a resumed run redoes, a former run's
             lg.truncate(history[-1]["iter"] + 1 if history else -1)
         # the run's every setting, in the form --config reads back
         (out / "config.yaml").write_text(yaml.safe_dump(asked.to_dict(), sort_keys=False))
@@ -717,6 +742,7 @@ def train(
                     ex.refs, autocast, skips,
                 )  # fmt: skip
             row = iteration_row(it, ex, {"lr": lr, "skipped_steps": skipped, **st})
+            groups = group_rows(it, ex)
             row["time_replay"] = t_replay  # policy replay forwards with gradients, TVE
             row["time_update"] = time.perf_counter() - t2 - t_replay  # backward, all-reduce, AdamW
             if device.type == "cuda":  # this rank's peak through the iteration's training stages
@@ -738,6 +764,7 @@ def train(
                 keep_if_best(it + 1)
             if lead:
                 log.write(row)
+                group_log.write(*groups)
                 for lg in loggers:
                     lg.write(row)
                     if eval_samples:

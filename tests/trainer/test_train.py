@@ -69,6 +69,17 @@ def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path, capsys):
             assert sum(p[k] for p in mine) / len(mine) == pytest.approx(r[k], rel=1e-6), k
     header = (tmp_path / "eval_prompts.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["iter", "prompt", "eval_alignment"]
+    # groups: a row per group and iteration, the metrics' means over them
+    groups = [json.loads(x) for x in (tmp_path / "groups.jsonl").read_text().splitlines()]
+    assert [g["iter"] for g in groups] == [0, 0, 1, 1]
+    train_prompts = set(data.split_prompts(num_eval=2)[0])
+    assert all(g["prompt"] in train_prompts for g in groups)
+    for r in rows:
+        mine = [g for g in groups if g["iter"] == r["iter"]]
+        assert sum(g["trained"] for g in mine) == r["valid_groups"]
+        for k in ("reward", "reward_path", "branch_spread"):
+            assert sum(g[k] for g in mine) / 2 == pytest.approx(r[k], rel=1e-6), k
+        assert all(g["reward_std"] > 0 and g["adv_abs"] >= 0 for g in mine)
     rose = sum(b["eval_reward"] > a["eval_reward"] for a, b in zip(per[:2], per[-2:], strict=True))
     assert f"per prompt: {rose} of 2 held-out prompts rose" in capsys.readouterr().out
     for name in (
@@ -204,6 +215,11 @@ def test_resume_continues_exactly(base, tmp_path):
         assert {k: b[k] for k in a if k != "prompt"} == pytest.approx(
             {k: v for k, v in a.items() if k != "prompt"}, rel=1e-5
         )
+    groups = {d: (tmp_path / d / "groups.jsonl").read_text().splitlines() for d in "ab"}
+    assert len(groups["a"]) == 6
+    for a, b in zip(*(map(json.loads, groups[d]) for d in "ab"), strict=True):
+        assert (a.pop("prompt"), a.pop("trained")) == (b.pop("prompt"), b.pop("trained"))
+        assert b == pytest.approx(a, rel=1e-5)
     train(_cfg(base, tmp_path / "c", iterations=1, samples=False))
     train(_cfg(base, tmp_path / "c", iterations=1, samples=False))  # anew: a former run's rows go
     assert [r["iter"] for r in _prompt_rows(tmp_path / "c")] == [-1, -1, 0, 0]
@@ -436,6 +452,11 @@ def test_two_ranks_over_gloo(base, tmp_path):
     assert sums[0] == sums[1]  # gradients averaged over ranks keep the replicas identical
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][1:]
     assert len(rows) == 2 and all(r["valid_groups"] <= 4 for r in rows)
+    groups = [json.loads(x) for x in (tmp_path / "groups.jsonl").read_text().splitlines()]
+    assert [g["iter"] for g in groups] == [0] * 4 + [1] * 4  # both ranks' two groups
+    for r in rows:
+        mine = [g["reward"] for g in groups if g["iter"] == r["iter"]]
+        assert sum(mine) / 4 == pytest.approx(r["reward"], rel=1e-6)
     assert all(r["groups"] == 4 for r in rows)  # each rank's two groups (one at a time), gathered
     # the evaluation is split over the ranks (3 and 3 of 2 prompts x 3 noises, 2 at a time):
     # every rank has the means, and before training they are those of one process making all
