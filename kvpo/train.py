@@ -353,6 +353,12 @@ def iteration_row(it: int, ex: Exploration, update: dict[str, float]) -> dict:
     }
 
 
+def one_prompt(per_chunk: list[str]) -> str | list[str]:
+    """A group's prompt as the logs write it: the prompt, or the list, a prompt per chunk, of
+    one that switches."""
+    return per_chunk[0] if len(set(per_chunk)) == 1 else per_chunk
+
+
 def save_group(model: nn.Module, ex: Exploration, stem: Path) -> Path:
     """This rank's first group of the iteration, as the exploration made it and the update read
     it: ``stem.gif`` (the anchor when one was rolled out, then the G branches, a column each) and
@@ -364,7 +370,7 @@ def save_group(model: nn.Module, ex: Exploration, stem: Path) -> Path:
     gif = save_videos(videos, stem, mp4=False)[0]
     G = ro.tokens.shape[1]
     info = {
-        "prompt": ro.prompts[0],
+        "prompt": one_prompt(ro.prompts[0]),
         "window": list(ro.window),
         "columns": ["anchor"] * (ro.anchor_tokens is not None) + [f"branch {g}" for g in range(G)],
         "trained": bool(ex.valid[0]),
@@ -388,7 +394,7 @@ def group_rows(it: int, ex: Exploration) -> list[dict]:
     mine = [
         {
             "iter": it,
-            "prompt": ps[0] if len(set(ps)) == 1 else ps,
+            "prompt": one_prompt(ps),
             "reward": float(total[b].mean()),
             "reward_std": float(total[b].std()),
             **{f"reward_{k}": float(v[b].mean()) for k, v in ex.comps.items()},

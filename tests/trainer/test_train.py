@@ -163,7 +163,8 @@ def test_samples_at_eval_keep_the_group_each_evaluation_trained_on(base, tmp_pat
         stem = tmp_path / "samples" / f"group_{it + 1:06d}"
         info = json.loads(stem.with_suffix(".json").read_text())
         ro = ex.parts[0]
-        assert info["prompt"] == ro.prompts[0] and info["window"] == list(ro.window)
+        assert [info["prompt"]] * len(ro.prompts[0]) == ro.prompts[0]  # one prompt: a string
+        assert info["window"] == list(ro.window)
         assert info["columns"] == ["anchor", "branch 0", "branch 1", "branch 2"]
         assert info["reward"] == pytest.approx(ex.total[0].tolist(), abs=1e-6)
         assert info["advantage"] == pytest.approx(ex.adv[0].tolist(), abs=1e-6)
