@@ -216,7 +216,7 @@ def smoothness_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.
 
 # Rewards that read any video, not only the procedural shapes.
 GENERIC: dict[str, RewardFn] = {"dynamic": dynamic_reward, "smoothness": smoothness_reward}
-# Built-in rewards that read the asked scene (colour, shape, size, direction, speed) from the prompt.
+# Built-in rewards that read the asked scene (colour, shape, size, direction, speed) in a prompt.
 SCENE_READERS = ("alignment", "path")
 
 BUILTIN: dict[str, RewardFn] = {

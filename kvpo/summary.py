@@ -5,9 +5,9 @@ its checkpoint, so it works on a run still going, a stopped one, or a copy of it
 Markdown table, a row per run: where it ran (ranks x GPU or device, from ``environment.jsonl``),
 iterations done, a held-out metric (``--metric``, default ``eval_reward``) before training, at its
 best and at the end, the EMA's at the end, the held-out diversity, how many held-out prompts rose,
-skipped optimizer steps, seconds per iteration and the peak GPU memory; ``--json`` prints the rows
-as JSON instead. ``--prompts`` adds a table of each held-out prompt's metric, before training and
-at each run's end.
+the share of rollout groups that trained, skipped optimizer steps, seconds per iteration and the
+peak GPU memory; ``--json`` prints the rows as JSON instead. ``--prompts`` adds a table of each
+held-out prompt's metric, before training and at each run's end.
 """
 
 from __future__ import annotations
@@ -94,6 +94,12 @@ def summarize(run: Path, metric: str = "eval_reward") -> dict:
         "diversity_last": diversity[-1] if diversity else None,
         "prompts_rose": sum(d > 0 for d, _ in moved) if moved else None,
         "prompts": len(moved) if moved else None,
+        # the share of rollout groups that trained (the others' branches tied)
+        "trained_groups": (
+            sum(r["valid_groups"] for r in trained) / sum(r["groups"] for r in trained)
+            if trained and all("groups" in r for r in trained)
+            else None
+        ),
         "skipped_steps": sum(r.get("skipped_steps", 0) for r in trained),
         "seconds_per_iteration": sum(seconds) / len(seconds) if seconds else None,
         "cuda_peak_gib": max(peaks) if peaks else None,
@@ -113,7 +119,7 @@ def table(rows: list[dict]) -> str:
     metric = rows[0]["metric"] if rows else "eval_reward"
     head = [
         "run", "on", "iterations", f"{metric} first", "best", "last", "EMA last", "diversity",
-        "prompts rose", "skipped steps", "s / iteration", "peak GiB",
+        "prompts rose", "groups trained", "skipped steps", "s / iteration", "peak GiB",
     ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for r in rows:
@@ -122,10 +128,12 @@ def table(rows: list[dict]) -> str:
         if r["diversity_first"] is not None:
             div = f"{num(r['diversity_first'], '.3f')} -> {num(r['diversity_last'], '.3f')}"
         rose = "" if r["prompts"] is None else f"{r['prompts_rose']} / {r['prompts']}"
+        share = "" if r["trained_groups"] is None else f"{100 * r['trained_groups']:.0f} %"
         cells = [
-            r["run"], r["where"] or "", done, at(r["first"], r["first_iter"]), at(r["best"], r["best_iter"]),
-            at(r["last"], r["last_iter"]), num(r["ema_last"]), div, rose, str(r["skipped_steps"]),
-            num(r["seconds_per_iteration"], ".1f"), num(r["cuda_peak_gib"], ".1f"),
+            r["run"], r["where"] or "", done, at(r["first"], r["first_iter"]),
+            at(r["best"], r["best_iter"]), at(r["last"], r["last_iter"]), num(r["ema_last"]), div,
+            rose, share, str(r["skipped_steps"]), num(r["seconds_per_iteration"], ".1f"),
+            num(r["cuda_peak_gib"], ".1f"),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
