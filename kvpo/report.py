@@ -15,6 +15,19 @@ from pathlib import Path
 import torch
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a ``.jsonl`` file ([] if there is none)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """``rows`` as the ``.jsonl`` file ``path``, a JSON line each (its directory made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 class MetricsLog:
     """Appends rows (each with its ``iter``) to ``<name>.jsonl`` and ``<name>.csv``: one per
     iteration in ``metrics`` (and the evaluation before training as iteration -1), one per
@@ -27,7 +40,7 @@ class MetricsLog:
     def write(self, *rows: dict) -> None:
         with self.jsonl.open("a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-        rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
+        rows = read_rows(self.jsonl)
         keys = list(dict.fromkeys(k for r in rows for k in r))
         with self.csv.open("w", newline="") as f:  # rewritten: columns may appear later (eval)
             w = csv.DictWriter(f, fieldnames=keys)
@@ -37,10 +50,8 @@ class MetricsLog:
     def truncate(self, iterations: int) -> None:
         """Keep rows of iterations < ``iterations``, those a resumed run's checkpoint holds (the
         evaluation before training is iteration -1: -1 keeps none of a former run's rows)."""
-        if not self.jsonl.exists():
-            return
-        rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows if r["iter"] < iterations))
+        if self.jsonl.exists():
+            write_rows(self.jsonl, [r for r in read_rows(self.jsonl) if r["iter"] < iterations])
 
 
 def plot_rewards(history: list[dict], path: Path) -> None:

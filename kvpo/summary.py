@@ -19,12 +19,7 @@ from pathlib import Path
 
 import yaml
 
-
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a ``.jsonl`` file ([] if there is none)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from .report import read_rows
 
 
 def prompt_changes(path: Path, metric: str = "eval_reward") -> str | None:
