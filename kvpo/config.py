@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from .loggers import parse_log_to
@@ -37,6 +38,12 @@ def config_errors() -> Iterator[None]:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def amp_autocast(amp: str, device: torch.device) -> torch.autocast:
+    """The forwards' precision that config ``amp`` asks for on ``device``: bfloat16 autocast with
+    fp32 master weights (``"bf16"``), or an autocast that changes nothing (``"none"``)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
 def _default_rewards() -> dict[str, float]:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from . import data, distributed
-from .config import TrainConfig
+from .config import TrainConfig, amp_autocast
 from .interface import StreamingVideoGenerator
-from .report import preview, save_videos
+from .report import preview, save_videos, write_rows
 from .rewards import CompositeReward
 from .rollout import generate_passes, spread
 
@@ -158,7 +158,7 @@ def evaluate_sets(
     training = model.training
     model.eval()  # deployment: no dropout, whatever the caller was doing
     for tag, ps in sets.items():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+        with amp_autocast(cfg.amp, device):
             ev = evaluate(
                 model, ps, reward, cfg.seed, device, cfg.eval_seeds, cfg.eval_batch,
                 videos=videos and result is None,
@@ -224,9 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if args.samples:
             save_videos(ev.videos, Path(args.samples))
         if args.per_prompt:
-            path = Path(args.per_prompt)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(row) + "\n" for row in ev.per_prompt))
+            write_rows(Path(args.per_prompt), ev.per_prompt)
         print(json.dumps(ev.scores))
     distributed.shutdown()
     return ev.scores

@@ -31,6 +31,7 @@ from .checkpoint import (
     run_config,
     trainer_config,
 )
+from .config import amp_autocast
 from .report import save_videos
 from .rewards import BUILTIN, GENERIC, CompositeReward, load_reward
 from .rollout import generate_passes, rollout
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         reward.check_prompts(p for ps in per_chunk for p in ps)
     except (ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
-    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    bf16 = amp_autocast(amp, device)
     gen = torch.Generator().manual_seed(args.seed)
     if args.branches:
         return _branches(args, model, prompts, per_chunk, reward, gen, device, bf16)
