@@ -23,6 +23,7 @@ the command prints the measurements and exits with an error naming each property
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -208,16 +209,14 @@ def _gradient_reach(
 
 def main(argv: list[str] | None = None) -> Preflight:
     from . import data
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, parse_args
+    from .config import amp_autocast, parse_args
     from .train import (
-        check_exploration,
         check_run_prompts,
+        checked_spec,
         config_prompts,
         make_reward,
         reference_and_policy,
         resolve_resume,
-        rollout_spec,
         training_device,
     )
 
@@ -233,8 +232,7 @@ def main(argv: list[str] | None = None) -> Preflight:
 
             generator = load_from_config(cfg.to_dict(), device)
         _, model, *_ = reference_and_policy(cfg, device, generator)
-        spec = rollout_spec(cfg)
-        check_exploration(spec, model)
+        spec = checked_spec(cfg, model)  # as train checks it, at every window start
         reward = make_reward(cfg, device)
         nC = model.num_frames // model.chunk_frames
         train_prompts, eval_prompts = config_prompts(cfg)
@@ -242,12 +240,10 @@ def main(argv: list[str] | None = None) -> Preflight:
         check_run_prompts(reward, train_prompts + eval_prompts, nC)  # as train does
         prompt = eval_prompts[0]
         prompts = data.segments([prompt] * nC)
-    except (ConfigError, CheckpointError, ValueError) as e:
+    except ValueError as e:  # ConfigError, CheckpointError: settings and files that cannot run
         raise SystemExit(f"error: {e}") from None
     bf16 = cfg.amp == "bf16"
-
-    def autocast() -> torch.autocast:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = functools.partial(amp_autocast, cfg.amp, device)
 
     print(
         f"preflight: {type(model).__name__} on {device}"

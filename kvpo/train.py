@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import shutil
 import signal
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from . import data, distributed
 from .checkpoint import CheckpointError, load_model, load_training, save_training
-from .config import ConfigError, TrainConfig, config_errors, parse_args
+from .config import ConfigError, TrainConfig, amp_autocast, config_errors, parse_args
 from .ema import ParamEMA
 from .evaluate import Evaluation, evaluate_sets, evaluation_sets
 from .grpo import anchor_advantages, group_advantages
@@ -192,6 +193,15 @@ def check_run_prompts(reward: CompositeReward, prompts: list[str], chunks: int) 
         reward.check_prompts(q for p in prompts for q in data.segments([p] * chunks))
 
 
+def checked_spec(cfg: TrainConfig, model: nn.Module) -> RolloutSpec:
+    """:func:`rollout_spec`, checked (:func:`check_exploration`) at every start of its window
+    that ``window_shift`` allows."""
+    spec = rollout_spec(cfg)
+    for shift in range(cfg.window_shift + 1):
+        check_exploration(dataclasses.replace(spec, window=shifted(cfg.window, shift)), model)
+    return spec
+
+
 def check_exploration(spec: RolloutSpec, model: nn.Module) -> None:
     """Validates ``spec`` for ``model`` and refuses a KV-routing window in which no chunk's
     branches can differ: their rewards would tie, every group would be skipped, and the run would
@@ -280,6 +290,7 @@ class Exploration:
     total: torch.Tensor  # [B, G] this rank's fused reward
     adv: torch.Tensor  # [B, G] advantages, on the training device
     valid: torch.Tensor  # [B] bool: groups trained on, on the training device
+    spread: torch.Tensor  # [B] float32 on the CPU: each group's Rollout.branch_spread
     step_weights: list[torch.Tensor]  # each part's TVE step weights
     refs: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # each part's reference terms
     seconds: dict[str, float]  # time_rollout, time_reward (rewards, advantages, reference)
@@ -317,9 +328,11 @@ def explore(
     with torch.no_grad(), autocast(), memory_stage("reference", cfg):
         refs = [reference_terms(cfg, ref, ro, w) for ro, w in zip(parts, step_w, strict=True)]
     seconds = {"time_rollout": t1 - t0, "time_reward": time.perf_counter() - t1}
+    spread = torch.cat([ro.branch_spread().cpu() for ro in parts])
     return Exploration(
-        parts, comps, all_comps, total, adv.to(device), valid.to(device), step_w, refs, seconds
-    )
+        parts, comps, all_comps, total, adv.to(device), valid.to(device), spread, step_w, refs,
+        seconds,
+    )  # fmt: skip
 
 
 def iteration_row(it: int, ex: Exploration, update: dict[str, float]) -> dict:
@@ -329,7 +342,7 @@ def iteration_row(it: int, ex: Exploration, update: dict[str, float]) -> dict:
     total = distributed.all_gather(ex.total)
     adv = distributed.all_gather(ex.adv.cpu())
     valid = distributed.all_gather(ex.valid.cpu())
-    spread = distributed.all_gather(torch.cat([ro.branch_spread().cpu() for ro in ex.parts]))
+    spread = distributed.all_gather(ex.spread)
     return {
         "iter": it,
         "reward": float(total.mean()),
@@ -374,7 +387,7 @@ def save_group(model: nn.Module, ex: Exploration, stem: Path) -> Path:
         "window": list(ro.window),
         "columns": ["anchor"] * (ro.anchor_tokens is not None) + [f"branch {g}" for g in range(G)],
         "trained": bool(ex.valid[0]),
-        "branch_spread": float(ro.branch_spread()[0]),
+        "branch_spread": float(ex.spread[0]),
         "reward": ex.total[0].tolist(),
         "advantage": ex.adv[0].tolist(),
         **{f"reward_{k}": v[0].tolist() for k, v in ex.comps.items()},
@@ -389,7 +402,6 @@ def group_rows(it: int, ex: Exploration) -> list[dict]:
     mean and spread over the branches and each component's mean, whether the group trained (a
     group whose branches tie is skipped), its branch spread and the size of its advantages."""
     prompts = [p for ro in ex.parts for p in ro.prompts]
-    spread = torch.cat([ro.branch_spread().cpu() for ro in ex.parts])
     total, adv, valid = ex.total.cpu(), ex.adv.cpu(), ex.valid.cpu()
     mine = [
         {
@@ -399,7 +411,7 @@ def group_rows(it: int, ex: Exploration) -> list[dict]:
             "reward_std": float(total[b].std()),
             **{f"reward_{k}": float(v[b].mean()) for k, v in ex.comps.items()},
             "trained": bool(valid[b]),
-            "branch_spread": float(spread[b]),
+            "branch_spread": float(ex.spread[b]),
             "adv_abs": float(adv[b].abs().mean()),
         }
         for b, ps in enumerate(prompts)
@@ -596,9 +608,7 @@ def train(
 
     ref, model, opt, ema, start, history = reference_and_policy(cfg, device, generator)
     del generator  # the policy and the reference are copies: a loaded Wan2.1 need not stay a third
-    spec = rollout_spec(cfg)
-    for shift in range(cfg.window_shift + 1):
-        check_exploration(dataclasses.replace(spec, window=shifted(cfg.window, shift)), model)
+    spec = checked_spec(cfg, model)
     if reward is None:
         reward = make_reward(cfg, device)
     elif not isinstance(reward, CompositeReward):
@@ -610,9 +620,7 @@ def train(
     nC = model.num_frames // model.chunk_frames
     check_run_prompts(reward, train_prompts + eval_prompts, nC)
 
-    def autocast() -> torch.autocast:
-        """bfloat16 forwards with fp32 master weights (``amp="bf16"``), or nothing."""
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    autocast = functools.partial(amp_autocast, cfg.amp, device)
 
     eval_sets = evaluation_sets(eval_prompts, nC, cfg.eval_multi_prompt)
 
