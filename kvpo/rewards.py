@@ -301,7 +301,9 @@ class CompositeReward:
         asked scene from the prompt (:data:`SCENE_READERS`) cannot read one of ``prompts`` (each a
         chunk's prompt): before any video is made, not at the first score."""
         readers = [k for k in SCENE_READERS if self.fns.get(k) is BUILTIN[k]]
-        for p in dict.fromkeys(prompts) if readers else ():
+        if not readers:
+            return
+        for p in dict.fromkeys(prompts):  # each distinct prompt once
             try:
                 data.Scene.parse(p)
             except ValueError as e:
