@@ -116,8 +116,10 @@ def _routed_attention_op(
 
 @_routed_attention_op.register_fake
 def _(q, k_pages, v_pages, page_table, page_lens, scale, backend):
+    # contiguous, as every backend returns them, whatever q's strides (empty_like would keep a
+    # permuted q's): torch.compile trusts these strides
     B, H, Lq, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=_backend.acc_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty((B, H, Lq), dtype=_backend.acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("kvpo::routed_attention_backward", mutates_args=())
@@ -146,7 +148,7 @@ def _routed_attention_backward_op(
 
 @_routed_attention_backward_op.register_fake
 def _(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k_pages), torch.empty_like(v_pages)
+    return tuple(t.new_empty(t.shape) for t in (q, k_pages, v_pages))
 
 
 def _setup_context(ctx, inputs, output):

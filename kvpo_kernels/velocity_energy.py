@@ -100,7 +100,8 @@ def _velocity_energy_backward_op(
 
 @_velocity_energy_backward_op.register_fake
 def _(grad, v_pred, v_ref, weight, mean, need_ref, backend):
-    return torch.empty_like(v_pred), (torch.empty_like(v_ref) if need_ref else v_ref.new_empty(0))
+    # contiguous, as the op returns them (empty_like would keep a permuted input's strides)
+    return v_pred.new_empty(v_pred.shape), v_ref.new_empty(v_ref.shape if need_ref else (0,))
 
 
 def _setup_context(ctx, inputs, output):

@@ -107,3 +107,64 @@ def kernel_fn(backend: str):
 
 def reference_fn(q, k, v, t, lens):
     return kvpo_kernels.routed_attention_reference(q, k, v, t, lens)
+
+
+def strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a layout no kernel may assume away: dims in reverse order in memory and every
+    other element of the last dim (a head split off a fused projection, a sliced table)."""
+    shape = (*t.shape[:-1], 2 * t.shape[-1])
+    buf = torch.zeros(shape[::-1], dtype=t.dtype).permute(*reversed(range(t.dim())))
+    view = buf[..., ::2]
+    view.copy_(t)
+    assert not view.is_contiguous() and torch.equal(view, t)
+    return view
+
+
+def permuted_copy(t: torch.Tensor, dim0: int = 1, dim1: int = 2) -> torch.Tensor:
+    """t's values, dense in memory with dims dim0 and dim1 swapped: q as [B, Lq, H, D] viewed as
+    [B, H, Lq, D], the layout attention inputs usually come in."""
+    return t.transpose(dim0, dim1).contiguous().transpose(dim0, dim1)
+
+
+def routed_sum_grads(fn, q, k, v, table, lens):
+    """out, lse and the gradients of out.sum() + the finite lse's sum with respect to q, k, v,
+    keeping the inputs' strides: the gradient reaching the op for out is a stride-0 expansion."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v, table, lens)
+    (out.double().sum() + lse.double()[torch.isfinite(lse)].sum()).backward()
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def assert_strided_routed_attention(backend: str, case: RoutedCase, seed: int) -> None:
+    """Strided q, k, v, table and page_lens, and an expanded gradient, against float64 contiguous."""
+    q, k, v, table, lens = make_routed(case, torch.float64, seed=seed)
+    ref = routed_sum_grads(reference_fn, q, k, v, table, lens)
+    args = [strided_copy(t.float()) for t in (q, k, v)] + [strided_copy(table)]
+    lens = None if lens is None else strided_copy(lens)
+    got = routed_sum_grads(kernel_fn(backend), *args, lens)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
+        assert_rel(a, b, 1e-5, f"{backend} strided {name}")
+
+
+def assert_strided_velocity_energy(backend: str) -> None:
+    """Strided v_pred and v_ref (and a transposed [G, S] weight) against float64 contiguous,
+    forward and the gradients of the energies' sum (a stride-0 gradient at the op)."""
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(3, 4, 5, 7, generator=gen, dtype=torch.float64)
+    b = a + torch.randn(3, 4, 5, 7, generator=gen, dtype=torch.float64)
+    w = torch.rand(4, 3, generator=gen, dtype=torch.float64).t()
+
+    def run(fn, a, b):
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        e = fn(a, b, w, "mean")
+        e.sum().backward()
+        return e.detach(), a.grad, b.grad
+
+    ref = run(kvpo_kernels.velocity_energy_reference, a, b)
+
+    def kernel(a, b, w, r):
+        return kvpo_kernels.velocity_energy(a, b, w, r, backend=backend)
+
+    got = run(kernel, strided_copy(a.float()), strided_copy(b.float()))
+    for name, x, y in zip(("energy", "d_pred", "d_ref"), got, ref, strict=True):
+        assert_rel(x, y, 1e-5, f"{backend} strided {name}")

@@ -11,8 +11,10 @@ from helpers import (
     RoutedCase,
     assert_low_precision,
     assert_rel,
+    assert_strided_routed_attention,
     kernel_fn,
     make_routed,
+    permuted_copy,
     reference_fn,
     routed_grads,
 )
@@ -137,6 +139,12 @@ def test_cpu_workspace_setting_must_be_a_size(monkeypatch, value):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
+def test_strided_inputs_and_an_expanded_gradient(backend, case):
+    assert_strided_routed_attention(backend, case, seed=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_rows_give_zero_and_minus_inf_without_nan(backend):
     case = RoutedCase(3, 4, 2, 5, 16, 4, 3, 4, empty_row=True)
     q, k, v, table, lens = make_routed(case, torch.float32)
@@ -198,9 +206,14 @@ def test_gradcheck_float64_with_shared_page(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_lens", [False, True])
-def test_opcheck(backend, with_lens):
+@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
+def test_opcheck(backend, with_lens, layout):
+    """opcheck compares the fake kernel's output strides with the real ones: heads-second views of
+    [B, Lq, H, D] / [P, page_size, Hkv, D] data too, which torch.compile would otherwise reject."""
     case = RoutedCase(3, 4, 2, 5, 8, 5, 3, 4, partial=with_lens)
     q, k, v, table, lens = make_routed(case, torch.float32)
+    if layout == "permuted":
+        q, k, v = (permuted_copy(t) for t in (q, k, v))
     for t in (q, k, v):
         t.requires_grad_()
     torch.library.opcheck(_routed_attention_op, (q, k, v, table, lens, 0.35, backend))

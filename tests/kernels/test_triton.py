@@ -11,8 +11,11 @@ from helpers import (
     RoutedCase,
     assert_low_precision,
     assert_rel,
+    assert_strided_routed_attention,
+    assert_strided_velocity_energy,
     kernel_fn,
     make_routed,
+    permuted_copy,
     reference_fn,
     routed_grads,
 )
@@ -67,6 +70,11 @@ def test_routed_attention_agrees_with_cpu_kernel_on_shared_pages_and_empty_rows(
         assert_rel(x, y, 1e-5, name)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
+def test_routed_attention_strided_inputs_and_an_expanded_gradient(case):
+    assert_strided_routed_attention("triton", case, seed=5)
+
+
 def test_page_rows_index():
     from kvpo_kernels.triton.routed_attention import page_rows_csr
 
@@ -118,6 +126,10 @@ def test_velocity_energy(reduction, dtype, shape, weight_kind):
         pt = run(kvpo_kernels.velocity_energy_reference, *low, w_low)
         for name, a, b, c in zip(("energy", "d_pred", "d_ref"), got, pt, ref, strict=True):
             assert_low_precision(a, b, c, name)
+
+
+def test_velocity_energy_strided_inputs():
+    assert_strided_velocity_energy("triton")
 
 
 def test_velocity_energy_deterministic_mode_sums_partials_in_a_fixed_order():
@@ -257,6 +269,11 @@ def test_opcheck_both_ops():
     torch.library.opcheck(_velocity_energy_op, (a, b, torch.rand(3, 2), True, "triton"))
     torch.library.opcheck(_velocity_energy_op, (a, b, torch.rand(2).expand(3, 2), False, "triton"))
     torch.library.opcheck(_velocity_energy_op, (a, b, None, True, "triton"))
+    # heads-second / step-major views: the fake kernels' strides must be the real ones'
+    q, k, v = (permuted_copy(t.detach()).requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(_routed_attention_op, (q, k, v, table, lens, 0.25, "triton"))
+    a, b = (permuted_copy(t.detach(), 0, 1).requires_grad_() for t in (a, b))
+    torch.library.opcheck(_velocity_energy_op, (a, b, torch.rand(3, 2), True, "triton"))
 
 
 def test_an_unusable_interpreter_stops_with_its_reason(monkeypatch):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_low_precision, assert_rel
+from helpers import assert_low_precision, assert_rel, assert_strided_velocity_energy, permuted_copy
 
 import kvpo_kernels
 from kvpo_kernels.velocity_energy import _velocity_energy_op
@@ -100,6 +100,11 @@ def test_gradcheck_float64_including_weight(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    assert_strided_velocity_energy(backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_gradient_to_v_ref_unless_required(backend):
     v_pred, v_ref, _ = _inputs((2, 3, 4), "none", torch.float32)
     v_pred.requires_grad_()
@@ -109,8 +114,13 @@ def test_no_gradient_to_v_ref_unless_required(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mean", [False, True])
-def test_opcheck(backend, mean):
+@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
+def test_opcheck(backend, mean, layout):
+    """Step-major velocities ([S, G, N] in memory) too: the fake backward's strides must be the
+    real ones'."""
     v_pred, v_ref, weight = _inputs((3, 2, 7), "branch_step", torch.float32)
+    if layout == "permuted":
+        v_pred, v_ref = (permuted_copy(t, 0, 1) for t in (v_pred, v_ref))
     args = (v_pred.requires_grad_(), v_ref.requires_grad_(), weight.float(), mean, backend)
     torch.library.opcheck(_velocity_energy_op, args)
 
