@@ -112,16 +112,21 @@ def check_scale(scale: object, head_dim: int) -> float:
 def check_page_values(
     page_table: torch.Tensor, page_lens: torch.Tensor | None, num_pages: int, page_size: int
 ) -> None:
-    """Value checks (one small reduction each; on CUDA a host sync)."""
+    """Value checks: the extremes of the table and the lengths, read in one transfer (on CUDA one
+    host sync per call, not one per extreme)."""
+    parts = [t for t in (page_table, page_lens) if t is not None and t.numel()]
+    if not parts:
+        return
+    extremes = torch.stack([x for t in parts for x in torch.aminmax(t)]).tolist()
     if page_table.numel():
-        lo, hi = int(page_table.min()), int(page_table.max())
+        lo, hi = extremes[:2]
         if lo < -1 or hi >= num_pages:
             raise ValueError(
                 f"page_table entries must be -1 (routed out) or a page index in [0, {num_pages}), "
                 f"got values in [{lo}, {hi}]"
             )
     if page_lens is not None and page_lens.numel():
-        lo, hi = int(page_lens.min()), int(page_lens.max())
+        lo, hi = extremes[-2:]
         if lo < 0 or hi > page_size:
             raise ValueError(
                 f"page_lens entries must be in [0, page_size={page_size}], got values in [{lo}, {hi}]"
