@@ -100,21 +100,46 @@ def gather_object(obj: object) -> list | None:
     return out
 
 
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Replace each parameter's gradient by its mean over the ranks (one all-reduce of them all;
-    a missing gradient counts as zeros), so every rank takes the same step."""
+# DistributedDataParallel's default bucket size is 25 MiB; fewer, larger all-reduces suit a step
+# that reduces once after the whole backward
+BUCKET_MIB = 64
+
+
+def average_gradients(params: list[torch.nn.Parameter], bucket_mib: float = BUCKET_MIB) -> None:
+    """Replace each parameter's gradient by its mean over the ranks, in place (a missing gradient
+    counts as zeros and is made), so every rank takes the same step. Gradients are all-reduced in
+    buckets of about ``bucket_mib`` MiB, one dtype each: the extra memory is a bucket, not a copy
+    of every gradient (a full fine-tune of a 1.3 B model has 5 GiB of float32 gradients)."""
     if not active():
         return
     world = dist.get_world_size()
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    limit = bucket_mib * 2**20
+    pending: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], int]] = {}
+    for p in params:
+        key = (p.grad.dtype, p.grad.device)
+        grads, size = pending.get(key, ([], 0))
+        grads.append(p.grad)
+        size += p.grad.numel() * p.grad.element_size()
+        if size >= limit:
+            _all_reduce_mean(grads, world)
+            grads, size = [], 0
+        pending[key] = (grads, size)
+    for grads, _ in pending.values():
+        if grads:
+            _all_reduce_mean(grads, world)
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], world: int) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= world
     off = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[off : off + n].view_as(p).clone()
-        off += n
+    for g in grads:
+        g.copy_(flat[off : off + g.numel()].view_as(g))
+        off += g.numel()
 
 
 def barrier() -> None:
