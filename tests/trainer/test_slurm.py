@@ -16,18 +16,55 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "slurm_train.sbatch"
 
 
-def _start(args: list[str], tmp_path: Path, job: str) -> subprocess.Popen:
+SRUN = """#!/usr/bin/env bash
+# stands in for srun: the command after srun's own --options once per node, each node's signals
+# passed on as srun passes them; exits with the highest status
+echo "$@" >> {log}
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do
+    SLURM_NODEID=$node "$@" &
+    pids+=($!)
+done
+trap 'kill -s USR1 "${{pids[@]}}"' USR1
+trap 'kill -s TERM "${{pids[@]}}"' TERM
+status=0
+for p in "${{pids[@]}}"; do
+    while kill -0 "$p" 2>/dev/null; do wait "$p"; done
+    wait "$p"
+    s=$?
+    ((s > status)) && status=$s
+done
+exit $status
+"""
+
+
+def _start(args: list[str], tmp_path: Path, job: str, nodes: int = 1) -> subprocess.Popen:
+    """The script as SLURM would start it: 2 GPUs (here gloo ranks on the CPU) per node."""
     scontrol = tmp_path / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
-    scontrol.chmod(0o755)
+    log = tmp_path / "scontrol.log"
+    scontrol.write_text(
+        f'#!/bin/sh\nif [ "$1" = show ]; then printf "localhost\\nlocalhost\\n"; exit; fi\n'
+        f'echo "$@" >> {log}\n'
+    )
+    srun = tmp_path / "srun"
+    srun.write_text(SRUN.format(log=tmp_path / "srun.log"))
+    for stand_in in (scontrol, srun):
+        stand_in.chmod(0o755)
+    torchrun = f"{sys.executable} -m torch.distributed.run"
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
-        "TORCHRUN": f"{sys.executable} -m torch.distributed.run --master_port 29541",
+        # one node: torchrun's standalone master port; several: the c10d rendezvous port
+        "TORCHRUN": torchrun if nodes > 1 else f"{torchrun} --master_port 29541",
+        "KVPO_RDZV_PORT": "29543",
         "SCONTROL": str(scontrol),
+        "SRUN": str(srun),
         "SLURM_JOB_ID": job,
-        "SLURM_GPUS_ON_NODE": "2",
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_GPUS_ON_NODE": str(2 // nodes),
     }
     return subprocess.Popen(
         ["bash", str(SCRIPT), *args], cwd=ROOT, env=env, text=True,
@@ -85,3 +122,31 @@ def test_scancel_stops_with_a_checkpoint_and_is_not_requeued(base, tmp_path):
     assert job.returncode != 0 and "stopped by SIGTERM after" in stdout, stderr[-4000:]
     assert int(checkpoint_meta(out / "checkpoint.safetensors")["iteration"]) >= 1
     assert not (tmp_path / "scontrol.log").exists()
+
+
+def test_two_nodes_meet_stop_together_and_requeue(base, tmp_path):
+    """--nodes=2: srun starts a torchrun per node (here two on this machine, one rank each), they
+    meet by c10d rendezvous as one run of 2 ranks, and the time limit's SIGUSR1 to the script
+    reaches both nodes' ranks through srun: one checkpoint, one requeue, and the job goes on."""
+    out = tmp_path / "run"
+    over = run_overrides(
+        base, out, iterations=200, samples=False, save_every=1000, eval_before=False,
+        eval_every=1000, prompts_per_iter=4, device="cpu",
+    )  # fmt: skip
+    args = cli_args(over)
+    job = _start(args, tmp_path, "99", nodes=2)
+    stdout, stderr = _signal_mid_run(job, out, signal.SIGUSR1)
+    assert job.returncode == 0, stderr[-4000:]
+    assert "stopped by SIGUSR1 after" in stdout and "requeueing job 99" in stdout
+    assert stderr.count("kvpo: got SIGUSR1") == 2  # a rank on each node
+    srun = (tmp_path / "srun.log").read_text()
+    assert "--nnodes 2 --nproc_per_node 1 --rdzv_backend c10d" in srun
+    assert "--rdzv_endpoint localhost:29543 --rdzv_id 99" in srun
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 99\n"
+    env = [json.loads(x) for x in (out / "environment.jsonl").read_text().splitlines()]
+    assert [e["ranks"] for e in env] == [2]
+    done = int(checkpoint_meta(out / "checkpoint.safetensors")["iteration"])
+    job = _start([*args, f"--iterations={done + 1}"], tmp_path, "99", nodes=2)
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-4000:]
+    assert f"after {done} iterations" in stdout and _iters(out) == list(range(done + 1))
