@@ -83,17 +83,23 @@ def _signal_mid_run(job: subprocess.Popen, out: Path, sig: int) -> tuple[str, st
         job.kill()
 
 
+def _long_run(base, out: Path, **over) -> list[str]:
+    """Command-line options of a run that goes on until a signal stops it (no evaluations)."""
+    return cli_args(
+        run_overrides(
+            base, out, iterations=200, samples=False, save_every=1000, eval_before=False,
+            eval_every=1000, device="cpu", **over,
+        )
+    )  # fmt: skip
+
+
 def _iters(out: Path) -> list[int]:
     return [json.loads(x)["iter"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_time_limit_signal_stops_saves_and_requeues_and_the_job_goes_on(base, tmp_path):
     out = tmp_path / "run"
-    over = run_overrides(
-        base, out, iterations=200, samples=False, save_every=1000, eval_before=False,
-        eval_every=1000, prompts_per_iter=4, device="cpu",
-    )  # fmt: skip
-    args = cli_args(over)
+    args = _long_run(base, out, prompts_per_iter=4)
     job = _start(args, tmp_path, "4242")
     stdout, stderr = _signal_mid_run(job, out, signal.SIGUSR1)
     assert job.returncode == 0, stderr[-4000:]  # stopped in time and requeued: not a failure
@@ -113,11 +119,7 @@ def test_the_time_limit_signal_stops_saves_and_requeues_and_the_job_goes_on(base
 
 def test_scancel_stops_with_a_checkpoint_and_is_not_requeued(base, tmp_path):
     out = tmp_path / "run"
-    over = run_overrides(
-        base, out, iterations=200, samples=False, save_every=1000, eval_before=False,
-        eval_every=1000, device="cpu",
-    )  # fmt: skip
-    job = _start(cli_args(over), tmp_path, "77")
+    job = _start(_long_run(base, out), tmp_path, "77")
     stdout, stderr = _signal_mid_run(job, out, signal.SIGTERM)
     assert job.returncode != 0 and "stopped by SIGTERM after" in stdout, stderr[-4000:]
     assert int(checkpoint_meta(out / "checkpoint.safetensors")["iteration"]) >= 1
@@ -129,11 +131,7 @@ def test_two_nodes_meet_stop_together_and_requeue(base, tmp_path):
     meet by c10d rendezvous as one run of 2 ranks, and the time limit's SIGUSR1 to the script
     reaches both nodes' ranks through srun: one checkpoint, one requeue, and the job goes on."""
     out = tmp_path / "run"
-    over = run_overrides(
-        base, out, iterations=200, samples=False, save_every=1000, eval_before=False,
-        eval_every=1000, prompts_per_iter=4, device="cpu",
-    )  # fmt: skip
-    args = cli_args(over)
+    args = _long_run(base, out, prompts_per_iter=4)
     job = _start(args, tmp_path, "99", nodes=2)
     stdout, stderr = _signal_mid_run(job, out, signal.SIGUSR1)
     assert job.returncode == 0, stderr[-4000:]
