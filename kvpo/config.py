@@ -360,13 +360,16 @@ def _field_comments() -> dict[str, str]:
     return notes
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def parse_args(
+    argv: list[str] | None = None,
+    prog: str = "python -m kvpo.train",
+    description: str = "KVPO training of a streaming AR video generator.",
+) -> TrainConfig:
     """``--config file.yaml`` then ``--field value`` overrides (``--window 2,4``,
-    ``--reward_weights alignment=1,visual=0.5``)."""
+    ``--reward_weights alignment=1,visual=0.5``); ``prog`` and ``description`` are the command's
+    that reads them (its usage and errors name it)."""
     hints = typing.get_type_hints(TrainConfig)
-    ap = argparse.ArgumentParser(
-        prog="python -m kvpo.train", description="KVPO training of a streaming AR video generator."
-    )
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--config", type=Path, help="YAML file of config fields")
     notes = _field_comments()
     defaults = TrainConfig().to_dict()

@@ -221,7 +221,13 @@ def main(argv: list[str] | None = None) -> Preflight:
     )
 
     try:
-        cfg = resolve_resume(parse_args(argv))
+        cfg = resolve_resume(
+            parse_args(
+                argv,
+                prog="python -m kvpo.preflight",
+                description="Checks a generator as KVPO needs it, under a run's options.",
+            )
+        )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     try:

@@ -79,7 +79,8 @@ def make_reward(cfg: TrainConfig, device: torch.device | str = "cpu") -> Composi
     for name, spec in cfg.reward_fns.items():
         extra[name] = load_reward(spec)
         weights.setdefault(name, 1.0)
-    return CompositeReward(weights, extra, batch=cfg.reward_batch)
+    with config_errors():  # weights naming no reward or all 0, a bad reward_batch
+        return CompositeReward(weights, extra, batch=cfg.reward_batch)
 
 
 def read_prompts(path: str, held_out: int) -> tuple[list[str], list[str]]:

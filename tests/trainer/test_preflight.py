@@ -136,6 +136,9 @@ def test_cli_builds_the_runs_policy_and_reports(base, tmp_path, capsys):
     assert bf16.failures == {} and f"(< {NOISE_FLOOR:.0e})" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: window=\\(0, 2\\)"):
         main(cli_args({**over, "window": (0, 2)}))
+    with pytest.raises(SystemExit):
+        main(["--no_such_option"])
+    assert "python -m kvpo.preflight: error: unrecognized arguments" in capsys.readouterr().err
     # every prompt the run would read, checked as train checks them: a training one here
     (tmp_path / "free.txt").write_text("a cat running\na small red square moving left slowly\n")
     with pytest.raises(SystemExit, match="error: reward 'alignment' .*'a cat running'"):

@@ -402,6 +402,9 @@ def test_cli_reports_bad_values(base, tmp_path):
         (["--prompts_file", str(tmp_path / "free.txt"), "--eval_prompts", "1", "--window", "2,4"],
          "reward 'alignment' reads the asked scene .*'a cat running' must name exactly one "
          r"colour.*generic ones \(dynamic, smoothness\)"),
+        (["--window", "2,4", "--reward_weights", "alignment=1,colourful=1"],
+         r"unknown reward\(s\) \['colourful'\]"),
+        (["--window", "2,4", "--reward_weights", "alignment=0"], "reward weights are all 0"),
     ):  # fmt: skip
         with pytest.raises(SystemExit, match="error: " + match):
             main(run + more)
