@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     try:
         over = {"device": args.device}
         for item in args.set:
-            key, _, value = item.partition("=")
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"--set {item!r}: field=value, e.g. eval_seeds=8")
             if key not in EVAL_FIELDS:
                 raise ValueError(f"--set {item!r}: not one of {sorted(EVAL_FIELDS)}")
             over[key] = value

@@ -123,6 +123,7 @@ def test_cli_reproduces_the_runs_evaluation(base, tmp_path, capsys):
     assert one["eval_reward"] != pytest.approx(scores["eval_reward"], rel=1e-6)
     for bad, match in (
         (["--set", "lr=1"], "not one of"),
+        (["--set", "eval_seeds"], "field=value"),
         (["--set", "eval_seeds=0"], "eval_seeds"),
         (["--checkpoint", str(tmp_path / "none.safetensors")], "does not exist"),
     ):

@@ -96,6 +96,7 @@ def test_a_runs_summary_is_its_logs(base, tmp_path, capsys):
         ([str(tmp_path / "none")], "not a directory"),
         ([str(tmp_path)], "no metrics.jsonl or config.yaml"),
         (["--metric", "reward", str(tmp_path / "a")], "a held-out metric"),
+        (["--metric", "eval_rewrd", str(tmp_path / "a")], r"no run logged it; .*'eval_reward'"),
     ):
         with pytest.raises(SystemExit, match="error: .*" + match):
             main(argv)
