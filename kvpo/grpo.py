@@ -73,7 +73,10 @@ def ppo_objective(
             baseline), ratios taken elementwise.
         adv: [B, G] (broadcast over K); valid: [B] bool.
 
-    Returns the loss (0 with no valid group) and stats: ratio mean, clip fraction.
+    Returns the loss (0 with no valid group) and stats over the valid groups' entries: the
+    ratio's mean (with no valid group, over every entry: how far the policy has moved from the
+    rollout's, which a KL step alone moves, not a 0 that reads as a collapse) and the fraction
+    the clip cut (0 with none).
     """
     if adv.dim() < logp.dim():
         adv = adv.reshape(*adv.shape, *[1] * (logp.dim() - adv.dim()))
@@ -84,8 +87,9 @@ def ppo_objective(
     n = m.sum().clamp_min(1.0)
     loss = -(obj * m).sum() / n
     was_clipped = ((ratio * adv) > (clipped * adv)).to(obj.dtype)
+    seen = m if bool(valid.any()) else torch.ones_like(m)
     stats = {
-        "ratio": float((ratio.detach() * m).sum() / n),
+        "ratio": float((ratio.detach() * seen).sum() / seen.sum().clamp_min(1.0)),
         "clip_frac": float((was_clipped * m).sum() / n),
     }
     return loss, stats

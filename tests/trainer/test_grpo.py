@@ -67,8 +67,14 @@ def test_ppo_objective_clipping_hand_computed():
 def test_ppo_objective_skips_invalid_groups():
     logp = torch.zeros(2, 2, requires_grad=True)
     adv = torch.tensor([[1.0, -1.0], [3.0, -3.0]])
-    loss, _ = ppo_objective(logp, logp.detach(), adv, torch.tensor([False, False]))
+    old = torch.tensor([[0.0, 0.0], [-0.5, 0.5]])
+    loss, st = ppo_objective(logp, old, adv, torch.tensor([False, True]))
+    ratio = torch.tensor([0.0, 0.0, 0.5, -0.5]).exp()  # exp(logp - old), row-major
+    assert st["ratio"] == pytest.approx(float(ratio[2:].mean()))  # the valid group's alone
+    loss, st = ppo_objective(logp, old, adv, torch.tensor([False, False]))
     assert loss.item() == 0.0
+    # no group trains: the ratio over every branch (a KL step alone moves the policy), not 0
+    assert st["ratio"] == pytest.approx(float(ratio.mean())) and st["clip_frac"] == 0.0
 
 
 def test_gradient_is_contrastive_in_energy():
