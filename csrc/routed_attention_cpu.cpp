@@ -367,7 +367,13 @@ void bwd_kernel(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor
     for (int64_t x = 0; x < slots; ++x)
       if (tp[x] >= 0) listing[fill[tp[x]]++] = x;
   }
-  if (d.Lq == 0 || d.B == 0) return;
+  if (d.Lq == 0 || d.B == 0) {  // no query: every gradient is zero (16-bit dk/dv too)
+    if constexpr (!kSame) {
+      dk.zero_();
+      dv.zero_();
+    }
+    return;
+  }
 
   // One pass computes P and dS once per (row, KV head, heads of its group, query tile, staged
   // block) and takes all three gradients from them: dq in the task, and each row's dk, dv

@@ -1,0 +1,184 @@
+"""Both ops on randomly drawn inputs, on every backend this machine runs, against float64 truths
+written here from their definitions (not kvpo_kernels.reference): shapes the fixed cases do not
+reach (head dims 1 to 256, one-token pages, empty batches and queries, rows of only routed-out or
+empty pages), every dtype, non-contiguous views, and gradients of both outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import kvpo_kernels
+from kvpo_kernels import _backend
+
+SEEDS = range(24)
+TRITON = _backend.triton_available() and _backend.triton_interpreted()
+if TRITON:  # and an interpreter that runs with this Triton and NumPy (test_triton.py says why not)
+    from kvpo_kernels.triton._common import interpreter_problem
+
+    TRITON = interpreter_problem() is None
+# float64 truth -> tolerance of each dtype's result (forward; the gradients get 10x)
+TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 6e-3, torch.bfloat16: 5e-2}
+
+
+BACKENDS = [
+    "cpu",
+    "reference",
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1")),
+]
+
+
+def _say(what: str):
+    """assert_close's message, prefixed with what was drawn."""
+    return lambda message: f"{what}: {message}"
+
+
+def _layout(t: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """t's values as drawn: contiguous, every other element of a wider buffer, or dims 0 and 1
+    swapped in memory."""
+    pick = rng.random()
+    if pick < 0.3:
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if pick < 0.6 and t.dim() >= 2:
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    return t
+
+
+def _attention_truth(q, k, v, table, lens, scale):
+    """Softmax attention of each row over the tokens of the pages its table lists, in float64."""
+    B, H, Lq, D = q.shape
+    Hkv = k.shape[1]
+    out = torch.zeros(B, H, Lq, D, dtype=torch.float64)
+    lse = torch.full((B, H, Lq), -math.inf, dtype=torch.float64)
+    for b in range(B):
+        pages = [p for p in table[b].tolist() if p >= 0]
+        n = [k.shape[2] if lens is None else int(lens[p]) for p in pages]
+        if sum(n) == 0:
+            continue
+        keys = torch.cat([k[p, :, :m] for p, m in zip(pages, n, strict=True)], 1)
+        vals = torch.cat([v[p, :, :m] for p, m in zip(pages, n, strict=True)], 1)
+        keys, vals = (x.repeat_interleave(H // Hkv, 0) for x in (keys, vals))
+        s = q[b] @ keys.transpose(-1, -2) * scale
+        lse[b] = torch.logsumexp(s, -1)
+        out[b] = torch.softmax(s, -1) @ vals
+    return out, lse
+
+
+def _draw_attention(seed: int, backend: str):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    small = backend == "triton"  # the interpreter runs a program at a time
+    dtype = rng.choice([torch.float32, torch.float16] if small else list(TOL))
+    Hkv = rng.choice([1, 2, 3])
+    H = Hkv * rng.choice([1, 2, 4])
+    D = rng.choice([8, 16, 32, 64] if small else [1, 3, 16, 33, 64, 80, 128, 256])
+    B = rng.choice([0, 1, 3, 5]) if rng.random() < 0.15 else rng.choice([1, 2, 3])
+    Lq = rng.choice([1, 5, 17] if small else [0, 1, 2, 17, 64, 130])
+    P, page_size = rng.choice([1, 2, 5, 9]), rng.choice([1, 3, 16] if small else [1, 3, 16, 36])
+    q, k, v = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64)
+        for shape in ((B, H, Lq, D), (P, Hkv, page_size, D), (P, Hkv, page_size, D))
+    )
+    table = torch.randint(-1, P, (B, rng.choice([1, 3, 6])), generator=gen, dtype=torch.int32)
+    lens = None
+    if rng.random() < 0.5:  # partial pages, some empty
+        lens = torch.randint(0, page_size + 1, (P,), generator=gen, dtype=torch.int32)
+    scale = rng.choice([None, 0.3, 1.7])
+    return rng, gen, dtype, (q, k, v, table, lens, scale)
+
+
+def _grads_of(out, lse, inputs, dout, dlse):
+    finite = torch.isfinite(lse)
+    loss = (out.double() * dout).sum() + (lse.double()[finite] * dlse[finite]).sum()
+    if not loss.requires_grad:  # no row kept a token: every gradient is zero
+        return [torch.zeros(x.shape, dtype=torch.float64) for x in inputs]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_routed_attention_on_random_inputs(backend, seed):
+    rng, gen, dtype, (q, k, v, table, lens, scale) = _draw_attention(seed, backend)
+    what = f"seed {seed}, {backend}, {dtype}, q {tuple(q.shape)}, pages {tuple(k.shape)}"
+    # the truth of what the kernel is given: inputs and output gradient rounded to dtype, the
+    # lse gradient to float32
+    truth_in = [x.to(dtype).double().requires_grad_() for x in (q, k, v)]
+    want_out, want_lse = _attention_truth(*truth_in, table, lens, scale or q.shape[-1] ** -0.5)
+    dout = torch.randn(want_out.shape, generator=gen).to(dtype).double()
+    dlse = torch.randn(want_lse.shape, generator=gen, dtype=torch.float64).float().double()
+    want = _grads_of(want_out, want_lse, truth_in, dout, dlse)
+
+    args = [_layout(x.to(dtype), rng).requires_grad_() for x in (q, k, v)]
+    out, lse = kvpo_kernels.routed_attention(
+        *args, _layout(table, rng), lens, scale=scale, backend=backend
+    )
+    assert out.dtype == dtype and out.shape == want_out.shape, what
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse)), what
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), want_out.detach(), atol=tol, rtol=tol, msg=_say(what))
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(
+        lse.double()[finite], want_lse.detach()[finite], atol=tol, rtol=tol, msg=_say(what)
+    )
+    got = _grads_of(out, lse, args, dout, dlse)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+        size = max(1.0, w.abs().max().item()) if w.numel() else 1.0
+        torch.testing.assert_close(
+            g.double(), w, atol=10 * tol * size, rtol=10 * tol, msg=_say(f"{what}: {name}")
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_velocity_energy_on_random_inputs(backend, seed):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    small = backend == "triton"
+    dtype = rng.choice([torch.float32, torch.float16] if small else list(TOL))
+    G, S = rng.choice([1, 2, 3, 8]), rng.choice([1, 2, 5])
+    rest = rng.choice(
+        [(), (7,), (3, 5), (300,)] if small else [(), (1,), (3, 5), (4100,), (33, 65)]
+    )
+    pred = torch.randn(G, S, *rest, generator=gen, dtype=torch.float64)
+    ref = pred + torch.randn(G, S, *rest, generator=gen, dtype=torch.float64)
+    kind = rng.choice(["none", "[S]", "[G, S]", "[S] expanded", "[S, G] transposed"])
+    w = {
+        "none": None,
+        "[S]": torch.rand(S, generator=gen, dtype=torch.float64),
+        "[G, S]": torch.rand(G, S, generator=gen, dtype=torch.float64),
+        "[S] expanded": torch.rand(S, generator=gen, dtype=torch.float64).expand(G, S),
+        "[S, G] transposed": torch.rand(S, G, generator=gen, dtype=torch.float64).t(),
+    }[kind]
+    reduction = rng.choice(["sum", "mean"])
+    what = f"seed {seed}, {backend}, {dtype}, {(G, S, *rest)}, weight {kind}, {reduction}"
+
+    if w is not None:
+        w = w.float().double()  # the float32 weight the op is given, exactly
+    # the truth of what the op is given: the velocities rounded to dtype
+    truth_in = [x.to(dtype).double().requires_grad_() for x in (pred, ref)]
+    sq = (truth_in[0] - truth_in[1]).square().reshape(G, S, -1)
+    per_step = sq.mean(-1) if reduction == "mean" and sq.shape[-1] else sq.sum(-1)
+    want = (per_step * (1.0 if w is None else w)).sum(1)
+    grad = torch.randn(G, generator=gen, dtype=torch.float64)
+    want_grads = torch.autograd.grad((want * grad).sum(), truth_in)
+
+    args = [_layout(x.to(dtype), rng).requires_grad_() for x in (pred, ref)]
+    w_op = None if w is None else w.float()
+    got = kvpo_kernels.velocity_energy(*args, w_op, reduction, backend=backend)
+    assert got.shape == (G,) and got.dtype == _backend.acc_dtype(dtype), what
+    torch.testing.assert_close(got.double(), want.detach(), atol=1e-6, rtol=1e-5, msg=_say(what))
+    got_grads = torch.autograd.grad((got.double() * grad).sum(), args)
+    for name, g, w_ in zip(("d_pred", "d_ref"), got_grads, want_grads, strict=True):
+        assert g.dtype == dtype, what
+        size = max(1e-6, w_.abs().max().item()) if w_.numel() else 1.0
+        tol = 10 * TOL[dtype]
+        torch.testing.assert_close(
+            g.double(), w_, atol=tol * size, rtol=tol, msg=_say(f"{what}: {name}")
+        )
