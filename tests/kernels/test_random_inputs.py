@@ -79,7 +79,7 @@ def _draw_attention(seed: int, backend: str):
     H = Hkv * rng.choice([1, 2, 4])
     D = rng.choice([8, 16, 32, 64] if small else [1, 3, 16, 33, 64, 80, 128, 256])
     B = rng.choice([0, 1, 3, 5]) if rng.random() < 0.15 else rng.choice([1, 2, 3])
-    Lq = rng.choice([1, 5, 17] if small else [0, 1, 2, 17, 64, 130])
+    Lq = rng.choice([0, 1, 5, 17] if small else [0, 1, 2, 17, 64, 130])
     P, page_size = rng.choice([1, 2, 5, 9]), rng.choice([1, 3, 16] if small else [1, 3, 16, 36])
     q, k, v = (
         torch.randn(*shape, generator=gen, dtype=torch.float64)
