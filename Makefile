@@ -1,6 +1,6 @@
 PY ?= python3
 
-.PHONY: setup train pretrain test lint bench cuda-compile
+.PHONY: setup train pretrain test lint bench cuda-compile sanitize
 setup:
 	bash scripts/setup.sh
 
@@ -24,3 +24,7 @@ bench:
 
 cuda-compile:
 	cmake -S . -B build/cuda-only -DKVPO_CUDA_ONLY=ON && cmake --build build/cuda-only -j 2
+
+# the CPU kernels built with AddressSanitizer + UBSan, under their tests (tests/kernels/test_sanitizers.py)
+sanitize:
+	$(PY) -m pytest tests/kernels/test_sanitizers.py -q

@@ -33,8 +33,16 @@ CUDA_PREFERENCE: dict[str, tuple[str, str]] = {
 
 
 def _probe_native() -> bool:
+    """Registers the C++ kernels: those of ``kvpo_kernels._C``, or of the library that
+    ``KVPO_NATIVE_LIBRARY`` names (CMake's ``libkvpo_ops.so``: a sanitizer or debug build)."""
+    library = os.environ.get("KVPO_NATIVE_LIBRARY")
+    if library:
+        if not os.path.isfile(library):
+            raise ImportError(f"KVPO_NATIVE_LIBRARY={library!r} is not a file")
+        torch.ops.load_library(library)
+        return True
     try:
-        from . import _C  # noqa: F401  (registers the C++ kernels)
+        from . import _C  # noqa: F401
     except ImportError:
         return False
     return True

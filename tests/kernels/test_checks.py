@@ -189,3 +189,16 @@ def test_resolve_on_cuda_traces_under_fullgraph_compile():
 
     x = torch.randn(3)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_a_native_library_that_is_not_a_file_stops_the_import(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KVPO_NATIVE_LIBRARY": str(tmp_path / "libkvpo_ops.so")}
+    res = subprocess.run(
+        [sys.executable, "-c", "import kvpo_kernels"], env=env, capture_output=True, text=True
+    )
+    assert res.returncode != 0 and "KVPO_NATIVE_LIBRARY=" in res.stderr
+    assert "is not a file" in res.stderr
