@@ -92,11 +92,20 @@ def _model_from(
     """The built-in generator the checkpoint describes, or ``module`` (a user's generator) with
     the checkpoint's weights loaded into it."""
     if module is None:
-        model = TinyARVideo(ModelConfig.from_dict(json.loads(meta["model_config"])))
+        try:
+            model = TinyARVideo(ModelConfig.from_dict(json.loads(meta["model_config"])))
+        except (ValueError, TypeError) as e:  # unreadable JSON, unknown or bad fields
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: its model_config metadata does not describe the "
+                f"built-in generator: {e}"
+            ) from e
     else:
         model = module
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape than the model's
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match the model: {e}") from e
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not match the model: missing {missing[:5]}, "

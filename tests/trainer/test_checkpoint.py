@@ -74,3 +74,23 @@ def test_unreadable_checkpoints(tmp_path):
     save_model(tiny_model(), tmp_path / "m.safetensors")
     with pytest.raises(CheckpointError, match="not a training one"):
         load_training(tmp_path / "m.safetensors", lambda m: None)
+
+
+def test_checkpoints_that_do_not_describe_their_model(tmp_path):
+    """A tensor of another shape and a model_config that is not one: CheckpointErrors naming the
+    file (the CLIs print them as error lines), not load_state_dict's RuntimeError."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    save_model(tiny_model(), tmp_path / "m.safetensors")
+    tensors = load_file(tmp_path / "m.safetensors")
+    with safe_open(tmp_path / "m.safetensors", "pt") as f:
+        meta = f.metadata()
+    name = next(k for k in tensors if k.endswith("k_norm.weight"))
+    save_file({**tensors, name: tensors[name][:1].clone()}, tmp_path / "shape.safetensors", meta)
+    with pytest.raises(CheckpointError, match=f"(?s)shape.safetensors' does not match .*{name}"):
+        load_model(tmp_path / "shape.safetensors")
+    for config, match in (("{not json", "Expecting"), ('{"dim": -1}', "dim must be positive")):
+        save_file(tensors, tmp_path / "config.safetensors", {**meta, "model_config": config})
+        with pytest.raises(CheckpointError, match=f"model_config metadata .*{match}"):
+            load_model(tmp_path / "config.safetensors")
