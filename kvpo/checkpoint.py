@@ -82,6 +82,20 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, meta
 
 
+def _meta_value(meta: dict[str, str], key: str, path, default: str | None = None):
+    """Metadata entry ``key`` of a checkpoint, parsed as JSON (a CheckpointError naming the file
+    and the entry when it is not)."""
+    text = meta.get(key, default)
+    if text is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no {key} metadata")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: its {key} metadata is not JSON: {e}"
+        ) from e
+
+
 def _model_from(
     tensors: dict[str, torch.Tensor],
     meta: dict[str, str],
@@ -92,9 +106,10 @@ def _model_from(
     """The built-in generator the checkpoint describes, or ``module`` (a user's generator) with
     the checkpoint's weights loaded into it."""
     if module is None:
+        config = _meta_value(meta, "model_config", path)
         try:
-            model = TinyARVideo(ModelConfig.from_dict(json.loads(meta["model_config"])))
-        except (ValueError, TypeError) as e:  # unreadable JSON, unknown or bad fields
+            model = TinyARVideo(ModelConfig.from_dict(config))
+        except (ValueError, TypeError) as e:  # fields of no generator
             raise CheckpointError(
                 f"checkpoint {str(path)!r}: its model_config metadata does not describe the "
                 f"built-in generator: {e}"
@@ -172,7 +187,7 @@ def save_training(
 def trainer_config(path: str | Path) -> dict:
     """The trainer config a training checkpoint was saved with ({} for a model checkpoint), read
     from its header without loading the tensors."""
-    return json.loads(_header(path).get("trainer", "{}"))
+    return _meta_value(_header(path), "trainer", path, "{}")
 
 
 def run_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
@@ -230,7 +245,7 @@ def load_training(
         raise CheckpointError(f"checkpoint {str(path)!r} is a model checkpoint, not a training one")
     model = _model_from(tensors, meta, path, "model.", module)
     opt = opt_factory(model)
-    scalars = json.loads(meta["optim_scalars"])
+    scalars = _meta_value(meta, "optim_scalars", path)
     state: dict[int, dict] = {}
     for key, val in tensors.items():
         if key.startswith("optim."):
@@ -240,13 +255,19 @@ def load_training(
         for name, val in st.items():
             state.setdefault(int(i), {})[name] = torch.tensor(val)
     try:
-        opt.load_state_dict({"state": state, "param_groups": json.loads(meta["optim_groups"])})
+        groups = _meta_value(meta, "optim_groups", path)
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except CheckpointError:
+        raise
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"optimizer state in {str(path)!r} does not fit: {e}") from e
+    iteration = _meta_value(meta, "iteration", path)
+    if not isinstance(iteration, int) or iteration < 0:
+        raise CheckpointError(f"checkpoint {str(path)!r}: iteration {iteration!r} is not a count")
     return (
         model,
         opt,
-        int(meta["iteration"]),
-        json.loads(meta["trainer"]),
-        json.loads(meta["history"]),
+        iteration,
+        _meta_value(meta, "trainer", path),
+        _meta_value(meta, "history", path),
     )

@@ -94,3 +94,17 @@ def test_checkpoints_that_do_not_describe_their_model(tmp_path):
         save_file(tensors, tmp_path / "config.safetensors", {**meta, "model_config": config})
         with pytest.raises(CheckpointError, match=f"model_config metadata .*{match}"):
             load_model(tmp_path / "config.safetensors")
+    # a training checkpoint's own entries
+    m = tiny_model()
+    save_training(tmp_path / "t.safetensors", m, torch.optim.AdamW(m.parameters()), 3, {}, [])
+    tensors = load_file(tmp_path / "t.safetensors")
+    with safe_open(tmp_path / "t.safetensors", "pt") as f:
+        meta = f.metadata()
+    adamw = lambda model: torch.optim.AdamW(model.parameters())
+    for key in ("trainer", "history", "optim_groups", "optim_scalars", "iteration"):
+        save_file(tensors, tmp_path / "broken.safetensors", {**meta, key: "{broken"})
+        with pytest.raises(CheckpointError, match=f"broken.safetensors': its {key} metadata"):
+            load_training(tmp_path / "broken.safetensors", adamw)
+    save_file(tensors, tmp_path / "broken.safetensors", {**meta, "iteration": "-2"})
+    with pytest.raises(CheckpointError, match="iteration -2 is not a count"):
+        load_training(tmp_path / "broken.safetensors", adamw)
