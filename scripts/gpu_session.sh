@@ -67,7 +67,8 @@ gpu_tests() {  # extra arguments go to pytest (-k velocity)
   local par=()
   python3 -c "import xdist" 2>/dev/null && par=(-n 4)
   local rc=0
-  python3 -m pytest -q -ra --tb=short "${par[@]}" tests/kernels/test_cuda.py "$@" \
+  python3 -m pytest -q -ra --tb=short "${par[@]}" tests/kernels/test_cuda.py \
+    tests/kernels/test_random_inputs.py "$@" \
     > "$OUT/tests.log" 2>&1 || rc=$?
   tail -25 "$OUT/tests.log"
   return $rc

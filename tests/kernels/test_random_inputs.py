@@ -1,7 +1,8 @@
-"""Both ops on randomly drawn inputs, on every backend this machine runs, against float64 truths
-written here from their definitions (not kvpo_kernels.reference): shapes the fixed cases do not
-reach (head dims 1 to 256, one-token pages, empty batches and queries, rows of only routed-out or
-empty pages), every dtype, non-contiguous views, and gradients of both outputs.
+"""Both ops on randomly drawn inputs, on every backend this machine runs (the GPU ones on CUDA
+tensors where there is a GPU), against float64 truths written here from their definitions (not
+kvpo_kernels.reference): shapes the fixed cases do not reach (head dims 1 to 256, one-token pages,
+empty batches and queries, rows of only routed-out or empty pages), every dtype, non-contiguous
+views, and gradients of both outputs.
 """
 
 from __future__ import annotations
@@ -16,20 +17,34 @@ import kvpo_kernels
 from kvpo_kernels import _backend
 
 SEEDS = range(24)
-TRITON = _backend.triton_available() and _backend.triton_interpreted()
-if TRITON:  # and an interpreter that runs with this Triton and NumPy (test_triton.py says why not)
+INTERPRETED = _backend.triton_available() and _backend.triton_interpreted()
+if INTERPRETED:  # and an interpreter that runs with this Triton and NumPy (test_triton.py: why not)
     from kvpo_kernels.triton._common import interpreter_problem
 
-    TRITON = interpreter_problem() is None
+    INTERPRETED = interpreter_problem() is None
+GPU = torch.cuda.is_available()
+GPU_TRITON = GPU and _backend.triton_available() and not _backend.triton_interpreted()
 # float64 truth -> tolerance of each dtype's result (forward; the gradients get 10x)
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 6e-3, torch.bfloat16: 5e-2}
 
 
-BACKENDS = [
-    "cpu",
-    "reference",
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1")),
-]
+def _runs(native_cuda_op: str) -> list:
+    """(backend, device) pairs: every CPU backend here; on a GPU machine the GPU backends on CUDA
+    tensors (TRITON_INTERPRET=0, as scripts/gpu_session.sh sets it)."""
+    cuda = GPU and _backend.native_available() and _backend.native_cuda_available(native_cuda_op)
+    return [
+        ("cpu", "cpu"),
+        ("reference", "cpu"),
+        pytest.param(
+            "triton", "cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="TRITON_INTERPRET=1")
+        ),
+        pytest.param(
+            "triton", "cuda", marks=pytest.mark.skipif(not GPU_TRITON, reason="a GPU and Triton")
+        ),
+        pytest.param(
+            "cuda", "cuda", marks=pytest.mark.skipif(not cuda, reason="the CUDA kernels built")
+        ),
+    ]
 
 
 def _say(what: str):
@@ -42,7 +57,7 @@ def _layout(t: torch.Tensor, rng: random.Random) -> torch.Tensor:
     swapped in memory."""
     pick = rng.random()
     if pick < 0.3:
-        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
         wide[..., ::2] = t
         return wide[..., ::2]
     if pick < 0.6 and t.dim() >= 2:
@@ -70,14 +85,23 @@ def _attention_truth(q, k, v, table, lens, scale):
     return out, lse
 
 
-def _draw_attention(seed: int, backend: str):
+def _dtypes(backend: str, device: str) -> list[torch.dtype]:
+    if device == "cuda":  # the GPU kernels take 16- and 32-bit floats
+        return [torch.float32, torch.float16, torch.bfloat16]
+    # the interpreter mishandles bfloat16
+    return [torch.float32, torch.float16] if backend == "triton" else list(TOL)
+
+
+def _draw_attention(seed: int, backend: str, device: str = "cpu"):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    small = backend == "triton"  # the interpreter runs a program at a time
-    dtype = rng.choice([torch.float32, torch.float16] if small else list(TOL))
+    small = backend == "triton" and device == "cpu"  # the interpreter runs a program at a time
+    dtype = rng.choice(_dtypes(backend, device))
     Hkv = rng.choice([1, 2, 3])
     H = Hkv * rng.choice([1, 2, 4])
     D = rng.choice([8, 16, 32, 64] if small else [1, 3, 16, 33, 64, 80, 128, 256])
+    if backend == "cuda":  # the CUDA forward: tensor cores, head dim 64 or 128
+        dtype, D = rng.choice([torch.float16, torch.bfloat16]), rng.choice([64, 128])
     B = rng.choice([0, 1, 3, 5]) if rng.random() < 0.15 else rng.choice([1, 2, 3])
     Lq = rng.choice([0, 1, 5, 17] if small else [0, 1, 2, 17, 64, 130])
     P, page_size = rng.choice([1, 2, 5, 9]), rng.choice([1, 3, 16] if small else [1, 3, 16, 36])
@@ -99,14 +123,18 @@ def _grads_of(out, lse, inputs, dout, dlse):
     if not loss.requires_grad:  # no row kept a token: every gradient is zero
         return [torch.zeros(x.shape, dtype=torch.float64) for x in inputs]
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+    return [
+        (torch.zeros_like(x) if g is None else g).cpu() for g, x in zip(grads, inputs, strict=True)
+    ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), _runs("routed_attn_fwd"))
 @pytest.mark.parametrize("seed", SEEDS)
-def test_routed_attention_on_random_inputs(backend, seed):
-    rng, gen, dtype, (q, k, v, table, lens, scale) = _draw_attention(seed, backend)
-    what = f"seed {seed}, {backend}, {dtype}, q {tuple(q.shape)}, pages {tuple(k.shape)}"
+def test_routed_attention_on_random_inputs(backend, device, seed):
+    rng, gen, dtype, (q, k, v, table, lens, scale) = _draw_attention(seed, backend, device)
+    what = (
+        f"seed {seed}, {backend} on {device}, {dtype}, q {tuple(q.shape)}, pages {tuple(k.shape)}"
+    )
     # the truth of what the kernel is given: inputs and output gradient rounded to dtype, the
     # lse gradient to float32
     truth_in = [x.to(dtype).double().requires_grad_() for x in (q, k, v)]
@@ -115,10 +143,12 @@ def test_routed_attention_on_random_inputs(backend, seed):
     dlse = torch.randn(want_lse.shape, generator=gen, dtype=torch.float64).float().double()
     want = _grads_of(want_out, want_lse, truth_in, dout, dlse)
 
-    args = [_layout(x.to(dtype), rng).requires_grad_() for x in (q, k, v)]
+    args = [_layout(x.to(device, dtype), rng).requires_grad_() for x in (q, k, v)]
+    lens = None if lens is None else lens.to(device)
     out, lse = kvpo_kernels.routed_attention(
-        *args, _layout(table, rng), lens, scale=scale, backend=backend
+        *args, _layout(table.to(device), rng), lens, scale=scale, backend=backend
     )
+    out, lse = out.cpu(), lse.cpu()
     assert out.dtype == dtype and out.shape == want_out.shape, what
     assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse)), what
     tol = TOL[dtype]
@@ -135,13 +165,13 @@ def test_routed_attention_on_random_inputs(backend, seed):
         )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), _runs("velocity_energy_fwd"))
 @pytest.mark.parametrize("seed", SEEDS)
-def test_velocity_energy_on_random_inputs(backend, seed):
+def test_velocity_energy_on_random_inputs(backend, device, seed):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    small = backend == "triton"
-    dtype = rng.choice([torch.float32, torch.float16] if small else list(TOL))
+    small = backend == "triton" and device == "cpu"
+    dtype = rng.choice(_dtypes(backend, device))
     G, S = rng.choice([1, 2, 3, 8]), rng.choice([1, 2, 5])
     rest = rng.choice(
         [(), (7,), (3, 5), (300,)] if small else [(), (1,), (3, 5), (4100,), (33, 65)]
@@ -149,36 +179,38 @@ def test_velocity_energy_on_random_inputs(backend, seed):
     pred = torch.randn(G, S, *rest, generator=gen, dtype=torch.float64)
     ref = pred + torch.randn(G, S, *rest, generator=gen, dtype=torch.float64)
     kind = rng.choice(["none", "[S]", "[G, S]", "[S] expanded", "[S, G] transposed"])
+    # the float32 weight the op is given, in the layout drawn (read in place, never copied)
     w = {
-        "none": None,
-        "[S]": torch.rand(S, generator=gen, dtype=torch.float64),
-        "[G, S]": torch.rand(G, S, generator=gen, dtype=torch.float64),
-        "[S] expanded": torch.rand(S, generator=gen, dtype=torch.float64).expand(G, S),
-        "[S, G] transposed": torch.rand(S, G, generator=gen, dtype=torch.float64).t(),
-    }[kind]
+        "none": lambda: None,
+        "[S]": lambda: torch.rand(S, generator=gen).to(device),
+        "[G, S]": lambda: torch.rand(G, S, generator=gen).to(device),
+        "[S] expanded": lambda: torch.rand(S, generator=gen).to(device).expand(G, S),
+        "[S, G] transposed": lambda: torch.rand(S, G, generator=gen).to(device).t(),
+    }[kind]()
     reduction = rng.choice(["sum", "mean"])
-    what = f"seed {seed}, {backend}, {dtype}, {(G, S, *rest)}, weight {kind}, {reduction}"
+    what = (
+        f"seed {seed}, {backend} on {device}, {dtype}, {(G, S, *rest)}, weight {kind}, {reduction}"
+    )
 
-    if w is not None:
-        w = w.float().double()  # the float32 weight the op is given, exactly
     # the truth of what the op is given: the velocities rounded to dtype
     truth_in = [x.to(dtype).double().requires_grad_() for x in (pred, ref)]
     sq = (truth_in[0] - truth_in[1]).square().reshape(G, S, -1)
     per_step = sq.mean(-1) if reduction == "mean" and sq.shape[-1] else sq.sum(-1)
-    want = (per_step * (1.0 if w is None else w)).sum(1)
+    want = (per_step * (1.0 if w is None else w.cpu().double())).sum(1)
     grad = torch.randn(G, generator=gen, dtype=torch.float64)
     want_grads = torch.autograd.grad((want * grad).sum(), truth_in)
 
-    args = [_layout(x.to(dtype), rng).requires_grad_() for x in (pred, ref)]
-    w_op = None if w is None else w.float()
-    got = kvpo_kernels.velocity_energy(*args, w_op, reduction, backend=backend)
+    args = [_layout(x.to(device, dtype), rng).requires_grad_() for x in (pred, ref)]
+    got = kvpo_kernels.velocity_energy(*args, w, reduction, backend=backend)
     assert got.shape == (G,) and got.dtype == _backend.acc_dtype(dtype), what
-    torch.testing.assert_close(got.double(), want.detach(), atol=1e-6, rtol=1e-5, msg=_say(what))
-    got_grads = torch.autograd.grad((got.double() * grad).sum(), args)
+    torch.testing.assert_close(
+        got.cpu().double(), want.detach(), atol=1e-6, rtol=1e-5, msg=_say(what)
+    )
+    got_grads = torch.autograd.grad((got.double() * grad.to(device)).sum(), args)
     for name, g, w_ in zip(("d_pred", "d_ref"), got_grads, want_grads, strict=True):
         assert g.dtype == dtype, what
         size = max(1e-6, w_.abs().max().item()) if w_.numel() else 1.0
         tol = 10 * TOL[dtype]
         torch.testing.assert_close(
-            g.double(), w_, atol=tol * size, rtol=tol, msg=_say(f"{what}: {name}")
+            g.cpu().double(), w_, atol=tol * size, rtol=tol, msg=_say(f"{what}: {name}")
         )
