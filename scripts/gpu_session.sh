@@ -2,13 +2,14 @@
 # What a session with a lent GPU machine runs, in few long calls; logs and tables go under $OUT.
 #
 #   bash scripts/gpu_session.sh all     # one call (a 15-minute lease): build, the GPU tests, the
-#                                       # main tables, 2 trainer iterations, then the sweep with
+#                                       # main tables, 2 trainer iterations, the random-input
+#                                       # tests on the GPU backends, then the sweep with
 #                                       # whatever time is left (BUDGET_S, default 560 s)
 #   bash scripts/gpu_session.sh check   # build with CUDA, GPU tests, the main tables, 2 trainer
-#                                       # iterations
+#                                       # iterations, the random-input tests
 #   bash scripts/gpu_session.sh suite   # the full GPU suite (main tables, cache length x G sweep)
 #   bash scripts/gpu_session.sh velocity  # build, velocity_energy's GPU tests and tables (about
-#                                       # 2 minutes: no FlexAttention compile)
+#                                       # 2 minutes: no FlexAttention compile), its random draws
 #   bash scripts/gpu_session.sh wan     # Wan2.1-1.3B's shape (random weights): the adapter's
 #                                       # chunk step against diffusers, one KVPO iteration
 #
@@ -67,10 +68,17 @@ gpu_tests() {  # extra arguments go to pytest (-k velocity)
   local par=()
   python3 -c "import xdist" 2>/dev/null && par=(-n 4)
   local rc=0
-  python3 -m pytest -q -ra --tb=short "${par[@]}" tests/kernels/test_cuda.py \
-    tests/kernels/test_random_inputs.py "$@" \
+  python3 -m pytest -q -ra --tb=short "${par[@]}" tests/kernels/test_cuda.py "$@" \
     > "$OUT/tests.log" 2>&1 || rc=$?
   tail -25 "$OUT/tests.log"
+  return $rc
+}
+gpu_random() {  # random draws on the GPU backends (Triton compiles and autotunes each new shape:
+  # a step of its own, after the measurements); the argument narrows pytest's -k
+  local rc=0
+  python3 -m pytest -q -ra --tb=short tests/kernels/test_random_inputs.py -k "cuda ${1:-}" \
+    > "$OUT/random.log" 2>&1 || rc=$?
+  tail -25 "$OUT/random.log"
   return $rc
 }
 train_two() {
@@ -92,19 +100,21 @@ train_two() {
   tail -12 "$OUT/train.log"
   return $rc
 }
-export -f gpu_tests train_two  # `timeout` runs them through `bash -c`
+export -f gpu_tests gpu_random train_two  # `timeout` runs them through `bash -c`
 
 case "$stage" in
   all)
     step tests 170 bash -c gpu_tests
     step main 240 python3 -m benchmarks.gpu_suite --part main --out "$OUT/gpu_main.md"
     step train 120 bash -c train_two
+    step random 120 bash -c gpu_random
     step sweep 600 python3 -m benchmarks.gpu_suite --part sweep --out "$OUT/gpu_sweep.md"
     ;;
   check)
     step tests 300 bash -c gpu_tests
     step main 300 python3 -m benchmarks.gpu_suite --part main --out "$OUT/gpu_main.md"
     step train 180 bash -c train_two
+    step random 180 bash -c gpu_random
     ;;
   suite)
     step suite 600 python3 -m benchmarks.gpu_suite --out "$OUT/gpu.md"
@@ -112,6 +122,7 @@ case "$stage" in
   velocity)
     step tests 120 bash -c "gpu_tests -k velocity"
     step velocity 120 python3 -m benchmarks.gpu_suite --part velocity --out "$OUT/gpu_velocity.md"
+    step random 90 bash -c "gpu_random 'and velocity'"
     ;;
   wan)
     # The device reaches no index: diffusers, if the image lacks it, comes from wheels carried
