@@ -71,7 +71,11 @@ def report(env: dict) -> str:
             if env["triton_interpret"]
             else ""
         ),
-        "compiled extension kvpo_kernels._C: "
+        (
+            f"compiled kernels from KVPO_NATIVE_LIBRARY={library}: "
+            if (library := env["switches"].get("KVPO_NATIVE_LIBRARY"))
+            else "compiled extension kvpo_kernels._C: "
+        )
         + (
             "built; CUDA kernels: " + (", ".join(env["native_cuda_kernels"]) or "none")
             if env["native_extension"]

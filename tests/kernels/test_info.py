@@ -37,3 +37,13 @@ def test_a_backend_that_cannot_run_here_says_why(monkeypatch):
 def test_json_output(capsys):
     env = main(["--json"])
     assert json.loads(capsys.readouterr().out) == env
+
+
+def test_the_report_names_the_library_the_kernels_came_from(monkeypatch):
+    """With KVPO_NATIVE_LIBRARY (a sanitizer build), not kvpo_kernels._C."""
+    env = environment()
+    assert "compiled extension kvpo_kernels._C: " in report(env)
+    env["switches"] = {"KVPO_NATIVE_LIBRARY": "/b/libkvpo_ops.so"}
+    text = report(env)
+    assert "compiled kernels from KVPO_NATIVE_LIBRARY=/b/libkvpo_ops.so: " in text
+    assert "kvpo_kernels._C" not in text
