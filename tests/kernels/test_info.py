@@ -41,6 +41,7 @@ def test_json_output(capsys):
 
 def test_the_report_names_the_library_the_kernels_came_from(monkeypatch):
     """With KVPO_NATIVE_LIBRARY (a sanitizer build), not kvpo_kernels._C."""
+    monkeypatch.delenv("KVPO_NATIVE_LIBRARY", raising=False)
     env = environment()
     assert "compiled extension kvpo_kernels._C: " in report(env)
     env["switches"] = {"KVPO_NATIVE_LIBRARY": "/b/libkvpo_ops.so"}
