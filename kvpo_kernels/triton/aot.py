@@ -259,10 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="default: all")
     parser.add_argument("--json", help="write the records to this file")
     parser.add_argument(
+        "--head_dim", type=int, action="append", help=f"default: {', '.join(map(str, HEAD_DIMS))}"
+    )
+    parser.add_argument(
         "--check", action="store_true", help="exit 1 if a launch spills or overflows shared memory"
     )
     args = parser.parse_args(argv)
-    records = compile_all(tuple(args.arch or ARCHS))
+    records = compile_all(tuple(args.arch or ARCHS), head_dims=tuple(args.head_dim or HEAD_DIMS))
     print(table(records))
     if args.json:
         with open(args.json, "w") as f:

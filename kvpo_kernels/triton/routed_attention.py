@@ -77,6 +77,12 @@ DKDV_SMALL_PAGE_TILES: dict[tuple[int, int], Tiles] = {
 INTERPRETER_TILES = Tiles(16, 16, 4, 1)
 
 
+def block_d(head_dim: int) -> int:
+    """The head-dim tile: a power of two, at least 16 (tl.dot's smallest operand dimension on the
+    GPU; masked loads fill the rest, as for a head dim of 33)."""
+    return max(16, next_pow2(head_dim))
+
+
 def tiles_key(dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
     return (4 if dtype == torch.float32 else 2, max(64, next_pow2(head_dim)))
 
@@ -356,7 +362,7 @@ def fwd_launch(
     )  # fmt: skip
     meta = dict(
         GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=q.dtype == torch.float32,
-        BLOCK_D=next_pow2(D),
+        BLOCK_D=block_d(D),
     )  # fmt: skip
     return Launch(_fwd_kernel, grid, args, meta)
 
@@ -414,7 +420,7 @@ def bwd_launches(
     P = k_pages.shape[0]
     lens = page_lens if page_lens is not None else page_table
     common = dict(GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=q.dtype == torch.float32,
-                  BLOCK_D=next_pow2(D))  # fmt: skip
+                  BLOCK_D=block_d(D))  # fmt: skip
     dq_args = (
         q, k_pages, v_pages, page_table, lens, dout, lse, delta, dq, scale,
         q.stride(0), q.stride(1), q.stride(2),

@@ -120,3 +120,18 @@ def test_velocity_energy_forward_fills_an_sm(records):
     assert len(fwd) == 12
     for r in fwd:
         assert r["num_warps"] == 8 and r["registers"] <= 32, r
+
+
+def test_head_dims_below_tl_dots_smallest_compile(tmp_path):
+    """D < 16 (1, 3, 8) runs on a head-dim tile of 16, masked: tl.dot takes no operand dimension
+    under 16, so a tile of D's own power of two did not compile."""
+    out = tmp_path / "records.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [sys.executable, "-m", "kvpo_kernels.triton.aot", "--arch", "sm_80", "--head_dim", "3",
+         "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-6000:]
+    kernels = {r["kernel"] for r in json.loads(out.read_text()) if r["head_dim"]}
+    assert kernels == set(ATTENTION)
