@@ -211,7 +211,8 @@ def routed_attention(
         log-sum-exp of the scaled scores. A row that keeps no token gives out = 0, lse = -inf.
 
     Differentiable in q, k_pages and v_pages (gradients of a page shared by rows are summed), and
-    through both outputs. Page indices are validated (one reduction; a host sync on CUDA).
+    through both outputs. Page indices and lengths are validated (one host sync per call on
+    CUDA). Any strides are taken (the kernels read contiguous copies of strided inputs).
     """
     _checks.check_routed_attention(q, k_pages, v_pages, page_table, page_lens)
     scale = _checks.check_scale(scale, q.shape[-1])
