@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -168,3 +169,13 @@ def assert_strided_velocity_energy(backend: str) -> None:
     got = run(kernel, strided_copy(a.float()), strided_copy(b.float()))
     for name, x, y in zip(("energy", "d_pred", "d_ref"), got, ref, strict=True):
         assert_rel(x, y, 1e-5, f"{backend} strided {name}")
+
+
+def run_ok(cmd, **kw) -> subprocess.CompletedProcess:
+    """``cmd`` run to completion, its output captured; a failure shows the command and the
+    ends of its output."""
+    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert res.returncode == 0, (
+        f"{' '.join(map(str, cmd))}\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
+    )
+    return res

@@ -3,10 +3,10 @@ sm_80 and sm_90a through CMake, without a register spill in any kernel, and the 
 through the host compiler."""
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import run_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -14,14 +14,6 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 pytestmark = pytest.mark.skipif(
     shutil.which("nvcc") is None or shutil.which("cmake") is None, reason="needs nvcc and cmake"
 )
-
-
-def _run(cmd, **kw):
-    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    assert res.returncode == 0, (
-        f"{' '.join(map(str, cmd))}\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
-    )
-    return res
 
 
 def test_cuda_sources_exist():
@@ -35,7 +27,7 @@ def test_cuda_sources_exist():
 
 def test_cmake_compiles_every_cu_for_sm80_and_sm90a(tmp_path):
     build = tmp_path / "build"
-    _run(
+    run_ok(
         [
             "cmake",
             "-S",
@@ -46,7 +38,7 @@ def test_cmake_compiles_every_cu_for_sm80_and_sm90a(tmp_path):
             f"-DCMAKE_CUDA_COMPILER={shutil.which('nvcc')}",
         ]
     )
-    res = _run(["cmake", "--build", str(build), "-j", "2"])
+    res = run_ok(["cmake", "--build", str(build), "-j", "2"])
     # -warn-spills: ptxas names every kernel that spills registers to local memory
     assert "spill" not in res.stdout + res.stderr, res.stdout + res.stderr
     objects = list(build.rglob("*.cu.o"))
@@ -75,7 +67,7 @@ def test_torch_binding_compiles(tmp_path):
     shim.mkdir(parents=True)
     (shim / "cuda_cmake_macros.h").write_text("")
     includes = [f"-I{p}" for p in torch_ext.include_paths()]
-    _run(
+    run_ok(
         [
             cxx,
             "-std=c++20",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(
@@ -27,22 +28,14 @@ def _runtime(name: str) -> str:
     return path
 
 
-def _run(cmd, **kw) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    assert res.returncode == 0, (
-        f"{' '.join(map(str, cmd))}\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
-    )
-    return res
-
-
 def test_cpu_kernels_under_address_and_undefined_behaviour_sanitizers(tmp_path):
     preload = f"{_runtime('libasan.so')}:{_runtime('libubsan.so')}"
     build = tmp_path / "build"
-    _run([
+    run_ok([
         "cmake", "-S", str(ROOT), "-B", str(build), "-DKVPO_SANITIZE=ON", "-DKVPO_WITH_CUDA=OFF",
         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
     ])  # fmt: skip
-    _run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)])
+    run_ok(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)])
     library = build / "libkvpo_ops.so"
     env = {
         **os.environ,
@@ -66,7 +59,7 @@ def test_cpu_kernels_under_address_and_undefined_behaviour_sanitizers(tmp_path):
     assert not reports, reports
     assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     # the tests ran the sanitized library, not kvpo_kernels._C
-    probe = _run(
+    probe = run_ok(
         [sys.executable, "-c", "import kvpo_kernels, torch; print(open('/proc/self/maps').read())"],
         env=env,
     )

@@ -10,10 +10,10 @@ attention.
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from helpers import run_ok
 
 triton = pytest.importorskip("triton")
 try:
@@ -31,19 +31,20 @@ ATTENTION = ("routed_attention.fwd", "routed_attention.bwd_dq", "routed_attentio
 ENERGY = ("velocity_energy.fwd", "velocity_energy.fwd_partials", "velocity_energy.bwd")
 
 
+def _compile(out, *args: str, timeout: int) -> list[dict]:
+    """The records of ``python -m kvpo_kernels.triton.aot ARGS``, run without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run_ok(
+        [sys.executable, "-m", "kvpo_kernels.triton.aot", *args, "--json", str(out)],
+        env=env,
+        timeout=timeout,
+    )
+    return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aot") / "records.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(
-        [sys.executable, "-m", "kvpo_kernels.triton.aot", "--json", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    assert res.returncode == 0, res.stderr[-6000:]
-    return json.loads(out.read_text())
+    return _compile(tmp_path_factory.mktemp("aot") / "records.json", timeout=3600)
 
 
 def test_every_launch_is_compiled_for_every_arch(records):
@@ -125,13 +126,7 @@ def test_velocity_energy_forward_fills_an_sm(records):
 def test_head_dims_below_tl_dots_smallest_compile(tmp_path):
     """D < 16 (1, 3, 8) runs on a head-dim tile of 16, masked: tl.dot takes no operand dimension
     under 16, so a tile of D's own power of two did not compile."""
-    out = tmp_path / "records.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(
-        [sys.executable, "-m", "kvpo_kernels.triton.aot", "--arch", "sm_80", "--head_dim", "3",
-         "--json", str(out)],
-        env=env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-6000:]
-    kernels = {r["kernel"] for r in json.loads(out.read_text()) if r["head_dim"]}
-    assert kernels == set(ATTENTION)
+    records = _compile(
+        tmp_path / "records.json", "--arch", "sm_80", "--head_dim", "3", timeout=1200
+    )
+    assert {r["kernel"] for r in records if r["head_dim"]} == set(ATTENTION)
