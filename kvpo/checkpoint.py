@@ -254,11 +254,9 @@ def load_training(
     for i, st in scalars.items():
         for name, val in st.items():
             state.setdefault(int(i), {})[name] = torch.tensor(val)
+    groups = _meta_value(meta, "optim_groups", path)
     try:
-        groups = _meta_value(meta, "optim_groups", path)
         opt.load_state_dict({"state": state, "param_groups": groups})
-    except CheckpointError:
-        raise
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"optimizer state in {str(path)!r} does not fit: {e}") from e
     iteration = _meta_value(meta, "iteration", path)

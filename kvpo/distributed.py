@@ -116,20 +116,20 @@ def average_gradients(params: list[torch.nn.Parameter], bucket_mib: float = BUCK
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    limit = bucket_mib * 2**20
-    pending: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], int]] = {}
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for p in params:
-        key = (p.grad.dtype, p.grad.device)
-        grads, size = pending.get(key, ([], 0))
-        grads.append(p.grad)
-        size += p.grad.numel() * p.grad.element_size()
-        if size >= limit:
-            _all_reduce_mean(grads, world)
-            grads, size = [], 0
-        pending[key] = (grads, size)
-    for grads, _ in pending.values():
-        if grads:
-            _all_reduce_mean(grads, world)
+        by_kind.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    limit = bucket_mib * 2**20
+    for grads in by_kind.values():  # every rank walks the same order: the same collectives
+        bucket, size = [], 0
+        for g in grads:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+            if size >= limit:
+                _all_reduce_mean(bucket, world)
+                bucket, size = [], 0
+        if bucket:
+            _all_reduce_mean(bucket, world)
 
 
 def _all_reduce_mean(grads: list[torch.Tensor], world: int) -> None:

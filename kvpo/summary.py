@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"error: --metric {args.metric!r}: a held-out metric, eval_...")
     try:
         rows = [summarize(run, args.metric) for run in args.runs]
-        logged = {k for run in args.runs for r in read_rows(run / "metrics.jsonl") for k in r}
-        if args.metric not in logged:  # a typo, not a metric these runs happen to lack
+        if all(row["first"] is None for row in rows):  # a typo, not a metric a run lacks
+            logged = {k for run in args.runs for r in read_rows(run / "metrics.jsonl") for k in r}
             held_out = sorted(k for k in logged if k.startswith("eval_"))
             raise ValueError(f"--metric {args.metric!r}: no run logged it; they logged {held_out}")
         per = prompt_table(args.runs, args.metric) if args.prompts else None

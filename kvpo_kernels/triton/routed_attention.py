@@ -77,10 +77,10 @@ DKDV_SMALL_PAGE_TILES: dict[tuple[int, int], Tiles] = {
 INTERPRETER_TILES = Tiles(16, 16, 4, 1)
 
 
-def block_d(head_dim: int) -> int:
-    """The head-dim tile: a power of two, at least 16 (tl.dot's smallest operand dimension on the
-    GPU; masked loads fill the rest, as for a head dim of 33)."""
-    return max(16, next_pow2(head_dim))
+def dot_block(n: int) -> int:
+    """A tile holding ``n`` (head dims, a page's keys): a power of two, at least 16, tl.dot's
+    smallest operand dimension on the GPU; masked loads fill the rest, as for a head dim of 33."""
+    return max(16, next_pow2(n))
 
 
 def tiles_key(dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
@@ -88,9 +88,8 @@ def tiles_key(dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
 
 
 def _cap_n(t: Tiles, page_size: int) -> Tiles:
-    """A block of keys never spans pages: cap it at the page size (a power of two, at least 16:
-    the smallest tl.dot)."""
-    return t._replace(block_n=min(t.block_n, max(16, next_pow2(page_size))))
+    """A block of keys never spans pages: cap it at the page size's :func:`dot_block`."""
+    return t._replace(block_n=min(t.block_n, dot_block(page_size)))
 
 
 def _config(t: Tiles) -> triton.Config:
@@ -362,7 +361,7 @@ def fwd_launch(
     )  # fmt: skip
     meta = dict(
         GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=q.dtype == torch.float32,
-        BLOCK_D=block_d(D),
+        BLOCK_D=dot_block(D),
     )  # fmt: skip
     return Launch(_fwd_kernel, grid, args, meta)
 
@@ -420,7 +419,7 @@ def bwd_launches(
     P = k_pages.shape[0]
     lens = page_lens if page_lens is not None else page_table
     common = dict(GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=q.dtype == torch.float32,
-                  BLOCK_D=block_d(D))  # fmt: skip
+                  BLOCK_D=dot_block(D))  # fmt: skip
     dq_args = (
         q, k_pages, v_pages, page_table, lens, dout, lse, delta, dq, scale,
         q.stride(0), q.stride(1), q.stride(2),

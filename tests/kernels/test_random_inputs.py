@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from helpers import permuted_copy
 
 import kvpo_kernels
 from kvpo_kernels import _backend
@@ -67,7 +68,7 @@ def _layout(t: torch.Tensor, rng: random.Random) -> torch.Tensor:
         wide[..., ::2] = t
         return wide[..., ::2]
     if pick < 0.6 and t.dim() >= 2:
-        return t.transpose(0, 1).contiguous().transpose(0, 1)
+        return permuted_copy(t, 0, 1)
     return t
 
 
