@@ -9,6 +9,7 @@ cache.
 import copy
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -75,13 +76,13 @@ class MaskedProcessor(WanAttnProcessor):
         return super().__call__(attn, hidden_states, None, self.mask, rotary_emb)
 
 
-def reference(ref, z, timestep, text, mask=None):
+def reference(ref, z, timestep, text, mask=None, patch=(2, 2)):
     """diffusers' forward: z [N, F, C, h, w], timestep [N] or [N, tokens] (0..1000) -> tokens."""
     if mask is not None:
         for block in ref.blocks:
             block.attn1.set_processor(MaskedProcessor(mask))
     out = ref(z.transpose(1, 2), timestep, text, return_dict=False)[0]
-    return patchify(out.transpose(1, 2), 2, 2)
+    return patchify(out.transpose(1, 2), *patch)
 
 
 def test_one_chunk_over_the_whole_clip_is_the_bidirectional_forward():
@@ -139,6 +140,63 @@ def test_streaming_with_routed_cache_is_the_block_causal_forward():
     )
     assert (got[1, -c * T :] - full[0, -c:].flatten(0, 1)).abs().max() > 1e-3
     torch.testing.assert_close(got[1, : -c * T], full[0, :-c].flatten(0, 1), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_streaming_is_the_block_causal_forward_on_random_layouts(seed):
+    """Random transformer shapes (heads, head dim, patch, layers, fused q/k/v projections), latent
+    sizes, chunk layouts, per-chunk timesteps, cache page ids and routing (any history frame of
+    any chunk dropped per row): the streamed velocities are diffusers' forward with per-token
+    timesteps and that row's mask."""
+    rng = random.Random(seed)
+    heads, head_dim = rng.choice([1, 2, 3]), rng.choice([8, 12, 16, 20])
+    ph, pw = rng.choice([1, 2]), rng.choice([1, 2])
+    h, w = ph * rng.randint(1, 3), pw * rng.randint(1, 3)
+    c, nC = rng.randint(1, 3), rng.randint(1, 3)
+    F, T, R = c * nC, (h // ph) * (w // pw), 2
+    torch.manual_seed(seed)
+    tf = WanTransformer3DModel(
+        patch_size=(1, ph, pw), num_attention_heads=heads, attention_head_dim=head_dim,
+        in_channels=C, out_channels=C, text_dim=TEXT_DIM, freq_dim=16, ffn_dim=24,
+        num_layers=rng.randint(1, 2), rope_max_seq_len=32,
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in tf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tf = tf.double()
+    ref = copy.deepcopy(tf)
+    if rng.random() < 0.5:
+        for block in tf.blocks:
+            block.attn1.fuse_projections()
+    gen = WanStreamingGenerator(tf, text_encoder, (C, h, w), F, c)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(R, F, C, h, w, generator=g, dtype=torch.float64)
+    t_chunk = torch.rand(R, nC, generator=g, dtype=torch.float64)
+    prompts = [f"prompt {seed} {r}" for r in range(R)]
+    cond = gen.encode_prompts(prompts)
+    cache = gen.new_cache(R * F + 3)
+    page_of = torch.randperm(R * F + 3, generator=g)[: R * F].view(R, F)  # page of (row, frame)
+    dropped = torch.rand(R, nC, F, generator=g) < 0.4  # [row, query chunk, key frame]
+    tokens = patchify(z, ph, pw)
+    outs = []
+    for j in range(nC):
+        now = slice(j * c, (j + 1) * c)
+        dropped[:, j, j * c :] = False  # a chunk always sees itself
+        table = page_of[:, : (j + 1) * c].masked_fill(dropped[:, j, : (j + 1) * c], -1)
+        fi = torch.arange(j * c, (j + 1) * c).expand(R, c)
+        x = tokens[:, now].flatten(1, 2)
+        outs.append(gen(x, t_chunk[:, j], cond, fi, table.int(), cache, page_of[:, now]))
+    got = torch.cat(outs, dim=1)
+
+    chunk = torch.arange(F * T) // (c * T)
+    frame = torch.arange(F * T) // T
+    for row in range(R):
+        mask = (chunk[None, :] <= chunk[:, None]) & ~dropped[row][chunk[:, None], frame[None, :]]
+        timestep = (t_chunk[row, chunk] * 1000.0)[None]
+        want = reference(
+            ref, z[row : row + 1], timestep, text_encoder([prompts[row]]), mask, (ph, pw)
+        )
+        torch.testing.assert_close(got[row], want[0].flatten(0, 1), rtol=1e-9, atol=1e-10)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
