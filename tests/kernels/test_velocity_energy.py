@@ -140,6 +140,28 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(a2.grad, a1.grad)
 
 
+def test_compile_with_dynamic_shapes_compiles_once():
+    """One graph serves every G, S and velocity shape (the fake kernel specializes on no size)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def fn(a, b, w):
+        return torch.softmax(-kvpo_kernels.velocity_energy(a, b, w, "mean"), 0)[0]
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=counter)
+    for shape in ((3, 2, 5, 7), (4, 5, 6, 9), (6, 7, 8, 11)):
+        v_pred, v_ref, weight = _inputs(shape, "branch_step", torch.float32)
+        results = []
+        for f in (fn, compiled):
+            a = v_pred.clone().requires_grad_()
+            p = f(a, v_ref, weight.float())
+            p.backward()
+            results.append((p, a.grad))
+        for want, got in zip(*results, strict=True):
+            torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1
+
+
 @pytest.mark.parametrize("weight_kind", ["none", "step"])
 def test_the_weight_reaches_the_op_without_a_copy(weight_kind):
     """A [S] weight arrives at the op as a stride-0 view over G and None as None: a call on a GPU
