@@ -1,8 +1,9 @@
 """The trainer on this machine: seconds per KVPO iteration by stage, and rollout memory with the
-pre-window pages shared by table against copied per branch (G = 8).
+pre-window pages shared by table against copied per branch, and with the branches rolled out a
+few at a time (``branches_per_pass``, ``--rollout_branches``) (G = 8).
 
     python -m benchmarks.trainer_bench              # prints a Markdown table
-    python -m benchmarks.trainer_bench rollout-peak shared|copied   # one measurement, fresh process
+    python -m benchmarks.trainer_bench rollout-peak MODE   # one measurement, fresh process
 
 Peak memory of a rollout is measured in a fresh process per mode (sampled resident set); the KV
 page bytes are exact.
@@ -29,16 +30,33 @@ from kvpo.train import train
 G = 8
 
 
-def _rollout_args(share: bool):
+# rollout modes: (pre-window pages shared, branches per pass (0: all)), as the table names them
+MODES = {
+    "shared": (True, 0),
+    "copied": (False, 0),
+    "passes-2": (True, 2),
+    "passes-1": (True, 1),
+}
+LABELS = {
+    "shared": "shared pre-window pages",
+    "copied": "copied pre-window pages",
+    "passes-2": "shared, 2 branches per pass",
+    "passes-1": "shared, 1 branch per pass",
+}
+
+
+def _rollout_args(mode: str):
+    share, per_pass = MODES[mode]
     model = load_model(BASE_CHECKPOINT).eval()
     nC = model.num_frames // model.chunk_frames
     _, prompts = data.split_prompts()
-    spec = RolloutSpec(group_size=G, window=(2, 4), p_keep=0.5, share_pages=share, anchor=False)
+    spec = RolloutSpec(group_size=G, window=(2, 4), p_keep=0.5, share_pages=share, anchor=False,
+                       branches_per_pass=per_pass)  # fmt: skip
     return model, [[p] * nC for p in prompts[:4]], spec
 
 
 def rollout_peak(mode: str) -> dict:
-    model, prompts, spec = _rollout_args(mode == "shared")
+    model, prompts, spec = _rollout_args(mode)
     ro = rollout(model, prompts, spec, torch.Generator().manual_seed(0))  # warm up
     t0 = time.perf_counter()
     peak = peak_rss_mib(lambda: rollout(model, prompts, spec, torch.Generator().manual_seed(0)), 2)
@@ -73,13 +91,13 @@ def stage_times(iterations: int = 4) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", nargs="?", default="table", choices=["table", "rollout-peak"])
-    ap.add_argument("mode", nargs="?", default="shared", choices=["shared", "copied"])
+    ap.add_argument("mode", nargs="?", default="shared", choices=list(MODES))
     args = ap.parse_args()
     if args.what == "rollout-peak":
         print(json.dumps(rollout_peak(args.mode)))
         return
     mem = {}
-    for mode in ("shared", "copied"):
+    for mode in MODES:
         res = subprocess.run(
             [sys.executable, "-m", "benchmarks.trainer_bench", "rollout-peak", mode],
             capture_output=True,
@@ -100,10 +118,7 @@ def main() -> None:
     print("\n| rollout (4 prompts x G = 8) | KV pages MiB | peak RSS MiB | seconds |")
     print("| --- | ---: | ---: | ---: |")
     for mode, m in mem.items():
-        print(
-            f"| {mode} pre-window pages | {m['kv_mib']:.1f} | {m['peak_mib']:.1f} | "
-            f"{m['seconds']:.2f} |"
-        )
+        print(f"| {LABELS[mode]} | {m['kv_mib']:.1f} | {m['peak_mib']:.1f} | {m['seconds']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,9 @@ class TrainConfig:
     explore: str = "routing"  # routing: KVPO | sde: the Flow-GRPO baseline
     sde_noise: float = 0.7  # the SDE's a in sigma_t = a sqrt(t / (1 - t)) (explore=sde)
     group_size: int = 6  # G branches per prompt
+    # The KV cache then holds the shared prefix and one pass's pages; routing and noise are
+    # drawn for all branches first, so any value makes the same branches.
+    rollout_branches: int = 0  # from the fork on, branches per group rolled out at a time (0: all)
     window: tuple[int, int] = (2, 6)  # perturbed chunks [w0, w1)
     window_shift: int = 0  # each iteration the window starts 0..window_shift chunks later
     # drop: each droppable history frame kept with probability p_keep | sample: the local window's
@@ -201,7 +204,6 @@ class TrainConfig:
             "lora_rank",
             "lora_alpha",
             "wan_sink_frames",
-            "replay_branches",
             "max_minutes",
         ):
             v = getattr(self, name)
@@ -213,6 +215,8 @@ class TrainConfig:
             ("micro_batch", " (0: all at once)"),
             ("eval_batch", " (0: all at once)"),
             ("reward_batch", " (0: all at once)"),
+            ("replay_branches", " (0: all at once)"),
+            ("rollout_branches", " (0: all at once)"),
             ("lr_warmup", " (iterations)"),
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:

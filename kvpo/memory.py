@@ -14,8 +14,9 @@ from .config import TrainConfig
 STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "rollout": (
         "the KV pages of micro_batch groups of group_size branches (rollout_cache_mib in the log)",
-        "--micro_batch 1, a smaller --group_size, or a window that starts earlier",
-        ("micro_batch", "group_size", "window"),
+        "--micro_batch 1, --rollout_branches 1 (or a few), a smaller --group_size, or a window "
+        "that starts later",
+        ("micro_batch", "rollout_branches", "group_size", "window"),
     ),
     "reward": (
         "the reward models on a micro-batch's decoded videos",

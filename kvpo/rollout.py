@@ -64,6 +64,11 @@ class RolloutSpec:
         explore: ``routing`` (KVPO) or ``sde`` (the Flow-GRPO baseline: per-branch SDE noise on
             the recorded steps of the scored chunks, full context everywhere).
         sde_noise: the SDE's noise level ``a`` (``sigma_t = a sqrt(t / (1 - t))``).
+        branches_per_pass: from the fork on, roll out this many branches of each group at a time
+            (0: all G, and the anchor, in one pass). Each pass reuses the previous one's KV pages,
+            so the cache holds the shared prefix and one pass's pages instead of every branch's;
+            the routing and noise are drawn for all branches first, so any value makes the same
+            branches.
     """
 
     group_size: int = 4
@@ -78,6 +83,7 @@ class RolloutSpec:
     record_prefix: bool = False
     explore: str = "routing"
     sde_noise: float = 0.7
+    branches_per_pass: int = 0
 
     def validate(self, model: StreamingVideoGenerator) -> None:
         """Raise a ValueError naming what in the spec ``model``'s video cannot hold."""
@@ -105,6 +111,8 @@ class RolloutSpec:
                 raise ValueError(f"recent_frames={self.recent_frames!r} must be an int >= 1")
         if self.explore not in ("routing", "sde"):
             raise ValueError(f"explore={self.explore!r} must be 'routing' or 'sde'")
+        if not isinstance(self.branches_per_pass, int) or self.branches_per_pass < 0:
+            raise ValueError(f"branches_per_pass={self.branches_per_pass!r} must be an int >= 0")
         if not (math.isfinite(self.sde_noise) and self.sde_noise > 0):
             raise ValueError(f"sde_noise={self.sde_noise} must be a finite number > 0")
         steps = len(model.timesteps()) - 1
@@ -149,7 +157,9 @@ class Rollout:
     window: tuple[int, int]
     scored: torch.Tensor  # [K] bool: record carries TVE weight (False: a pre-window record)
     anchor_tokens: torch.Tensor | None  # [B, F, T, d] unperturbed branch
-    tables: dict[int, torch.Tensor]  # chunk -> [B*G, W] int32 denoising tables of the branches
+    # chunk -> [B*G, W] int32 denoising tables of the branches (cache page ids; with several
+    # branch passes, a pass reuses the pages of the one before it)
+    tables: dict[int, torch.Tensor]
     cache_bytes: int  # bytes of KV pages the rollout used
     explore: str = "routing"  # how the branches were explored (RolloutSpec.explore)
 
@@ -229,16 +239,17 @@ def exploring_chunks(model: StreamingVideoGenerator, spec: RolloutSpec) -> list[
     return found
 
 
-def _route(
+def _draw_route(
     model: StreamingVideoGenerator,
     spec: RolloutSpec,
-    page_map: torch.Tensor,
-    hist: torch.Tensor,
+    R: int,
+    W: int,
     chunk: int,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Routed history tables [R, W] int32 of R rows denoising ``chunk`` (deployment: ``hist``)."""
-    R, W = hist.shape
+    """The routing of R rows denoising ``chunk`` over W history columns, drawn before any page
+    exists: ``drop``: [R, W] bool, the columns kept; ``sample``: [R, W] int64, the history frame
+    each column holds (-1: none)."""
     if spec.routing == "drop":
         keep = route_pages(
             torch.arange(W, dtype=torch.int32),
@@ -248,18 +259,53 @@ def _route(
             sink_pages=model.sink_frames,
             generator=generator,
         )
-        return torch.where(keep >= 0, hist, torch.full_like(hist, -1))
+        return keep >= 0
     start = chunk * model.chunk_frames
     sinks, recent, slots = _sample_layout(model, spec, chunk)
-    routed = sample_pages(
-        page_map[:, :start].to(torch.int32),
+    frames = sample_pages(
+        torch.arange(start, dtype=torch.int32).expand(R, start),
         1,  # one branch per row: each row routes its own history
         slots,
         sink_pages=sinks,
         recent_pages=recent,
         generator=generator,
     )
-    return torch.nn.functional.pad(routed, (0, W - routed.shape[1]), value=-1)
+    return torch.nn.functional.pad(frames.long(), (0, W - frames.shape[1]), value=-1)
+
+
+def _apply_route(
+    spec: RolloutSpec, drawn: torch.Tensor, page_map: torch.Tensor, hist: torch.Tensor
+) -> torch.Tensor:
+    """Routed history tables [R, W] int32 of rows whose deployment tables are ``hist`` and whose
+    frames are on pages ``page_map`` [R, F], by the routing :func:`_draw_route` drew."""
+    if spec.routing == "drop":
+        return torch.where(drawn, hist, torch.full_like(hist, -1))
+    pages = page_map.gather(1, drawn.clamp(min=0)).to(hist.dtype)
+    return torch.where(drawn >= 0, pages, torch.full_like(hist, -1))
+
+
+class _Pages:
+    """Cache pages handed out in order from ``ids`` [n] int64; setting ``used`` back lets the
+    next branch pass reuse the pages of the last."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids, self.used = ids, 0
+
+    def take(self, n: int) -> torch.Tensor:
+        if self.used + n > len(self.ids):
+            raise RuntimeError(f"rollout pages exhausted: {self.used} + {n} > {len(self.ids)}")
+        self.used += n
+        return self.ids[self.used - n : self.used]
+
+
+def _branch_passes(B: int, Gt: int, per_pass: int) -> list[torch.Tensor]:
+    """Rows (``b * Gt + g``) of each pass: branches ``[g0, g0 + per_pass)`` of every group."""
+    if per_pass <= 0 or per_pass >= Gt:
+        return [torch.arange(B * Gt)]
+    return [
+        (torch.arange(B)[:, None] * Gt + torch.arange(g0, min(g0 + per_pass, Gt))).flatten()
+        for g0 in range(0, Gt, per_pass)
+    ]
 
 
 @torch.no_grad()
@@ -301,23 +347,39 @@ def rollout(
     noise = noise.to(device)
 
     switches = [prompt_switches(p) if recaches(model) else [] for p in prompts]
-    recache_pages = sum(
-        len(recache_chunks(model, a)) * c * (1 if a < w0 else Gt) for sw in switches for a in sw
+
+    def recache_pages(b: int, forked: bool) -> int:
+        """Pages group b's KV re-caches write before the fork (once) or after it (per row)."""
+        return sum(len(recache_chunks(model, a)) * c for a in switches[b] if (a >= w0) == forked)
+
+    # Rows b * Gt + g from the fork on; the anchor (if any) is g = G. Each pass of rows gets pages
+    # from one pool that the next pass reuses.
+    rows = torch.arange(B).repeat_interleave(Gt)
+    passes = _branch_passes(B, Gt, spec.branches_per_pass)
+    pool_size = max(
+        len(sel) * (nC - w0) * c
+        + (0 if spec.share_pages else len(sel) * w0 * c)
+        + sum(recache_pages(int(rows[r]), True) for r in sel)
+        for sel in passes
     )
-    pre_pages = B * w0 * c * (1 if spec.share_pages else 1 + Gt)
-    capacity = pre_pages + B * Gt * (nC - w0) * c + B * Gt * c + recache_pages
+    widest = max(B, max(len(sel) for sel in passes))
+    capacity = widest * c + B * w0 * c + sum(recache_pages(b, False) for b in range(B)) + pool_size
     cache = model.new_cache(capacity, device)
-    scratch = cache.allocate(B * Gt * c).view(B * Gt, c)
+    scratch = cache.allocate(widest * c).view(widest, c)
+    pages = _Pages(cache.allocate(capacity - widest * c))
     width = context_width(model, nC)
 
     sde = spec.explore == "sde"
     t_cap = sde_t_cap(ts)
 
-    def run_chunk(j: int, page_map, group_of_row, table_hist, cond, record, ode_rows=None):
+    def run_chunk(
+        j: int, page_map, group_of_row, table_hist, cond, record, ode_rows=None, eps=None
+    ):
         """Denoise chunk j for R rows, then write its clean pages; returns clean x and records.
 
-        In SDE exploration the recorded steps of the forked rows are stochastic: those of the
-        rows given by ``ode_rows`` ([R] bool, the anchors) are not; None (the shared prefix): none."""
+        In SDE exploration the recorded steps k of the rows not marked in ``ode_rows`` ([R] bool,
+        the anchors) are stochastic, with noise ``eps[k]``; without ``eps`` (the shared prefix)
+        none are."""
         R = page_map.shape[0]
         own = scratch[:R]
         x = noise[group_of_row, j].clone()
@@ -329,9 +391,8 @@ def rollout(
             dt = ts[k + 1] - ts[k]
             x_next = x + dt * v
             if record and k in steps:
-                if sde and ode_rows is not None:
-                    eps = torch.randn(x.shape, generator=generator).to(device)
-                    x_sde = sde_step(x, v, ts[k], ts[k + 1], t_cap, spec.sde_noise, eps)
+                if sde and eps is not None:
+                    x_sde = sde_step(x, v, ts[k], ts[k + 1], t_cap, spec.sde_noise, eps[k])
                     x_next = torch.where(ode_rows.to(device)[:, None, None], x_next, x_sde)
                     v = (x_next - x) / dt  # the step taken
                 xs.append(x)
@@ -344,7 +405,7 @@ def rollout(
     def write_clean(j: int, x, cond, page_map) -> None:
         """Clean pass (t = 0) of chunk j for R rows: new cache pages, listed in ``page_map``."""
         R = x.shape[0]
-        perm = cache.allocate(R * c).view(R, c)
+        perm = pages.take(R * c).view(R, c)
         full = context_table(model, page_map, torch.arange(R), torch.full((R,), j), perm, width)
         fi = (j * c + torch.arange(c, device=device)).expand(R, c)
         model(x, torch.zeros(R, device=device), cond, fi, full.to(device), cache, perm)
@@ -373,47 +434,71 @@ def rollout(
         pre_x += xs
         pre_v += vs
 
-    # Fork: rows b * Gt + g; the anchor (if any) is g = G.
-    rows = torch.arange(B).repeat_interleave(Gt)
-    page_map = pm[rows].clone()
-    if not spec.share_pages:
-        n_pre = w0 * c
-        for r in range(B * Gt):
-            new = cache.allocate(n_pre)
-            old = page_map[r, :n_pre]
-            for layer in range(len(cache.k)):
-                cache.k[layer][new] = cache.k[layer][old]
-                cache.v[layer][new] = cache.v[layer][old]
-            page_map[r, :n_pre] = new
     is_anchor = torch.zeros(B * Gt, dtype=torch.bool)
     if spec.anchor:
         is_anchor[G::Gt] = True
-    recs_x = [x[rows] for x in pre_x]  # shared records, one copy per branch row
-    recs_v = [v[rows] for v in pre_v]
-    rec_t = [float(ts[k]) for _ in range(w0) for k in steps] if pre_x else []
-    rec_tn = [float(ts[k + 1]) for _ in range(w0) for k in steps] if pre_x else []
-    rec_chunk = [j for j in range(w0) for _ in steps] if pre_x else []
-    n_pre, tables = len(pre_x), {}
+    # Every row's routing and SDE noise, drawn in the order one pass over all rows draws them.
+    routing = {
+        j: _draw_route(model, spec, B * Gt, width - c, j, generator)
+        for j in range(w0, w1)
+        if not sde
+    }
+    sde_eps = {
+        (j, k): torch.randn((B * Gt, c * T, d), generator=generator)
+        for j in range(w0, nC)
+        if sde and j in scored
+        for k in steps
+    }
+    sde_eps_chunks = {j for j, _ in sde_eps}
+    forked_from = pages.used  # each pass takes its pages from here on, over the last pass's
     clean = {i: x[rows] for i, x in enumerate(prefix)}  # [B*Gt, L, d] per chunk made
-    for j in range(w0, nC):
-        recache(j, page_map, rows, clean, cond_bj[rows, j])
-        hist = context_table(
-            model, page_map, torch.arange(B * Gt), torch.full((B * Gt,), j), None, width - c
-        )
-        if j < w1 and not sde:
-            routed = _route(model, spec, page_map, hist, j, generator)
-            hist = torch.where(is_anchor[:, None], hist, routed)
-        x, xs, vs, den_table = run_chunk(
-            j, page_map, rows, hist, cond_bj[rows, j], j in scored, ode_rows=is_anchor
-        )
-        clean[j] = x
-        tables[j] = den_table.view(B, Gt, -1)[:, :G].reshape(B * G, -1)
-        if j in scored:
-            recs_x += xs
-            recs_v += vs
-            rec_t += [float(ts[k]) for k in steps]
-            rec_tn += [float(ts[k + 1]) for k in steps]
-            rec_chunk += [j] * len(steps)
+    tables = {j: torch.empty((B * Gt, width), dtype=torch.int32) for j in range(w0, nC)}
+    forked_x, forked_v = [], []  # per record after the fork: [B*Gt, L, d]
+    for sel in passes:
+        pages.used = forked_from
+        page_map = pm[rows[sel]]
+        if not spec.share_pages:
+            n_pre = w0 * c
+            for r in range(len(sel)):
+                new = pages.take(n_pre)
+                old = page_map[r, :n_pre]
+                for layer in range(len(cache.k)):
+                    cache.k[layer][new] = cache.k[layer][old]
+                    cache.v[layer][new] = cache.v[layer][old]
+                page_map[r, :n_pre] = new
+        made = {i: x[rows[sel]] for i, x in enumerate(prefix)}
+        n_rec = 0
+        for j in range(w0, nC):
+            cond = cond_bj[rows[sel], j]
+            recache(j, page_map, rows[sel], made, cond)
+            R = len(sel)
+            hist = context_table(
+                model, page_map, torch.arange(R), torch.full((R,), j), None, width - c
+            )
+            if j < w1 and not sde:
+                routed = _apply_route(spec, routing[j][sel], page_map, hist)
+                hist = torch.where(is_anchor[sel, None], hist, routed)
+            eps = {k: sde_eps[j, k][sel].to(device) for k in steps} if j in sde_eps_chunks else None
+            x, xs, vs, den_table = run_chunk(
+                j, page_map, rows[sel], hist, cond, j in scored, ode_rows=is_anchor[sel], eps=eps
+            )
+            made[j] = x
+            clean.setdefault(j, x.new_empty((B * Gt, *x.shape[1:])))[sel] = x
+            tables[j][sel] = den_table
+            for xr, vr in zip(xs, vs, strict=True):
+                if n_rec == len(forked_x):
+                    forked_x.append(xr.new_empty((B * Gt, *xr.shape[1:])))
+                    forked_v.append(vr.new_empty((B * Gt, *vr.shape[1:])))
+                forked_x[n_rec][sel], forked_v[n_rec][sel] = xr, vr
+                n_rec += 1
+    recs_x = [x[rows] for x in pre_x] + forked_x  # shared records, one copy per branch row
+    recs_v = [v[rows] for v in pre_v] + forked_v
+    recorded = [(j, k) for j in range(w0) for k in steps] if pre_x else []
+    recorded += [(j, k) for j in range(w0, nC) if j in scored for k in steps]
+    rec_chunk = [j for j, _ in recorded]
+    rec_t, rec_tn = [float(ts[k]) for _, k in recorded], [float(ts[k + 1]) for _, k in recorded]
+    n_pre = len(pre_x)
+    tables = {j: t.view(B, Gt, -1)[:, :G].reshape(B * G, -1) for j, t in tables.items()}
 
     tokens = torch.stack([clean[j] for j in range(nC)], 1).view(B, Gt, Fr, T, d)
     K = len(recs_x)

@@ -184,6 +184,7 @@ def rollout_spec(cfg: TrainConfig) -> RolloutSpec:
         record_prefix=cfg.kl_prefix and cfg.kl == "velocity",
         explore=cfg.explore,
         sde_noise=cfg.sde_noise,
+        branches_per_pass=cfg.rollout_branches,
     )
 
 

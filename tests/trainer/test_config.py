@@ -74,6 +74,8 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"lr_warmup": -1}, "lr_warmup"),
         ({"lr_schedule": "linear"}, "lr_schedule"),
         ({"micro_batch": 1.5}, "micro_batch"),
+        ({"rollout_branches": -1}, "rollout_branches"),
+        ({"replay_branches": 0.5}, "replay_branches"),
         ({"reward_fns": {"alignment": "my_rewards:fn"}}, "reward_fns.*built-in"),
         ({"reward_fns": {"clip": "my_rewards:fn"}}, "reward_fns.*built-in"),
         ({"reward_fns": {"hps": "my_rewards"}}, "reward_fns.*expected 'package.module:name'"),

@@ -16,7 +16,12 @@ ALLOCATOR = "CUDA out of memory. Tried to allocate 2.00 GiB"
 @pytest.mark.parametrize(
     "module, where, stage, advice",
     [
-        ("kvpo.train", "rollout", "rollout", r"now micro_batch=0, group_size=3, window=\(2, 4\)"),
+        (
+            "kvpo.train",
+            "rollout",
+            "rollout",
+            r"now micro_batch=0, rollout_branches=0, group_size=3, window=\(2, 4\)",
+        ),
         ("kvpo.train", "micro_batch_rewards", "reward", "--micro_batch 1"),
         ("kvpo.train", "reference_terms", "reference", "kl='velocity'"),
         ("kvpo.update", "accumulate_gradients", "update", "--replay_branches 1"),

@@ -15,6 +15,7 @@ from kvpo.train import train
 
 OPTIONS = {
     "group_size": [2, 3, 4],
+    "rollout_branches": [0, 1, 2],
     "window": [(1, 3), (2, 4), (1, 5), (3, 5)],
     "window_shift": [0, 1],
     "p_keep": [0.3, 0.7],

@@ -242,3 +242,64 @@ def test_exploring_chunks_are_those_whose_context_can_differ(model):
             assert differ == (j in want), j
     finally:
         model.local_window = old
+
+
+@pytest.mark.parametrize(
+    "make, kw",
+    [
+        ({}, {}),  # drop routing, anchor
+        ({"local_window": 3}, {"routing": "sample", "recent_frames": 2, "window": (2, 5)}),
+        ({}, {"explore": "sde", "score_steps": (0, 2)}),
+        ({}, {"share_pages": False, "anchor": False, "record_prefix": True, "window": (3, 5)}),
+        (
+            {"local_window": 3, "recache": True},
+            {"routing": "sample", "recent_frames": 1, "window": (1, 4)},
+        ),  # fmt: skip
+    ],
+    ids=["drop", "sample", "sde", "copied-prefix", "recache"],
+)
+@pytest.mark.parametrize("per_pass", [1, 2])
+def test_branch_passes_make_the_same_branches_in_less_memory(make, kw, per_pass):
+    """branches_per_pass: the groups' branches rolled out a few at a time from the fork on give
+    the branches of one pass (routing and noise drawn alike; BLAS rounds rows of smaller batches
+    differently), while the cache holds the prefix and one pass's pages."""
+    model = tiny_model(**make)
+    c, nC = model.chunk_frames, model.num_frames // model.chunk_frames
+    left = PROMPTS[1].replace("up", "left")
+    prompts = [[PROMPTS[0]] * nC, [PROMPTS[1]] * 2 + [left] * (nC - 2)]  # a switch at chunk 2
+    spec = RolloutSpec(**{"group_size": 4, "window": (2, 4), "p_keep": 0.3,
+                          "score_after_window": True, **kw})  # fmt: skip
+    one = rollout(model, prompts, spec, torch.Generator().manual_seed(5))
+    split = rollout(model, prompts, replace(spec, branches_per_pass=per_pass),
+                    torch.Generator().manual_seed(5))  # fmt: skip
+    for name in ("tokens", "states", "velocities", "anchor_tokens"):
+        a, b = getattr(one, name), getattr(split, name)
+        if a is None:
+            assert b is None
+            continue
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=name)
+    # the branches differ by far more than the tolerance: a real comparison
+    assert (one.tokens - one.tokens[:, :1]).abs().amax(dim=(2, 3, 4))[:, 1:].amax(1).min() > 1e-3
+    for name in ("t", "t_next", "chunk", "scored"):
+        assert torch.equal(getattr(split, name), getattr(one, name)), name
+    w0 = spec.window[0]
+    B, Gt = len(prompts), spec.group_size + int(spec.anchor)
+    for j, table in one.tables.items():
+        assert torch.equal(split.tables[j] >= 0, table >= 0)  # the same routing (the page
+        # ids differ: fewer scratch pages come first); the prefix is shared: see the page count
+    # the pages of the scratch, the prefix (once) and one pass of B * per_pass rows, against
+    # B * Gt rows at once
+    page = model.new_cache(1).nbytes()
+
+    def pages(rows: int) -> int:
+        forked = rows * (nC - w0) * c + (0 if spec.share_pages else rows * w0 * c)
+        if make.get("recache"):  # group 1's switch re-caches the chunks chunk 2 sees, per row
+            from kvpo.context import recache_chunks
+
+            forked += rows // B * len(recache_chunks(model, 2)) * c
+        return max(B, rows) * c + B * w0 * c + forked
+
+    rows = B * min(per_pass, Gt)
+    assert split.cache_bytes == pages(rows) * page
+    assert one.cache_bytes == pages(B * Gt) * page
+    assert split.cache_bytes < one.cache_bytes

@@ -604,9 +604,10 @@ def test_cli_trains_on_rewards_named_by_import_path(base, tmp_path, monkeypatch)
         main(args + ["--reward_fns", "dark=kvpo_test_cli_rewards:darkness"])
 
 
-def test_micro_batches_bound_the_rollout_cache(base, tmp_path):
+def test_micro_batches_and_branch_passes_bound_the_rollout_cache(base, tmp_path):
     """micro_batch=1: each rank's groups are rolled out and trained one at a time (the KV pages
-    of one group at a time); micro_batch >= the groups is the one-pass run, bit for bit."""
+    of one group at a time); micro_batch >= the groups is the one-pass run, bit for bit.
+    rollout_branches=1: each group's branches are rolled out one at a time."""
     kw = dict(iterations=1, samples=False, prompts_per_iter=2)
     rows = {}
     for mb in (0, 1, 5):
@@ -617,6 +618,11 @@ def test_micro_batches_bound_the_rollout_cache(base, tmp_path):
     assert math.isfinite(rows[1]["grad_norm"]) and rows[1]["valid_groups"] > 0
     anchor = train(_cfg(base, tmp_path / "anchor", micro_batch=1, advantage="anchor", **kw))
     assert "adv_abs" in anchor.history[-1] and math.isfinite(anchor.history[-1]["loss"])
+    # rollout_branches=1: the same branches one at a time, in the pages of one branch per group
+    one = train(_cfg(base, tmp_path / "rb1", rollout_branches=1, **kw)).history[-1]
+    assert one["rollout_cache_mib"] < rows[0]["rollout_cache_mib"] / 2
+    for key in ("reward", "tve", "branch_spread"):
+        assert one[key] == pytest.approx(rows[0][key], rel=1e-3), key
 
 
 def test_multi_prompt_evaluation(base, tmp_path):
