@@ -1,6 +1,6 @@
 """KVPO on Wan2.1-T2V-1.3B's shape: the streaming adapter's chunk forward and one training iteration.
 
-    python -m benchmarks.wan_bench [--group_size 4] [--out wan.md]   # a GPU (random weights)
+    python -m benchmarks.wan_bench [--group_size 4] [--rollout_branches 0] [--out wan.md]  # a GPU
     python -m benchmarks.wan_bench --smoke --device cpu              # tiny: checks the bench runs
 
 The transformer has Wan2.1-1.3B's configuration (30 blocks, 12 heads of 128, FFN 8960, UMT5 width
@@ -162,8 +162,11 @@ def chunk_step(smoke: bool, device: torch.device, reps: int) -> list[dict]:
     return rows
 
 
-def iteration(smoke: bool, device: torch.device, group_size: int, out_dir: str) -> dict:
-    """One KVPO iteration of the public recipe's shape, timed by the trainer's own log."""
+def iteration(
+    smoke: bool, device: torch.device, group_size: int, out_dir: str, rollout_branches: int = 0
+) -> dict:
+    """One KVPO iteration of the public recipe's shape, timed by the trainer's own log
+    (``rollout_branches``: branches per group rolled out at a time, 0: all)."""
     from kvpo.config import build_config
     from kvpo.train import train
 
@@ -176,7 +179,8 @@ def iteration(smoke: bool, device: torch.device, group_size: int, out_dir: str) 
 
     cfg = build_config(dict(
         out_dir=out_dir, device=device.type, iterations=2, prompts_per_iter=1,
-        group_size=group_size, window=(2, min(5, nC)), routing="drop", p_keep=0.5,
+        group_size=group_size, rollout_branches=rollout_branches, window=(2, min(5, nC)),
+        routing="drop", p_keep=0.5,
         grad_checkpointing=True, amp="bf16", replay_branches=1, eval_prompts=1,
         eval_seeds=1, eval_every=100, save_every=100, samples=False, progress=False,
     ))  # fmt: skip
@@ -215,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny model: check the bench runs")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--group_size", type=int, default=4)
+    ap.add_argument("--rollout_branches", type=int, default=0, help="0: all at once")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--run_dir", default="runs/wan_bench")
@@ -230,10 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     first = len(lines)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    lines += ["", f"| one iteration, G = {args.group_size} | value |", "|---|---:|"]
+    title = f"one iteration, G = {args.group_size}, rollout_branches = {args.rollout_branches}"
+    lines += ["", f"| {title} | value |", "|---|---:|"]
     try:
-        it = iteration(args.smoke, device, args.group_size, args.run_dir)
-        keys = ("time_rollout", "time_reward", "time_replay", "time_update", "wall_s", "peak_gib")
+        it = iteration(args.smoke, device, args.group_size, args.run_dir, args.rollout_branches)
+        keys = ("time_rollout", "time_reward", "time_replay", "time_update", "wall_s", "peak_gib",
+                "rollout_cache_mib")  # fmt: skip
         lines += [f"| {k} | {it[k]:.2f} |" for k in keys if k in it]
     except Exception as e:  # out of memory at this G, say: the row says so, the table stays
         lines.append(f"| error | {type(e).__name__}: {str(e)[:160]} |")
