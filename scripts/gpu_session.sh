@@ -12,6 +12,8 @@
 #                                       # 2 minutes: no FlexAttention compile), its random draws
 #   bash scripts/gpu_session.sh wan     # Wan2.1-1.3B's shape (random weights): the adapter's
 #                                       # chunk step against diffusers, one KVPO iteration
+#                                       # (WAN_ARGS="--group_size 8 --rollout_branches 3": its
+#                                       # options)
 #
 # Each stage builds the extension first (a fresh machine is bare); if the CUDA build fails, the
 # extension is rebuilt without CUDA so the Triton measurements still run. TRITON_INTERPRET=0: the
@@ -133,7 +135,9 @@ case "$stage" in
         > "$OUT/pip-diffusers.log" 2>&1 \
         || { echo "no diffusers on the device:"; tail -5 "$OUT/pip-diffusers.log"; exit 1; }
     fi
-    step wan 600 python3 -m benchmarks.wan_bench --out "$OUT/wan.md" --run_dir /tmp/kvpo-wan-run
+    # shellcheck disable=SC2086  # WAN_ARGS is a list of options
+    step wan 600 python3 -m benchmarks.wan_bench --out "$OUT/wan.md" --run_dir /tmp/kvpo-wan-run \
+      ${WAN_ARGS:-}
     ;;
   *)
     echo "usage: $0 all|check|suite|velocity|wan" >&2
