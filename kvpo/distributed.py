@@ -142,13 +142,12 @@ def _all_reduce_mean(grads: list[torch.Tensor], world: int) -> None:
         off += g.numel()
 
 
-def barrier() -> None:
-    """Wait for every rank (nothing with one)."""
+def shutdown() -> None:
+    """End the process group, if one was started, once every rank has come here. Without the
+    barrier a rank could end the group while rank 0 was still gathering from it (kvpo.evaluate's
+    last collective): once in CI the early rank aborted at exit, "terminate called without an
+    active exception", and torchrun failed the run."""
     if active():
         dist.barrier()
-
-
-def shutdown() -> None:
-    """End the process group, if one was started."""
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -839,7 +839,6 @@ def train(
         if cfg.samples and not stopped:
             lg.videos({k: out / f"samples_{k}.gif" for k in ("before", "after")})
         lg.close()
-    distributed.barrier()
     distributed.shutdown()
     return TrainResult(history, model, None if ema is None else ema.model, stopped)
 
