@@ -17,8 +17,23 @@ from .interface import StreamingVideoGenerator
 from .rollout import Rollout
 
 
-def replay_velocities(model: StreamingVideoGenerator, ro: Rollout) -> torch.Tensor:
-    """Policy velocities at the recorded states under full context: [B, G, K, L, d]."""
+def replay_velocities(
+    model: StreamingVideoGenerator, ro: Rollout, branches_per_pass: int = 0
+) -> torch.Tensor:
+    """Policy velocities at the recorded states under full context: [B, G, K, L, d].
+
+    ``branches_per_pass`` > 0 replays that many branches of every group per forward (the
+    pre-window context again in each), so a forward holds the rows of that many branches, not G
+    (``--replay_branches``)."""
+    G = ro.tokens.shape[1]
+    if 0 < branches_per_pass < G:
+        return torch.cat(
+            [
+                replay_velocities(model, ro.branches(slice(g0, g0 + branches_per_pass)))
+                for g0 in range(0, G, branches_per_pass)
+            ],
+            dim=1,
+        )
     B, G, Fr, T, d = ro.tokens.shape
     c = model.chunk_frames
     K = ro.t.shape[0]

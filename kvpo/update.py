@@ -44,9 +44,10 @@ def policy_gradients(
 
     Everything the objective reads is the replay's velocities ``u`` [B, G, K, L, d]. With
     ``cfg.replay_branches`` < G the graph of the whole replay is never held: ``u`` is computed
-    without it, the objective's gradient ``dL/du`` from that, and the branches are replayed again
-    a few at a time, each pushing its slice of ``dL/du`` through the model (the same gradient;
-    one extra forward; the activations of ``replay_branches`` branches per group).
+    without it, ``replay_branches`` branches per group at a time, the objective's gradient
+    ``dL/du`` from that, and the branches are replayed again as many at a time, each pushing its
+    slice of ``dL/du`` through the model (the same gradient; one extra forward; the activations
+    of ``replay_branches`` branches per group).
 
     Returns the step's statistics, the old log-probabilities (``logp_old``, or these ones on the
     first epoch: the rollout policy is the policy before the first step) and the seconds spent
@@ -55,7 +56,7 @@ def policy_gradients(
     per = cfg.replay_branches or G
     t0 = time.perf_counter()
     with autocast(), torch.set_grad_enabled(per >= G):
-        u = replay_velocities(model, ro)
+        u = replay_velocities(model, ro, per)
     if per < G:
         u = u.detach().requires_grad_()
     with autocast():  # the backward runs outside, as autocast wants
@@ -202,11 +203,11 @@ def reference_terms(
     cfg: TrainConfig, ref: nn.Module, ro: Rollout, weight: torch.Tensor
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """What the KL term reads of the frozen reference policy (call without grad): its replay
-    velocities of ``ro`` (for ``kl`` velocity or softmax) and its branch log-probabilities (for
-    softmax)."""
+    velocities of ``ro`` (``replay_branches`` branches per group at a time; for ``kl`` velocity
+    or softmax) and its branch log-probabilities (for softmax)."""
     if cfg.kl == "none":
         return None, None
-    u_ref = replay_velocities(ref, ro)
+    u_ref = replay_velocities(ref, ro, cfg.replay_branches)
     if cfg.kl != "softmax":
         return u_ref, None
     return u_ref, branch_log_probs(cfg, ref, u_ref, ro, trajectory_energy(u_ref, ro, weight))

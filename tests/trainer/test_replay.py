@@ -26,6 +26,39 @@ def test_replay_reproduces_unperturbed_steps(model):
     assert e.abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("per_pass", [1, 2])
+def test_replay_in_branch_passes_is_the_whole_replay(model, per_pass):
+    """replay_velocities(..., branches_per_pass): the branches a few per forward (the pre-window
+    context again in each) give the velocities of one forward over all of them, and no forward
+    holds more rows than the branches of one pass need."""
+    ro = small_rollout(model, p_keep=0.4)
+    G = ro.tokens.shape[1]
+    rows = []
+    forward = model.forward
+
+    def counting(x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return forward(x, *args, **kwargs)
+
+    with torch.no_grad():
+        whole = replay_velocities(model, ro)
+        model.forward = counting
+        try:
+            parts = replay_velocities(model, ro, per_pass)
+            one_pass = max(rows)
+            rows.clear()
+            replay_velocities(model, ro)
+        finally:
+            del model.forward
+    torch.testing.assert_close(parts, whole, rtol=0, atol=1e-5)
+    assert (whole - ro.velocities).abs().amax() > 1e-3  # routed branches: a real comparison
+    assert len(rows) == 1 and one_pass < rows[0]
+    # what a pass of per_pass branches of every group holds at most: its share of the noisy rows
+    # and of the branches' context rows, plus the shared prefix's
+    B, K = ro.tokens.shape[0], ro.t.shape[0]
+    assert one_pass <= rows[0] - B * (G - min(per_pass, G)) * K
+
+
 def test_energy_matches_float64_formula(model):
     ro = small_rollout(model, p_keep=0.3)
     u = replay_velocities(model, ro)
