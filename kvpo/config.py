@@ -306,12 +306,18 @@ class TrainConfig:
         return d
 
 
+def _type_text(hint) -> str:
+    """A field's type as its annotation reads: ``int``, ``tuple[int, int]``, ``int | None``."""
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
 def _coerce(name: str, value, hint) -> object:
     """Convert a YAML/CLI value to the field's type, with an error naming the field."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if value is None and (origin in (typing.Union, types.UnionType)) and type(None) in args:
         return None
+    given = value
     try:
         scalar = [a for a in args if a in (bool, int, float, str)]
         if origin in (typing.Union, types.UnionType) and scalar:
@@ -339,7 +345,7 @@ def _coerce(name: str, value, hint) -> object:
             kind = args[1] if len(args) == 2 else float  # dict[str, float] or dict[str, str]
             return {str(k): kind(v) for k, v in dict(value).items()}
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config {name}: cannot read {value!r} as {hint}") from e
+        raise ValueError(f"config {name}: cannot read {given!r} as {_type_text(hint)}") from e
     return value
 
 
@@ -378,8 +384,7 @@ def parse_args(
     notes = _field_comments()
     defaults = TrainConfig().to_dict()
     for f in dataclasses.fields(TrainConfig):
-        hint = hints[f.name]
-        kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+        kind = _type_text(hints[f.name])
         ap.add_argument(
             f"--{f.name}",
             dest=f.name,

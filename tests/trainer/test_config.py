@@ -1,6 +1,7 @@
 """Trainer config: defaults, YAML, CLI overrides and clear errors."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,20 @@ def test_yaml_then_cli_overrides(tmp_path):
 )
 def test_bad_values_name_the_field(over, match):
     with pytest.raises(ValueError, match=match):
+        build_config(over)
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"rollout_branches": "x"}, "config rollout_branches: cannot read 'x' as int"),
+        ({"window": "a,b"}, "config window: cannot read 'a,b' as tuple[int, int]"),
+        ({"local_window": "q"}, "config local_window: cannot read 'q' as int"),
+        ({"reward_weights": "a=b"}, "config reward_weights: cannot read 'a=b' as dict[str, float]"),
+    ],
+)
+def test_unreadable_values_name_the_type_as_written(over, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         build_config(over)
 
 
