@@ -30,23 +30,17 @@ from kvpo.train import train
 G = 8
 
 
-# rollout modes: (pre-window pages shared, branches per pass (0: all)), as the table names them
+# rollout modes: pre-window pages shared, branches per pass (0: all), the table's label
 MODES = {
-    "shared": (True, 0),
-    "copied": (False, 0),
-    "passes-2": (True, 2),
-    "passes-1": (True, 1),
-}
-LABELS = {
-    "shared": "shared pre-window pages",
-    "copied": "copied pre-window pages",
-    "passes-2": "shared, 2 branches per pass",
-    "passes-1": "shared, 1 branch per pass",
+    "shared": (True, 0, "shared pre-window pages"),
+    "copied": (False, 0, "copied pre-window pages"),
+    "passes-2": (True, 2, "shared, 2 branches per pass"),
+    "passes-1": (True, 1, "shared, 1 branch per pass"),
 }
 
 
 def _rollout_args(mode: str):
-    share, per_pass = MODES[mode]
+    share, per_pass, _ = MODES[mode]
     model = load_model(BASE_CHECKPOINT).eval()
     nC = model.num_frames // model.chunk_frames
     _, prompts = data.split_prompts()
@@ -118,7 +112,9 @@ def main() -> None:
     print("\n| rollout (4 prompts x G = 8) | KV pages MiB | peak RSS MiB | seconds |")
     print("| --- | ---: | ---: | ---: |")
     for mode, m in mem.items():
-        print(f"| {LABELS[mode]} | {m['kv_mib']:.1f} | {m['peak_mib']:.1f} | {m['seconds']:.2f} |")
+        print(
+            f"| {MODES[mode][2]} | {m['kv_mib']:.1f} | {m['peak_mib']:.1f} | {m['seconds']:.2f} |"
+        )
 
 
 if __name__ == "__main__":
