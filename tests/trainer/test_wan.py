@@ -305,7 +305,7 @@ def test_bad_latent_shape_and_patch():
 def test_kvpo_trains_the_adapter_with_lora(tmp_path):
     """The trainer end to end on the adapter: LoRA on the blocks (everything else frozen), sample
     routing in a local window, gradient checkpointing, bf16 autocast, rewards on the VAE-decoded
-    video's local and global clips."""
+    video's local and global clips, branches rolled out two and replayed one at a time."""
 
     vae_decode = tiny_vae_decode()
 
@@ -331,6 +331,7 @@ def test_kvpo_trains_the_adapter_with_lora(tmp_path):
         eval_every=2, save_every=2, progress=False, threads=1, tau=0.05, window=(2, 4),
         routing="sample", local_window=2, recent_frames=1, reward_scopes={"local": 1.0, "global": 0.5},
         samples=False, grad_checkpointing=True, lr=1e-3, amp="bf16", recache=True,
+        rollout_branches=2, replay_branches=1,
     ))  # fmt: skip
     prompts = (["a red car | a blue sea"], ["a sun"])
     res = train(cfg, generator=gen, reward=redness, prompts=prompts)
