@@ -32,10 +32,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import TrainConfig
 from .interface import StreamingVideoGenerator
 from .replay import replay_velocities
 from .rewards import CompositeReward
-from .rollout import Rollout, RolloutSpec, rollout
+from .rollout import Rollout, RolloutSpec, rollout, rollout_pages
 
 # Largest branch spread (an RMS ratio) of one noise under one context: float rounding, not noise.
 SAME_SPREAD = 1e-3
@@ -207,6 +208,30 @@ def _gradient_reach(
             p.grad = g
 
 
+def cache_line(
+    cfg: TrainConfig,
+    model: StreamingVideoGenerator,
+    prompts: list[str],
+    spec: RolloutSpec,
+    device: torch.device,
+    autocast: Callable[[], object],
+) -> str:
+    """What a training rollout's KV cache will hold: :func:`kvpo.rollout.rollout_pages` of a
+    micro-batch of groups (``micro_batch``, or every prompt of an iteration on one process) of
+    ``prompts``, at the window's earliest start, times a page's bytes in the run's precision."""
+    groups = cfg.micro_batch or cfg.prompts_per_iter
+    pages = rollout_pages(model, [prompts] * groups, spec)
+    with autocast():  # under autocast the pages are in its 16-bit dtype
+        page = model.new_cache(1, device).nbytes()
+    anchor = " and its anchor" if spec.anchor else ""
+    return (
+        f"rollout KV cache: {pages} pages of {page / 2**20:.3g} MiB, {pages * page / 2**30:.3g} "
+        f"GiB, for {groups} group(s) of {spec.group_size} branches{anchor} "
+        f"(micro_batch {cfg.micro_batch}, rollout_branches {cfg.rollout_branches}, window from "
+        f"chunk {spec.window[0]})"
+    )
+
+
 def main(argv: list[str] | None = None) -> Preflight:
     from . import data
     from .config import amp_autocast, parse_args
@@ -265,6 +290,7 @@ def main(argv: list[str] | None = None) -> Preflight:
         ),
         flush=True,
     )
+    print("  " + cache_line(cfg, model, prompts, spec, device, autocast), flush=True)
     result = check_generator(model, prompts, spec, reward, device, autocast, cfg.seed)
     for line in result.lines():
         print("  " + line, flush=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -308,6 +309,48 @@ def _branch_passes(B: int, Gt: int, per_pass: int) -> list[torch.Tensor]:
     ]
 
 
+class _PagePlan(NamedTuple):
+    switches: list[list[int]]  # each group's prompt switches that re-cache
+    passes: list[torch.Tensor]  # rows (b * Gt + g) of each branch pass from the fork on
+    widest: int  # rows of the widest forward: its chunk_frames pages each are scratch
+    capacity: int  # pages the rollout allocates
+
+
+def _page_plan(
+    model: StreamingVideoGenerator, prompts: list[list[str]], spec: RolloutSpec
+) -> _PagePlan:
+    c, w0 = model.chunk_frames, spec.window[0]
+    nC, B = model.num_frames // c, len(prompts)
+    Gt = spec.group_size + int(spec.anchor)
+    switches = [prompt_switches(p) if recaches(model) else [] for p in prompts]
+
+    def recache_pages(b: int, forked: bool) -> int:
+        """Pages group b's KV re-caches write before the fork (once) or after it (per row)."""
+        return sum(len(recache_chunks(model, a)) * c for a in switches[b] if (a >= w0) == forked)
+
+    passes = _branch_passes(B, Gt, spec.branches_per_pass)
+    # each pass takes its pages from one pool that the next pass reuses
+    pool = max(
+        len(sel) * (nC - w0) * c
+        + (0 if spec.share_pages else len(sel) * w0 * c)
+        + sum(recache_pages(int(r) // Gt, True) for r in sel)
+        for sel in passes
+    )
+    widest = max(B, max(len(sel) for sel in passes))
+    prefix = B * w0 * c + sum(recache_pages(b, False) for b in range(B))
+    return _PagePlan(switches, passes, widest, widest * c + prefix + pool)
+
+
+def rollout_pages(
+    model: StreamingVideoGenerator, prompts: list[list[str]], spec: RolloutSpec
+) -> int:
+    """The KV pages :func:`rollout` allocates for ``prompts`` (B lists of one prompt per chunk)
+    under ``spec``: scratch pages for its widest forward, the groups' pre-window pages once,
+    and the largest branch pass's pages (with KV re-cache, the re-encoded frames' too). Times
+    the bytes of a page (``model.new_cache(1).nbytes()``), the memory of its KV cache."""
+    return _page_plan(model, prompts, spec).capacity
+
+
 @torch.no_grad()
 def rollout(
     model: StreamingVideoGenerator,
@@ -346,24 +389,8 @@ def rollout(
         raise ValueError(f"noise {tuple(noise.shape)} must be [{B}, {nC}, {c * T}, {d}]")
     noise = noise.to(device)
 
-    switches = [prompt_switches(p) if recaches(model) else [] for p in prompts]
-
-    def recache_pages(b: int, forked: bool) -> int:
-        """Pages group b's KV re-caches write before the fork (once) or after it (per row)."""
-        return sum(len(recache_chunks(model, a)) * c for a in switches[b] if (a >= w0) == forked)
-
-    # Rows b * Gt + g from the fork on; the anchor (if any) is g = G. Each pass of rows gets pages
-    # from one pool that the next pass reuses.
-    rows = torch.arange(B).repeat_interleave(Gt)
-    passes = _branch_passes(B, Gt, spec.branches_per_pass)
-    pool_size = max(
-        len(sel) * (nC - w0) * c
-        + (0 if spec.share_pages else len(sel) * w0 * c)
-        + sum(recache_pages(int(rows[r]), True) for r in sel)
-        for sel in passes
-    )
-    widest = max(B, max(len(sel) for sel in passes))
-    capacity = widest * c + B * w0 * c + sum(recache_pages(b, False) for b in range(B)) + pool_size
+    switches, passes, widest, capacity = _page_plan(model, prompts, spec)
+    rows = torch.arange(B).repeat_interleave(Gt)  # b * Gt + g from the fork; the anchor: g = G
     cache = model.new_cache(capacity, device)
     scratch = cache.allocate(widest * c).view(widest, c)
     pages = _Pages(cache.allocate(capacity - widest * c))

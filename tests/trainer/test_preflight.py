@@ -1,6 +1,8 @@
 """kvpo.preflight: the generator properties KVPO's training rests on, and generators without
 them."""
 
+import re
+
 import pytest
 import torch
 from trainer_support import OwnGenerator, cli_args, run_overrides, tiny_model
@@ -123,6 +125,12 @@ def test_cli_builds_the_runs_policy_and_reports(base, tmp_path, capsys):
     got = main(cli_args(over))
     out = capsys.readouterr().out
     assert got.failures == {} and "replay reproduces streaming: relative error" in out
+    # the KV cache a training rollout will hold, as the rollout counts it
+    pages = [int(re.search(r"rollout KV cache: (\d+) pages", out).group(1))]
+    main(cli_args({**over, "rollout_branches": 1, "micro_batch": 1}))
+    line = re.search(r"rollout KV cache: (\d+) pages.*", capsys.readouterr().out).group(0)
+    assert "for 1 group(s)" in line and "micro_batch 1, rollout_branches 1" in line
+    assert 0 < int(line.split()[3]) < pages[0] / 2
     assert out.count(" ok\n") == 5 and "of the routed branches' TVE" in out
     lora = main(cli_args({**over, "lora_rank": 2}))  # the run's policy: only its adapters train
     assert lora.failures == {} and 0 < lora.reached < lora.trainable  # lora_a waits for lora_b

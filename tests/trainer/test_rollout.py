@@ -8,7 +8,7 @@ import torch
 from trainer_support import PROMPTS, tiny_model
 
 from kvpo.context import visible_frames
-from kvpo.rollout import RolloutSpec, generate, rollout
+from kvpo.rollout import RolloutSpec, generate, rollout, rollout_pages
 
 
 def _prompts(model, n=2):
@@ -302,4 +302,7 @@ def test_branch_passes_make_the_same_branches_in_less_memory(make, kw, per_pass)
     rows = B * min(per_pass, Gt)
     assert split.cache_bytes == pages(rows) * page
     assert one.cache_bytes == pages(B * Gt) * page
+    # what preflight reports before a run
+    assert rollout_pages(model, prompts, replace(spec, branches_per_pass=per_pass)) == pages(rows)
+    assert rollout_pages(model, prompts, spec) == pages(B * Gt)
     assert split.cache_bytes < one.cache_bytes
