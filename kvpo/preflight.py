@@ -36,7 +36,7 @@ from .config import TrainConfig
 from .interface import StreamingVideoGenerator
 from .replay import replay_velocities
 from .rewards import CompositeReward
-from .rollout import Rollout, RolloutSpec, rollout, rollout_pages
+from .rollout import Rollout, RolloutSpec, deployment_spec, rollout, rollout_pages
 
 # Largest branch spread (an RMS ratio) of one noise under one context: float rounding, not noise.
 SAME_SPREAD = 1e-3
@@ -208,28 +208,36 @@ def _gradient_reach(
             p.grad = g
 
 
-def cache_line(
+def cache_lines(
     cfg: TrainConfig,
     model: StreamingVideoGenerator,
     prompts: list[str],
     spec: RolloutSpec,
     device: torch.device,
     autocast: Callable[[], object],
-) -> str:
-    """What a training rollout's KV cache will hold: :func:`kvpo.rollout.rollout_pages` of a
-    micro-batch of groups (``micro_batch``, or every prompt of an iteration on one process) of
-    ``prompts``, at the window's earliest start, times a page's bytes in the run's precision."""
-    groups = cfg.micro_batch or cfg.prompts_per_iter
-    pages = rollout_pages(model, [prompts] * groups, spec)
+) -> list[str]:
+    """What the run's KV caches will hold, by :func:`kvpo.rollout.rollout_pages` times a page's
+    bytes in the run's precision: a training rollout's (a micro-batch of groups: ``micro_batch``,
+    or every prompt of an iteration on one process, at the window's earliest start) and an
+    evaluation pass's (``eval_batch`` videos, or all of them)."""
     with autocast():  # under autocast the pages are in its 16-bit dtype
         page = model.new_cache(1, device).nbytes()
+
+    def size(pages: int) -> str:
+        return f"{pages} pages of {page / 2**20:.3g} MiB, {pages * page / 2**30:.3g} GiB"
+
+    groups = cfg.micro_batch or cfg.prompts_per_iter
+    videos = cfg.eval_batch or cfg.eval_prompts * cfg.eval_seeds
+    train_pages = rollout_pages(model, [prompts] * groups, spec)
+    eval_pages = rollout_pages(model, [prompts] * videos, deployment_spec(model))
     anchor = " and its anchor" if spec.anchor else ""
-    return (
-        f"rollout KV cache: {pages} pages of {page / 2**20:.3g} MiB, {pages * page / 2**30:.3g} "
-        f"GiB, for {groups} group(s) of {spec.group_size} branches{anchor} "
-        f"(micro_batch {cfg.micro_batch}, rollout_branches {cfg.rollout_branches}, window from "
-        f"chunk {spec.window[0]})"
-    )
+    return [
+        f"rollout KV cache: {size(train_pages)}, for {groups} group(s) of {spec.group_size} "
+        f"branches{anchor} (micro_batch {cfg.micro_batch}, rollout_branches "
+        f"{cfg.rollout_branches}, window from chunk {spec.window[0]})",
+        f"evaluation KV cache: {size(eval_pages)}, for {videos} video(s) at a time (eval_batch "
+        f"{cfg.eval_batch})",
+    ]
 
 
 def main(argv: list[str] | None = None) -> Preflight:
@@ -290,7 +298,8 @@ def main(argv: list[str] | None = None) -> Preflight:
         ),
         flush=True,
     )
-    print("  " + cache_line(cfg, model, prompts, spec, device, autocast), flush=True)
+    for line in cache_lines(cfg, model, prompts, spec, device, autocast):
+        print("  " + line, flush=True)
     result = check_generator(model, prompts, spec, reward, device, autocast, cfg.seed)
     for line in result.lines():
         print("  " + line, flush=True)

@@ -556,6 +556,13 @@ def batch_noise(model: StreamingVideoGenerator, B: int, generator: torch.Generat
     return torch.randn(shape, generator=generator)
 
 
+def deployment_spec(model: StreamingVideoGenerator) -> RolloutSpec:
+    """The rollout that samples at deployment (:func:`generate`): one branch per video, full
+    context everywhere (nothing routed out)."""
+    nC = model.num_frames // model.chunk_frames
+    return RolloutSpec(group_size=1, window=(1, nC), p_keep=1.0, anchor=False, score_steps=(0,))
+
+
 @torch.no_grad()
 def generate(
     model: StreamingVideoGenerator,
@@ -571,8 +578,7 @@ def generate(
     has in the whole batch: ranks that split a batch make the videos the whole batch would.
     ``noise`` is the whole batch's (:func:`batch_noise`; default: drawn from ``generator``), for
     callers that make a batch in several calls."""
-    nC = model.num_frames // model.chunk_frames
-    spec = RolloutSpec(group_size=1, window=(1, nC), p_keep=1.0, anchor=False, score_steps=(0,))
+    spec = deployment_spec(model)
     if noise is None:
         noise = batch_noise(model, len(prompts), generator)
     if rows is not None:

@@ -131,6 +131,11 @@ def test_cli_builds_the_runs_policy_and_reports(base, tmp_path, capsys):
     line = re.search(r"rollout KV cache: (\d+) pages.*", capsys.readouterr().out).group(0)
     assert "for 1 group(s)" in line and "micro_batch 1, rollout_branches 1" in line
     assert 0 < int(line.split()[3]) < pages[0] / 2
+    main(cli_args({**over, "eval_batch": 2}))
+    line = re.search(r"evaluation KV cache: (\d+) pages.*", capsys.readouterr().out).group(0)
+    model = tiny_model()  # the run's shape: 2 videos of F frames, and a chunk of scratch each
+    assert f"{2 * (model.num_frames + model.chunk_frames)} pages" in line
+    assert "for 2 video(s) at a time (eval_batch 2)" in line
     assert out.count(" ok\n") == 5 and "of the routed branches' TVE" in out
     lora = main(cli_args({**over, "lora_rank": 2}))  # the run's policy: only its adapters train
     assert lora.failures == {} and 0 < lora.reached < lora.trainable  # lora_a waits for lora_b
