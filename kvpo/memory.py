@@ -25,8 +25,8 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "reference": (
         "the frozen reference's replay of a micro-batch, without gradients",
-        "--micro_batch 1, or --kl none",
-        ("micro_batch", "kl"),
+        "--micro_batch 1, --replay_branches 1, or --kl none",
+        ("micro_batch", "replay_branches", "kl"),
     ),
     "update": (
         "the policy's replay activations, kept for the backward",
