@@ -67,6 +67,7 @@ def summarize(run: Path, metric: str = "eval_reward") -> dict:
     moved = _prompt_moves(read_rows(run / "eval_prompts.jsonl"), metric)
     seconds = [sum(v for k, v in r.items() if k.startswith("time_")) for r in trained]
     peaks = [r["cuda_peak_gib"] for r in trained if "cuda_peak_gib" in r]
+    kv = [r["rollout_cache_mib"] for r in trained if "rollout_cache_mib" in r]
     env = read_rows(run / "environment.jsonl")[-1:]  # the latest start's
     where = None
     if env:
@@ -98,6 +99,7 @@ def summarize(run: Path, metric: str = "eval_reward") -> dict:
         "skipped_steps": sum(r.get("skipped_steps", 0) for r in trained),
         "seconds_per_iteration": sum(seconds) / len(seconds) if seconds else None,
         "cuda_peak_gib": max(peaks) if peaks else None,
+        "rollout_cache_mib": max(kv) if kv else None,  # a rollout's KV pages, the largest
     }
 
 
@@ -114,7 +116,7 @@ def table(rows: list[dict]) -> str:
     metric = rows[0]["metric"] if rows else "eval_reward"
     head = [
         "run", "on", "iterations", f"{metric} first", "best", "last", "EMA last", "diversity",
-        "prompts rose", "groups trained", "skipped steps", "s / iteration", "peak GiB",
+        "prompts rose", "groups trained", "skipped steps", "s / iteration", "KV MiB", "peak GiB",
     ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for r in rows:
@@ -128,7 +130,7 @@ def table(rows: list[dict]) -> str:
             r["run"], r["where"] or "", done, at(r["first"], r["first_iter"]),
             at(r["best"], r["best_iter"]), at(r["last"], r["last_iter"]), num(r["ema_last"]), div,
             rose, share, str(r["skipped_steps"]), num(r["seconds_per_iteration"], ".1f"),
-            num(r["cuda_peak_gib"], ".1f"),
+            num(r.get("rollout_cache_mib"), ".1f"), num(r["cuda_peak_gib"], ".1f"),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

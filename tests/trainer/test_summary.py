@@ -61,6 +61,7 @@ def test_a_runs_summary_is_its_logs(base, tmp_path, capsys):
     times = [sum(v for k, v in h.items() if k.startswith("time_")) for h in hist[1:]]
     assert row["seconds_per_iteration"] == pytest.approx(sum(times) / 3)
     assert row["skipped_steps"] == 0 and row["cuda_peak_gib"] is None  # a CPU run
+    assert row["rollout_cache_mib"] == max(h["rollout_cache_mib"] for h in hist[1:]) > 0
     assert row["where"] == "1 x cpu"  # ranks x GPU, or the device
     groups = [json.loads(x) for x in (tmp_path / "a" / "groups.jsonl").read_text().splitlines()]
     assert row["trained_groups"] == pytest.approx(sum(g["trained"] for g in groups) / len(groups))
@@ -73,6 +74,7 @@ def test_a_runs_summary_is_its_logs(base, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("| run | on | iterations | eval_reward first | best | last |")
     assert f"| {100 * row['trained_groups']:.0f} % |" in lines[2]
+    assert f"| {row['rollout_cache_mib']:.1f} |  |" in lines[2]  # KV MiB, no GPU peak
     assert len(lines) == 4 and lines[2].startswith(f"| {tmp_path / 'a'} | 1 x cpu | 3 / 3 | ")
     assert f"{hist[-1]['eval_reward']:.4f} @2" in lines[2] and f"{rose} / 2" in lines[2]
     assert lines[3].startswith(f"| {tmp_path / 'b'} | 1 x cpu | 1 / 1 | ")
