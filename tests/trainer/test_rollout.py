@@ -7,7 +7,7 @@ import pytest
 import torch
 from trainer_support import PROMPTS, tiny_model
 
-from kvpo.context import visible_frames
+from kvpo.context import recache_chunks, visible_frames
 from kvpo.rollout import RolloutSpec, generate, rollout, rollout_pages
 
 
@@ -294,8 +294,6 @@ def test_branch_passes_make_the_same_branches_in_less_memory(make, kw, per_pass)
     def pages(rows: int) -> int:
         forked = rows * (nC - w0) * c + (0 if spec.share_pages else rows * w0 * c)
         if make.get("recache"):  # group 1's switch re-caches the chunks chunk 2 sees, per row
-            from kvpo.context import recache_chunks
-
             forked += rows // B * len(recache_chunks(model, 2)) * c
         return max(B, rows) * c + B * w0 * c + forked
 
