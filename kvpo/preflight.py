@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import TrainConfig, amp_autocast, parse_args
 from .interface import StreamingVideoGenerator
 from .replay import replay_velocities
 from .rewards import CompositeReward
@@ -242,7 +242,6 @@ def cache_lines(
 
 def main(argv: list[str] | None = None) -> Preflight:
     from . import data
-    from .config import amp_autocast, parse_args
     from .train import (
         check_run_prompts,
         checked_spec,

@@ -476,7 +476,6 @@ def rollout(
         if sde and j in scored
         for k in steps
     }
-    sde_eps_chunks = {j for j, _ in sde_eps}
     forked_from = pages.used  # each pass takes its pages from here on, over the last pass's
     clean = {i: x[rows] for i, x in enumerate(prefix)}  # [B*Gt, L, d] per chunk made
     tables = {j: torch.empty((B * Gt, width), dtype=torch.int32) for j in range(w0, nC)}
@@ -493,21 +492,21 @@ def rollout(
                     cache.k[layer][new] = cache.k[layer][old]
                     cache.v[layer][new] = cache.v[layer][old]
                 page_map[r, :n_pre] = new
-        made = {i: x[rows[sel]] for i, x in enumerate(prefix)}
+        group_of_row, R = rows[sel], len(sel)
+        made = {i: x[group_of_row] for i, x in enumerate(prefix)}
         n_rec = 0
         for j in range(w0, nC):
-            cond = cond_bj[rows[sel], j]
-            recache(j, page_map, rows[sel], made, cond)
-            R = len(sel)
+            cond = cond_bj[group_of_row, j]
+            recache(j, page_map, group_of_row, made, cond)
             hist = context_table(
                 model, page_map, torch.arange(R), torch.full((R,), j), None, width - c
             )
             if j < w1 and not sde:
                 routed = _apply_route(spec, routing[j][sel], page_map, hist)
                 hist = torch.where(is_anchor[sel, None], hist, routed)
-            eps = {k: sde_eps[j, k][sel].to(device) for k in steps} if j in sde_eps_chunks else None
+            eps = {k: sde_eps[j, k][sel].to(device) for k in steps} if sde and j in scored else None
             x, xs, vs, den_table = run_chunk(
-                j, page_map, rows[sel], hist, cond, j in scored, ode_rows=is_anchor[sel], eps=eps
+                j, page_map, group_of_row, hist, cond, j in scored, ode_rows=is_anchor[sel], eps=eps
             )
             made[j] = x
             clean.setdefault(j, x.new_empty((B * Gt, *x.shape[1:])))[sel] = x
