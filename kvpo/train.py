@@ -200,7 +200,17 @@ def checked_spec(cfg: TrainConfig, model: nn.Module) -> RolloutSpec:
     that ``window_shift`` allows."""
     spec = rollout_spec(cfg)
     for shift in range(cfg.window_shift + 1):
-        check_exploration(dataclasses.replace(spec, window=shifted(cfg.window, shift)), model)
+        at = shifted(cfg.window, shift)
+        try:
+            check_exploration(dataclasses.replace(spec, window=at), model)
+        except ConfigError as e:
+            if not shift:
+                raise
+            # the message names the shifted window, which the user never wrote
+            raise ConfigError(
+                f"window_shift={cfg.window_shift} starts window={tuple(cfg.window)} up to "
+                f"{cfg.window_shift} chunks later; {shift} later it is {at}, which fails: {e}"
+            ) from None
     return spec
 
 

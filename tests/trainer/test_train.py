@@ -134,7 +134,8 @@ def test_sample_routing_local_window_recache_and_window_shift(base, tmp_path):
     assert set(starts) <= {2, 3, 4} and len(set(starts)) > 1
     saved = load_model(tmp_path / "checkpoint.safetensors")
     assert saved.local_window == 2 and saved.recache
-    with pytest.raises(ValueError, match="window"):
+    # the error names the window and shift as written, then the shifted window that fails
+    with pytest.raises(ValueError, match=r"window_shift=2 starts window=\(2, 4\).* \(4, 6\)"):
         train(_cfg(base, tmp_path / "b", window=(2, 4), window_shift=2))
     with pytest.raises(ValueError, match="local_window=None"):
         train(_cfg(base, tmp_path / "c", routing="sample"))
