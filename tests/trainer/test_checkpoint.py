@@ -74,6 +74,8 @@ def test_unreadable_checkpoints(tmp_path):
     save_model(tiny_model(), tmp_path / "m.safetensors")
     with pytest.raises(CheckpointError, match="not a training one"):
         load_training(tmp_path / "m.safetensors", lambda m: None)
+    with pytest.raises(CheckpointError, match=r"no EMA weights \(train with --ema 0.999"):
+        load_model(tmp_path / "m.safetensors", ema=True)
 
 
 def test_checkpoints_that_do_not_describe_their_model(tmp_path):
