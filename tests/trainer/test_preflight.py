@@ -99,7 +99,12 @@ def test_a_small_shift_is_caught_on_the_shipped_generator_under_bf16():
         good = check_generator(good, prompts, spec, autocast=autocast)
         bad = ShiftedFrames(load_model(BASE_CHECKPOINT))
         bad = check_generator(bad, prompts, spec, autocast=autocast)
-        assert good.failures == {} and good.replay_error < 1e-10 < good.routed_tve
+        assert good.failures == {} and good.routed_tve > 1e-4
+        # fp32: the same bits. bf16: on a CPU with bf16 matrix units (AMX, AVX512-BF16) oneDNN's
+        # GEMMs sum in an order that depends on the row count, so streaming and replay round
+        # apart, by far less than the noise floor
+        exact = 1e-10 if not bf16 else 0.1 * NOISE_FLOOR * good.routed_tve
+        assert good.replay_error < exact, (bf16, good.replay_error)
         assert bad.failures.keys() == {"replay"}
         assert bad.replay_error < 1e-3 and bad.replay_error > 10 * NOISE_FLOOR * bad.routed_tve
 
