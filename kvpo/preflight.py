@@ -243,7 +243,7 @@ def cache_lines(
 def main(argv: list[str] | None = None) -> Preflight:
     from . import data
     from .train import (
-        check_run_prompts,
+        check_run_rewards,
         checked_spec,
         config_prompts,
         make_reward,
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> Preflight:
         nC = model.num_frames // model.chunk_frames
         train_prompts, eval_prompts = config_prompts(cfg)
         eval_prompts = eval_prompts[: cfg.eval_prompts]
-        check_run_prompts(reward, train_prompts + eval_prompts, nC)  # as train does
+        check_run_rewards(cfg, model, reward, train_prompts + eval_prompts)  # as train does
         prompt = eval_prompts[0]
         prompts = data.segments([prompt] * nC)
     except ValueError as e:  # ConfigError, CheckpointError: settings and files that cannot run

@@ -39,6 +39,11 @@ from . import data
 
 Prompt = str | Sequence[str]
 
+# The fewest frames a built-in reward scores: those that measure motion between frames need a
+# clip of several. A user reward says so with a ``min_frames`` attribute (on the function or the
+# class); the trainer refuses, as a run starts, a reward scope whose clips are shorter.
+MIN_FRAMES = {"alignment": 2, "path": 2, "motion": 3, "dynamic": 2, "smoothness": 3}
+
 
 @runtime_checkable
 class RewardFn(Protocol):
@@ -109,7 +114,7 @@ ALIGNMENT_PARTS = ("color", "shape", "size", "path")
 def alignment_scores(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
     """[B, 4] scores in [0, 1] of the parts in :data:`ALIGNMENT_PARTS`: the asked colour, shape and
     size, and the asked path (direction and speed of the centroid, chunk by chunk)."""
-    _check_videos(videos, prompts, min_frames=2)
+    _check_videos(videos, prompts, min_frames=MIN_FRAMES["alignment"])
     B, T, C, H, W = videos.shape
     scale = W / 24.0
     fg, _ = foreground(videos)
@@ -166,7 +171,7 @@ def path_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor
 
 def motion_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
     """Smooth trajectory (low centroid acceleration) and no flicker (stable area and brightness)."""
-    _check_videos(videos, prompts, min_frames=3)
+    _check_videos(videos, prompts, min_frames=MIN_FRAMES["motion"])
     scale = videos.shape[-1] / 24.0
     fg, _ = foreground(videos)
     cen, mass = _centroids(fg)
@@ -202,14 +207,14 @@ def visual_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tens
 
 def dynamic_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
     """Amount of change between frames, ``d / (d + 0.02)`` of the mean absolute difference."""
-    _check_videos(videos, prompts, min_frames=2)
+    _check_videos(videos, prompts, min_frames=MIN_FRAMES["dynamic"])
     d = (videos[:, 1:] - videos[:, :-1]).abs().mean(dim=(1, 2, 3, 4))
     return d / (d + 0.02)
 
 
 def smoothness_reward(videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
     """1 - mean distance of each inner frame from the midpoint of its neighbours."""
-    _check_videos(videos, prompts, min_frames=3)
+    _check_videos(videos, prompts, min_frames=MIN_FRAMES["smoothness"])
     mid = (videos[:, :-2] + videos[:, 2:]) / 2
     return 1 - (videos[:, 1:-1] - mid).abs().mean(dim=(1, 2, 3, 4))
 
@@ -295,6 +300,14 @@ class CompositeReward:
                 )
             out[name] = r
         return out
+
+    def min_frames(self, name: str) -> int:
+        """The fewest frames reward ``name`` scores (:data:`MIN_FRAMES` for a built-in, a user
+        reward's ``min_frames`` attribute, else 1)."""
+        fn = self.fns[name]
+        if fn is BUILTIN.get(name):
+            return MIN_FRAMES.get(name, 1)
+        return int(getattr(fn, "min_frames", 1))
 
     def check_prompts(self, prompts: Iterable[str]) -> None:
         """Raise a ValueError naming the reward and the prompt if a built-in reward that reads the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from .interface import StreamingVideoGenerator
@@ -21,6 +23,45 @@ def video_frames(model: StreamingVideoGenerator, first: int, last: int) -> slice
     if hasattr(model, "video_frames"):
         return model.video_frames(first, last)
     return slice(first, last)
+
+
+def scope_rewards(reward: CompositeReward, scope: str, w_scope: float) -> list[str]:
+    """The components a scope scores: over the whole video every reward (those of weight 0 are
+    logged), over a clip the ones that train."""
+    if scope == "video":
+        return list(reward.weights)
+    return [k for k, w in reward.weights.items() if w and w_scope]
+
+
+def check_clips(
+    model: StreamingVideoGenerator,
+    reward: CompositeReward,
+    scopes: dict[str, float],
+    windows: Iterable[tuple[int, int]],
+) -> None:
+    """A ValueError naming the reward, the scope and the window if a reward that needs several
+    frames (:meth:`CompositeReward.min_frames`: motion is measured between frames) would score
+    a shorter clip at one of ``windows``: as a run starts, not after its first rollout."""
+    c, chunks = model.chunk_frames, model.num_frames // model.chunk_frames
+    for window in windows:
+        for scope, w_scope in scopes.items():
+            j0, j1 = scope_chunks(scope, window, chunks)
+            frames = video_frames(model, j0 * c, j1 * c)
+            n = frames.stop - frames.start
+            for name in scope_rewards(reward, scope, w_scope):
+                need = reward.min_frames(name)
+                if n < need:
+                    fix = (
+                        "leave it out of reward_weights"
+                        if scope == "video"  # where weight-0 rewards are scored too
+                        else f"widen the window, score {name!r} over another scope, or give it "
+                        "weight 0"
+                    )
+                    raise ValueError(
+                        f"reward {name!r} scores clips of at least {need} frames, but reward scope "
+                        f"{scope!r} at window {tuple(window)} is chunks {j0}..{j1 - 1}, {n} "
+                        f"frames: {fix}"
+                    )
 
 
 @torch.no_grad()  # decoding and scoring keep no graph
@@ -45,8 +86,7 @@ def branch_rewards(
         j0, j1 = scope_chunks(scope, ro.window, Fr // c)
         frames = video_frames(model, j0 * c, j1 * c)
         prompts = [p[j0:j1] for p in ro.prompts]
-        names = [k for k, w in reward.weights.items() if w and w_scope]
-        names = list(reward.weights) if scope == "video" else names
+        names = scope_rewards(reward, scope, w_scope)
         prefix = "" if scope == "video" else f"{scope}/"
         got = reward.components(vids[:, frames], [p for p in prompts for _ in range(G)], names)
         comps.update({prefix + k: v.view(B, G) for k, v in got.items()})

@@ -44,7 +44,7 @@ from .rewards import (
     load_reward,
 )
 from .rollout import Rollout, RolloutSpec, exploring_chunks, rollout
-from .scoring import branch_rewards, fused_reward
+from .scoring import branch_rewards, check_clips, fused_reward
 from .stopping import StopSignals
 from .summary import prompt_changes
 from .update import (
@@ -188,11 +188,17 @@ def rollout_spec(cfg: TrainConfig) -> RolloutSpec:
     )
 
 
-def check_run_prompts(reward: CompositeReward, prompts: list[str], chunks: int) -> None:
+def check_run_rewards(
+    cfg: TrainConfig, model: nn.Module, reward: CompositeReward, prompts: list[str]
+) -> None:
     """Before any video is made, a :class:`ConfigError` if a prompt's ``"A | B"`` segments do not
-    fit the ``chunks`` or a reward cannot read the scene it asks for."""
+    fit the video's chunks, a reward cannot read the scene it asks for, or a reward scope's clip
+    (at any window start) or the evaluation's whole video is too short for a reward."""
+    chunks = model.num_frames // model.chunk_frames
+    windows = [shifted(cfg.window, s) for s in range(cfg.window_shift + 1)]
     with config_errors():
         reward.check_prompts(q for p in prompts for q in data.segments([p] * chunks))
+        check_clips(model, reward, {**cfg.reward_scopes, "video": 1.0}, windows)
 
 
 def checked_spec(cfg: TrainConfig, model: nn.Module) -> RolloutSpec:
@@ -630,7 +636,7 @@ def train(
         raise ValueError("prompts must be (training prompts, held-out prompts), both non-empty")
     eval_prompts = eval_prompts[: cfg.eval_prompts]
     nC = model.num_frames // model.chunk_frames
-    check_run_prompts(reward, train_prompts + eval_prompts, nC)
+    check_run_rewards(cfg, model, reward, train_prompts + eval_prompts)
 
     autocast = functools.partial(amp_autocast, cfg.amp, device)
 

@@ -1,10 +1,13 @@
 """Branch rewards over scoped clips (local window, post-fork video, whole video), fused."""
 
+import types
+
+import pytest
 import torch
 
 from kvpo.rewards import CompositeReward
 from kvpo.rollout import RolloutSpec, rollout
-from kvpo.scoring import branch_rewards, fused_reward
+from kvpo.scoring import branch_rewards, check_clips, fused_reward
 
 
 def test_scoped_rewards_score_their_clips(model):
@@ -40,3 +43,39 @@ def test_scoped_rewards_score_their_clips(model):
     comps, _, weights = branch_rewards(model, ro, reward, {"video": 1.0})
     assert set(comps) == {"alignment", "path", "motion"} and weights["motion"] == 0.0
     torch.testing.assert_close(comps["path"][0], reward.components(vids, [prompts[0]] * 3)["path"])
+
+
+def test_a_clip_too_short_for_a_reward_is_refused_naming_it(model):
+    """Rewards that measure motion need several frames (motion and smoothness 3, path 2): a
+    scope whose clip is shorter at any window start is refused naming the reward, the scope and
+    the window; at weight 0 a clip does not score it; a user reward's ``min_frames`` counts;
+    and the frames are the decoded video's (a VAE's latent frame decodes to several)."""
+    c = model.chunk_frames  # 2 frames a chunk: a one-chunk local clip has 2 frames
+    windows = [(2, 3), (3, 4)]
+    check_clips(model, CompositeReward({"path": 1.0, "motion": 1.0}), {"global": 1.0}, windows)
+    check_clips(model, CompositeReward({"path": 1.0, "motion": 0.0}), {"local": 1.0}, windows)
+    for name in ("motion", "smoothness"):
+        with pytest.raises(ValueError, match=rf"'{name}' .* 3 frames.* 'local' at window \(2, 3\)"):
+            check_clips(model, CompositeReward({name: 1.0}), {"local": 1.0}, windows)
+    with pytest.raises(ValueError, match=r"window \(3, 4\) is chunks 3..3, 2 frames"):
+        check_clips(model, CompositeReward({"motion": 1.0}), {"local": 1.0}, [(2, 4), (3, 4)])
+
+    def own(videos, prompts):
+        return videos.mean(dim=(1, 2, 3, 4))
+
+    own.min_frames = 2 * c + 1
+    reward = CompositeReward({"own": 1.0}, {"own": own})
+    check_clips(model, reward, {"local": 1.0}, [(1, 4)])
+    with pytest.raises(ValueError, match=r"'own' scores clips of at least 5 frames"):
+        check_clips(model, reward, {"local": 1.0}, [(1, 3)])
+    # Over the whole video every reward is scored, weight 0 too: only leaving it out helps.
+    short = types.SimpleNamespace(chunk_frames=1, num_frames=2)
+    with pytest.raises(ValueError, match="'video' .* 2 frames: leave it out of reward_weights"):
+        check_clips(short, CompositeReward({"path": 1.0, "motion": 0.0}), {"video": 1.0}, [(1, 2)])
+    # Wan's VAE: latent frame 0 decodes to one frame, each later one to four.
+    wan_like = types.SimpleNamespace(
+        chunk_frames=1,
+        num_frames=4,
+        video_frames=lambda a, b: slice(4 * a - 3 if a else 0, 4 * b - 3),
+    )
+    check_clips(wan_like, CompositeReward({"motion": 1.0}), {"local": 1.0}, [(1, 2)])

@@ -146,6 +146,12 @@ def test_sample_routing_local_window_recache_and_window_shift(base, tmp_path):
                    window=(2, 3), window_shift=2))  # fmt: skip
     with pytest.raises(ValueError, match="p_keep=1.0"):
         train(_cfg(base, tmp_path / "e", p_keep=1.0))
+    # The post-fork clip of the window started a chunk later is one chunk (2 frames), too short
+    # for motion (3): refused before any rollout or evaluation.
+    with pytest.raises(ValueError, match=r"'motion' .* 'global' at window \(4, 5\)"):
+        train(_cfg(base, tmp_path / "f", window=(3, 4), window_shift=1,
+                   reward_scopes={"global": 1.0}, reward_weights={"motion": 1.0}))  # fmt: skip
+    assert not (tmp_path / "f" / "metrics.jsonl").exists()
 
 
 def test_samples_at_eval_keep_the_group_each_evaluation_trained_on(base, tmp_path, monkeypatch):
