@@ -136,7 +136,8 @@ def load_model(path: str | Path, ema: bool = False, module: nn.Module | None = N
     if ema:
         if not any(k.startswith("ema.") for k in tensors):
             raise CheckpointError(
-                f"checkpoint {str(path)!r} has no EMA weights (train with --ema 0.999, or any decay > 0)"
+                f"checkpoint {str(path)!r} has no EMA weights (train with --ema 0.999, or any "
+                "decay > 0)"
             )
         # the tensors the EMA shares with the policy (its frozen ones) are stored under model.
         shared = {"ema." + k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
