@@ -142,6 +142,20 @@ def evaluation_sets(prompts: list[str], chunks: int, multi_prompt: bool) -> dict
     return sets
 
 
+def evaluation_metrics(reward: CompositeReward, cfg: TrainConfig) -> list[str]:
+    """The scores a training run's evaluations log (what ``keep_best`` may name): for each set of
+    :func:`evaluation_sets` (``eval_``, ``eval_mp_``) the reward and each component, the
+    diversity with several noises; with an EMA the same for it (``eval_ema_...``)."""
+    names = [*(f"eval_{k}" for k in reward.weights), "eval_reward"]
+    if cfg.eval_seeds > 1:
+        names.append("eval_diversity")
+    tags = evaluation_sets([], 0, cfg.eval_multi_prompt)
+    names = [tag + n[len("eval_") :] for tag in tags for n in names]
+    if cfg.ema:
+        names += ["eval_ema_" + n[len("eval_") :] for n in names]
+    return names
+
+
 def evaluate_sets(
     model: StreamingVideoGenerator,
     sets: dict[str, list],

@@ -28,7 +28,7 @@ from . import data, distributed
 from .checkpoint import CheckpointError, load_model, load_training, save_training
 from .config import ConfigError, TrainConfig, amp_autocast, config_errors, parse_args
 from .ema import ParamEMA
-from .evaluate import Evaluation, evaluate_sets, evaluation_sets
+from .evaluate import Evaluation, evaluate_sets, evaluation_metrics, evaluation_sets
 from .grpo import anchor_advantages, group_advantages
 from .loggers import make_loggers
 from .memory import TrainingOutOfMemoryError, memory_stage
@@ -192,13 +192,20 @@ def check_run_rewards(
     cfg: TrainConfig, model: nn.Module, reward: CompositeReward, prompts: list[str]
 ) -> None:
     """Before any video is made, a :class:`ConfigError` if a prompt's ``"A | B"`` segments do not
-    fit the video's chunks, a reward cannot read the scene it asks for, or a reward scope's clip
-    (at any window start) or the evaluation's whole video is too short for a reward."""
+    fit the video's chunks, a reward cannot read the scene it asks for, a reward scope's clip (at
+    any window start) or the evaluation's whole video is too short for a reward, or
+    ``keep_best`` names no metric the evaluation logs."""
     chunks = model.num_frames // model.chunk_frames
     windows = [shifted(cfg.window, s) for s in range(cfg.window_shift + 1)]
     with config_errors():
         reward.check_prompts(q for p in prompts for q in data.segments([p] * chunks))
         check_clips(model, reward, {**cfg.reward_scopes, "video": 1.0}, windows)
+    metrics = evaluation_metrics(reward, cfg)
+    if cfg.keep_best and cfg.keep_best not in metrics:
+        raise ConfigError(
+            f"config keep_best={cfg.keep_best!r} is not a metric of this run's evaluation: "
+            f"{metrics}"
+        )
 
 
 def checked_spec(cfg: TrainConfig, model: nn.Module) -> RolloutSpec:
@@ -706,19 +713,22 @@ def train(
             shutil.copyfile(path, out / "checkpoints" / f"step_{done:06d}.safetensors")
         plot_rewards(history, out / "rewards.png")
 
+    def kept_value(row: dict) -> float | None:
+        """``row``'s ``keep_best`` metric, None if it has none (an iteration not evaluated).
+        Before training the EMA is the policy (it starts as its copy): its metrics are the
+        policy's."""
+        if cfg.keep_best.startswith("eval_ema_") and row["iter"] == -1:
+            return row.get("eval_" + cfg.keep_best[len("eval_ema_") :])
+        return row.get(cfg.keep_best)
+
     def keep_if_best(done: int) -> None:
         """``best.safetensors``: the state after ``done`` iterations, if the evaluation just
         logged has the best ``keep_best`` metric yet (every rank checks, rank 0 saves)."""
         if not cfg.keep_best:
             return
-        row = history[-1]
-        if cfg.keep_best not in row:
-            raise ConfigError(
-                f"config keep_best={cfg.keep_best!r} is not a metric of this run's evaluation: "
-                f"{sorted(k for k in row if k.startswith('eval_'))}"
-            )
-        earlier = [h[cfg.keep_best] for h in history[:-1] if cfg.keep_best in h]
-        if lead and (not earlier or row[cfg.keep_best] > max(earlier)):
+        value = kept_value(history[-1])
+        earlier = [v for h in history[:-1] if (v := kept_value(h)) is not None]
+        if lead and value is not None and (not earlier or value > max(earlier)):
             save(done, "best")
 
     stopped = None  # why the run stopped early (kvpo.stopping)

@@ -15,7 +15,7 @@ from trainer_support import OwnGenerator, checkpoint_meta, cli_args, run_overrid
 from kvpo import data
 from kvpo.checkpoint import CheckpointError, load_model
 from kvpo.config import ConfigError, build_config, parse_args
-from kvpo.evaluate import evaluate, turned_prompts
+from kvpo.evaluate import evaluate, evaluation_metrics, turned_prompts
 from kvpo.rewards import CompositeReward
 from kvpo.train import main, make_reward, train
 from kvpo.update import NonFiniteGradientError
@@ -366,6 +366,30 @@ def test_the_best_evaluation_keeps_its_state(base, tmp_path):
         train(_cfg(base, tmp_path / "b", keep_best="eval_ema_reward"))
     with pytest.raises(ValueError, match="keep_best='reward'"):
         _cfg(base, tmp_path / "c", keep_best="reward")
+
+
+def test_keep_best_names_any_logged_metric_the_emas_included(base, tmp_path):
+    """The metrics an evaluation logs are known as the run starts (evaluation_metrics: the EMA's,
+    the multi-prompt set's, the diversity); keep_best=eval_ema_... keeps the state at the EMA's
+    best, the untrained policy (where the EMA starts) included; a metric the run does not log
+    stops it before any video is made."""
+    kw = dict(iterations=3, eval_every=1, ema=0.5, eval_multi_prompt=True, eval_seeds=2, lr=3e-3)
+    cfg = _cfg(base, tmp_path, keep_best="eval_ema_mp_reward", samples=False, **kw)
+    res = train(cfg)
+    logged = {k for h in res.history for k in h if k.startswith("eval_")}
+    assert logged == set(evaluation_metrics(make_reward(cfg), cfg))
+    assert "eval_ema_mp_reward" not in res.history[0]  # before training: the policy's alone
+
+    def ema_value(h):
+        return h["eval_mp_reward"] if h["iter"] == -1 else h["eval_ema_mp_reward"]
+
+    values = [ema_value(h) for h in res.history]
+    assert len(set(values)) == len(values)
+    top = max(res.history, key=ema_value)
+    assert int(checkpoint_meta(tmp_path / "best.safetensors")["iteration"]) == top["iter"] + 1
+    with pytest.raises(ValueError, match=r"keep_best='eval_ema_mp_reward' is not a metric"):
+        train(_cfg(base, tmp_path / "b", keep_best="eval_ema_mp_reward", eval_before=False))
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
 
 
 def test_resume_rejects_mismatched_or_unreadable_checkpoints(base, tmp_path):
