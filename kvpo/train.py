@@ -505,6 +505,16 @@ def reference_and_policy(
     return ref, *load_policy(cfg, ref, device, generator)
 
 
+def add_seeded_lora(cfg: TrainConfig, model: nn.Module) -> None:
+    """``model.add_lora`` of the config's rank and alpha, its random adapters drawn from the run's
+    seed rather than the process's global RNG, whose state depends on what ran before: the same
+    adapters in every run of the config, on every rank, in a fresh process or not."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        model.add_lora(cfg.lora_rank, cfg.lora_alpha or None)
+
+
 def load_policy(
     cfg: TrainConfig, ref: nn.Module, device: torch.device, own: nn.Module | None = None
 ) -> tuple[nn.Module, torch.optim.Optimizer, ParamEMA | None, int, list[dict]]:
@@ -531,7 +541,7 @@ def load_policy(
         pairs = zip(own.parameters(), ref.parameters(), strict=True)
         m = copy.deepcopy(own, {id(o): r for o, r in pairs} if cfg.lora_rank else None)
         if cfg.lora_rank:
-            m.add_lora(cfg.lora_rank, cfg.lora_alpha or None)
+            add_seeded_lora(cfg, m)
         return m
 
     start, history, ema_init = 0, [], None
@@ -565,7 +575,7 @@ def load_policy(
         else:
             model = copy.deepcopy(ref).requires_grad_(True)
             if cfg.lora_rank:
-                model.add_lora(cfg.lora_rank, cfg.lora_alpha or None)
+                add_seeded_lora(cfg, model)
         opt = make_optimizer(cfg, model)
     for m in (model, ema_init):
         if m is not None:

@@ -569,6 +569,33 @@ def test_lora_training_moves_only_the_adapters_and_resumes(base, tmp_path):
         train(_cfg(base, tmp_path, lora_rank=4, lora_alpha=8.0, iterations=4, resume=ckpt))
 
 
+def test_lora_adapters_start_from_the_runs_seed(base, tmp_path):
+    """The adapters' random start is drawn from the run's seed, not from the global RNG, whose
+    state depends on what the process ran before: a run resumed in the same process (or a sweep
+    in a notebook, or another rank) trains what one straight run does."""
+    from kvpo.train import reference_and_policy
+
+    cpu = torch.device("cpu")
+
+    def policy(seed, global_seed):
+        torch.manual_seed(global_seed)
+        _, m, *_ = reference_and_policy(_cfg(base, tmp_path, lora_rank=2, seed=seed), cpu)
+        return {n: p for n, p in m.named_parameters() if n.endswith("lora_a")}
+
+    a, b, c = policy(0, 1), policy(0, 2), policy(1, 1)
+    assert a and all(torch.equal(a[n], b[n]) for n in a)
+    assert not any(torch.equal(a[n], c[n]) for n in a)
+    kw = dict(lora_rank=2, lr=1e-3, samples=False, eval_every=5, iterations=3)
+    straight = train(_cfg(base, tmp_path / "a", **kw))
+    train(_cfg(base, tmp_path / "b", keep_checkpoints=True, **kw))
+    second = str(tmp_path / "b" / "checkpoints" / "step_000002.safetensors")
+    resumed = train(_cfg(base, tmp_path / "c", resume=second, **kw))
+    for (n, p), q in zip(
+        straight.model.named_parameters(), resumed.model.parameters(), strict=True
+    ):
+        assert torch.equal(p, q), n
+
+
 def test_train_a_users_generator_reward_and_prompts(base, tmp_path):
     def brightness(videos, prompts):
         return videos.mean(dim=(1, 2, 3, 4))
