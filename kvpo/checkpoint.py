@@ -193,13 +193,18 @@ def trainer_config(path: str | Path) -> dict:
     return _meta_value(_header(path), "trainer", path, "{}")
 
 
+# Fields of a saved trainer config that do not describe the run's policy or its evaluation.
+TRAINING_ONLY = ("resume", "samples_at_eval", "profile_iteration")
+
+
 def run_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     """The trainer config a checkpoint's run was saved with (its defaults for a model
-    checkpoint), ``overrides`` applied, validated. ``resume`` is left out: where that run came
-    from is not part of what it is."""
+    checkpoint), ``overrides`` applied, validated. Left out: ``resume`` (where that run came
+    from is not part of what it is) and what the run wrote as it trained (``samples_at_eval``,
+    ``profile_iteration``), which an older version let take values it now refuses."""
     from .config import build_config
 
-    saved = {k: v for k, v in trainer_config(path).items() if k != "resume"}
+    saved = {k: v for k, v in trainer_config(path).items() if k not in TRAINING_ONLY}
     return build_config({**saved, **(overrides or {})})
 
 

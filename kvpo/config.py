@@ -227,6 +227,8 @@ class TrainConfig:
             raise bad("keep_best", "must name a held-out metric (eval_reward, ...) or be empty")
         if not isinstance(self.profile_iteration, int) or self.profile_iteration < -1:
             raise bad("profile_iteration", "must be an iteration (>= 0), or -1 for none")
+        if self.samples_at_eval and not self.samples:  # it would write nothing
+            raise bad("samples_at_eval", "needs samples=true (the evaluations' videos)")
         if self.profile_iteration >= self.iterations:  # it would never be traced
             raise bad("profile_iteration", f"must be below iterations={self.iterations} (-1: none)")
         if self.wan_dtype not in ("fp32", "bf16"):

@@ -110,3 +110,18 @@ def test_checkpoints_that_do_not_describe_their_model(tmp_path):
     save_file(tensors, tmp_path / "broken.safetensors", {**meta, "iteration": "-2"})
     with pytest.raises(CheckpointError, match="iteration -2 is not a count"):
         load_training(tmp_path / "broken.safetensors", adamw)
+
+
+def test_run_config_reads_what_an_older_run_saved(tmp_path):
+    """The config a checkpoint's run saved, as kvpo.evaluate and kvpo.sample read it: what the
+    run wrote as it trained (settings an older version let through, now refused) is left out,
+    overrides apply."""
+    from kvpo.checkpoint import run_config
+
+    m = tiny_model()
+    saved = {"lr": 3e-4, "iterations": 2, "samples": False, "samples_at_eval": True,
+             "profile_iteration": 5, "resume": "elsewhere.safetensors"}  # fmt: skip
+    path = tmp_path / "t.safetensors"
+    save_training(path, m, torch.optim.AdamW(m.parameters()), 2, saved, [])
+    cfg = run_config(path, {"eval_seeds": 2})
+    assert (cfg.lr, cfg.eval_seeds, cfg.resume, cfg.profile_iteration) == (3e-4, 2, "", -1)

@@ -82,6 +82,7 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"reward_fns": {"hps": "my_rewards"}}, "reward_fns.*expected 'package.module:name'"),
         ({"reward_fns": "my_rewards:fn"}, "reward_fns"),
         ({"profile_iteration": 20}, "profile_iteration=20: must be below iterations=20"),
+        ({"samples_at_eval": True, "samples": False}, "samples_at_eval=True: needs samples=true"),
     ],
 )
 def test_bad_values_name_the_field(over, match):

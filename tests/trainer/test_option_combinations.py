@@ -68,7 +68,8 @@ def draw(seed: int) -> dict:
 @pytest.mark.parametrize("seed", range(24))
 def test_drawn_options_train_evaluate_and_save(base, tmp_path, seed):
     over = draw(seed)
-    cfg = build_config(run_overrides(base, tmp_path, samples=False, eval_seeds=1, **over))
+    samples = bool(over.get("samples_at_eval"))  # it needs them; the rest leaves them out
+    cfg = build_config(run_overrides(base, tmp_path, samples=samples, eval_seeds=1, **over))
     result = train(cfg)
     what = json.dumps({k: str(v) for k, v in over.items()})
     assert [row["iter"] for row in result.history] == [-1, 0, 1], what
