@@ -118,10 +118,13 @@ class RolloutSpec:
             raise ValueError(f"sde_noise={self.sde_noise} must be a finite number > 0")
         steps = len(model.timesteps()) - 1
         if self.score_steps is not None and (
-            not self.score_steps or any(not 0 <= s < steps for s in self.score_steps)
+            not self.score_steps
+            or any(not 0 <= s < steps for s in self.score_steps)
+            or len(set(self.score_steps)) < len(self.score_steps)
         ):
             raise ValueError(
-                f"score_steps={self.score_steps} must be a non-empty subset of 0..{steps - 1}"
+                f"score_steps={self.score_steps} must be a non-empty subset of 0..{steps - 1}, "
+                "each step once"
             )
 
     def scored_chunks(self, model: StreamingVideoGenerator) -> list[int]:

@@ -160,6 +160,7 @@ def test_sample_routing_needs_a_local_window(model):
         ({"window": (3, 3)}, "window"),
         ({"p_keep": 1.5}, "p_keep"),
         ({"score_steps": (5,)}, "score_steps"),
+        ({"score_steps": (0, 0)}, r"score_steps=\(0, 0\) .* each step once"),
         ({"routing": "swap"}, "routing"),
     ],
 )
