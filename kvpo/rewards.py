@@ -70,6 +70,15 @@ def _check_videos(videos: torch.Tensor, prompts: Sequence[Prompt], min_frames: i
         )
 
 
+def _shown(prompt: Prompt) -> str:
+    """A video's prompt for a message: its distinct chunk prompts, ``"A | B"``."""
+    return prompt if isinstance(prompt, str) else " | ".join(dict.fromkeys(prompt))
+
+
+class NonFiniteVideoError(ValueError):
+    """Videos given to a reward hold NaN or inf values: the generator made them so."""
+
+
 def _chunk_prompts(prompt: Prompt, T: int) -> list[str]:
     """One prompt per frame."""
     if isinstance(prompt, str):
@@ -278,6 +287,15 @@ class CompositeReward:
         moved to the CPU."""
         _check_videos(videos, prompts)
         B = videos.shape[0]
+        made = torch.isfinite(videos).flatten(1).all(1)
+        if not made.all():  # what every reward would turn into a NaN score
+            bad = (~made).nonzero().flatten().tolist()
+            raise NonFiniteVideoError(
+                f"videos {tuple(videos.shape)}: {len(bad)} of {B} hold NaN or inf values, the "
+                f"first video {bad[0]} (prompt {_shown(prompts[bad[0]])!r}): the generator made "
+                "them, not a reward (its weights diverged, e.g. under too large an lr, or an "
+                "activation overflowed)"
+            )
         step = self.batch or max(B, 1)
         out = {}
         for name in self.fns if names is None else names:
@@ -295,7 +313,8 @@ class CompositeReward:
             if bad:  # one NaN would make its group's advantages, then every weight, NaN
                 raise ValueError(
                     f"reward {name!r} returned {len(bad)} non-finite value(s) of {len(r)}, the "
-                    f"first {r[bad[0]].item()} for video {bad[0]} (prompt {prompts[bad[0]]!r}); "
+                    f"first {r[bad[0]].item()} for video {bad[0]} (prompt "
+                    f"{_shown(prompts[bad[0]])!r}); "
                     "a reward must be finite for every video"
                 )
             out[name] = r

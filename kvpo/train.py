@@ -39,6 +39,7 @@ from .rewards import (
     GENERIC,
     ClipReward,
     CompositeReward,
+    NonFiniteVideoError,
     RewardFn,
     RewardSpecError,
     load_reward,
@@ -891,6 +892,7 @@ def main(argv: list[str] | None = None) -> None:
         CheckpointError,
         RewardSpecError,
         NonFiniteGradientError,
+        NonFiniteVideoError,
         TrainingOutOfMemoryError,
     ) as e:
         raise SystemExit(f"error: {e}") from None

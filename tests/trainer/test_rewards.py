@@ -14,6 +14,7 @@ from kvpo.rewards import (
     GENERIC,
     ClipReward,
     CompositeReward,
+    NonFiniteVideoError,
     alignment_reward,
     alignment_scores,
     dynamic_reward,
@@ -120,6 +121,16 @@ def test_composite_weights_and_user_reward(truth):
         CompositeReward(
             {"odd": 1.0}, {"odd": lambda v, p: torch.full((len(p),), 1e300, dtype=torch.float64)}
         )(videos, prompts)  # finite in float64, inf once read as float32
+    # NaN videos are the generator's doing: named as such, before any reward reads them
+    broken = videos.clone()
+    broken[1, 2, 0, 3, 3] = float("nan")
+    turning = [prompts[0], [prompts[1]] * 2 + ["a small red circle moving up slowly"], *prompts[2:]]
+    with pytest.raises(
+        NonFiniteVideoError,
+        match=r"1 of 8 hold NaN .* video 1 \(prompt '.* \| a small red circle moving up slowly'\)"
+        r": the generator made them",
+    ):
+        comp(broken, turning)
     only = comp.components(videos, prompts, names=["brightness"])
     assert set(only) == {"brightness"} and torch.equal(only["brightness"], parts["brightness"])
 

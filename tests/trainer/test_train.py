@@ -280,6 +280,14 @@ def test_a_step_with_a_nan_gradient_is_skipped_and_a_run_of_them_stops(
         train(_cfg(base, tmp_path / "c", max_skipped_steps=-1))
 
 
+def test_a_policy_that_makes_nan_videos_stops_naming_the_generator(base, tmp_path):
+    """Too large an lr: finite weights whose videos overflow to NaN. The run stops with an error
+    that blames the generator, not the reward that would have turned them into NaN scores."""
+    over = run_overrides(base, tmp_path, lr=1e3, iterations=3, samples=False, eval_every=5)
+    with pytest.raises(SystemExit, match=r"^error: videos .* hold NaN or inf .* the generator"):
+        main(cli_args(over))
+
+
 def test_warmup_logs_its_rates_and_resumes_exactly(base, tmp_path):
     kw = dict(samples=False, lr=1e-3, lr_warmup=2, eval_every=5)
     straight = train(_cfg(base, tmp_path / "a", iterations=3, **kw))
