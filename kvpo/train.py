@@ -223,7 +223,8 @@ def checked_spec(cfg: TrainConfig, model: nn.Module) -> RolloutSpec:
             # the message names the shifted window, which the user never wrote
             raise ConfigError(
                 f"window_shift={cfg.window_shift} starts window={tuple(cfg.window)} up to "
-                f"{cfg.window_shift} chunks later; {shift} later it is {at}, which fails: {e}"
+                f"{cfg.window_shift} chunks later; started {shift} later it is {at}, which fails: "
+                f"{e}"
             ) from None
     return spec
 
