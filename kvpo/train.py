@@ -645,6 +645,11 @@ def train(
 
     ref, model, opt, ema, start, history = reference_and_policy(cfg, device, generator)
     del generator  # the policy and the reference are copies: a loaded Wan2.1 need not stay a third
+    if start > cfg.iterations:  # equal is a finished run requeued: it ends at once, as done
+        raise ConfigError(
+            f"--resume {cfg.resume!r} has {start} iterations done, more than config "
+            f"iterations={cfg.iterations}: raise iterations to train on"
+        )
     spec = checked_spec(cfg, model)
     if reward is None:
         reward = make_reward(cfg, device)

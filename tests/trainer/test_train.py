@@ -571,6 +571,9 @@ def test_lora_training_moves_only_the_adapters_and_resumes(base, tmp_path):
         _cfg(base, tmp_path, lora_rank=4, lr=1e-3, samples=False, iterations=3, resume=ckpt)
     )
     assert [r["iter"] for r in more.history if r["iter"] >= 0] == [0, 1, 2]
+    with pytest.raises(ConfigError, match="has 3 iterations done, more than config iterations=2"):
+        train(_cfg(base, tmp_path, lora_rank=4, samples=False, iterations=2,
+                   resume=str(tmp_path / "checkpoint.safetensors")))  # fmt: skip
     with pytest.raises(CheckpointError, match="lora_rank"):
         train(_cfg(base, tmp_path, iterations=4, samples=False, resume=ckpt))
     with pytest.raises(CheckpointError, match="lora_alpha=0.0, this config has 8.0"):
