@@ -154,3 +154,18 @@ def resolve(
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation / statistics dtype: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def first_order_only(op: str):
+    """An autograd formula for ``op``'s backward op that refuses to be differentiated: the ops
+    give first-order gradients (as FlashAttention's do), and PyTorch's own error for a missing
+    formula reads as if the caller should register one."""
+
+    def backward(ctx: object, *grads: torch.Tensor) -> None:
+        raise NotImplementedError(
+            f"kvpo_kernels.{op} has first-order gradients only: differentiating its gradient "
+            "(a double backward, create_graph=True through it, e.g. a gradient penalty) is not "
+            "supported"
+        )
+
+    return backward

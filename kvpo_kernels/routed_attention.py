@@ -174,6 +174,7 @@ def _backward(ctx, dout, dlse):
 
 
 _routed_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_routed_attention_backward_op.register_autograd(_backend.first_order_only("routed_attention"))
 
 
 # --------------------------------------------------------------------------------------------

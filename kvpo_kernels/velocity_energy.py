@@ -130,6 +130,7 @@ def _backward(ctx, grad):
 
 
 _velocity_energy_op.register_autograd(_backward, setup_context=_setup_context)
+_velocity_energy_backward_op.register_autograd(_backend.first_order_only("velocity_energy"))
 
 
 def velocity_energy(

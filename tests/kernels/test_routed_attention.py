@@ -299,3 +299,23 @@ def test_the_routed_branches_example_runs_and_matches_sdpa(capsys):
     assert res["max_abs_error"] < 1e-5 and 0 < res["grad_norm"] < float("inf")
     out = capsys.readouterr().out
     assert out.count("attends to frames [0, ") == 4 and "TVE" in out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_double_backward_is_refused_naming_the_op(backend):
+    """First-order gradients only: differentiating a gradient raises an error that says so (not
+    PyTorch's 'no autograd formula was registered' for the backward op), and the first-order
+    gradient a double backward's graph holds is the plain one."""
+    q = torch.randn(2, 4, 5, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (
+        torch.randn(6, 2, 8, 16, dtype=torch.float64),
+        torch.randn(6, 2, 8, 16, dtype=torch.float64),
+    )
+    table = torch.tensor([[0, 1, 2], [3, 4, -1]], dtype=torch.int32)
+    out, _ = kvpo_kernels.routed_attention(q, k, v, table, backend=backend)
+    (g,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    out, _ = kvpo_kernels.routed_attention(q, k, v, table, backend=backend)
+    (plain,) = torch.autograd.grad(out.square().sum(), q)
+    assert torch.equal(g.detach(), plain)
+    with pytest.raises(NotImplementedError, match="routed_attention has first-order gradients"):
+        torch.autograd.grad(g.sum(), q)

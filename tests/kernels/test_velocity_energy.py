@@ -207,3 +207,15 @@ def test_empty_dimensions_agree_with_torch(backend, reduction, shape):
     torch.testing.assert_close(got, want, equal_nan=True)
     got.sum().backward()
     assert v_pred.grad.shape == shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_double_backward_is_refused_naming_the_op(backend):
+    """First-order gradients only, said plainly when a gradient is differentiated."""
+    v_pred = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)
+    v_ref = torch.randn(3, 4, 10, dtype=torch.float64)
+    energy = kvpo_kernels.velocity_energy(v_pred, v_ref, backend=backend)
+    (g,) = torch.autograd.grad(energy.sum(), v_pred, create_graph=True)
+    torch.testing.assert_close(g.detach(), 2 * (v_pred - v_ref).detach())
+    with pytest.raises(NotImplementedError, match="velocity_energy has first-order gradients"):
+        torch.autograd.grad(g.sum(), v_pred)
