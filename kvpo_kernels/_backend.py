@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -156,7 +157,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def first_order_only(op: str):
+def first_order_only(op: str) -> Callable[..., None]:
     """An autograd formula for ``op``'s backward op that refuses to be differentiated: the ops
     give first-order gradients (as FlashAttention's do), and PyTorch's own error for a missing
     formula reads as if the caller should register one."""
