@@ -25,6 +25,16 @@ def video_frames(model: StreamingVideoGenerator, first: int, last: int) -> slice
     return slice(first, last)
 
 
+def scope_clip(
+    model: StreamingVideoGenerator, scope: str, window: tuple[int, int], chunks: int
+) -> tuple[int, int, slice]:
+    """A scope's chunks ``[j0, j1)`` (:func:`scope_chunks`) and the frames of the decoded video
+    they are (:func:`video_frames`)."""
+    j0, j1 = scope_chunks(scope, window, chunks)
+    c = model.chunk_frames
+    return j0, j1, video_frames(model, j0 * c, j1 * c)
+
+
 def scope_rewards(reward: CompositeReward, scope: str, w_scope: float) -> list[str]:
     """The components a scope scores: over the whole video every reward (those of weight 0 are
     logged), over a clip the ones that train."""
@@ -42,11 +52,10 @@ def check_clips(
     """A ValueError naming the reward, the scope and the window if a reward that needs several
     frames (:meth:`CompositeReward.min_frames`: motion is measured between frames) would score
     a shorter clip at one of ``windows``: as a run starts, not after its first rollout."""
-    c, chunks = model.chunk_frames, model.num_frames // model.chunk_frames
+    chunks = model.num_frames // model.chunk_frames
     for window in windows:
         for scope, w_scope in scopes.items():
-            j0, j1 = scope_chunks(scope, window, chunks)
-            frames = video_frames(model, j0 * c, j1 * c)
+            j0, j1, frames = scope_clip(model, scope, window, chunks)
             n = frames.stop - frames.start
             for name in scope_rewards(reward, scope, w_scope):
                 need = reward.min_frames(name)
@@ -83,8 +92,7 @@ def branch_rewards(
     av = None if ro.anchor_tokens is None else ((model.to_video(ro.anchor_tokens) + 1) / 2).cpu()
     comps, anchor, weights = {}, ({} if av is not None else None), {}
     for scope, w_scope in scopes.items():
-        j0, j1 = scope_chunks(scope, ro.window, Fr // c)
-        frames = video_frames(model, j0 * c, j1 * c)
+        j0, j1, frames = scope_clip(model, scope, ro.window, Fr // c)
         prompts = [p[j0:j1] for p in ro.prompts]
         names = scope_rewards(reward, scope, w_scope)
         prefix = "" if scope == "video" else f"{scope}/"
