@@ -201,12 +201,13 @@ def check_run_rewards(
     with config_errors():
         reward.check_prompts(q for p in prompts for q in data.segments([p] * chunks))
         check_clips(model, reward, {**cfg.reward_scopes, "video": 1.0}, windows)
-    metrics = evaluation_metrics(reward, cfg)
-    if cfg.keep_best and cfg.keep_best not in metrics:
-        raise ConfigError(
-            f"config keep_best={cfg.keep_best!r} is not a metric of this run's evaluation: "
-            f"{metrics}"
-        )
+    if cfg.keep_best:
+        metrics = evaluation_metrics(reward, cfg)
+        if cfg.keep_best not in metrics:
+            raise ConfigError(
+                f"config keep_best={cfg.keep_best!r} is not a metric of this run's evaluation: "
+                f"{metrics}"
+            )
 
 
 def checked_spec(cfg: TrainConfig, model: nn.Module) -> RolloutSpec:
