@@ -52,6 +52,20 @@ def run_overrides(base: str, out, **kw) -> dict:
     return over
 
 
+def straight_and_resumed(base: str, out, **kw) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The policies of a 3-iteration run of ``kw`` made straight through, and of the same run
+    resumed in this process from its checkpoint after 2 iterations (run dirs under ``out``)."""
+    from kvpo.config import build_config
+    from kvpo.train import train
+
+    kw = dict(kw, iterations=3)
+    straight = train(build_config(run_overrides(base, out / "a", **kw)))
+    train(build_config(run_overrides(base, out / "b", keep_checkpoints=True, **kw)))
+    second = out / "b" / "checkpoints" / "step_000002.safetensors"
+    resumed = train(build_config(run_overrides(base, out / "c", resume=str(second), **kw)))
+    return straight.model, resumed.model
+
+
 def checkpoint_meta(path) -> dict[str, str]:
     """The metadata of a safetensors checkpoint (iteration, history, optimizer scalars, ...)."""
     from safetensors import safe_open

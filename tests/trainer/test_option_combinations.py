@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from trainer_support import checkpoint_meta, run_overrides
+from trainer_support import checkpoint_meta, run_overrides, straight_and_resumed
 
 from kvpo.config import build_config
 from kvpo.train import train
@@ -86,12 +86,9 @@ def test_drawn_options_resume_exactly(base, tmp_path, seed):
     on the weights of the run never stopped (what found LoRA adapters drawn from the global
     RNG: a resumed run's earlier part had started from other adapters)."""
     over = {**draw(seed), "lora_rank": 2} if seed % 2 else draw(seed)
-    kw = dict(over, iterations=3, samples=bool(over.get("samples_at_eval")), eval_seeds=1)
-    straight = train(build_config(run_overrides(base, tmp_path / "a", **kw)))
-    train(build_config(run_overrides(base, tmp_path / "b", keep_checkpoints=True, **kw)))
-    second = tmp_path / "b" / "checkpoints" / "step_000002.safetensors"
-    resumed = train(build_config(run_overrides(base, tmp_path / "c", resume=str(second), **kw)))
+    kw = dict(over, samples=bool(over.get("samples_at_eval")), eval_seeds=1)
+    straight, resumed = straight_and_resumed(base, tmp_path, **kw)
     what = json.dumps({k: str(v) for k, v in over.items()})
-    pairs = zip(straight.model.named_parameters(), resumed.model.parameters(), strict=True)
+    pairs = zip(straight.named_parameters(), resumed.parameters(), strict=True)
     for (name, p), q in pairs:
         assert torch.equal(p, q), f"{what}: {name}"

@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from trainer_support import OwnGenerator, checkpoint_meta, cli_args, run_overrides, tiny_model
+from trainer_support import (
+    OwnGenerator,
+    checkpoint_meta,
+    cli_args,
+    run_overrides,
+    straight_and_resumed,
+    tiny_model,
+)
 
 from kvpo import data
 from kvpo.checkpoint import CheckpointError, load_model
@@ -596,14 +603,10 @@ def test_lora_adapters_start_from_the_runs_seed(base, tmp_path):
     a, b, c = policy(0, 1), policy(0, 2), policy(1, 1)
     assert a and all(torch.equal(a[n], b[n]) for n in a)
     assert not any(torch.equal(a[n], c[n]) for n in a)
-    kw = dict(lora_rank=2, lr=1e-3, samples=False, eval_every=5, iterations=3)
-    straight = train(_cfg(base, tmp_path / "a", **kw))
-    train(_cfg(base, tmp_path / "b", keep_checkpoints=True, **kw))
-    second = str(tmp_path / "b" / "checkpoints" / "step_000002.safetensors")
-    resumed = train(_cfg(base, tmp_path / "c", resume=second, **kw))
-    for (n, p), q in zip(
-        straight.model.named_parameters(), resumed.model.parameters(), strict=True
-    ):
+    straight, resumed = straight_and_resumed(
+        base, tmp_path, lora_rank=2, lr=1e-3, samples=False, eval_every=5
+    )
+    for (n, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q), n
 
 
