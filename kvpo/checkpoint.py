@@ -32,11 +32,19 @@ class CheckpointError(ValueError):
 
 def save_model(model: TinyARVideo, path: str | Path, extra: dict | None = None) -> None:
     """The built-in generator's weights and config (and ``extra``, JSON) as a safetensors file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model_config": json.dumps(model.config_dict()), "extra": json.dumps(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata=meta)
+    _write(path, tensors, meta)
+
+
+def _write(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """A safetensors file written beside ``path`` and renamed onto it: an interrupted save never
+    leaves a half-written checkpoint under the real name (nor destroys the one there)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
 
 
 _UNREADABLE = (SafetensorError, OSError, ValueError)
@@ -156,8 +164,6 @@ def save_training(
     ema: nn.Module | None = None,
 ) -> None:
     """Weights, AdamW state, iteration, trainer config and log (and the EMA weights, if any)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     policy = model.state_dict()
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in policy.items()}
     if ema is not None:
@@ -182,9 +188,7 @@ def save_training(
         "optim_scalars": json.dumps(scalars),
         "history": json.dumps(history),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+    _write(path, tensors, meta)
 
 
 def trainer_config(path: str | Path) -> dict:

@@ -44,9 +44,21 @@ class ModelConfig:
     lora_alpha: float | None = None  # adapter scale alpha / rank (None: 1)
 
     def __post_init__(self) -> None:
-        for name in ("frame_size", "channels", "patch", "num_frames", "chunk_frames", "dim"):
+        for name in (
+            "frame_size", "channels", "patch", "num_frames", "chunk_frames", "dim", "depth",
+            "heads", "kv_heads",
+        ):  # fmt: skip
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.sink_frames < 0 or self.sink_frames >= self.num_frames:
+            raise ValueError(
+                f"ModelConfig.sink_frames={self.sink_frames} must be in [0, "
+                f"num_frames={self.num_frames})"
+            )
+        if self.local_window is not None and self.local_window < 1:
+            raise ValueError(
+                f"ModelConfig.local_window={self.local_window} must be >= 1 or None (all history)"
+            )
         if self.frame_size % self.patch:
             raise ValueError(
                 f"frame_size={self.frame_size} must be a multiple of patch={self.patch}"

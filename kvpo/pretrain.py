@@ -3,12 +3,14 @@
 Chunk-wise teacher forcing with flow matching: each chunk is noised to a random t and denoised
 while attending (through ``routed_attention`` page tables) to the clean frames of earlier chunks,
 exactly the context the streaming sampler gives it. Writes a safetensors checkpoint whose weights
-are an EMA of the trained ones; ``kvpo/assets/base.safetensors`` ships one made by this script.
+are an EMA of the trained ones (``--out``, default ``runs/pretrain/model.safetensors``);
+``kvpo/assets/base.safetensors`` ships one made by this script.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -18,12 +20,13 @@ import torch
 from tqdm import tqdm
 
 from . import data, distributed
-from .checkpoint import load_model, save_model
+from .checkpoint import CheckpointError, load_model, save_model
 from .context import chunk_conditioning, clean_context, context_table, teacher_forcing
 from .ema import ParamEMA
 from .model import ModelConfig, TinyARVideo
 
-DEFAULT_OUT = Path(__file__).parent / "assets" / "base.safetensors"
+# Not the shipped base (kvpo/assets): a trial run must not replace what `make train` starts from.
+DEFAULT_OUT = Path("runs/pretrain/model.safetensors")
 
 
 def make_batch(
@@ -99,6 +102,30 @@ def flow_matching_loss(
     return torch.nn.functional.mse_loss(v, noise - x0)
 
 
+# What continuing from a checkpoint may change: the attention context (a model adapted to a
+# local window, as LongLive adapts Self-Forcing's), not the architecture of its weights.
+CONTEXT_FIELDS = ("local_window", "recache")
+
+
+def continued(init: Path, cfg: ModelConfig) -> TinyARVideo:
+    """The model checkpoint ``init`` under ``cfg``'s local window and KV re-cache; ``cfg``'s other
+    fields must be the checkpoint's (a ValueError names those that differ)."""
+    model = load_model(init)
+    have, want = dataclasses.asdict(model.cfg), dataclasses.asdict(cfg)
+    differ = [k for k in have if k not in CONTEXT_FIELDS and have[k] != want[k]]
+    if differ:
+        raise ValueError(
+            f"init {str(init)!r} is a model of "
+            + ", ".join(f"{k}={have[k]!r}" for k in differ)
+            + ", not "
+            + ", ".join(f"{k}={want[k]!r}" for k in differ)
+            + " (continuing keeps a checkpoint's architecture)"
+        )
+    model.set_local_window(cfg.local_window)
+    model.set_recache(cfg.recache)
+    return model
+
+
 def pretrain(
     cfg: ModelConfig,
     steps: int,
@@ -112,11 +139,11 @@ def pretrain(
     init: Path | None = None,
     device: torch.device | str = "cpu",
 ) -> TinyARVideo:
-    """Train from scratch (or continue from the model checkpoint ``init``, whose config wins) on
-    ``device``; videos, noise and timesteps are drawn on the CPU, the same on any device."""
+    """Train from scratch (or continue from the model checkpoint ``init``, see :func:`continued`)
+    on ``device``; videos, noise and timesteps are drawn on the CPU, the same on any device."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = load_model(init) if init is not None else TinyARVideo(cfg)
+    model = continued(init, cfg) if init is not None else TinyARVideo(cfg)
     model = model.to(device)
     ema = ParamEMA(model, ema_decay)
     train_prompts, _ = data.split_prompts()
@@ -170,33 +197,61 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m kvpo.pretrain", description=__doc__.splitlines()[0]
     )
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=12)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--dim", type=int, default=ModelConfig.dim)
-    ap.add_argument("--depth", type=int, default=ModelConfig.depth)
+    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    ap.add_argument("--batch", type=int, default=12, help="videos per step")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (cosine)")
+    ap.add_argument("--seed", type=int, default=0, help="videos, prompts, noise and timesteps")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the checkpoint written")
+    ap.add_argument(
+        "--dim", type=int, default=None, help=f"model width (default {ModelConfig.dim}; --init's)"
+    )
+    ap.add_argument(
+        "--depth", type=int, default=None,
+        help=f"transformer blocks (default {ModelConfig.depth}; --init's)",
+    )  # fmt: skip
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     distributed.add_device_argument(ap)
     ap.add_argument("--init", type=Path, default=None, help="continue from this model checkpoint")
     ap.add_argument(
-        "--local_window", type=int, default=None, help="frames besides sinks a chunk attends to"
-    )
+        "--local_window", type=int, default=None,
+        help="frames besides sinks a chunk attends to (default: all; with --init, its)",
+    )  # fmt: skip
     ap.add_argument(
-        "--recache", action="store_true", help="KV re-cache at prompt switches (LongLive)"
-    )
+        "--recache", action="store_true", default=None,
+        help="KV re-cache at prompt switches (LongLive; with --init, its unless given)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.batch < 1 or args.lr <= 0:
-        ap.error("--steps and --batch must be >= 1 and --lr > 0")
+    if args.steps < 1 or args.batch < 1:
+        ap.error(f"--steps {args.steps} and --batch {args.batch} must be >= 1")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        ap.error(f"--lr {args.lr} must be a finite number > 0")
+    if args.threads < 0:
+        ap.error(f"--threads {args.threads} must be >= 0 (0: torch's default)")
     if args.local_window is not None and args.local_window < 1:
         ap.error("--local_window must be >= 1")
+    try:
+        cfg = ModelConfig()
+        if args.init is not None:  # its architecture; a context of its own unless given
+            cfg = load_model(args.init).cfg
+            for flag in ("dim", "depth"):
+                asked = getattr(args, flag)
+                if asked is not None and asked != getattr(cfg, flag):
+                    ap.error(
+                        f"--{flag} {asked}: --init {args.init} is a model of {flag} "
+                        f"{getattr(cfg, flag)}, which continuing keeps (drop --{flag})"
+                    )
+        changes = {k: getattr(args, k) for k in ("dim", "depth") if getattr(args, k) is not None}
+        if args.local_window is not None or args.init is None:
+            changes["local_window"] = args.local_window
+        if args.recache is not None or args.init is None:
+            changes["recache"] = bool(args.recache)
+        cfg = dataclasses.replace(cfg, **changes)
+    except (CheckpointError, ValueError) as e:  # an unreadable --init, a model that cannot be built
+        ap.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     pretrain(
-        ModelConfig(
-            dim=args.dim, depth=args.depth, local_window=args.local_window, recache=args.recache
-        ),
+        cfg,
         args.steps,
         args.batch,
         args.lr,

@@ -1,5 +1,7 @@
 """Pretraining: teacher forcing sees what streaming sampling caches (KV re-cache included)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from trainer_support import tiny_model
@@ -83,3 +85,49 @@ def test_cli_pretrains_a_local_window_recache_generator(tmp_path):
     assert m.local_window == 4 and m.recache and m.cfg.depth == 1
     with pytest.raises(SystemExit):
         main(["--local_window", "0", "--out", str(out)])
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--dim", "7"], "dim=7 must divide by heads=4"),
+        (["--depth", "0"], "depth must be positive"),
+        (["--lr", "nan"], "--lr nan must be a finite number"),
+        (["--threads", "-1"], "--threads -1"),
+        (["--init", "missing.safetensors"], "'missing.safetensors' does not exist"),
+    ],
+)
+def test_cli_refuses_what_it_cannot_pretrain(tmp_path, capsys, args, named):
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--steps", "1", "--out", str(tmp_path / "m.safetensors")])
+    assert e.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_cli_continues_a_checkpoint_in_its_architecture_under_a_context_asked(tmp_path, capsys):
+    """--init keeps the checkpoint's architecture (a --dim that differs is refused, not ignored)
+    and its local window and re-cache, unless asked for others (a model adapted to a window)."""
+    base, first, second = (tmp_path / f"{n}.safetensors" for n in ("base", "first", "second"))
+    small = ["--steps", "1", "--batch", "2", "--dim", "32", "--depth", "1"]
+    main([*small, "--local_window", "3", "--out", str(base)])
+    main(["--steps", "1", "--batch", "2", "--init", str(base), "--out", str(first)])
+    m = load_model(first)
+    assert (m.cfg.dim, m.cfg.depth, m.local_window, m.recache) == (32, 1, 3, False)
+    main(["--steps", "1", "--batch", "2", "--init", str(first), "--depth", "1",
+          "--local_window", "5", "--recache", "--out", str(second)])  # fmt: skip
+    m = load_model(second)
+    assert (m.cfg.dim, m.cfg.depth, m.local_window, m.recache) == (32, 1, 5, True)
+    with pytest.raises(SystemExit):
+        main(["--steps", "1", "--init", str(base), "--dim", "64", "--out", str(second)])
+    err = capsys.readouterr().err
+    assert "--dim 64: --init" in err and "is a model of dim 32" in err
+
+
+def test_cli_writes_under_runs_not_over_the_shipped_base(tmp_path, monkeypatch):
+    from kvpo.config import BASE_CHECKPOINT
+
+    shipped = Path(BASE_CHECKPOINT).read_bytes()
+    monkeypatch.chdir(tmp_path)
+    main(["--steps", "1", "--batch", "1", "--dim", "32", "--depth", "1"])
+    assert load_model(tmp_path / "runs" / "pretrain" / "model.safetensors").cfg.dim == 32
+    assert Path(BASE_CHECKPOINT).read_bytes() == shipped
