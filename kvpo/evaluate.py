@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import data, distributed
 from .config import TrainConfig, amp_autocast
 from .interface import StreamingVideoGenerator
-from .report import preview, save_videos, write_rows
+from .report import check_writable, preview, save_videos, write_rows
 from .rewards import CompositeReward
 from .rollout import generate_passes, spread
 
@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model = load_generator(args.checkpoint, args.ema, args.wan_dir, device)
         reward = make_reward(cfg, device)
         prompts = held_out_prompts(cfg)
+        if rank == 0:
+            for opt in ("per_prompt", "samples"):
+                if getattr(args, opt):
+                    check_writable(Path(getattr(args, opt)).parent, f"--{opt} {getattr(args, opt)}")
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     nC = model.num_frames // model.chunk_frames

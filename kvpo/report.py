@@ -9,10 +9,26 @@ import math
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+
+def check_writable(directory: str | Path, what: str) -> None:
+    """Make ``directory`` (and its parents) and write a file in it, or raise a ValueError naming
+    ``what`` (the option that asked for it): before the work whose results go there, not after
+    it."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"{what}: cannot write in {str(directory)!r} ({e.strerror or e})"
+        ) from None
 
 
 def read_rows(path: Path) -> list[dict]:

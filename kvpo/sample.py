@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -32,8 +34,8 @@ from .checkpoint import (
     trainer_config,
 )
 from .config import amp_autocast
-from .report import save_videos
-from .rewards import BUILTIN, GENERIC, CompositeReward, load_reward
+from .report import check_writable, save_videos
+from .rewards import BUILTIN, GENERIC, SCENE_READERS, CompositeReward, load_reward
 from .rollout import generate_passes, rollout
 
 
@@ -43,6 +45,17 @@ def chunk_prompts(prompt: str, chunks: int) -> list[str]:
         return [prompt] * chunks
     base, switch = (p.strip() for p in prompt.split("->", 1))
     return data.switched_prompts(base, chunks, chunks // 2, switch.split()[-1] if switch else "")
+
+
+def _unreadable_scene(prompts: Iterable[str]) -> str:
+    """Why the built-in rewards that read the asked scene from a prompt cannot read one of
+    ``prompts`` ("" if they read them all)."""
+    for p in dict.fromkeys(prompts):
+        try:
+            data.Scene.parse(p)
+        except ValueError as e:
+            return str(e)
+    return ""
 
 
 def _name_spec(item: str) -> tuple[str, str]:
@@ -116,6 +129,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for opt in ("batch", "reward_batch"):
         if getattr(args, opt) < 0:
             raise SystemExit(f"error: --{opt} {getattr(args, opt)}: must be >= 0 (0: all at once)")
+    if not args.branches and (args.window is not None or args.p_keep is not None):
+        raise SystemExit("error: --window and --p_keep set the exploration of --branches G")
+    try:
+        check_writable(args.out.parent, f"--out {args.out}")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if wan and not prompts:
         raise SystemExit("error: a Wan checkpoint needs --prompt or --prompts_file")
     prompts = prompts or data.split_prompts()[1]
@@ -125,8 +144,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             per_chunk = [chunk_prompts(p, n_chunks) for p in prompts]
         names = [*(GENERIC if wan else BUILTIN), *extra]
+        if unread := _unreadable_scene(p for ps in per_chunk for p in ps):
+            # sampled all the same (the generator takes any words); only those rewards cannot score
+            names = [n for n in names if n not in SCENE_READERS]
+            print(f"note: {', '.join(SCENE_READERS)} left out: {unread}", file=sys.stderr)
         reward = CompositeReward(dict.fromkeys(names, 1.0), extra, batch=args.reward_batch)
-        reward.check_prompts(p for ps in per_chunk for p in ps)
     except (ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
     bf16 = amp_autocast(amp, device)

@@ -34,7 +34,7 @@ from .loggers import make_loggers
 from .memory import TrainingOutOfMemoryError, memory_stage
 from .profiling import IterationProfiler
 from .replay import step_weights
-from .report import MetricsLog, plot_rewards, record_process, save_videos
+from .report import MetricsLog, check_writable, plot_rewards, record_process, save_videos
 from .rewards import (
     GENERIC,
     ClipReward,
@@ -642,7 +642,8 @@ def train(
     out = Path(cfg.out_dir)
     lead = rank == 0
     if lead:
-        out.mkdir(parents=True, exist_ok=True)
+        with config_errors():
+            check_writable(out, f"config out_dir={cfg.out_dir!r}")
 
     ref, model, opt, ema, start, history = reference_and_policy(cfg, device, generator)
     del generator  # the policy and the reference are copies: a loaded Wan2.1 need not stay a third

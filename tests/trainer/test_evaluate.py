@@ -126,6 +126,8 @@ def test_cli_reproduces_the_runs_evaluation(base, tmp_path, capsys):
         (["--set", "eval_seeds"], "field=value"),
         (["--set", "eval_seeds=0"], "eval_seeds"),
         (["--checkpoint", str(tmp_path / "none.safetensors")], "does not exist"),
+        (["--samples", str(per / "grid")], r"--samples .*grid: cannot write in"),
+        (["--per_prompt", str(per / "p.jsonl")], r"--per_prompt .*p.jsonl: cannot write in"),
     ):
         with pytest.raises(SystemExit, match=match):
             main(["--checkpoint", ckpt, *bad])

@@ -83,10 +83,34 @@ def test_sample_errors(tmp_path):
     save_model(tiny_model(), ckpt)
     with pytest.raises(SystemExit, match="no EMA"):
         main(["--checkpoint", str(ckpt), "--ema"])
-    with pytest.raises(SystemExit, match="exactly one"):
-        main(["--checkpoint", str(ckpt), "--prompt", "a red thing"])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["--checkpoint", str(tmp_path / "none.safetensors")])
+    with pytest.raises(SystemExit, match="--window and --p_keep set the exploration of --branches"):
+        main(["--checkpoint", str(ckpt), "--p_keep", "0.5"])
+    (tmp_path / "file").write_text("")  # --out in a folder that cannot be made: before sampling
+    with pytest.raises(SystemExit, match=r"--out .*file/grid: cannot write in .*file'"):
+        main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "file" / "grid")])
+
+
+def test_sample_prompts_that_the_scene_rewards_cannot_read(tmp_path, capsys):
+    """The generator samples any words; the rewards that read the asked scene from the prompt
+    (alignment, path) are left out, with a note saying why, and the others printed."""
+    model = tiny_model()
+    ckpt = tmp_path / "m.safetensors"
+    save_model(model, ckpt)
+    (row,) = main(
+        ["--checkpoint", str(ckpt), "--prompt", "a red thing", "--out", str(tmp_path / "g")]
+    )
+    assert "alignment, path left out: prompt 'a red thing' must name exactly one" in (
+        capsys.readouterr().err
+    )
+    video = generate(model, [chunk_prompts("a red thing", 5)], torch.Generator().manual_seed(0))
+    kept = {k: v for k, v in BUILTIN.items() if k not in ("alignment", "path")}
+    want = CompositeReward(dict.fromkeys(kept, 1.0)).components((video + 1) / 2, [["a red thing"]])
+    assert set(row) == {"prompt", *kept}
+    assert row == pytest.approx(
+        {"prompt": "a red thing", **{k: float(v) for k, v in want.items()}}, abs=1e-4
+    )
 
 
 def test_branches_show_a_group_as_the_run_explores_it(tmp_path, capsys):

@@ -451,6 +451,8 @@ def test_cli_reports_bad_values(base, tmp_path):
         (["--window", "2,4", "--reward_weights", "alignment=1,colourful=1"],
          r"unknown reward\(s\) \['colourful'\]"),
         (["--window", "2,4", "--reward_weights", "alignment=0"], "reward weights are all 0"),
+        (["--out_dir", str(tmp_path / "free.txt" / "r")],
+         r"config out_dir='.*free.txt/r': cannot write in"),
     ):  # fmt: skip
         with pytest.raises(SystemExit, match="error: " + match):
             main(run + more)
