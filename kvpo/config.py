@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import math
 import re
@@ -274,6 +275,8 @@ class TrainConfig:
             raise bad("device", "must be 'auto', 'cpu' or 'cuda'")
         if len(self.window) != 2 or self.window[0] >= self.window[1]:
             raise bad("window", "must be two chunk indices [w0, w1) with w0 < w1")
+        if len(self.wan_size) != 2 or min(self.wan_size) < 1:
+            raise bad("wan_size", "must be the video's height and width, two positive integers")
         scopes = self.reward_scopes
         if (
             not isinstance(scopes, dict)
@@ -358,6 +361,10 @@ def build_config(overrides: dict) -> TrainConfig:
     hints = typing.get_type_hints(TrainConfig)
     unknown = sorted(set(overrides) - set(hints))
     if unknown:
+        close = {k: difflib.get_close_matches(k, hints, n=1) for k in unknown}
+        if all(close.values()):  # typos: name the fields meant, not all 80
+            meant = ", ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items())
+            raise ValueError(f"unknown config field(s) {unknown} ({meant})")
         raise ValueError(f"unknown config field(s) {unknown}; known: {sorted(hints)}")
     cfg = TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in overrides.items()})
     cfg.validate()

@@ -57,7 +57,16 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"kl": "l1"}, "kl"),
         ({"window": [3, 1]}, "window"),
         ({"iterations": "many"}, "iterations"),
-        ({"itrations": 3}, "unknown config field"),
+        (
+            {"itrations": 3},
+            r"unknown config field\(s\) \['itrations'\] \('itrations': did you mean 'iterations'\?\)",
+        ),
+        (
+            {"itrations": 3, "zzz": 1},
+            r"unknown config field\(s\) \['itrations', 'zzz'\]; known: .*'lr'",
+        ),
+        ({"wan_size": [480]}, r"wan_size=\(480,\): must be the video's height and width"),
+        ({"wan_size": [480, 0]}, "wan_size"),
         ({"samples": "maybe"}, "samples"),
         ({"routing": "swap"}, "routing"),
         ({"recent_frames": 0}, "recent_frames"),
