@@ -160,6 +160,7 @@ class TrainConfig:
     save_every: int = 10  # checkpoint every this many iterations
     max_minutes: float = 0.0  # stop, saved, before an iteration would end past this (0: never)
     keep_checkpoints: bool = False  # also keep each one as checkpoints/step_N.safetensors
+    keep_last: int = 0  # with keep_checkpoints: only the newest N step_N files (0: every one)
     # best.safetensors: the training state at the best value yet of this held-out metric
     keep_best: str = ""  # an eval metric: eval_reward, eval_ema_reward, ... ("": none)
     samples: bool = True  # before/after GIF and MP4 of the evaluation prompts
@@ -219,6 +220,7 @@ class TrainConfig:
             ("replay_branches", " (0: all at once)"),
             ("rollout_branches", " (0: all at once)"),
             ("lr_warmup", " (iterations)"),
+            ("keep_last", " (0: every checkpoint)"),
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise bad(name, "must be an integer >= 0" + unit)
@@ -228,6 +230,8 @@ class TrainConfig:
             raise bad("keep_best", "must name a held-out metric (eval_reward, ...) or be empty")
         if not isinstance(self.profile_iteration, int) or self.profile_iteration < -1:
             raise bad("profile_iteration", "must be an iteration (>= 0), or -1 for none")
+        if self.keep_last and not self.keep_checkpoints:  # it would keep nothing
+            raise bad("keep_last", "needs keep_checkpoints=true (the step_N files it limits)")
         if self.samples_at_eval and not self.samples:  # it would write nothing
             raise bad("samples_at_eval", "needs samples=true (the evaluations' videos)")
         if self.profile_iteration >= self.iterations:  # it would never be traced

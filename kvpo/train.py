@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import json
+import re
 import shutil
 import signal
 import sys
@@ -474,6 +475,22 @@ class TrainResult:
     stopped_by: str | None = None
 
 
+def prune_checkpoints(folder: Path, done: int, keep: int) -> list[Path]:
+    """Delete the ``step_N.safetensors`` of ``folder`` older than the newest ``keep`` up to step
+    ``done``; returns those deleted. Files past ``done`` are left alone: a run resumed from an
+    earlier checkpoint finds the later ones of the trajectory it left, and overwrites them as it
+    gets there, never deleting its own newest for them."""
+    steps = {}
+    for f in folder.glob("step_*.safetensors"):
+        m = re.fullmatch(r"step_(\d+)\.safetensors", f.name)
+        if m and int(m.group(1)) <= done:
+            steps[int(m.group(1))] = f
+    old = [steps[n] for n in sorted(steps)[: max(len(steps) - keep, 0)]]
+    for f in old:
+        f.unlink()
+    return old
+
+
 def set_context(cfg: TrainConfig, model: nn.Module) -> None:
     """The deployment context the config asks for (local window, KV re-cache), if it asks; the
     built-in generator also records it in its saved config."""
@@ -730,6 +747,8 @@ def train(
         if cfg.keep_checkpoints:  # to go back to, e.g. before a reward was gamed
             (out / "checkpoints").mkdir(exist_ok=True)
             shutil.copyfile(path, out / "checkpoints" / f"step_{done:06d}.safetensors")
+            if cfg.keep_last:
+                prune_checkpoints(out / "checkpoints", done, cfg.keep_last)
         plot_rewards(history, out / "rewards.png")
 
     def kept_value(row: dict) -> float | None:

@@ -24,7 +24,7 @@ from kvpo.checkpoint import CheckpointError, load_model
 from kvpo.config import ConfigError, build_config, parse_args
 from kvpo.evaluate import evaluate, evaluation_metrics, turned_prompts
 from kvpo.rewards import CompositeReward
-from kvpo.train import main, make_reward, train
+from kvpo.train import main, make_reward, prune_checkpoints, train
 from kvpo.update import NonFiniteGradientError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -356,6 +356,31 @@ def test_kept_checkpoints_resume_from_their_step(base, tmp_path):
     for (n, p), q in zip(straight.model.named_parameters(), again.model.parameters(), strict=True):
         assert torch.equal(p, q), n
     assert not (tmp_path / "b" / "checkpoints").exists()  # off by default
+
+
+def test_keep_last_keeps_the_newest_kept_checkpoints(base, tmp_path):
+    """keep_last=2 leaves the last two saves of checkpoints/ (each the state after its step); a
+    run resumed from an earlier one leaves the later files of the run it left alone until it
+    overwrites them, and prunes only those up to its own step."""
+    kw = dict(samples=False, eval_every=5, save_every=1, keep_checkpoints=True, keep_last=2)
+    res = train(_cfg(base, tmp_path / "a", iterations=3, **kw))
+    folder = tmp_path / "a" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "step_000002.safetensors", "step_000003.safetensors"
+    ]  # fmt: skip
+    for (n, p), q in zip(
+        res.model.named_parameters(),
+        load_model(folder / "step_000003.safetensors").parameters(),
+        strict=True,
+    ):
+        assert torch.equal(p, q), n
+    for n in (1, 4, 5):  # as if a longer run had been here, and restarted after step 1
+        (folder / f"step_{n:06d}.safetensors").write_bytes(b"")
+    assert prune_checkpoints(folder, 2, keep=1) == [folder / "step_000001.safetensors"]
+    left = sorted(p.name for p in folder.iterdir())
+    assert left == [f"step_{n:06d}.safetensors" for n in (2, 3, 4, 5)]
+    with pytest.raises(ValueError, match="keep_last=2: needs keep_checkpoints=true"):
+        _cfg(base, tmp_path / "b", keep_last=2)
 
 
 def test_the_best_evaluation_keeps_its_state(base, tmp_path):
