@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import json
+import os
 import re
 import shutil
 import signal
@@ -746,7 +747,12 @@ def train(
             return
         if cfg.keep_checkpoints:  # to go back to, e.g. before a reward was gamed
             (out / "checkpoints").mkdir(exist_ok=True)
-            shutil.copyfile(path, out / "checkpoints" / f"step_{done:06d}.safetensors")
+            kept = out / "checkpoints" / f"step_{done:06d}.safetensors"
+            kept.unlink(missing_ok=True)
+            try:  # a second name, no copy of GBs: the next save writes a new file, not this one
+                os.link(path, kept)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(path, kept)
             if cfg.keep_last:
                 prune_checkpoints(out / "checkpoints", done, cfg.keep_last)
         plot_rewards(history, out / "rewards.png")

@@ -351,6 +351,10 @@ def test_kept_checkpoints_resume_from_their_step(base, tmp_path):
     straight = train(_cfg(base, tmp_path / "a", iterations=2, keep_checkpoints=True, **kw))
     kept = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
     assert kept == ["step_000001.safetensors", "step_000002.safetensors"]
+    # the newest is the checkpoint under a second name (a hard link, not a copy); the older one
+    # still holds its own step's state (below: it resumes to the same weights)
+    latest = tmp_path / "a" / "checkpoints" / "step_000002.safetensors"
+    assert latest.samefile(tmp_path / "a" / "checkpoint.safetensors")
     first = str(tmp_path / "a" / "checkpoints" / "step_000001.safetensors")
     again = train(_cfg(base, tmp_path / "b", iterations=2, resume=first, **kw))
     for (n, p), q in zip(straight.model.named_parameters(), again.model.parameters(), strict=True):
