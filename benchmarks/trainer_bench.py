@@ -78,7 +78,7 @@ def stage_times(iterations: int = 4) -> dict:
             }
         )
         hist = [h for h in train(cfg).history if h["iter"] >= 1]  # skip the warm-up iteration
-    keys = ("time_rollout", "time_reward", "time_replay", "time_update")
+    keys = ("time_rollout", "time_reward", "time_reference", "time_replay", "time_update")
     return {k: sum(h[k] for h in hist) / len(hist) for k in keys}
 
 
@@ -103,8 +103,9 @@ def main() -> None:
     total = sum(st.values())
     print(f"torch threads: {torch.get_num_threads()}")
     print("\n| stage (4 prompts x G = 8, 2 inner epochs) | seconds / iteration | share |")
-    # rollout: KV-routed sampling; reward: rewards + reference replay; replay: policy replay
-    # forwards (with gradients) and TVE; update: PPO loss, backward, AdamW.
+    # rollout: KV-routed sampling; reward: rewards and advantages; reference: the frozen
+    # reference's replay for the KL; replay: policy replay forwards (with gradients) and TVE;
+    # update: PPO loss, backward, AdamW.
     print("| --- | ---: | ---: |")
     for k, v in st.items():
         print(f"| {k.removeprefix('time_')} | {v:.2f} | {v / total:.0%} |")

@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", f"| {title} | value |", "|---|---:|"]
     try:
         it = iteration(args.smoke, device, args.group_size, args.run_dir, args.rollout_branches)
-        keys = ("time_rollout", "time_reward", "time_replay", "time_update", "wall_s", "peak_gib",
-                "rollout_cache_mib")  # fmt: skip
+        keys = ("time_rollout", "time_reward", "time_reference", "time_replay", "time_update",
+                "wall_s", "peak_gib", "rollout_cache_mib")  # fmt: skip
         lines += [f"| {k} | {it[k]:.2f} |" for k in keys if k in it]
     except Exception as e:  # out of memory at this G, say: the row says so, the table stays
         lines.append(f"| error | {type(e).__name__}: {str(e)[:160]} |")

@@ -323,7 +323,7 @@ class Exploration:
     spread: torch.Tensor  # [B] float32 on the CPU: each group's Rollout.branch_spread
     step_weights: list[torch.Tensor]  # each part's TVE step weights
     refs: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # each part's reference terms
-    seconds: dict[str, float]  # time_rollout, time_reward (rewards, advantages, reference)
+    seconds: dict[str, float]  # time_rollout, time_reward (and advantages), time_reference
 
 
 def explore(
@@ -355,9 +355,15 @@ def explore(
     all_comps = {k: distributed.all_gather(v) for k, v in comps.items()}
     adv, valid = advantages(cfg, total, comps, anchor, weights, all_comps)
     step_w = [step_weights(ro, cfg.step_weighting) for ro in parts]
+    t2 = time.perf_counter()
     with torch.no_grad(), autocast(), memory_stage("reference", cfg):
         refs = [reference_terms(cfg, ref, ro, w) for ro, w in zip(parts, step_w, strict=True)]
-    seconds = {"time_rollout": t1 - t0, "time_reward": time.perf_counter() - t1}
+    # the frozen reference's forward for the KL: logged apart, it can cost more than the rewards
+    seconds = {
+        "time_rollout": t1 - t0,
+        "time_reward": t2 - t1,
+        "time_reference": time.perf_counter() - t2,
+    }
     spread = torch.cat([ro.branch_spread().cpu() for ro in parts])
     return Exploration(
         parts, comps, all_comps, total, adv.to(device), valid.to(device), spread, step_w, refs,
@@ -456,8 +462,8 @@ def progress_line(row: dict, components: list[str]) -> str:
         + ", ".join(f"{k} {row[f'reward_{k}']:.3f}" for k in components)
         + f") spread {row['branch_spread']:.3f} | tve {row['tve']:.2e} ratio {row['ratio']:.3f} clip {row['clip_frac']:.2f} "
         f"kl {row['kl']:.2e} | rollout {row['time_rollout']:.1f}s reward "
-        f"{row['time_reward']:.1f}s replay {row['time_replay']:.1f}s update "
-        f"{row['time_update']:.1f}s"
+        f"{row['time_reward']:.1f}s reference {row['time_reference']:.1f}s replay "
+        f"{row['time_replay']:.1f}s update {row['time_update']:.1f}s"
         + (f" | eval {row['eval_reward']:.4f}" if "eval_reward" in row else "")
         + (f" (EMA {row['eval_ema_reward']:.4f})" if "eval_ema_reward" in row else "")
         + (f" multi-prompt {row['eval_mp_reward']:.4f}" if "eval_mp_reward" in row else "")

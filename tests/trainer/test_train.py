@@ -50,6 +50,7 @@ def test_run_writes_logs_plot_samples_and_checkpoint(base, tmp_path, capsys):
         "grad_norm",
         "time_rollout",
         "time_reward",
+        "time_reference",
         "time_replay",
         "time_update",
         "eval_reward",
