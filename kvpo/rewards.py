@@ -242,6 +242,17 @@ BUILTIN: dict[str, RewardFn] = {
 }
 
 
+def unreadable_scene(prompts: Iterable[str]) -> str:
+    """Why the rewards of :data:`SCENE_READERS` cannot read one of ``prompts`` (the first such
+    prompt's parse error), or "" if they read them all."""
+    for p in dict.fromkeys(prompts):  # each distinct prompt once
+        try:
+            data.Scene.parse(p)
+        except ValueError as e:
+            return str(e)
+    return ""
+
+
 class CompositeReward:
     """Weighted sum of named rewards; :meth:`components` gives each one.
 
@@ -337,18 +348,13 @@ class CompositeReward:
         asked scene from the prompt (:data:`SCENE_READERS`) cannot read one of ``prompts`` (each a
         chunk's prompt): before any video is made, not at the first score."""
         readers = [k for k in SCENE_READERS if self.fns.get(k) is BUILTIN[k]]
-        if not readers:
-            return
-        for p in dict.fromkeys(prompts):  # each distinct prompt once
-            try:
-                data.Scene.parse(p)
-            except ValueError as e:
-                raise ValueError(
-                    f"reward {readers[0]!r} reads the asked scene from each prompt, and {e}; with "
-                    f"prompts of your own train on your own rewards (reward_fns) or the generic "
-                    f"ones ({', '.join(GENERIC)}), or ask for a scene: "
-                    f"{data.all_scenes()[0].prompt!r}"
-                ) from None
+        if readers and (why := unreadable_scene(prompts)):
+            raise ValueError(
+                f"reward {readers[0]!r} reads the asked scene from each prompt, and {why}; with "
+                f"prompts of your own train on your own rewards (reward_fns) or the generic "
+                f"ones ({', '.join(GENERIC)}), or ask for a scene: "
+                f"{data.all_scenes()[0].prompt!r}"
+            )
 
     def total(self, comps: dict[str, torch.Tensor]) -> torch.Tensor:
         """The weighted sum of the components of :meth:`components` ([B] each)."""

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -35,7 +34,14 @@ from .checkpoint import (
 )
 from .config import amp_autocast
 from .report import check_writable, save_videos
-from .rewards import BUILTIN, GENERIC, SCENE_READERS, CompositeReward, load_reward
+from .rewards import (
+    BUILTIN,
+    GENERIC,
+    SCENE_READERS,
+    CompositeReward,
+    load_reward,
+    unreadable_scene,
+)
 from .rollout import generate_passes, rollout
 
 
@@ -45,17 +51,6 @@ def chunk_prompts(prompt: str, chunks: int) -> list[str]:
         return [prompt] * chunks
     base, switch = (p.strip() for p in prompt.split("->", 1))
     return data.switched_prompts(base, chunks, chunks // 2, switch.split()[-1] if switch else "")
-
-
-def _unreadable_scene(prompts: Iterable[str]) -> str:
-    """Why the built-in rewards that read the asked scene from a prompt cannot read one of
-    ``prompts`` ("" if they read them all)."""
-    for p in dict.fromkeys(prompts):
-        try:
-            data.Scene.parse(p)
-        except ValueError as e:
-            return str(e)
-    return ""
 
 
 def _name_spec(item: str) -> tuple[str, str]:
@@ -144,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             per_chunk = [chunk_prompts(p, n_chunks) for p in prompts]
         names = [*(GENERIC if wan else BUILTIN), *extra]
-        if unread := _unreadable_scene(p for ps in per_chunk for p in ps):
+        if unread := unreadable_scene(p for ps in per_chunk for p in ps):
             # sampled all the same (the generator takes any words); only those rewards cannot score
             names = [n for n in names if n not in SCENE_READERS]
             print(f"note: {', '.join(SCENE_READERS)} left out: {unread}", file=sys.stderr)
