@@ -1,10 +1,12 @@
 """Stopping a run cleanly when a scheduler asks, or when its time is up: a checkpoint, then exit,
 instead of losing the iterations since the last save.
 
-SIGTERM (preemption, ``scancel``, ``kill``) and SIGUSR1 (SLURM's ``--signal=USR1@<seconds>``
-before a time limit) no longer kill the trainer: it finishes or drops the iteration under way
-(see :func:`kvpo.train.train`), saves, and exits with status ``128 + signal`` so that a job
-script tells it from a finished run (0). A second signal stops it at once, as before.
+SIGTERM (preemption, ``scancel``, ``kill``), SIGUSR1 (SLURM's ``--signal=USR1@<seconds>``
+before a time limit) and SIGINT (Ctrl-C) no longer kill the trainer: it finishes or drops the
+iteration under way (see :func:`kvpo.train.train`), saves, and exits with status
+``128 + signal`` so that a job script tells it from a finished run (0). A second signal (not the
+echo of the first, :data:`ECHO_S`) stops it at once, as before (a second Ctrl-C raises
+KeyboardInterrupt, as Python does: a notebook's kernel lives on).
 ``max_minutes`` stops a run before an iteration that would end past that time (exit status 0,
 as other trainers' time limits).
 """
@@ -15,12 +17,18 @@ import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 
 from . import distributed
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 TIME_UP = 1 << 8  # above every signal number: a rank out of time outranks a signal
+# One request often arrives twice at a rank within milliseconds: SLURM's scancel signals every
+# process of the job, torchrun among them, and torchrun passes the signal on; a terminal's Ctrl-C
+# reaches torchrun and its ranks alike, and torchrun passes it on. The same signal again within
+# this many seconds is that echo, not a second request.
+ECHO_S = 2.0
 
 
 class StopSignals:
@@ -28,9 +36,11 @@ class StopSignals:
     :meth:`requested` reads the request. Outside the main thread (where Python cannot take
     signals) it changes nothing."""
 
-    def __init__(self, names: tuple[str, ...] = STOP_SIGNALS) -> None:
+    def __init__(self, names: tuple[str, ...] = STOP_SIGNALS, echo_s: float = ECHO_S) -> None:
         self.names = names
+        self.echo_s = echo_s
         self.received: signal.Signals | None = None
+        self._at = 0.0  # when it was received (time.monotonic)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -48,11 +58,16 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:  # asked twice: what the signal did before kvpo took it
+        if self.received is not None:
+            if signum == self.received and time.monotonic() - self._at < self.echo_s:
+                return  # the same request, delivered twice (ECHO_S)
+            # asked twice: what the signal did before kvpo took it
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.received = signal.Signals(signum)
+        self.received, self._at = signal.Signals(signum), time.monotonic()
         print(
             f"kvpo: got {self.received.name}: saving a checkpoint and stopping at the next safe "
             f"point, before or after this iteration's update (send {self.received.name} again to "
@@ -63,8 +78,8 @@ class StopSignals:
 
     def requested(self, late: bool = False) -> str | None:
         """Why the run stops now: the name of the signal that asked this rank or any rank to
-        (``"SIGTERM"``, ``"SIGUSR1"``), ``"max_minutes"`` when this rank or any is ``late``
-        for its time limit, or None. Under ``torchrun`` a collective: every rank calls it at the
+        (``"SIGTERM"``, ``"SIGUSR1"``, ``"SIGINT"``), ``"max_minutes"`` when this rank or any is
+        ``late`` for its time limit, or None. Under ``torchrun`` a collective: every rank calls it at the
         same points, so all stop alike."""
         code = 0 if self.received is None else int(self.received)
         code = distributed.max_over_ranks(code + (TIME_UP if late else 0))

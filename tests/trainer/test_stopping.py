@@ -1,6 +1,7 @@
 """kvpo.stopping and the trainer under it: a stop signal saves and exits, `--resume auto`
 continues where the run stopped, as if it had never stopped."""
 
+import contextlib
 import importlib
 import json
 import os
@@ -50,13 +51,17 @@ def test_the_first_signal_is_a_request_and_the_handlers_come_back():
 
 
 def test_a_second_signal_stops_at_once():
+    """A second request stops at once; the same signal again within echo_s is the first one
+    delivered twice (scancel signals torchrun and its ranks, and torchrun passes it on)."""
     code = (
         "import os, signal, time\n"
         "from kvpo.stopping import StopSignals\n"
-        "with StopSignals() as stop:\n"
+        "with StopSignals(echo_s=0.5) as stop:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"  # its echo: torchrun passing it on
         "    assert stop.requested() == 'SIGTERM'\n"
         "    print('asked', flush=True)\n"
+        "    time.sleep(0.6)\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(30)\n"
         "print('survived')\n"
@@ -67,6 +72,32 @@ def test_a_second_signal_stops_at_once():
     )  # fmt: skip
     assert res.returncode == -signal.SIGTERM, res.stderr[-2000:]
     assert res.stdout == "asked\n" and "kvpo: got SIGTERM" in res.stderr
+
+
+def test_ctrl_c_asks_once_and_interrupts_the_second_time():
+    """Ctrl-C (SIGINT) asks for a checkpoint and a stop like SIGTERM; a second one raises
+    KeyboardInterrupt where the run is (Python's own Ctrl-C, which a notebook survives)."""
+    code = (
+        "import os, signal, time\n"
+        "from kvpo.stopping import StopSignals\n"
+        "with StopSignals(echo_s=0.5) as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    assert stop.requested() == 'SIGINT'\n"
+        "    time.sleep(0.6)\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        signal.pause()\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted', flush=True)\n"
+        "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+        "print('restored')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == "interrupted\nrestored\n" and "kvpo: got SIGINT" in res.stderr
 
 
 @pytest.mark.parametrize(
@@ -185,9 +216,21 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_point(base, tmp_path)
     assert _saved_iteration(tmp_path / "run") == 1 and _rows(tmp_path / "run") == [0]
 
 
-def test_torchrun_forwards_the_signal_and_waits_for_the_checkpoint(base, tmp_path):
-    """The README's torchrun flags: SIGUSR1 to torchrun reaches every rank, which save and stop
-    within --shutdown-timeout."""
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (torchrun's ranks), none once it has ended."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.parametrize("to", ["torchrun", "every process"])
+def test_torchrun_forwards_the_signal_and_waits_for_the_checkpoint(base, tmp_path, to):
+    """The README's torchrun flags: SIGUSR1 to torchrun (SLURM's --signal=B:USR1 through the
+    script) reaches every rank, which save and stop within --shutdown-timeout. SIGTERM to every
+    process of the job (scancel: SLURM signals each process of the job step, torchrun's ranks
+    too, whose sessions are their own) reaches each rank twice, straight and passed on by
+    torchrun: one request, the same checkpoint."""
     out = tmp_path / "run"
     over = run_overrides(
         base, out, iterations=200, samples=False, save_every=1000, eval_before=False,
@@ -201,16 +244,23 @@ def test_torchrun_forwards_the_signal_and_waits_for_the_checkpoint(base, tmp_pat
          "--shutdown-timeout", "120", "-m", "kvpo.train", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
+    sig = signal.SIGUSR1 if to == "torchrun" else signal.SIGTERM
     try:
         deadline = time.monotonic() + 120
         while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
             time.sleep(0.2)  # the first iteration is done: the ranks are mid-run
-        agent.send_signal(signal.SIGUSR1)
+        every = [agent.pid] + ([] if to == "torchrun" else _children(agent.pid))
+        assert len(every) == (1 if to == "torchrun" else 3)
+        for pid in every:
+            os.kill(pid, sig)
         stdout, stderr = agent.communicate(timeout=180)
     finally:
+        for pid in _children(agent.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         agent.kill()
-    assert "stopped by SIGUSR1 after" in stdout, stderr[-4000:]
-    assert stderr.count("kvpo: got SIGUSR1") == 2  # each rank's own
+    assert f"stopped by {sig.name} after" in stdout, stderr[-4000:]
+    assert stderr.count(f"kvpo: got {sig.name}") == 2  # each rank's own, once
     done = _saved_iteration(out)
     assert 1 <= done < 200 and _rows(out) == list(range(done))
 
