@@ -1,5 +1,7 @@
 """Small models and prompts shared by the trainer tests."""
 
+from pathlib import Path
+
 import torch
 
 from kvpo import data
@@ -167,3 +169,13 @@ class OwnGenerator(torch.nn.Module):
 
     def timesteps(self):
         return self.inner.timesteps()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, theirs, and so on (a job's torchrun and its ranks), as
+    /proc lists them now: none of one that has ended."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [d for c in map(int, children) for d in (c, *descendants(c))]

@@ -2,6 +2,7 @@
 for. What SLURM itself does (deliver --signal=B:USR1@600 to the batch shell, requeue) is not run
 here."""
 
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer_support import checkpoint_meta, cli_args, run_overrides
+from trainer_support import checkpoint_meta, cli_args, descendants, run_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "slurm_train.sbatch"
@@ -72,14 +73,22 @@ def _start(args: list[str], tmp_path: Path, job: str, nodes: int = 1) -> subproc
     )  # fmt: skip
 
 
-def _signal_mid_run(job: subprocess.Popen, out: Path, sig: int) -> tuple[str, str]:
+def _signal_mid_run(
+    job: subprocess.Popen, out: Path, sig: int, every: bool = False
+) -> tuple[str, str]:
+    """``sig`` to the batch script once the run is under way (``every``: to each process of the
+    job, the script, torchrun and every rank, as SLURM signals a cancelled job's processes)."""
     try:
         deadline = time.monotonic() + 120
         while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
             time.sleep(0.2)  # the first iteration is done: the ranks are mid-run
-        job.send_signal(sig)
+        for pid in [job.pid, *(descendants(job.pid) if every else [])]:
+            os.kill(pid, sig)
         return job.communicate(timeout=180)
     finally:
+        for pid in descendants(job.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         job.kill()
 
 
@@ -118,10 +127,13 @@ def test_the_time_limit_signal_stops_saves_and_requeues_and_the_job_goes_on(base
 
 
 def test_scancel_stops_with_a_checkpoint_and_is_not_requeued(base, tmp_path):
+    """scancel: SIGTERM to every process of the job; each rank gets it straight and again from
+    torchrun (which the script passes it to as well): one request, one checkpoint."""
     out = tmp_path / "run"
     job = _start(_long_run(base, out), tmp_path, "77")
-    stdout, stderr = _signal_mid_run(job, out, signal.SIGTERM)
+    stdout, stderr = _signal_mid_run(job, out, signal.SIGTERM, every=True)
     assert job.returncode != 0 and "stopped by SIGTERM after" in stdout, stderr[-4000:]
+    assert stderr.count("kvpo: got SIGTERM") == 2  # each rank's own, once
     assert int(checkpoint_meta(out / "checkpoint.safetensors")["iteration"]) >= 1
     assert not (tmp_path / "scontrol.log").exists()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_support import checkpoint_meta, cli_args, run_overrides
+from trainer_support import checkpoint_meta, cli_args, descendants, run_overrides
 
 from kvpo.config import build_config
 from kvpo.stopping import StopSignals
@@ -216,14 +216,6 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_point(base, tmp_path)
     assert _saved_iteration(tmp_path / "run") == 1 and _rows(tmp_path / "run") == [0]
 
 
-def _children(pid: int) -> list[int]:
-    """The processes ``pid`` started (torchrun's ranks), none once it has ended."""
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 @pytest.mark.parametrize("to", ["torchrun", "every process"])
 def test_torchrun_forwards_the_signal_and_waits_for_the_checkpoint(base, tmp_path, to):
     """The README's torchrun flags: SIGUSR1 to torchrun (SLURM's --signal=B:USR1 through the
@@ -249,13 +241,13 @@ def test_torchrun_forwards_the_signal_and_waits_for_the_checkpoint(base, tmp_pat
         deadline = time.monotonic() + 120
         while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
             time.sleep(0.2)  # the first iteration is done: the ranks are mid-run
-        every = [agent.pid] + ([] if to == "torchrun" else _children(agent.pid))
+        every = [agent.pid] + ([] if to == "torchrun" else descendants(agent.pid))
         assert len(every) == (1 if to == "torchrun" else 3)
         for pid in every:
             os.kill(pid, sig)
         stdout, stderr = agent.communicate(timeout=180)
     finally:
-        for pid in _children(agent.pid):
+        for pid in descendants(agent.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         agent.kill()
