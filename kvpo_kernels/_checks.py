@@ -157,3 +157,37 @@ def check_velocity_energy(
             raise TypeError(f"weight must be a floating tensor, got {_desc(weight)}")
         if weight.device != v_pred.device:
             raise ValueError(f"weight is on {weight.device} but v_pred is on {v_pred.device}")
+
+
+def check_merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> None:
+    for name, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
+        require_tensor(name, t)
+        require_float(name, t)
+    require_same("out_b", out_b, "out_a", out_a)
+    require_same("lse_b", lse_b, "lse_a", lse_a)
+    if lse_a.device != out_a.device:
+        raise ValueError(f"lse_a is on {lse_a.device} but out_a is on {out_a.device}")
+    if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape:
+        raise ValueError(
+            f"merge_attention: shapes differ: out {tuple(out_a.shape)} vs {tuple(out_b.shape)}, "
+            f"lse {tuple(lse_a.shape)} vs {tuple(lse_b.shape)}"
+        )
+    if out_a.shape[:-1] != lse_a.shape:
+        raise ValueError(
+            f"merge_attention: lse must be out's shape without D: out {tuple(out_a.shape)}, "
+            f"lse {tuple(lse_a.shape)}"
+        )
+
+
+def require_generator(generator: object) -> None:
+    """The routing helpers draw on the host: a CPU ``torch.Generator`` or None."""
+    if generator is not None and (
+        not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
+    ):
+        where = f" on {generator.device}" if isinstance(generator, torch.Generator) else ""
+        raise TypeError(
+            f"generator must be a CPU torch.Generator or None, got {type(generator).__name__}"
+            f"{where}"
+        )

@@ -230,16 +230,7 @@ def merge_attention(
     Returns (out [..., D] in the dtype of out_a, lse [...] in the dtype of lse_a). Sides with
     lse = -inf contribute nothing; if both are empty, out = 0 and lse = -inf. Differentiable.
     """
-    if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape:
-        raise ValueError(
-            f"merge_attention: shapes differ: out {tuple(out_a.shape)} vs {tuple(out_b.shape)}, "
-            f"lse {tuple(lse_a.shape)} vs {tuple(lse_b.shape)}"
-        )
-    if out_a.shape[:-1] != lse_a.shape:
-        raise ValueError(
-            f"merge_attention: lse must be out's shape without D: out {tuple(out_a.shape)}, "
-            f"lse {tuple(lse_a.shape)}"
-        )
+    _checks.check_merge_attention(out_a, lse_a, out_b, lse_b)
     acc = _backend.acc_dtype(out_a.dtype)
     la, lb = lse_a.to(acc), lse_b.to(acc)
     m = torch.maximum(la, lb)

@@ -18,8 +18,11 @@ import torch
 from . import _checks
 
 
-def _tables(name: str, t: torch.Tensor, num_branches: int) -> torch.Tensor:
-    """The prompts' page tables as [B, N] int32, after checking them and ``num_branches``."""
+def _tables(
+    name: str, t: torch.Tensor, num_branches: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The prompts' page tables as [B, N] int32, after checking them, ``num_branches`` and
+    ``generator``."""
     _checks.require_tensor(name, t)
     if t.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {t.dtype}")
@@ -28,6 +31,7 @@ def _tables(name: str, t: torch.Tensor, num_branches: int) -> torch.Tensor:
         raise ValueError(f"{name} must be [N] or [B, N], got shape {tuple(t.shape)}")
     if not isinstance(num_branches, int) or num_branches < 1:
         raise ValueError(f"num_branches must be a positive int, got {num_branches!r}")
+    _checks.require_generator(generator)
     return table
 
 
@@ -56,7 +60,7 @@ def route_pages(
         [B * G, N] int32 on the device of ``page_table``; row ``b * G + g`` is branch g of prompt b,
         routed-out slots hold -1. Slots that are not droppable are copied unchanged.
     """
-    table = _tables("page_table", page_table, num_branches)
+    table = _tables("page_table", page_table, num_branches, generator)
     _checks.require_tensor("droppable", droppable)
     B, N = table.shape
     if not 0.0 <= float(p_keep) <= 1.0:
@@ -66,8 +70,8 @@ def route_pages(
             f"droppable must be bool [N]={[N]} or [B, N]={[B, N]}, got shape "
             f"{tuple(droppable.shape)}, dtype {droppable.dtype}"
         )
-    if not 0 <= sink_pages <= N:
-        raise ValueError(f"sink_pages must be in [0, N={N}], got {sink_pages}")
+    if not isinstance(sink_pages, int) or not 0 <= sink_pages <= N:
+        raise ValueError(f"sink_pages must be an int in [0, N={N}], got {sink_pages!r}")
     G = num_branches
     drop_ok = droppable.to(torch.bool).cpu().expand(B, N).clone()
     drop_ok[:, :sink_pages] = False
@@ -106,7 +110,7 @@ def sample_pages(
         [B * G, sink_pages + slots + recent_pages] int32 on the device of ``history``: the sinks,
         the drawn pages, then the recent pages.
     """
-    table = _tables("history", history, num_branches)
+    table = _tables("history", history, num_branches, generator)
     B, N = table.shape
     for name, v in (("slots", slots), ("sink_pages", sink_pages), ("recent_pages", recent_pages)):
         if not isinstance(v, int) or v < 0:

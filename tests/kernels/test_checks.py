@@ -139,15 +139,26 @@ def test_velocity_energy_errors(args, exc, match):
         kvpo_kernels.velocity_energy(*args)
 
 
-def test_merge_attention_shape_errors():
-    with pytest.raises(ValueError, match="shapes differ"):
-        kvpo_kernels.merge_attention(
-            torch.randn(2, 3, 4), torch.randn(2, 3), torch.randn(2, 3, 5), torch.randn(2, 3)
-        )
-    with pytest.raises(ValueError, match="without D"):
-        kvpo_kernels.merge_attention(
-            torch.randn(2, 3, 4), torch.randn(2, 4), torch.randn(2, 3, 4), torch.randn(2, 4)
-        )
+def _merge_args(**change):
+    args = dict(out_a=torch.randn(2, 3, 4), lse_a=torch.randn(2, 3), out_b=torch.randn(2, 3, 4),
+                lse_b=torch.randn(2, 3))  # fmt: skip
+    return {**args, **change}
+
+
+@pytest.mark.parametrize(
+    ("change", "exc", "match"),
+    [
+        ({"out_b": torch.randn(2, 3, 5)}, ValueError, "shapes differ"),
+        ({"lse_a": torch.randn(2, 4), "lse_b": torch.randn(2, 4)}, ValueError, "without D"),
+        ({"out_b": torch.randn(2, 3, 4).double()}, TypeError, "out_b has dtype torch.float64 but"),
+        ({"out_a": torch.ones(2, 3, 4, dtype=torch.int32)}, TypeError, "out_a must be float16"),
+        ({"lse_b": torch.randn(2, 3).half()}, TypeError, "lse_b has dtype torch.float16 but"),
+        ({"lse_a": [0.0]}, TypeError, "lse_a must be a torch.Tensor, got list"),
+    ],
+)
+def test_merge_attention_errors(change, exc, match):
+    with pytest.raises(exc, match=match):
+        kvpo_kernels.merge_attention(**_merge_args(**change))
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,8 @@ def test_extremes_keep_all_or_drop_all_droppable():
         ({"droppable": torch.zeros(3, dtype=torch.bool)}, ValueError, "droppable must be"),
         ({"page_table": torch.zeros(2, 10)}, TypeError, "page_table must be int32"),
         ({"sink_pages": 11}, ValueError, "sink_pages"),
+        ({"sink_pages": 1.5}, ValueError, "sink_pages must be an int in"),
+        ({"generator": 3}, TypeError, "generator must be a CPU torch.Generator or None, got int"),
     ],
 )
 def test_errors(kwargs, exc, match):
@@ -152,6 +154,7 @@ def test_sample_reproducible_with_generator():
         ({"history": torch.zeros(2, 10)}, TypeError, "history must be int32"),
         ({"history": torch.zeros(2, 3, 4, dtype=torch.int32)}, ValueError, "history must be"),
         ({"sink_pages": 6, "recent_pages": 5}, ValueError, "exceed the N=10"),
+        ({"generator": 0}, TypeError, "generator must be a CPU torch.Generator"),
     ],
 )
 def test_sample_errors(kwargs, exc, match):
