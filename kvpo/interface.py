@@ -99,3 +99,32 @@ class StreamingVideoGenerator(Protocol):
     def timesteps(self) -> torch.Tensor:
         """[S + 1] float, decreasing from 1 to 0: the S-step ODE schedule of one chunk."""
         ...
+
+
+# What the trainer reads of a generator: the protocol's attributes, then its methods.
+GENERATOR_MEMBERS = (
+    *StreamingVideoGenerator.__annotations__,
+    "encode_prompts", "forward", "new_cache", "to_tokens", "to_video", "timesteps",
+)  # fmt: skip
+
+
+def require_generator(model: object) -> None:
+    """Raise a TypeError naming what ``model`` lacks of :class:`StreamingVideoGenerator` (an
+    ``nn.Module`` with its attributes and methods), before a rollout fails on the first one
+    it reads."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            "generator must be a torch.nn.Module implementing "
+            f"kvpo.interface.StreamingVideoGenerator, got {type(model).__name__}"
+        )
+    missing = [name for name in GENERATOR_MEMBERS if not hasattr(model, name)]
+    if missing:
+        raise TypeError(
+            f"generator {type(model).__name__} lacks {', '.join(missing)} of "
+            "kvpo.interface.StreamingVideoGenerator (see its docstrings)"
+        )
+    if model.num_frames % model.chunk_frames:
+        raise ValueError(
+            f"generator {type(model).__name__}: num_frames={model.num_frames} must be a multiple "
+            f"of chunk_frames={model.chunk_frames}"
+        )

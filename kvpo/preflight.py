@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig, amp_autocast, parse_args
-from .interface import StreamingVideoGenerator
+from .interface import StreamingVideoGenerator, require_generator
 from .replay import replay_velocities
 from .rewards import CompositeReward
 from .rollout import Rollout, RolloutSpec, deployment_spec, rollout, rollout_pages
@@ -108,6 +108,7 @@ def check_generator(
 
     Returns the measurements, ``failures`` naming each property that fails. The model's
     parameters, their gradients and its train/eval mode end as they were."""
+    require_generator(model)
     t0 = time.perf_counter()
     group = dataclasses.replace(spec, group_size=2, anchor=False)
     # nothing routed out, every step from the window on (and before it) recorded and scored

@@ -32,6 +32,7 @@ from .config import ConfigError, TrainConfig, amp_autocast, config_errors, parse
 from .ema import ParamEMA
 from .evaluate import Evaluation, evaluate_sets, evaluation_metrics, evaluation_sets
 from .grpo import anchor_advantages, group_advantages
+from .interface import require_generator
 from .loggers import make_loggers
 from .memory import TrainingOutOfMemoryError, memory_stage
 from .profiling import IterationProfiler
@@ -638,6 +639,8 @@ def train(
         prompts: (training prompts, held-out prompts); default: the built-in procedural ones.
     """
     cfg.validate()
+    if generator is not None:
+        require_generator(generator)
     asked = cfg  # what config.yaml records: `resume: auto` stays auto for the next start
     cfg = resolve_resume(cfg)
     builtin_prompts = prompts is None and not (cfg.prompts_file or cfg.eval_prompts_file)
