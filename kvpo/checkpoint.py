@@ -191,6 +191,17 @@ def save_training(
     _write(path, tensors, meta)
 
 
+def saved_progress(path: str | Path) -> tuple[int, int | None]:
+    """(iterations done, iterations its run asked for, None if it records none) of a training
+    checkpoint, read from its header."""
+    meta = _header(path)
+    try:
+        done = int(meta.get("iteration", "0"))
+    except ValueError as e:
+        raise _unreadable(path, e) from e
+    return done, _meta_value(meta, "trainer", path, "{}").get("iterations")
+
+
 def trainer_config(path: str | Path) -> dict:
     """The trainer config a training checkpoint was saved with ({} for a model checkpoint), read
     from its header without loading the tensors."""

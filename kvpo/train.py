@@ -27,7 +27,13 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data, distributed
-from .checkpoint import CheckpointError, load_model, load_training, save_training
+from .checkpoint import (
+    CheckpointError,
+    load_model,
+    load_training,
+    save_training,
+    saved_progress,
+)
 from .config import ConfigError, TrainConfig, amp_autocast, config_errors, parse_args
 from .ema import ParamEMA
 from .evaluate import Evaluation, evaluate_sets, evaluation_metrics, evaluation_sets
@@ -512,6 +518,29 @@ def set_context(cfg: TrainConfig, model: nn.Module) -> None:
                 setattr(model, name, value)
 
 
+def check_fresh_start(cfg: TrainConfig, lead: bool) -> None:
+    """A run started afresh (no ``resume``) over an out_dir whose checkpoint is an unfinished
+    run's is refused (a ConfigError saying how to continue it): the command of a stopped run
+    re-run without ``--resume auto`` would overwrite its logs at once and its checkpoint at the
+    first save. Over a finished run it starts afresh, saying so (``lead``: the rank that says)."""
+    latest = Path(cfg.out_dir) / "checkpoint.safetensors"
+    if cfg.resume or not latest.is_file():
+        return
+    try:
+        done, asked = saved_progress(latest)
+    except CheckpointError:  # unreadable: nothing there to continue
+        return
+    if asked is not None and done < asked:
+        raise ConfigError(
+            f"out_dir {cfg.out_dir!r} holds an unfinished run ({done} of {asked} iterations "
+            "done): --resume auto continues it; to start afresh, give another --out_dir or "
+            "delete its checkpoint.safetensors"
+        )
+    if lead:
+        print(f"kvpo: out_dir {cfg.out_dir!r} held a finished run ({done} iterations); this run "
+              "starts afresh over it", flush=True)  # fmt: skip
+
+
 def resolve_resume(cfg: TrainConfig) -> TrainConfig:
     """``resume: auto`` as the checkpoint it stands for: out_dir's own, if there is one, else
     none (a requeued job's unchanged command continues where it stopped)."""
@@ -668,6 +697,7 @@ def train(
         )
     out = Path(cfg.out_dir)
     lead = rank == 0
+    check_fresh_start(cfg, lead)
     if lead:
         with config_errors():
             check_writable(out, f"config out_dir={cfg.out_dir!r}")

@@ -275,3 +275,25 @@ def test_max_minutes_stops_before_an_iteration_that_would_end_late(base, tmp_pat
         assert torch.equal(p, q), n
     with pytest.raises(ValueError, match="max_minutes=-1"):
         build_config({**over, "max_minutes": -1})
+
+
+def test_a_stopped_run_is_not_restarted_over_by_mistake(base, tmp_path, capsys):
+    """The command of a stopped run re-run without --resume auto is refused before it writes a
+    thing (it would overwrite the run's logs at once, its checkpoint at the first save); over a
+    finished run a fresh start goes ahead, saying so."""
+    kw = dict(iterations=3, samples=False, save_every=10, eval_every=10, eval_before=False)
+    over = run_overrides(base, tmp_path, max_minutes=1e-4, **kw)  # stops after 1 iteration
+    train(build_config(over))
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match=r"out_dir .* holds an unfinished run \(1 of 3 iterations "
+                       r"done\): --resume auto continues it"):  # fmt: skip
+        main(cli_args({**over, "max_minutes": 0.0}))
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics and _saved_iteration(tmp_path) == 1
+    train(build_config({**over, "max_minutes": 0.0, "resume": "auto"}))
+    assert _saved_iteration(tmp_path) == 3
+    capsys.readouterr()
+    again = train(build_config({**over, "max_minutes": 0.0, "iterations": 1}))
+    assert (
+        f"out_dir {str(tmp_path)!r} held a finished run (3 iterations)" in capsys.readouterr().out
+    )
+    assert again.stopped_by is None and _saved_iteration(tmp_path) == 1
