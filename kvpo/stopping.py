@@ -79,8 +79,8 @@ class StopSignals:
     def requested(self, late: bool = False) -> str | None:
         """Why the run stops now: the name of the signal that asked this rank or any rank to
         (``"SIGTERM"``, ``"SIGUSR1"``, ``"SIGINT"``), ``"max_minutes"`` when this rank or any is
-        ``late`` for its time limit, or None. Under ``torchrun`` a collective: every rank calls it at the
-        same points, so all stop alike."""
+        ``late`` for its time limit, or None. Under ``torchrun`` a collective: every rank calls it
+        at the same points, so all stop alike."""
         code = 0 if self.received is None else int(self.received)
         code = distributed.max_over_ranks(code + (TIME_UP if late else 0))
         if code >= TIME_UP:
