@@ -14,8 +14,10 @@ few frames side by side.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +33,18 @@ def parse_log_to(value: str) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown logger(s) {unknown}; known: {list(LOGGERS)}")
     return names
+
+
+def missing_packages(log_to: str) -> list[str]:
+    """The packages the loggers of ``log_to`` import that this environment lacks (looked up, not
+    imported): a run checks them as it starts, not after the model has loaded."""
+    return [name for name in parse_log_to(log_to) if not _importable(name)]
+
+
+def _importable(name: str) -> bool:
+    if name in sys.modules:  # imported already (or blocked: None)
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
 
 
 def metric_name(key: str) -> str:

@@ -39,7 +39,7 @@ from .ema import ParamEMA
 from .evaluate import Evaluation, evaluate_sets, evaluation_metrics, evaluation_sets
 from .grpo import anchor_advantages, group_advantages
 from .interface import require_generator
-from .loggers import make_loggers
+from .loggers import make_loggers, missing_packages
 from .memory import TrainingOutOfMemoryError, memory_stage
 from .profiling import IterationProfiler
 from .replay import step_weights
@@ -668,6 +668,11 @@ def train(
         prompts: (training prompts, held-out prompts); default: the built-in procedural ones.
     """
     cfg.validate()
+    if missing := missing_packages(cfg.log_to):
+        raise ConfigError(
+            f"config log_to={cfg.log_to!r} needs {', '.join(missing)}: pip install "
+            + " ".join(missing)
+        )
     if generator is not None:
         require_generator(generator)
     asked = cfg  # what config.yaml records: `resume: auto` stays auto for the next start

@@ -10,8 +10,15 @@ import pytest
 import torch
 from trainer_support import run_overrides
 
-from kvpo.config import build_config
-from kvpo.loggers import filmstrip, metric_name, parse_log_to, prompt_table, scalars
+from kvpo.config import ConfigError, build_config
+from kvpo.loggers import (
+    filmstrip,
+    metric_name,
+    missing_packages,
+    parse_log_to,
+    prompt_table,
+    scalars,
+)
 from kvpo.train import train
 
 
@@ -175,7 +182,10 @@ def test_wandb_run_gets_config_rows_and_samples(base, tmp_path, monkeypatch):
     assert "name" not in calls["init"]
 
 
-def test_a_missing_package_is_named(base, tmp_path, monkeypatch):
+def test_a_missing_package_is_named_as_the_run_starts(base, tmp_path, monkeypatch):
+    """Before the model loads and anything is written: the package named, with its install."""
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
-    with pytest.raises(ImportError, match="pip install wandb"):
-        train(_cfg(base, tmp_path, log_to="wandb"))
+    assert missing_packages("tensorboard,wandb") == ["wandb"]
+    with pytest.raises(ConfigError, match=r"log_to='tensorboard,wandb' needs wandb: pip install"):
+        train(_cfg(base, tmp_path / "run", log_to="tensorboard,wandb"))
+    assert not (tmp_path / "run").exists()
