@@ -30,10 +30,17 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when there is a GPU, else the CPU; any other name as torch reads it."""
+    """``auto`` -> CUDA when there is a GPU, else the CPU; any other name as torch reads it (a
+    ValueError for CUDA where there is none)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = (
+            "" if torch.backends.cuda.is_built() else f" (torch {torch.__version__} is a CPU build)"
+        )
+        raise ValueError(f"no CUDA device is available{build}")
+    return device
 
 
 def add_device_argument(ap: argparse.ArgumentParser) -> None:

@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = dataclasses.replace(cfg, **changes)
     except (CheckpointError, ValueError) as e:  # an unreadable --init, a model that cannot be built
         ap.error(str(e))
+    try:
+        device = distributed.resolve_device(args.device)
+    except ValueError as e:
+        ap.error(f"--device {args.device}: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     pretrain(
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seed,
         args.out,
         init=args.init,
-        device=distributed.resolve_device(args.device),
+        device=device,
     )
 
 

@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
     except ValueError as e:
         raise SystemExit(f"error: --reward_fns: {e}") from None
-    device = distributed.resolve_device(args.device)
+    try:
+        device = distributed.resolve_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"error: --device {args.device}: {e}") from None
     try:
         run = trainer_config(args.checkpoint)
         wan = bool(run.get("wan_dir"))  # a Wan2.1 run: its directory, shape, adapters, weights

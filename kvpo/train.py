@@ -272,9 +272,10 @@ def check_exploration(spec: RolloutSpec, model: nn.Module) -> None:
 def training_device(cfg: TrainConfig) -> torch.device:
     """The device ``cfg.device`` names (``auto``: CUDA when there is one); under ``torchrun``
     a CUDA rank takes ``cuda:LOCAL_RANK``, made current before NCCL starts."""
-    device = distributed.resolve_device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config device='cuda' but no CUDA device is available")
+    try:
+        device = distributed.resolve_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError(f"config device={cfg.device!r}: {e}") from None
     device = distributed.local_device(device)
     if device.index is not None and device.type == "cuda":
         if device.index >= torch.cuda.device_count():

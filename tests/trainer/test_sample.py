@@ -92,6 +92,23 @@ def test_sample_errors(tmp_path):
         main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "file" / "grid")])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_cuda_where_there_is_none_is_an_error_of_each_command(tmp_path, capsys):
+    from kvpo.pretrain import main as pretrain_main
+
+    ckpt = tmp_path / "m.safetensors"
+    save_model(tiny_model(), ckpt)
+    with pytest.raises(SystemExit, match="error: --device cuda: no CUDA device is available"):
+        main(["--checkpoint", str(ckpt), "--device", "cuda"])
+    with pytest.raises(SystemExit):
+        pretrain_main(["--device", "cuda", "--steps", "1", "--out", str(tmp_path / "p")])
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+    from kvpo.train import main as train_main
+
+    with pytest.raises(SystemExit, match="error: config device='cuda': no CUDA device"):
+        train_main(["--device", "cuda", "--out_dir", str(tmp_path / "run")])
+
+
 def test_sample_prompts_that_the_scene_rewards_cannot_read(tmp_path, capsys):
     """The generator samples any words; the rewards that read the asked scene from the prompt
     (alignment, path) are left out, with a note saying why, and the others printed."""
