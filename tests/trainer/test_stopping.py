@@ -50,6 +50,14 @@ def test_the_first_signal_is_a_request_and_the_handlers_come_back():
     t.join()
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """``code`` run by a fresh Python (signals sent to it cannot reach the test's process)."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+
+
 def test_a_second_signal_stops_at_once():
     """A second request stops at once; the same signal again within echo_s is the first one
     delivered twice (scancel signals torchrun and its ranks, and torchrun passes it on)."""
@@ -66,10 +74,7 @@ def test_a_second_signal_stops_at_once():
         "    time.sleep(30)\n"
         "print('survived')\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    res = _python(code)
     assert res.returncode == -signal.SIGTERM, res.stderr[-2000:]
     assert res.stdout == "asked\n" and "kvpo: got SIGTERM" in res.stderr
 
@@ -92,10 +97,7 @@ def test_ctrl_c_asks_once_and_interrupts_the_second_time():
         "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
         "print('restored')\n"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    res = _python(code)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout == "interrupted\nrestored\n" and "kvpo: got SIGINT" in res.stderr
 
