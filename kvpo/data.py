@@ -76,9 +76,14 @@ def prompt_lines(path: str | Path, what: str) -> list[str]:
     """The prompts of a text file, one per line (blank lines skipped and spaces around stripped);
     a missing or empty file is a ValueError naming ``what`` (``"config prompts_file"``)."""
     try:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(f"{what}={str(path)!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # prompts in another encoding, or not a text file
+        raise ValueError(
+            f"{what}={str(path)!r}: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"{what}={str(path)!r}: no prompts in it")
     return lines

@@ -70,7 +70,14 @@ def test_prompts_file_and_batches_make_the_same_videos(tmp_path):
     assert main([*base, "--batch", "2", "--out", str(tmp_path / "b")]) == whole
     assert main([*base, "--reward_batch", "1", "--out", str(tmp_path / "c")]) == whole
     (tmp_path / "blank.txt").write_text("\n \n")
-    for name, match in (("none.txt", "No such file"), ("blank.txt", "no prompts in it")):
+    (tmp_path / "latin1.txt").write_bytes(
+        "a small red circle moving left slowly \xe9\n".encode("latin-1")
+    )
+    for name, match in (
+        ("none.txt", "No such file"),
+        ("blank.txt", "no prompts in it"),
+        ("latin1.txt", "not UTF-8 text"),
+    ):
         with pytest.raises(SystemExit, match=f"--prompts_file=.*{name}.*: {match}"):
             main(["--checkpoint", str(ckpt), "--prompts_file", str(tmp_path / name)])
     for opt in ("--batch", "--reward_batch"):
