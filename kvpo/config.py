@@ -412,8 +412,8 @@ def parse_args(
     path = args.pop("config")
     if path is not None:
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as e:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise ValueError(f"--config {str(path)!r}: cannot read YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {str(path)!r} must hold a mapping of config fields")

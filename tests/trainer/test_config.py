@@ -120,6 +120,12 @@ def test_bad_yaml(tmp_path):
         parse_args(["--config", str(path)])
     with pytest.raises(ValueError, match="cannot read"):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
+    path.write_bytes("lr: 1.0e-5  # caf\xe9\n".encode("latin-1"))  # not UTF-8
+    with pytest.raises(ValueError, match="cannot read YAML: 'utf-8' codec can't decode"):
+        parse_args(["--config", str(path)])
+    path.write_text("lr: [1\n")
+    with pytest.raises(ValueError, match="cannot read YAML: while parsing"):
+        parse_args(["--config", str(path)])
 
 
 def test_every_field_has_help(capsys):
