@@ -321,12 +321,15 @@ class CompositeReward:
                 r = r.detach().float().cpu().reshape(-1)
                 n = min(step, B - i)
                 if r.shape[0] != n:
-                    raise ValueError(f"reward {name!r} returned {tuple(r.shape)}, expected [{n}]")
+                    raise RewardOutputError(
+                        f"reward {name!r} returned {r.shape[0]} value(s) for {n} videos: a reward "
+                        f"returns one score per video, [B] (videos [B, T, C, H, W])"
+                    )
                 parts.append(r)
             r = torch.cat(parts) if parts else torch.zeros(0)
             bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
             if bad:  # one NaN would make its group's advantages, then every weight, NaN
-                raise ValueError(
+                raise RewardOutputError(
                     f"reward {name!r} returned {len(bad)} non-finite value(s) of {len(r)}, the "
                     f"first {r[bad[0]].item()} for video {bad[0]} (prompt "
                     f"{_shown(prompts[bad[0]])!r}); "
@@ -362,6 +365,10 @@ class CompositeReward:
 
     def __call__(self, videos: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
         return self.total(self.components(videos, prompts))
+
+
+class RewardOutputError(ValueError):
+    """A reward returned other than one finite score per video (the message names it)."""
 
 
 class RewardSpecError(ValueError):

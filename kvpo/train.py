@@ -50,6 +50,7 @@ from .rewards import (
     CompositeReward,
     NonFiniteVideoError,
     RewardFn,
+    RewardOutputError,
     RewardSpecError,
     load_reward,
 )
@@ -971,6 +972,7 @@ def main(argv: list[str] | None = None) -> None:
         RewardSpecError,
         NonFiniteGradientError,
         NonFiniteVideoError,
+        RewardOutputError,
         TrainingOutOfMemoryError,
     ) as e:
         raise SystemExit(f"error: {e}") from None

@@ -15,6 +15,7 @@ from kvpo.rewards import (
     ClipReward,
     CompositeReward,
     NonFiniteVideoError,
+    RewardOutputError,
     alignment_reward,
     alignment_scores,
     dynamic_reward,
@@ -115,7 +116,9 @@ def test_composite_weights_and_user_reward(truth):
         r[2] = float("nan")
         return r
 
-    with pytest.raises(ValueError, match=r"'odd' returned 1 non-finite value\(s\) of .* video 2"):
+    with pytest.raises(
+        RewardOutputError, match=r"'odd' returned 1 non-finite value\(s\) of .* video 2"
+    ):
         CompositeReward({"odd": 1.0}, {"odd": nan_on_third})(videos, prompts)
     with pytest.raises(ValueError, match="first inf"):
         CompositeReward(
@@ -351,7 +354,9 @@ def test_reward_batch_calls_each_reward_on_slices_with_the_same_scores(truth):
         torch.testing.assert_close(parts[k], v, rtol=0, atol=1e-6)
     first = {"short": lambda v, p: v.mean(dim=(1, 2, 3, 4))[:1]}  # one score for any slice
     short = CompositeReward({"short": 1.0}, first, batch=3)
-    with pytest.raises(ValueError, match=r"reward 'short' returned \(1,\), expected \[3\]"):
+    with pytest.raises(
+        RewardOutputError, match=r"'short' returned 1 value\(s\) for 3 videos: .*\[B\]"
+    ):
         short.components(videos, prompts)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="batch=.*videos per reward call"):

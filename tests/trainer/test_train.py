@@ -690,6 +690,8 @@ def test_cli_trains_on_rewards_named_by_import_path(base, tmp_path, monkeypatch)
     (tmp_path / "kvpo_test_cli_rewards.py").write_text(
         "def brightness(videos, prompts):\n"
         "    return videos.mean(dim=(1, 2, 3, 4))\n"
+        "def flat(videos, prompts):\n"
+        "    return videos.mean()\n"
         "class Contrast:\n"
         "    def __call__(self, videos, prompts):\n"
         "        return videos.std(dim=(1, 2, 3, 4))\n"
@@ -706,6 +708,11 @@ def test_cli_trains_on_rewards_named_by_import_path(base, tmp_path, monkeypatch)
     assert row["reward"] == pytest.approx(total, rel=1e-5)
     with pytest.raises(SystemExit, match="error: reward .* has no attribute 'darkness'"):
         main(args + ["--reward_fns", "dark=kvpo_test_cli_rewards:darkness"])
+    # a reward that scores the batch instead of each video: an error line naming it
+    with pytest.raises(
+        SystemExit, match=r"error: reward 'flat' returned 1 value\(s\) for \d+ videos"
+    ):
+        main(args + ["--reward_fns", "flat=kvpo_test_cli_rewards:flat"])
 
 
 def test_micro_batches_and_branch_passes_bound_the_rollout_cache(base, tmp_path):
