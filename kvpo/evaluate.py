@@ -18,7 +18,7 @@ from . import data, distributed
 from .config import TrainConfig, amp_autocast
 from .interface import StreamingVideoGenerator
 from .report import check_writable, preview, save_videos, write_rows
-from .rewards import CompositeReward
+from .rewards import CompositeReward, NonFiniteVideoError, RewardOutputError
 from .rollout import generate_passes, spread
 
 
@@ -239,7 +239,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise SystemExit(f"error: {e}") from None
     nC = model.num_frames // model.chunk_frames
     sets = evaluation_sets(prompts, nC, cfg.eval_multi_prompt)
-    ev = evaluate_sets(model, sets, reward, cfg, device, videos=bool(args.samples))
+    try:
+        ev = evaluate_sets(model, sets, reward, cfg, device, videos=bool(args.samples))
+    except (RewardOutputError, NonFiniteVideoError) as e:
+        raise SystemExit(f"error: {e}") from None
     if rank == 0:
         if args.samples:
             save_videos(ev.videos, Path(args.samples))

@@ -39,6 +39,8 @@ from .rewards import (
     GENERIC,
     SCENE_READERS,
     CompositeReward,
+    NonFiniteVideoError,
+    RewardOutputError,
     load_reward,
     unreadable_scene,
 )
@@ -156,9 +158,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with torch.no_grad(), bf16:
         passes = generate_passes(model, per_chunk, gen, device, range(len(per_chunk)), args.batch)
         videos = torch.cat([v.float().cpu() for _, v in passes])
-    comps = reward.components((videos + 1) / 2, per_chunk)
+    comps = _components(reward, videos, per_chunk)
     rows = [{"prompt": p, **_scores(comps, i)} for i, p in enumerate(prompts)]
     return _write(rows, videos, args.out)
+
+
+def _components(
+    reward: CompositeReward, videos: torch.Tensor, prompts: list[list[str]]
+) -> dict[str, torch.Tensor]:
+    """The rewards of ``videos`` [N, T, C, H, W] in [-1, 1]; a reward that returns other than a
+    finite score per video, or videos holding NaN, end the command with an error line."""
+    try:
+        return reward.components((videos + 1) / 2, prompts)
+    except (RewardOutputError, NonFiniteVideoError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def _scores(comps: dict[str, torch.Tensor], i: int) -> dict[str, float]:
@@ -209,7 +222,7 @@ def _branches(
             videos.append(model.to_video(ro.group_tokens(0)).float().cpu())
             spread.append(float(ro.branch_spread()[0]))
     videos = torch.cat(videos)
-    comps = reward.components((videos + 1) / 2, [p for p in per_chunk for _ in range(G + 1)])
+    comps = _components(reward, videos, [p for p in per_chunk for _ in range(G + 1)])
     rows = []
     for i, p in enumerate(prompts):
         for b in range(G + 1):

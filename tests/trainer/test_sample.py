@@ -44,7 +44,10 @@ def test_sample_prints_your_rewards_too(tmp_path):
     ckpt = tmp_path / "m.safetensors"
     save_model(model, ckpt)
     mine = tmp_path / "mine.py"
-    mine.write_text("def bright(videos, prompts):\n    return videos.mean(dim=(1, 2, 3, 4))\n")
+    mine.write_text(
+        "def bright(videos, prompts):\n    return videos.mean(dim=(1, 2, 3, 4))\n"
+        "def flat(videos, prompts):\n    return videos.mean()\n"
+    )
     base = ["--checkpoint", str(ckpt), "--prompt", LEFT, "--out", str(tmp_path / "g")]
     (row,) = main([*base, "--reward_fns", f"bright={mine}:bright"])
     video = generate(model, [chunk_prompts(LEFT, 5)], torch.Generator().manual_seed(0))
@@ -56,6 +59,11 @@ def test_sample_prints_your_rewards_too(tmp_path):
     ):
         with pytest.raises(SystemExit, match=f"error: --reward_fns: .*{match}"):
             main([*base, "--reward_fns", bad])
+    two = [*base, "--prompt", LEFT, "--reward_fns", f"flat={mine}:flat"]
+    with pytest.raises(
+        SystemExit, match=r"error: reward 'flat' returned 1 value\(s\) for 2 videos"
+    ):
+        main(two)
 
 
 def test_prompts_file_and_batches_make_the_same_videos(tmp_path):
