@@ -123,6 +123,25 @@ def config_prompts(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     return train, data.prompt_lines(cfg.eval_prompts_file, "config eval_prompts_file")
 
 
+def prompt_sets(prompts: object) -> tuple[list[str], list[str]]:
+    """``train``'s ``prompts`` as (training prompts, held-out prompts), or a ValueError saying
+    what it must be (a flat list of two prompts would unpack into two prompts' characters)."""
+    pair = list(prompts) if isinstance(prompts, (tuple, list)) else []
+    sets = [list(p) for p in pair if isinstance(p, (tuple, list))]
+    if len(pair) != 2 or len(sets) != 2 or not all(sets) \
+            or not all(isinstance(p, str) for s in sets for p in s):  # fmt: skip
+        raise ValueError(
+            "prompts must be (training prompts, held-out prompts): two non-empty lists of "
+            f"strings, got {_brief(prompts)}"
+        )
+    return sets[0], sets[1]
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def held_out_prompts(cfg: TrainConfig) -> list[str]:
     """The prompts a run with ``cfg`` evaluates on."""
     return list(config_prompts(cfg)[1])[: cfg.eval_prompts]
@@ -683,6 +702,7 @@ def train(
     if prompts is None:
         with config_errors():  # a prompts file missing, empty, or too short
             prompts = config_prompts(cfg)
+    train_prompts, eval_prompts = prompt_sets(prompts)
     if not builtin_prompts and (cfg.multi_prompt or cfg.eval_multi_prompt):
         raise ConfigError(
             "config multi_prompt and eval_multi_prompt switch the direction of the built-in "
@@ -721,9 +741,6 @@ def train(
         reward = make_reward(cfg, device)
     elif not isinstance(reward, CompositeReward):
         reward = CompositeReward({"reward": 1.0}, {"reward": reward}, batch=cfg.reward_batch)
-    train_prompts, eval_prompts = (list(p) for p in prompts)
-    if not train_prompts or not eval_prompts:
-        raise ValueError("prompts must be (training prompts, held-out prompts), both non-empty")
     eval_prompts = eval_prompts[: cfg.eval_prompts]
     nC = model.num_frames // model.chunk_frames
     check_run_rewards(cfg, model, reward, train_prompts + eval_prompts)

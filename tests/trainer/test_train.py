@@ -642,6 +642,22 @@ def test_lora_adapters_start_from_the_runs_seed(base, tmp_path):
         assert torch.equal(p, q), n
 
 
+@pytest.mark.parametrize(
+    "prompts",
+    [
+        ["a red circle", "a blue square"],  # one flat list: each string would unpack into chars
+        (["a red circle"], []),
+        (["a red circle"], "a blue square"),
+        (["a red circle"], [3]),
+        "a red circle",
+    ],
+)
+def test_train_refuses_prompts_that_are_not_two_lists(base, tmp_path, prompts):
+    with pytest.raises(ValueError, match=r"prompts must be \(training prompts, held-out prompts\)"):
+        train(_cfg(base, tmp_path / "run"), prompts=prompts)
+    assert not (tmp_path / "run").exists()  # before the generator loads
+
+
 def test_train_a_users_generator_reward_and_prompts(base, tmp_path):
     def brightness(videos, prompts):
         return videos.mean(dim=(1, 2, 3, 4))
