@@ -272,6 +272,12 @@ class CompositeReward:
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
             raise ValueError(f"batch={batch!r}: videos per reward call, an integer >= 0")
         self.batch = batch
+        for name, fn in (extra or {}).items():
+            if not callable(fn):
+                raise TypeError(
+                    f"reward {name!r} must be a callable fn(videos, prompts) -> [B], got "
+                    f"{type(fn).__name__}"
+                )
         fns = {**BUILTIN, **(extra or {})}
         unknown = sorted(set(weights) - set(fns))
         if unknown:

@@ -703,6 +703,8 @@ def train(
         with config_errors():  # a prompts file missing, empty, or too short
             prompts = config_prompts(cfg)
     train_prompts, eval_prompts = prompt_sets(prompts)
+    if reward is not None and not isinstance(reward, CompositeReward):
+        reward = CompositeReward({"reward": 1.0}, {"reward": reward}, batch=cfg.reward_batch)
     if not builtin_prompts and (cfg.multi_prompt or cfg.eval_multi_prompt):
         raise ConfigError(
             "config multi_prompt and eval_multi_prompt switch the direction of the built-in "
@@ -739,8 +741,6 @@ def train(
     spec = checked_spec(cfg, model)
     if reward is None:
         reward = make_reward(cfg, device)
-    elif not isinstance(reward, CompositeReward):
-        reward = CompositeReward({"reward": 1.0}, {"reward": reward}, batch=cfg.reward_batch)
     eval_prompts = eval_prompts[: cfg.eval_prompts]
     nC = model.num_frames // model.chunk_frames
     check_run_rewards(cfg, model, reward, train_prompts + eval_prompts)

@@ -655,6 +655,8 @@ def test_lora_adapters_start_from_the_runs_seed(base, tmp_path):
 def test_train_refuses_prompts_that_are_not_two_lists(base, tmp_path, prompts):
     with pytest.raises(ValueError, match=r"prompts must be \(training prompts, held-out prompts\)"):
         train(_cfg(base, tmp_path / "run"), prompts=prompts)
+    with pytest.raises(TypeError, match=r"reward 'reward' must be a callable .* got str"):
+        train(_cfg(base, tmp_path / "run"), reward="alignment")
     assert not (tmp_path / "run").exists()  # before the generator loads
 
 
