@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> Preflight:
     from . import data
     from .train import (
         check_run_rewards,
+        check_wan_paths,
         checked_spec,
         config_prompts,
         make_reward,
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> Preflight:
         if cfg.wan_dir:
             from .adapters.wan import load_from_config
 
+            check_wan_paths(cfg)
             generator = load_from_config(cfg.to_dict(), device)
         _, model, *_ = reference_and_policy(cfg, device, generator)
         spec = checked_spec(cfg, model)  # as train checks it, at every window start

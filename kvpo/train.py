@@ -123,6 +123,19 @@ def config_prompts(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     return train, data.prompt_lines(cfg.eval_prompts_file, "config eval_prompts_file")
 
 
+def check_wan_paths(cfg: TrainConfig) -> None:
+    """With ``wan_dir``: a ConfigError unless it is a diffusers Wan2.1 directory and
+    ``wan_checkpoint`` (if any) a file; before the minutes a Wan2.1 load takes."""
+    if not cfg.wan_dir:
+        return
+    from .adapters.wan.weights import check_wan_dir
+
+    with config_errors():
+        check_wan_dir(cfg.wan_dir, "config wan_dir")
+        if cfg.wan_checkpoint and not Path(cfg.wan_checkpoint).is_file():
+            raise ValueError(f"config wan_checkpoint={cfg.wan_checkpoint!r} is not a file")
+
+
 def prompt_sets(prompts: object) -> tuple[list[str], list[str]]:
     """``train``'s ``prompts`` as (training prompts, held-out prompts), or a ValueError saying
     what it must be (a flat list of two prompts would unpack into two prompts' characters)."""
@@ -696,6 +709,7 @@ def train(
         )
     if generator is not None:
         require_generator(generator)
+    check_wan_paths(cfg)
     asked = cfg  # what config.yaml records: `resume: auto` stays auto for the next start
     cfg = resolve_resume(cfg)
     builtin_prompts = prompts is None and not (cfg.prompts_file or cfg.eval_prompts_file)

@@ -544,6 +544,16 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
     ):
         with pytest.raises((ValueError, SystemExit), match=match):
             main(args + bad + ["--out_dir", str(tmp_path / "bad")])
+    # paths checked before anything loads or is written
+    for bad, match in (
+        (["--wan_dir", str(tmp_path / "nowhere")],
+         r"error: config wan_dir='.*nowhere' lacks the diffusers folders \['transformer'"),
+        (["--wan_checkpoint", str(tmp_path / "none.pt")],
+         r"error: config wan_checkpoint='.*none.pt' is not a file"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit, match=match):
+            main(args + bad + ["--out_dir", str(tmp_path / "early")])
+        assert not (tmp_path / "early").exists()
 
 
 def test_original_layout_checkpoints_load(wan_dir, tmp_path):

@@ -14,6 +14,8 @@ from torch import nn
 from ... import lora
 from .generator import WAN_DTYPES, WanStreamingGenerator
 
+WAN_FOLDERS = ("transformer", "vae", "text_encoder", "tokenizer")  # what load_wan reads
+
 
 def load_original_weights(
     transformer: nn.Module, path: str | Path, key: str = "generator_ema"
@@ -90,11 +92,7 @@ def load_wan(
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     root = Path(root)
-    missing = [
-        d for d in ("transformer", "vae", "text_encoder", "tokenizer") if not (root / d).is_dir()
-    ]
-    if missing:
-        raise ValueError(f"load_wan: {str(root)!r} lacks the diffusers folders {missing}")
+    check_wan_dir(root, "load_wan: root")
     device = torch.device(device)
     local = dict(local_files_only=True)
     tf = WanTransformer3DModel.from_pretrained(
@@ -142,6 +140,17 @@ def load_wan(
         tf, text_encoder, (z, H // s, W // s), num_frames, chunk_frames, sink_frames,
         local_window, decode=decode, encode=encode, temporal_stride=st, **kwargs,
     )  # fmt: skip
+
+
+def check_wan_dir(root: str | Path, what: str) -> None:
+    """A ValueError naming ``what`` (``"config wan_dir"``) unless ``root`` has a diffusers Wan2.1
+    directory's folders; it reads nothing else, so a run checks it before loading anything."""
+    missing = [d for d in WAN_FOLDERS if not (Path(root) / d).is_dir()]
+    if missing:
+        raise ValueError(
+            f"{what}={str(root)!r} lacks the diffusers folders {missing} (a local Wan2.1 "
+            "text-to-video directory: transformer/, vae/, text_encoder/, tokenizer/)"
+        )
 
 
 def load_from_config(
