@@ -32,10 +32,21 @@ def check_writable(directory: str | Path, what: str) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a ``.jsonl`` file ([] if there is none)."""
+    """The rows of a ``.jsonl`` file ([] if there is none). A last line cut off mid-write (a
+    process killed while appending it: SIGKILL, the OOM killer) is left out; the rows before it
+    stand, and a resumed run rewrites the file without it."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{str(path)!r}: line {i + 1} is not JSON ({e.msg})") from None
+    return rows
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

@@ -299,3 +299,22 @@ def test_a_stopped_run_is_not_restarted_over_by_mistake(base, tmp_path, capsys):
         f"out_dir {str(tmp_path)!r} held a finished run (3 iterations)" in capsys.readouterr().out
     )
     assert again.stopped_by is None and _saved_iteration(tmp_path) == 1
+
+
+def test_a_run_killed_while_logging_resumes(base, tmp_path):
+    """SIGKILL (the OOM killer, a scheduler's last word) can cut a log's last line mid-write:
+    --resume auto drops it with the rows past the checkpoint, and the logs read on."""
+    from kvpo.report import read_rows
+
+    kw = dict(iterations=2, samples=False, save_every=1, eval_every=10)
+    over = run_overrides(base, tmp_path, resume="auto", **kw)
+    train(build_config(over))
+    for name in ("metrics", "groups", "eval_prompts"):
+        with (tmp_path / f"{name}.jsonl").open("a") as f:
+            f.write('{"iter": 2, "reward": 1.2')  # killed here
+    assert [r["iter"] for r in read_rows(tmp_path / "metrics.jsonl")] == [-1, 0, 1]
+    train(build_config({**over, "iterations": 3}))
+    assert _rows(tmp_path) == [-1, 0, 1, 2]
+    (tmp_path / "broken.jsonl").write_text('{"iter": 0}\n{"iter": 1\n{"iter": 2}\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl': line 2 is not JSON"):
+        read_rows(tmp_path / "broken.jsonl")
