@@ -104,6 +104,25 @@ def _meta_value(meta: dict[str, str], key: str, path, default: str | None = None
         ) from e
 
 
+def _model_config(meta: dict[str, str], path) -> ModelConfig:
+    """The built-in generator's config in a checkpoint's metadata (a CheckpointError if it
+    describes none)."""
+    config = _meta_value(meta, "model_config", path)
+    try:
+        return ModelConfig.from_dict(config)
+    except (ValueError, TypeError) as e:  # fields of no generator
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: its model_config metadata does not describe the "
+            f"built-in generator: {e}"
+        ) from e
+
+
+def model_config(path: str | Path) -> ModelConfig:
+    """The config of the built-in generator a checkpoint holds, read from its header without
+    loading the weights."""
+    return _model_config(_header(path), path)
+
+
 def _model_from(
     tensors: dict[str, torch.Tensor],
     meta: dict[str, str],
@@ -113,17 +132,7 @@ def _model_from(
 ) -> nn.Module:
     """The built-in generator the checkpoint describes, or ``module`` (a user's generator) with
     the checkpoint's weights loaded into it."""
-    if module is None:
-        config = _meta_value(meta, "model_config", path)
-        try:
-            model = TinyARVideo(ModelConfig.from_dict(config))
-        except (ValueError, TypeError) as e:  # fields of no generator
-            raise CheckpointError(
-                f"checkpoint {str(path)!r}: its model_config metadata does not describe the "
-                f"built-in generator: {e}"
-            ) from e
-    else:
-        model = module
+    model = TinyARVideo(_model_config(meta, path)) if module is None else module
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

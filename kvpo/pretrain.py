@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import data, distributed
-from .checkpoint import CheckpointError, load_model, save_model
+from .checkpoint import CheckpointError, load_model, model_config, save_model
 from .context import chunk_conditioning, clean_context, context_table, teacher_forcing
 from .ema import ParamEMA
 from .model import ModelConfig, TinyARVideo
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = ModelConfig()
         if args.init is not None:  # its architecture; a context of its own unless given
-            cfg = load_model(args.init).cfg
+            cfg = model_config(args.init)
             for flag in ("dim", "depth"):
                 asked = getattr(args, flag)
                 if asked is not None and asked != getattr(cfg, flag):
