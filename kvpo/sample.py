@@ -108,6 +108,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
     except ValueError as e:
         raise SystemExit(f"error: --reward_fns: {e}") from None
+    # the options' own checks first: a Wan2.1 load takes minutes
+    for opt in ("batch", "reward_batch"):
+        if getattr(args, opt) < 0:
+            raise SystemExit(f"error: --{opt} {getattr(args, opt)}: must be >= 0 (0: all at once)")
+    if not args.branches and (args.window is not None or args.p_keep is not None):
+        raise SystemExit("error: --window and --p_keep set the exploration of --branches G")
+    try:
+        check_writable(args.out.parent, f"--out {args.out}")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         device = distributed.resolve_device(args.device)
     except ValueError as e:
@@ -126,15 +136,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             prompts += data.prompt_lines(args.prompts_file, "--prompts_file")
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-    for opt in ("batch", "reward_batch"):
-        if getattr(args, opt) < 0:
-            raise SystemExit(f"error: --{opt} {getattr(args, opt)}: must be >= 0 (0: all at once)")
-    if not args.branches and (args.window is not None or args.p_keep is not None):
-        raise SystemExit("error: --window and --p_keep set the exploration of --branches G")
-    try:
-        check_writable(args.out.parent, f"--out {args.out}")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     if wan and not prompts:
         raise SystemExit("error: a Wan checkpoint needs --prompt or --prompts_file")
     prompts = prompts or data.split_prompts()[1]
