@@ -228,13 +228,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         cfg = run_config(args.checkpoint, over)
         device = training_device(cfg)  # under torchrun: this rank's GPU
         rank, _ = distributed.init(device)
-        model = load_generator(args.checkpoint, args.ema, args.wan_dir, device)
-        reward = make_reward(cfg, device)
-        prompts = held_out_prompts(cfg)
-        if rank == 0:
+        if rank == 0:  # before the generator loads (a Wan2.1 load takes minutes)
             for opt in ("per_prompt", "samples"):
                 if getattr(args, opt):
                     check_writable(Path(getattr(args, opt)).parent, f"--{opt} {getattr(args, opt)}")
+        model = load_generator(args.checkpoint, args.ema, args.wan_dir, device)
+        reward = make_reward(cfg, device)
+        prompts = held_out_prompts(cfg)
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     nC = model.num_frames // model.chunk_frames
