@@ -149,7 +149,7 @@ def check_wan_dir(root: str | Path, what: str) -> None:
     if missing:
         raise ValueError(
             f"{what}={str(root)!r} lacks the diffusers folders {missing} (a local Wan2.1 "
-            "text-to-video directory: transformer/, vae/, text_encoder/, tokenizer/)"
+            f"text-to-video directory: {', '.join(d + '/' for d in WAN_FOLDERS)})"
         )
 
 
