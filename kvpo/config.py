@@ -106,6 +106,10 @@ class TrainConfig:
     kl_prefix: bool = False  # the velocity KL also covers the shared pre-window chunks
     # Likelihood (replay).
     tau: float = 5e-3  # ~ the spread of E within a group: sets how far PPO clipping lets it move
+    # > 0: each iteration's tau is tau_auto times the median spread (std over a group's branches)
+    # of the energies the Gibbs form divides by tau, under the policy before its update: a
+    # temperature that follows the TVE's scale (another generator, resolution, likelihood)
+    tau_auto: float = 0.0  # > 0: tau = tau_auto x the groups' median energy spread, each iteration
     step_weighting: str = "uniform"  # uniform | sigma
     # branch: one Gibbs probability per branch from its TVE | step: one per scored step, over the
     # step's velocity distance / max(t, sigma_floor)^2 (the public recipe; PPO ratio per step)
@@ -207,6 +211,7 @@ class TrainConfig:
             "lora_alpha",
             "wan_sink_frames",
             "max_minutes",
+            "tau_auto",
         ):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -269,6 +274,9 @@ class TrainConfig:
         if self.explore == "sde" and self.kl == "softmax":
             raise bad("kl", "'softmax' is the KL of KVPO's branch softmax: with explore='sde' use "
                       "'velocity' or 'none'")  # fmt: skip
+        if self.explore == "sde" and self.tau_auto:
+            raise bad("tau_auto", "sets KVPO's Gibbs temperature: explore='sde' has none (its "
+                      "likelihood is Gaussian), set it to 0")  # fmt: skip
         if self.likelihood not in ("branch", "step"):
             raise bad("likelihood", "must be 'branch' or 'step'")
         if self.step_weighting not in ("uniform", "sigma"):

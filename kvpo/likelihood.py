@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
 from .config import TrainConfig
 from .grpo import gibbs_log_probs
 from .interface import StreamingVideoGenerator
-from .replay import step_energies
+from .replay import replay_velocities, step_energies, trajectory_energy
 from .rollout import Rollout
 from .sde import sde_t_cap, step_log_probs
 
@@ -28,16 +29,52 @@ def branch_log_probs(
     ``sigma_floor``: ``E_ik = mean_n (u_k - v_k)^2 / max(t_k, sigma_floor)^2``. With
     ``group_normalize=False`` the log-probabilities are ``-E / tau``, not normalized over the group.
     The SDE baseline: the Gaussian log-probability of every scored stochastic step [B, G, K']."""
-    scored = ro.scored.to(u.device)
     if cfg.explore == "sde":  # Gaussian densities in fp32 whatever the forwards' precision
+        scored = ro.scored.to(u.device)
         t_cap = sde_t_cap(model.timesteps())
         states, vels = ro.states.float(), ro.velocities.float()
         logp = step_log_probs(u.float(), states, vels, ro.t, ro.t_next, t_cap, cfg.sde_noise)
         return logp[:, :, scored]
-    if cfg.likelihood == "step":
-        sigma = ro.t.to(u.device)[scored].clamp_min(cfg.sigma_floor)
-        energy = step_energies(u, ro)[:, :, scored] / sigma**2
+    energy = gibbs_energies(cfg, u, ro, energy)
     return gibbs_log_probs(energy, cfg.tau) if cfg.group_normalize else -energy / cfg.tau
+
+
+def gibbs_energies(
+    cfg: TrainConfig, u: torch.Tensor, ro: Rollout, energy: torch.Tensor | None
+) -> torch.Tensor:
+    """What KVPO's Gibbs form divides by ``tau``: the TVE ``energy`` [B, G]
+    (``likelihood="branch"``), or each scored step's velocity distance over its floored noise
+    level squared, [B, G, K'] (``likelihood="step"``)."""
+    if cfg.likelihood == "branch":
+        return energy
+    scored = ro.scored.to(u.device)
+    sigma = ro.t.to(u.device)[scored].clamp_min(cfg.sigma_floor)
+    return step_energies(u, ro)[:, :, scored] / sigma**2
+
+
+def iteration_tau(
+    cfg: TrainConfig,
+    model: StreamingVideoGenerator,
+    parts: list[Rollout],
+    weights: list[torch.Tensor],
+) -> float:
+    """The iteration's Gibbs temperature: ``cfg.tau``, or with ``cfg.tau_auto`` > 0 that times
+    the median, over every rank's groups (and scored steps, for ``likelihood="step"``), of the
+    spread (std over the branches) of :func:`gibbs_energies` under ``model``, replayed without
+    gradients (call under the run's autocast): the temperature at which a typical group's old
+    log-probabilities span about ``1 / tau_auto``, whatever the scale of the TVE. Groups whose
+    branches tie say nothing of that scale; when all do, ``cfg.tau``."""
+    if not cfg.tau_auto:
+        return cfg.tau
+    spreads = []
+    with torch.no_grad():
+        for ro, w in zip(parts, weights, strict=True):
+            u = replay_velocities(model, ro, cfg.replay_branches)
+            energy = gibbs_energies(cfg, u, ro, trajectory_energy(u, ro, w))
+            spreads.append(energy.float().std(1).flatten().cpu())
+    spread = distributed.all_gather(torch.cat(spreads))
+    spread = spread[spread > 0]
+    return cfg.tau_auto * float(spread.median()) if spread.numel() else cfg.tau
 
 
 def kl_term(

@@ -28,6 +28,11 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "--micro_batch 1, --replay_branches 1, or --kl none",
         ("micro_batch", "replay_branches", "kl"),
     ),
+    "tau": (
+        "the policy's replay of a micro-batch without gradients, whose energies set tau_auto's tau",
+        "--micro_batch 1, --replay_branches 1, or --tau_auto 0 (a fixed --tau)",
+        ("micro_batch", "replay_branches", "tau_auto"),
+    ),
     "update": (
         "the policy's replay activations, kept for the backward",
         "--replay_branches 1, --grad_checkpointing true, --micro_batch 1",

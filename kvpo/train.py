@@ -39,6 +39,7 @@ from .ema import ParamEMA
 from .evaluate import Evaluation, evaluate_sets, evaluation_metrics, evaluation_sets
 from .grpo import anchor_advantages, group_advantages
 from .interface import require_generator
+from .likelihood import iteration_tau
 from .loggers import make_loggers, missing_packages
 from .memory import TrainingOutOfMemoryError, memory_stage
 from .profiling import IterationProfiler
@@ -363,8 +364,10 @@ class Exploration:
     valid: torch.Tensor  # [B] bool: groups trained on, on the training device
     spread: torch.Tensor  # [B] float32 on the CPU: each group's Rollout.branch_spread
     step_weights: list[torch.Tensor]  # each part's TVE step weights
+    tau: float  # the iteration's Gibbs temperature (kvpo.likelihood.iteration_tau)
     refs: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # each part's reference terms
-    seconds: dict[str, float]  # time_rollout, time_reward (and advantages), time_reference
+    # time_rollout, time_reward (and advantages), time_reference; time_tau (its replay)
+    seconds: dict[str, float]
 
 
 def explore(
@@ -397,18 +400,23 @@ def explore(
     adv, valid = advantages(cfg, total, comps, anchor, weights, all_comps)
     step_w = [step_weights(ro, cfg.step_weighting) for ro in parts]
     t2 = time.perf_counter()
+    with autocast(), memory_stage("tau", cfg):
+        tau = iteration_tau(cfg, model, parts, step_w)
+    cfg = dataclasses.replace(cfg, tau=tau)  # the reference's log-probabilities share it
+    t3 = time.perf_counter()
     with torch.no_grad(), autocast(), memory_stage("reference", cfg):
         refs = [reference_terms(cfg, ref, ro, w) for ro, w in zip(parts, step_w, strict=True)]
     # the frozen reference's forward for the KL: logged apart, it can cost more than the rewards
     seconds = {
         "time_rollout": t1 - t0,
         "time_reward": t2 - t1,
-        "time_reference": time.perf_counter() - t2,
+        "time_reference": time.perf_counter() - t3,
+        **({"time_tau": t3 - t2} if cfg.tau_auto else {}),
     }
     spread = torch.cat([ro.branch_spread().cpu() for ro in parts])
     return Exploration(
-        parts, comps, all_comps, total, adv.to(device), valid.to(device), spread, step_w, refs,
-        seconds,
+        parts, comps, all_comps, total, adv.to(device), valid.to(device), spread, step_w, tau,
+        refs, seconds,
     )  # fmt: skip
 
 
@@ -438,6 +446,7 @@ def iteration_row(it: int, ex: Exploration, update: dict[str, float]) -> dict:
         # anchor-relative ones; their size sets how hard PPO pushes
         "adv_mean": float(adv[valid].mean()) if bool(valid.any()) else 0.0,
         "adv_abs": float(adv[valid].abs().mean()) if bool(valid.any()) else 0.0,
+        "tau": ex.tau,
         **update,
         **ex.seconds,
     }
@@ -496,12 +505,14 @@ def group_rows(it: int, ex: Exploration) -> list[dict]:
     return [row for rank in distributed.all_gather_object(mine) for row in rank]
 
 
-def progress_line(row: dict, components: list[str]) -> str:
-    """An iteration's row as the line the trainer prints."""
+def progress_line(row: dict, components: list[str], tau: bool = False) -> str:
+    """An iteration's row as the line the trainer prints (``tau``: with the iteration's tau)."""
     return (
         f"it {row['iter']:4d} | reward {row['reward']:.4f} ± {row['reward_std']:.4f} ("
         + ", ".join(f"{k} {row[f'reward_{k}']:.3f}" for k in components)
-        + f") spread {row['branch_spread']:.3f} | tve {row['tve']:.2e} ratio {row['ratio']:.3f} clip {row['clip_frac']:.2f} "
+        + f") spread {row['branch_spread']:.3f} | tve {row['tve']:.2e}"
+        + (f" tau {row['tau']:.2e}" if tau else "")
+        + f" ratio {row['ratio']:.3f} clip {row['clip_frac']:.2f} "
         f"kl {row['kl']:.2e} | rollout {row['time_rollout']:.1f}s reward "
         f"{row['time_reward']:.1f}s reference {row['time_reference']:.1f}s replay "
         f"{row['time_replay']:.1f}s update {row['time_update']:.1f}s"
@@ -901,7 +912,7 @@ def train(
                 group["lr"] = lr
             with memory_stage("update", cfg):
                 st, t_replay, skipped = update_policy(
-                    cfg, model, opt, params, ema, ex.parts, ex.step_weights, ex.adv, ex.valid,
+                    dataclasses.replace(cfg, tau=ex.tau), model, opt, params, ema, ex.parts, ex.step_weights, ex.adv, ex.valid,
                     ex.refs, autocast, skips,
                 )  # fmt: skip
             row = iteration_row(it, ex, {"lr": lr, "skipped_steps": skipped, **st})
@@ -932,7 +943,7 @@ def train(
                     lg.write(row)
                     if eval_samples:
                         lg.videos(eval_samples)
-                tqdm.write(progress_line(row, list(ex.comps)), file=sys.stdout)
+                tqdm.write(progress_line(row, list(ex.comps), bool(cfg.tau_auto)), file=sys.stdout)
                 if skipped:
                     tqdm.write(
                         f"it {it:4d} | {skipped} of {cfg.epochs} optimizer steps skipped: NaN or inf "

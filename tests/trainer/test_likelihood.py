@@ -1,10 +1,13 @@
 """Branch log-probabilities (branch TVE, per step, unnormalized) and the KL terms."""
 
+import dataclasses
+
+import pytest
 import torch
 from trainer_support import small_rollout
 
 from kvpo.config import TrainConfig
-from kvpo.likelihood import branch_log_probs, kl_term
+from kvpo.likelihood import branch_log_probs, iteration_tau, kl_term
 from kvpo.replay import replay_velocities, step_energies, step_weights, trajectory_energy
 
 
@@ -58,3 +61,41 @@ def test_softmax_kl_is_the_branch_distributions_kl_normalized_or_not():
     a, b = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
     vel = kl_term(TrainConfig(kl="velocity"), a, b, None, None)
     torch.testing.assert_close(vel.double(), (a.double() - b.double()).pow(2).mean())
+
+
+def _spreads_float64(cfg, model, ro) -> torch.Tensor:
+    """Each group's (and scored step's) std over the branches of what the Gibbs form divides by
+    tau, in float64 from the replayed velocities."""
+    with torch.no_grad():
+        u = replay_velocities(model, ro).double()
+    dist = (u - ro.velocities.double()).pow(2).mean(dim=(3, 4))  # [B, G, K]
+    if cfg.likelihood == "step":
+        sigma = ro.t.double()[ro.scored].clamp_min(cfg.sigma_floor)
+        return (dist[:, :, ro.scored] / sigma**2).std(1).flatten()
+    return (dist * step_weights(ro).double()).sum(2).std(1)
+
+
+@pytest.mark.parametrize("likelihood", ["branch", "step"])
+def test_iteration_tau_is_tau_auto_times_the_median_spread_of_the_energies(model, likelihood):
+    """tau_auto: the median over every group (and scored step) of the energies' std over the
+    branches, times tau_auto; groups whose branches tie are left out; replayed in slices of
+    branches alike; tau_auto 0 keeps tau."""
+    parts = [small_rollout(model, p_keep=p) for p in (0.3, 0.6)]
+    weights = [step_weights(ro) for ro in parts]
+    cfg = TrainConfig(likelihood=likelihood, tau_auto=0.7, sigma_floor=0.2)
+    spreads = torch.cat([_spreads_float64(cfg, model, ro) for ro in parts])
+    # steps of a chunk whose branches all drew the same pages tie (per-step likelihood)
+    spreads = spreads[spreads > 0]
+    assert spreads.numel() > 2
+    want = 0.7 * float(spreads.median())
+    assert iteration_tau(cfg, model, parts, weights) == pytest.approx(want, rel=1e-4)
+    sliced = dataclasses.replace(cfg, replay_branches=1)
+    assert iteration_tau(sliced, model, parts, weights) == pytest.approx(want, rel=1e-4)
+    tied = small_rollout(model, p_keep=1.0)  # one noise, one context: every branch alike
+    assert iteration_tau(cfg, model, [tied], [step_weights(tied)]) == cfg.tau
+    with_tied = iteration_tau(cfg, model, [tied, parts[0]], [step_weights(tied), weights[0]])
+    only = _spreads_float64(cfg, model, parts[0])
+    only = 0.7 * float(only[only > 0].median())
+    assert with_tied == pytest.approx(only, rel=1e-4)
+    fixed = TrainConfig(likelihood=likelihood, tau=0.03)
+    assert iteration_tau(fixed, model, parts, weights) == 0.03

@@ -45,13 +45,14 @@ OPTIONS = {
     "eval_multi_prompt": [False, True],
     "reward_batch": [0, 5],
     "samples_at_eval": [False, True],
+    "tau_auto": [0.0, 1.0],
 }
 
 
 def draw(seed: int) -> dict:
     """About half the options, each at a random value; then what makes the draw a run that
     explores: sample routing on a local window whose history overflows it, the SDE baseline
-    with its own KL."""
+    with its own KL and no tau_auto."""
     rng = random.Random(seed)
     over = {k: rng.choice(v) for k, v in OPTIONS.items() if rng.random() < 0.5}
     window = over.get("window", (2, 4))
@@ -63,6 +64,7 @@ def draw(seed: int) -> dict:
         over["explore"] = "sde"
         if over.get("kl") == "softmax":
             over["kl"] = "velocity"
+        over.pop("tau_auto", None)  # the SDE baseline has no Gibbs temperature
     return over
 
 

@@ -509,7 +509,7 @@ def test_two_ranks_over_gloo(base, tmp_path):
     script.write_text(SCRIPT)
     over = run_overrides(
         base, tmp_path, eval_every=5, save_every=5, samples=True, eval_seeds=3,
-        prompts_per_iter=4, micro_batch=1, eval_batch=2,
+        prompts_per_iter=4, micro_batch=1, eval_batch=2, tau_auto=1.0,
     )  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
@@ -546,6 +546,9 @@ def test_two_ranks_over_gloo(base, tmp_path):
     hist = [json.loads((tmp_path / f"history{r}.json").read_text()) for r in (0, 1)]
     evals = [[{k: v for k, v in h.items() if k.startswith("eval_")} for h in x] for x in hist]
     assert evals[0] == evals[1] and [h["iter"] for h in hist[0]] == [-1, 0, 1]
+    # tau_auto's tau is the median over every rank's groups: one tau on both ranks
+    taus = [[h["tau"] for h in x[1:]] for x in hist]
+    assert taus[0] == taus[1] and taus[0][0] != taus[0][1] and min(taus[0]) > 0
     assert "eval_reward" in evals[0][0] and "eval_reward" in evals[0][-1]
     cfg = build_config(over)
     eval_prompts = data.split_prompts(num_eval=cfg.eval_prompts)[1][: cfg.eval_prompts]
@@ -561,6 +564,31 @@ def test_two_ranks_over_gloo(base, tmp_path):
         want = {k: v for k, v in want.items() if k != "prompt"}
         assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert (tmp_path / "samples_before.gif").stat().st_size > 0  # rank 0 gathered the videos
+
+
+def test_tau_auto_gives_the_update_and_the_kl_each_iterations_tau(base, tmp_path, monkeypatch):
+    """With tau_auto the iteration's tau (kvpo.likelihood.iteration_tau, called on the rollout
+    policy's parts) is logged, and the PPO ratios and the softmax KL read it: a run whose
+    iteration_tau gives 0.05 trains as a run at a fixed tau of 0.05, to the bit."""
+    over = dict(kl="softmax", kl_coef=3.0, likelihood="step", micro_batch=1)
+    fixed = train(build_config(run_overrides(base, tmp_path / "fixed", tau=0.05, **over)))
+    calls = []
+
+    def fake(cfg, model, parts, weights):
+        calls.append((cfg.tau_auto, len(parts), len(weights), model.training))
+        return 0.05
+
+    monkeypatch.setattr("kvpo.train.iteration_tau", fake)
+    cfg = build_config(run_overrides(base, tmp_path / "auto", tau=1e-3, tau_auto=2.0, **over))
+    auto = train(cfg)
+    assert calls == [(2.0, 2, 2, False)] * 2  # once an iteration, on both micro-batches
+    assert [r["tau"] for r in auto.history[1:]] == [0.05, 0.05]
+    assert all(r["time_tau"] >= 0 for r in auto.history[1:])
+    assert [r["tau"] for r in fixed.history[1:]] == [0.05, 0.05]
+    for key in ("ratio", "kl", "loss"):
+        assert [r[key] for r in auto.history[1:]] == [r[key] for r in fixed.history[1:]], key
+    for a, b in zip(auto.model.parameters(), fixed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_public_recipe_config_trains(base, tmp_path):
