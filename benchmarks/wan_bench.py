@@ -165,8 +165,9 @@ def chunk_step(smoke: bool, device: torch.device, reps: int) -> list[dict]:
 def iteration(
     smoke: bool, device: torch.device, group_size: int, out_dir: str, rollout_branches: int = 0
 ) -> dict:
-    """One KVPO iteration of the public recipe's shape, timed by the trainer's own log
-    (``rollout_branches``: branches per group rolled out at a time, 0: all)."""
+    """One KVPO iteration of the public recipe's shape (tau_auto, as the Wan recipes set it),
+    timed by the trainer's own log (``rollout_branches``: branches per group rolled out at a
+    time, 0: all)."""
     from kvpo.config import build_config
     from kvpo.train import train
 
@@ -180,7 +181,7 @@ def iteration(
     cfg = build_config(dict(
         out_dir=out_dir, device=device.type, iterations=2, prompts_per_iter=1,
         group_size=group_size, rollout_branches=rollout_branches, window=(2, min(5, nC)),
-        routing="drop", p_keep=0.5,
+        routing="drop", p_keep=0.5, tau_auto=1.0,
         grad_checkpointing=True, amp="bf16", replay_branches=1, eval_prompts=1,
         eval_seeds=1, eval_every=100, save_every=100, samples=False, progress=False,
     ))  # fmt: skip
@@ -239,9 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", f"| {title} | value |", "|---|---:|"]
     try:
         it = iteration(args.smoke, device, args.group_size, args.run_dir, args.rollout_branches)
-        keys = ("time_rollout", "time_reward", "time_reference", "time_replay", "time_update",
-                "wall_s", "peak_gib", "rollout_cache_mib")  # fmt: skip
-        lines += [f"| {k} | {it[k]:.2f} |" for k in keys if k in it]
+        keys = ("time_rollout", "time_reward", "time_reference", "time_tau", "time_replay",
+                "time_update", "wall_s", "peak_gib", "rollout_cache_mib", "tau")  # fmt: skip
+        lines += [f"| {k} | {it[k]:{'.2e' if k == 'tau' else '.2f'}} |" for k in keys if k in it]
     except Exception as e:  # out of memory at this G, say: the row says so, the table stays
         lines.append(f"| error | {type(e).__name__}: {str(e)[:160]} |")
     print("\n".join(lines[first:]))
