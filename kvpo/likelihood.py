@@ -52,20 +52,16 @@ def gibbs_energies(
     return step_energies(u, ro)[:, :, scored] / sigma**2
 
 
-def iteration_tau(
+def energy_spread(
     cfg: TrainConfig,
     model: StreamingVideoGenerator,
     parts: list[Rollout],
     weights: list[torch.Tensor],
-) -> float:
-    """The iteration's Gibbs temperature: ``cfg.tau``, or with ``cfg.tau_auto`` > 0 that times
-    the median, over every rank's groups (and scored steps, for ``likelihood="step"``), of the
+) -> float | None:
+    """The median, over every rank's groups (and scored steps, for ``likelihood="step"``), of the
     spread (std over the branches) of :func:`gibbs_energies` under ``model``, replayed without
-    gradients (call under the run's autocast): the temperature at which a typical group's old
-    log-probabilities span about ``1 / tau_auto``, whatever the scale of the TVE. Groups whose
-    branches tie say nothing of that scale; when all do, ``cfg.tau``."""
-    if not cfg.tau_auto:
-        return cfg.tau
+    gradients (call under the run's autocast); None when every group's branches tie, as such
+    groups say nothing of the energies' scale."""
     spreads = []
     with torch.no_grad():
         for ro, w in zip(parts, weights, strict=True):
@@ -74,7 +70,23 @@ def iteration_tau(
             spreads.append(energy.float().std(1).flatten().cpu())
     spread = distributed.all_gather(torch.cat(spreads))
     spread = spread[spread > 0]
-    return cfg.tau_auto * float(spread.median()) if spread.numel() else cfg.tau
+    return float(spread.median()) if spread.numel() else None
+
+
+def iteration_tau(
+    cfg: TrainConfig,
+    model: StreamingVideoGenerator,
+    parts: list[Rollout],
+    weights: list[torch.Tensor],
+) -> float:
+    """The iteration's Gibbs temperature: ``cfg.tau``, or with ``cfg.tau_auto`` > 0 that times
+    the :func:`energy_spread` of the iteration's groups under the policy before its update: the
+    temperature at which a typical group's old log-probabilities span about ``1 / tau_auto``,
+    whatever the scale of the TVE (``cfg.tau`` when every group's branches tie)."""
+    if not cfg.tau_auto:
+        return cfg.tau
+    spread = energy_spread(cfg, model, parts, weights)
+    return cfg.tau if spread is None else cfg.tau_auto * spread
 
 
 def kl_term(

@@ -18,6 +18,9 @@ checks, on one held-out prompt's group, what no error would report when it is mi
 
 :func:`check_generator` measures them for any :class:`kvpo.interface.StreamingVideoGenerator`;
 the command prints the measurements and exits with an error naming each property that fails.
+When all hold, it also prints the run's ``tau`` against the energy spread it divides
+(:func:`tau_line`): a temperature that no error reports as wrong, yet one that leaves every PPO
+ratio at 1, or swings it to the clip, trains nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from torch import nn
 
 from .config import TrainConfig, amp_autocast, parse_args
 from .interface import StreamingVideoGenerator, require_generator
-from .replay import replay_velocities
+from .likelihood import energy_spread
+from .replay import replay_velocities, step_weights
 from .rewards import CompositeReward
 from .rollout import Rollout, RolloutSpec, deployment_spec, rollout, rollout_pages
 
@@ -241,6 +245,52 @@ def cache_lines(
     ]
 
 
+# A fixed tau within this factor of the energy spread moves the PPO ratios as the tuned runs do
+# (benchmarks/RESULTS.md: the built-in generator's tuned tau is 0.8x its spread).
+TAU_FACTOR = 5.0
+
+
+def tau_line(
+    cfg: TrainConfig,
+    model: StreamingVideoGenerator,
+    prompts: list[str],
+    spec: RolloutSpec,
+    device: torch.device,
+    autocast: Callable[[], object],
+) -> str | None:
+    """The run's Gibbs temperature against the energy spread it divides (the median std over
+    one group of the run's G branches under its routing, :func:`kvpo.likelihood.energy_spread`):
+    a fixed ``tau`` far from it leaves the PPO ratios at 1 or swings them to the clip. None for
+    the SDE baseline, which has no temperature."""
+    if cfg.explore == "sde":
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast():
+            group = dataclasses.replace(spec, anchor=False)
+            ro = rollout(model, [prompts], group, torch.Generator().manual_seed(cfg.seed), device)
+        with autocast():
+            spread = energy_spread(cfg, model, [ro], [step_weights(ro, cfg.step_weighting)])
+    finally:
+        model.train(was_training)
+    if spread is None:
+        return (
+            f"tau: the {spec.group_size} branches of the group tie: no energy spread to set it by"
+        )
+    what = f"energy spread {spread:.2e} (one group of {spec.group_size} branches)"
+    if cfg.tau_auto:
+        return f"tau: tau_auto {cfg.tau_auto:g} x the {what}, {cfg.tau_auto * spread:.2e} here"
+    ratio = cfg.tau / spread
+    if 1 / TAU_FACTOR <= ratio <= TAU_FACTOR:
+        return f"tau {cfg.tau:.2e}: {ratio:.2g}x the {what}, within {TAU_FACTOR:g}x of it"
+    effect = "stay at 1" if ratio > 1 else "swing to the clip on small changes"
+    return (
+        f"tau {cfg.tau:.2e}: {ratio:.2g}x the {what}, far from it: the PPO ratios would "
+        f"{effect}; --tau_auto 1 sets tau to the spread every iteration"
+    )
+
+
 def main(argv: list[str] | None = None) -> Preflight:
     from . import data
     from .train import (
@@ -304,6 +354,8 @@ def main(argv: list[str] | None = None) -> Preflight:
         print("  " + line, flush=True)
     result = check_generator(model, prompts, spec, reward, device, autocast, cfg.seed)
     for line in result.lines():
+        print("  " + line, flush=True)
+    if not result.failures and (line := tau_line(cfg, model, prompts, spec, device, autocast)):
         print("  " + line, flush=True)
     if result.failures:
         raise SystemExit("error: " + "\nerror: ".join(result.failures.values()))

@@ -161,3 +161,28 @@ def test_cli_builds_the_runs_policy_and_reports(base, tmp_path, capsys):
     (tmp_path / "free.txt").write_text("a cat running\na small red square moving left slowly\n")
     with pytest.raises(SystemExit, match="error: reward 'alignment' .*'a cat running'"):
         main(cli_args({**over, "prompts_file": str(tmp_path / "free.txt"), "eval_prompts": 1}))
+
+
+def test_cli_sets_the_runs_tau_against_the_energy_spread(base, tmp_path, capsys):
+    """The run's tau beside the energy spread it divides: within 5x of it, far above (ratios
+    stay at 1), far below (they swing to the clip), or what tau_auto makes of it; no line for
+    the SDE baseline, which has no temperature."""
+    over = run_overrides(base, tmp_path, window=(2, 4), p_keep=0.4)
+
+    def line(**kw) -> str | None:
+        main(cli_args({**over, **kw}))
+        found = re.search(r"\n  (tau.*)", capsys.readouterr().out)
+        return found and found.group(1)
+
+    high = line(tau=1e3)
+    spread = float(re.search(r"energy spread (\S+) \(one group of 3 branches\)", high).group(1))
+    assert 0 < spread < 1
+    assert "far from it: the PPO ratios would stay at 1; --tau_auto 1 sets tau" in high
+    assert line(tau=spread).endswith(f"1x the energy spread {spread:.2e} (one group of 3 "
+                                     "branches), within 5x of it")  # fmt: skip
+    assert "would swing to the clip on small changes" in line(tau=spread / 20)
+    assert line(tau_auto=2.0) == (
+        f"tau: tau_auto 2 x the energy spread {spread:.2e} (one group of 3 branches), "
+        f"{2 * spread:.2e} here"
+    )
+    assert line(explore="sde", kl="velocity") is None
