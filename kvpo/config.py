@@ -162,6 +162,7 @@ class TrainConfig:
     eval_every: int = 10  # held-out evaluation every this many iterations
     eval_before: bool = True  # also before the first iteration (the baseline; step 0 of loggers)
     save_every: int = 10  # checkpoint every this many iterations
+    # minutes from train()'s start (loading and the first evaluation included)
     max_minutes: float = 0.0  # stop, saved, before an iteration would end past this (0: never)
     keep_checkpoints: bool = False  # also keep each one as checkpoints/step_N.safetensors
     keep_last: int = 0  # with keep_checkpoints: only the newest N step_N files (0: every one)

@@ -712,6 +712,7 @@ def train(
             over the built-in rewards.
         prompts: (training prompts, held-out prompts); default: the built-in procedural ones.
     """
+    t_start = time.monotonic()  # max_minutes counts the loading and the first evaluation too
     cfg.validate()
     if missing := missing_packages(cfg.log_to):
         raise ConfigError(
@@ -864,7 +865,7 @@ def train(
             save(done, "best")
 
     stopped = None  # why the run stopped early (kvpo.stopping)
-    t_start, longest = time.monotonic(), 0.0  # for max_minutes: the run's and its longest step
+    longest = 0.0  # for max_minutes: the longest iteration yet
     with StopSignals() as stop:
         if start == 0 and cfg.eval_before and not history:  # every rank evaluates its share
             ev = evaluation(-1)
@@ -912,8 +913,8 @@ def train(
                 group["lr"] = lr
             with memory_stage("update", cfg):
                 st, t_replay, skipped = update_policy(
-                    dataclasses.replace(cfg, tau=ex.tau), model, opt, params, ema, ex.parts, ex.step_weights, ex.adv, ex.valid,
-                    ex.refs, autocast, skips,
+                    dataclasses.replace(cfg, tau=ex.tau), model, opt, params, ema, ex.parts,
+                    ex.step_weights, ex.adv, ex.valid, ex.refs, autocast, skips,
                 )  # fmt: skip
             row = iteration_row(it, ex, {"lr": lr, "skipped_steps": skipped, **st})
             groups = group_rows(it, ex)

@@ -318,3 +318,33 @@ def test_a_run_killed_while_logging_resumes(base, tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"iter": 0}\n{"iter": 1\n{"iter": 2}\n')
     with pytest.raises(ValueError, match=r"broken.jsonl': line 2 is not JSON"):
         read_rows(tmp_path / "broken.jsonl")
+
+
+def test_max_minutes_counts_the_loading_and_the_first_evaluation(base, tmp_path, monkeypatch):
+    """A job's time limit runs from its start: after a generator that took 10 minutes to load,
+    a 10-minute max_minutes stops the run after its first iteration (the loop always makes one),
+    not after all three short ones."""
+    import time
+
+    import kvpo.train
+
+    lost = [0.0]  # seconds the slow loading adds to the clock train() reads
+
+    class Clock:
+        perf_counter = staticmethod(time.perf_counter)
+
+        @staticmethod
+        def monotonic() -> float:
+            return time.monotonic() + lost[0]
+
+    real = kvpo.train.reference_and_policy
+
+    def slow_loading(*args, **kw):
+        lost[0] += 600.0
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kvpo.train, "time", Clock)
+    monkeypatch.setattr(kvpo.train, "reference_and_policy", slow_loading)
+    kw = dict(iterations=3, samples=False, save_every=10, eval_every=10, max_minutes=10.0)
+    result = train(build_config(run_overrides(base, tmp_path, **kw)))
+    assert result.stopped_by == "max_minutes" and _saved_iteration(tmp_path) == 1
