@@ -246,8 +246,8 @@ def cache_lines(
 
 
 # A fixed tau within this factor of the energy spread moves the PPO ratios as the tuned runs do
-# (benchmarks/RESULTS.md: the built-in generator's hand-tuned tau is about its spread; 39x it
-# left every ratio at 1).
+# (benchmarks/RESULTS.md: the built-in generator's hand-tuned tau is about its spread; a tau
+# 7-45x the spread left every ratio at 1).
 TAU_FACTOR = 5.0
 
 
