@@ -52,23 +52,28 @@ def gibbs_energies(
     return step_energies(u, ro)[:, :, scored] / sigma**2
 
 
-def energy_spread(
+def policy_energies(
     cfg: TrainConfig,
     model: StreamingVideoGenerator,
     parts: list[Rollout],
     weights: list[torch.Tensor],
-) -> float | None:
-    """The median, over every rank's groups (and scored steps, for ``likelihood="step"``), of the
-    spread (std over the branches) of :func:`gibbs_energies` under ``model``, replayed without
-    gradients (call under the run's autocast); None when every group's branches tie, as such
-    groups say nothing of the energies' scale."""
-    spreads = []
+) -> list[torch.Tensor]:
+    """Each part's :func:`gibbs_energies` under ``model``, replayed without gradients
+    (``replay_branches`` branches at a time; call under the run's autocast): [B, G] or
+    [B, G, K'] float32 each."""
+    out = []
     with torch.no_grad():
         for ro, w in zip(parts, weights, strict=True):
             u = replay_velocities(model, ro, cfg.replay_branches)
-            energy = gibbs_energies(cfg, u, ro, trajectory_energy(u, ro, w))
-            spreads.append(energy.float().std(1).flatten().cpu())
-    spread = distributed.all_gather(torch.cat(spreads))
+            out.append(gibbs_energies(cfg, u, ro, trajectory_energy(u, ro, w)).float())
+    return out
+
+
+def energy_spread(energies: list[torch.Tensor]) -> float | None:
+    """The median, over every rank's groups (and scored steps, for ``likelihood="step"``), of the
+    spread (std over the branches, dim 1) of ``energies`` (:func:`policy_energies`); None when
+    every group's branches tie, as such groups say nothing of the energies' scale."""
+    spread = distributed.all_gather(torch.cat([e.std(1).flatten().cpu() for e in energies]))
     spread = spread[spread > 0]
     return float(spread.median()) if spread.numel() else None
 
@@ -85,7 +90,7 @@ def iteration_tau(
     whatever the scale of the TVE (``cfg.tau`` when every group's branches tie)."""
     if not cfg.tau_auto:
         return cfg.tau
-    spread = energy_spread(cfg, model, parts, weights)
+    spread = energy_spread(policy_energies(cfg, model, parts, weights))
     return cfg.tau if spread is None else cfg.tau_auto * spread
 
 

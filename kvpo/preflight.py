@@ -37,7 +37,7 @@ from torch import nn
 
 from .config import TrainConfig, amp_autocast, parse_args
 from .interface import StreamingVideoGenerator, require_generator
-from .likelihood import energy_spread
+from .likelihood import energy_spread, policy_energies
 from .replay import replay_velocities, step_weights
 from .rewards import CompositeReward
 from .rollout import Rollout, RolloutSpec, deployment_spec, rollout, rollout_pages
@@ -272,9 +272,10 @@ def tau_line(
             group = dataclasses.replace(spec, anchor=False)
             ro = rollout(model, [prompts], group, torch.Generator().manual_seed(cfg.seed), device)
         with autocast():
-            spread = energy_spread(cfg, model, [ro], [step_weights(ro, cfg.step_weighting)])
+            energies = policy_energies(cfg, model, [ro], [step_weights(ro, cfg.step_weighting)])
     finally:
         model.train(was_training)
+    spread = energy_spread(energies)
     if spread is None:
         return (
             f"tau: the {spec.group_size} branches of the group tie: no energy spread to set it by"

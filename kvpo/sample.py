@@ -11,7 +11,9 @@ second direction from the middle chunk on (multi-prompt video).
 
 ``--branches G`` shows instead what KVPO explores: per prompt one group, the deployment video
 (the anchor) and G branches from the same noise under the run's KV routing (its window, p_keep,
-routing; ``--window`` / ``--p_keep`` override them), each scored, with the group's branch spread.
+routing; ``--window`` / ``--p_keep`` override them), each scored, with the group's branch spread,
+and what the update would read of each branch under this policy: its TVE (``tve``) and its Gibbs
+probability in the group (``gibbs_p``) at the run's ``tau`` (or ``tau_auto``'s, printed).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from .checkpoint import (
     run_config,
     trainer_config,
 )
-from .config import amp_autocast
+from .config import TrainConfig, amp_autocast
+from .likelihood import energy_spread, gibbs_energies
+from .replay import replay_velocities, step_weights, trajectory_energy
 from .report import check_writable, save_videos
 from .rewards import (
     BUILTIN,
@@ -44,7 +48,7 @@ from .rewards import (
     load_reward,
     unreadable_scene,
 )
-from .rollout import generate_passes, rollout
+from .rollout import Rollout, generate_passes, rollout
 
 
 def chunk_prompts(prompt: str, chunks: int) -> list[str]:
@@ -215,25 +219,49 @@ def _branches(
     except ValueError as e:
         raise SystemExit(f"error: --branches: {e}") from None
     G = args.branches
-    videos, spread = [], []
+    videos, spread, likelihood = [], [], []
     with torch.no_grad(), bf16:
         # a group at a time: one group's KV pages (training's micro_batch 1)
         for asked in per_chunk:
             ro = rollout(model, [asked], spec, gen, device)
             videos.append(model.to_video(ro.group_tokens(0)).float().cpu())
             spread.append(float(ro.branch_spread()[0]))
+            likelihood.append(_group_likelihood(cfg, model, ro))
     videos = torch.cat(videos)
     comps = _components(reward, videos, [p for p in per_chunk for _ in range(G + 1)])
     rows = []
     for i, p in enumerate(prompts):
+        tve, gibbs_p, tau = likelihood[i]
         for b in range(G + 1):
             branch = "anchor" if b == 0 else b - 1
-            rows.append({"prompt": p, "branch": branch, **_scores(comps, i * (G + 1) + b)})
-        print(json.dumps({"prompt": p, "branch_spread": round(spread[i], 4)}))
+            row = {"prompt": p, "branch": branch, **_scores(comps, i * (G + 1) + b)}
+            if b and tve is not None:
+                row.update(tve=float(f"{tve[b - 1]:.4g}"), gibbs_p=round(float(gibbs_p[b - 1]), 4))
+            rows.append(row)
+        group = {"prompt": p, "branch_spread": round(spread[i], 4)}
+        print(json.dumps(group | ({"tau": float(f"{tau:.4g}")} if tve is not None else {})))
     note = (
         f" (per prompt: the deployment video, then {G} branches; window chunks {tuple(cfg.window)})"
     )
     return _write(rows, videos, args.out, note)
+
+
+def _group_likelihood(
+    cfg: TrainConfig, model: torch.nn.Module, ro: Rollout
+) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """What the update would read of a group's G branches under ``model`` as the rollout
+    policy: each branch's TVE [G], its Gibbs probability in the group [G] (averaged over the
+    scored steps for ``likelihood="step"``) and the tau that divides (``tau_auto`` times this
+    group's energy spread, if the run sets it); Nones for the SDE baseline, which has none."""
+    if cfg.explore == "sde":
+        return None, None, cfg.tau
+    u = replay_velocities(model, ro, cfg.replay_branches)
+    tve = trajectory_energy(u, ro, step_weights(ro, cfg.step_weighting))
+    energy = gibbs_energies(cfg, u, ro, tve).float()
+    spread = energy_spread([energy]) if cfg.tau_auto else None
+    tau = cfg.tau if spread is None else cfg.tau_auto * spread
+    p = torch.softmax(-energy / tau, dim=1)[0]
+    return tve[0].float().cpu(), (p.mean(1) if p.dim() == 2 else p).cpu(), tau
 
 
 if __name__ == "__main__":

@@ -145,6 +145,52 @@ def test_sample_prompts_that_the_scene_rewards_cannot_read(tmp_path, capsys):
     )
 
 
+def _tve_float64(model, ro) -> torch.Tensor:
+    """The TVE of a one-group rollout's branches, [G] float64, uniform over the scored steps."""
+    from kvpo.replay import replay_velocities, step_weights
+
+    with torch.no_grad():
+        u = replay_velocities(model, ro).double()
+    dist = (u - ro.velocities.double()).pow(2).mean(dim=(3, 4))[0]  # [G, K]
+    return (dist * step_weights(ro).double()).sum(1)
+
+
+def test_branches_read_the_runs_likelihood_and_tau_auto(tmp_path, capsys, monkeypatch):
+    """A run with per-step likelihood and tau_auto: a branch's gibbs_p is its Gibbs probability
+    per scored step averaged over them, at tau_auto x the group's median step-energy spread."""
+    import dataclasses
+    import json
+
+    import kvpo.sample
+    from kvpo.checkpoint import run_config
+    from kvpo.config import build_config
+    from kvpo.replay import replay_velocities
+    from kvpo.train import rollout_spec
+
+    run = {"likelihood": "step", "tau_auto": 0.5, "score_steps": (0, 1), "sigma_floor": 0.3}
+    monkeypatch.setattr(kvpo.sample, "run_config", lambda path, over: run_config(path, over | run))
+    model = tiny_model()
+    save_model(model, tmp_path / "m.safetensors")
+    asked = ["--prompt", LEFT, "--branches", "4", "--window", "2,4", "--p_keep", "0.5"]
+    rows = main(
+        ["--checkpoint", str(tmp_path / "m.safetensors"), *asked, "--out", str(tmp_path / "g")]
+    )
+    cfg = build_config({"group_size": 4, "window": (2, 4), "p_keep": 0.5, **run})
+    spec = dataclasses.replace(rollout_spec(cfg), anchor=True)
+    ro = rollout(model, [chunk_prompts(LEFT, 5)], spec, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        u = replay_velocities(model, ro).double()
+    dist = (u - ro.velocities.double()).pow(2).mean(dim=(3, 4))[0][:, ro.scored]  # [G, K']
+    energy = dist / ro.t.double()[ro.scored].clamp_min(0.3) ** 2
+    spread = energy.std(0)
+    tau = 0.5 * float(spread[spread > 0].median())
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert out[0]["tau"] == pytest.approx(tau, rel=1e-3)
+    p = torch.softmax(-energy / tau, dim=0).mean(1)
+    assert [r["gibbs_p"] for r in rows[1:]] == pytest.approx(p, abs=2e-4)
+    assert len({r["gibbs_p"] for r in rows[1:]}) == 4
+
+
 def test_branches_show_a_group_as_the_run_explores_it(tmp_path, capsys):
     """--branches G: the deployment video and G routed branches per prompt, scored: the groups a
     training rollout with the same settings and seed makes, one group at a time."""
@@ -187,9 +233,18 @@ def test_branches_show_a_group_as_the_run_explores_it(tmp_path, capsys):
             for k, v in want.items():
                 assert abs(r[k] - float(v[j])) < 1e-4, (prompt, j, k)
         spreads.append(round(float(ro.branch_spread()[0]), 4))
+        # what the update reads of the branches: TVE (float64) and Gibbs probability at tau 5e-3
+        tve = _tve_float64(model, ro)
+        for g, r in enumerate(rows[4 * i + 1 : 4 * i + 4]):
+            assert r["tve"] == pytest.approx(float(tve[g]), rel=1e-3), (prompt, g)
+        p = torch.softmax(-tve / 5e-3, dim=0)
+        assert [r["gibbs_p"] for r in rows[4 * i + 1 : 4 * i + 4]] == pytest.approx(p, abs=2e-4)
+        assert "tve" not in rows[4 * i]  # the anchor is the deployment video
     assert len({r["path"] for r in rows[:4]}) > 1  # the branches explored
+    assert len({r["gibbs_p"] for r in rows[1:4]}) == 3
     out = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [o["branch_spread"] for o in out if "branch_spread" in o] == spreads
+    assert [o["tau"] for o in out if "branch_spread" in o] == [5e-3, 5e-3]
     assert (tmp_path / "g.gif").stat().st_size > 0
     with pytest.raises(SystemExit, match="group_size"):
         main(["--checkpoint", str(ckpt), "--prompt", LEFT, "--branches", "1", "--window", "2,4"])
