@@ -88,9 +88,15 @@ def iteration_tau(
     the :func:`energy_spread` of the iteration's groups under the policy before its update: the
     temperature at which a typical group's old log-probabilities span about ``1 / tau_auto``,
     whatever the scale of the TVE (``cfg.tau`` when every group's branches tie)."""
-    if not cfg.tau_auto:
+    if not cfg.tau_auto:  # no replay for a fixed tau
         return cfg.tau
-    spread = energy_spread(policy_energies(cfg, model, parts, weights))
+    return gibbs_tau(cfg, policy_energies(cfg, model, parts, weights))
+
+
+def gibbs_tau(cfg: TrainConfig, energies: list[torch.Tensor]) -> float:
+    """``cfg.tau``, or with ``cfg.tau_auto`` > 0 that times the :func:`energy_spread` of
+    ``energies`` (``cfg.tau`` when every group's branches tie)."""
+    spread = energy_spread(energies) if cfg.tau_auto else None
     return cfg.tau if spread is None else cfg.tau_auto * spread
 
 

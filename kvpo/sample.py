@@ -35,7 +35,7 @@ from .checkpoint import (
     trainer_config,
 )
 from .config import TrainConfig, amp_autocast
-from .likelihood import energy_spread, gibbs_energies
+from .likelihood import gibbs_energies, gibbs_tau
 from .replay import replay_velocities, step_weights, trajectory_energy
 from .report import check_writable, save_videos
 from .rewards import (
@@ -258,8 +258,7 @@ def _group_likelihood(
     u = replay_velocities(model, ro, cfg.replay_branches)
     tve = trajectory_energy(u, ro, step_weights(ro, cfg.step_weighting))
     energy = gibbs_energies(cfg, u, ro, tve).float()
-    spread = energy_spread([energy]) if cfg.tau_auto else None
-    tau = cfg.tau if spread is None else cfg.tau_auto * spread
+    tau = gibbs_tau(cfg, [energy])
     p = torch.softmax(-energy / tau, dim=1)[0]
     return tve[0].float().cpu(), (p.mean(1) if p.dim() == 2 else p).cpu(), tau
 
