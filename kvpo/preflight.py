@@ -28,8 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -120,9 +120,7 @@ def check_generator(
         group, routing="drop", p_keep=1.0, explore="routing", score_after_window=True,
         score_steps=None, record_prefix=True,
     )  # fmt: skip
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         with torch.no_grad(), autocast():
             plain = rollout(model, [prompts], same, torch.Generator().manual_seed(seed), device)
             u = replay_velocities(model, plain)
@@ -133,8 +131,6 @@ def check_generator(
         if reward is not None:
             with torch.no_grad():
                 videos = model.to_video(routed.tokens.flatten(0, 1)).float()
-    finally:
-        model.train(was_training)
     replay_error = _relative_energy(u, plain.velocities)
     on = routed.scored.to(routed.velocities.device)
     routed_tve = _relative_energy(u_routed[:, :, on], routed.velocities[:, :, on])
@@ -180,6 +176,17 @@ def check_generator(
         replay_error, routed_tve, same_spread, routed_spread, reached, trainable, rewards,
         time.perf_counter() - t0, failures,
     )  # fmt: skip
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode within, back in the mode it was in after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _relative_energy(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -265,16 +272,12 @@ def tau_line(
     the SDE baseline, which has no temperature."""
     if cfg.explore == "sde":
         return None
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         with torch.no_grad(), autocast():
             group = dataclasses.replace(spec, anchor=False)
             ro = rollout(model, [prompts], group, torch.Generator().manual_seed(cfg.seed), device)
         with autocast():
             energies = policy_energies(cfg, model, [ro], [step_weights(ro, cfg.step_weighting)])
-    finally:
-        model.train(was_training)
     spread = energy_spread(energies)
     if spread is None:
         return (
