@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -301,3 +302,19 @@ def load_training(
         _meta_value(meta, "trainer", path),
         _meta_value(meta, "history", path),
     )
+
+
+def prune_checkpoints(folder: Path, done: int, keep: int) -> list[Path]:
+    """Delete the ``step_N.safetensors`` of ``folder`` older than the newest ``keep`` up to step
+    ``done``; returns those deleted. Files past ``done`` are left alone: a run resumed from an
+    earlier checkpoint finds the later ones of the trajectory it left, and overwrites them as it
+    gets there, never deleting its own newest for them."""
+    steps = {}
+    for f in folder.glob("step_*.safetensors"):
+        m = re.fullmatch(r"step_(\d+)\.safetensors", f.name)
+        if m and int(m.group(1)) <= done:
+            steps[int(m.group(1))] = f
+    old = [steps[n] for n in sorted(steps)[: max(len(steps) - keep, 0)]]
+    for f in old:
+        f.unlink()
+    return old

@@ -21,7 +21,7 @@ import yaml
 from .loggers import parse_log_to
 from .rewards import BUILTIN, split_reward_spec
 
-REWARD_SCOPES = ("video", "global", "local")  # see kvpo.train.scope_chunks
+REWARD_SCOPES = ("video", "global", "local")  # see kvpo.scoring.scope_chunks
 BASE_CHECKPOINT = str(Path(__file__).parent / "assets" / "base.safetensors")
 
 

@@ -35,12 +35,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import data
 from .config import TrainConfig, amp_autocast, parse_args
+from .exploration import checked_spec
 from .interface import StreamingVideoGenerator, require_generator
 from .likelihood import energy_spread, policy_energies
+from .policy import reference_and_policy
 from .replay import replay_velocities, step_weights
 from .rewards import CompositeReward
 from .rollout import Rollout, RolloutSpec, deployment_spec, rollout, rollout_pages
+from .run_setup import (
+    check_run_rewards,
+    check_wan_paths,
+    config_prompts,
+    make_reward,
+    resolve_resume,
+    training_device,
+)
 
 # Largest branch spread (an RMS ratio) of one noise under one context: float rounding, not noise.
 SAME_SPREAD = 1e-3
@@ -297,18 +308,6 @@ def tau_line(
 
 
 def main(argv: list[str] | None = None) -> Preflight:
-    from . import data
-    from .train import (
-        check_run_rewards,
-        check_wan_paths,
-        checked_spec,
-        config_prompts,
-        make_reward,
-        reference_and_policy,
-        resolve_resume,
-        training_device,
-    )
-
     try:
         cfg = resolve_resume(
             parse_args(

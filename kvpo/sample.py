@@ -35,6 +35,7 @@ from .checkpoint import (
     trainer_config,
 )
 from .config import TrainConfig, amp_autocast
+from .exploration import check_exploration, rollout_spec
 from .likelihood import gibbs_energies, gibbs_tau
 from .replay import replay_velocities, step_weights, trajectory_energy
 from .report import check_writable, save_videos
@@ -205,8 +206,6 @@ def _branches(
 ) -> list[dict]:
     """``--branches G``: each prompt's group as the rollouts of the checkpoint's run explore it,
     anchor first; prints and writes them, returns the rows."""
-    from .train import check_exploration, rollout_spec
-
     over = {"group_size": args.branches}
     if args.p_keep is not None:
         over["p_keep"] = args.p_keep

@@ -161,8 +161,8 @@ class _Shape:
 def test_wan_recipes_explore_at_every_window_start(name):
     """Every window position of the shipped Wan recipes has a chunk whose branches can see
     different history (checked on the shape they configure)."""
+    from kvpo.exploration import check_exploration, rollout_spec, shifted
     from kvpo.rollout import exploring_chunks
-    from kvpo.train import check_exploration, rollout_spec, shifted
 
     cfg = parse_args(["--config", str(ROOT / "configs" / name)])
     model = _Shape(cfg.wan_frames, cfg.wan_chunk_frames, cfg.wan_sink_frames, cfg.local_window)
@@ -176,8 +176,8 @@ def test_wan_recipes_explore_at_every_window_start(name):
 def test_sample_routing_over_a_window_that_shows_everything_is_refused():
     """LongLive's window (3 sinks + 12 frames) over a 21-frame clip's chunks 1-5: every branch
     would see all of its history (what the README's first Wan command did)."""
+    from kvpo.exploration import check_exploration
     from kvpo.rollout import RolloutSpec, exploring_chunks
-    from kvpo.train import check_exploration
 
     model = _Shape(21, 3, 3, 12)
     spec = RolloutSpec(group_size=8, window=(1, 6), routing="sample", recent_frames=4)

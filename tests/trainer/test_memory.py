@@ -17,13 +17,13 @@ ALLOCATOR = "CUDA out of memory. Tried to allocate 2.00 GiB"
     "module, where, stage, advice",
     [
         (
-            "kvpo.train",
+            "kvpo.exploration",
             "rollout",
             "rollout",
             r"now micro_batch=0, rollout_branches=0, group_size=3, window=\(2, 4\)",
         ),
-        ("kvpo.train", "micro_batch_rewards", "reward", "--micro_batch 1"),
-        ("kvpo.train", "reference_terms", "reference", "kl='velocity'"),
+        ("kvpo.exploration", "micro_batch_rewards", "reward", "--micro_batch 1"),
+        ("kvpo.exploration", "reference_terms", "reference", "kl='velocity'"),
         ("kvpo.update", "accumulate_gradients", "update", "--replay_branches 1"),
         ("kvpo.train", "evaluate_sets", "evaluation", "now eval_batch=0"),
     ],
@@ -42,12 +42,12 @@ def test_each_stage_says_what_bounds_its_memory(
 
 
 def test_the_cli_prints_it_as_an_error(base, tmp_path, monkeypatch):
-    import kvpo.train as trainer
+    import kvpo.exploration
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError(ALLOCATOR)
 
-    monkeypatch.setattr(trainer, "rollout", out_of_memory)
+    monkeypatch.setattr(kvpo.exploration, "rollout", out_of_memory)
     over = run_overrides(base, tmp_path, samples=False, eval_before=False)
     args = cli_args(over)
     with pytest.raises(SystemExit, match="error: out of GPU memory in the rollout"):

@@ -164,8 +164,8 @@ def test_branches_read_the_runs_likelihood_and_tau_auto(tmp_path, capsys, monkey
     import kvpo.sample
     from kvpo.checkpoint import run_config
     from kvpo.config import build_config
+    from kvpo.exploration import rollout_spec
     from kvpo.replay import replay_velocities
-    from kvpo.train import rollout_spec
 
     run = {"likelihood": "step", "tau_auto": 0.5, "score_steps": (0, 1), "sigma_floor": 0.3}
     monkeypatch.setattr(kvpo.sample, "run_config", lambda path, over: run_config(path, over | run))
@@ -198,7 +198,7 @@ def test_branches_show_a_group_as_the_run_explores_it(tmp_path, capsys):
     import json
 
     from kvpo.config import build_config
-    from kvpo.train import rollout_spec
+    from kvpo.exploration import rollout_spec
 
     model = tiny_model()
     ckpt = tmp_path / "m.safetensors"

@@ -106,7 +106,7 @@ def test_ctrl_c_asks_once_and_interrupts_the_second_time():
     "module, where, call, done",
     [
         # during iteration 1's rollout and rewards: dropped, saved after 1
-        ("kvpo.train", "micro_batch_rewards", 2, 1),
+        ("kvpo.exploration", "micro_batch_rewards", 2, 1),
         ("kvpo.update", "accumulate_gradients", 3, 2),  # during its update: finished, saved after 2
     ],
 )
@@ -160,9 +160,9 @@ def test_a_stopped_run_resumes_as_if_never_stopped(
 def test_the_cli_exits_with_the_signal_status_and_resumes(base, tmp_path, monkeypatch):
     """Stopped before any iteration ran, `--resume auto` neither repeats the evaluation before
     training nor loses it."""
-    import kvpo.train as trainer
+    import kvpo.exploration
 
-    real = trainer.micro_batch_rewards
+    real = kvpo.exploration.micro_batch_rewards
 
     def signalling(*args):
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -170,7 +170,7 @@ def test_the_cli_exits_with_the_signal_status_and_resumes(base, tmp_path, monkey
 
     over = run_overrides(base, tmp_path, iterations=2, samples=False, save_every=10)
     args = cli_args(over)
-    monkeypatch.setattr(trainer, "micro_batch_rewards", signalling)
+    monkeypatch.setattr(kvpo.exploration, "micro_batch_rewards", signalling)
     with pytest.raises(SystemExit) as e:
         main(args + ["--resume", "auto"])
     assert e.value.code == 128 + signal.SIGUSR1 and _saved_iteration(tmp_path) == 0

@@ -20,11 +20,12 @@ from trainer_support import (
 )
 
 from kvpo import data
-from kvpo.checkpoint import CheckpointError, load_model
+from kvpo.checkpoint import CheckpointError, load_model, prune_checkpoints
 from kvpo.config import ConfigError, build_config, parse_args
 from kvpo.evaluate import evaluate, evaluation_metrics, turned_prompts
 from kvpo.rewards import CompositeReward
-from kvpo.train import main, make_reward, prune_checkpoints, train
+from kvpo.run_setup import make_reward
+from kvpo.train import main, train
 from kvpo.update import NonFiniteGradientError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -322,7 +323,7 @@ def test_warmup_logs_its_rates_and_resumes_exactly(base, tmp_path):
 def test_held_out_prompts_from_their_own_file(base, tmp_path):
     """eval_prompts_file: the evaluation's prompts; prompts_file (or the built-in set) all
     trains."""
-    from kvpo.train import config_prompts
+    from kvpo.run_setup import config_prompts
 
     train_p, held_p = data.split_prompts()
     (tmp_path / "train.txt").write_text("\n".join(train_p[:3]) + "\n")
@@ -578,7 +579,7 @@ def test_tau_auto_gives_the_update_and_the_kl_each_iterations_tau(base, tmp_path
         calls.append((cfg.tau_auto, len(parts), len(weights), model.training))
         return 0.05
 
-    monkeypatch.setattr("kvpo.train.iteration_tau", fake)
+    monkeypatch.setattr("kvpo.exploration.iteration_tau", fake)
     cfg = build_config(run_overrides(base, tmp_path / "auto", tau=1e-3, tau_auto=2.0, **over))
     auto = train(cfg)
     assert calls == [(2.0, 2, 2, False)] * 2  # once an iteration, on both micro-batches
@@ -651,7 +652,7 @@ def test_lora_adapters_start_from_the_runs_seed(base, tmp_path):
     """The adapters' random start is drawn from the run's seed, not from the global RNG, whose
     state depends on what the process ran before: a run resumed in the same process (or a sweep
     in a notebook, or another rank) trains what one straight run does."""
-    from kvpo.train import reference_and_policy
+    from kvpo.policy import reference_and_policy
 
     cpu = torch.device("cpu")
 

@@ -593,7 +593,7 @@ def test_original_layout_checkpoints_load(wan_dir, tmp_path):
 
 def test_a_lora_policy_shares_the_reference_weights():
     """One copy of the base weights serves the frozen reference, the LoRA policy and its EMA."""
-    from kvpo.train import load_policy
+    from kvpo.policy import load_policy
 
     gen, _ = make()
     ref = copy.deepcopy(gen).requires_grad_(False)
