@@ -102,6 +102,30 @@ def routed_grads(fn, q, k, v, table, lens, dout, dlse):
     return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
+def lse_grads(fn, q, k, v, table, lens, dlse):
+    """Gradients of <lse, dlse> (finite lse only) with respect to q, k, v: a loss that never reads
+    ``out`` (its gradient reaches the backward as zeros). v's is None (lse does not read v) or 0."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    _, lse = fn(q, k, v, table, lens)
+    finite = torch.isfinite(lse)
+    (lse.double()[finite] * dlse.double()[finite]).sum().backward()
+    return q.grad, k.grad, v.grad
+
+
+def assert_lse_grads(
+    fn, case: RoutedCase, dtype: torch.dtype, rel: float, what: str, device: str = "cpu"
+) -> None:
+    """:func:`lse_grads` of ``fn`` in ``dtype`` on ``device`` against the float64 reference's."""
+    q, k, v, table, lens = make_routed(case, torch.float64, seed=3)
+    dlse = torch.randn(q.shape[:3], dtype=torch.float64)
+    args = [None if t is None else t.to(device) for t in (q, k, v, table, lens, dlse)]
+    dq, dk, dv = lse_grads(fn, *(t.to(dtype) for t in args[:3]), *args[3:])
+    ref_dq, ref_dk, ref_dv = lse_grads(reference_fn, q, k, v, table, lens, dlse)
+    assert_rel(dq.cpu(), ref_dq, rel, f"{what} dq")
+    assert_rel(dk.cpu(), ref_dk, rel, f"{what} dk")
+    assert ref_dv is None and (dv is None or not dv.any()), f"{what}: lse does not read v"
+
+
 def kernel_fn(backend: str):
     return lambda q, k, v, t, lens: kvpo_kernels.routed_attention(q, k, v, t, lens, backend=backend)
 

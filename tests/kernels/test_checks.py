@@ -53,6 +53,21 @@ def _ok(dtype=torch.float32):
         ),
         (lambda a: a.update(q=a["q"].to("meta")), ValueError, "k_pages is on cpu but q is on meta"),
         (lambda a: a.update(table=a["table"].to("meta")), ValueError, "page_table is on meta"),
+        (
+            lambda a: a.update(lens=torch.full((5,), 4, dtype=torch.int32, device="meta")),
+            ValueError,
+            "page_lens is on meta but q is on cpu",
+        ),
+        (
+            lambda a: a.update(k=a["k"][:, :, :0], v=a["v"][:, :, :0]),
+            ValueError,
+            "at least one page of one token",
+        ),
+        (
+            lambda a: a.update(k=a["k"][:0], v=a["v"][:0], table=torch.full((2, 3), -1).int()),
+            ValueError,
+            "at least one page of one token",
+        ),
     ],
 )
 def test_routed_attention_errors(backend, mutate, exc, match):
@@ -132,6 +147,11 @@ def test_backend_from_environment(monkeypatch):
             "v_pred must be float",
         ),
         ((torch.randn(2, 3, 4), torch.randn(2, 3, 4, device="meta")), ValueError, "v_ref is on"),
+        (
+            (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.ones(3, device="meta")),
+            ValueError,
+            "weight is on meta but v_pred is on cpu",
+        ),
     ],
 )
 def test_velocity_energy_errors(args, exc, match):
@@ -154,6 +174,11 @@ def _merge_args(**change):
         ({"out_a": torch.ones(2, 3, 4, dtype=torch.int32)}, TypeError, "out_a must be float16"),
         ({"lse_b": torch.randn(2, 3).half()}, TypeError, "lse_b has dtype torch.float16 but"),
         ({"lse_a": [0.0]}, TypeError, "lse_a must be a torch.Tensor, got list"),
+        (
+            {"lse_a": torch.randn(2, 3, device="meta"), "lse_b": torch.randn(2, 3, device="meta")},
+            ValueError,
+            "lse_a is on meta but out_a is on cpu",
+        ),
     ],
 )
 def test_merge_attention_errors(change, exc, match):

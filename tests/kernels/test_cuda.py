@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from helpers import CASES, RoutedCase, assert_low_precision, assert_rel, make_routed, routed_grads
+from helpers import (
+    CASES,
+    RoutedCase,
+    assert_low_precision,
+    assert_lse_grads,
+    assert_rel,
+    make_routed,
+    routed_grads,
+)
 
 import kvpo_kernels
 from kvpo_kernels import _backend
@@ -53,6 +61,13 @@ def test_routed_attention_gpu_backends(case, dtype):
                 assert_rel(a.cpu(), c, 1e-5, f"{backend} {name}")
             else:
                 assert_low_precision(a.cpu(), b.cpu(), c, f"{backend} {dtype} {name}")
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
+def test_routed_attention_gpu_gradient_of_lse_alone(case):
+    if "triton" not in _gpu_backends("routed_attn_fwd"):
+        pytest.skip("needs compiled Triton")
+    assert_lse_grads(_fn("triton"), case, torch.float32, 1e-5, "triton", device="cuda")
 
 
 def _energy_and_grad(fn, v_pred, v_ref, weight):

@@ -10,6 +10,7 @@ from helpers import (
     CASES,
     RoutedCase,
     assert_low_precision,
+    assert_lse_grads,
     assert_rel,
     assert_strided_routed_attention,
     kernel_fn,
@@ -142,6 +143,12 @@ def test_cpu_workspace_setting_must_be_a_size(monkeypatch, value):
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
 def test_strided_inputs_and_an_expanded_gradient(backend, case):
     assert_strided_routed_attention(backend, case, seed=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
+def test_gradient_of_lse_alone(backend, case):
+    assert_lse_grads(kernel_fn(backend), case, torch.float32, 1e-5, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

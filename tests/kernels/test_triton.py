@@ -10,6 +10,7 @@ from helpers import (
     CASES,
     RoutedCase,
     assert_low_precision,
+    assert_lse_grads,
     assert_rel,
     assert_strided_routed_attention,
     assert_strided_velocity_energy,
@@ -43,6 +44,11 @@ def test_routed_attention_fp32(case):
     )
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
         assert_rel(a, b, 1e-5, f"triton {name}")
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
+def test_routed_attention_gradient_of_lse_alone(case):
+    assert_lse_grads(triton_fn, case, torch.float32, 1e-5, "triton")
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
