@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from pathlib import Path
 
     from .checkpoint import CheckpointError, add_generator_arguments, load_generator, run_config
-    from .run_setup import held_out_prompts, make_reward, training_device  # run_setup imports this module
+
+    # here, not at the top: run_setup imports this module
+    from .run_setup import held_out_prompts, make_reward, training_device
 
     ap = argparse.ArgumentParser(
         prog="python -m kvpo.evaluate",

@@ -115,6 +115,12 @@ def test_local_window_and_sinks():
         ({"num_frames": 7}, "multiple of chunk_frames"),
         ({"heads": 3}, "divide"),
         ({"steps": 0}, "steps"),
+        ({"dim": 0}, "ModelConfig.dim must be positive, got 0"),
+        ({"sink_frames": 12}, r"sink_frames=12 must be in \[0, num_frames=12\)"),
+        ({"sink_frames": -1}, r"sink_frames=-1 must be in \[0, num_frames=12\)"),
+        ({"local_window": 0}, "local_window=0 must be >= 1 or None"),
+        ({"lora_rank": -1}, "lora_rank=-1 must be an int >= 0"),
+        ({"shift": 0.0}, "shift=0.0 > 0"),
     ],
 )
 def test_bad_model_config(kw, match):

@@ -162,6 +162,12 @@ def test_sample_routing_needs_a_local_window(model):
         ({"score_steps": (5,)}, "score_steps"),
         ({"score_steps": (0, 0)}, r"score_steps=\(0, 0\) .* each step once"),
         ({"routing": "swap"}, "routing"),
+        ({"group_size": 0}, "group_size=0 must be >= 1"),
+        ({"explore": "noise"}, "explore='noise' must be 'routing' or 'sde'"),
+        ({"branches_per_pass": -1}, "branches_per_pass=-1 must be an int >= 0"),
+        ({"branches_per_pass": 1.5}, "branches_per_pass=1.5 must be an int >= 0"),
+        ({"sde_noise": float("nan")}, "sde_noise=nan must be a finite number > 0"),
+        ({"sde_noise": 0.0}, "sde_noise=0.0 must be a finite number > 0"),
     ],
 )
 def test_bad_spec(model, kw, match):
