@@ -28,7 +28,6 @@ from .config import ConfigError, TrainConfig, amp_autocast, config_errors, parse
 from .evaluate import Evaluation, evaluate_sets, evaluation_sets
 from .exploration import NO_GROUP, checked_spec, explore, iteration_batch
 from .interface import require_generator
-from .iteration_log import group_rows, iteration_row, progress_line, save_group
 from .loggers import make_loggers, missing_packages
 from .memory import TrainingOutOfMemoryError, memory_stage
 from .policy import reference_and_policy, trainable
@@ -41,6 +40,7 @@ from .rewards import (
     RewardOutputError,
     RewardSpecError,
 )
+from .run_log import end_line, group_rows, iteration_row, progress_line, save_group, start_line
 from .run_setup import (
     check_fresh_start,
     check_run_rewards,
@@ -176,24 +176,7 @@ def train(
         # the run's every setting, in the form --config reads back
         (out / "config.yaml").write_text(yaml.safe_dump(asked.to_dict(), sort_keys=False))
         record_process(out / "environment.jsonl", start, device, world, bool(cfg.resume))
-        n = sum(p.numel() for p in model.parameters())
-        n_train = sum(p.numel() for p in params)
-        print(
-            f"kvpo: {n / 1e6:.2f} M-parameter generator ({n_train / 1e6:.2f} M trained"
-            + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
-            + f") on {device}, {world} rank(s), "
-            f"{cfg.prompts_per_iter} prompts x G={cfg.group_size} per iteration, "
-            f"window chunks {tuple(cfg.window)}, "
-            + (
-                f"SDE baseline, noise {cfg.sde_noise}"
-                if cfg.explore == "sde"
-                else f"drop routing p_keep={cfg.p_keep}"
-                if cfg.routing == "drop"
-                else f"sample routing ({cfg.recent_frames} recent frames kept, local window "
-                f"{model.local_window})"
-            ),
-            flush=True,
-        )
+        print(start_line(cfg, model, params, device, world), flush=True)
         if cfg.resume:
             print(f"resumed from {cfg.resume} after {start} iterations", flush=True)
 
@@ -352,19 +335,7 @@ def train(
             flush=True,
         )
     elif lead:
-        first = next((h["eval_reward"] for h in history if "eval_reward" in h), float("nan"))
-        last = history[-1]
-        print(
-            f"done: eval reward {first:.4f} -> {last.get('eval_reward', float('nan')):.4f}"
-            + (f" (EMA {last['eval_ema_reward']:.4f})" if "eval_ema_reward" in last else "")
-            + (
-                f", multi-prompt {history[0]['eval_mp_reward']:.4f} -> {last['eval_mp_reward']:.4f}"
-                if "eval_mp_reward" in last and "eval_mp_reward" in history[0]
-                else ""
-            )
-            + f"; outputs in {out}/",
-            flush=True,
-        )
+        print(end_line(history, out), flush=True)
         changes = prompt_changes(out / "eval_prompts.jsonl")
         if changes:
             print(changes, flush=True)

@@ -1,5 +1,6 @@
-"""What an iteration logs: its metrics row and a row per group (over every rank's groups), the
-progress line the trainer prints, and the first group's videos and scores."""
+"""What a run logs and prints: each iteration's metrics row and a row per group (over every rank's
+groups), its progress line and the first group's videos and scores; the lines the run starts and
+ends with."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .config import TrainConfig
 from .exploration import Exploration
 from .report import save_videos
 
@@ -114,3 +116,48 @@ def save_group(model: nn.Module, ex: Exploration, stem: Path) -> Path:
     }
     stem.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     return gif
+
+
+def start_line(
+    cfg: TrainConfig,
+    model: nn.Module,
+    trained: list[nn.Parameter],
+    device: torch.device,
+    world: int,
+) -> str:
+    """The line a run starts with: the generator's size (and how much of it trains), where it
+    runs, the iteration's groups and how they explore."""
+    n = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in trained)
+    if cfg.explore == "sde":
+        how = f"SDE baseline, noise {cfg.sde_noise}"
+    elif cfg.routing == "drop":
+        how = f"drop routing p_keep={cfg.p_keep}"
+    else:
+        how = (
+            f"sample routing ({cfg.recent_frames} recent frames kept, local window "
+            f"{model.local_window})"
+        )
+    return (
+        f"kvpo: {n / 1e6:.2f} M-parameter generator ({n_train / 1e6:.2f} M trained"
+        + (f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "")
+        + f") on {device}, {world} rank(s), {cfg.prompts_per_iter} prompts x G={cfg.group_size} "
+        f"per iteration, window chunks {tuple(cfg.window)}, {how}"
+    )
+
+
+def end_line(history: list[dict], out: Path) -> str:
+    """The line a finished run ends with: its held-out reward at the first evaluation and the
+    last (the EMA's, the multi-prompt one's when logged), and where its outputs are."""
+    first = next((h["eval_reward"] for h in history if "eval_reward" in h), float("nan"))
+    last = history[-1]
+    return (
+        f"done: eval reward {first:.4f} -> {last.get('eval_reward', float('nan')):.4f}"
+        + (f" (EMA {last['eval_ema_reward']:.4f})" if "eval_ema_reward" in last else "")
+        + (
+            f", multi-prompt {history[0]['eval_mp_reward']:.4f} -> {last['eval_mp_reward']:.4f}"
+            if "eval_mp_reward" in last and "eval_mp_reward" in history[0]
+            else ""
+        )
+        + f"; outputs in {out}/"
+    )
