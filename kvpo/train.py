@@ -94,6 +94,8 @@ def train(
             + " ".join(missing)
         )
     if generator is not None:
+        if cfg.wan_dir:
+            raise ValueError("config wan_dir and train(generator=...) both name a generator")
         require_generator(generator)
     check_wan_paths(cfg)
     asked = cfg  # what config.yaml records: `resume: auto` stays auto for the next start
@@ -114,8 +116,6 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.wan_dir:
-        if generator is not None:
-            raise ValueError("config wan_dir and train(generator=...) both name a generator")
         from .adapters.wan import load_from_config
 
         generator = load_from_config(cfg.to_dict(), device)

@@ -50,3 +50,10 @@ def test_train_refuses_it_before_anything_is_made(tmp_path):
     with pytest.raises(TypeError, match="lacks encode_prompts"):
         train(cfg, generator=Partial(), prompts=(["a"], ["b"]))
     assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_generator_beside_wan_dir_before_loading_anything(tmp_path):
+    cfg = build_config({"wan_dir": str(tmp_path / "no_wan_here"), "out_dir": str(tmp_path / "r")})
+    with pytest.raises(ValueError, match="wan_dir and train\\(generator=...\\) both name"):
+        train(cfg, generator=tiny_model(), prompts=(["a"], ["b"]))
+    assert not (tmp_path / "r").exists()
