@@ -205,11 +205,17 @@ def saved_progress(path: str | Path) -> tuple[int, int | None]:
     """(iterations done, iterations its run asked for, None if it records none) of a training
     checkpoint, read from its header."""
     meta = _header(path)
-    try:
-        done = int(meta.get("iteration", "0"))
-    except ValueError as e:
-        raise _unreadable(path, e) from e
-    return done, _meta_value(meta, "trainer", path, "{}").get("iterations")
+    asked = _meta_value(meta, "trainer", path, "{}").get("iterations")
+    return _iterations_done(meta, path, "0"), asked
+
+
+def _iterations_done(meta: dict[str, str], path, default: str | None = None) -> int:
+    """The count of iterations a training checkpoint's metadata says are done (a CheckpointError
+    if it is not a count)."""
+    done = _meta_value(meta, "iteration", path, default)
+    if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+        raise CheckpointError(f"checkpoint {str(path)!r}: iteration {done!r} is not a count")
+    return done
 
 
 def trainer_config(path: str | Path) -> dict:
@@ -292,9 +298,7 @@ def load_training(
         opt.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"optimizer state in {str(path)!r} does not fit: {e}") from e
-    iteration = _meta_value(meta, "iteration", path)
-    if not isinstance(iteration, int) or iteration < 0:
-        raise CheckpointError(f"checkpoint {str(path)!r}: iteration {iteration!r} is not a count")
+    iteration = _iterations_done(meta, path)
     return (
         model,
         opt,

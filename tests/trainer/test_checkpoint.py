@@ -10,6 +10,7 @@ from kvpo.checkpoint import (
     load_training,
     save_model,
     save_training,
+    saved_progress,
     trainer_config,
 )
 from kvpo.config import BASE_CHECKPOINT
@@ -92,6 +93,18 @@ def test_checkpoints_that_do_not_describe_their_model(tmp_path):
     save_file({**tensors, name: tensors[name][:1].clone()}, tmp_path / "shape.safetensors", meta)
     with pytest.raises(CheckpointError, match=f"(?s)shape.safetensors' does not match .*{name}"):
         load_model(tmp_path / "shape.safetensors")
+    missing = {k: v for k, v in tensors.items() if k != name}
+    save_file(missing, tmp_path / "missing.safetensors", meta)
+    with pytest.raises(CheckpointError, match=f"does not match the model: missing \\['{name}'\\]"):
+        load_model(tmp_path / "missing.safetensors")
+    save_file(
+        {**tensors, "extra.weight": tensors[name].clone()}, tmp_path / "extra.safetensors", meta
+    )
+    with pytest.raises(CheckpointError, match=r"missing \[\], unexpected \['extra.weight'\]"):
+        load_model(tmp_path / "extra.safetensors")
+    save_file(tensors, tmp_path / "bare.safetensors", {"format": "pt"})
+    with pytest.raises(CheckpointError, match="bare.safetensors' has no model_config metadata"):
+        load_model(tmp_path / "bare.safetensors")
     for config, match in (("{not json", "Expecting"), ('{"dim": -1}', "dim must be positive")):
         save_file(tensors, tmp_path / "config.safetensors", {**meta, "model_config": config})
         with pytest.raises(CheckpointError, match=f"model_config metadata .*{match}"):
@@ -110,6 +123,16 @@ def test_checkpoints_that_do_not_describe_their_model(tmp_path):
     save_file(tensors, tmp_path / "broken.safetensors", {**meta, "iteration": "-2"})
     with pytest.raises(CheckpointError, match="iteration -2 is not a count"):
         load_training(tmp_path / "broken.safetensors", adamw)
+    with pytest.raises(CheckpointError, match="iteration -2 is not a count"):
+        saved_progress(tmp_path / "broken.safetensors")  # read from the header alone
+    for value, shown in (('"two"', "'two'"), ("true", "True"), ("1.5", "1.5")):
+        save_file(tensors, tmp_path / "broken.safetensors", {**meta, "iteration": value})
+        for read in (saved_progress, lambda path: load_training(path, adamw)):
+            with pytest.raises(CheckpointError, match=f"iteration {shown} is not a count"):
+                read(tmp_path / "broken.safetensors")
+    one_param = lambda model: torch.optim.AdamW([next(model.parameters())])
+    with pytest.raises(CheckpointError, match="optimizer state in .*t.safetensors' does not fit"):
+        load_training(tmp_path / "t.safetensors", one_param)  # AdamW over another parameter list
 
 
 def test_run_config_reads_what_an_older_run_saved(tmp_path):
