@@ -104,6 +104,11 @@ def test_composite_weights_and_user_reward(truth):
     assert set(parts) == {"alignment", "brightness"}
     with pytest.raises(ValueError, match="unknown reward"):
         CompositeReward({"nope": 1.0})
+    for weights in ({}, {"alignment": float("nan")}, {"alignment": 1.0, "path": float("inf")}):
+        with pytest.raises(ValueError, match="non-empty dict of finite floats"):
+            CompositeReward(weights)
+    with pytest.raises(ValueError, match="all 0"):
+        CompositeReward({"alignment": 0.0})
     with pytest.raises(ValueError, match="videos must be"):
         comp(videos[0], prompts)
     with pytest.raises(ValueError, match="prompts"):
