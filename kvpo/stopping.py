@@ -33,8 +33,8 @@ ECHO_S = 2.0
 
 class StopSignals:
     """While entered, the signals of ``names`` ask the run to stop instead of killing it;
-    :meth:`requested` reads the request. Outside the main thread (where Python cannot take
-    signals) it changes nothing."""
+    :meth:`requested` reads the request. A signal the process ignores stays ignored. Outside the
+    main thread (where Python cannot take signals) it changes nothing."""
 
     def __init__(self, names: tuple[str, ...] = STOP_SIGNALS, echo_s: float = ECHO_S) -> None:
         self.names = names
@@ -47,7 +47,10 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for name in self.names:
                 sig = getattr(signal, name, None)  # SIGUSR1 is POSIX only
-                if sig is not None:
+                # A signal ignored on entry stays ignored: a shell without job control starts
+                # background jobs with SIGINT ignored, so that a Ctrl-C meant for the foreground
+                # command does not reach them.
+                if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
                     self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -50,11 +50,17 @@ def test_the_first_signal_is_a_request_and_the_handlers_come_back():
     t.join()
 
 
+def _default_sigint() -> None:
+    # A shell without job control starts background jobs with SIGINT ignored, and a Python
+    # started so keeps it ignored instead of raising KeyboardInterrupt: start it as a terminal does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _python(code: str) -> subprocess.CompletedProcess:
     """``code`` run by a fresh Python (signals sent to it cannot reach the test's process)."""
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=_default_sigint,
     )  # fmt: skip
 
 
@@ -100,6 +106,26 @@ def test_ctrl_c_asks_once_and_interrupts_the_second_time():
     res = _python(code)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout == "interrupted\nrestored\n" and "kvpo: got SIGINT" in res.stderr
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+    """A job a shell started in the background without job control ignores SIGINT, so that a
+    Ctrl-C meant for the foreground command does not reach it: kvpo leaves it so."""
+    code = (
+        "import os, signal\n"
+        "from kvpo.stopping import StopSignals\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "with StopSignals() as stop:\n"
+        "    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    print(stop.requested(), flush=True)\n"
+        "assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
+        "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
+    )
+    res = _python(code)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == "SIGTERM\n" and "got SIGINT" not in res.stderr
 
 
 @pytest.mark.parametrize(
