@@ -17,7 +17,7 @@ from kvpo.run_log import end_line, progress_line, start_line
         (
             {"routing": "sample", "recent_frames": 2},
             "sample routing (2 recent frames kept, local window 3)",
-        ),  # fmt: skip
+        ),
         ({"explore": "sde", "sde_noise": 0.4}, "SDE baseline, noise 0.4"),
     ],
 )
