@@ -41,6 +41,9 @@ class IterationProfiler:
         stem = self.out / f"iter_{self.iteration}_rank_{self.rank}"
         self._prof.export_chrome_trace(str(stem.with_suffix(".json")))
         by = "self_device_time_total" if len(self.activities) > 1 else "self_cpu_time_total"
-        table = self._prof.key_averages().table(sort_by=by, row_limit=40)
+        # whole names: the default width cuts the autograd nodes' (``...GeneratedBackwardFor_kvpo_...``)
+        table = self._prof.key_averages().table(
+            sort_by=by, row_limit=40, max_name_column_width=None
+        )
         stem.with_suffix(".txt").write_text(table + "\n")
         self._prof = self._label = None
