@@ -19,6 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: E402
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from trainer_support import draw  # noqa: E402
 
 from kvpo.adapters.wan import WanStreamingGenerator  # noqa: E402
 from kvpo.config import build_config  # noqa: E402
@@ -354,6 +355,45 @@ def test_kvpo_trains_the_adapter_with_lora(tmp_path):
         adapted = model(*args)
         assert merge_lora(model) == n
         torch.testing.assert_close(model(*args), adapted, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [8, 14, 16, 31, 36])
+def test_drawn_options_train_the_adapter(tmp_path, seed):
+    """Options drawn together (trainer_support.draw: test_option_combinations' draws, there on the
+    built-in generator) on the adapter, a multi-prompt video's reward on its decoded frames: the
+    draws picked cover sample routing, the SDE baseline, LoRA, bf16 autocast, KV re-cache, per-step
+    likelihood, local and global clips, rollouts and replays in slices. Found nothing in 60 draws
+    when written; here so that a change that breaks a combination on the adapter fails."""
+    over = draw(seed)
+    lora = over.pop("lora_rank", 0)
+    # the built-in prompts' direction switches (these prompts switch with " | "), and samples
+    for name in ("multi_prompt", "eval_multi_prompt", "samples_at_eval"):
+        over.pop(name, None)
+    over.setdefault("window", (2, 4))  # the default (2, 6) needs 6 chunks: this clip has 5
+    vae_decode = tiny_vae_decode()
+
+    def redness(videos, prompts):  # videos [B, T', 3, H, W] in [0, 1]
+        return videos[:, :, 0].mean(dim=(1, 2, 3)) - videos[:, :, 2].mean(dim=(1, 2, 3))
+
+    gen, _ = make(
+        num_frames=10, chunk_frames=2, sink_frames=int(over.get("routing") == "sample"),
+        decode=lambda z: vae_decode(z.double()).float(), temporal_stride=4,
+    )  # fmt: skip
+    gen.float()
+    if lora:
+        gen.add_lora(rank=lora)
+    cfg = build_config(dict(
+        out_dir=str(tmp_path), iterations=2, eval_prompts=1, eval_every=1, save_every=2,
+        progress=False, threads=1, tau=0.05, samples=False, lr=1e-3, eval_seeds=1, **over,
+    ))  # fmt: skip
+    prompts = (["a red car | a blue sea", "a cat", "a dog"], ["a sun"])
+    result = train(cfg, generator=gen, reward=redness, prompts=prompts)
+    what = json.dumps({k: str(v) for k, v in over.items()}) + f", lora_rank {lora}"
+    assert [row["iter"] for row in result.history] == [-1, 0, 1], what
+    for row in result.history[1:]:
+        for key in ("reward", "tve", "ratio", "loss", "grad_norm", "eval_reward"):
+            assert math.isfinite(row[key]), f"{what}: {key} = {row[key]}"
+    assert (tmp_path / "checkpoint.safetensors").is_file(), what
 
 
 def test_lora_export_folds_its_scale_for_diffusers(tmp_path):
