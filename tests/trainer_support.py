@@ -225,7 +225,7 @@ def draw(seed: int) -> dict:
     with its own KL and no tau_auto."""
     rng = random.Random(seed)
     over = {k: rng.choice(v) for k, v in OPTIONS.items() if rng.random() < 0.5}
-    window = over.get("window", (2, 4))
+    window = over.setdefault("window", (2, 4))  # run_overrides' (the default needs 6 chunks)
     over["window_shift"] = min(over.get("window_shift", 0), 5 - window[1])
     if rng.random() < 0.3:
         over.update(routing="sample", local_window=2, recent_frames=1, window=(3, 5))

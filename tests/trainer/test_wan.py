@@ -241,6 +241,22 @@ def tiny_vae_decode():
     return decode
 
 
+def decoding_generator(sink_frames: int) -> WanStreamingGenerator:
+    """A float32 adapter for the trainer end to end: 5 chunks of 2 latent frames (the built-in
+    generator's window bounds), decoded by the tiny VAE to 37 video frames."""
+    vae_decode = tiny_vae_decode()
+    gen, _ = make(
+        num_frames=10, chunk_frames=2, sink_frames=sink_frames,
+        decode=lambda z: vae_decode(z.double()).float(), temporal_stride=4,
+    )  # fmt: skip
+    return gen.float()
+
+
+def redness(videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """A reward of decoded videos [B, T', 3, H, W] in [0, 1]: red minus blue, [B]."""
+    return videos[:, :, 0].mean(dim=(1, 2, 3)) - videos[:, :, 2].mean(dim=(1, 2, 3))
+
+
 def test_tokens_schedule_and_decoded_frames():
     decode = tiny_vae_decode()
     gen, _ = make(decode=decode, temporal_stride=4)
@@ -307,23 +323,15 @@ def test_kvpo_trains_the_adapter_with_lora(tmp_path):
     """The trainer end to end on the adapter: LoRA on the blocks (everything else frozen), sample
     routing in a local window, gradient checkpointing, bf16 autocast, rewards on the VAE-decoded
     video's local and global clips, branches rolled out two and replayed one at a time."""
-
-    vae_decode = tiny_vae_decode()
-
-    def decode(z):
-        return vae_decode(z.double()).float()
-
     seen = []
-
     asked = []
 
-    def redness(videos, prompts):  # videos [B, T', 3, H, W] in [0, 1]
+    def seen_redness(videos, prompts):
         seen.append(videos.shape[1])
         asked.extend(prompts)
-        return videos[:, :, 0].mean(dim=(1, 2, 3)) - videos[:, :, 2].mean(dim=(1, 2, 3))
+        return redness(videos, prompts)
 
-    gen, _ = make(num_frames=10, chunk_frames=2, sink_frames=1, decode=decode, temporal_stride=4)
-    gen.float()
+    gen = decoding_generator(sink_frames=1)
     n = gen.add_lora(rank=2)
     assert n == 2 * (4 + 4 + 2)  # per block: attn1 and attn2 q/k/v/out, ffn in and out
     before = {k: v.clone() for k, v in gen.state_dict().items()}
@@ -335,7 +343,7 @@ def test_kvpo_trains_the_adapter_with_lora(tmp_path):
         rollout_branches=2, replay_branches=1,
     ))  # fmt: skip
     prompts = (["a red car | a blue sea"], ["a sun"])
-    res = train(cfg, generator=gen, reward=redness, prompts=prompts)
+    res = train(cfg, generator=gen, reward=seen_redness, prompts=prompts)
     # the multi-prompt video: chunks 0-2 under one prompt, 3-4 under the other; the local clip
     # (the window, chunks 2-3) straddles the switch, the global one (chunks 2-4) too
     assert ["a red car", "a blue sea"] in asked and ["a red car"] + ["a blue sea"] * 2 in asked
@@ -369,17 +377,7 @@ def test_drawn_options_train_the_adapter(tmp_path, seed):
     # the built-in prompts' direction switches (these prompts switch with " | "), and samples
     for name in ("multi_prompt", "eval_multi_prompt", "samples_at_eval"):
         over.pop(name, None)
-    over.setdefault("window", (2, 4))  # the default (2, 6) needs 6 chunks: this clip has 5
-    vae_decode = tiny_vae_decode()
-
-    def redness(videos, prompts):  # videos [B, T', 3, H, W] in [0, 1]
-        return videos[:, :, 0].mean(dim=(1, 2, 3)) - videos[:, :, 2].mean(dim=(1, 2, 3))
-
-    gen, _ = make(
-        num_frames=10, chunk_frames=2, sink_frames=int(over.get("routing") == "sample"),
-        decode=lambda z: vae_decode(z.double()).float(), temporal_stride=4,
-    )  # fmt: skip
-    gen.float()
+    gen = decoding_generator(sink_frames=int(over.get("routing") == "sample"))
     if lora:
         gen.add_lora(rank=lora)
     cfg = build_config(dict(
