@@ -13,6 +13,7 @@ as other trainers' time limits).
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
@@ -41,6 +42,7 @@ class StopSignals:
         self.echo_s = echo_s
         self.received: signal.Signals | None = None
         self._at = 0.0  # when it was received (time.monotonic)
+        self._calls = itertools.count()  # calls of _handle
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -61,23 +63,27 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:
-            if signum == self.received and time.monotonic() - self._at < self.echo_s:
-                return  # the same request, delivered twice (ECHO_S)
-            # asked twice: what the signal did before kvpo took it
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        # CPython runs a Python handler between bytecodes, its own too: the echo can interrupt
+        # this call anywhere. next() is one C call, so exactly one call draws 0 and is the request.
+        if next(self._calls) == 0:
+            self.received, self._at = signal.Signals(signum), time.monotonic()
+            print(
+                f"kvpo: got {self.received.name}: saving a checkpoint and stopping at the next "
+                f"safe point, before or after this iteration's update (send "
+                f"{self.received.name} again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
             return
-        self.received, self._at = signal.Signals(signum), time.monotonic()
-        print(
-            f"kvpo: got {self.received.name}: saving a checkpoint and stopping at the next safe "
-            f"point, before or after this iteration's update (send {self.received.name} again to "
-            "stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
+        if self.received is None:
+            return  # it interrupted the first call: the same request, microseconds apart
+        if signum == self.received and time.monotonic() - self._at < self.echo_s:
+            return  # the same request, delivered twice (ECHO_S)
+        # asked twice: what the signal did before kvpo took it
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     def requested(self, late: bool = False) -> str | None:
         """Why the run stops now: the name of the signal that asked this rank or any rank to

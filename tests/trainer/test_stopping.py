@@ -85,6 +85,42 @@ def test_a_second_signal_stops_at_once():
     assert res.stdout == "asked\n" and "kvpo: got SIGTERM" in res.stderr
 
 
+def test_an_echo_that_interrupts_the_handler_is_still_the_same_request():
+    """Python runs a signal handler between bytecodes, the handler's own too: the echo of a
+    request (a few microseconds behind it when scancel signals a rank and torchrun passes the
+    signal on) can arrive anywhere in the handler of the first. Raised at each line of the
+    handler in turn, it still makes one request, one message, and no stop at once."""
+    code = (
+        "import os, signal, sys\n"
+        "from kvpo.stopping import StopSignals\n"
+        "k = 0\n"
+        "while True:\n"
+        "    lines = 0\n"
+        "    def trace(frame, event, arg):\n"
+        "        global lines\n"
+        "        if frame.f_code.co_name != '_handle':\n"
+        "            return None\n"
+        "        if event == 'line':\n"
+        "            if lines == k:\n"
+        "                signal.raise_signal(signal.SIGTERM)\n"  # the echo, at line k
+        "            lines += 1\n"
+        "        return trace\n"
+        "    with StopSignals() as stop:\n"
+        "        sys.settrace(trace)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        sys.settrace(None)\n"
+        "        assert stop.requested() == 'SIGTERM'\n"
+        "    if lines <= k:\n"  # no line k: every line of the handler has had the echo
+        "        break\n"
+        "    k += 1\n"
+        "print(k, flush=True)\n"
+    )
+    res = _python(code)
+    assert res.returncode == 0, res.stderr[-2000:]
+    trials = int(res.stdout) + 1
+    assert trials > 3 and res.stderr.count("kvpo: got SIGTERM") == trials, res.stderr[-2000:]
+
+
 def test_ctrl_c_asks_once_and_interrupts_the_second_time():
     """Ctrl-C (SIGINT) asks for a checkpoint and a stop like SIGTERM; a second one raises
     KeyboardInterrupt where the run is (Python's own Ctrl-C, which a notebook survives)."""
