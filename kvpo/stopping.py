@@ -66,7 +66,9 @@ class StopSignals:
         # CPython runs a Python handler between bytecodes, its own too: the echo can interrupt
         # this call anywhere. next() is one C call, so exactly one call draws 0 and is the request.
         if next(self._calls) == 0:
-            self.received, self._at = signal.Signals(signum), time.monotonic()
+            # _at first: until received is set, a call that interrupts this one takes itself
+            # for the echo
+            self._at, self.received = time.monotonic(), signal.Signals(signum)
             print(
                 f"kvpo: got {self.received.name}: saving a checkpoint and stopping at the next "
                 f"safe point, before or after this iteration's update (send "
