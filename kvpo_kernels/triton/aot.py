@@ -2,10 +2,17 @@
 
 ``python -m kvpo_kernels.triton.aot`` builds every launch the op wrappers make (each kernel, dtype
 and head dim, small and large pages, every autotuning candidate left after pruning), compiles it
-with Triton's compiler and ptxas for sm_80 and sm_90a, and prints what each kernel asks of the SM:
-registers per thread, bytes spilled to local memory (the stack frame), shared memory, and which
-matrix instructions it uses. ``--check`` exits non-zero when a launch spills or asks for more shared
-memory than the SM has (fp32 may spill a few bytes: :data:`SPILL_BUDGET`); ``--json`` writes the records. CI runs it (tests/kernels/test_triton_aot.py).
+with Triton's compiler and ptxas for each architecture of :data:`ARCHS` (Ampere, Ada, Hopper and
+both Blackwells), and prints what each kernel asks of the SM: registers per thread, bytes spilled
+to local memory (the stack frame), shared memory, and which matrix instructions it uses.
+
+``--check`` exits non-zero when a launch would not run well: on the architectures the tile tables
+were tuned and timed on (:data:`TUNED`: the A100's and the H100's) every candidate must compile
+without a spill (fp32 may spill a few bytes: :data:`SPILL_BUDGET`) and within the SM's shared
+memory; on the others at least one candidate of each launch must. The autotuner skips a candidate
+that asks for more shared memory than the GPU has (Triton raises OutOfResources, which it catches)
+and times the rest, so such a launch still runs, on a clean candidate. ``--json`` writes the
+records. CI runs it (tests/kernels/test_triton_aot.py).
 
 Needs Triton's CUDA backend (its bundled ptxas and cuobjdump) but no GPU and no driver. The
 interpreter replaces the kernels, so run it with ``TRITON_INTERPRET`` unset.
@@ -15,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,7 +43,15 @@ from . import velocity_energy as ve
 from ._common import Launch, interpreted
 
 # compute capability, and the most shared memory one block may ask for (bytes; the opt-in maximum)
-ARCHS: dict[str, tuple[int, int]] = {"sm_80": (80, 163 * 1024), "sm_90a": (90, 227 * 1024)}
+ARCHS: dict[str, tuple[int, int]] = {
+    "sm_80": (80, 163 * 1024),  # A100
+    "sm_89": (89, 99 * 1024),  # L40S, RTX 4090 (Ada)
+    "sm_90a": (90, 227 * 1024),  # H100, H200
+    "sm_100a": (100, 227 * 1024),  # B200, GB200 (Blackwell)
+    "sm_120": (120, 99 * 1024),  # RTX 5090, RTX PRO 6000 (Blackwell)
+}
+# Where the tile tables were tuned and timed: every candidate must be clean there.
+TUNED = ("sm_80", "sm_90a")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (64, 128, 256)
 # 16 tokens: the smallest block of keys; 1560: a Wan2.1 latent frame (the keys block is not capped)
@@ -69,10 +87,13 @@ class Compiled:
     spill_bytes: int  # stack frame: registers spilled to local memory
     shared_bytes: int
     shared_limit: int
-    matmul: str  # "wgmma" (Hopper warpgroup MMA), "mma" (mma.sync), "fma" (CUDA cores), "none"
+    # "tcgen05" (Blackwell's tensor-core MMA), "wgmma" (Hopper's warpgroup MMA), "mma"
+    # (mma.sync), "fma" (CUDA cores), "none"
+    matmul: str
 
     @property
     def ok(self) -> bool:
+        """Clean: no spill beyond the dtype's budget, within the SM's shared memory."""
         return (
             self.spill_bytes <= SPILL_BUDGET[self.dtype] and self.shared_bytes <= self.shared_limit
         )
@@ -131,6 +152,8 @@ def _resources(cubin: bytes) -> tuple[int, int]:
 
 
 def _matmul(ptx: str) -> str:
+    if "tcgen05.mma" in ptx:
+        return "tcgen05"
     if "wgmma" in ptx:
         return "wgmma"
     if "mma.sync" in ptx:
@@ -141,10 +164,16 @@ def _matmul(ptx: str) -> str:
 
 
 def compile_launch(
-    launch: Launch, arch: str, name: str, dtype: torch.dtype, page_size: int = 0
+    launch: Launch,
+    arch: str,
+    name: str,
+    dtype: torch.dtype,
+    page_size: int = 0,
+    until_clean: bool = False,
 ) -> list[Compiled]:
-    """Compiles every variant of ``launch`` for ``arch`` (a key of :data:`ARCHS`); ``name``,
-    ``dtype`` (of the data operands) and ``page_size`` label the records."""
+    """Compiles every variant of ``launch`` for ``arch`` (a key of :data:`ARCHS`), or with
+    ``until_clean`` those up to the first clean one; ``name``, ``dtype`` (of the data operands)
+    and ``page_size`` label the records."""
     capability, shared_limit = ARCHS[arch]
     fn = launch.jit_fn
     out = []
@@ -177,6 +206,8 @@ def compile_launch(
                 matmul=_matmul(kernel.asm["ptx"]),
             )
         )
+        if until_clean and out[-1].ok:
+            break
     return out
 
 
@@ -218,25 +249,64 @@ def velocity_energy_launches(dtype: torch.dtype) -> dict[str, Launch]:
     }
 
 
+def _compile_one(
+    arch: str, dtype: torch.dtype, head_dims: Sequence[int], quick: bool
+) -> list[Compiled]:
+    """Every launch of both ops for one architecture and dtype (a worker's share)."""
+    until_clean = quick and arch not in TUNED
+    records: list[Compiled] = []
+    for name, launch in velocity_energy_launches(dtype).items():
+        records += compile_launch(launch, arch, name, dtype, until_clean=until_clean)
+    for head_dim in head_dims:
+        for page_size in PAGE_SIZES:
+            for name, launch in routed_attention_launches(dtype, head_dim, page_size).items():
+                records += compile_launch(launch, arch, name, dtype, page_size, until_clean)
+    return records
+
+
 def compile_all(
     archs: Sequence[str] = tuple(ARCHS),
     dtypes: Sequence[torch.dtype] = DTYPES,
     head_dims: Sequence[int] = HEAD_DIMS,
+    jobs: int | None = None,
+    quick: bool = False,
 ) -> list[Compiled]:
-    """Every launch of both ops for each of ``archs``."""
+    """Every launch of both ops for each of ``archs``, in that order, compiled by ``jobs``
+    processes (default: one per CPU core; ptxas and Triton's passes run on one core each).
+    ``quick``: outside :data:`TUNED`, each launch's candidates only up to its first clean one,
+    all that :func:`problems` asks of them (a third of the compiles)."""
     if interpreted():
         raise RuntimeError("TRITON_INTERPRET=1 replaces the kernels: unset it to compile them")
-    records: list[Compiled] = []
-    for arch in archs:
-        for dtype in dtypes:
-            for name, launch in velocity_energy_launches(dtype).items():
-                records += compile_launch(launch, arch, name, dtype)
-            for head_dim in head_dims:
-                for page_size in PAGE_SIZES:
-                    launches = routed_attention_launches(dtype, head_dim, page_size)
-                    for name, launch in launches.items():
-                        records += compile_launch(launch, arch, name, dtype, page_size)
-    return records
+    work = [(arch, dtype, tuple(head_dims), quick) for arch in archs for dtype in dtypes]
+    jobs = min(len(work), jobs or os.cpu_count() or 1)
+    if jobs <= 1:
+        return [r for w in work for r in _compile_one(*w)]
+    # spawn: a forked child would inherit the parent's torch and Triton state mid-flight
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        return [r for rs in pool.map(_compile_one, *zip(*work, strict=True)) for r in rs]
+
+
+def problems(records: list[Compiled]) -> list[str]:
+    """What ``--check`` fails on: a candidate that is not clean (:attr:`Compiled.ok`) on an
+    architecture of :data:`TUNED`, and a launch without a single clean candidate anywhere."""
+    found = []
+    launches: dict[tuple, list[Compiled]] = {}
+    for r in records:
+        launches.setdefault((r.kernel, r.arch, r.dtype, r.head_dim, r.page_size), []).append(r)
+        if r.arch in TUNED and not r.ok:
+            found.append(
+                f"{r.kernel} {r.arch} {r.dtype} D={r.head_dim} page={r.page_size} "
+                f"{r.block_m}x{r.block_n}/{r.num_warps}w/{r.num_stages}s: {r.spill_bytes} B "
+                f"spilled, {r.shared_bytes} of {r.shared_limit} B shared"
+            )
+    for (kernel, arch, dtype, head_dim, page_size), rs in launches.items():
+        if not any(r.ok for r in rs):
+            found.append(
+                f"{kernel} {arch} {dtype} D={head_dim} page={page_size}: no candidate without "
+                f"a spill within {rs[0].shared_limit} B shared"
+            )
+    return found
 
 
 def table(records: list[Compiled]) -> str:
@@ -261,22 +331,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--head_dim", type=int, action="append", help=f"default: {', '.join(map(str, HEAD_DIMS))}"
     )
+    parser.add_argument("--jobs", type=int, help="compiling processes (default: one per CPU core)")
     parser.add_argument(
-        "--check", action="store_true", help="exit 1 if a launch spills or overflows shared memory"
+        "--quick",
+        action="store_true",
+        help="outside the tuned archs, stop at each launch's first clean candidate",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if a launch spills or overflows shared memory (see the module's help)",
     )
     args = parser.parse_args(argv)
-    records = compile_all(tuple(args.arch or ARCHS), head_dims=tuple(args.head_dim or HEAD_DIMS))
+    records = compile_all(
+        tuple(args.arch or ARCHS),
+        head_dims=tuple(args.head_dim or HEAD_DIMS),
+        jobs=args.jobs,
+        quick=args.quick,
+    )
     print(table(records))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in records], f, indent=1)
-    bad = [r for r in records if not r.ok]
-    for r in bad:
-        print(
-            f"FAIL {r.kernel} {r.arch} {r.dtype} D={r.head_dim} page={r.page_size}: "
-            f"{r.spill_bytes} B spilled, {r.shared_bytes} of {r.shared_limit} B shared",
-            file=sys.stderr,
-        )
+    bad = problems(records)
+    for line in bad:
+        print(f"FAIL {line}", file=sys.stderr)
     return 1 if args.check and bad else 0
 
 

@@ -1,6 +1,6 @@
 """The CUDA sources compile on a machine without a GPU (CI): every csrc/cuda/*.cu with nvcc for
-sm_80 and sm_90a through CMake, without a register spill in any kernel, and the torch binding
-through the host compiler."""
+sm_80 and sm_90a (and sm_80 PTX, for newer GPUs) through CMake, without a register spill in any
+kernel, and the torch binding through the host compiler."""
 
 import shutil
 from pathlib import Path
@@ -46,6 +46,26 @@ def test_cmake_compiles_every_cu_for_sm80_and_sm90a(tmp_path):
     for obj in objects:  # a cubin for each architecture is embedded (its ptxas options name it)
         blob = obj.read_bytes()
         assert b"-arch sm_80 " in blob and b"-arch sm_90a " in blob, obj
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        return
+    for obj in objects:  # and sm_80 PTX, which the driver compiles for a Blackwell GPU
+        listed = run_ok([cuobjdump, "--list-ptx", "--list-elf", str(obj)]).stdout
+        assert ".sm_80.ptx" in listed and ".sm_80.cubin" in listed, listed
+        assert ".sm_90a.cubin" in listed, listed
+
+
+def _cuobjdump() -> str | None:
+    """CUDA's cuobjdump: beside nvcc, or the copy Triton bundles."""
+    found = shutil.which("cuobjdump")
+    if found is None:
+        try:
+            import triton
+
+            found = triton.knobs.nvidia.cuobjdump.path
+        except Exception:
+            return None
+    return found if found and Path(found).exists() else None
 
 
 def test_torch_binding_compiles(tmp_path):
