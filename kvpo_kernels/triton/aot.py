@@ -272,13 +272,17 @@ def compile_all(
     quick: bool = False,
 ) -> list[Compiled]:
     """Every launch of both ops for each of ``archs``, in that order, compiled by ``jobs``
-    processes (default: one per CPU core; ptxas and Triton's passes run on one core each).
+    processes (default: one per CPU core this process may use; ptxas and Triton's passes run on
+    one core each).
     ``quick``: outside :data:`TUNED`, each launch's candidates only up to its first clean one,
-    all that :func:`problems` asks of them (a third of the compiles)."""
+    all that :func:`problems` asks of them (under half the compiles)."""
     if interpreted():
         raise RuntimeError("TRITON_INTERPRET=1 replaces the kernels: unset it to compile them")
+    if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"jobs must be a positive integer or None, got {jobs!r}")
     work = [(arch, dtype, tuple(head_dims), quick) for arch in archs for dtype in dtypes]
-    jobs = min(len(work), jobs or os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    jobs = min(len(work), jobs or cores or 1)
     if jobs <= 1:
         return [r for w in work for r in _compile_one(*w)]
     # spawn: a forked child would inherit the parent's torch and Triton state mid-flight
