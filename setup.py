@@ -6,6 +6,7 @@ never resolves torch from the registry (which would pull the multi-GB CUDA build
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -19,6 +20,35 @@ except ImportError as exc:  # pragma: no cover - exercised only on a machine wit
     ) from exc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# For a build on a machine without a GPU (a container image, a login node): the architectures to
+# compile for, in torch's spelling; the Triton kernels need nothing of the kind.
+ARCH_EXAMPLE = "8.0;9.0;10.0;12.0+PTX"
+
+
+def _use_cuda() -> bool:
+    """Whether to build the CUDA kernels: torch has CUDA and either a GPU is visible (torch
+    compiles for it) or TORCH_CUDA_ARCH_LIST names the architectures; KVPO_FORCE_CUDA=1 and
+    KVPO_NO_CUDA=1 decide instead."""
+    if os.environ.get("KVPO_NO_CUDA") == "1":
+        return False
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    forced = os.environ.get("KVPO_FORCE_CUDA") == "1"
+    if torch.version.cuda is None and not forced:
+        return False
+    if torch.cuda.is_available() or (archs and archs != "native"):
+        return True
+    if forced:  # torch would pick the architectures of the visible GPUs: there are none
+        raise SystemExit(
+            "KVPO_FORCE_CUDA=1 on a machine without a visible GPU needs TORCH_CUDA_ARCH_LIST, the "
+            f"architectures to compile for, e.g. TORCH_CUDA_ARCH_LIST='{ARCH_EXAMPLE}'"
+        )
+    print(
+        "kvpo: torch has CUDA but no GPU is visible and TORCH_CUDA_ARCH_LIST is unset: building "
+        "without the CUDA kernels (on a GPU the Triton kernels serve every op); to build them, "
+        f"set e.g. TORCH_CUDA_ARCH_LIST='{ARCH_EXAMPLE}'",
+        file=sys.stderr,
+    )
+    return False
 
 
 def _extension():
@@ -27,15 +57,7 @@ def _extension():
     cuda_bind = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     # -fno-trapping-math lets GCC if-convert float clamps, so the softmax loops vectorize.
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
-    use_cuda = (
-        (
-            torch.version.cuda is not None
-            and torch.cuda.is_available()
-            or os.environ.get("KVPO_FORCE_CUDA") == "1"
-        )
-        and os.environ.get("KVPO_NO_CUDA") != "1"
-        and bool(cuda)
-    )
+    use_cuda = _use_cuda() and bool(cuda)
     if use_cuda:
         return CUDAExtension(
             "kvpo_kernels._C",
