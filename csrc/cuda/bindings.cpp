@@ -30,6 +30,12 @@ cuda::DType to_dtype(const at::Tensor& t, const char* what) {
 }
 
 void check_cuda(cudaError_t err, const char* what) {
+  // A build for other GPUs (TORCH_CUDA_ARCH_LIST on a machine without this one) says so at launch.
+  TORCH_CHECK(err != cudaErrorNoKernelImageForDevice, what, ": CUDA error: ",
+              cudaGetErrorString(err),
+              ": kvpo_kernels._C was built for other GPU architectures; rebuild it with this "
+              "GPU's in TORCH_CUDA_ARCH_LIST, or run the op on backend='triton' "
+              "(KVPO_BACKEND=triton)");
   TORCH_CHECK(err == cudaSuccess, what, ": CUDA error: ", cudaGetErrorString(err));
 }
 
