@@ -167,3 +167,24 @@ def test_blackwell_attention_runs_on_tcgen05():
     assert {m for m, _ in tiles} >= {32, 64}, tiles
     for block_m, matmul in tiles:
         assert matmul == ("tcgen05" if block_m >= 64 else "mma"), tiles
+
+
+def test_check_fails_an_unclean_tuned_candidate_and_a_launch_left_without_a_clean_one():
+    """``--check``'s rule on made-up records: every candidate on sm_80 / sm_90a; elsewhere one
+    clean candidate per launch is enough, none is not."""
+    from kvpo_kernels.triton.aot import Compiled, problems
+
+    def rec(arch, block_m, spill, shared, limit):
+        return Compiled(
+            "routed_attention.fwd", arch, "bf16", 128, 1560, block_m, 64, 8, 2, 200, spill,
+            shared, limit, "mma",
+        )  # fmt: skip
+
+    hopper = 227 * 1024
+    assert problems([rec("sm_90a", 64, 0, 90_000, hopper)]) == []
+    found = problems([rec("sm_90a", 64, 0, 90_000, hopper), rec("sm_90a", 128, 16, 90_000, hopper)])
+    assert len(found) == 1 and "sm_90a" in found[0] and "128x64" in found[0], found
+    ada = 99 * 1024
+    assert problems([rec("sm_89", 64, 0, 120_000, ada), rec("sm_89", 32, 0, 60_000, ada)]) == []
+    found = problems([rec("sm_89", 64, 0, 120_000, ada), rec("sm_89", 32, 8, 60_000, ada)])
+    assert len(found) == 1 and "no candidate" in found[0] and "sm_89" in found[0], found
