@@ -344,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="exit 1 if a launch spills or overflows shared memory (see the module's help)",
+        help="exit 1 if a candidate spills or overflows shared memory on "
+        f"{' or '.join(TUNED)}, or a launch has no candidate that does neither on any arch",
     )
     args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     records = compile_all(
         tuple(args.arch or ARCHS),
         head_dims=tuple(args.head_dim or HEAD_DIMS),
