@@ -57,7 +57,7 @@ def _extension():
     cuda_bind = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     # -fno-trapping-math lets GCC if-convert float clamps, so the softmax loops vectorize.
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
-    use_cuda = _use_cuda() and bool(cuda)
+    use_cuda = bool(cuda) and _use_cuda()
     if use_cuda:
         return CUDAExtension(
             "kvpo_kernels._C",
