@@ -57,6 +57,20 @@ def environment() -> dict:
     }
 
 
+def _no_cuda(env: dict) -> str:
+    """What the report says of a build without CUDA kernels: with a CUDA torch, how to get them
+    (pip shows setup.py's advice only under -v, so a build on a machine without a GPU and without
+    TORCH_CUDA_ARCH_LIST left them out in silence)."""
+    if not env["torch_cuda"] or env["switches"].get("KVPO_NATIVE_LIBRARY"):
+        return "none"
+    serves = "Triton" if env["triton"] else "the PyTorch reference"
+    return (
+        "none (torch has CUDA: rebuild with `pip install --no-build-isolation -e .` where a GPU "
+        f"is visible or TORCH_CUDA_ARCH_LIST is set; meanwhile {serves} serves every op on CUDA "
+        "tensors)"
+    )
+
+
 def report(env: dict) -> str:
     """:func:`environment` as the lines ``python -m kvpo_kernels.info`` prints."""
     gpu = env["gpu"]
@@ -77,7 +91,7 @@ def report(env: dict) -> str:
             else "compiled extension kvpo_kernels._C: "
         )
         + (
-            "built; CUDA kernels: " + (", ".join(env["native_cuda_kernels"]) or "none")
+            "built; CUDA kernels: " + (", ".join(env["native_cuda_kernels"]) or _no_cuda(env))
             if env["native_extension"]
             else "not built (pip install --no-build-isolation -e .)"
         ),

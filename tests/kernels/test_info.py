@@ -48,3 +48,22 @@ def test_the_report_names_the_library_the_kernels_came_from(monkeypatch):
     text = report(env)
     assert "compiled kernels from KVPO_NATIVE_LIBRARY=/b/libkvpo_ops.so: " in text
     assert "kvpo_kernels._C" not in text
+
+
+def test_a_cuda_torch_without_cuda_kernels_is_told_how_to_build_them():
+    """pip hides setup.py's advice, so the report repeats it where it applies: a CUDA torch, the
+    extension built, no CUDA kernel in it; a CPU torch or a CMake library gets a plain 'none'."""
+    env = environment()
+    env.update(torch_cuda="13.0", native_extension=True, native_cuda_kernels=[], switches={})
+    env["triton"] = "3.8.0"
+    text = report(env)
+    assert "CUDA kernels: none (torch has CUDA: rebuild with" in text, text
+    assert "TORCH_CUDA_ARCH_LIST" in text and "Triton serves every op on CUDA tensors" in text
+    env["triton"] = None
+    assert "the PyTorch reference serves every op" in report(env)
+    env["native_cuda_kernels"] = ["velocity_energy_fwd"]
+    assert "CUDA kernels: velocity_energy_fwd\n" in report(env)
+    env.update(native_cuda_kernels=[], torch_cuda=None)
+    assert "CUDA kernels: none\n" in report(env)
+    env.update(torch_cuda="13.0", switches={"KVPO_NATIVE_LIBRARY": "/b/libkvpo_ops.so"})
+    assert "CUDA kernels: none\n" in report(env)
