@@ -203,3 +203,16 @@ def run_ok(cmd, **kw) -> subprocess.CompletedProcess:
         f"{' '.join(map(str, cmd))}\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}"
     )
     return res
+
+
+def torch_cmake_args() -> list[str]:
+    """CMake's arguments to find this torch; a CUDA build's CMake config also wants the CUDA
+    toolkit, which CMake misses where nvcc on the PATH is not inside it: the one torch's
+    extensions build with (``CUDA_HOME``) is named."""
+    args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    if torch.version.cuda is not None:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if CUDA_HOME:
+            args.append(f"-DCUDA_TOOLKIT_ROOT_DIR={CUDA_HOME}")
+    return args

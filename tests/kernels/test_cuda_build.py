@@ -2,11 +2,16 @@
 sm_80 and sm_90a (and sm_80 PTX, for newer GPUs) through CMake, without a register spill in any
 kernel, and the torch binding through the host compiler."""
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_ok
+import torch
+from helpers import run_ok, torch_cmake_args
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -53,6 +58,30 @@ def test_cmake_compiles_every_cu_for_sm80_and_sm90a(tmp_path):
         listed = run_ok([cuobjdump, "--list-ptx", "--list-elf", str(obj)]).stdout
         assert ".sm_80.ptx" in listed and ".sm_80.cubin" in listed, listed
         assert ".sm_90a.cubin" in listed, listed
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch")
+def test_cmake_builds_the_library_with_its_cuda_kernels_against_a_cuda_torch(tmp_path):
+    """The standalone library with the CUDA kernels and their binding, on a machine with or
+    without a GPU: the .cu files carry their own architectures only (torch's CMake config would
+    add its whole -gencode list, sm_50 among them, which CUDA 13's nvcc refuses), and the library
+    registers the CUDA kernels when loaded."""
+    build = tmp_path / "build"
+    nvcc = f"-DCMAKE_CUDA_COMPILER={shutil.which('nvcc')}"
+    run_ok(["cmake", "-S", str(ROOT), "-B", str(build), nvcc, *torch_cmake_args()])
+    run_ok(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)])
+    library = build / "libkvpo_ops.so"
+    cuobjdump = _cuobjdump()
+    if cuobjdump is not None:
+        listed = run_ok([cuobjdump, "--list-elf", "--list-ptx", str(library)]).stdout
+        archs = {line.rsplit(".", 2)[-2] for line in listed.splitlines() if ":" in line}
+        assert archs == {"sm_80", "sm_90a"}, listed
+    probe = "import json, kvpo_kernels.info as i; print(json.dumps(i.environment()))"
+    env = {**os.environ, "KVPO_NATIVE_LIBRARY": str(library)}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    kernels = json.loads(out.stdout)["native_cuda_kernels"]
+    assert kernels == ["routed_attn_fwd", "velocity_energy_bwd", "velocity_energy_fwd"], kernels
 
 
 def _cuobjdump() -> str | None:

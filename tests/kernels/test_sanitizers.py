@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import run_ok
+from helpers import run_ok, torch_cmake_args
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(
@@ -33,7 +32,7 @@ def test_cpu_kernels_under_address_and_undefined_behaviour_sanitizers(tmp_path):
     build = tmp_path / "build"
     run_ok([
         "cmake", "-S", str(ROOT), "-B", str(build), "-DKVPO_SANITIZE=ON", "-DKVPO_WITH_CUDA=OFF",
-        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        *torch_cmake_args(),
     ])  # fmt: skip
     run_ok(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)])
     library = build / "libkvpo_ops.so"
