@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import run_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kvpo", "kvpo_kernels")
@@ -33,9 +34,7 @@ def _run(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> str:
     """``cmd``'s stdout; the environment is this one's, less the kvpo switches and PYTHONPATH
     (which could point back into the checkout), plus ``env``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("KVPO_") and k != "PYTHONPATH"}
-    proc = subprocess.run(cmd, cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+    return run_ok(cmd, cwd=cwd, env={**base, **(env or {})}).stdout
 
 
 @pytest.fixture(scope="module")
