@@ -38,10 +38,10 @@ def _run(*cmd: str, cwd: Path, env: dict[str, str] | None = None) -> str:
 
 
 @pytest.fixture(scope="module")
-def dists(tmp_path_factory) -> dict[str, Path]:
-    """An sdist built (PEP 517, no isolation) from a copy of the tracked files, and the wheel pip
-    builds from that sdist alone, without the CUDA kernels (what they need is tested by
-    test_cuda_build; this is about which files travel)."""
+def dists(tmp_path_factory) -> dict:
+    """An sdist built (PEP 517, no isolation) from a copy of the tracked files (their names under
+    ``tracked``), and the wheel pip builds from that sdist alone, without the CUDA kernels (what
+    they need is tested by test_cuda_build; this is about which files travel)."""
     tracked = _tracked()
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
     for f in tracked:
@@ -92,16 +92,9 @@ def test_the_installed_wheel_trains_from_anywhere(dists, tmp_path):
     py = str(venv / "bin" / "python")
     wheel = str(dists["wheel"])
     _run(
-        py,
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--no-deps",
-        wheel,
-        cwd=tmp_path,
+        py, "-m", "pip", "install", "-q", "--no-deps", wheel, cwd=tmp_path,
         env={"PIP_NO_INDEX": "1"},
-    )
+    )  # fmt: skip
     work = tmp_path / "work"
     work.mkdir()
     where = _run(

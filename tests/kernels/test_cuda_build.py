@@ -5,7 +5,6 @@ kernel, and the torch binding through the host compiler."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -78,9 +77,8 @@ def test_cmake_builds_the_library_with_its_cuda_kernels_against_a_cuda_torch(tmp
         assert archs == {"sm_80", "sm_90a"}, listed
     probe = "import json, kvpo_kernels.info as i; print(json.dumps(i.environment()))"
     env = {**os.environ, "KVPO_NATIVE_LIBRARY": str(library)}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    kernels = json.loads(out.stdout)["native_cuda_kernels"]
+    loaded = json.loads(run_ok([sys.executable, "-c", probe], env=env).stdout)
+    kernels = loaded["native_cuda_kernels"]
     assert kernels == ["routed_attn_fwd", "velocity_energy_bwd", "velocity_energy_fwd"], kernels
 
 
