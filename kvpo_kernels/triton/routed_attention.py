@@ -10,6 +10,10 @@ Backward: ``dq`` walks the tables like the forward; ``dk``/``dv`` run one progra
 block of a physical page, KV head) over a page -> rows index (CSR), so the gradient of a page that
 several rows list is summed inside one program: no atomics, deterministic.
 
+Size: a problem with more (row, head) or (page, KV head) pairs than a CUDA grid's second axis
+holds, or whose q spans 2**31 elements and more, runs as several launches over runs of rows or
+pages (:data:`MAX_GRID_Y`, :data:`MAX_OFFSET`), each kernel unchanged.
+
 Tiles: chosen per operand width and padded head dim from tables whose every entry compiles for
 sm_80 and sm_90a without spilling registers and within the SM's shared memory, and each of whose
 launches keeps at least one such entry on Ada (sm_89) and both Blackwells (sm_100a, sm_120)
@@ -312,15 +316,16 @@ def _bwd_dkdv_kernel(
     # M dimension, which the tensor-core instruction wants at least 64 wide on Hopper.
     for e in range(start, end):
         b = tl.load(ROWS + e)
+        row = b.to(tl.int64) * s_qb  # any row: q may hold 2**31 elements and more
         for g in range(0, GROUP):
             h = hk * GROUP + g
             for m0 in range(0, Lq, BLOCK_M):
                 rows = m0 + offs_m
                 m_mask = rows < Lq
                 md_mask = m_mask[:, None] & d_mask[None, :]
-                ptrs = b * s_qb + h * s_qh + rows[:, None] * s_qm + offs_d[None, :]
-                q = tl.load(Q + ptrs, mask=md_mask, other=0.0)
-                do = tl.load(DO + ptrs, mask=md_mask, other=0.0)
+                ptrs = h * s_qh + rows[:, None] * s_qm + offs_d[None, :]
+                q = tl.load(Q + row + ptrs, mask=md_mask, other=0.0)
+                do = tl.load(DO + row + ptrs, mask=md_mask, other=0.0)
                 stat = (b * H + h) * Lq + rows
                 lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
                 lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
@@ -335,10 +340,40 @@ def _bwd_dkdv_kernel(
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+# CUDA caps a grid's second axis at 65535 programs, and the forward and dq kernels address a
+# launch's rows of q, out, dout and dq with int32 offsets: one launch takes at most MAX_GRID_Y
+# (row, head) or (page, KV head) pairs and rows spanning fewer than MAX_OFFSET elements; a larger
+# problem runs as several launches over runs of rows (pages). The dk/dv kernel reads any row of
+# q, and offsets it in int64.
+MAX_GRID_Y = 65535
+MAX_OFFSET = 2**31
+
+
 def _meta(q, k_pages):
     B, H, Lq, D = q.shape
     Hkv, page_size = k_pages.shape[1], k_pages.shape[2]
     return B, H, Lq, D, Hkv, page_size
+
+
+def _runs(n: int, per_grid: int, stride: int = 0, extent: int = 0) -> list[tuple[int, int]]:
+    """[start, end) runs of ``n`` rows (pages), one launch each: at most MAX_GRID_Y // per_grid
+    of them, and with ``stride`` elements from one to the next and ``extent`` from one's first
+    element to past its last, all within MAX_OFFSET."""
+    step = MAX_GRID_Y // per_grid
+    if stride > 0:
+        step = min(step, (MAX_OFFSET - extent) // stride + 1)
+    if step < 1:
+        raise ValueError(
+            f"routed_attention's Triton kernels take at most {MAX_GRID_Y} heads and rows of fewer "
+            f"than {MAX_OFFSET} elements, got {per_grid} heads, rows of {extent} elements"
+        )
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _row_runs(q: torch.Tensor) -> list[tuple[int, int]]:
+    B, H, Lq, D = q.shape
+    extent = (H - 1) * q.stride(1) + (Lq - 1) * q.stride(2) + D
+    return _runs(B, H, q.stride(0), extent)
 
 
 def fwd_launch(
@@ -351,7 +386,8 @@ def fwd_launch(
     out: torch.Tensor,
     lse: torch.Tensor,
 ) -> Launch:
-    """The forward kernel's launch; arguments as :func:`routed_attention_fwd`, outputs given."""
+    """The forward kernel's launch; arguments as :func:`routed_attention_fwd`, outputs given
+    (out with q's strides). One launch: :func:`fwd_launches` splits a large problem."""
     B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
 
     def grid(meta):
@@ -372,6 +408,23 @@ def fwd_launch(
     return Launch(_fwd_kernel, grid, args, meta)
 
 
+def fwd_launches(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    page_lens: torch.Tensor | None,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> list[Launch]:
+    """The forward's launches, one per run of rows (:data:`MAX_GRID_Y`, :data:`MAX_OFFSET`)."""
+    return [
+        fwd_launch(q[a:b], k_pages, v_pages, page_table[a:b], page_lens, scale, out[a:b], lse[a:b])
+        for a, b in _row_runs(q)
+    ]
+
+
 def routed_attention_fwd(
     q: torch.Tensor,
     k_pages: torch.Tensor,
@@ -386,7 +439,8 @@ def routed_attention_fwd(
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     if out.numel() > 0:
-        fwd_launch(q, k_pages, v_pages, page_table, page_lens, scale, out, lse)()
+        for launch in fwd_launches(q, k_pages, v_pages, page_table, page_lens, scale, out, lse):
+            launch()
     return out, lse
 
 
@@ -418,36 +472,40 @@ def bwd_launches(
     dq: torch.Tensor,
     dk: torch.Tensor,
     dv: torch.Tensor,
-) -> tuple[Launch, Launch]:
-    """The two backward launches (dq; dk and dv), arguments as :func:`routed_attention_bwd`,
-    gradients given. lse and delta: float32, contiguous."""
+) -> list[Launch]:
+    """The backward's launches, arguments as :func:`routed_attention_bwd`, gradients given (dout
+    and dq with q's strides, dk and dv with k_pages'): dq per run of rows, then dk and dv per run
+    of pages (:data:`MAX_GRID_Y`, :data:`MAX_OFFSET`). lse and delta: float32, contiguous."""
     B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
-    P = k_pages.shape[0]
-    lens = page_lens if page_lens is not None else page_table
     common = dict(GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=q.dtype == torch.float32,
                   BLOCK_D=dot_block(D))  # fmt: skip
-    dq_args = (
-        q, k_pages, v_pages, page_table, lens, dout, lse, delta, dq, scale,
+    strides = (
         q.stride(0), q.stride(1), q.stride(2),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        page_table.stride(0),
-        B, H, Lq, page_table.shape[1], page_size, D,
     )  # fmt: skip
-    dq_launch = Launch(
-        _bwd_dq_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H), dq_args, common
-    )
-    row_ptr, rows = page_rows_csr(page_table, P)
-    dkdv_args = (
-        q, k_pages, v_pages, lens, dout, lse, delta, dk, dv, row_ptr, rows, scale,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        B, H, Lq, Hkv, page_size, D,
-    )  # fmt: skip
-    dkdv_launch = Launch(
-        _bwd_dkdv_kernel, lambda meta: (triton.cdiv(page_size, meta["BLOCK_N"]), P * Hkv),
-        dkdv_args, common,
-    )  # fmt: skip
-    return dq_launch, dkdv_launch
+    launches = []
+    for a, b in _row_runs(q):
+        table = page_table[a:b]
+        dq_args = (
+            q[a:b], k_pages, v_pages, table, page_lens if page_lens is not None else table,
+            dout[a:b], lse[a:b], delta[a:b], dq[a:b], scale,
+            *strides, table.stride(0),
+            b - a, H, Lq, table.shape[1], page_size, D,
+        )  # fmt: skip
+        grid = lambda meta, rows=b - a: (triton.cdiv(Lq, meta["BLOCK_M"]), rows * H)  # noqa: E731
+        launches.append(Launch(_bwd_dq_kernel, grid, dq_args, common))
+    row_ptr, rows = page_rows_csr(page_table, k_pages.shape[0])
+    for a, b in _runs(k_pages.shape[0], Hkv):
+        lens = page_lens[a:b] if page_lens is not None else row_ptr
+        dkdv_args = (
+            q, k_pages[a:b], v_pages[a:b], lens, dout, lse, delta, dk[a:b], dv[a:b],
+            row_ptr[a:], rows, scale,
+            *strides,
+            B, H, Lq, Hkv, page_size, D,
+        )  # fmt: skip
+        grid = lambda meta, pages=b - a: (triton.cdiv(page_size, meta["BLOCK_N"]), pages * Hkv)  # noqa: E731
+        launches.append(Launch(_bwd_dkdv_kernel, grid, dkdv_args, common))
+    return launches
 
 
 def routed_attention_bwd(

@@ -254,3 +254,23 @@ def test_cuda_backend_rejects_unsupported_inputs():
     q, k, v, table, lens = make_routed(CUDA_CASES[0], torch.float32)
     with pytest.raises(TypeError, match="backend 'cuda'"):
         kvpo_kernels.routed_attention(q.cuda(), k.cuda(), v.cuda(), table.cuda(), backend="cuda")
+
+
+def test_triton_routed_attention_past_a_grid_axis():
+    """More (row, head) pairs (forward, dq) and (page, KV head) pairs (dk/dv) than a CUDA grid's
+    second axis holds, 65535: the launches split, every row and page against float64."""
+    if "triton" not in _gpu_backends("routed_attn_fwd"):
+        pytest.skip("no Triton GPU backend")
+    gen = torch.Generator().manual_seed(10)
+    B, H, Hkv, Lq, D, P, T = 17000, 4, 2, 3, 64, 33000, 16
+    q = torch.randn(B, H, Lq, D, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(P, Hkv, T, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    table = torch.stack([torch.arange(B) % P, (7 * torch.arange(B) + 1) % P], 1).to(torch.int32)
+    table[::5, 1] = -1
+    dout = torch.randn_like(q)
+    dlse = torch.zeros(B, H, Lq, dtype=torch.float64)
+    ref = routed_grads(_ref, q, k, v, table, None, dout, dlse)
+    dev = [t.cuda().float() for t in (q, k, v)]
+    got = routed_grads(_fn("triton"), *dev, table.cuda(), None, dout.cuda(), dlse.cuda())
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
+        assert_rel(a.cpu(), b, 1e-4, f"triton past a grid axis {name}")

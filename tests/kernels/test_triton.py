@@ -4,6 +4,10 @@ Runs when triton is installed; ``TRITON_INTERPRET=1`` is set by tests/conftest.p
 imported. fp32 and fp16 only: the interpreter mishandles bf16.
 """
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import (
@@ -19,6 +23,7 @@ from helpers import (
     permuted_copy,
     reference_fn,
     routed_grads,
+    run_ok,
 )
 
 import kvpo_kernels
@@ -79,6 +84,106 @@ def test_routed_attention_agrees_with_cpu_kernel_on_shared_pages_and_empty_rows(
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
 def test_routed_attention_strided_inputs_and_an_expanded_gradient(case):
     assert_strided_routed_attention("triton", case, seed=5)
+
+
+@pytest.mark.parametrize("limit", ["grid", "offset"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
+def test_routed_attention_splits_a_large_problem_into_launches(case, limit, monkeypatch):
+    """With a launch's grid limit shrunk to one row's heads (and a few pages' KV heads), or its
+    offset limit to one row, the problem runs as a launch per row (forward, dq) and per run of
+    pages (dk, dv): the same values."""
+    from kvpo_kernels.triton import routed_attention as ra
+
+    q, k, v, table, lens = make_routed(case, torch.float64, seed=9)
+    dout = torch.randn_like(q)
+    dlse = torch.randn(q.shape[:3], dtype=torch.float64)
+    ref = routed_grads(reference_fn, q, k, v, table, lens, dout, dlse)
+    B, H, Lq, D = q.shape
+    if limit == "grid":
+        monkeypatch.setattr(ra, "MAX_GRID_Y", H)
+    else:
+        monkeypatch.setattr(ra, "MAX_OFFSET", H * Lq * D + 1)
+    x = [t.float() for t in (q, k, v)]
+    assert len(ra.fwd_launches(*x, table, lens, 0.1, x[0], torch.empty(B, H, Lq))) == B > 1
+    got = routed_grads(triton_fn, *x, table, lens, dout.float(), dlse.float())
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
+        assert_rel(a, b, 1e-5, f"triton, a launch per row ({limit}) {name}")
+
+
+def test_routed_attention_grids_stay_within_cuda_limits():
+    """More (row, head) and (page, KV head) pairs than a CUDA grid's second axis holds (65535):
+    each launch's grid stays within it, and the launches cover every row and page."""
+    from kvpo_kernels.triton import routed_attention as ra
+
+    B, H, Hkv, Lq, D, P, T = 40000, 4, 2, 64, 64, 50000, 16
+    q = torch.zeros(1, 1, 1, 1, dtype=torch.float16).expand(B, H, Lq, D)
+    k = torch.zeros(1, 1, 1, 1, dtype=torch.float16).expand(P, Hkv, T, D)
+    table = torch.zeros(1, 1, dtype=torch.int32).expand(B, 1)
+    lse = torch.zeros(1, 1, 1).expand(B, H, Lq)
+    launches = ra.fwd_launches(q, k, k, table, None, 0.125, q, lse)
+    launches += ra.bwd_launches(q, q, k, k, table, None, lse, lse, 0.125, q, k, k)
+    covered = {"_fwd_kernel": 0, "_bwd_dq_kernel": 0, "_bwd_dkdv_kernel": 0}
+    for launch in launches:
+        grid = launch.grid({"BLOCK_M": 16, "BLOCK_N": 16})
+        assert grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), grid
+        covered[launch.jit_fn.__name__] += grid[1]
+    assert covered == {"_fwd_kernel": B * H, "_bwd_dq_kernel": B * H, "_bwd_dkdv_kernel": P * Hkv}
+
+
+def test_routed_attention_refuses_what_no_launch_holds():
+    """More heads than a grid axis holds, or one row of more than 2**31 elements: a ValueError
+    naming both limits, before any launch."""
+    from kvpo_kernels.triton import routed_attention as ra
+
+    with pytest.raises(ValueError, match="at most 65535 heads and rows of fewer than 2147483648"):
+        ra._runs(4, 70000)
+    q = torch.empty(0, device="meta").as_strided((2, 1, 2**20 + 1, 2**11), (2**32, 2**32, 2**11, 1))
+    with pytest.raises(ValueError, match="rows of 2147485696 elements"):
+        ra.fwd_launches(q, q, q, torch.zeros(2, 1, dtype=torch.int32), None, 1.0, q, q[..., 0])
+
+
+def _rows_past_2_31_elements() -> None:
+    from kvpo_kernels.triton import routed_attention as ra
+
+    B, H, Lq, D, P, T = 3, 2, 20, 16, 4, 8
+    stride = 2**30 + 2**20  # between rows: row 2 starts past 2**31
+    buf = torch.empty(2 * stride + 2**20, dtype=torch.float16)  # untouched pages cost no memory
+    rows = [buf.as_strided((B, H, Lq, D), (stride, Lq * D, D, 1), i * 2**18) for i in range(4)]
+    q, dout, out, dq = rows
+    assert dq[-1].data_ptr() - buf.data_ptr() >= 2**31 * buf.element_size()
+    gen = torch.Generator().manual_seed(8)
+    for t in (q, dout):
+        t.copy_(torch.randn(t.shape, generator=gen))
+    k, v = (torch.randn(P, 1, T, D, generator=gen).half() for _ in range(2))
+    table = torch.tensor([[0, 1, 2], [0, -1, 3], [2, 3, 1]], dtype=torch.int32)
+    lse = torch.empty(B, H, Lq)
+    for launch in ra.fwd_launches(q, k, v, table, None, D**-0.5, out, lse):
+        launch()
+    delta = (dout.float() * out.float()).sum(-1)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for launch in ra.bwd_launches(dout, q, k, v, table, None, lse, delta, D**-0.5, dq, dk, dv):
+        launch()
+    zero = torch.zeros(B, H, Lq, dtype=torch.float64)
+    ref = routed_grads(reference_fn, q.double(), k.double(), v.double(), table, None, dout, zero)
+    for name, a, b in zip(
+        ("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), ref, strict=True
+    ):
+        assert_rel(a.double(), b, 5e-3, f"triton past 2**31 {name}")
+
+
+def test_routed_attention_rows_past_2_31_elements():
+    """Rows of q, out, dout and dq more than 2**31 elements into one buffer (views of a 4 GiB
+    allocation, of which only what they hold is ever written), read and written by the kernels
+    as they are: the launches' int32 row offsets never wrap (runs of rows), nor dk/dv's (int64).
+    In a process of its own: a wrapped offset reads outside the buffer, which may crash it."""
+    here = Path(__file__).parent
+    path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
+    run_ok(
+        [sys.executable, "-c", "import test_triton; test_triton._rows_past_2_31_elements()"],
+        cwd=here,
+        env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path},
+        timeout=600,
+    )
 
 
 def test_page_rows_index():
