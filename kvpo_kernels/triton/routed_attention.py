@@ -12,7 +12,7 @@ several rows list is summed inside one program: no atomics, deterministic.
 
 Size: a problem with more (row, head) or (page, KV head) pairs than a CUDA grid's second axis
 holds, or whose q spans 2**31 elements and more, runs as several launches over runs of rows or
-pages (:data:`MAX_GRID_Y`, :data:`MAX_OFFSET`), each kernel unchanged.
+pages (:data:`MAX_GRID_Y`, :data:`MAX_OFFSET`).
 
 Tiles: chosen per operand width and padded head dim from tables whose every entry compiles for
 sm_80 and sm_90a without spilling registers and within the SM's shared memory, and each of whose
