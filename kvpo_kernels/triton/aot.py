@@ -224,7 +224,7 @@ def routed_attention_launches(
     lens = torch.full((P,), page_size, dtype=torch.int32)
     lse = torch.zeros(B, H, Lq)
     scale = head_dim**-0.5
-    fwd = ra.fwd_launch(q, k, k, table, lens, scale, torch.empty_like(q), lse)
+    (fwd,) = ra.fwd_launches(q, k, k, table, lens, scale, torch.empty_like(q), lse)
     dq, dkdv = ra.bwd_launches(
         q, q, k, k, table, lens, lse, lse, scale, torch.empty_like(q), torch.empty_like(k), k
     )

@@ -376,38 +376,6 @@ def _row_runs(q: torch.Tensor) -> list[tuple[int, int]]:
     return _runs(B, H, q.stride(0), extent)
 
 
-def fwd_launch(
-    q: torch.Tensor,
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    page_table: torch.Tensor,
-    page_lens: torch.Tensor | None,
-    scale: float,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-) -> Launch:
-    """The forward kernel's launch; arguments as :func:`routed_attention_fwd`, outputs given
-    (out with q's strides). One launch: :func:`fwd_launches` splits a large problem."""
-    B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
-
-    def grid(meta):
-        return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
-
-    args = (
-        q, k_pages, v_pages, page_table, page_lens if page_lens is not None else page_table,
-        out, lse, scale,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        page_table.stride(0),
-        B, H, Lq, page_table.shape[1], page_size, D,
-    )  # fmt: skip
-    meta = dict(
-        GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=q.dtype == torch.float32,
-        BLOCK_D=dot_block(D),
-    )  # fmt: skip
-    return Launch(_fwd_kernel, grid, args, meta)
-
-
 def fwd_launches(
     q: torch.Tensor,
     k_pages: torch.Tensor,
@@ -418,11 +386,27 @@ def fwd_launches(
     out: torch.Tensor,
     lse: torch.Tensor,
 ) -> list[Launch]:
-    """The forward's launches, one per run of rows (:data:`MAX_GRID_Y`, :data:`MAX_OFFSET`)."""
-    return [
-        fwd_launch(q[a:b], k_pages, v_pages, page_table[a:b], page_lens, scale, out[a:b], lse[a:b])
-        for a, b in _row_runs(q)
-    ]
+    """The forward's launches, one per run of rows (:data:`MAX_GRID_Y`, :data:`MAX_OFFSET`);
+    arguments as :func:`routed_attention_fwd`, outputs given (out with q's strides)."""
+    _, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
+    meta = dict(
+        GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=q.dtype == torch.float32,
+        BLOCK_D=dot_block(D),
+    )  # fmt: skip
+    launches = []
+    for a, b in _row_runs(q):
+        table = page_table[a:b]
+        args = (
+            q[a:b], k_pages, v_pages, table, page_lens if page_lens is not None else table,
+            out[a:b], lse[a:b], scale,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+            table.stride(0),
+            b - a, H, Lq, table.shape[1], page_size, D,
+        )  # fmt: skip
+        grid = lambda meta, rows=b - a: (triton.cdiv(Lq, meta["BLOCK_M"]), rows * H)  # noqa: E731
+        launches.append(Launch(_fwd_kernel, grid, args, meta))
+    return launches
 
 
 def routed_attention_fwd(
