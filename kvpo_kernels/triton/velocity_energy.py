@@ -109,6 +109,11 @@ def _one_wave(kernel, v_pred: torch.Tensor, args: Callable[[int, int, int], tupl
 
     def build(per_sm: int) -> Launch:
         splits, chunk = _split(G * S, N, v_pred.device, meta["BLOCK"], per_sm)
+        if splits * chunk >= 2**31:  # a program's element indices within its row are int32
+            raise ValueError(
+                f"velocity_energy's Triton kernels take (branch, step) rows of fewer than 2**31 "
+                f"elements, got v_pred {tuple(v_pred.shape)} (N = {N}); backend='cuda' takes them"
+            )
         return Launch(kernel, (G * S, splits), args(S, N, chunk), meta)
 
     # S == 1 is specialised as a constant by Triton's JIT, so it is compiled apart.

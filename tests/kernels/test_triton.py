@@ -142,6 +142,20 @@ def test_routed_attention_refuses_what_no_launch_holds():
         ra.fwd_launches(q, q, q, torch.zeros(2, 1, dtype=torch.int32), None, 1.0, q, q[..., 0])
 
 
+def test_velocity_energy_refuses_a_row_past_2_31_elements():
+    """A (branch, step) row of 2**31 elements, which the kernels' int32 indices within a row
+    cannot reach: a ValueError naming the shape, before any launch (rows are offset in int64)."""
+    from kvpo_kernels.triton import velocity_energy as ve
+
+    big = torch.zeros(1, dtype=torch.float16).expand(2, 1, 2**31)
+    with pytest.raises(
+        ValueError, match=r"rows of fewer than 2\*\*31 elements.*\(2, 1, 2147483648\)"
+    ):
+        ve.fwd_launch(big, big, None, True, torch.zeros(2))
+    ok = torch.zeros(1, dtype=torch.float16).expand(2, 1, 2**31 - 2**20)
+    assert ve.fwd_launch(ok, ok, None, True, torch.zeros(2)).grid[0] == 2
+
+
 def _rows_past_2_31_elements() -> None:
     from kvpo_kernels.triton import routed_attention as ra
 
