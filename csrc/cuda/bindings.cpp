@@ -85,8 +85,14 @@ std::tuple<at::Tensor, at::Tensor> routed_attn_fwd_cuda(const at::Tensor& q_,
   p.page_size = k.size(2);
   p.max_pages = table.size(1);
   p.scale = static_cast<float>(scale);
-  check_cuda(cuda::routed_attention_fwd(p, dt, c10::cuda::getCurrentCUDAStream().stream()),
-             "routed_attn_fwd");
+  const cudaError_t err =
+      cuda::routed_attention_fwd(p, dt, c10::cuda::getCurrentCUDAStream().stream());
+  // The launcher's refusal of a grid past CUDA's axis limits (query tiles on y, heads on z).
+  TORCH_CHECK_VALUE(err != cudaErrorInvalidConfiguration,
+                    "routed_attn_fwd: q [B, H, Lq, D] = ", q.sizes(),
+                    " is past the CUDA forward's grid (at most 65535 heads, 65535 tiles of "
+                    "queries and 2**31 - 1 rows); backend='triton' takes it");
+  check_cuda(err, "routed_attn_fwd");
   return {out, lse};
 }
 

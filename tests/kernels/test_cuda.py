@@ -254,6 +254,12 @@ def test_cuda_backend_rejects_unsupported_inputs():
     q, k, v, table, lens = make_routed(CUDA_CASES[0], torch.float32)
     with pytest.raises(TypeError, match="backend 'cuda'"):
         kvpo_kernels.routed_attention(q.cuda(), k.cuda(), v.cuda(), table.cuda(), backend="cuda")
+    # a row of more query tiles (64 queries) than a grid axis holds, 65535
+    q = torch.zeros(1, 1, 65535 * 64 + 1, 64, device="cuda", dtype=torch.float16)
+    k = torch.zeros(1, 1, 16, 64, device="cuda", dtype=torch.float16)
+    table = torch.zeros(1, 1, device="cuda", dtype=torch.int32)
+    with pytest.raises(ValueError, match="past the CUDA forward's grid"):
+        kvpo_kernels.routed_attention(q, k, k, table, backend="cuda")
 
 
 def test_triton_routed_attention_past_a_grid_axis():
