@@ -131,8 +131,9 @@ def test_routed_attention_grids_stay_within_cuda_limits():
 
 
 def test_routed_attention_refuses_what_no_launch_holds():
-    """More heads than a grid axis holds, or one row of more than 2**31 elements: a ValueError
-    naming both limits, before any launch."""
+    """More heads than a grid axis holds, one row of more than 2**31 elements, or 2**31 queries x
+    heads x rows in the backward (whose dk/dv indexes lse in int32): a ValueError naming the
+    limits, before any launch."""
     from kvpo_kernels.triton import routed_attention as ra
 
     with pytest.raises(ValueError, match="at most 65535 heads and rows of fewer than 2147483648"):
@@ -140,6 +141,21 @@ def test_routed_attention_refuses_what_no_launch_holds():
     q = torch.empty(0, device="meta").as_strided((2, 1, 2**20 + 1, 2**11), (2**32, 2**32, 2**11, 1))
     with pytest.raises(ValueError, match="rows of 2147485696 elements"):
         ra.fwd_launches(q, q, q, torch.zeros(2, 1, dtype=torch.int32), None, 1.0, q, q[..., 0])
+    q = torch.empty(0, device="meta").as_strided((2**16, 2**8, 2**7, 1), (0, 0, 0, 1))
+    with pytest.raises(ValueError, match="fewer than 2\\*\\*31 queries x heads x rows"):
+        ra.bwd_launches(
+            q,
+            q,
+            q,
+            q,
+            torch.zeros(2**16, 1, dtype=torch.int32),
+            None,
+            *[q[..., 0]] * 2,
+            1.0,
+            q,
+            q,
+            q,
+        )
 
 
 def test_velocity_energy_refuses_a_row_past_2_31_elements():
