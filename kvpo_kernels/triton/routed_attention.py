@@ -461,7 +461,7 @@ def bwd_launches(
     and dq with q's strides, dk and dv with k_pages'): dq per run of rows, then dk and dv per run
     of pages (:data:`MAX_GRID_Y`, :data:`MAX_OFFSET`). lse and delta: float32, contiguous."""
     B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
-    if B * H * Lq >= MAX_OFFSET:  # dk/dv indexes every row's lse and delta in int32
+    if B * H * Lq >= 2**31:  # dk/dv indexes every row's lse and delta in int32
         raise ValueError(
             f"routed_attention's Triton backward takes fewer than 2**31 queries x heads x rows, "
             f"got q {tuple(q.shape)}"
