@@ -23,7 +23,7 @@ tests/kernels/test_triton_aot.py keeps it so). Each kernel autotunes over its ta
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -376,6 +376,44 @@ def _row_runs(q: torch.Tensor) -> list[tuple[int, int]]:
     return _runs(B, H, q.stride(0), extent)
 
 
+def _constexprs(q: torch.Tensor, k_pages: torch.Tensor, page_lens: torch.Tensor | None) -> dict:
+    return dict(
+        GROUP=q.shape[1] // k_pages.shape[1], HAS_LENS=page_lens is not None,
+        IEEE=q.dtype == torch.float32, BLOCK_D=dot_block(q.shape[3]),
+    )  # fmt: skip
+
+
+def _row_launches(
+    kernel: Any,
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    page_lens: torch.Tensor | None,
+    rowwise: tuple[torch.Tensor, ...],
+    scale: float,
+) -> list[Launch]:
+    """Launches of ``kernel`` (the forward or dq: arguments Q, K, V, TABLE, LENS, the row-wise
+    tensors, then scale, strides and sizes) over runs of q's rows, each taking its rows of q, the
+    table and ``rowwise`` (tensors [B, ...] with q's strides, or lse-like and contiguous)."""
+    _, H, Lq, D, _, page_size = _meta(q, k_pages)
+    constexprs = _constexprs(q, k_pages, page_lens)
+    launches = []
+    for a, b in _row_runs(q):
+        table = page_table[a:b]
+        args = (
+            q[a:b], k_pages, v_pages, table, page_lens if page_lens is not None else table,
+            *(t[a:b] for t in rowwise), scale,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+            table.stride(0),
+            b - a, H, Lq, table.shape[1], page_size, D,
+        )  # fmt: skip
+        grid = lambda meta, rows=b - a: (triton.cdiv(Lq, meta["BLOCK_M"]), rows * H)  # noqa: E731
+        launches.append(Launch(kernel, grid, args, constexprs))
+    return launches
+
+
 def fwd_launches(
     q: torch.Tensor,
     k_pages: torch.Tensor,
@@ -388,25 +426,7 @@ def fwd_launches(
 ) -> list[Launch]:
     """The forward's launches, one per run of rows (:data:`MAX_GRID_Y`, :data:`MAX_OFFSET`);
     arguments as :func:`routed_attention_fwd`, outputs given (out with q's strides)."""
-    _, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
-    meta = dict(
-        GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=q.dtype == torch.float32,
-        BLOCK_D=dot_block(D),
-    )  # fmt: skip
-    launches = []
-    for a, b in _row_runs(q):
-        table = page_table[a:b]
-        args = (
-            q[a:b], k_pages, v_pages, table, page_lens if page_lens is not None else table,
-            out[a:b], lse[a:b], scale,
-            q.stride(0), q.stride(1), q.stride(2),
-            k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-            table.stride(0),
-            b - a, H, Lq, table.shape[1], page_size, D,
-        )  # fmt: skip
-        grid = lambda meta, rows=b - a: (triton.cdiv(Lq, meta["BLOCK_M"]), rows * H)  # noqa: E731
-        launches.append(Launch(_fwd_kernel, grid, args, meta))
-    return launches
+    return _row_launches(_fwd_kernel, q, k_pages, v_pages, page_table, page_lens, (out, lse), scale)
 
 
 def routed_attention_fwd(
@@ -466,34 +486,22 @@ def bwd_launches(
             f"routed_attention's Triton backward takes fewer than 2**31 queries x heads x rows, "
             f"got q {tuple(q.shape)}"
         )
-    common = dict(GROUP=H // Hkv, HAS_LENS=page_lens is not None, IEEE=q.dtype == torch.float32,
-                  BLOCK_D=dot_block(D))  # fmt: skip
-    strides = (
-        q.stride(0), q.stride(1), q.stride(2),
-        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-    )  # fmt: skip
-    launches = []
-    for a, b in _row_runs(q):
-        table = page_table[a:b]
-        dq_args = (
-            q[a:b], k_pages, v_pages, table, page_lens if page_lens is not None else table,
-            dout[a:b], lse[a:b], delta[a:b], dq[a:b], scale,
-            *strides, table.stride(0),
-            b - a, H, Lq, table.shape[1], page_size, D,
-        )  # fmt: skip
-        grid = lambda meta, rows=b - a: (triton.cdiv(Lq, meta["BLOCK_M"]), rows * H)  # noqa: E731
-        launches.append(Launch(_bwd_dq_kernel, grid, dq_args, common))
+    launches = _row_launches(
+        _bwd_dq_kernel, q, k_pages, v_pages, page_table, page_lens, (dout, lse, delta, dq), scale
+    )
+    constexprs = _constexprs(q, k_pages, page_lens)
     row_ptr, rows = page_rows_csr(page_table, k_pages.shape[0])
     for a, b in _runs(k_pages.shape[0], Hkv):
         lens = page_lens[a:b] if page_lens is not None else row_ptr
         dkdv_args = (
             q, k_pages[a:b], v_pages[a:b], lens, dout, lse, delta, dk[a:b], dv[a:b],
             row_ptr[a:], rows, scale,
-            *strides,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
             B, H, Lq, Hkv, page_size, D,
         )  # fmt: skip
         grid = lambda meta, pages=b - a: (triton.cdiv(page_size, meta["BLOCK_N"]), pages * Hkv)  # noqa: E731
-        launches.append(Launch(_bwd_dkdv_kernel, grid, dkdv_args, common))
+        launches.append(Launch(_bwd_dkdv_kernel, grid, dkdv_args, constexprs))
     return launches
 
 
