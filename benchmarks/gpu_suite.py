@@ -241,14 +241,15 @@ def copy_bandwidth_gbs(device: str, numel: int = 2**28, flush: str = "write") ->
     return 2 * x.numel() * 4 / ms / 1e6
 
 
-def _energy_kernel(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor):
+def _energy_kernel(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, **tiling):
     """The Triton forward's launch alone, on a preallocated energy (zeroed once: timing calls
-    accumulate into it), without the custom op's dispatch, the weight's view or the zero fill."""
+    accumulate into it), without the custom op's dispatch, the weight's view or the zero fill;
+    tiling: ``fwd_launch``'s block / num_warps / eviction."""
     from kvpo_kernels.triton.velocity_energy import fwd_launch
 
     G, S = a.shape[:2]
     energy = torch.zeros(G, device=a.device)
-    launch = fwd_launch(a, b, w.float().expand(G, S), True, energy)
+    launch = fwd_launch(a, b, w.float().expand(G, S), True, energy, **tiling)
 
     def run():
         launch()
@@ -267,6 +268,17 @@ def _sum_same_bytes(a: torch.Tensor, b: torch.Tensor):
     """torch.sum over both operands laid end to end: the forward's bytes, read only."""
     both = torch.stack((a, b))
     return lambda: both.sum(dtype=torch.float32)
+
+
+# Other tilings of the Triton forward, timed beside the default (block: elements of each operand
+# per program per iteration; more in flight per thread, or more and smaller programs per SM).
+ENERGY_TILINGS = (
+    {"block": 8192, "num_warps": 8},
+    {"block": 4096, "num_warps": 4},
+    {"block": 2048, "num_warps": 4},
+    {"eviction": "evict_first"},
+    {"block": 8192, "num_warps": 8, "eviction": "evict_first"},
+)
 
 
 def velocity_rows(
@@ -317,6 +329,8 @@ def velocity_rows(
     # (the 1 GB copy that "of copy" divides by hides a launch's fixed costs; these do not).
     cases += [
         ("kvpo triton fwd kernel alone (no op, no zero fill)", lambda: _energy_kernel(a, b, w), bytes_fwd),
+        *[(f"kvpo triton fwd kernel alone, {t}", lambda t=t: _energy_kernel(a, b, w, **t), bytes_fwd)
+          for t in ENERGY_TILINGS],
         ("copy of the same bytes (read + write)", lambda: _copy_same_bytes(a), bytes_fwd),
         ("torch.sum over the same bytes (read only)", lambda: _sum_same_bytes(a, b), bytes_fwd),
     ]  # fmt: skip

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a session with a lent GPU machine runs, in few long calls; logs and tables go under $OUT.
 #
-#   bash scripts/gpu_session.sh all     # one call (a 15-minute lease): build, the GPU tests, the
+#   bash scripts/gpu_session.sh all     # one call (a 15-minute lease): build, velocity_energy's
+#                                       # tables (the goal not yet met, first), the GPU tests, the
 #                                       # main tables, 2 trainer iterations, the random-input
 #                                       # tests on the GPU backends, then the sweep with
 #                                       # whatever time is left (BUDGET_S, default 560 s)
@@ -106,6 +107,7 @@ export -f gpu_tests gpu_random train_two  # `timeout` runs them through `bash -c
 
 case "$stage" in
   all)
+    step velocity 120 python3 -m benchmarks.gpu_suite --part velocity --out "$OUT/gpu_velocity.md"
     step tests 170 bash -c gpu_tests
     step main 240 python3 -m benchmarks.gpu_suite --part main --out "$OUT/gpu_main.md"
     step train 120 bash -c train_two

@@ -34,6 +34,7 @@ def _row_weight(W, row, S, w_sg, w_ss, HAS_W: tl.constexpr):
 def _fwd_kernel(
     A, Bp, W, E, S, N, chunk, inv_n, w_sg, w_ss,
     HAS_W: tl.constexpr, PARTIALS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+    EVICT: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)  # g * S + s
     sp = tl.program_id(1)
@@ -46,8 +47,8 @@ def _fwd_kernel(
     for off in range(lo, lo + chunk, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         mask = idx < N
-        a = tl.load(A + base + idx, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(Bp + base + idx, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(A + base + idx, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        b = tl.load(Bp + base + idx, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
         d = a - b
         acc += tl.sum(tl.reshape(d * d, (BLOCK // VEC, VEC)), 1)
     part = tl.sum(acc, 0) * (_row_weight(W, row, S, w_sg, w_ss, HAS_W) * inv_n)
@@ -136,18 +137,28 @@ def fwd_launch(
     weight: torch.Tensor | None,
     mean: bool,
     energy: torch.Tensor | None,
+    *,
+    block: int | None = None,
+    num_warps: int = 8,
+    eviction: str = "",
 ) -> Launch:
     """The forward launch; arguments as :func:`velocity_energy_fwd`. energy: [G] float32 zeros,
     which the programs add into (float atomics: the order of the adds varies from run to run), or
     None: each program writes its weighted partial sum into a new [G * S * splits] float32 buffer,
-    ``launch.args[3]``, for the caller to sum per branch in a fixed order."""
+    ``launch.args[3]``, for the caller to sum per branch in a fixed order.
+
+    block, num_warps, eviction: the tile (elements of each operand per program per iteration, a
+    power of two, default 8 KiB of it), the warps per program and the loads' eviction policy
+    ("", "evict_first" or "evict_last"), for benchmarks to compare tilings; the op uses the
+    defaults."""
     inv_n = 1.0 / v_pred.shape[2] if mean else 1.0
     meta = dict(
         HAS_W=weight is not None,
         PARTIALS=energy is None,
-        BLOCK=_block(v_pred.element_size()),
+        BLOCK=block or _block(v_pred.element_size()),
         VEC=16 // v_pred.element_size(),  # elements per 16-byte load
-        num_warps=8,
+        EVICT=eviction,
+        num_warps=num_warps,
     )
 
     def args(S, N, chunk):
