@@ -69,6 +69,22 @@ def resident_programs(n_regs: int, num_warps: int, regs_per_sm: int, warps_per_s
 _RESIDENT: dict[tuple, int] = {}
 
 
+def specialization(args: tuple) -> tuple:
+    """What Triton's JIT compiles a kernel apart for, argument by argument: a tensor's dtype and
+    16-byte alignment, an integer's being 1, a multiple of 16 or past int32. Two launches of one
+    kernel with equal constexprs and equal specializations run the same binary (same registers);
+    an odd row length, say, compiles without 16-byte loads and can take twice the registers."""
+    spec = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            spec.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or not isinstance(a, int):
+            spec.append(type(a))
+        else:
+            spec.append((a == 1, a % 16 == 0, -(2**31) <= a < 2**31))
+    return tuple(spec)
+
+
 def programs_per_sm(
     key: tuple, device: torch.device, probe: Callable[[], Launch], default: int
 ) -> int:
@@ -77,8 +93,8 @@ def programs_per_sm(
 
     ``probe()`` builds the launch; its kernel is compiled (not run) the first time ``key`` is
     seen and the answer is cached under ``key``, which must name what changes the compiled code
-    (kernel, dtype, constexprs, device). ``default`` off CUDA and under the interpreter, where
-    nothing is built."""
+    (kernel, constexprs, device and the arguments' :func:`specialization`). ``default`` off CUDA
+    and under the interpreter, where nothing is built."""
     if interpreted() or device.type != "cuda":
         return default
     if key in _RESIDENT:

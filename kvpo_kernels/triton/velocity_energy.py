@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Launch, interpreted, num_sms, programs_per_sm
+from ._common import Launch, interpreted, num_sms, programs_per_sm, specialization
 
 
 @triton.jit
@@ -117,10 +117,12 @@ def _one_wave(kernel, v_pred: torch.Tensor, args: Callable[[int, int, int], tupl
             )
         return Launch(kernel, (G * S, splits), args(S, N, chunk), meta)
 
-    # S == 1 is specialised as a constant by Triton's JIT, so it is compiled apart.
-    key = (kernel, v_pred.dtype, v_pred.device, S == 1, tuple(sorted(meta.items())))
-    probe = lambda: build(PROGRAMS_PER_SM)  # noqa: E731
-    return build(programs_per_sm(key, v_pred.device, probe, PROGRAMS_PER_SM))
+    # The probe's specialization is the launch's: chunk, the one argument that changes with the
+    # programs per SM, is a multiple of BLOCK either way.
+    probe = build(PROGRAMS_PER_SM)
+    key = (kernel, v_pred.device, tuple(sorted(meta.items())), specialization(probe.args))
+    per_sm = programs_per_sm(key, v_pred.device, lambda: probe, PROGRAMS_PER_SM)
+    return probe if per_sm == PROGRAMS_PER_SM else build(per_sm)
 
 
 def _weight_args(weight: torch.Tensor | None, dummy: torch.Tensor) -> tuple:

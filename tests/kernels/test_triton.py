@@ -379,6 +379,35 @@ def test_programs_per_sm_asks_the_compiled_kernel_once(monkeypatch):
         assert _common.programs_per_sm(("k", 3), gpu, probe, 5) == 5
 
 
+def test_velocity_energy_asks_registers_per_specialization(monkeypatch):
+    """A row length Triton compiles apart (not a multiple of 16: no 16-byte loads, more
+    registers) gets its own occupancy answer, not the one cached for another length: on an
+    H200 an odd length asked first held later aligned launches to half the programs per SM."""
+    from kvpo_kernels.triton import _common
+    from kvpo_kernels.triton import velocity_energy as ve
+
+    keys = []
+
+    def programs_per_sm(key, device, probe, default):
+        keys.append(key)
+        return 4 if key[-1][5][1] else 8  # the stand-in: aligned N fits 4, odd N 8
+
+    monkeypatch.setattr(ve, "programs_per_sm", programs_per_sm)
+    gen = torch.Generator().manual_seed(3)
+    grids = {}
+    for n in (4096, 4097, 8192):
+        a, b = (torch.randn(2, 3, n, generator=gen) for _ in range(2))
+        grids[n] = ve.fwd_launch(a, b, None, True, torch.zeros(2)).grid
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+    assert grids[4097][1] > grids[4096][1]  # 8 programs per SM: more splits of the row
+    spec = _common.specialization
+    assert spec((torch.zeros(4), 1, 32, 33, 2**31, 0.5)) == (
+        (torch.float32, True), (True, False, True), (False, True, True),
+        (False, False, True), (False, True, False), float,
+    )  # fmt: skip
+    assert spec((torch.zeros(5)[1:],))[0] == (torch.float32, False)  # 4 bytes past alignment
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("shape", [(2, 3, 0), (0, 3, 5), (2, 0, 5)], ids=str)
 def test_velocity_energy_empty_dimensions_agree_with_torch(reduction, shape):
