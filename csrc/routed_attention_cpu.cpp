@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "message.h"
 #include "routed_attention.h"
 #include "simd.h"
 
@@ -505,16 +506,16 @@ void check_common(const at::Tensor& q, const at::Tensor& k_pages, const at::Tens
   const int64_t P = k_pages.size(0);
   const int32_t* tp = page_table.const_data_ptr<int32_t>();
   for (int64_t x = 0; x < page_table.numel(); ++x)
-    TORCH_CHECK(tp[x] >= -1 && tp[x] < P, "routed_attn: page_table entry ", tp[x],
-                " out of range [-1, ", P, ")");
+    TORCH_CHECK(tp[x] >= -1 && tp[x] < P, "routed_attn: page_table entry ", num(tp[x]),
+                " out of range [-1, ", num(P), ")");
   if (page_lens.has_value()) {
     const auto& pl = *page_lens;
     TORCH_CHECK(pl.dim() == 1 && pl.size(0) == P && pl.scalar_type() == at::kInt,
                 "routed_attn: page_lens must be int32 [P]");
     const int32_t* lp = pl.const_data_ptr<int32_t>();
     for (int64_t x = 0; x < P; ++x)
-      TORCH_CHECK(lp[x] >= 0 && lp[x] <= k_pages.size(2), "routed_attn: page_lens entry ", lp[x],
-                  " out of range [0, ", k_pages.size(2), "]");
+      TORCH_CHECK(lp[x] >= 0 && lp[x] <= k_pages.size(2), "routed_attn: page_lens entry ",
+                  num(lp[x]), " out of range [0, ", num(k_pages.size(2)), "]");
   }
 }
 

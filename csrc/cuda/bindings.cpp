@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "kernels.h"
+#include "message.h"
 
 namespace kvpo {
 namespace {
@@ -60,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attn_fwd_cuda(const at::Tensor& q_,
   const auto dt = to_dtype(q_, "routed_attn_fwd");
   TORCH_CHECK(cuda::routed_attention_fwd_supported(dt, q_.size(3)),
               "routed_attn_fwd: the CUDA kernel takes float16/bfloat16 with head_dim 64 or 128, "
-              "got ", q_.scalar_type(), " with head_dim ", q_.size(3));
+              "got ", q_.scalar_type(), " with head_dim ", num(q_.size(3)));
   const c10::cuda::CUDAGuard guard(q_.device());
   const auto q = aligned(q_), k = aligned(k_), v = aligned(v_);
   const auto table = table_.contiguous();
@@ -89,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attn_fwd_cuda(const at::Tensor& q_,
       cuda::routed_attention_fwd(p, dt, c10::cuda::getCurrentCUDAStream().stream());
   // The launcher's refusal of a grid past CUDA's axis limits (query tiles on y, heads on z).
   TORCH_CHECK_VALUE(err != cudaErrorInvalidConfiguration,
-                    "routed_attn_fwd: q [B, H, Lq, D] = ", q.sizes(),
+                    "routed_attn_fwd: q [B, H, Lq, D] = ", dims(q.sizes()),
                     " is past the CUDA forward's grid (at most 65535 heads, 65535 tiles of "
                     "queries and 2**31 - 1 rows); backend='triton' takes it");
   check_cuda(err, "routed_attn_fwd");
