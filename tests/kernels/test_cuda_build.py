@@ -125,6 +125,7 @@ def test_torch_binding_compiles(tmp_path):
             *includes,
             f"-I{tmp_path / 'shim'}",
             f"-I{cuda_inc[0]}",
+            f"-I{ROOT / 'csrc'}",  # as setup.py's and CMakeLists.txt's include directories
             f"-I{CUDA_DIR}",
             str(CUDA_DIR / "bindings.cpp"),
         ]
