@@ -2,7 +2,7 @@
 # What a session with a lent GPU machine runs, in few long calls; logs and tables go under $OUT.
 #
 #   bash scripts/gpu_session.sh all     # one call (a 15-minute lease): build, velocity_energy's
-#                                       # tables (the goal not yet met, first), the GPU tests, the
+#                                       # tables (first: issue 3's last goal), the GPU tests, the
 #                                       # main tables, 2 trainer iterations, the random-input
 #                                       # tests on the GPU backends, then the sweep with
 #                                       # whatever time is left (BUDGET_S, default 560 s)

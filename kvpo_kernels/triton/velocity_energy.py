@@ -153,6 +153,10 @@ def fwd_launch(
     power of two, default 8 KiB of it), the warps per program and the loads' eviction policy
     ("", "evict_first" or "evict_last"), for benchmarks to compare tilings; the op uses the
     defaults."""
+    if block is not None and (block < 256 or block & (block - 1)):
+        raise ValueError(f"block must be a power of two >= 256, got {block}")
+    if eviction not in ("", "evict_first", "evict_last"):
+        raise ValueError(f"eviction must be '', 'evict_first' or 'evict_last', got {eviction!r}")
     inv_n = 1.0 / v_pred.shape[2] if mean else 1.0
     meta = dict(
         HAS_W=weight is not None,

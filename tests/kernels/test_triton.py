@@ -172,6 +172,17 @@ def test_velocity_energy_refuses_a_row_past_2_31_elements():
     assert ve.fwd_launch(ok, ok, None, True, torch.zeros(2)).grid[0] == 2
 
 
+def test_velocity_energy_tiling_knobs_refuse_what_cannot_compile():
+    from kvpo_kernels.triton import velocity_energy as ve
+
+    a = torch.randn(2, 3, 700)
+    with pytest.raises(ValueError, match="block must be a power of two >= 256, got 3000"):
+        ve.fwd_launch(a, a, None, True, torch.zeros(2), block=3000)
+    with pytest.raises(ValueError, match="eviction must be .*got 'evict'"):
+        ve.fwd_launch(a, a, None, True, torch.zeros(2), eviction="evict")
+    assert ve.fwd_launch(a, a, None, True, torch.zeros(2), block=512).meta["BLOCK"] == 512
+
+
 def _rows_past_2_31_elements() -> None:
     from kvpo_kernels.triton import routed_attention as ra
 
