@@ -85,21 +85,19 @@ def specialization(args: tuple) -> tuple:
     return tuple(spec)
 
 
-def programs_per_sm(
-    key: tuple, device: torch.device, probe: Callable[[], Launch], default: int
-) -> int:
-    """How many programs of a launch's compiled kernel one SM of ``device`` holds, so that a
+def programs_per_sm(launch: Launch, device: torch.device, default: int) -> int:
+    """How many programs of ``launch``'s compiled kernel one SM of ``device`` holds, so that a
     grid can be sized to exactly one wave.
 
-    ``probe()`` builds the launch; its kernel is compiled (not run) the first time ``key`` is
-    seen and the answer is cached under ``key``, which must name what changes the compiled code
-    (kernel, constexprs, device and the arguments' :func:`specialization`). ``default`` off CUDA
-    and under the interpreter, where nothing is built."""
+    The kernel is compiled (not run) the first time its binary is asked for, and the answer is
+    cached under what picks that binary: kernel, constexprs, device and the arguments'
+    :func:`specialization` (not the grid, which may be what the answer resizes). ``default`` off
+    CUDA and under the interpreter, where nothing is built."""
     if interpreted() or device.type != "cuda":
         return default
+    key = (launch.kernel, device, tuple(sorted(launch.meta.items())), specialization(launch.args))
     if key in _RESIDENT:
         return _RESIDENT[key]
-    launch = probe()
     try:
         with torch.cuda.device(device):
             compiled = launch.jit_fn.warmup(*launch.args, grid=launch.grid, **launch.meta)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Launch, interpreted, num_sms, programs_per_sm, specialization
+from ._common import Launch, interpreted, num_sms, programs_per_sm
 
 
 @triton.jit
@@ -117,11 +117,10 @@ def _one_wave(kernel, v_pred: torch.Tensor, args: Callable[[int, int, int], tupl
             )
         return Launch(kernel, (G * S, splits), args(S, N, chunk), meta)
 
-    # The probe's specialization is the launch's: chunk, the one argument that changes with the
-    # programs per SM, is a multiple of BLOCK either way.
+    # The probe runs the launch's binary: chunk, the one argument that changes with the programs
+    # per SM, is a multiple of BLOCK either way, so its specialization does not change.
     probe = build(PROGRAMS_PER_SM)
-    key = (kernel, v_pred.device, tuple(sorted(meta.items())), specialization(probe.args))
-    per_sm = programs_per_sm(key, v_pred.device, lambda: probe, PROGRAMS_PER_SM)
+    per_sm = programs_per_sm(probe, v_pred.device, PROGRAMS_PER_SM)
     return probe if per_sm == PROGRAMS_PER_SM else build(per_sm)
 
 

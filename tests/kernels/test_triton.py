@@ -365,7 +365,7 @@ def test_programs_per_sm_asks_the_compiled_kernel_once(monkeypatch):
         warmups.append((args, grid, meta))
         return compiled
 
-    jit = types.SimpleNamespace(warmup=warmup, __name__="_fwd_kernel")
+    jit = type("Jit", (), {"warmup": staticmethod(warmup), "__name__": "_fwd_kernel"})()
     monkeypatch.setattr(_common, "interpreted", lambda: False)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     props = types.SimpleNamespace(
@@ -375,19 +375,21 @@ def test_programs_per_sm_asks_the_compiled_kernel_once(monkeypatch):
     monkeypatch.setattr(_common, "_RESIDENT", {})
     gpu = torch.device("cuda", 0)
 
-    def probe():
-        return _common.Launch(jit, (7, 1), (torch.zeros(4), 3), {"BLOCK": 256, "num_warps": 8})
+    def launch(block=256, n=32, grid=(7, 1)):
+        return _common.Launch(jit, grid, (torch.zeros(4), n), {"BLOCK": block, "num_warps": 8})
 
-    assert _common.programs_per_sm(("k", 0), torch.device("cpu"), probe, 8) == 8
+    assert _common.programs_per_sm(launch(), torch.device("cpu"), 8) == 8
     assert warmups == []  # off CUDA: the default, nothing built
-    assert _common.programs_per_sm(("k", 1), gpu, probe, 8) == 6  # 40 registers x 8 warps
-    assert _common.programs_per_sm(("k", 1), gpu, probe, 8) == 6
+    assert _common.programs_per_sm(launch(), gpu, 8) == 6  # 40 registers x 8 warps
+    assert _common.programs_per_sm(launch(grid=(7, 3)), gpu, 8) == 6  # the grid is not the key
     assert len(warmups) == 1 and warmups[0][1] == (7, 1) and warmups[0][2]["num_warps"] == 8
     compiled.n_regs = 31
-    assert _common.programs_per_sm(("k", 2), gpu, probe, 8) == 8
+    assert _common.programs_per_sm(launch(n=33), gpu, 8) == 8  # n % 16 != 0: another binary
+    assert _common.programs_per_sm(launch(block=512), gpu, 8) == 8  # another constexpr
+    assert len(warmups) == 3
     del compiled._init_handles  # a Triton whose compiled kernels lack it
     with pytest.warns(UserWarning, match="did not report _fwd_kernel's registers"):
-        assert _common.programs_per_sm(("k", 3), gpu, probe, 5) == 5
+        assert _common.programs_per_sm(launch(block=1024), gpu, 5) == 5
 
 
 def test_velocity_energy_asks_registers_per_specialization(monkeypatch):
@@ -399,9 +401,9 @@ def test_velocity_energy_asks_registers_per_specialization(monkeypatch):
 
     keys = []
 
-    def programs_per_sm(key, device, probe, default):
-        keys.append(key)
-        return 4 if key[-1][5][1] else 8  # the stand-in: aligned N fits 4, odd N 8
+    def programs_per_sm(launch, device, default):  # what the cache is keyed on, per launch
+        keys.append(_common.specialization(launch.args))
+        return 4 if keys[-1][5][1] else 8  # the stand-in: aligned N fits 4, odd N 8
 
     monkeypatch.setattr(ve, "programs_per_sm", programs_per_sm)
     gen = torch.Generator().manual_seed(3)
