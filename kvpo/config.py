@@ -20,6 +20,7 @@ import yaml
 
 from .loggers import parse_log_to
 from .rewards import BUILTIN, split_reward_spec
+from .sampler import SAMPLERS
 
 REWARD_SCOPES = ("video", "global", "local")  # see kvpo.scoring.scope_chunks
 BASE_CHECKPOINT = str(Path(__file__).parent / "assets" / "base.safetensors")
@@ -101,6 +102,9 @@ class TrainConfig:
     recent_frames: int = 2  # routing=sample: nearest history frames every branch keeps
     local_window: int | None = None  # frames besides sinks a chunk attends to (None: checkpoint's)
     recache: bool | None = None  # KV re-cache at prompt switches (None: the checkpoint's)
+    # euler: x' = x + (t' - t) v (the built-in generator) | renoise: predict x0 = x - t v, re-noise
+    # it to t' with noise shared by a group's branches (Self-Forcing, CausVid, LongLive deploy it)
+    sampler: str | None = None  # euler | renoise (None: the generator's own)
     score_after_window: bool = False  # also score the chunks after the perturbed window
     score_steps: tuple[int, ...] | None = None  # None: every denoising step
     kl_prefix: bool = False  # the velocity KL also covers the shared pre-window chunks
@@ -258,6 +262,8 @@ class TrainConfig:
             raise bad("ema", "must be a decay in [0, 1) (0: no EMA)")
         if self.recache is not None and not isinstance(self.recache, bool):
             raise bad("recache", "must be true, false or None (the checkpoint's)")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise bad("sampler", f"must be one of {', '.join(SAMPLERS)} or None (the generator's)")
         if not 0.0 <= self.p_keep <= 1.0:
             raise bad("p_keep", "must be in [0, 1]")
         if not 0.0 <= self.multi_prompt <= 1.0:

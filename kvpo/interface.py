@@ -10,8 +10,8 @@ Vocabulary:
 
 ``kvpo.train.train(cfg, generator=...)`` aligns any ``nn.Module`` with this protocol. It also uses,
 when present: ``recache`` (KV re-cache at prompt switches), ``grad_checkpointing`` (a bool switch
-for ``--grad_checkpointing``), ``set_local_window`` / ``set_recache`` (else ``--local_window``
-and ``--recache`` set the attributes directly), ``add_lora(rank, alpha)`` (``--lora_rank``), and
+for ``--grad_checkpointing``), ``set_local_window`` / ``set_recache`` / ``set_sampler`` (else
+``--local_window``, ``--recache`` and ``--sampler`` set the attributes directly), ``add_lora(rank, alpha)`` (``--lora_rank``), and
 ``video_frames(first, last) -> slice`` (the frames of :meth:`~StreamingVideoGenerator.to_video`'s
 output that frames ``[first, last)`` decode to, when a VAE makes several of each).
 """
@@ -38,8 +38,11 @@ class KVCache(Protocol):
 class StreamingVideoGenerator(Protocol):
     """A chunk-wise autoregressive flow-matching generator over a paged KV cache.
 
-    Flow convention: ``x_t = (1 - t) x_0 + t * noise``, velocity ``v = noise - x_0``; sampling
-    integrates ``dx/dt = v`` from ``t = 1`` to ``t = 0`` over :meth:`timesteps` (deterministic ODE).
+    Flow convention: ``x_t = (1 - t) x_0 + t * noise``, velocity ``v = noise - x_0``; a chunk is
+    denoised from ``t = 1`` to ``t = 0`` over :meth:`timesteps` by the generator's own sampler,
+    its optional ``sampler`` attribute (:mod:`kvpo.sampler`): ``euler`` (the default, the ODE
+    ``dx/dt = v``) or ``renoise`` (predict ``x_0``, re-noise it to the next timestep: the sampler
+    Self-Forcing, CausVid and LongLive were distilled with).
     """
 
     num_frames: int
@@ -97,7 +100,7 @@ class StreamingVideoGenerator(Protocol):
         ...
 
     def timesteps(self) -> torch.Tensor:
-        """[S + 1] float, decreasing from 1 to 0: the S-step ODE schedule of one chunk."""
+        """[S + 1] float, decreasing from 1 to 0: the S-step schedule of one chunk."""
         ...
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import data, lora
+from .sampler import check_sampler
 from .streaming import PagedKVCache, chunk_attention, patchify, shifted_timesteps, unpatchify
 
 __all__ = ["ModelConfig", "PagedKVCache", "TinyARVideo", "shifted_timesteps"]
@@ -38,6 +39,7 @@ class ModelConfig:
     sink_frames: int = 1
     local_window: int | None = None  # frames of context besides sinks (None = all)
     recache: bool = False  # at a prompt switch, re-encode the frames the chunk sees (LongLive)
+    sampler: str = "euler"  # the few-step sampler it deploys (kvpo.sampler): trained as an ODE
     steps: int = 4
     shift: float = 2.0
     lora_rank: int = 0  # > 0: the blocks' linear layers carry LoRA adapters (base frozen)
@@ -196,6 +198,7 @@ class TinyARVideo(nn.Module):
         self.sink_frames = cfg.sink_frames
         self.local_window = cfg.local_window
         self.recache = cfg.recache
+        self.sampler = check_sampler(cfg.sampler, "ModelConfig.sampler")
         self.grad_checkpointing = False  # recompute each block in backward (teacher forcing)
         self.text = TextEncoder(cfg.dim)
         self.embed = nn.Linear(self.token_dim, cfg.dim)
@@ -281,7 +284,7 @@ class TinyARVideo(nn.Module):
         )
 
     def timesteps(self) -> torch.Tensor:
-        """[steps + 1] float32 noise levels of the ODE sampler, from 1 down to 0 (shifted)."""
+        """[steps + 1] float32 noise levels of the few-step schedule, from 1 down to 0 (shifted)."""
         return shifted_timesteps(self.cfg.steps, self.cfg.shift)
 
     def set_local_window(self, frames: int | None) -> None:
@@ -293,6 +296,11 @@ class TinyARVideo(nn.Module):
         """KV re-cache at prompt switches (see :func:`kvpo.context.recache_chunks`), in sampling,
         teacher forcing and the saved config alike."""
         self.recache = self.cfg.recache = bool(on)
+
+    def set_sampler(self, kind: str) -> None:
+        """Deploy the few-step sampler ``kind`` (:mod:`kvpo.sampler`), in sampling, rollouts and
+        the saved config alike."""
+        self.sampler = self.cfg.sampler = check_sampler(kind)
 
     def add_lora(self, rank: int, alpha: float | None = None) -> None:
         """Freeze the model and give the attention and MLP layers of every block LoRA adapters

@@ -25,9 +25,9 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
 
 
 def set_context(cfg: TrainConfig, model: nn.Module) -> None:
-    """The deployment context the config asks for (local window, KV re-cache), if it asks; the
-    built-in generator also records it in its saved config."""
-    for name in ("local_window", "recache"):
+    """The deployment context the config asks for (local window, KV re-cache, sampler), if it
+    asks; the built-in generator also records it in its saved config."""
+    for name in ("local_window", "recache", "sampler"):
         value = getattr(cfg, name)
         if value is not None:
             setter = getattr(model, f"set_{name}", None)

@@ -9,12 +9,14 @@ per group; their pages are listed by every branch's table (shared, not copied). 
 the sinks and the ``recent_frames`` nearest frames and refills the rest of the window with frames
 drawn from the whole older history (:func:`kvpo_kernels.sample_pages`).
 A chunk's cache pages are written by a clean pass under the branch's full context, and after the
-window generation continues under full context. The sampler is the model's deterministic few-step
-ODE, so branches differ only through the routing.
+window generation continues under full context. Each chunk is denoised by the generator's own
+sampler (:mod:`kvpo.sampler`); with ``renoise`` every branch of a group re-noises with the same
+noise at every step, so branches differ only through the routing.
 
 ``explore="sde"`` is the Flow-GRPO baseline instead (:mod:`kvpo.sde`): no routing; the recorded
-steps of the scored chunks are stochastic SDE steps, independent per branch, and the velocity
-recorded is the step taken, ``(x_{k+1} - x_k) / dt``.
+steps of the scored chunks are stochastic SDE steps, independent per branch (they replace the
+sampler's step there; every other step is the sampler's, with the group's noise), and the
+velocity recorded is the step taken, ``(x_{k+1} - x_k) / dt``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .context import (
     visible_frames,
 )
 from .interface import StreamingVideoGenerator
+from .sampler import renoise_steps, sampler_of, sampler_step
 from .sde import sde_step, sde_t_cap
 
 
@@ -362,6 +365,7 @@ def rollout(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     noise: torch.Tensor | None = None,
+    step_noise: torch.Tensor | None = None,
 ) -> Rollout:
     """Generate B groups of G branches (plus an anchor each if ``spec.anchor``).
 
@@ -370,6 +374,9 @@ def rollout(
         generator: CPU generator for the noise and the routing (reproducible rollouts).
         noise: each group's initial noise ``[B, chunks, chunk_frames * frame_tokens, token_dim]``
             (default: drawn from ``generator`` first).
+        step_noise: the ``renoise`` sampler's noise of each group, ``[B, chunks, steps - 1,
+            chunk_frames * frame_tokens, token_dim]`` (:func:`batch_step_noise`; default: drawn
+            from ``generator`` after ``noise``); None for ``euler``.
     """
     spec.validate(model)
     device = torch.device(device)
@@ -391,6 +398,15 @@ def rollout(
     elif tuple(noise.shape) != (B, nC, c * T, d):
         raise ValueError(f"noise {tuple(noise.shape)} must be [{B}, {nC}, {c * T}, {d}]")
     noise = noise.to(device)
+    sampler = sampler_of(model)
+    n_renoise = renoise_steps(sampler, len(ts) - 1)
+    if step_noise is None and n_renoise:
+        step_noise = batch_step_noise(model, B, generator)
+    elif n_renoise and tuple(step_noise.shape) != (B, nC, n_renoise, c * T, d):
+        raise ValueError(
+            f"step_noise {tuple(step_noise.shape)} must be [{B}, {nC}, {n_renoise}, {c * T}, {d}] "
+            f"for the {sampler} sampler"
+        )
 
     switches, passes, widest, capacity = _page_plan(model, prompts, spec)
     rows = torch.arange(B).repeat_interleave(Gt)  # b * Gt + g from the fork; the anchor: g = G
@@ -413,13 +429,15 @@ def rollout(
         R = page_map.shape[0]
         own = scratch[:R]
         x = noise[group_of_row, j].clone()
+        z = step_noise[group_of_row, j].to(device) if n_renoise else None  # the group's
         fi = (j * c + torch.arange(c, device=device)).expand(R, c)
         den_table = torch.cat([table_hist, own.to(torch.int32)], 1)
         xs, vs = [], []
         for k in range(len(ts) - 1):
             v = model(x, ts[k].expand(R), cond, fi, den_table.to(device), cache, own)
             dt = ts[k + 1] - ts[k]
-            x_next = x + dt * v
+            z_k = z[:, k] if z is not None and k < n_renoise else None
+            x_next = sampler_step(sampler, x, v, ts[k], ts[k + 1], z_k)
             if record and k in steps:
                 if sde and eps is not None:
                     x_sde = sde_step(x, v, ts[k], ts[k + 1], t_cap, spec.sde_noise, eps[k])
@@ -550,6 +568,20 @@ def rollout(
     )
 
 
+def batch_step_noise(
+    model: StreamingVideoGenerator, B: int, generator: torch.Generator
+) -> torch.Tensor | None:
+    """The re-noising noise ``[B, chunks, steps - 1, chunk_frames * frame_tokens, token_dim]`` of
+    B videos under the generator's ``renoise`` sampler, drawn on the CPU from ``generator`` (what
+    :func:`rollout` draws after :func:`batch_noise`); None for ``euler``, which draws none."""
+    n = renoise_steps(sampler_of(model), len(model.timesteps()) - 1)
+    if not n:
+        return None
+    nC = model.num_frames // model.chunk_frames
+    shape = (B, nC, n, model.chunk_frames * model.frame_tokens, model.token_dim)
+    return torch.randn(shape, generator=generator)
+
+
 def batch_noise(model: StreamingVideoGenerator, B: int, generator: torch.Generator) -> torch.Tensor:
     """The initial noise [B, chunks, chunk_frames * frame_tokens, token_dim] of B videos, drawn on
     the CPU from ``generator`` (what :func:`rollout` draws first)."""
@@ -573,20 +605,25 @@ def generate(
     device: torch.device | str = "cpu",
     rows: Sequence[int] | None = None,
     noise: torch.Tensor | None = None,
+    step_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Deployment-time sampling (no routing): [B, F, C, H, W] videos in [-1, 1].
+    """Deployment-time sampling (no routing) by the generator's own sampler: [B, F, C, H, W]
+    videos in [-1, 1].
 
     ``rows`` makes only those of the B videos ([len(rows), F, C, H, W]), each from the noise it
     has in the whole batch: ranks that split a batch make the videos the whole batch would.
-    ``noise`` is the whole batch's (:func:`batch_noise`; default: drawn from ``generator``), for
-    callers that make a batch in several calls."""
+    ``noise`` and ``step_noise`` are the whole batch's (:func:`batch_noise`,
+    :func:`batch_step_noise`; default: drawn from ``generator`` in that order), for callers that
+    make a batch in several calls or replay a sample noise for noise."""
     spec = deployment_spec(model)
     if noise is None:
         noise = batch_noise(model, len(prompts), generator)
+        step_noise = batch_step_noise(model, len(prompts), generator)
     if rows is not None:
         rows = list(rows)
         prompts, noise = [prompts[i] for i in rows], noise[rows]
-    ro = rollout(model, prompts, spec, generator, device, noise=noise)
+        step_noise = None if step_noise is None else step_noise[rows]
+    ro = rollout(model, prompts, spec, generator, device, noise=noise, step_noise=step_noise)
     return model.to_video(ro.tokens[:, 0])
 
 
@@ -603,7 +640,8 @@ def generate_passes(
     whole batch (drawn once from ``generator``), so any split makes the same videos."""
     rows = list(rows)
     noise = batch_noise(model, len(prompts), generator)
+    step_noise = batch_step_noise(model, len(prompts), generator)
     step = per_pass or max(len(rows), 1)
     for j in range(0, len(rows), step):
         part = rows[j : j + step]
-        yield part, generate(model, prompts, torch.Generator(), device, part, noise)
+        yield part, generate(model, prompts, torch.Generator(), device, part, noise, step_noise)

@@ -1,7 +1,7 @@
 """Sample and score a generator: ``python -m kvpo.sample --checkpoint PATH [--ema] [--prompt P]``.
 
-Deployment-time sampling (the deterministic few-step ODE, no routing) of the built-in generator
-from a model or training checkpoint: writes a GIF/MP4 grid (one column per prompt) and prints each
+Deployment-time sampling (the generator's own few-step sampler, no routing) of the built-in
+generator from a model or training checkpoint: writes a GIF/MP4 grid (one column per prompt) and prints each
 video's built-in rewards (and yours, ``--reward_fns name=module:fn``). Without ``--prompt`` it
 samples the held-out evaluation prompts. A ``--wan_dir`` run's checkpoint samples Wan2.1 (its
 adapters and weights; ``--prompt`` required; the generic rewards). On the GPU when there is one,

@@ -1,8 +1,10 @@
 """The Flow-GRPO baseline: exploration by SDE noise, PPO on Gaussian step log-probabilities.
 
 KVPO explores by KV routing and scores branches by their velocity energy; the baseline it is
-compared with (METHOD.md, "Baseline to compare with") turns the deterministic ODE sampler into an
-SDE with the same marginals and scores each stochastic step by its closed-form Gaussian density.
+compared with turns the probability-flow ODE into an SDE with the same marginals and scores each
+stochastic step by its closed-form Gaussian density. Its SDE steps replace the generator's own
+sampler step (:mod:`kvpo.sampler`) on the scored steps only; under ``renoise`` every other step
+re-noises with the group's shared noise.
 
 Time runs from t = 1 (noise) to t = 0 (data), ``x_t = (1 - t) x_0 + t eps`` and ``v = eps - x_0``,
 as in the generator's sampler. One step from t to t' = t + dt (dt < 0) with noise level ``a``:

@@ -26,6 +26,29 @@ def test_replay_reproduces_unperturbed_steps(model):
     assert e.abs().max() < 1e-9
 
 
+def test_replay_of_a_renoise_rollout_gives_back_its_velocities(model):
+    """The renoise sampler records the states it visited (re-noised) and the velocities there:
+    replay under the rollout's own context gives them back, so TVE is defined as for euler."""
+    model.set_sampler("renoise")
+    ro = small_rollout(model, p_keep=0.4)
+    with torch.no_grad():
+        u = replay_velocities(model, ro)
+    after = ro.chunk >= ro.window[1]
+    torch.testing.assert_close(u[:, :, after], ro.velocities[:, :, after], rtol=1e-4, atol=1e-5)
+    full = small_rollout(model, p_keep=1.0)
+    with torch.no_grad():
+        e = trajectory_energy(replay_velocities(model, full), full, step_weights(full))
+    assert e.abs().max() < 1e-9
+    # the recorded states are the re-noised ones, not an Euler path's: a step's state is
+    # (1 - t) x0 + t z for the x0 predicted the step before
+    k = 1
+    x0 = full.states[:, :, k - 1] - full.t[k - 1] * full.velocities[:, :, k - 1]
+    z = (full.states[:, :, k] - (1 - full.t[k]) * x0) / full.t[k]
+    euler = full.states[:, :, k - 1] + (full.t[k] - full.t[k - 1]) * full.velocities[:, :, k - 1]
+    assert (full.states[:, :, k] - euler).abs().amax() > 0.1
+    assert 0.8 < float(z.std()) < 1.2  # standard normal noise, not an ODE's drift
+
+
 @pytest.mark.parametrize("per_pass", [1, 2])
 def test_replay_in_branch_passes_is_the_whole_replay(model, per_pass, monkeypatch):
     """replay_velocities(..., branches_per_pass): the branches a few per forward (the pre-window

@@ -8,7 +8,14 @@ import torch
 from trainer_support import PROMPTS, tiny_model
 
 from kvpo.context import recache_chunks, visible_frames
-from kvpo.rollout import RolloutSpec, generate, rollout, rollout_pages
+from kvpo.rollout import (
+    RolloutSpec,
+    batch_noise,
+    batch_step_noise,
+    generate,
+    rollout,
+    rollout_pages,
+)
 
 
 def _prompts(model, n=2):
@@ -221,6 +228,44 @@ def test_rollout_takes_the_noise_given(model):
         ValueError, match=re.escape(f"noise {bad} must be [{', '.join(map(str, shape))}]")
     ):
         rollout(model, prompts, spec, torch.Generator(), noise=noise[..., :-1])
+
+
+def test_renoise_branches_share_every_step_noise(model):
+    """Under the renoise sampler every branch of a group re-noises with the group's noise: with
+    nothing routed out the branches and the anchor are one video, with routing they differ, and
+    the re-noising noise is what was given (another draw of it makes another video)."""
+    model.set_sampler("renoise")
+    prompts = _prompts(model)
+    gen = torch.Generator().manual_seed(5)
+    noise, step_noise = batch_noise(model, 2, gen), batch_step_noise(model, 2, gen)
+    nC, steps = model.num_frames // model.chunk_frames, len(model.timesteps()) - 1
+    assert step_noise.shape == (2, nC, steps - 1, *noise.shape[2:])
+    spec = RolloutSpec(group_size=4, window=(2, 4), p_keep=1.0)
+    ro = rollout(model, prompts, spec, torch.Generator(), noise=noise, step_noise=step_noise)
+    torch.testing.assert_close(ro.tokens, ro.tokens[:, :1].expand_as(ro.tokens), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ro.anchor_tokens, ro.tokens[:, 0], rtol=0, atol=1e-5)
+    # drawn by the rollout itself: the initial noise first, then the step noise
+    drawn = rollout(model, prompts, spec, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(drawn.tokens, ro.tokens, rtol=0, atol=1e-6)
+    other = torch.randn(step_noise.shape, generator=torch.Generator().manual_seed(6))
+    moved = rollout(model, prompts, spec, torch.Generator(), noise=noise, step_noise=other)
+    assert (moved.tokens - ro.tokens).abs().amax() > 0.1
+    routed = rollout(model, prompts, replace(spec, p_keep=0.3), torch.Generator().manual_seed(5))
+    win = routed.tokens[:, :, 2 * model.chunk_frames :]
+    assert ((win - win[:, :1]).abs().amax(dim=(2, 3, 4))[:, 1:] > 1e-4).any(dim=1).all()
+    with pytest.raises(ValueError, match=r"step_noise \(2, 5, 1, "):
+        rollout(model, prompts, spec, gen, noise=noise, step_noise=step_noise[:, :, :1])
+
+
+def test_euler_draws_no_step_noise_and_keeps_its_videos(model):
+    """The euler sampler (the built-in generator's) draws nothing but the initial noise, so its
+    rollouts are those of a generator that has no sampler attribute at all."""
+    assert model.sampler == "euler" and batch_step_noise(model, 2, torch.Generator()) is None
+    ro = _run(model, seed=2)
+    del model.sampler
+    torch.testing.assert_close(_run(model, seed=2).tokens, ro.tokens, rtol=0, atol=0)
+    model.set_sampler("renoise")
+    assert (_run(model, seed=2).tokens - ro.tokens).abs().amax() > 0.1
 
 
 def test_exploring_chunks_are_those_whose_context_can_differ(model):

@@ -24,7 +24,8 @@ from trainer_support import draw  # noqa: E402
 from kvpo.adapters.wan import WanStreamingGenerator  # noqa: E402
 from kvpo.config import build_config  # noqa: E402
 from kvpo.lora import merge_lora  # noqa: E402
-from kvpo.streaming import patchify  # noqa: E402
+from kvpo.rollout import generate  # noqa: E402
+from kvpo.streaming import patchify, unpatchify  # noqa: E402
 from kvpo.train import train  # noqa: E402
 
 C, H, W = 4, 4, 6  # latent frame: 2 x 3 patches of 2 x 2 -> 6 tokens of 16 features
@@ -198,6 +199,65 @@ def test_streaming_is_the_block_causal_forward_on_random_layouts(seed):
             ref, z[row : row + 1], timestep, text_encoder([prompts[row]]), mask, (ph, pw)
         )
         torch.testing.assert_close(got[row], want[0].flatten(0, 1), rtol=1e-9, atol=1e-10)
+
+
+@torch.no_grad()
+def self_forcing_inference(ref, noise, step_noise, text, c, denoising_steps, shift):
+    """Self-Forcing's causal inference (``CausalInferencePipeline``), from its semantics, in
+    float64 on diffusers' transformer: block by block, each of the few steps predicts
+    ``x0 = x_t - sigma v`` with the block attending to the clean blocks before it, then re-noises
+    ``x0`` to the next sigma with that step's noise; the last step's x0 is the block, whose clean
+    pass at t = 0 is what later blocks attend to (the block-causal forward over the clean history).
+
+    noise: [1, F, C, h, w] latents; step_noise: [1, F // c, S - 1, c, C, h, w]. Returns latents.
+    """
+    s = torch.tensor(denoising_steps, dtype=torch.float64) / 1000
+    # warp_denoising_step: the shifted values, held in float32 as Self-Forcing's scheduler holds them
+    sigmas = [*(shift * s / (1 + (shift - 1) * s)).float().tolist(), 0.0]
+    F = noise.shape[1]
+    clean = []
+    for j in range(F // c):
+        x = noise[:, j * c : (j + 1) * c]
+        for k, sigma in enumerate(sigmas[:-1]):
+            z = torch.cat([*clean, x], dim=1)
+            frames = z.shape[1]
+            T = z.shape[-2] * z.shape[-1] // 4
+            chunk = torch.arange(frames * T) // (c * T)
+            mask = chunk[None, :] <= chunk[:, None]
+            timestep = torch.where(chunk == j, sigma * 1000.0, 0.0)[None]
+            v = reference(ref, z, timestep, text, mask)[:, -c:]  # [1, c, T, 16] tokens
+            x0 = x - sigma * unpatchify(v, C, H, W, 2, 2)
+            nxt = sigmas[k + 1]
+            x = (1 - nxt) * x0 + nxt * step_noise[:, j, k] if nxt > 0 else x0
+        clean.append(x)
+    return torch.cat(clean, dim=1)
+
+
+def test_deployment_sampling_is_self_forcings_inference():
+    """kvpo.rollout.generate of the adapter (its default renoise sampler, the schedule of
+    Self-Forcing's [1000, 750, 500, 250] with shift 5) is Self-Forcing's own inference loop, noise
+    for noise; an Euler ODE from the same initial noise is another video."""
+    c, nC = 2, 3
+    gen, ref = make(num_frames=c * nC, chunk_frames=c)
+    assert gen.sampler == "renoise"
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(1, c * nC, C, H, W, generator=g, dtype=torch.float64)
+    step_noise = torch.randn(1, nC, 3, c, C, H, W, generator=g, dtype=torch.float64)
+    prompt = "a lighthouse at dusk"
+    want = self_forcing_inference(
+        ref, noise, step_noise, text_encoder([prompt]), c, (1000, 750, 500, 250), 5.0
+    )
+    def tok(z):  # [..., c, C, h, w] latents -> [..., c * T, d] tokens
+        return patchify(z.flatten(0, -5), 2, 2).flatten(-3, -2).view(*z.shape[:-4], -1, 16)
+
+    got = generate(
+        gen, [[prompt] * nC], torch.Generator(), noise=tok(noise.unflatten(1, (nC, c))),
+        step_noise=tok(step_noise),
+    )  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    gen.sampler = "euler"
+    ode = generate(gen, [[prompt] * nC], torch.Generator(), noise=tok(noise.unflatten(1, (nC, c))))
+    assert float((ode - want).norm() / want.norm()) > 0.5
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ... import lora
+from ...sampler import check_sampler
 from ...streaming import PagedKVCache, chunk_attention, patchify, shift_timesteps, unpatchify
 
 # --wan_dtype: the transformer's weights
@@ -127,7 +128,7 @@ class WanStreamingGenerator(nn.Module):
         chunk_frames: latent frames denoised together (3 in Self-Forcing).
         sink_frames, local_window: attention sinks and the local window in frames (LongLive: 3
             and 12; None = all history).
-        steps: ODE timesteps in (0, 1], first 1 (Self-Forcing's [1000, 750, 500, 250] / 1000);
+        steps: denoising timesteps in (0, 1], first 1 (Self-Forcing's [1000, 750, 500, 250] / 1000);
             ``shift`` warps them by :func:`kvpo.streaming.shift_timesteps`.
         decode: latents ``[N, T, C, h, w]`` -> video ``[N, T', 3, H, W]`` in [-1, 1] (the Wan VAE,
             its latent normalization undone), for rewards and samples; without it
@@ -136,6 +137,9 @@ class WanStreamingGenerator(nn.Module):
         temporal_stride: video frames per latent frame of ``decode`` (4 for Wan's causal VAE:
             latent frame 0 is video frame 0, latent frame f > 0 is frames 4f-3 .. 4f).
         recache: LongLive's KV re-cache at prompt switches.
+        sampler: the few-step sampler it deploys (:mod:`kvpo.sampler`): ``renoise``, the one
+            Self-Forcing, CausVid and LongLive were distilled with (``euler`` for a Wan model
+            trained as a flow).
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class WanStreamingGenerator(nn.Module):
         encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         temporal_stride: int = 1,
         recache: bool = False,
+        sampler: str = "renoise",
     ) -> None:
         super().__init__()
         if not all(hasattr(transformer, a) for a in ("rope", "condition_embedder", "blocks")) or \
@@ -199,6 +204,7 @@ class WanStreamingGenerator(nn.Module):
         self.sink_frames = sink_frames
         self.local_window = local_window
         self.recache = recache
+        self.sampler = check_sampler(sampler)
         self.grad_checkpointing = False
         self.steps, self.shift = st, float(shift)
         self.decode, self.encode = _Shared(decode), _Shared(encode)
