@@ -1,9 +1,16 @@
 """Deployment-time context: prompt segments, KV re-cache, the clean rows of teacher forcing."""
 
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 import torch
+import yaml
 from trainer_support import tiny_model
 
-from kvpo.context import clean_context, prompt_switches, recache_chunks
+from kvpo.context import clean_context, prompt_switches, recache_chunks, visible_frames
+
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 A, B_ = "a large red circle moving left slowly", "a large red circle moving up slowly"
 
@@ -14,6 +21,38 @@ def test_switches_and_recache_chunks():
     assert recache_chunks(full, 3) == [0, 1, 2]
     local = tiny_model(local_window=3)  # sink 0 + the 3 frames before the chunk
     assert recache_chunks(local, 4) == [0, 2, 3]  # frames 0, 5, 6, 7
+
+
+def longlive_rolling_cache(local_attn_size, sink_size, chunk, chunks):
+    """The frames each chunk of LongLive's causal inference attends to, from its rolling KV cache
+    with sinks (in frames): the cache holds ``local_attn_size`` frames; a chunk's frames are
+    appended, evicting the oldest frames after the sinks when it overflows; attention reads the
+    sink slots and the last ``local_attn_size - sink_size`` slots, the chunk's own among them."""
+    cache, seen = [], []
+    for j in range(chunks):
+        cache += range(j * chunk, (j + 1) * chunk)
+        if len(cache) > local_attn_size:
+            cache = cache[:sink_size] + cache[len(cache) - (local_attn_size - sink_size) :]
+        keys = cache[:sink_size] + cache[sink_size:][-(local_attn_size - sink_size) :]
+        seen.append(sorted(keys))
+    return seen
+
+
+@pytest.mark.parametrize("config", ["wan_longlive.yaml"])
+def test_the_longlive_recipe_attends_to_what_longlive_does(config):
+    """LongLive's local_attn_size 12 with 3 sinks counts the sinks and the chunk being made: the
+    recipe's local_window is the history between them, and every chunk of a clip long enough to
+    evict sees the frames LongLive's rolling cache holds."""
+    cfg = yaml.safe_load((CONFIGS / config).read_text())
+    c, nC = cfg["wan_chunk_frames"], cfg["wan_frames"] // cfg["wan_chunk_frames"]
+    model = SimpleNamespace(
+        chunk_frames=c, sink_frames=cfg["wan_sink_frames"], local_window=cfg["local_window"]
+    )
+    want = longlive_rolling_cache(12, 3, c, nC)
+    for j in range(nC):
+        got = visible_frames(model, j) + list(range(j * c, (j + 1) * c))
+        assert got == want[j], j
+    assert want[-1] == [0, 1, 2, *range(cfg["wan_frames"] - 9, cfg["wan_frames"])]  # evicted
 
 
 def test_clean_rows_without_and_with_recache():
