@@ -155,6 +155,9 @@ class TrainConfig:
     kl_coef: float = 10.0  # weight of the KL term
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on the blocks, the rest frozen
     lora_alpha: float = 0.0  # adapter scale alpha / rank (0: alpha = rank)
+    # LongLive's lora.pt (its long-video LoRA): the reference policy deploys it, the policy's
+    # adapters (lora_rank = the file's rank) start from it and continue training it
+    lora_init: str = ""  # a LongLive-layout LoRA file the policy starts from ("": none)
     amp: str = "none"  # none | bf16: rollout, replay and evaluation under bfloat16 autocast
     grad_checkpointing: bool = False  # recompute the policy's blocks in backward (less memory)
     ema: float = 0.0  # EMA decay of the policy's weights (0: none; the public recipe: 0.999)
@@ -248,6 +251,8 @@ class TrainConfig:
             raise bad("profile_iteration", f"must be below iterations={self.iterations} (-1: none)")
         if self.wan_dtype not in ("fp32", "bf16"):
             raise bad("wan_dtype", "must be 'fp32' or 'bf16'")
+        if self.lora_init and not self.lora_rank:
+            raise bad("lora_init", "loads into LoRA adapters: set lora_rank to the file's rank")
         if self.wan_dtype == "bf16" and not self.lora_rank:
             raise bad("wan_dtype", "bf16 weights train only through LoRA adapters: set lora_rank")
         if self.routing not in ("drop", "sample"):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load_model, load_training
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, config_errors
 from .ema import ParamEMA
 
 
@@ -44,9 +44,26 @@ def reference_and_policy(
     ``cfg.base_checkpoint``, under the config's context), then what :func:`load_policy` gives:
     the policy, its AdamW, its EMA, the iterations done and their log."""
     ref = copy.deepcopy(generator) if generator is not None else load_model(cfg.base_checkpoint)
+    if cfg.lora_init:  # the policy the run starts from: the base and its LoRA
+        add_lora_init(cfg, ref)
     ref = ref.to(device).requires_grad_(False).eval()
     set_context(cfg, ref)
     return ref, *load_policy(cfg, ref, device, generator)
+
+
+def add_lora_init(cfg: TrainConfig, model: nn.Module) -> None:
+    """Adapters of the config's rank on ``model`` holding the LongLive-layout LoRA of
+    ``cfg.lora_init`` (:func:`kvpo.adapters.wan.load_longlive_lora`)."""
+    from .adapters.wan.weights import load_longlive_lora
+
+    if not hasattr(model, "add_lora") or not hasattr(model, "transformer"):
+        raise ConfigError(
+            f"config lora_init: {type(model).__name__} is not a Wan generator (LongLive's LoRA "
+            "layout names Wan's layers)"
+        )
+    add_seeded_lora(cfg, model)
+    with config_errors():
+        load_longlive_lora(model, cfg.lora_init)
 
 
 def add_seeded_lora(cfg: TrainConfig, model: nn.Module) -> None:
@@ -82,9 +99,13 @@ def load_policy(
         weights, not two)."""
         if own is None:
             return None
-        pairs = zip(own.parameters(), ref.parameters(), strict=True)
-        m = copy.deepcopy(own, {id(o): r for o, r in pairs} if cfg.lora_rank else None)
-        if cfg.lora_rank:
+        # the reference's base weights by name (under lora_init a LoRALinear holds them as .base)
+        shared = {n.replace(".base.", "."): p for n, p in ref.named_parameters()}
+        memo = {id(o): shared[n] for n, o in own.named_parameters()}
+        m = copy.deepcopy(own, memo if cfg.lora_rank else None)
+        if cfg.lora_init:
+            add_lora_init(cfg, m)
+        elif cfg.lora_rank:
             add_seeded_lora(cfg, m)
         return m
 

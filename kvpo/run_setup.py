@@ -100,7 +100,10 @@ def held_out_prompts(cfg: TrainConfig) -> list[str]:
 
 def check_wan_paths(cfg: TrainConfig) -> None:
     """With ``wan_dir``: a ConfigError unless it is a diffusers Wan2.1 directory and
-    ``wan_checkpoint`` (if any) a file; before the minutes a Wan2.1 load takes."""
+    ``wan_checkpoint`` (if any) a file; before the minutes a Wan2.1 load takes. ``lora_init``
+    (if any) must be a file, with or without ``wan_dir``."""
+    if cfg.lora_init and not Path(cfg.lora_init).is_file():
+        raise ConfigError(f"config lora_init={cfg.lora_init!r} is not a file")
     if not cfg.wan_dir:
         return
     from .adapters.wan.weights import check_wan_dir

@@ -798,3 +798,133 @@ def test_preflight_of_the_wan_adapter():
     got = check_generator(gen, ["a red car"] * 4, RolloutSpec(window=(2, 4), p_keep=0.5))
     assert got.failures == {} and got.replay_error < 1e-20  # float64: the same to rounding
     assert got.routed_spread > 1e-3 and 0 < got.reached < got.trainable
+
+
+# The Linear layers of a CausalWanAttentionBlock that LongLive's LoRA adapts (every one of them)
+LONGLIVE_LORA_LAYERS = [
+    f"{attn}.{p}" for attn in ("self_attn", "cross_attn") for p in "qkvo"
+] + ["ffn.0", "ffn.2"]
+
+
+def longlive_files(tmp_path, rank=3, alpha=None):
+    """LongLive's files, written here in its layouts: the base ``{"generator": ...,
+    "generator_ema": ...}`` with the wrapper's ``model.`` prefix in Wan's original names, and
+    ``lora.pt`` = ``{"generator_lora": peft state dict, "critic_lora": {}, "step": 0}`` with
+    ``base_model.model.blocks.N.<layer>.lora_A.weight`` [rank, in] / ``lora_B.weight`` [out, rank].
+    Returns the paths, the raw generator's original state dict and the LoRA state dict."""
+    from kvpo.adapters.wan import to_original_layout
+
+    raw, ema = tiny_wan(8).float(), tiny_wan(7).float()
+    sd = {name: {f"model.{k}": v for k, v in to_original_layout(m.state_dict()).items()}
+          for name, m in (("generator", raw), ("generator_ema", ema))}  # fmt: skip
+    torch.save(sd, tmp_path / "longlive_base.pt")
+    base = to_original_layout(raw.state_dict())
+    g = torch.Generator().manual_seed(11)
+    lora_sd = {}
+    for i in range(len(raw.blocks)):
+        for layer in LONGLIVE_LORA_LAYERS:
+            out_f, in_f = base[f"blocks.{i}.{layer}.weight"].shape
+            name = f"base_model.model.blocks.{i}.{layer}"
+            lora_sd[f"{name}.lora_A.weight"] = 0.3 * torch.randn(rank, in_f, generator=g)
+            lora_sd[f"{name}.lora_B.weight"] = 0.3 * torch.randn(out_f, rank, generator=g)
+    torch.save({"generator_lora": lora_sd, "critic_lora": {}, "step": 0}, tmp_path / "lora.pt")
+    return tmp_path / "longlive_base.pt", tmp_path / "lora.pt", base, lora_sd
+
+
+def test_longlive_deploys_generator_and_its_lora(wan_dir, tmp_path):
+    """LongLive's base (its raw generator, not the EMA) with its LoRA loaded is the transformer
+    whose every adapted weight is W + (alpha / rank) B A, in float64 against diffusers' own
+    model of those merged weights; the policy starts as that reference, and a LongLive-layout
+    LoRA written back from a run's checkpoint holds the adapters with their scale folded."""
+    from kvpo.adapters.wan import (
+        export_longlive_lora,
+        load_longlive_lora,
+        load_original_weights,
+        load_wan,
+        read_longlive_lora,
+    )
+    from kvpo.checkpoint import save_training
+    from kvpo.policy import reference_and_policy
+
+    base_pt, lora_pt, base, lora_sd = longlive_files(tmp_path, rank=3)
+    merged = dict(base)
+    for i in range(2):
+        for layer in LONGLIVE_LORA_LAYERS:
+            p = f"base_model.model.blocks.{i}.{layer}"
+            a, b = lora_sd[f"{p}.lora_A.weight"].double(), lora_sd[f"{p}.lora_B.weight"].double()
+            merged[f"blocks.{i}.{layer}.weight"] = base[f"blocks.{i}.{layer}.weight"].double() + b @ a
+    torch.save({"generator": {f"model.{k}": v.float() for k, v in merged.items()}},
+               tmp_path / "merged.pt")  # fmt: skip
+    want = copy.deepcopy(tiny_wan())
+    load_original_weights(want, tmp_path / "merged.pt", "generator")
+    kw = dict(num_frames=4, chunk_frames=2, size=(32, 48), text_dtype=torch.float32)
+    gen = load_wan(wan_dir, transformer_checkpoint=base_pt, checkpoint_key="generator", **kw)
+    gen.add_lora(3)
+    assert load_longlive_lora(gen, lora_pt) == 2 * len(LONGLIVE_LORA_LAYERS)
+    want_gen = WanStreamingGenerator(want.double(), gen.text_encoder.fn, gen.latent_shape, 4, 2)
+    gen = gen.double()
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, 2 * gen.frame_tokens, gen.token_dim, generator=g, dtype=torch.float64),
+            torch.tensor([0.6]), gen.encode_prompts(["a red car"]).double(), torch.tensor([[2, 3]]),
+            torch.tensor([[0, 1]], dtype=torch.int32))  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(gen(*args), want_gen(*args), rtol=1e-5, atol=1e-6)
+    # the same layers, one by one, against the file (and rescaled for an adapter's own alpha)
+    q = gen.transformer.blocks[1].attn2.to_q
+    file_a = lora_sd["base_model.model.blocks.1.cross_attn.q.lora_A.weight"]
+    torch.testing.assert_close(q.lora_a.data, file_a.double())
+    gen2 = load_wan(wan_dir, transformer_checkpoint=base_pt, checkpoint_key="generator", **kw)
+    gen2.add_lora(3, alpha=6.0)
+    load_longlive_lora(gen2, lora_pt, alpha=1.5)  # the file's scale 0.5, the adapter's 2
+    q2 = gen2.transformer.blocks[1].attn2.to_q
+    torch.testing.assert_close(
+        q2.scale * q2.lora_b.data,
+        0.5 * lora_sd["base_model.model.blocks.1.cross_attn.q.lora_B.weight"],
+    )
+    # refusals: another rank, a missing layer, a key no adapter takes
+    gen3 = load_wan(wan_dir, **kw)
+    gen3.add_lora(2)
+    with pytest.raises(ValueError, match="lora_rank must be the file's rank, 3"):
+        load_longlive_lora(gen3, lora_pt)
+    broken = dict(lora_sd)
+    broken.pop("base_model.model.blocks.0.ffn.2.lora_B.weight")
+    torch.save({"generator_lora": broken}, tmp_path / "broken.pt")
+    gen3 = load_wan(wan_dir, **kw)
+    gen3.add_lora(3)
+    with pytest.raises(ValueError, match=r"no blocks.0.ffn.2.lora_A / lora_B"):
+        load_longlive_lora(gen3, tmp_path / "broken.pt")
+    torch.save({**lora_sd, "base_model.model.head.head.lora_A.weight": torch.zeros(3, 2)},
+               tmp_path / "extra.pt")  # fmt: skip
+    with pytest.raises(ValueError, match="keys no adapter takes"):
+        load_longlive_lora(gen3, tmp_path / "extra.pt")
+    assert set(read_longlive_lora(lora_pt)) == {k.removeprefix("base_model.model.") for k in lora_sd}
+
+    # the run: the reference deploys base + LoRA, the policy starts there with trainable adapters
+    cfg = build_config(dict(wan_dir=str(wan_dir), wan_checkpoint=str(base_pt),
+                            wan_checkpoint_key="generator", lora_rank=3, lora_init=str(lora_pt),
+                            out_dir=str(tmp_path / "run")))  # fmt: skip
+    own = load_wan(wan_dir, transformer_checkpoint=base_pt, checkpoint_key="generator", **kw)
+    ref, model, *_ = reference_and_policy(cfg, torch.device("cpu"), own)
+    fargs = tuple(a.float() if a.is_floating_point() else a for a in args)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*fargs), ref(*fargs), rtol=0, atol=0)
+        torch.testing.assert_close(model(*fargs).double(), want_gen(*args), rtol=1e-4, atol=1e-5)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(n.endswith(("lora_a", "lora_b")) for n in trained)
+    assert not any(p.requires_grad for p in ref.parameters())
+    # written back in LongLive's layout, scale folded: LongLive loads it with alpha = rank
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_b"):
+                p.add_(0.01)
+    ck = tmp_path / "ck.safetensors"
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    save_training(ck, model, opt, 1, cfg.to_dict(), [])
+    out = export_longlive_lora(ck, tmp_path / "back" / "lora.pt")
+    back = torch.load(out, weights_only=True)["generator_lora"]
+    assert set(back) == set(lora_sd)
+    m = model.transformer.blocks[0].ffn.net[0].proj
+    torch.testing.assert_close(back["base_model.model.blocks.0.ffn.0.lora_A.weight"], m.lora_a.data)
+    torch.testing.assert_close(
+        back["base_model.model.blocks.0.ffn.0.lora_B.weight"], m.scale * m.lora_b.data
+    )

@@ -2,14 +2,15 @@
 export a Wan run's transformer, LoRA merged, as a diffusers ``WanTransformer3DModel`` directory
 (or with ``--original`` in Wan's original layout, ``OUT.pt`` for Self-Forcing / LongLive,
 ``OUT.safetensors`` bare), or its LoRA adapters alone as diffusers'
-``pytorch_lora_weights.safetensors``."""
+``pytorch_lora_weights.safetensors`` (``--lora_only``) or LongLive's ``lora.pt``
+(``--longlive_lora``)."""
 
 from __future__ import annotations
 
 import argparse
 
 from ...checkpoint import CheckpointError
-from .weights import export, export_lora, export_original
+from .weights import export, export_longlive_lora, export_lora, export_original
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,6 +31,11 @@ def main(argv: list[str] | None = None) -> None:
         help="write the LoRA adapters alone (diffusers' load_lora_weights), not the transformer",
     )
     how.add_argument(
+        "--longlive_lora",
+        action="store_true",
+        help="write the LoRA adapters alone to the file OUT in LongLive's layout (its lora_ckpt)",
+    )
+    how.add_argument(
         "--original",
         action="store_true",
         help="write the merged transformer in Wan's original layout to OUT.pt (Self-Forcing, "
@@ -40,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.lora_only:
             out = export_lora(args.checkpoint, args.out, args.ema)
             loader = "load_lora_weights"
+        elif args.longlive_lora:
+            out = export_longlive_lora(args.checkpoint, args.out, args.ema)
+            loader = "LongLive's lora_ckpt"
         elif args.original:
             out = export_original(args.checkpoint, args.out, args.ema, args.wan_dir)
             loader = "Wan's original layout"

@@ -272,16 +272,11 @@ def export_original(
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def export_lora(path: str | Path, out: str | Path, ema: bool = False) -> Path:
-    """Write the LoRA adapters of a ``--wan_dir`` training checkpoint (its EMA's with ``ema``) in
-    diffusers' PEFT layout: ``out/pytorch_lora_weights.safetensors`` with
-    ``transformer.<layer>.lora_A.weight`` [rank, in] and ``lora_B.weight`` [out, rank], the
-    scale ``alpha / rank`` folded into ``lora_B`` (so any loader's default alpha = rank is
-    right). ``WanPipeline.load_lora_weights(out)`` or ``WanTransformer3DModel.load_lora_adapter``
-    adds them to the base transformer the run trained on. Reads the checkpoint alone: no Wan
-    directory needed."""
+def _checkpoint_lora(path: str | Path, ema: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The LoRA adapters of a ``--wan_dir`` training checkpoint (its EMA's with ``ema``):
+    transformer layer name -> (A [rank, in], B [out, rank] with the scale ``alpha / rank`` folded
+    in). Reads the checkpoint alone: no Wan directory needed."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from ...checkpoint import CheckpointError, checkpoint_file, trainer_config
 
@@ -296,18 +291,113 @@ def export_lora(path: str | Path, out: str | Path, ema: bool = False) -> Path:
         )
     scale = (cfg.get("lora_alpha") or rank) / rank
     prefix = "ema.transformer." if ema else "model.transformer."
-    tensors = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(checkpoint_file(path)), framework="pt") as f:
         for key in f.keys():
             if key.startswith(prefix) and key.endswith((".lora_a", ".lora_b")):
                 layer, which = key[len(prefix) :].rsplit(".", 1)
-                w = f.get_tensor(key)
-                name = "lora_A" if which == "lora_a" else "lora_B"
-                tensors[f"transformer.{layer}.{name}.weight"] = w if name == "lora_A" else w * scale
-    if not tensors:
+                parts.setdefault(layer, {})[which] = f.get_tensor(key)
+    if not parts:
         what = "EMA " if ema else ""
         raise CheckpointError(f"checkpoint {str(path)!r} holds no {what}LoRA adapters")
+    return {k: (p["lora_a"], p["lora_b"] * scale) for k, p in parts.items()}
+
+
+def export_lora(path: str | Path, out: str | Path, ema: bool = False) -> Path:
+    """Write the LoRA adapters of a ``--wan_dir`` training checkpoint (its EMA's with ``ema``) in
+    diffusers' PEFT layout: ``out/pytorch_lora_weights.safetensors`` with
+    ``transformer.<layer>.lora_A.weight`` [rank, in] and ``lora_B.weight`` [out, rank], the
+    scale ``alpha / rank`` folded into ``lora_B`` (so any loader's default alpha = rank is
+    right). diffusers adds them to the base transformer the run trained on with
+    ``WanPipeline.load_lora_weights(out)``, or
+    ``WanTransformer3DModel.load_lora_adapter(out, weight_name="pytorch_lora_weights.safetensors")``
+    (diffusers 0.42 refuses a directory without ``weight_name`` there)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for layer, (a, b) in _checkpoint_lora(path, ema).items():
+        tensors[f"transformer.{layer}.lora_A.weight"] = a.contiguous()
+        tensors[f"transformer.{layer}.lora_B.weight"] = b.contiguous()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / LORA_WEIGHT_NAME))
+    save_file(tensors, str(out / LORA_WEIGHT_NAME))
     return out / LORA_WEIGHT_NAME
+
+
+# LongLive's lora.pt: {"generator_lora": peft state dict of its CausalWanModel}
+LONGLIVE_LORA_KEY = "generator_lora"
+PEFT_PREFIX = "base_model.model."
+
+
+def _original_layer(layer: str) -> str:
+    """A transformer layer's name (``blocks.0.attn1.to_q``) in Wan's original layout
+    (``blocks.0.self_attn.q``)."""
+    return next(iter(to_original_layout({layer + ".weight": None})))[: -len(".weight")]
+
+
+def read_longlive_lora(path: str | Path) -> dict[str, torch.Tensor]:
+    """LongLive's LoRA file (its ``lora.pt``, or a bare peft state dict) as original-layout
+    layer names ``blocks.N.self_attn.q.lora_A.weight`` -> tensor (peft's prefix stripped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"LongLive LoRA {str(path)!r} is not a file")
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get(LONGLIVE_LORA_KEY), dict):
+        sd = sd[LONGLIVE_LORA_KEY]
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(
+            f"LongLive LoRA {str(path)!r} holds no peft state dict (a dict of tensors, or one "
+            f"under {LONGLIVE_LORA_KEY!r})"
+        )
+    return {k.removeprefix(PEFT_PREFIX).replace(".default.", "."): v for k, v in sd.items()}
+
+
+def load_longlive_lora(gen: WanStreamingGenerator, path: str | Path, alpha: float | None = None) -> int:
+    """Load LongLive's LoRA (``lora.pt``, :func:`read_longlive_lora`) into the adapters of ``gen``
+    (:meth:`WanStreamingGenerator.add_lora` of the file's rank first). ``alpha`` is the file's
+    (LongLive's ``adapter.alpha``; None: its rank, as LongLive's release); ``lora_B`` is rescaled
+    to the adapters' own ``alpha / rank``, so ``gen`` computes what LongLive does. Every adapter
+    must be in the file and every key of the file used. Returns how many layers."""
+    sd = read_longlive_lora(path)
+    layers = {
+        _original_layer(name): m
+        for name, m in gen.transformer.named_modules()
+        if isinstance(m, lora.LoRALinear)
+    }
+    if not layers:
+        raise ValueError(f"load_longlive_lora: {type(gen).__name__} has no LoRA adapters (add_lora)")
+    used = set()
+    for name, m in layers.items():
+        a, b = sd.get(f"{name}.lora_A.weight"), sd.get(f"{name}.lora_B.weight")
+        if a is None or b is None:
+            raise ValueError(f"LongLive LoRA {str(path)!r} has no {name}.lora_A / lora_B")
+        if a.shape != m.lora_a.shape or b.shape != m.lora_b.shape:
+            raise ValueError(
+                f"LongLive LoRA {str(path)!r}: {name} is A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                f"the adapter is A {tuple(m.lora_a.shape)}, B {tuple(m.lora_b.shape)} (lora_rank "
+                f"must be the file's rank, {a.shape[0]})"
+            )
+        file_scale = (a.shape[0] if alpha is None else alpha) / a.shape[0]
+        with torch.no_grad():
+            m.lora_a.copy_(a)
+            m.lora_b.copy_(b.to(m.lora_b.dtype) * (file_scale / m.scale))
+        used |= {f"{name}.lora_A.weight", f"{name}.lora_B.weight"}
+    extra = sorted(set(sd) - used)
+    if extra:
+        raise ValueError(f"LongLive LoRA {str(path)!r} has keys no adapter takes: {extra[:4]}")
+    return len(layers)
+
+
+def export_longlive_lora(path: str | Path, out: str | Path, ema: bool = False) -> Path:
+    """Write the LoRA adapters of a ``--wan_dir`` training checkpoint (its EMA's with ``ema``) in
+    LongLive's layout, ``out`` = ``{"generator_lora": {"base_model.model.blocks.N.self_attn.q.
+    lora_A.weight": ...}}``, the scale folded into ``lora_B``: LongLive's inference loads it
+    (``lora_ckpt``) with ``adapter: {rank: R, alpha: R}`` on the base the run trained on."""
+    sd = {}
+    for layer, (a, b) in _checkpoint_lora(path, ema).items():
+        name = PEFT_PREFIX + _original_layer(layer)
+        sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = a.contiguous(), b.contiguous()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({LONGLIVE_LORA_KEY: sd}, str(out))
+    return out
