@@ -247,6 +247,7 @@ def test_deployment_sampling_is_self_forcings_inference():
     want = self_forcing_inference(
         ref, noise, step_noise, text_encoder([prompt]), c, (1000, 750, 500, 250), 5.0
     )
+
     def tok(z):  # [..., c, C, h, w] latents -> [..., c * T, d] tokens
         return patchify(z.flatten(0, -5), 2, 2).flatten(-3, -2).view(*z.shape[:-4], -1, 16)
 
@@ -801,7 +802,7 @@ def test_preflight_of_the_wan_adapter():
 
 
 # The Linear layers of a CausalWanAttentionBlock that LongLive's LoRA adapts (every one of them)
-LONGLIVE_LORA_LAYERS = [
+LONGLIVE_LORA_LAYERS = [  # fmt: skip
     f"{attn}.{p}" for attn in ("self_attn", "cross_attn") for p in "qkvo"
 ] + ["ffn.0", "ffn.2"]
 
@@ -852,7 +853,9 @@ def test_longlive_deploys_generator_and_its_lora(wan_dir, tmp_path):
         for layer in LONGLIVE_LORA_LAYERS:
             p = f"base_model.model.blocks.{i}.{layer}"
             a, b = lora_sd[f"{p}.lora_A.weight"].double(), lora_sd[f"{p}.lora_B.weight"].double()
-            merged[f"blocks.{i}.{layer}.weight"] = base[f"blocks.{i}.{layer}.weight"].double() + b @ a
+            merged[f"blocks.{i}.{layer}.weight"] = (
+                base[f"blocks.{i}.{layer}.weight"].double() + b @ a
+            )
     torch.save({"generator": {f"model.{k}": v.float() for k, v in merged.items()}},
                tmp_path / "merged.pt")  # fmt: skip
     want = copy.deepcopy(tiny_wan())
@@ -897,7 +900,9 @@ def test_longlive_deploys_generator_and_its_lora(wan_dir, tmp_path):
                tmp_path / "extra.pt")  # fmt: skip
     with pytest.raises(ValueError, match="keys no adapter takes"):
         load_longlive_lora(gen3, tmp_path / "extra.pt")
-    assert set(read_longlive_lora(lora_pt)) == {k.removeprefix("base_model.model.") for k in lora_sd}
+    assert set(read_longlive_lora(lora_pt)) == {
+        k.removeprefix("base_model.model.") for k in lora_sd
+    }
 
     # the run: the reference deploys base + LoRA, the policy starts there with trainable adapters
     cfg = build_config(dict(wan_dir=str(wan_dir), wan_checkpoint=str(base_pt),

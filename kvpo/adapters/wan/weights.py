@@ -352,7 +352,9 @@ def read_longlive_lora(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(PEFT_PREFIX).replace(".default.", "."): v for k, v in sd.items()}
 
 
-def load_longlive_lora(gen: WanStreamingGenerator, path: str | Path, alpha: float | None = None) -> int:
+def load_longlive_lora(
+    gen: WanStreamingGenerator, path: str | Path, alpha: float | None = None
+) -> int:
     """Load LongLive's LoRA (``lora.pt``, :func:`read_longlive_lora`) into the adapters of ``gen``
     (:meth:`WanStreamingGenerator.add_lora` of the file's rank first). ``alpha`` is the file's
     (LongLive's ``adapter.alpha``; None: its rank, as LongLive's release); ``lora_B`` is rescaled
@@ -365,7 +367,9 @@ def load_longlive_lora(gen: WanStreamingGenerator, path: str | Path, alpha: floa
         if isinstance(m, lora.LoRALinear)
     }
     if not layers:
-        raise ValueError(f"load_longlive_lora: {type(gen).__name__} has no LoRA adapters (add_lora)")
+        raise ValueError(
+            f"load_longlive_lora: {type(gen).__name__} has no LoRA adapters (add_lora)"
+        )
     used = set()
     for name, m in layers.items():
         a, b = sd.get(f"{name}.lora_A.weight"), sd.get(f"{name}.lora_B.weight")
