@@ -802,12 +802,15 @@ def test_preflight_of_the_wan_adapter():
 
 
 # The Linear layers of a CausalWanAttentionBlock that LongLive's LoRA adapts (every one of them)
-LONGLIVE_LORA_LAYERS = [  # fmt: skip
-    f"{attn}.{p}" for attn in ("self_attn", "cross_attn") for p in "qkvo"
-] + ["ffn.0", "ffn.2"]
+LONGLIVE_LORA_LAYERS = (
+    *(f"self_attn.{p}" for p in "qkvo"),
+    *(f"cross_attn.{p}" for p in "qkvo"),
+    "ffn.0",
+    "ffn.2",
+)
 
 
-def longlive_files(tmp_path, rank=3, alpha=None):
+def longlive_files(tmp_path, rank=3):
     """LongLive's files, written here in its layouts: the base ``{"generator": ...,
     "generator_ema": ...}`` with the wrapper's ``model.`` prefix in Wan's original names, and
     ``lora.pt`` = ``{"generator_lora": peft state dict, "critic_lora": {}, "step": 0}`` with
