@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from .context import RECACHE_POLICIES, recache_policy
 from .loggers import parse_log_to
 from .rewards import BUILTIN, split_reward_spec
 from .sampler import SAMPLERS
@@ -101,7 +102,12 @@ class TrainConfig:
     p_keep: float = 0.3  # routing=drop: probability a droppable history frame stays
     recent_frames: int = 2  # routing=sample: nearest history frames every branch keeps
     local_window: int | None = None  # frames besides sinks a chunk attends to (None: checkpoint's)
-    recache: bool | None = None  # KV re-cache at prompt switches (None: the checkpoint's)
+    # At a prompt switch: longlive (LongLive's one-pass re-cache of its window; true) | chunkwise
+    # (this project's chunk-by-chunk re-encode) | none (false)
+    recache: str | None = None  # KV re-cache policy (None: the generator's own)
+    # longlive re-cache: the sink frames keep their first prompt's K/V (LongLive's inference
+    # default) | false: the re-encoded frames' first ones become the sinks
+    global_sink: bool | None = None  # (None: the generator's own; LongLive: true)
     # euler: x' = x + (t' - t) v (the built-in generator) | renoise: predict x0 = x - t v, re-noise
     # it to t' with noise shared by a group's branches (Self-Forcing, CausVid, LongLive deploy it)
     sampler: str | None = None  # euler | renoise (None: the generator's own)
@@ -265,8 +271,15 @@ class TrainConfig:
             raise bad("local_window", "must be a positive integer or None (the checkpoint's)")
         if not isinstance(self.ema, (int, float)) or not 0.0 <= self.ema < 1.0:
             raise bad("ema", "must be a decay in [0, 1) (0: no EMA)")
-        if self.recache is not None and not isinstance(self.recache, bool):
-            raise bad("recache", "must be true, false or None (the checkpoint's)")
+        if self.recache is not None:
+            try:
+                self.recache = recache_policy(self.recache)
+            except ValueError:
+                raise bad(
+                    "recache",
+                    f"must be one of {', '.join(RECACHE_POLICIES)}, true, false or None "
+                    "(the generator's)",
+                ) from None
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise bad("sampler", f"must be one of {', '.join(SAMPLERS)} or None (the generator's)")
         if not 0.0 <= self.p_keep <= 1.0:

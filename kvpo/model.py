@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import data, lora
+from .context import recache_policy
 from .sampler import check_sampler
 from .streaming import PagedKVCache, chunk_attention, patchify, shifted_timesteps, unpatchify
 
@@ -38,7 +39,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     sink_frames: int = 1
     local_window: int | None = None  # frames of context besides sinks (None = all)
-    recache: bool = False  # at a prompt switch, re-encode the frames the chunk sees (LongLive)
+    recache: str = "none"  # KV re-cache at a prompt switch (kvpo.context): longlive | chunkwise
+    global_sink: bool = True  # longlive re-cache: the sinks keep their first prompt's K/V
     sampler: str = "euler"  # the few-step sampler it deploys (kvpo.sampler): trained as an ODE
     steps: int = 4
     shift: float = 2.0
@@ -46,6 +48,7 @@ class ModelConfig:
     lora_alpha: float | None = None  # adapter scale alpha / rank (None: 1)
 
     def __post_init__(self) -> None:
+        self.recache = recache_policy(self.recache, "ModelConfig.recache")
         for name in (
             "frame_size", "channels", "patch", "num_frames", "chunk_frames", "dim", "depth",
             "heads", "kv_heads",
@@ -198,6 +201,7 @@ class TinyARVideo(nn.Module):
         self.sink_frames = cfg.sink_frames
         self.local_window = cfg.local_window
         self.recache = cfg.recache
+        self.global_sink = cfg.global_sink
         self.sampler = check_sampler(cfg.sampler, "ModelConfig.sampler")
         self.grad_checkpointing = False  # recompute each block in backward (teacher forcing)
         self.text = TextEncoder(cfg.dim)
@@ -292,10 +296,14 @@ class TinyARVideo(nn.Module):
         sampling, teacher forcing and the saved config alike."""
         self.local_window = self.cfg.local_window = frames
 
-    def set_recache(self, on: bool) -> None:
-        """KV re-cache at prompt switches (see :func:`kvpo.context.recache_chunks`), in sampling,
-        teacher forcing and the saved config alike."""
-        self.recache = self.cfg.recache = bool(on)
+    def set_recache(self, policy: str | bool) -> None:
+        """KV re-cache at prompt switches by ``policy`` (:mod:`kvpo.context`; True: longlive), in
+        sampling, teacher forcing and the saved config alike."""
+        self.recache = self.cfg.recache = recache_policy(policy)
+
+    def set_global_sink(self, on: bool) -> None:
+        """Whether a longlive re-cache keeps the sinks' first K/V (:mod:`kvpo.context`)."""
+        self.global_sink = self.cfg.global_sink = bool(on)
 
     def set_sampler(self, kind: str) -> None:
         """Deploy the few-step sampler ``kind`` (:mod:`kvpo.sampler`), in sampling, rollouts and

@@ -27,7 +27,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
 def set_context(cfg: TrainConfig, model: nn.Module) -> None:
     """The deployment context the config asks for (local window, KV re-cache, sampler), if it
     asks; the built-in generator also records it in its saved config."""
-    for name in ("local_window", "recache", "sampler"):
+    for name in ("local_window", "recache", "global_sink", "sampler"):
         value = getattr(cfg, name)
         if value is not None:
             setter = getattr(model, f"set_{name}", None)
@@ -101,7 +101,7 @@ def load_policy(
             return None
         # the reference's base weights by name (under lora_init a LoRALinear holds them as .base)
         shared = {n.replace(".base.", "."): p for n, p in ref.named_parameters()}
-        memo = {id(o): shared[n] for n, o in own.named_parameters()}
+        memo = {id(o): shared[n.replace(".base.", ".")] for n, o in own.named_parameters()}
         m = copy.deepcopy(own, memo if cfg.lora_rank else None)
         if cfg.lora_init:
             add_lora_init(cfg, m)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import data, distributed
 from .checkpoint import CheckpointError, load_model, model_config, save_model
-from .context import chunk_conditioning, clean_context, context_table, teacher_forcing
+from .context import RECACHE_POLICIES, chunk_conditioning, clean_context, teacher_forcing
 from .ema import ParamEMA
 from .model import ModelConfig, TinyARVideo
 
@@ -82,7 +82,7 @@ def teacher_forced_velocity(
     cc = clean_context(model, clean[:, None], chunk_prompts, shared=0, last=nC - 1)
     nv = torch.arange(N).repeat_interleave(nC)
     nj = torch.arange(nC).repeat(N)
-    ctx = context_table(model, cc.page_map, cc.map_rows(nv, nj), nj, None)
+    ctx = cc.history(model, nv, nj)
     return teacher_forcing(
         model, cc.tokens, cc.cond, cc.chunk, cc.table, xt, t, cond[nv, nj], nj, ctx
     )
@@ -104,7 +104,7 @@ def flow_matching_loss(
 
 # What continuing from a checkpoint may change: the attention context (a model adapted to a
 # local window, as LongLive adapts Self-Forcing's), not the architecture of its weights.
-CONTEXT_FIELDS = ("local_window", "recache")
+CONTEXT_FIELDS = ("local_window", "recache", "global_sink", "sampler")
 
 
 def continued(init: Path, cfg: ModelConfig) -> TinyARVideo:
@@ -123,6 +123,8 @@ def continued(init: Path, cfg: ModelConfig) -> TinyARVideo:
         )
     model.set_local_window(cfg.local_window)
     model.set_recache(cfg.recache)
+    model.set_global_sink(cfg.global_sink)
+    model.set_sampler(cfg.sampler)
     return model
 
 
@@ -217,9 +219,14 @@ def main(argv: list[str] | None = None) -> None:
         help="frames besides sinks a chunk attends to (default: all; with --init, its)",
     )  # fmt: skip
     ap.add_argument(
-        "--recache", action="store_true", default=None,
-        help="KV re-cache at prompt switches (LongLive; with --init, its unless given)",
-    )  # fmt: skip
+        "--recache",
+        nargs="?",
+        const="longlive",
+        default=None,
+        choices=RECACHE_POLICIES,
+        help="KV re-cache at prompt switches: longlive (alone: LongLive's one pass), chunkwise or "
+        "none (default none; with --init, its unless given)",
+    )
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         ap.error(f"--steps {args.steps} and --batch {args.batch} must be >= 1")
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.local_window is not None or args.init is None:
             changes["local_window"] = args.local_window
         if args.recache is not None or args.init is None:
-            changes["recache"] = bool(args.recache)
+            changes["recache"] = args.recache or "none"
         cfg = dataclasses.replace(cfg, **changes)
     except (CheckpointError, ValueError) as e:  # an unreadable --init, a model that cannot be built
         ap.error(str(e))

@@ -12,7 +12,7 @@ import torch
 
 from kvpo_kernels import velocity_energy
 
-from .context import chunk_conditioning, clean_context, context_table, teacher_forcing
+from .context import chunk_conditioning, clean_context, teacher_forcing
 from .interface import StreamingVideoGenerator
 from .rollout import Rollout
 
@@ -42,7 +42,7 @@ def replay_velocities(
     cond_bj = chunk_conditioning(model, ro.prompts)
     nb = torch.arange(B * G).repeat_interleave(K)
     nj = ro.chunk.repeat(B * G)
-    ctx = context_table(model, cc.page_map, cc.map_rows(nb, nj), nj, None)
+    ctx = cc.history(model, nb, nj)
     u = teacher_forcing(
         model,
         cc.tokens,

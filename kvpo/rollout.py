@@ -35,8 +35,10 @@ from .context import (
     context_table,
     context_width,
     droppable_columns,
+    longlive_recache,
     prompt_switches,
     recache_chunks,
+    recache_of,
     recaches,
     visible_frames,
 )
@@ -291,6 +293,33 @@ def _apply_route(
     return torch.where(drawn >= 0, pages, torch.full_like(hist, -1))
 
 
+@dataclass
+class _Memory:
+    """What R rows' caches hold: the page of each frame and the first sink frame."""
+
+    page_map: torch.Tensor  # [R, F] int64 (-1: not made yet)
+    sinks_from: torch.Tensor  # [R] int64
+
+    def rows(self, sel: torch.Tensor) -> _Memory:
+        """A copy of rows ``sel``."""
+        return _Memory(self.page_map[sel], self.sinks_from[sel])
+
+    def put(self, sel: torch.Tensor, part: _Memory) -> None:
+        """Rows ``sel`` become ``part``'s."""
+        self.page_map[sel], self.sinks_from[sel] = part.page_map, part.sinks_from
+
+    def table(
+        self, model: StreamingVideoGenerator, chunk: int, own: torch.Tensor | None, width: int
+    ) -> torch.Tensor:
+        """[R, width] int32 deployment table of every row making ``chunk``
+        (:func:`kvpo.context.context_table`)."""
+        R = self.page_map.shape[0]
+        chunks = torch.full((R,), chunk)
+        return context_table(
+            model, self.page_map, torch.arange(R), chunks, own, width, self.sinks_from
+        )
+
+
 class _Pages:
     """Cache pages handed out in order from ``ids`` [n] int64; setting ``used`` back lets the
     next branch pass reuse the pages of the last."""
@@ -409,6 +438,7 @@ def rollout(
         )
 
     switches, passes, widest, capacity = _page_plan(model, prompts, spec)
+    policy = recache_of(model)
     rows = torch.arange(B).repeat_interleave(Gt)  # b * Gt + g from the fork; the anchor: g = G
     cache = model.new_cache(capacity, device)
     scratch = cache.allocate(widest * c).view(widest, c)
@@ -418,15 +448,13 @@ def rollout(
     sde = spec.explore == "sde"
     t_cap = sde_t_cap(ts)
 
-    def run_chunk(
-        j: int, page_map, group_of_row, table_hist, cond, record, ode_rows=None, eps=None
-    ):
+    def run_chunk(j: int, mem, group_of_row, table_hist, cond, record, ode_rows=None, eps=None):
         """Denoise chunk j for R rows, then write its clean pages; returns clean x and records.
 
         In SDE exploration the recorded steps k of the rows not marked in ``ode_rows`` ([R] bool,
         the anchors) are stochastic, with noise ``eps[k]``; without ``eps`` (the shared prefix)
         none are."""
-        R = page_map.shape[0]
+        R = mem.page_map.shape[0]
         own = scratch[:R]
         x = noise[group_of_row, j].clone()
         z = step_noise[group_of_row, j].to(device) if n_renoise else None  # the group's
@@ -447,36 +475,56 @@ def rollout(
                 vs.append(v)
             x = x_next
         # The clean pass writes the chunk's pages under the full (unrouted) context.
-        write_clean(j, x, cond, page_map)
+        write_clean(j, x, cond, mem)
         return x, xs, vs, den_table
 
-    def write_clean(j: int, x, cond, page_map) -> None:
-        """Clean pass (t = 0) of chunk j for R rows: new cache pages, listed in ``page_map``."""
+    def write_clean(j: int, x, cond, mem) -> None:
+        """Clean pass (t = 0) of chunk j for R rows: new cache pages, listed in ``mem``."""
         R = x.shape[0]
         perm = pages.take(R * c).view(R, c)
-        full = context_table(model, page_map, torch.arange(R), torch.full((R,), j), perm, width)
+        full = mem.table(model, j, perm, width)
         fi = (j * c + torch.arange(c, device=device)).expand(R, c)
         model(x, torch.zeros(R, device=device), cond, fi, full.to(device), cache, perm)
-        page_map[:, j * c : (j + 1) * c] = perm
+        mem.page_map[:, j * c : (j + 1) * c] = perm
 
-    def recache(j: int, page_map, group_of_row, clean: dict[int, torch.Tensor], cond) -> None:
-        """KV re-cache: rows whose prompt switches at chunk j re-encode, in order, the chunks
-        that j sees under j's prompt; their frames get the new pages in ``page_map``."""
-        sel = torch.tensor([j in switches[int(b)] for b in group_of_row]).nonzero().squeeze(1)
-        n = sel.numel()
-        if n == 0:
+    def longlive_pass(j: int, mem, clean: dict[int, torch.Tensor], cond) -> None:
+        """LongLive's re-cache at chunk j for R rows: one t = 0 pass over the chunks holding its
+        frames, every row attending to the kept sinks and the written frames' new pages."""
+        plan, chunks = longlive_recache(model, j), recache_chunks(model, j)
+        R, n = cond.shape[0], len(chunks)
+        slots = pages.take(R * n * c).view(R, n * c)
+        if not plan.written:
             return
-        pm_sel = page_map[sel]
-        for i in recache_chunks(model, j):
-            write_clean(i, clean[i][sel], cond[sel], pm_sel)
-        page_map[sel] = pm_sel
+        col = {i * c + f: k * c + f for k, i in enumerate(chunks) for f in range(c)}
+        new = slots[:, [col[f] for f in plan.written]]
+        keys = torch.cat([mem.page_map[:, plan.kept], new], 1).to(torch.int32)
+        x = torch.stack([clean[i] for i in chunks], 1).flatten(0, 1)
+        fi = (torch.tensor(chunks)[:, None] * c + torch.arange(c)).repeat(R, 1).to(device)
+        model(x, torch.zeros(R * n, device=device), cond.repeat_interleave(n, 0), fi,
+              keys.repeat_interleave(n, 0).to(device), cache, slots.view(R * n, c))  # fmt: skip
+        mem.page_map[:, plan.written] = new
+        mem.sinks_from[:] = plan.sinks_from
+
+    def recache(j: int, mem, group_of_row, clean: dict[int, torch.Tensor], cond) -> None:
+        """KV re-cache: rows whose prompt switches at chunk j re-encode history under j's
+        prompt (:mod:`kvpo.context`); their frames get the new pages in ``mem``."""
+        sel = torch.tensor([j in switches[int(b)] for b in group_of_row]).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            return
+        part = mem.rows(sel)
+        if policy == "longlive":
+            longlive_pass(j, part, {i: x[sel] for i, x in clean.items()}, cond[sel])
+        else:
+            for i in recache_chunks(model, j):
+                write_clean(i, clean[i][sel], cond[sel], part)
+        mem.put(sel, part)
 
     # Shared prefix: one row per group.
-    pm = torch.full((B, Fr), -1, dtype=torch.long)
+    pm = _Memory(torch.full((B, Fr), -1, dtype=torch.long), torch.zeros(B, dtype=torch.long))
     prefix, pre_x, pre_v = [], [], []
     for j in range(w0):
         recache(j, pm, torch.arange(B), dict(enumerate(prefix)), cond_bj[:, j])
-        hist = context_table(model, pm, torch.arange(B), torch.full((B,), j), None, width - c)
+        hist = pm.table(model, j, None, width - c)
         x, xs, vs, _ = run_chunk(j, pm, torch.arange(B), hist, cond_bj[:, j], spec.record_prefix)
         prefix.append(x)
         pre_x += xs
@@ -503,31 +551,29 @@ def rollout(
     forked_x, forked_v = [], []  # per record after the fork: [B*Gt, L, d]
     for sel in passes:
         pages.used = forked_from
-        page_map = pm[rows[sel]]
+        mem = pm.rows(rows[sel])
         if not spec.share_pages:
             n_pre = w0 * c
             for r in range(len(sel)):
                 new = pages.take(n_pre)
-                old = page_map[r, :n_pre]
+                old = mem.page_map[r, :n_pre]
                 for layer in range(len(cache.k)):
                     cache.k[layer][new] = cache.k[layer][old]
                     cache.v[layer][new] = cache.v[layer][old]
-                page_map[r, :n_pre] = new
-        group_of_row, R = rows[sel], len(sel)
+                mem.page_map[r, :n_pre] = new
+        group_of_row = rows[sel]
         made = {i: x[group_of_row] for i, x in enumerate(prefix)}
         n_rec = 0
         for j in range(w0, nC):
             cond = cond_bj[group_of_row, j]
-            recache(j, page_map, group_of_row, made, cond)
-            hist = context_table(
-                model, page_map, torch.arange(R), torch.full((R,), j), None, width - c
-            )
+            recache(j, mem, group_of_row, made, cond)
+            hist = mem.table(model, j, None, width - c)
             if j < w1 and not sde:
-                routed = _apply_route(spec, routing[j][sel], page_map, hist)
+                routed = _apply_route(spec, routing[j][sel], mem.page_map, hist)
                 hist = torch.where(is_anchor[sel, None], hist, routed)
             eps = {k: sde_eps[j, k][sel].to(device) for k in steps} if sde and j in scored else None
             x, xs, vs, den_table = run_chunk(
-                j, page_map, group_of_row, hist, cond, j in scored, ode_rows=is_anchor[sel], eps=eps
+                j, mem, group_of_row, hist, cond, j in scored, ode_rows=is_anchor[sel], eps=eps
             )
             made[j] = x
             clean.setdefault(j, x.new_empty((B * Gt, *x.shape[1:])))[sel] = x

@@ -40,7 +40,11 @@ def test_yaml_then_cli_overrides(tmp_path):
     cfg = parse_args(["--local_window", "4", "--routing", "sample", "--window_shift", "1"])
     assert cfg.local_window == 4 and cfg.routing == "sample" and cfg.window_shift == 1
     assert parse_args(["--local_window", "none"]).local_window is None
-    assert parse_args(["--recache", "true"]).recache is True and parse_args([]).recache is None
+    assert (
+        parse_args(["--recache", "true"]).recache == "longlive" and parse_args([]).recache is None
+    )
+    assert parse_args(["--recache", "chunkwise"]).recache == "chunkwise"
+    assert parse_args(["--recache", "false"]).recache == "none"
     cfg = parse_args(["--reward_fns", "hps=my_rewards:HPS,aes=/code/aes.py:score"])
     assert cfg.reward_fns == {"hps": "my_rewards:HPS", "aes": "/code/aes.py:score"}
 

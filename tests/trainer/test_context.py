@@ -64,7 +64,7 @@ def test_clean_rows_without_and_with_recache():
     plain = clean_context(model, tokens, prompts, shared=2, last=4)
     # prefix chunks once per group, then chunks 2, 3 of each branch
     assert plain.chunk.tolist() == [0, 1, 2, 2, 3, 3] and plain.segments == 1
-    model.set_recache(True)
+    model.set_recache("chunkwise")
     cc = clean_context(model, tokens, prompts, shared=2, last=4)
     # the switch at chunk 3 re-encodes chunks 0 (the sink), 1 and 2 (frames 3-5) per branch
     assert cc.chunk.tolist() == [0, 1, 2, 2, 0, 0, 1, 1, 2, 2, 3, 3] and cc.segments == 2
@@ -81,3 +81,76 @@ def test_clean_rows_without_and_with_recache():
     assert torch.equal(seg0[0:c], torch.arange(c))  # segment 0: the prefix row 0
     assert torch.equal(seg1[0:c], 5 * c + torch.arange(c))  # re-encoded by branch 1's row 5
     assert torch.equal(seg1[3 * c : 4 * c], 11 * c + torch.arange(c))  # chunk 3 of branch 1
+
+
+def longlive_interactive(L, S, c, chunks, switches, global_sink):
+    """LongLive's interactive inference at the granularity of frames, from its semantics: the
+    cache holds at most L entries (frame, prompt segment) in slots; a chunk's frames are appended
+    and the oldest entries after the first S slots evicted; a chunk attends to every slot. At a
+    switch at frame a the last min(L, a) frames are re-encoded in one pass under the new segment:
+    with global_sink the first S slots stay and the pass's entries after its first S follow them;
+    without, the pass's entries are the cache. The pass attends to the cache it leaves.
+
+    Returns each chunk's attended entries and, per switch chunk, (frames re-encoded, the pass's
+    attended entries)."""
+    slots, seen, passes, seg = [], [], {}, 0
+    for j in range(chunks):
+        a = j * c
+        if j in switches:
+            seg += 1
+            entries = [(f, seg) for f in range(a - min(L, a), a)]
+            slots = slots[:S] + entries[S:] if global_sink else entries
+            passes[j] = ([f for f, _ in entries], sorted(slots))
+        slots = slots + [(f, seg) for f in range(a, a + c)]
+        if len(slots) > L:
+            slots = slots[:S] + slots[len(slots) - (L - S) :]
+        seen.append(sorted(slots))
+    return seen, passes
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_longlive_recache_is_longlives_cache(seed):
+    """For random sinks, windows, chunk sizes and switches, in both global_sink modes: the frames
+    LongLive's pass re-encodes, what the pass attends to, and what every later chunk attends to
+    (which frames, from which prompt segment's pass) are those of LongLive's cache, read from the
+    clean rows that replay and pretraining rebuild the context with."""
+    import random
+
+    rng = random.Random(seed)
+    c, S = rng.choice([1, 2, 3]), rng.choice([1, 2, 3])
+    lw, nC = rng.choice([1, 2, 4, 5]), rng.choice([6, 8])
+    global_sink = rng.random() < 0.5
+    model = tiny_model(
+        num_frames=nC * c, chunk_frames=c, sink_frames=min(S, c * 2), local_window=lw,
+        recache="longlive", global_sink=global_sink,
+    )  # fmt: skip
+    S = model.sink_frames
+    switches = sorted(rng.sample(range(1, nC), 2))
+    names = [A, B_, A.replace("left", "down")]
+    prompts = [[names[sum(j >= a for a in switches)] for j in range(nC)]]
+    seen, passes = longlive_interactive(S + lw + c, S, c, nC, switches, global_sink)
+    tokens = torch.zeros(1, 1, nC * c, model.frame_tokens, model.token_dim)
+    cc = clean_context(model, tokens, prompts, shared=0, last=nC - 1)
+    emb = model.encode_prompts(names)
+
+    def entries(pages):
+        """(frame, segment) of clean pages: the frame its row holds, the prompt it was made under."""
+        out = []
+        for p in pages.tolist():
+            if p >= 0:
+                r, f = divmod(p, c)
+                seg = next(k for k in range(3) if torch.equal(cc.cond[r], emb[k]))
+                out.append((int(cc.chunk[r]) * c + f, seg))
+        return sorted(out)
+
+    for j in range(nC):
+        hist = entries(cc.history(model, torch.tensor([0]), torch.tensor([j]))[0])
+        assert hist + [(f, sum(j >= a for a in switches)) for f in range(j * c, (j + 1) * c)] \
+            == seen[j], j  # fmt: skip
+    for a, (frames, attended) in passes.items():
+        rows = [r for r in range(len(cc.chunk)) if torch.equal(cc.cond[r], emb[switches.index(a) + 1])
+                and int(cc.chunk[r]) < a]  # fmt: skip
+        made = sorted({int(cc.chunk[r]) * c + f for r in rows for f in range(c)})
+        assert set(frames) <= set(made) and len(made) < len(frames) + c, (a, made, frames)
+        for r in rows:
+            assert entries(cc.table[r]) == attended, (a, r)

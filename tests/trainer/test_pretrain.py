@@ -16,7 +16,10 @@ UP = "a large red circle moving up slowly"
 
 def _streaming_velocity(model, clean, prompts, j, xt, t):
     """Chunk j's velocity at (xt, t) made the streaming way: clean passes write the cache chunk by
-    chunk, a prompt switch re-encodes what the next chunk sees, then the noisy forward."""
+    chunk, a prompt switch re-encodes what the next chunk sees (``chunkwise``), then the noisy
+    forward."""
+    if model.recache == "longlive":
+        return _longlive_velocity(model, clean, prompts, j, xt, t)
     c = model.chunk_frames
     cond = chunk_conditioning(model, [prompts])[0]
     cache = model.new_cache(64)
@@ -31,7 +34,7 @@ def _streaming_velocity(model, clean, prompts, j, xt, t):
         page_map[0, i * c : (i + 1) * c] = pages
 
     for i in range(j + 1):
-        if model.recache and i > 0 and prompts[i] != prompts[i - 1]:
+        if model.recache == "chunkwise" and i > 0 and prompts[i] != prompts[i - 1]:
             for r in recache_chunks(model, i):
                 write(r, cond[i])
         if i < j:
@@ -42,9 +45,62 @@ def _streaming_velocity(model, clean, prompts, j, xt, t):
     return model(xt[None], t[None], cond[j][None], frames, table, cache, own[None])[0]
 
 
-@pytest.mark.parametrize("recache", [False, True])
-def test_teacher_forcing_equals_streaming(recache):
-    model = tiny_model(local_window=3)
+def _longlive_velocity(model, clean, prompts, j, xt, t):
+    """Chunk j's velocity at (xt, t) under LongLive's interactive inference, from its semantics:
+    a rolling cache of L = sinks + local window + chunk frames whose slots list pages; a chunk's
+    pages are appended, the oldest after the sinks evicted, and its attention reads every slot.
+    At a prompt switch at frame a the last min(L, a) frames are re-encoded in ONE pass under the
+    new prompt at t = 0, attending to the cache the pass leaves: with global_sink, the old sink
+    slots and the pass's frames after its first S; without, the pass's frames alone, which
+    become the cache (its first S frames the sinks)."""
+    c, S = model.chunk_frames, model.sink_frames
+    L = S + model.local_window + c
+    cond = chunk_conditioning(model, [prompts])[0]
+    cache = model.new_cache(256)
+    slots = []
+
+    def forward(x, frames, cond_i, t_i, keys_of):
+        """Rows of c frames of x [n*c, T, d] at ``frames``; attention to keys_of(new pages)."""
+        n = len(frames) // c
+        pages = cache.allocate(n * c)
+        keys = keys_of(pages.tolist())
+        table = torch.tensor([keys] * n, dtype=torch.int32)
+        fi = torch.tensor(frames).view(n, c)
+        out = model(x.reshape(n, -1, x.shape[-1]), t_i.expand(n), cond_i.expand(n, -1), fi,
+                    table, cache, pages.view(n, c))  # fmt: skip
+        return pages.tolist(), out
+
+    def rolled(new):
+        s = slots + new
+        return s[:S] + s[len(s) - (L - S) :] if len(s) > L else s
+
+    for i in range(j + 1):
+        a = i * c
+        if i > 0 and prompts[i] != prompts[i - 1]:
+            frames = list(range(a - min(L, a), a))
+            if model.global_sink:
+                keep = slots[:S]
+                new, _ = forward(clean[frames], frames, cond[i], torch.zeros(()),
+                                 lambda p, keep=keep: keep + p[S:])  # fmt: skip
+                slots = keep + new[S:]
+            else:
+                new, _ = forward(clean[frames], frames, cond[i], torch.zeros(()), lambda p: p)
+                slots = new
+        own = list(range(a, a + c))
+        if i < j:
+            new, _ = forward(clean[own], own, cond[i], torch.zeros(()), rolled)
+            slots = rolled(new)
+    own = list(range(j * c, (j + 1) * c))
+    _, out = forward(xt.view(c, -1, xt.shape[-1]), own, cond[j], t, rolled)
+    return out[0]
+
+
+@pytest.mark.parametrize(
+    ("recache", "global_sink"),
+    [("none", True), ("chunkwise", True), ("longlive", True), ("longlive", False)],
+)
+def test_teacher_forcing_equals_streaming(recache, global_sink):
+    model = tiny_model(local_window=3, global_sink=global_sink)
     model.set_recache(recache)
     gen = torch.Generator().manual_seed(0)
     nC, c = 5, model.chunk_frames
@@ -82,7 +138,7 @@ def test_cli_pretrains_a_local_window_recache_generator(tmp_path):
     args = ["--steps", "2", "--batch", "2", "--dim", "32", "--depth", "1", "--out", str(out)]
     main([*args, "--local_window", "4", "--recache"])
     m = load_model(out)
-    assert m.local_window == 4 and m.recache and m.cfg.depth == 1
+    assert m.local_window == 4 and m.recache == "longlive" and m.cfg.depth == 1
     with pytest.raises(SystemExit):
         main(["--local_window", "0", "--out", str(out)])
 
@@ -112,11 +168,11 @@ def test_cli_continues_a_checkpoint_in_its_architecture_under_a_context_asked(tm
     main([*small, "--local_window", "3", "--out", str(base)])
     main(["--steps", "1", "--batch", "2", "--init", str(base), "--out", str(first)])
     m = load_model(first)
-    assert (m.cfg.dim, m.cfg.depth, m.local_window, m.recache) == (32, 1, 3, False)
+    assert (m.cfg.dim, m.cfg.depth, m.local_window, m.recache) == (32, 1, 3, "none")
     main(["--steps", "1", "--batch", "2", "--init", str(first), "--depth", "1",
           "--local_window", "5", "--recache", "--out", str(second)])  # fmt: skip
     m = load_model(second)
-    assert (m.cfg.dim, m.cfg.depth, m.local_window, m.recache) == (32, 1, 5, True)
+    assert (m.cfg.dim, m.cfg.depth, m.local_window, m.recache) == (32, 1, 5, "longlive")
     with pytest.raises(SystemExit):
         main(["--steps", "1", "--init", str(base), "--dim", "64", "--out", str(second)])
     err = capsys.readouterr().err

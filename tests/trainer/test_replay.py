@@ -193,7 +193,8 @@ def _layout(seed: int) -> tuple[dict, list[list[str]], RolloutSpec]:
         num_frames=chunk * n_chunks,
         sink_frames=rng.choice([0, 1, 2]),
         local_window=rng.choice([None, 2, 3, 5]),
-        recache=rng.random() < 0.5,
+        recache=rng.choice(["none", "longlive", "chunkwise"]),
+        global_sink=rng.random() < 0.5,
     )
     prompts = []
     for p in PROMPTS:

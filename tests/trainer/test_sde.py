@@ -71,8 +71,12 @@ def test_step_log_probs_are_gaussian_densities():
         torch.testing.assert_close(got[:, :, k], want.float(), rtol=1e-5, atol=1e-5)
 
 
-def test_sde_rollout_branches_differ_and_replay_reproduces_their_steps():
+@pytest.mark.parametrize("sampler", ["euler", "renoise"])
+def test_sde_rollout_branches_differ_and_replay_reproduces_their_steps(sampler):
+    """On either sampler: the scored steps are the SDE's (per branch), the anchor is the
+    deployment sample (the sampler's steps, its group's noise)."""
     model = tiny_model()
+    model.set_sampler(sampler)
     spec = RolloutSpec(group_size=3, window=(2, 4), explore="sde", sde_noise=0.7, anchor=True)
     ro = rollout(
         model, [[PROMPTS[0]] * 5, [PROMPTS[1]] * 5], spec, torch.Generator().manual_seed(0)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ... import lora
+from ...context import recache_policy
 from ...sampler import check_sampler
 from ...streaming import PagedKVCache, chunk_attention, patchify, shift_timesteps, unpatchify
 
@@ -136,7 +137,9 @@ class WanStreamingGenerator(nn.Module):
         encode: video ``[N, T', 3, H, W]`` in [-1, 1] -> latents, the inverse (pretraining data).
         temporal_stride: video frames per latent frame of ``decode`` (4 for Wan's causal VAE:
             latent frame 0 is video frame 0, latent frame f > 0 is frames 4f-3 .. 4f).
-        recache: LongLive's KV re-cache at prompt switches.
+        recache: KV re-cache at prompt switches (:mod:`kvpo.context`): ``longlive`` (or True),
+            ``chunkwise``, ``none`` (or False).
+        global_sink: a ``longlive`` re-cache keeps the sinks' first K/V (LongLive's default).
         sampler: the few-step sampler it deploys (:mod:`kvpo.sampler`): ``renoise``, the one
             Self-Forcing, CausVid and LongLive were distilled with (``euler`` for a Wan model
             trained as a flow).
@@ -156,7 +159,8 @@ class WanStreamingGenerator(nn.Module):
         decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         temporal_stride: int = 1,
-        recache: bool = False,
+        recache: str | bool = "none",
+        global_sink: bool = True,
         sampler: str = "renoise",
     ) -> None:
         super().__init__()
@@ -203,7 +207,8 @@ class WanStreamingGenerator(nn.Module):
         self.token_dim = C * ph * pw
         self.sink_frames = sink_frames
         self.local_window = local_window
-        self.recache = recache
+        self.recache = recache_policy(recache)
+        self.global_sink = bool(global_sink)
         self.sampler = check_sampler(sampler)
         self.grad_checkpointing = False
         self.steps, self.shift = st, float(shift)

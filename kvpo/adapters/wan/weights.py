@@ -159,15 +159,17 @@ def load_from_config(
     root: str | Path | None = None,
     original_weights: bool = True,
 ) -> WanStreamingGenerator:
-    """The generator a trainer config's ``wan_*`` fields (and ``local_window``) describe, from
+    """The generator a trainer config's ``wan_*`` fields (and its deployment context:
+    ``local_window``, ``recache``, ``global_sink``, ``sampler``, each where set) describe, from
     ``root`` or the config's ``wan_dir``; ``original_weights``: also load ``wan_checkpoint``."""
     checkpoint = cfg.get("wan_checkpoint") if original_weights else None
+    context = {k: cfg[k] for k in ("recache", "global_sink", "sampler") if cfg.get(k) is not None}
     return load_wan(
         root or cfg["wan_dir"], cfg["wan_frames"], cfg["wan_chunk_frames"],
         cfg["wan_sink_frames"], cfg.get("local_window"), size=tuple(cfg["wan_size"]),
         device=device, transformer_checkpoint=checkpoint or None,
         checkpoint_key=cfg.get("wan_checkpoint_key", "generator_ema"),
-        dtype=WAN_DTYPES[cfg.get("wan_dtype", "fp32")],
+        dtype=WAN_DTYPES[cfg.get("wan_dtype", "fp32")], **context,
     )  # fmt: skip
 
 
