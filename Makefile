@@ -1,6 +1,6 @@
 PY ?= python3
 
-.PHONY: setup train pretrain test lint bench cuda-compile sanitize
+.PHONY: setup train pretrain test lint docs bench cuda-compile sanitize
 setup:
 	bash scripts/setup.sh
 
@@ -13,11 +13,15 @@ pretrain: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mkdocs build --strict --quiet -d build/site
 	$(PY) -m pytest tests -q -ra
 
 lint:
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+docs:
+	$(PY) -m mkdocs build --strict -d build/site
 
 bench:
 	$(PY) -m pytest benchmarks -q --benchmark-columns=min,median,mean,rounds

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -160,6 +161,8 @@ def save_videos(videos: torch.Tensor, stem: Path, fps: int = 6, mp4: bool = True
     iio.imwrite(out[0], frames, duration=1000 / fps, loop=0)
     if not mp4:
         return out
+    # libx264's yuv420p needs an even height and width: pad the grid by a black row / column
+    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)))
     try:
         iio.imwrite(
             stem.with_suffix(".mp4"),
@@ -171,6 +174,7 @@ def save_videos(videos: torch.Tensor, stem: Path, fps: int = 6, mp4: bool = True
         )
         out.append(stem.with_suffix(".mp4"))
     except Exception as e:  # noqa: BLE001 - no video codec must not stop training
+        stem.with_suffix(".mp4").unlink(missing_ok=True)  # no empty file left behind
         print(f"warning: could not write {stem.with_suffix('.mp4')}: {e}")
     return out
 

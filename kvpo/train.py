@@ -2,7 +2,7 @@
 
 One iteration: rollout with KV routing (no grad) -> rewards and advantages -> for each inner epoch,
 replay under full context with gradients, TVE, Gibbs log-probabilities, PPO-clipped loss (+ KL
-toward the base policy) -> AdamW step. See ``../shared/METHOD.md`` for the formulas.
+toward the base policy) -> AdamW step. ``docs/method.md`` states the formulas.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ shows only here."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -84,12 +85,48 @@ def test_the_wheel_holds_the_packages_their_data_and_the_compiled_kernels(dists)
     assert names == package_files | {extension}
 
 
+def _core_site(dest: Path) -> Path:
+    """A folder of links to this environment's installs of the package's core dependencies
+    (pyproject's ``dependencies``, and theirs, transitively) and of nothing else."""
+    from importlib import metadata
+
+    import tomllib
+
+    def name(req: str) -> str:
+        return re.split(r"[<>=!~;\[ (]", req.strip(), maxsplit=1)[0]
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo, seen = [name(d) for d in project["dependencies"]], set()
+    dest.mkdir()
+    while todo:
+        dep = todo.pop()
+        if dep.lower().replace("_", "-") in seen:
+            continue
+        seen.add(dep.lower().replace("_", "-"))
+        try:
+            dist = metadata.distribution(dep)
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [name(r) for r in dist.requires or [] if "extra ==" not in r]
+        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] != ".."}:
+            src = Path(dist.locate_file(top))
+            if src.exists() and not (dest / top).exists():
+                (dest / top).symlink_to(src)
+    return dest
+
+
 def test_the_installed_wheel_trains_from_anywhere(dists, tmp_path):
-    """Installed into a fresh environment (torch from this one) and run from an empty folder:
-    the compiled kernels load, and ``python -m kvpo.train`` finds its shipped base checkpoint."""
+    """Installed into a fresh environment with its core dependencies alone (from this one) and
+    run from an empty folder: the compiled kernels load, and the default ``python -m kvpo.train``
+    finds its shipped base checkpoint and runs through a save, its samples and plot written."""
     venv = tmp_path / "venv"
-    _run(sys.executable, "-m", "venv", "--system-site-packages", str(venv), cwd=tmp_path)
+    _run(sys.executable, "-m", "venv", str(venv), cwd=tmp_path)
     py = str(venv / "bin" / "python")
+    # the package's core dependencies alone, from this environment (--system-site-packages would
+    # reach the base interpreter's site, not a venv's), after the new venv's own site-packages
+    site = _run(py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path)
+    core = _core_site(tmp_path / "core")
+    (Path(site.strip()) / "core_dependencies.pth").write_text(f"{core}\n")
     wheel = str(dists["wheel"])
     _run(
         py, "-m", "pip", "install", "-q", "--no-deps", wheel, cwd=tmp_path,
@@ -104,9 +141,11 @@ def test_the_installed_wheel_trains_from_anywhere(dists, tmp_path):
     info = json.loads(_run(py, "-m", "kvpo_kernels.info", "--json", cwd=work))
     assert info["native_extension"] and info["backends"]["velocity_energy"]["cpu"] == "cpu"
     _run(
-        py, "-m", "kvpo.train", "--iterations", "1", "--prompts_per_iter", "1", "--group_size",
-        "2", "--eval_prompts", "1", "--eval_seeds", "1", "--samples", "false", "--progress",
+        py, "-m", "kvpo.train", "--iterations", "2", "--save_every", "2", "--prompts_per_iter",
+        "1", "--group_size", "2", "--eval_prompts", "1", "--eval_seeds", "1", "--progress",
         "false", "--out_dir", str(work / "run"), cwd=work,
     )  # fmt: skip
+    for name in ("checkpoint.safetensors", "samples_before.gif", "samples_after.mp4"):
+        assert (work / "run" / name).stat().st_size > 0, name
     row = json.loads((work / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert row["iter"] == 0 and "eval_reward" in row
+    assert row["iter"] == 1 and "eval_reward" in row

@@ -1,12 +1,21 @@
 """Small models and prompts shared by the trainer tests."""
 
 import random
+import socket
 from pathlib import Path
 
 import torch
 
 from kvpo import data
 from kvpo.model import ModelConfig, TinyARVideo
+
+
+def free_port() -> str:
+    """A TCP port no process listens on now (the OS picks it), so tests that start torchrun
+    never collide with each other or with another job on a loaded machine."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return str(s.getsockname()[1])
 
 
 def tiny_model(seed: int = 0, **overrides) -> TinyARVideo:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from trainer_support import PROMPTS
+from trainer_support import PROMPTS, free_port
 
 from kvpo.evaluate import evaluate
 from kvpo.rewards import CompositeReward
@@ -155,7 +155,7 @@ def test_cli_under_torchrun_gives_one_process_scores(base, tmp_path):
     res = subprocess.run(
         [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", "29533", "-m", "kvpo.evaluate", "--checkpoint", ckpt, "--device",
+            "--master_port", free_port(), "-m", "kvpo.evaluate", "--checkpoint", ckpt, "--device",
             "cpu", "--set", "eval_batch=2", "--per_prompt", str(tmp_path / "two.jsonl"),
         ],
         capture_output=True, text=True, timeout=600,

@@ -71,3 +71,21 @@ def test_source_revision_is_the_checkouts_commit(tmp_path):
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / "site-packages").mkdir()
     assert source_revision(tmp_path / "site-packages") is None  # inside another repository
+
+
+def test_a_grid_of_odd_size_still_makes_an_mp4(tmp_path):
+    """libx264 refuses an odd height or width: the grid is padded, the mp4 is written whole and
+    holds every frame."""
+    import imageio.v3 as iio
+
+    videos = torch.rand(3, 4, 3, 25, 31, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    grid = video_grid(videos)
+    assert grid.shape[1] % 2 or grid.shape[2] % 2  # an odd grid indeed
+    written = save_videos(videos, tmp_path / "odd")
+    assert written == [tmp_path / "odd.gif", tmp_path / "odd.mp4"]
+    frames = iio.imread(tmp_path / "odd.mp4")
+    assert (
+        frames.shape[0] == 4
+        and frames.shape[1] >= grid.shape[1]
+        and frames.shape[2] >= grid.shape[2]
+    )

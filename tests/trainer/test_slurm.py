@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer_support import checkpoint_meta, cli_args, descendants, run_overrides
+from trainer_support import checkpoint_meta, cli_args, descendants, free_port, run_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "slurm_train.sbatch"
@@ -40,8 +40,12 @@ exit $status
 """
 
 
-def _start(args: list[str], tmp_path: Path, job: str, nodes: int = 1) -> subprocess.Popen:
-    """The script as SLURM would start it: 2 GPUs (here gloo ranks on the CPU) per node."""
+def _start(
+    args: list[str], tmp_path: Path, job: str, nodes: int = 1, port: str | None = None
+) -> subprocess.Popen:
+    """The script as SLURM would start it: 2 GPUs (here gloo ranks on the CPU) per node; the
+    master or rendezvous port ``port`` (default: a free one)."""
+    port = port or free_port()
     scontrol = tmp_path / "scontrol"
     log = tmp_path / "scontrol.log"
     scontrol.write_text(
@@ -58,8 +62,8 @@ def _start(args: list[str], tmp_path: Path, job: str, nodes: int = 1) -> subproc
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
         # one node: torchrun's standalone master port; several: the c10d rendezvous port
-        "TORCHRUN": torchrun if nodes > 1 else f"{torchrun} --master_port 29541",
-        "KVPO_RDZV_PORT": "29543",
+        "TORCHRUN": torchrun if nodes > 1 else f"{torchrun} --master_port {port}",
+        "KVPO_RDZV_PORT": port,
         "SCONTROL": str(scontrol),
         "SRUN": str(srun),
         "SLURM_JOB_ID": job,
@@ -144,14 +148,15 @@ def test_two_nodes_meet_stop_together_and_requeue(base, tmp_path):
     reaches both nodes' ranks through srun: one checkpoint, one requeue, and the job goes on."""
     out = tmp_path / "run"
     args = _long_run(base, out, prompts_per_iter=4)
-    job = _start(args, tmp_path, "99", nodes=2)
+    port = free_port()
+    job = _start(args, tmp_path, "99", nodes=2, port=port)
     stdout, stderr = _signal_mid_run(job, out, signal.SIGUSR1)
     assert job.returncode == 0, stderr[-4000:]
     assert "stopped by SIGUSR1 after" in stdout and "requeueing job 99" in stdout
     assert stderr.count("kvpo: got SIGUSR1") == 2  # a rank on each node
     srun = (tmp_path / "srun.log").read_text()
     assert "--nnodes 2 --nproc_per_node 1 --rdzv_backend c10d" in srun
-    assert "--rdzv_endpoint localhost:29543 --rdzv_id 99" in srun
+    assert f"--rdzv_endpoint localhost:{port} --rdzv_id 99" in srun
     assert (tmp_path / "scontrol.log").read_text() == "requeue 99\n"
     env = [json.loads(x) for x in (out / "environment.jsonl").read_text().splitlines()]
     assert [e["ranks"] for e in env] == [2]

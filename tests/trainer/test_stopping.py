@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_support import checkpoint_meta, cli_args, descendants, run_overrides
+from trainer_support import checkpoint_meta, cli_args, descendants, free_port, run_overrides
 
 from kvpo.config import build_config
 from kvpo.stopping import StopSignals
@@ -270,7 +270,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_point(base, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29519", "-m", "kvpo.train", *args],
+         "--master_port", free_port(), "-m", "kvpo.train", *args],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert res.returncode != 0, "a stopped run is not a finished one"
@@ -296,7 +296,7 @@ def test_torchrun_forwards_the_signal_and_waits_for_the_checkpoint(base, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     agent = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29521", "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1",
+         "--master_port", free_port(), "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1",
          "--shutdown-timeout", "120", "-m", "kvpo.train", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
