@@ -29,15 +29,35 @@ from benchmarks.routed_methods import Setup, flops, gather_sdpa, make_inputs, pe
 from benchmarks.routed_methods import flex as flex_method
 
 WAN = Setup(
-    branches=8, pages=21, page_size=1560, heads=12, kv_heads=12, head_dim=128, queries=4680,
-    p_keep=0.5, sinks=3, recent=3, dtype=torch.bfloat16, device="cuda",
-)  # fmt: skip
+    branches=8,
+    pages=21,
+    page_size=1560,
+    heads=12,
+    kv_heads=12,
+    head_dim=128,
+    queries=4680,
+    p_keep=0.5,
+    sinks=3,
+    recent=3,
+    dtype=torch.bfloat16,
+    device="cuda",
+)
 # Every code path at toy size: 2 frames of 32 tokens in the window, GQA, fp16 (the interpreter
 # mishandles bf16).
 SMOKE = Setup(
-    branches=2, pages=4, page_size=32, heads=4, kv_heads=2, head_dim=64, queries=24,
-    p_keep=0.5, sinks=1, recent=1, dtype=torch.float16, device="cpu",
-)  # fmt: skip
+    branches=2,
+    pages=4,
+    page_size=32,
+    heads=4,
+    kv_heads=2,
+    head_dim=64,
+    queries=24,
+    p_keep=0.5,
+    sinks=1,
+    recent=1,
+    dtype=torch.float16,
+    device="cpu",
+)
 
 
 def _bench(fn, device: str) -> float:
@@ -171,9 +191,16 @@ def _flash_attn_paged(q, k, v, table, block=256):
 
 ROUTED_COLS = ("ms", "tflops", "peak_mib", "rel_err_vs_kvpo")
 ENERGY_COLS = (
-    "call_ms", "gpu_ms", "GB/s", "of_copy", "gpu_ms_clean", "of_copy_clean", "graph_ms",
-    "of_copy_graph", "rel_err",
-)  # fmt: skip
+    "call_ms",
+    "gpu_ms",
+    "GB/s",
+    "of_copy",
+    "gpu_ms_clean",
+    "of_copy_clean",
+    "graph_ms",
+    "of_copy_graph",
+    "rel_err",
+)
 
 
 def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -> list[dict]:
@@ -320,19 +347,37 @@ def velocity_rows(
         backends.append("cuda")
     cases = [(f"kvpo {be} fwd", lambda be=be: energy(be), bytes_fwd) for be in backends]
     cases += [
-        ("torch eager fwd", lambda: lambda: kvpo_kernels.velocity_energy_reference(a.float(), b.float(), w, "mean"), bytes_fwd),
-        ("torch.compile fwd", lambda: torch.compile(lambda: kvpo_kernels.velocity_energy_reference(a, b, w, "mean")), bytes_fwd),
-    ]  # fmt: skip
+        (
+            "torch eager fwd",
+            lambda: lambda: kvpo_kernels.velocity_energy_reference(a.float(), b.float(), w, "mean"),
+            bytes_fwd,
+        ),
+        (
+            "torch.compile fwd",
+            lambda: torch.compile(lambda: kvpo_kernels.velocity_energy_reference(a, b, w, "mean")),
+            bytes_fwd,
+        ),
+    ]
     cases += [(f"kvpo {be} bwd", lambda be=be: grad(be), bytes_bwd) for be in backends]
     # Where a forward call's time goes, against what moving the same bytes costs at this size
     # (the 1 GB copy that "of copy" divides by hides a launch's fixed costs; these do not).
     cases += [
-        ("kvpo triton fwd kernel alone (no op, no zero fill)", lambda: _energy_kernel(a, b, w), bytes_fwd),
-        *[(f"kvpo triton fwd kernel alone, {t}", lambda t=t: _energy_kernel(a, b, w, **t), bytes_fwd)
-          for t in ENERGY_TILINGS],
+        (
+            "kvpo triton fwd kernel alone (no op, no zero fill)",
+            lambda: _energy_kernel(a, b, w),
+            bytes_fwd,
+        ),
+        *[
+            (
+                f"kvpo triton fwd kernel alone, {t}",
+                lambda t=t: _energy_kernel(a, b, w, **t),
+                bytes_fwd,
+            )
+            for t in ENERGY_TILINGS
+        ],
         ("copy of the same bytes (read + write)", lambda: _copy_same_bytes(a), bytes_fwd),
         ("torch.sum over the same bytes (read only)", lambda: _sum_same_bytes(a, b), bytes_fwd),
-    ]  # fmt: skip
+    ]
     rows = []
     for name, make, nbytes in cases:
         try:
@@ -360,21 +405,44 @@ def velocity_rows(
                     pass
             gbs = nbytes / gpu_ms / 1e6
             rows.append(
-                {"method": name, "call_ms": call_ms, "gpu_ms": gpu_ms, "GB/s": gbs,
-                 "of_copy": gbs / copy, "gpu_ms_clean": clean_ms,
-                 "of_copy_clean": nbytes / clean_ms / 1e6 / copy_clean, "graph_ms": graph_ms,
-                 "of_copy_graph": nbytes / graph_ms / 1e6 / copy_clean, "rel_err": err,
-                 "error": ""}
-            )  # fmt: skip
+                {
+                    "method": name,
+                    "call_ms": call_ms,
+                    "gpu_ms": gpu_ms,
+                    "GB/s": gbs,
+                    "of_copy": gbs / copy,
+                    "gpu_ms_clean": clean_ms,
+                    "of_copy_clean": nbytes / clean_ms / 1e6 / copy_clean,
+                    "graph_ms": graph_ms,
+                    "of_copy_graph": nbytes / graph_ms / 1e6 / copy_clean,
+                    "rel_err": err,
+                    "error": "",
+                }
+            )
         except Exception as e:  # noqa: BLE001
             rows.append(_failed(name, e, ENERGY_COLS))
     rows.append(
-        {"method": "device copy (read + write)", "call_ms": float("nan"), "gpu_ms": float("nan"),
-         "GB/s": copy, "of_copy": 1.0, "gpu_ms_clean": float("nan"), "of_copy_clean": 1.0,
-         "graph_ms": float("nan"), "of_copy_graph": 1.0, "rel_err": float("nan"), "error": ""}
-    )  # fmt: skip
-    rows.append({**rows[-1], "method": "device copy (read + write), L2 emptied by reads",
-                 "GB/s": copy_clean})  # fmt: skip
+        {
+            "method": "device copy (read + write)",
+            "call_ms": float("nan"),
+            "gpu_ms": float("nan"),
+            "GB/s": copy,
+            "of_copy": 1.0,
+            "gpu_ms_clean": float("nan"),
+            "of_copy_clean": 1.0,
+            "graph_ms": float("nan"),
+            "of_copy_graph": 1.0,
+            "rel_err": float("nan"),
+            "error": "",
+        }
+    )
+    rows.append(
+        {
+            **rows[-1],
+            "method": "device copy (read + write), L2 emptied by reads",
+            "GB/s": copy_clean,
+        }
+    )
     return rows
 
 

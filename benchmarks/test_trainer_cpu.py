@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.trainer_bench import MODES, _rollout_args
-from kvpo.rollout import rollout
+from kvpo.method.rollout import rollout
 
 
 @pytest.mark.parametrize("mode", list(MODES))

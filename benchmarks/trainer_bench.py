@@ -21,10 +21,10 @@ import time
 import torch
 
 from benchmarks.routed_methods import peak_rss_mib
-from kvpo import data
-from kvpo.checkpoint import load_model
-from kvpo.config import BASE_CHECKPOINT, build_config
-from kvpo.rollout import RolloutSpec, rollout
+from kvpo.generators import data
+from kvpo.method.rollout import RolloutSpec, rollout
+from kvpo.run.checkpoint import load_model
+from kvpo.run.config import BASE_CHECKPOINT, build_config
 from kvpo.train import train
 
 G = 8
@@ -44,8 +44,14 @@ def _rollout_args(mode: str):
     model = load_model(BASE_CHECKPOINT).eval()
     nC = model.num_frames // model.chunk_frames
     _, prompts = data.split_prompts()
-    spec = RolloutSpec(group_size=G, window=(2, 4), p_keep=0.5, share_pages=share, anchor=False,
-                       branches_per_pass=per_pass)  # fmt: skip
+    spec = RolloutSpec(
+        group_size=G,
+        window=(2, 4),
+        p_keep=0.5,
+        share_pages=share,
+        anchor=False,
+        branches_per_pass=per_pass,
+    )
     return model, [[p] * nC for p in prompts[:4]], spec
 
 

@@ -9,7 +9,7 @@ text embeddings are random, 512 tokens; the reward reads the latents (no VAE, no
 their cost is the user's choice). Three tables:
 
 * one denoising step of the last chunk (3 latent frames, 4680 tokens, 18 frames of history) in
-  bfloat16: :class:`kvpo.adapters.wan.WanStreamingGenerator` over the paged cache against
+  bfloat16: :class:`kvpo.generators.wan.WanStreamingGenerator` over the paged cache against
   diffusers' own forward over all 21 frames with a block-causal mask (what streaming costs
   without a KV cache);
 * one KVPO iteration (LoRA rank 256 on a bfloat16 base, gradient checkpointing, the replay's
@@ -28,13 +28,27 @@ import time
 import torch
 
 WAN_1_3B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-    out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
-)  # fmt: skip
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+)
 SMOKE = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-    out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
-)  # fmt: skip
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=32,
+    ffn_dim=32,
+    num_layers=2,
+)
 
 
 def _shape(smoke: bool) -> dict:
@@ -72,7 +86,7 @@ def _ms(fn, device: torch.device, reps: int) -> tuple[float, float]:
 def make_generator(smoke: bool, device: torch.device, dtype: torch.dtype):
     from diffusers import WanTransformer3DModel
 
-    from kvpo.adapters.wan import WanStreamingGenerator
+    from kvpo.generators.wan import WanStreamingGenerator
 
     s = _shape(smoke)
     torch.manual_seed(0)
@@ -98,7 +112,7 @@ def chunk_step(smoke: bool, device: torch.device, reps: int) -> list[dict]:
     """One denoising step of the last chunk: the adapter over the cache vs diffusers' forward."""
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-    from kvpo.streaming import patchify
+    from kvpo.generators.streaming import patchify
 
     dtype = torch.float32 if smoke else torch.bfloat16
     gen, s = make_generator(smoke, device, dtype)
@@ -115,9 +129,15 @@ def chunk_step(smoke: bool, device: torch.device, reps: int) -> list[dict]:
     with torch.no_grad():  # the history: clean chunks written at t = 0
         for j in range(F // c - 1):
             fr = slice(j * c, (j + 1) * c)
-            gen(patchify(z[:, fr], 2, 2).flatten(1, 2), torch.zeros(1, device=device), cond,
-                torch.arange(fr.start, fr.stop, device=device)[None], pages[:, : fr.stop].int(),
-                cache, pages[:, fr])  # fmt: skip
+            gen(
+                patchify(z[:, fr], 2, 2).flatten(1, 2),
+                torch.zeros(1, device=device),
+                cond,
+                torch.arange(fr.start, fr.stop, device=device)[None],
+                pages[:, : fr.stop].int(),
+                cache,
+                pages[:, fr],
+            )
     last = slice(F - c, F)
     x = patchify(z[:, last], 2, 2).flatten(1, 2)
     t = torch.full((1,), 0.75, device=device)
@@ -144,8 +164,10 @@ def chunk_step(smoke: bool, device: torch.device, reps: int) -> list[dict]:
             return ref(z.transpose(1, 2), timestep, cond, return_dict=False)[0]
 
     rows, outs = [], {}
-    for name, fn in (("kvpo adapter, paged cache", adapter),
-                     ("diffusers forward, 21 frames, block-causal mask", recompute)):  # fmt: skip
+    for name, fn in (
+        ("kvpo adapter, paged cache", adapter),
+        ("diffusers forward, 21 frames, block-causal mask", recompute),
+    ):
         try:
             ms, peak = _ms(fn, device, reps)
             outs[fn] = fn().float()
@@ -168,7 +190,7 @@ def iteration(
     """One KVPO iteration of the public recipe's shape (tau_auto, as the Wan recipes set it),
     timed by the trainer's own log (``rollout_branches``: branches per group rolled out at a
     time, 0: all)."""
-    from kvpo.config import build_config
+    from kvpo.run.config import build_config
     from kvpo.train import train
 
     gen, s = make_generator(smoke, device, torch.bfloat16)  # the frozen base, as --wan_dtype bf16
@@ -178,13 +200,29 @@ def iteration(
     def reward(videos, prompts):  # latents: the mean of channel 0 (a stand-in)
         return videos[:, :, 0].mean(dim=(1, 2, 3))
 
-    cfg = build_config(dict(
-        out_dir=out_dir, device=device.type, iterations=2, prompts_per_iter=1,
-        group_size=group_size, rollout_branches=rollout_branches, window=(2, min(5, nC)),
-        routing="drop", p_keep=0.5, tau_auto=1.0,
-        grad_checkpointing=True, amp="bf16", replay_branches=1, eval_prompts=1,
-        eval_seeds=1, eval_every=100, save_every=100, samples=False, progress=False,
-    ))  # fmt: skip
+    cfg = build_config(
+        dict(
+            out_dir=out_dir,
+            device=device.type,
+            iterations=2,
+            prompts_per_iter=1,
+            group_size=group_size,
+            rollout_branches=rollout_branches,
+            window=(2, min(5, nC)),
+            routing="drop",
+            p_keep=0.5,
+            tau_auto=1.0,
+            grad_checkpointing=True,
+            amp="bf16",
+            replay_branches=1,
+            eval_prompts=1,
+            eval_seeds=1,
+            eval_every=100,
+            save_every=100,
+            samples=False,
+            progress=False,
+        )
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -200,8 +238,8 @@ def preflight(smoke: bool, device: torch.device):
     """kvpo.preflight's checks of the adapter at this shape, as configs/wan_self_forcing.yaml
     trains it (a bfloat16 base, LoRA, gradient checkpointing, bf16 autocast, drop routing with
     p_keep 0.5 in chunks 2-4): how far bfloat16 leaves replay from streaming on the real shape."""
+    from kvpo.method.rollout import RolloutSpec
     from kvpo.preflight import check_generator
-    from kvpo.rollout import RolloutSpec
 
     gen, s = make_generator(smoke, device, torch.bfloat16)
     gen.add_lora(rank=2 if smoke else 256)
@@ -240,8 +278,18 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", f"| {title} | value |", "|---|---:|"]
     try:
         it = iteration(args.smoke, device, args.group_size, args.run_dir, args.rollout_branches)
-        keys = ("time_rollout", "time_reward", "time_reference", "time_tau", "time_replay",
-                "time_update", "wall_s", "peak_gib", "rollout_cache_mib", "tau")  # fmt: skip
+        keys = (
+            "time_rollout",
+            "time_reward",
+            "time_reference",
+            "time_tau",
+            "time_replay",
+            "time_update",
+            "wall_s",
+            "peak_gib",
+            "rollout_cache_mib",
+            "tau",
+        )
         lines += [f"| {k} | {it[k]:{'.2e' if k == 'tau' else '.2f'}} |" for k in keys if k in it]
     except Exception as e:  # out of memory at this G, say: the row says so, the table stays
         lines.append(f"| error | {type(e).__name__}: {str(e)[:160]} |")

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import data, distributed
-from .config import TrainConfig, amp_autocast
-from .interface import StreamingVideoGenerator
-from .report import check_writable, preview, save_videos, write_rows
-from .rewards import CompositeReward, NonFiniteVideoError, RewardOutputError
-from .rollout import generate_passes, spread
+from kvpo.generators import data
+from kvpo.generators.interface import StreamingVideoGenerator
+from kvpo.method.rollout import generate_passes, spread
+from kvpo.rewards import CompositeReward, NonFiniteVideoError, RewardOutputError
+from kvpo.run import distributed
+from kvpo.run.config import TrainConfig, amp_autocast
+from kvpo.run.report import check_writable, preview, save_videos, write_rows
 
 
 def turned_prompts(prompts: list[str], chunks: int) -> list[list[str]]:
@@ -80,11 +81,11 @@ def evaluate(
     give the same samples. Every rank gets the scores.
 
     With several ``seeds`` the scores also hold ``eval_diversity``: how different a prompt's
-    samples are (:func:`kvpo.rollout.spread` of their frames averaged down to at most 16 x 16
+    samples are (:func:`kvpo.method.rollout.spread` of their frames averaged down to at most 16 x 16
     pixels; the mean over prompts, and each prompt's in its row), which falls when training
     collapses onto one video a prompt.
 
-    ``videos``: keep the first noise's videos (for rank 0) as :func:`kvpo.report.preview` makes
+    ``videos``: keep the first noise's videos (for rank 0) as :func:`kvpo.run.report.preview` makes
     them: the full-size float32 videos of a real generator would take GBs (Wan2.1: 390 MB
     each)."""
     nC = model.num_frames // model.chunk_frames
@@ -174,9 +175,15 @@ def evaluate_sets(
     for tag, ps in sets.items():
         with amp_autocast(cfg.amp, device):
             ev = evaluate(
-                model, ps, reward, cfg.seed, device, cfg.eval_seeds, cfg.eval_batch,
+                model,
+                ps,
+                reward,
+                cfg.seed,
+                device,
+                cfg.eval_seeds,
+                cfg.eval_batch,
                 videos=videos and result is None,
-            ).renamed("eval_", tag)  # fmt: skip
+            ).renamed("eval_", tag)
         if result is None:
             result = ev
         else:
@@ -190,10 +197,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import json
     from pathlib import Path
 
-    from .checkpoint import CheckpointError, add_generator_arguments, load_generator, run_config
+    from kvpo.run.checkpoint import (
+        CheckpointError,
+        add_generator_arguments,
+        load_generator,
+        run_config,
+    )
 
     # here, not at the top: run_setup imports this module
-    from .run_setup import held_out_prompts, make_reward, training_device
+    from kvpo.run.setup import held_out_prompts, make_reward, training_device
 
     ap = argparse.ArgumentParser(
         prog="python -m kvpo.evaluate",
@@ -257,10 +269,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 # Config fields ``--set`` may change: what is evaluated and how, never the model.
 EVAL_FIELDS = (
-    "eval_prompts", "eval_seeds", "eval_batch", "seed", "reward_fns", "reward_weights",
-    "clip_reward_path", "clip_reward_weight", "prompts_file", "eval_prompts_file", "amp",
-    "eval_multi_prompt", "reward_batch",
-)  # fmt: skip
+    "eval_prompts",
+    "eval_seeds",
+    "eval_batch",
+    "seed",
+    "reward_fns",
+    "reward_weights",
+    "clip_reward_path",
+    "clip_reward_weight",
+    "prompts_file",
+    "eval_prompts_file",
+    "amp",
+    "eval_multi_prompt",
+    "reward_batch",
+)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ checks, on one held-out prompt's group, what no error would report when it is mi
 4. **The replay's gradient reaches the parameters the run trains.**
 5. **The reward scores the videos**: a finite score per video from each component.
 
-:func:`check_generator` measures them for any :class:`kvpo.interface.StreamingVideoGenerator`;
+:func:`check_generator` measures them for any :class:`kvpo.generators.interface.StreamingVideoGenerator`;
 the command prints the measurements and exits with an error naming each property that fails.
 When all hold, it also prints the run's ``tau`` against the energy spread it divides
 (:func:`tau_line`): a temperature that no error reports as wrong, yet one that leaves every PPO
@@ -35,16 +35,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import data
-from .config import TrainConfig, amp_autocast, parse_args
-from .exploration import checked_spec
-from .interface import StreamingVideoGenerator, require_generator
-from .likelihood import energy_spread, policy_energies
-from .policy import reference_and_policy
-from .replay import replay_velocities, step_weights
-from .rewards import CompositeReward
-from .rollout import Rollout, RolloutSpec, deployment_spec, rollout, rollout_pages
-from .run_setup import (
+from kvpo.generators import data
+from kvpo.generators.interface import StreamingVideoGenerator, require_generator
+from kvpo.method.exploration import checked_spec
+from kvpo.method.likelihood import energy_spread, policy_energies
+from kvpo.method.replay import replay_velocities, step_weights
+from kvpo.method.rollout import Rollout, RolloutSpec, deployment_spec, rollout, rollout_pages
+from kvpo.rewards import CompositeReward
+from kvpo.run.config import TrainConfig, amp_autocast, parse_args
+from kvpo.run.policy import reference_and_policy
+from kvpo.run.setup import (
     check_run_rewards,
     check_wan_paths,
     config_prompts,
@@ -128,9 +128,14 @@ def check_generator(
     group = dataclasses.replace(spec, group_size=2, anchor=False)
     # nothing routed out, every step from the window on (and before it) recorded and scored
     same = dataclasses.replace(
-        group, routing="drop", p_keep=1.0, explore="routing", score_after_window=True,
-        score_steps=None, record_prefix=True,
-    )  # fmt: skip
+        group,
+        routing="drop",
+        p_keep=1.0,
+        explore="routing",
+        score_after_window=True,
+        score_steps=None,
+        record_prefix=True,
+    )
     with _eval_mode(model):
         with torch.no_grad(), autocast():
             plain = rollout(model, [prompts], same, torch.Generator().manual_seed(seed), device)
@@ -184,9 +189,16 @@ def check_generator(
         except ValueError as e:
             failures["reward"] = f"reward: {e}"
     return Preflight(
-        replay_error, routed_tve, same_spread, routed_spread, reached, trainable, rewards,
-        time.perf_counter() - t0, failures,
-    )  # fmt: skip
+        replay_error,
+        routed_tve,
+        same_spread,
+        routed_spread,
+        reached,
+        trainable,
+        rewards,
+        time.perf_counter() - t0,
+        failures,
+    )
 
 
 @contextmanager
@@ -239,7 +251,7 @@ def cache_lines(
     device: torch.device,
     autocast: Callable[[], object],
 ) -> list[str]:
-    """What the run's KV caches will hold, by :func:`kvpo.rollout.rollout_pages` times a page's
+    """What the run's KV caches will hold, by :func:`kvpo.method.rollout.rollout_pages` times a page's
     bytes in the run's precision: a training rollout's (a micro-batch of groups: ``micro_batch``,
     or every prompt of an iteration on one process, at the window's earliest start) and an
     evaluation pass's (``eval_batch`` videos, or all of them)."""
@@ -278,7 +290,7 @@ def tau_line(
     autocast: Callable[[], object],
 ) -> str | None:
     """The run's Gibbs temperature against the energy spread it divides (the median std over
-    one group of the run's G branches under its routing, :func:`kvpo.likelihood.energy_spread`):
+    one group of the run's G branches under its routing, :func:`kvpo.method.likelihood.energy_spread`):
     a fixed ``tau`` far from it leaves the PPO ratios at 1 or swings them to the clip. None for
     the SDE baseline, which has no temperature."""
     if cfg.explore == "sde":
@@ -322,7 +334,7 @@ def main(argv: list[str] | None = None) -> Preflight:
         device = training_device(cfg)
         generator = None
         if cfg.wan_dir:
-            from .adapters.wan import load_from_config
+            from kvpo.generators.wan import load_from_config
 
             check_wan_paths(cfg)
             generator = load_from_config(cfg.to_dict(), device)

@@ -19,11 +19,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import data, distributed
-from .checkpoint import CheckpointError, load_model, model_config, save_model
-from .context import RECACHE_POLICIES, chunk_conditioning, clean_context, teacher_forcing
-from .ema import ParamEMA
-from .model import ModelConfig, TinyARVideo
+from kvpo.generators import data
+from kvpo.generators.context import (
+    RECACHE_POLICIES,
+    chunk_conditioning,
+    clean_context,
+    teacher_forcing,
+)
+from kvpo.generators.ema import ParamEMA
+from kvpo.generators.model import ModelConfig, TinyARVideo
+from kvpo.run import distributed
+from kvpo.run.checkpoint import CheckpointError, load_model, model_config, save_model
 
 # Not the shipped base (kvpo/assets): a trial run must not replace what `make train` starts from.
 DEFAULT_OUT = Path("runs/pretrain/model.safetensors")
@@ -208,16 +214,20 @@ def main(argv: list[str] | None = None) -> None:
         "--dim", type=int, default=None, help=f"model width (default {ModelConfig.dim}; --init's)"
     )
     ap.add_argument(
-        "--depth", type=int, default=None,
+        "--depth",
+        type=int,
+        default=None,
         help=f"transformer blocks (default {ModelConfig.depth}; --init's)",
-    )  # fmt: skip
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     distributed.add_device_argument(ap)
     ap.add_argument("--init", type=Path, default=None, help="continue from this model checkpoint")
     ap.add_argument(
-        "--local_window", type=int, default=None,
+        "--local_window",
+        type=int,
+        default=None,
         help="frames besides sinks a chunk attends to (default: all; with --init, its)",
-    )  # fmt: skip
+    )
     ap.add_argument(
         "--recache",
         nargs="?",

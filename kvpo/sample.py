@@ -26,20 +26,12 @@ from pathlib import Path
 
 import torch
 
-from . import data, distributed
-from .checkpoint import (
-    CheckpointError,
-    add_generator_arguments,
-    load_generator,
-    run_config,
-    trainer_config,
-)
-from .config import TrainConfig, amp_autocast
-from .exploration import check_exploration, rollout_spec
-from .likelihood import gibbs_energies, gibbs_tau
-from .replay import replay_velocities, step_weights, trajectory_energy
-from .report import check_writable, save_videos
-from .rewards import (
+from kvpo.generators import data
+from kvpo.method.exploration import check_exploration, rollout_spec
+from kvpo.method.likelihood import gibbs_energies, gibbs_tau
+from kvpo.method.replay import replay_velocities, step_weights, trajectory_energy
+from kvpo.method.rollout import Rollout, generate_passes, rollout
+from kvpo.rewards import (
     BUILTIN,
     GENERIC,
     SCENE_READERS,
@@ -49,7 +41,16 @@ from .rewards import (
     load_reward,
     unreadable_scene,
 )
-from .rollout import Rollout, generate_passes, rollout
+from kvpo.run import distributed
+from kvpo.run.checkpoint import (
+    CheckpointError,
+    add_generator_arguments,
+    load_generator,
+    run_config,
+    trainer_config,
+)
+from kvpo.run.config import TrainConfig, amp_autocast
+from kvpo.run.report import check_writable, save_videos
 
 
 def chunk_prompts(prompt: str, chunks: int) -> list[str]:

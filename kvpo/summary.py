@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .report import read_rows
+from kvpo.run.report import read_rows
 
 
 def prompt_changes(path: Path, metric: str = "eval_reward") -> str | None:
@@ -115,9 +115,21 @@ def table(rows: list[dict]) -> str:
 
     metric = rows[0]["metric"] if rows else "eval_reward"
     head = [
-        "run", "on", "iterations", f"{metric} first", "best", "last", "EMA last", "diversity",
-        "prompts rose", "groups trained", "skipped steps", "s / iteration", "KV MiB", "peak GiB",
-    ]  # fmt: skip
+        "run",
+        "on",
+        "iterations",
+        f"{metric} first",
+        "best",
+        "last",
+        "EMA last",
+        "diversity",
+        "prompts rose",
+        "groups trained",
+        "skipped steps",
+        "s / iteration",
+        "KV MiB",
+        "peak GiB",
+    ]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for r in rows:
         done = f"{r['iterations']}" + (f" / {r['of']}" if r["of"] is not None else "")
@@ -127,11 +139,21 @@ def table(rows: list[dict]) -> str:
         rose = "" if r["prompts"] is None else f"{r['prompts_rose']} / {r['prompts']}"
         share = "" if r["trained_groups"] is None else f"{100 * r['trained_groups']:.0f} %"
         cells = [
-            r["run"], r["where"] or "", done, at(r["first"], r["first_iter"]),
-            at(r["best"], r["best_iter"]), at(r["last"], r["last_iter"]), num(r["ema_last"]), div,
-            rose, share, str(r["skipped_steps"]), num(r["seconds_per_iteration"], ".1f"),
-            num(r.get("rollout_cache_mib"), ".1f"), num(r["cuda_peak_gib"], ".1f"),
-        ]  # fmt: skip
+            r["run"],
+            r["where"] or "",
+            done,
+            at(r["first"], r["first_iter"]),
+            at(r["best"], r["best_iter"]),
+            at(r["last"], r["last_iter"]),
+            num(r["ema_last"]),
+            div,
+            rose,
+            share,
+            str(r["skipped_steps"]),
+            num(r["seconds_per_iteration"], ".1f"),
+            num(r.get("rollout_cache_mib"), ".1f"),
+            num(r["cuda_peak_gib"], ".1f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -22,26 +22,28 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from . import distributed
-from .checkpoint import CheckpointError, prune_checkpoints, save_training
-from .config import ConfigError, TrainConfig, amp_autocast, config_errors, parse_args
-from .evaluate import Evaluation, evaluate_sets, evaluation_sets
-from .exploration import NO_GROUP, checked_spec, explore, iteration_batch
-from .interface import require_generator
-from .loggers import make_loggers, missing_packages
-from .memory import TrainingOutOfMemoryError, memory_stage
-from .policy import reference_and_policy, trainable
-from .profiling import IterationProfiler
-from .report import MetricsLog, check_writable, plot_rewards, record_process, save_videos
-from .rewards import (
+from kvpo.evaluate import Evaluation, evaluate_sets, evaluation_sets
+from kvpo.generators.interface import require_generator
+from kvpo.method.exploration import NO_GROUP, checked_spec, iteration_batch
+from kvpo.method.iteration import explore
+from kvpo.method.update import NonFiniteGradientError, SkippedSteps, learning_rate, update_policy
+from kvpo.rewards import (
     CompositeReward,
     NonFiniteVideoError,
     RewardFn,
     RewardOutputError,
     RewardSpecError,
 )
-from .run_log import end_line, group_rows, iteration_row, progress_line, save_group, start_line
-from .run_setup import (
+from kvpo.run import distributed
+from kvpo.run.checkpoint import CheckpointError, prune_checkpoints, save_training
+from kvpo.run.config import ConfigError, TrainConfig, amp_autocast, config_errors, parse_args
+from kvpo.run.log import end_line, group_rows, iteration_row, progress_line, save_group, start_line
+from kvpo.run.loggers import make_loggers, missing_packages
+from kvpo.run.memory import TrainingOutOfMemoryError, memory_stage
+from kvpo.run.policy import reference_and_policy, trainable
+from kvpo.run.profiling import IterationProfiler
+from kvpo.run.report import MetricsLog, check_writable, plot_rewards, record_process, save_videos
+from kvpo.run.setup import (
     check_fresh_start,
     check_run_rewards,
     check_wan_paths,
@@ -51,9 +53,8 @@ from .run_setup import (
     resolve_resume,
     training_device,
 )
-from .stopping import StopSignals
-from .summary import prompt_changes
-from .update import NonFiniteGradientError, SkippedSteps, learning_rate, update_policy
+from kvpo.run.stopping import StopSignals
+from kvpo.summary import prompt_changes
 
 
 @dataclass
@@ -63,7 +64,7 @@ class TrainResult:
     history: list[dict]  # one row per iteration (also in out_dir/metrics.jsonl)
     model: nn.Module  # the trained policy
     ema: nn.Module | None = None  # its EMA (config ema > 0)
-    # Why the run stopped before cfg.iterations, after a checkpoint (kvpo.stopping): the name of
+    # Why the run stopped before cfg.iterations, after a checkpoint (kvpo.run.stopping): the name of
     # a signal ("SIGTERM", "SIGUSR1") or "max_minutes".
     stopped_by: str | None = None
 
@@ -78,7 +79,7 @@ def train(
 
     Args:
         cfg: the recipe.
-        generator: your own :class:`kvpo.interface.StreamingVideoGenerator` (an ``nn.Module``) to
+        generator: your own :class:`kvpo.generators.interface.StreamingVideoGenerator` (an ``nn.Module``) to
             align instead of the built-in one in ``cfg.base_checkpoint``; the reference policy is
             a frozen copy of it, and ``cfg.resume`` loads into copies of it.
         reward: the reward (a :class:`CompositeReward`, or any ``fn(videos, prompts) -> [B]``,
@@ -116,7 +117,7 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.wan_dir:
-        from .adapters.wan import load_from_config
+        from kvpo.generators.wan import load_from_config
 
         generator = load_from_config(cfg.to_dict(), device)
     rank, world = distributed.init(device)
@@ -186,9 +187,14 @@ def train(
         the reward plot redrawn. Rank 0 only."""
         path = out / f"{name}.safetensors"
         save_training(
-            path, model, opt, done, cfg.to_dict(), history,
+            path,
+            model,
+            opt,
+            done,
+            cfg.to_dict(),
+            history,
             ema=None if ema is None else ema.model,
-        )  # fmt: skip
+        )
         if name != "checkpoint":
             return
         if cfg.keep_checkpoints:  # to go back to, e.g. before a reward was gamed
@@ -221,7 +227,7 @@ def train(
         if lead and value is not None and (not earlier or value > max(earlier)):
             save(done, "best")
 
-    stopped = None  # why the run stopped early (kvpo.stopping)
+    stopped = None  # why the run stopped early (kvpo.run.stopping)
     longest = 0.0  # for max_minutes: the longest iteration yet
     with StopSignals() as stop:
         if start == 0 and cfg.eval_before and not history:  # every rank evaluates its share
@@ -270,9 +276,19 @@ def train(
                 group["lr"] = lr
             with memory_stage("update", cfg):
                 st, t_replay, skipped = update_policy(
-                    dataclasses.replace(cfg, tau=ex.tau), model, opt, params, ema, ex.parts,
-                    ex.step_weights, ex.adv, ex.valid, ex.refs, autocast, skips,
-                )  # fmt: skip
+                    dataclasses.replace(cfg, tau=ex.tau),
+                    model,
+                    opt,
+                    params,
+                    ema,
+                    ex.parts,
+                    ex.step_weights,
+                    ex.adv,
+                    ex.valid,
+                    ex.refs,
+                    autocast,
+                    skips,
+                )
             row = iteration_row(it, ex, {"lr": lr, "skipped_steps": skipped, **st})
             groups = group_rows(it, ex)
             row["time_replay"] = t_replay  # policy replay forwards with gradients, TVE

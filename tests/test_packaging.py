@@ -52,9 +52,19 @@ def dists(tmp_path_factory) -> dict:
     sdist = out / _run(sys.executable, "-c", hook, cwd=src).split()[-1]
     quiet = {"KVPO_NO_CUDA": "1", "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     _run(
-        sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
-        "-w", str(out), str(sdist), cwd=out, env=quiet,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-build-isolation",
+        "--no-deps",
+        "-w",
+        str(out),
+        str(sdist),
+        cwd=out,
+        env=quiet,
+    )
     (wheel,) = out.glob("*.whl")
     return {"sdist": sdist, "wheel": wheel, "tracked": tracked}
 
@@ -129,9 +139,16 @@ def test_the_installed_wheel_trains_from_anywhere(dists, tmp_path):
     (Path(site.strip()) / "core_dependencies.pth").write_text(f"{core}\n")
     wheel = str(dists["wheel"])
     _run(
-        py, "-m", "pip", "install", "-q", "--no-deps", wheel, cwd=tmp_path,
+        py,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        wheel,
+        cwd=tmp_path,
         env={"PIP_NO_INDEX": "1"},
-    )  # fmt: skip
+    )
     work = tmp_path / "work"
     work.mkdir()
     where = _run(
@@ -141,10 +158,27 @@ def test_the_installed_wheel_trains_from_anywhere(dists, tmp_path):
     info = json.loads(_run(py, "-m", "kvpo_kernels.info", "--json", cwd=work))
     assert info["native_extension"] and info["backends"]["velocity_energy"]["cpu"] == "cpu"
     _run(
-        py, "-m", "kvpo.train", "--iterations", "2", "--save_every", "2", "--prompts_per_iter",
-        "1", "--group_size", "2", "--eval_prompts", "1", "--eval_seeds", "1", "--progress",
-        "false", "--out_dir", str(work / "run"), cwd=work,
-    )  # fmt: skip
+        py,
+        "-m",
+        "kvpo.train",
+        "--iterations",
+        "2",
+        "--save_every",
+        "2",
+        "--prompts_per_iter",
+        "1",
+        "--group_size",
+        "2",
+        "--eval_prompts",
+        "1",
+        "--eval_seeds",
+        "1",
+        "--progress",
+        "false",
+        "--out_dir",
+        str(work / "run"),
+        cwd=work,
+    )
     for name in ("checkpoint.safetensors", "samples_before.gif", "samples_after.mp4"):
         assert (work / "run" / name).stat().st_size > 0, name
     row = json.loads((work / "run" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from kvpo import data
-from kvpo.model import ModelConfig, TinyARVideo
+from kvpo.generators import data
+from kvpo.generators.model import ModelConfig, TinyARVideo
 
 
 def free_port() -> str:
@@ -67,7 +67,7 @@ def run_overrides(base: str, out, **kw) -> dict:
 def straight_and_resumed(base: str, out, **kw) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The policies of a 3-iteration run of ``kw`` made straight through, and of the same run
     resumed in this process from its checkpoint after 2 iterations (run dirs under ``out``)."""
-    from kvpo.config import build_config
+    from kvpo.run.config import build_config
     from kvpo.train import train
 
     kw = dict(kw, iterations=3)
@@ -98,7 +98,7 @@ PROMPTS = ["a large red circle moving left slowly", "a small blue square moving 
 
 def small_rollout(model: TinyARVideo, p_keep: float, **kw):
     """Two prompts x 3 branches, window chunks [2, 4), every chunk from the window on scored."""
-    from kvpo.rollout import RolloutSpec, rollout
+    from kvpo.method.rollout import RolloutSpec, rollout
 
     nC = model.num_frames // model.chunk_frames
     spec = RolloutSpec(group_size=3, window=(2, 4), p_keep=p_keep, score_after_window=True, **kw)

@@ -13,9 +13,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_cpu_benchmarks_run():
     res = run_ok(
-        [sys.executable, "-m", "pytest", "benchmarks", "-q", "--benchmark-disable",
-         "-p", "no:cacheprovider"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks",
+            "-q",
+            "--benchmark-disable",
+            "-p",
+            "no:cacheprovider",
+        ],
         cwd=ROOT,
-    )  # fmt: skip
+    )
     counts = res.stdout.strip().splitlines()[-1]
     assert " passed" in counts and "failed" not in counts and "skipped" not in counts, counts

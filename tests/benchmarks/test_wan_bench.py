@@ -12,8 +12,19 @@ def test_wan_bench_smoke(tmp_path):
     from benchmarks.wan_bench import main
 
     out = tmp_path / "wan.md"
-    main(["--smoke", "--device", "cpu", "--out", str(out), "--run_dir", str(tmp_path / "run"),
-          "--rollout_branches", "2"])  # fmt: skip
+    main(
+        [
+            "--smoke",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--rollout_branches",
+            "2",
+        ]
+    )
     text = out.read_text()
     for method in ("kvpo adapter, paged cache", "diffusers forward, 21 frames, block-causal mask"):
         (row,) = [ln for ln in text.splitlines() if ln.startswith(f"| {method} |")]

@@ -160,8 +160,12 @@ def test_velocity_energy_errors(args, exc, match):
 
 
 def _merge_args(**change):
-    args = dict(out_a=torch.randn(2, 3, 4), lse_a=torch.randn(2, 3), out_b=torch.randn(2, 3, 4),
-                lse_b=torch.randn(2, 3))  # fmt: skip
+    args = dict(
+        out_a=torch.randn(2, 3, 4),
+        lse_a=torch.randn(2, 3),
+        out_b=torch.randn(2, 3, 4),
+        lse_b=torch.randn(2, 3),
+    )
     return {**args, **change}
 
 

@@ -94,8 +94,16 @@ def test_cpu_kernel_row_does_not_depend_on_its_batch(case):
     dout = torch.randn_like(q)
     batch = routed_grads(kernel_fn("cpu"), q, k, v, table, lens, dout, torch.zeros(q.shape[:3]))
     for rows in (slice(0, 1), slice(2, 4)):
-        alone = routed_grads(kernel_fn("cpu"), q[rows], k, v, table[rows], lens, dout[rows],
-                             torch.zeros(q[rows].shape[:3]))  # fmt: skip
+        alone = routed_grads(
+            kernel_fn("cpu"),
+            q[rows],
+            k,
+            v,
+            table[rows],
+            lens,
+            dout[rows],
+            torch.zeros(q[rows].shape[:3]),
+        )
         for name, a, b in zip(("out", "lse", "dq"), alone, batch, strict=False):
             assert torch.equal(a, b[rows]), f"{name} of rows {rows}"
 
@@ -135,8 +143,9 @@ def test_cpu_workspace_setting_must_be_a_size(monkeypatch, value):
     q, k, v, table, lens = make_routed(CASES[1], torch.float32)
     monkeypatch.setenv("KVPO_CPU_WORKSPACE_MB", value)
     with pytest.raises(RuntimeError, match="KVPO_CPU_WORKSPACE_MB"):
-        routed_grads(kernel_fn("cpu"), q, k, v, table, lens, torch.randn_like(q),
-                     torch.zeros(q.shape[:3]))  # fmt: skip
+        routed_grads(
+            kernel_fn("cpu"), q, k, v, table, lens, torch.randn_like(q), torch.zeros(q.shape[:3])
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -30,10 +30,18 @@ def _runtime(name: str) -> str:
 def test_cpu_kernels_under_address_and_undefined_behaviour_sanitizers(tmp_path):
     preload = f"{_runtime('libasan.so')}:{_runtime('libubsan.so')}"
     build = tmp_path / "build"
-    run_ok([
-        "cmake", "-S", str(ROOT), "-B", str(build), "-DKVPO_SANITIZE=ON", "-DKVPO_WITH_CUDA=OFF",
-        *torch_cmake_args(),
-    ])  # fmt: skip
+    run_ok(
+        [
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build),
+            "-DKVPO_SANITIZE=ON",
+            "-DKVPO_WITH_CUDA=OFF",
+            *torch_cmake_args(),
+        ]
+    )
     run_ok(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)])
     library = build / "libkvpo_ops.so"
     env = {
@@ -48,12 +56,24 @@ def test_cpu_kernels_under_address_and_undefined_behaviour_sanitizers(tmp_path):
     kernels = ROOT / "tests" / "kernels"
     res = subprocess.run(
         [
-            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cpu",
-            str(kernels / "test_random_inputs.py"), str(kernels / "test_routed_attention.py"),
-            str(kernels / "test_velocity_energy.py"), str(kernels / "test_checks.py"),
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "cpu",
+            str(kernels / "test_random_inputs.py"),
+            str(kernels / "test_routed_attention.py"),
+            str(kernels / "test_velocity_energy.py"),
+            str(kernels / "test_checks.py"),
         ],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     reports = "".join(p.read_text()[:6000] for p in sorted(tmp_path.glob("*san.*")))
     assert not reports, reports
     assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]

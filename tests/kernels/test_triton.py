@@ -415,9 +415,13 @@ def test_velocity_energy_asks_registers_per_specialization(monkeypatch):
     assert grids[4097][1] > grids[4096][1]  # 8 programs per SM: more splits of the row
     spec = _common.specialization
     assert spec((torch.zeros(4), 1, 32, 33, 2**31, 0.5)) == (
-        (torch.float32, True), (True, False, True), (False, True, True),
-        (False, False, True), (False, True, False), float,
-    )  # fmt: skip
+        (torch.float32, True),
+        (True, False, True),
+        (False, True, True),
+        (False, False, True),
+        (False, True, False),
+        float,
+    )
     assert spec((torch.zeros(5)[1:],))[0] == (torch.float32, False)  # 4 bytes past alignment
 
 

@@ -69,8 +69,11 @@ def test_every_launch_is_compiled_for_every_arch(records):
 def test_autotuning_keeps_several_candidates_for_16_bit_attention(records):
     fwd = [r for r in records if r["kernel"] == "routed_attention.fwd" and r["dtype"] == "bf16"]
     for D in (64, 128, 256):
-        tiles = {(r["block_m"], r["block_n"], r["num_warps"], r["num_stages"])
-                 for r in fwd if r["head_dim"] == D and r["page_size"] == 1560 and r["arch"] == "sm_90a"}  # fmt: skip
+        tiles = {
+            (r["block_m"], r["block_n"], r["num_warps"], r["num_stages"])
+            for r in fwd
+            if r["head_dim"] == D and r["page_size"] == 1560 and r["arch"] == "sm_90a"
+        }
         assert len(tiles) >= 2, (D, tiles)
 
 
@@ -176,9 +179,21 @@ def test_check_fails_an_unclean_tuned_candidate_and_a_launch_left_without_a_clea
 
     def rec(arch, block_m, spill, shared, limit):
         return Compiled(
-            "routed_attention.fwd", arch, "bf16", 128, 1560, block_m, 64, 8, 2, 200, spill,
-            shared, limit, "mma",
-        )  # fmt: skip
+            "routed_attention.fwd",
+            arch,
+            "bf16",
+            128,
+            1560,
+            block_m,
+            64,
+            8,
+            2,
+            200,
+            spill,
+            shared,
+            limit,
+            "mma",
+        )
 
     hopper = 227 * 1024
     assert problems([rec("sm_90a", 64, 0, 90_000, hopper)]) == []

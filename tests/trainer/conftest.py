@@ -1,8 +1,8 @@
 import pytest
 from trainer_support import tiny_model
 
-from kvpo.checkpoint import save_model
-from kvpo.model import TinyARVideo
+from kvpo.generators.model import TinyARVideo
+from kvpo.run.checkpoint import save_model
 
 
 @pytest.fixture

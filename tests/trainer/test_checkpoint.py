@@ -4,7 +4,7 @@ import pytest
 import torch
 from trainer_support import tiny_model
 
-from kvpo.checkpoint import (
+from kvpo.run.checkpoint import (
     CheckpointError,
     load_model,
     load_training,
@@ -13,7 +13,7 @@ from kvpo.checkpoint import (
     saved_progress,
     trainer_config,
 )
-from kvpo.config import BASE_CHECKPOINT
+from kvpo.run.config import BASE_CHECKPOINT
 
 
 def test_model_round_trip(tmp_path):
@@ -139,11 +139,17 @@ def test_run_config_reads_what_an_older_run_saved(tmp_path):
     """The config a checkpoint's run saved, as kvpo.evaluate and kvpo.sample read it: what the
     run wrote as it trained (settings an older version let through, now refused) is left out,
     overrides apply."""
-    from kvpo.checkpoint import run_config
+    from kvpo.run.checkpoint import run_config
 
     m = tiny_model()
-    saved = {"lr": 3e-4, "iterations": 2, "samples": False, "samples_at_eval": True,
-             "profile_iteration": 5, "resume": "elsewhere.safetensors"}  # fmt: skip
+    saved = {
+        "lr": 3e-4,
+        "iterations": 2,
+        "samples": False,
+        "samples_at_eval": True,
+        "profile_iteration": 5,
+        "resume": "elsewhere.safetensors",
+    }
     path = tmp_path / "t.safetensors"
     save_training(path, m, torch.optim.AdamW(m.parameters()), 2, saved, [])
     cfg = run_config(path, {"eval_seeds": 2})

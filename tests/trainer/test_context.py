@@ -8,7 +8,7 @@ import torch
 import yaml
 from trainer_support import tiny_model
 
-from kvpo.context import clean_context, prompt_switches, recache_chunks, visible_frames
+from kvpo.generators.context import clean_context, prompt_switches, recache_chunks, visible_frames
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -121,9 +121,13 @@ def test_longlive_recache_is_longlives_cache(seed):
     lw, nC = rng.choice([1, 2, 4, 5]), rng.choice([6, 8])
     global_sink = rng.random() < 0.5
     model = tiny_model(
-        num_frames=nC * c, chunk_frames=c, sink_frames=min(S, c * 2), local_window=lw,
-        recache="longlive", global_sink=global_sink,
-    )  # fmt: skip
+        num_frames=nC * c,
+        chunk_frames=c,
+        sink_frames=min(S, c * 2),
+        local_window=lw,
+        recache="longlive",
+        global_sink=global_sink,
+    )
     S = model.sink_frames
     switches = sorted(rng.sample(range(1, nC), 2))
     names = [A, B_, A.replace("left", "down")]
@@ -145,11 +149,16 @@ def test_longlive_recache_is_longlives_cache(seed):
 
     for j in range(nC):
         hist = entries(cc.history(model, torch.tensor([0]), torch.tensor([j]))[0])
-        assert hist + [(f, sum(j >= a for a in switches)) for f in range(j * c, (j + 1) * c)] \
-            == seen[j], j  # fmt: skip
+        assert (
+            hist + [(f, sum(j >= a for a in switches)) for f in range(j * c, (j + 1) * c)]
+            == seen[j]
+        ), j
     for a, (frames, attended) in passes.items():
-        rows = [r for r in range(len(cc.chunk)) if torch.equal(cc.cond[r], emb[switches.index(a) + 1])
-                and int(cc.chunk[r]) < a]  # fmt: skip
+        rows = [
+            r
+            for r in range(len(cc.chunk))
+            if torch.equal(cc.cond[r], emb[switches.index(a) + 1]) and int(cc.chunk[r]) < a
+        ]
         made = sorted({int(cc.chunk[r]) * c + f for r in rows for f in range(c)})
         assert set(frames) <= set(made) and len(made) < len(frames) + c, (a, made, frames)
         for r in rows:

@@ -1,8 +1,8 @@
-"""kvpo.data helpers that also serve user prompts."""
+"""kvpo.generators.data helpers that also serve user prompts."""
 
 import pytest
 
-from kvpo import data
+from kvpo.generators import data
 
 
 def test_segments_spread_a_multi_prompt_over_the_chunks():

@@ -1,9 +1,9 @@
-"""kvpo.distributed: which device each torchrun rank takes (the two-rank run: test_train.py)."""
+"""kvpo.run.distributed: which device each torchrun rank takes (the two-rank run: test_train.py)."""
 
 import pytest
 import torch
 
-from kvpo.distributed import all_gather, local_device
+from kvpo.run.distributed import all_gather, local_device
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ def test_all_gather_without_ranks_is_the_input():
 def _average_in_rank(rank: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
-    from kvpo.distributed import average_gradients
+    from kvpo.run.distributed import average_gradients
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from trainer_support import tiny_model
 
-from kvpo.ema import ParamEMA
+from kvpo.generators.ema import ParamEMA
 
 
 def test_ema_follows_the_recursion_in_float64():
@@ -39,7 +39,7 @@ def test_ema_starts_from_init_and_rejects_bad_decay():
 def test_a_lora_policy_shares_its_frozen_base_with_the_ema(tmp_path):
     """The base of a LoRA policy never changes: the EMA holds the same tensors, averages only
     the adapters, and a checkpoint stores the base once yet loads the whole EMA back."""
-    from kvpo.checkpoint import load_model, save_training
+    from kvpo.run.checkpoint import load_model, save_training
 
     model = tiny_model()
     model.add_lora(rank=2)

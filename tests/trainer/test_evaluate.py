@@ -5,8 +5,8 @@ import torch
 from trainer_support import PROMPTS, free_port
 
 from kvpo.evaluate import evaluate
+from kvpo.method.rollout import generate
 from kvpo.rewards import CompositeReward
-from kvpo.rollout import generate
 
 
 def test_evaluate_averages_over_fixed_noises(model):
@@ -82,8 +82,8 @@ def test_cli_reproduces_the_runs_evaluation(base, tmp_path, capsys):
 
     from trainer_support import run_overrides
 
-    from kvpo.config import build_config
     from kvpo.evaluate import main
+    from kvpo.run.config import build_config
     from kvpo.train import train
 
     cfg = build_config(run_overrides(base, tmp_path, ema=0.5, samples=True, eval_seeds=2))
@@ -144,8 +144,8 @@ def test_cli_under_torchrun_gives_one_process_scores(base, tmp_path):
 
     from trainer_support import run_overrides
 
-    from kvpo.config import build_config
     from kvpo.evaluate import main
+    from kvpo.run.config import build_config
     from kvpo.train import train
 
     train(build_config(run_overrides(base, tmp_path, iterations=1, samples=False, eval_seeds=3)))
@@ -154,26 +154,44 @@ def test_cli_under_torchrun_gives_one_process_scores(base, tmp_path):
     root = Path(__file__).resolve().parents[2]
     res = subprocess.run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", free_port(), "-m", "kvpo.evaluate", "--checkpoint", ckpt, "--device",
-            "cpu", "--set", "eval_batch=2", "--per_prompt", str(tmp_path / "two.jsonl"),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            free_port(),
+            "-m",
+            "kvpo.evaluate",
+            "--checkpoint",
+            ckpt,
+            "--device",
+            "cpu",
+            "--set",
+            "eval_batch=2",
+            "--per_prompt",
+            str(tmp_path / "two.jsonl"),
         ],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
-    )  # fmt: skip
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     (line,) = [x for x in res.stdout.splitlines() if x.startswith("{")]  # rank 0's only
     assert json.loads(line) == pytest.approx(one, rel=1e-5, abs=1e-6)
-    rows = [[json.loads(x) for x in (tmp_path / f).read_text().splitlines()] for f in
-            ("one.jsonl", "two.jsonl")]  # fmt: skip
+    rows = [
+        [json.loads(x) for x in (tmp_path / f).read_text().splitlines()]
+        for f in ("one.jsonl", "two.jsonl")
+    ]
     for a, b in zip(*rows, strict=True):
         assert a.pop("prompt") == b.pop("prompt") and b == pytest.approx(a, rel=1e-5, abs=1e-6)
 
 
 def test_evaluation_runs_in_eval_mode_and_restores_the_mode(model):
     """A policy evaluated between updates samples as deployed (no dropout), then trains on."""
-    from kvpo.config import build_config
     from kvpo.evaluate import evaluate_sets
+    from kvpo.run.config import build_config
 
     seen = []
     model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(m.training))

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from kvpo.grpo import anchor_advantages, gibbs_log_probs, group_advantages, ppo_objective
+from kvpo.method.advantages import anchor_advantages, group_advantages
+from kvpo.method.likelihood import gibbs_log_probs
+from kvpo.method.update import ppo_objective
 
 
 def test_group_advantages_hand_computed():

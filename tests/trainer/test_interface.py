@@ -1,12 +1,12 @@
-"""kvpo.interface.require_generator: a generator that lacks part of the protocol is refused as
+"""kvpo.generators.interface.require_generator: a generator that lacks part of the protocol is refused as
 a run starts, naming what it lacks, instead of failing inside the first rollout."""
 
 import pytest
 import torch
 from trainer_support import tiny_model
 
-from kvpo.config import build_config
-from kvpo.interface import GENERATOR_MEMBERS, require_generator
+from kvpo.generators.interface import GENERATOR_MEMBERS, require_generator
+from kvpo.run.config import build_config
 from kvpo.train import train
 
 
@@ -29,11 +29,15 @@ def test_the_built_in_generator_has_every_member():
 @pytest.mark.parametrize(
     ("generator", "exc", "match"),
     [
-        (Partial(), TypeError, "generator Partial lacks encode_prompts, new_cache, to_tokens, "
-                               "to_video, timesteps of kvpo.interface.StreamingVideoGenerator"),
+        (
+            Partial(),
+            TypeError,
+            "generator Partial lacks encode_prompts, new_cache, to_tokens, "
+            "to_video, timesteps of kvpo.generators.interface.StreamingVideoGenerator",
+        ),
         (object(), TypeError, "must be a torch.nn.Module implementing .*, got object"),
     ],
-)  # fmt: skip
+)
 def test_what_a_generator_lacks_is_named(generator, exc, match):
     with pytest.raises(exc, match=match):
         require_generator(generator)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from trainer_support import small_rollout
 
-from kvpo.config import TrainConfig
-from kvpo.likelihood import branch_log_probs, iteration_tau, kl_term
-from kvpo.replay import replay_velocities, step_energies, step_weights, trajectory_energy
+from kvpo.method.likelihood import branch_log_probs, iteration_tau, kl_term
+from kvpo.method.replay import replay_velocities, step_energies, step_weights, trajectory_energy
+from kvpo.run.config import TrainConfig
 
 
 def test_step_energies_and_per_step_likelihood_match_float64(model):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from trainer_support import run_overrides
 
-from kvpo.config import ConfigError, build_config
-from kvpo.loggers import (
+from kvpo.run.config import ConfigError, build_config
+from kvpo.run.loggers import (
     filmstrip,
     metric_name,
     missing_packages,

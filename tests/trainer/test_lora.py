@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from trainer_support import tiny_model
 
-from kvpo.checkpoint import load_model, save_model
-from kvpo.lora import LoRALinear
-from kvpo.model import TinyARVideo
+from kvpo.generators.lora import LoRALinear
+from kvpo.generators.model import TinyARVideo
+from kvpo.run.checkpoint import load_model, save_model
 
 
 def _randomize_adapters(model: nn.Module, seed: int = 0) -> None:

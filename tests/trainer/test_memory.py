@@ -1,4 +1,4 @@
-"""kvpo.memory: running out of GPU memory names the stage and the settings that bound it."""
+"""kvpo.run.memory: running out of GPU memory names the stage and the settings that bound it."""
 
 import importlib
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from trainer_support import cli_args, run_overrides
 
-from kvpo.config import build_config
-from kvpo.memory import TrainingOutOfMemoryError
+from kvpo.run.config import build_config
+from kvpo.run.memory import TrainingOutOfMemoryError
 from kvpo.train import main, train
 
 ALLOCATOR = "CUDA out of memory. Tried to allocate 2.00 GiB"
@@ -17,14 +17,14 @@ ALLOCATOR = "CUDA out of memory. Tried to allocate 2.00 GiB"
     "module, where, stage, advice",
     [
         (
-            "kvpo.exploration",
+            "kvpo.method.iteration",
             "rollout",
             "rollout",
             r"now micro_batch=0, rollout_branches=0, group_size=3, window=\(2, 4\)",
         ),
-        ("kvpo.exploration", "micro_batch_rewards", "reward", "--micro_batch 1"),
-        ("kvpo.exploration", "reference_terms", "reference", "kl='velocity'"),
-        ("kvpo.update", "accumulate_gradients", "update", "--replay_branches 1"),
+        ("kvpo.method.iteration", "micro_batch_rewards", "reward", "--micro_batch 1"),
+        ("kvpo.method.iteration", "reference_terms", "reference", "kl='velocity'"),
+        ("kvpo.method.update", "accumulate_gradients", "update", "--replay_branches 1"),
         ("kvpo.train", "evaluate_sets", "evaluation", "now eval_batch=0"),
     ],
 )
@@ -42,12 +42,12 @@ def test_each_stage_says_what_bounds_its_memory(
 
 
 def test_the_cli_prints_it_as_an_error(base, tmp_path, monkeypatch):
-    import kvpo.exploration
+    import kvpo.method.iteration
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError(ALLOCATOR)
 
-    monkeypatch.setattr(kvpo.exploration, "rollout", out_of_memory)
+    monkeypatch.setattr(kvpo.method.iteration, "rollout", out_of_memory)
     over = run_overrides(base, tmp_path, samples=False, eval_before=False)
     args = cli_args(over)
     with pytest.raises(SystemExit, match="error: out of GPU memory in the rollout"):

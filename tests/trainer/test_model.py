@@ -4,9 +4,9 @@ import pytest
 import torch
 from trainer_support import tiny_model
 
-from kvpo.context import context_table, teacher_forcing, visible_frames
-from kvpo.interface import StreamingVideoGenerator
-from kvpo.model import ModelConfig, TinyARVideo, shifted_timesteps
+from kvpo.generators.context import context_table, teacher_forcing, visible_frames
+from kvpo.generators.interface import StreamingVideoGenerator
+from kvpo.generators.model import ModelConfig, TinyARVideo, shifted_timesteps
 
 
 def test_protocol_and_token_round_trip(model):

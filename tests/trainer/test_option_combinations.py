@@ -10,7 +10,7 @@ import pytest
 import torch
 from trainer_support import checkpoint_meta, draw, run_overrides, straight_and_resumed
 
-from kvpo.config import build_config
+from kvpo.run.config import build_config
 from kvpo.train import train
 
 

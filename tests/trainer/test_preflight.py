@@ -7,9 +7,9 @@ import pytest
 import torch
 from trainer_support import OwnGenerator, cli_args, run_overrides, tiny_model
 
+from kvpo.method.rollout import RolloutSpec
 from kvpo.preflight import NOISE_FLOOR, check_generator, main
 from kvpo.rewards import CompositeReward
-from kvpo.rollout import RolloutSpec
 
 PROMPTS = ["a large red circle moving left slowly"] * 5  # one per chunk of the tiny model
 SPEC = RolloutSpec(group_size=6, window=(2, 4), p_keep=0.4)
@@ -87,9 +87,9 @@ def test_a_small_shift_is_caught_on_the_shipped_generator_under_bf16():
     (2.5e-3) it is a quarter of the signal, and fails, in fp32 and under bf16 autocast."""
     from functools import partial
 
-    from kvpo.checkpoint import load_model
-    from kvpo.config import BASE_CHECKPOINT
-    from kvpo.data import split_prompts
+    from kvpo.generators.data import split_prompts
+    from kvpo.run.checkpoint import load_model
+    from kvpo.run.config import BASE_CHECKPOINT
 
     prompts = [split_prompts()[1][0]] * 6
     spec = RolloutSpec(window=(2, 6), p_keep=0.3)
@@ -144,7 +144,7 @@ def test_cli_builds_the_runs_policy_and_reports(base, tmp_path, capsys):
     assert out.count(" ok\n") == 5 and "of the routed branches' TVE" in out
     lora = main(cli_args({**over, "lora_rank": 2}))  # the run's policy: only its adapters train
     assert lora.failures == {} and 0 < lora.reached < lora.trainable  # lora_a waits for lora_b
-    from kvpo.config import build_config
+    from kvpo.run.config import build_config
     from kvpo.train import train
 
     train(build_config({**over, "iterations": 1, "samples": False}))  # resume auto: its state
@@ -178,8 +178,9 @@ def test_cli_sets_the_runs_tau_against_the_energy_spread(base, tmp_path, capsys)
     spread = float(re.search(r"energy spread (\S+) \(one group of 3 branches\)", high).group(1))
     assert 0 < spread < 1
     assert "far from it: the PPO ratios would stay at 1; --tau_auto 1 sets tau" in high
-    assert line(tau=spread).endswith(f"1x the energy spread {spread:.2e} (one group of 3 "
-                                     "branches), within 5x of it")  # fmt: skip
+    assert line(tau=spread).endswith(
+        f"1x the energy spread {spread:.2e} (one group of 3 branches), within 5x of it"
+    )
     assert "would swing to the clip on small changes" in line(tau=spread / 20)
     assert line(tau_auto=2.0) == (
         f"tau: tau_auto 2 x the energy spread {spread:.2e} (one group of 3 branches), "

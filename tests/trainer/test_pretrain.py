@@ -6,9 +6,9 @@ import pytest
 import torch
 from trainer_support import tiny_model
 
-from kvpo.checkpoint import load_model
-from kvpo.context import chunk_conditioning, context_table, recache_chunks
+from kvpo.generators.context import chunk_conditioning, context_table, recache_chunks
 from kvpo.pretrain import flow_matching_loss, main, teacher_forced_velocity
+from kvpo.run.checkpoint import load_model
 
 LEFT = "a large red circle moving left slowly"
 UP = "a large red circle moving up slowly"
@@ -66,8 +66,15 @@ def _longlive_velocity(model, clean, prompts, j, xt, t):
         keys = keys_of(pages.tolist())
         table = torch.tensor([keys] * n, dtype=torch.int32)
         fi = torch.tensor(frames).view(n, c)
-        out = model(x.reshape(n, -1, x.shape[-1]), t_i.expand(n), cond_i.expand(n, -1), fi,
-                    table, cache, pages.view(n, c))  # fmt: skip
+        out = model(
+            x.reshape(n, -1, x.shape[-1]),
+            t_i.expand(n),
+            cond_i.expand(n, -1),
+            fi,
+            table,
+            cache,
+            pages.view(n, c),
+        )
         return pages.tolist(), out
 
     def rolled(new):
@@ -80,8 +87,13 @@ def _longlive_velocity(model, clean, prompts, j, xt, t):
             frames = list(range(a - min(L, a), a))
             if model.global_sink:
                 keep = slots[:S]
-                new, _ = forward(clean[frames], frames, cond[i], torch.zeros(()),
-                                 lambda p, keep=keep: keep + p[S:])  # fmt: skip
+                new, _ = forward(
+                    clean[frames],
+                    frames,
+                    cond[i],
+                    torch.zeros(()),
+                    lambda p, keep=keep: keep + p[S:],
+                )
                 slots = keep + new[S:]
             else:
                 new, _ = forward(clean[frames], frames, cond[i], torch.zeros(()), lambda p: p)
@@ -169,8 +181,23 @@ def test_cli_continues_a_checkpoint_in_its_architecture_under_a_context_asked(tm
     main(["--steps", "1", "--batch", "2", "--init", str(base), "--out", str(first)])
     m = load_model(first)
     assert (m.cfg.dim, m.cfg.depth, m.local_window, m.recache) == (32, 1, 3, "none")
-    main(["--steps", "1", "--batch", "2", "--init", str(first), "--depth", "1",
-          "--local_window", "5", "--recache", "--out", str(second)])  # fmt: skip
+    main(
+        [
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--init",
+            str(first),
+            "--depth",
+            "1",
+            "--local_window",
+            "5",
+            "--recache",
+            "--out",
+            str(second),
+        ]
+    )
     m = load_model(second)
     assert (m.cfg.dim, m.cfg.depth, m.local_window, m.recache) == (32, 1, 5, "longlive")
     with pytest.raises(SystemExit):
@@ -180,7 +207,7 @@ def test_cli_continues_a_checkpoint_in_its_architecture_under_a_context_asked(tm
 
 
 def test_cli_writes_under_runs_not_over_the_shipped_base(tmp_path, monkeypatch):
-    from kvpo.config import BASE_CHECKPOINT
+    from kvpo.run.config import BASE_CHECKPOINT
 
     shipped = Path(BASE_CHECKPOINT).read_bytes()
     monkeypatch.chdir(tmp_path)

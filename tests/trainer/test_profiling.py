@@ -1,4 +1,4 @@
-"""kvpo.profiling: --profile_iteration writes a trace of that iteration alone."""
+"""kvpo.run.profiling: --profile_iteration writes a trace of that iteration alone."""
 
 import json
 import re
@@ -6,15 +6,20 @@ import re
 import pytest
 from trainer_support import run_overrides
 
-from kvpo.config import build_config
+from kvpo.run.config import build_config
 from kvpo.train import train
 
 
 def test_the_profiled_iteration_is_traced(base, tmp_path):
     over = run_overrides(
-        base, tmp_path, iterations=3, profile_iteration=1, eval_before=False, eval_every=10,
+        base,
+        tmp_path,
+        iterations=3,
+        profile_iteration=1,
+        eval_before=False,
+        eval_every=10,
         samples=False,
-    )  # fmt: skip
+    )
     train(build_config(over))
     assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == [
         "iter_1_rank_0.json",

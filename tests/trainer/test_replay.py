@@ -4,9 +4,9 @@ import pytest
 import torch
 from trainer_support import PROMPTS, small_rollout, tiny_model
 
-from kvpo.model import Block
-from kvpo.replay import replay_velocities, step_weights, trajectory_energy
-from kvpo.rollout import RolloutSpec, rollout
+from kvpo.generators.model import Block
+from kvpo.method.replay import replay_velocities, step_weights, trajectory_energy
+from kvpo.method.rollout import RolloutSpec, rollout
 
 
 def test_replay_reproduces_unperturbed_steps(model):
@@ -203,9 +203,12 @@ def _layout(seed: int) -> tuple[dict, list[list[str]], RolloutSpec]:
         prompts.append([p if turn is None or j < turn else other for j in range(n_chunks)])
     w0 = rng.randrange(1, n_chunks)
     spec = RolloutSpec(
-        group_size=2, window=(w0, rng.randrange(w0 + 1, n_chunks + 1)), p_keep=1.0,
-        score_after_window=True, record_prefix=True,
-    )  # fmt: skip
+        group_size=2,
+        window=(w0, rng.randrange(w0 + 1, n_chunks + 1)),
+        p_keep=1.0,
+        score_after_window=True,
+        record_prefix=True,
+    )
     return layout, prompts, spec
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from kvpo.report import preview, save_videos, video_grid
+from kvpo.run.report import preview, save_videos, video_grid
 
 
 def _u8(x: torch.Tensor) -> torch.Tensor:
@@ -60,11 +60,12 @@ def test_source_revision_is_the_checkouts_commit(tmp_path):
     import subprocess
     from pathlib import Path
 
-    from kvpo.report import source_revision
+    from kvpo.run.report import source_revision
 
     root = Path(__file__).resolve().parents[2]
-    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()  # fmt: skip
+    head = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     if head:  # a git checkout, as CI's clean clone is
         assert source_revision().split("+")[0] == head
     assert source_revision(tmp_path) is None  # not a checkout

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvpo.config import build_config
+from kvpo.run.config import build_config
 from kvpo.train import train
 
 

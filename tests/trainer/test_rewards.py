@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from trainer_support import tiny_clip
 
-from kvpo import data
+from kvpo.generators import data
 from kvpo.rewards import (
     BUILTIN,
     GENERIC,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from trainer_support import PROMPTS, tiny_model
 
-from kvpo.context import recache_chunks, visible_frames
-from kvpo.rollout import (
+from kvpo.generators.context import recache_chunks, visible_frames
+from kvpo.method.rollout import (
     RolloutSpec,
     batch_noise,
     batch_step_noise,
@@ -94,11 +94,17 @@ def test_branch_spread_is_the_pairwise_distance_from_the_fork(model):
     B, G = ro.tokens.shape[:2]
     fork = ro.window[0] * model.chunk_frames
     x = ro.tokens[:, :, fork:].flatten(2).double()
-    want = torch.stack([
-        torch.stack([(x[b, g] - x[b, h]).square().mean() for g in range(G) for h in range(G) if g != h])
-        .mean().sqrt() / x[b].square().mean().sqrt()
-        for b in range(B)
-    ])  # fmt: skip
+    want = torch.stack(
+        [
+            torch.stack(
+                [(x[b, g] - x[b, h]).square().mean() for g in range(G) for h in range(G) if g != h]
+            )
+            .mean()
+            .sqrt()
+            / x[b].square().mean().sqrt()
+            for b in range(B)
+        ]
+    )
     torch.testing.assert_close(ro.branch_spread().double(), want, rtol=1e-5, atol=0)
     assert bool((want > 0.01).all())  # routing made the branches differ
     assert float(_run(model, p_keep=1.0).branch_spread().max()) < 1e-4  # no routing: no spread
@@ -272,7 +278,7 @@ def test_exploring_chunks_are_those_whose_context_can_differ(model):
     """drop: a frame besides the sinks and the most recent one, 0 < p_keep < 1; sample: more
     older frames than free window slots. Checked against rollouts: branches differ in a window
     exactly when it has an exploring chunk."""
-    from kvpo.rollout import exploring_chunks
+    from kvpo.method.rollout import exploring_chunks
 
     c, s = model.chunk_frames, model.sink_frames
     drop = RolloutSpec(group_size=3, window=(1, model.num_frames // c), p_keep=0.5)
@@ -288,8 +294,12 @@ def test_exploring_chunks_are_those_whose_context_can_differ(model):
         assert exploring_chunks(model, sample) == want
         for j in (want[0] - 1, want[0]):
             spec = replace(sample, window=(j, j + 1), group_size=8, anchor=False)
-            ro = rollout(model, [["a red ball"] * (model.num_frames // c)], spec,
-                         torch.Generator().manual_seed(0))  # fmt: skip
+            ro = rollout(
+                model,
+                [["a red ball"] * (model.num_frames // c)],
+                spec,
+                torch.Generator().manual_seed(0),
+            )
             differ = any(not torch.equal(ro.tokens[0, 0], ro.tokens[0, g]) for g in range(1, 8))
             assert differ == (j in want), j
     finally:
@@ -306,7 +316,7 @@ def test_exploring_chunks_are_those_whose_context_can_differ(model):
         (
             {"local_window": 3, "recache": True},
             {"routing": "sample", "recent_frames": 1, "window": (1, 4)},
-        ),  # fmt: skip
+        ),
     ],
     ids=["drop", "sample", "sde", "copied-prefix", "recache"],
 )
@@ -319,11 +329,13 @@ def test_branch_passes_make_the_same_branches_in_less_memory(make, kw, per_pass)
     c, nC = model.chunk_frames, model.num_frames // model.chunk_frames
     left = PROMPTS[1].replace("up", "left")
     prompts = [[PROMPTS[0]] * nC, [PROMPTS[1]] * 2 + [left] * (nC - 2)]  # a switch at chunk 2
-    spec = RolloutSpec(**{"group_size": 4, "window": (2, 4), "p_keep": 0.3,
-                          "score_after_window": True, **kw})  # fmt: skip
+    spec = RolloutSpec(
+        **{"group_size": 4, "window": (2, 4), "p_keep": 0.3, "score_after_window": True, **kw}
+    )
     one = rollout(model, prompts, spec, torch.Generator().manual_seed(5))
-    split = rollout(model, prompts, replace(spec, branches_per_pass=per_pass),
-                    torch.Generator().manual_seed(5))  # fmt: skip
+    split = rollout(
+        model, prompts, replace(spec, branches_per_pass=per_pass), torch.Generator().manual_seed(5)
+    )
     for name in ("tokens", "states", "velocities", "anchor_tokens"):
         a, b = getattr(one, name), getattr(split, name)
         if a is None:

@@ -1,4 +1,4 @@
-"""kvpo.run_log: the lines a run prints as it starts, at every iteration and as it ends."""
+"""kvpo.run.log: the lines a run prints as it starts, at every iteration and as it ends."""
 
 from pathlib import Path
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from trainer_support import tiny_model
 
-from kvpo.config import build_config
-from kvpo.run_log import end_line, progress_line, start_line
+from kvpo.run.config import build_config
+from kvpo.run.log import end_line, progress_line, start_line
 
 
 @pytest.mark.parametrize(
@@ -53,11 +53,22 @@ def test_end_line_reads_the_first_and_last_evaluations():
 
 def test_progress_line_shows_tau_only_when_it_moves_and_evaluations_when_made():
     row = {
-        "iter": 7, "reward": 1.5, "reward_std": 0.25, "reward_path": 0.125, "branch_spread": 0.5,
-        "tve": 2e-3, "tau": 4e-3, "ratio": 1.0625, "clip_frac": 0.5, "kl": 1e-4,
-        "time_rollout": 1.0, "time_reward": 2.0, "time_reference": 3.0, "time_replay": 4.0,
+        "iter": 7,
+        "reward": 1.5,
+        "reward_std": 0.25,
+        "reward_path": 0.125,
+        "branch_spread": 0.5,
+        "tve": 2e-3,
+        "tau": 4e-3,
+        "ratio": 1.0625,
+        "clip_frac": 0.5,
+        "kl": 1e-4,
+        "time_rollout": 1.0,
+        "time_reward": 2.0,
+        "time_reference": 3.0,
+        "time_replay": 4.0,
         "time_update": 5.0,
-    }  # fmt: skip
+    }
     line = progress_line(row, ["path"])
     assert line == (
         "it    7 | reward 1.5000 ± 0.2500 (path 0.125) spread 0.500 | tve 2.00e-03 ratio 1.062 "

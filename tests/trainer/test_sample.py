@@ -4,9 +4,9 @@ import pytest
 import torch
 from trainer_support import tiny_model
 
-from kvpo.checkpoint import save_model
+from kvpo.method.rollout import generate, rollout
 from kvpo.rewards import BUILTIN, CompositeReward
-from kvpo.rollout import generate, rollout
+from kvpo.run.checkpoint import save_model
 from kvpo.sample import chunk_prompts, main
 
 LEFT = "a large red circle moving left slowly"
@@ -147,7 +147,7 @@ def test_sample_prompts_that_the_scene_rewards_cannot_read(tmp_path, capsys):
 
 def _tve_float64(model, ro) -> torch.Tensor:
     """The TVE of a one-group rollout's branches, [G] float64, uniform over the scored steps."""
-    from kvpo.replay import replay_velocities, step_weights
+    from kvpo.method.replay import replay_velocities, step_weights
 
     with torch.no_grad():
         u = replay_velocities(model, ro).double()
@@ -162,10 +162,10 @@ def test_branches_read_the_runs_likelihood_and_tau_auto(tmp_path, capsys, monkey
     import json
 
     import kvpo.sample
-    from kvpo.checkpoint import run_config
-    from kvpo.config import build_config
-    from kvpo.exploration import rollout_spec
-    from kvpo.replay import replay_velocities
+    from kvpo.method.exploration import rollout_spec
+    from kvpo.method.replay import replay_velocities
+    from kvpo.run.checkpoint import run_config
+    from kvpo.run.config import build_config
 
     run = {"likelihood": "step", "tau_auto": 0.5, "score_steps": (0, 1), "sigma_floor": 0.3}
     monkeypatch.setattr(kvpo.sample, "run_config", lambda path, over: run_config(path, over | run))
@@ -197,8 +197,8 @@ def test_branches_show_a_group_as_the_run_explores_it(tmp_path, capsys):
     import dataclasses
     import json
 
-    from kvpo.config import build_config
-    from kvpo.exploration import rollout_spec
+    from kvpo.method.exploration import rollout_spec
+    from kvpo.run.config import build_config
 
     model = tiny_model()
     ckpt = tmp_path / "m.safetensors"

@@ -5,9 +5,9 @@ import types
 import pytest
 import torch
 
+from kvpo.method.rollout import RolloutSpec, rollout
+from kvpo.method.scoring import branch_rewards, check_clips, fused_reward
 from kvpo.rewards import CompositeReward
-from kvpo.rollout import RolloutSpec, rollout
-from kvpo.scoring import branch_rewards, check_clips, fused_reward
 
 
 def test_scoped_rewards_score_their_clips(model):

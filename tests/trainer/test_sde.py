@@ -8,13 +8,13 @@ import pytest
 import torch
 from trainer_support import PROMPTS, tiny_model
 
-from kvpo.checkpoint import save_model
-from kvpo.config import build_config
-from kvpo.grpo import ppo_objective
-from kvpo.likelihood import branch_log_probs
-from kvpo.replay import replay_velocities
-from kvpo.rollout import RolloutSpec, rollout
-from kvpo.sde import sde_mean_std, sde_step, sde_t_cap, step_log_probs
+from kvpo.method.likelihood import branch_log_probs
+from kvpo.method.replay import replay_velocities
+from kvpo.method.rollout import RolloutSpec, rollout
+from kvpo.method.sde import sde_mean_std, sde_step, sde_t_cap, step_log_probs
+from kvpo.method.update import ppo_objective
+from kvpo.run.checkpoint import save_model
+from kvpo.run.config import build_config
 from kvpo.train import train
 
 
@@ -134,11 +134,21 @@ def test_trainer_runs_the_baseline(tmp_path):
     save_model(tiny_model(), base)
     cfg = build_config(
         dict(
-            base_checkpoint=str(base), out_dir=str(tmp_path / "run"), iterations=2,
-            prompts_per_iter=2, group_size=3, eval_prompts=2, eval_every=1, save_every=2,
-            progress=False, threads=1, window=(2, 4), explore="sde", samples=False,
+            base_checkpoint=str(base),
+            out_dir=str(tmp_path / "run"),
+            iterations=2,
+            prompts_per_iter=2,
+            group_size=3,
+            eval_prompts=2,
+            eval_every=1,
+            save_every=2,
+            progress=False,
+            threads=1,
+            window=(2, 4),
+            explore="sde",
+            samples=False,
         )
-    )  # fmt: skip
+    )
     res = train(cfg)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [-1, 0, 1]  # the evaluation before training, iterations

@@ -72,9 +72,13 @@ def _start(
         "SLURM_GPUS_ON_NODE": str(2 // nodes),
     }
     return subprocess.Popen(
-        ["bash", str(SCRIPT), *args], cwd=ROOT, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        ["bash", str(SCRIPT), *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _signal_mid_run(
@@ -100,10 +104,17 @@ def _long_run(base, out: Path, **over) -> list[str]:
     """Command-line options of a run that goes on until a signal stops it (no evaluations)."""
     return cli_args(
         run_overrides(
-            base, out, iterations=200, samples=False, save_every=1000, eval_before=False,
-            eval_every=1000, device="cpu", **over,
+            base,
+            out,
+            iterations=200,
+            samples=False,
+            save_every=1000,
+            eval_before=False,
+            eval_every=1000,
+            device="cpu",
+            **over,
         )
-    )  # fmt: skip
+    )
 
 
 def _iters(out: Path) -> list[int]:

@@ -1,4 +1,4 @@
-"""kvpo.stopping and the trainer under it: a stop signal saves and exits, `--resume auto`
+"""kvpo.run.stopping and the trainer under it: a stop signal saves and exits, `--resume auto`
 continues where the run stopped, as if it had never stopped."""
 
 import contextlib
@@ -16,8 +16,8 @@ import pytest
 import torch
 from trainer_support import checkpoint_meta, cli_args, descendants, free_port, run_overrides
 
-from kvpo.config import build_config
-from kvpo.stopping import StopSignals
+from kvpo.run.config import build_config
+from kvpo.run.stopping import StopSignals
 from kvpo.train import main, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,9 +59,13 @@ def _default_sigint() -> None:
 def _python(code: str) -> subprocess.CompletedProcess:
     """``code`` run by a fresh Python (signals sent to it cannot reach the test's process)."""
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=_default_sigint,
-    )  # fmt: skip
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=_default_sigint,
+    )
 
 
 def test_a_second_signal_stops_at_once():
@@ -69,7 +73,7 @@ def test_a_second_signal_stops_at_once():
     delivered twice (scancel signals torchrun and its ranks, and torchrun passes it on)."""
     code = (
         "import os, signal, time\n"
-        "from kvpo.stopping import StopSignals\n"
+        "from kvpo.run.stopping import StopSignals\n"
         "with StopSignals(echo_s=0.5) as stop:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"  # its echo: torchrun passing it on
@@ -92,7 +96,7 @@ def test_an_echo_that_interrupts_the_handler_is_still_the_same_request():
     handler in turn, it still makes one request, one message, and no stop at once."""
     code = (
         "import os, signal, sys\n"
-        "from kvpo.stopping import StopSignals\n"
+        "from kvpo.run.stopping import StopSignals\n"
         "k = 0\n"
         "while True:\n"
         "    lines = 0\n"
@@ -126,7 +130,7 @@ def test_ctrl_c_asks_once_and_interrupts_the_second_time():
     KeyboardInterrupt where the run is (Python's own Ctrl-C, which a notebook survives)."""
     code = (
         "import os, signal, time\n"
-        "from kvpo.stopping import StopSignals\n"
+        "from kvpo.run.stopping import StopSignals\n"
         "with StopSignals(echo_s=0.5) as stop:\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    assert stop.requested() == 'SIGINT'\n"
@@ -149,7 +153,7 @@ def test_a_signal_the_process_ignores_stays_ignored():
     Ctrl-C meant for the foreground command does not reach it: kvpo leaves it so."""
     code = (
         "import os, signal\n"
-        "from kvpo.stopping import StopSignals\n"
+        "from kvpo.run.stopping import StopSignals\n"
         "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
         "with StopSignals() as stop:\n"
         "    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
@@ -168,8 +172,13 @@ def test_a_signal_the_process_ignores_stays_ignored():
     "module, where, call, done",
     [
         # during iteration 1's rollout and rewards: dropped, saved after 1
-        ("kvpo.exploration", "micro_batch_rewards", 2, 1),
-        ("kvpo.update", "accumulate_gradients", 3, 2),  # during its update: finished, saved after 2
+        ("kvpo.method.iteration", "micro_batch_rewards", 2, 1),
+        (
+            "kvpo.method.update",
+            "accumulate_gradients",
+            3,
+            2,
+        ),  # during its update: finished, saved after 2
     ],
 )
 def test_a_stopped_run_resumes_as_if_never_stopped(
@@ -222,9 +231,9 @@ def test_a_stopped_run_resumes_as_if_never_stopped(
 def test_the_cli_exits_with_the_signal_status_and_resumes(base, tmp_path, monkeypatch):
     """Stopped before any iteration ran, `--resume auto` neither repeats the evaluation before
     training nor loses it."""
-    import kvpo.exploration
+    import kvpo.method.iteration
 
-    real = kvpo.exploration.micro_batch_rewards
+    real = kvpo.method.advantages.micro_batch_rewards
 
     def signalling(*args):
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -232,7 +241,7 @@ def test_the_cli_exits_with_the_signal_status_and_resumes(base, tmp_path, monkey
 
     over = run_overrides(base, tmp_path, iterations=2, samples=False, save_every=10)
     args = cli_args(over)
-    monkeypatch.setattr(kvpo.exploration, "micro_batch_rewards", signalling)
+    monkeypatch.setattr(kvpo.method.iteration, "micro_batch_rewards", signalling)
     with pytest.raises(SystemExit) as e:
         main(args + ["--resume", "auto"])
     assert e.value.code == 128 + signal.SIGUSR1 and _saved_iteration(tmp_path) == 0
@@ -262,17 +271,36 @@ def stop_rank_1(videos, prompts):
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_point(base, tmp_path):
     (tmp_path / "stop_reward.py").write_text(REWARD)
     over = run_overrides(
-        base, tmp_path / "run", iterations=3, samples=False, save_every=10, eval_before=False,
-        eval_every=10, prompts_per_iter=4,
-    )  # fmt: skip
+        base,
+        tmp_path / "run",
+        iterations=3,
+        samples=False,
+        save_every=10,
+        eval_before=False,
+        eval_every=10,
+        prompts_per_iter=4,
+    )
     args = cli_args(over)
     args += ["--reward_fns", f"mean={tmp_path / 'stop_reward.py'}:stop_rank_1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", free_port(), "-m", "kvpo.train", *args],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            free_port(),
+            "-m",
+            "kvpo.train",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode != 0, "a stopped run is not a finished one"
     assert "exitcode  : 143" in res.stderr, res.stderr[-4000:]
     assert res.stderr.count("kvpo: got SIGTERM") == 1  # rank 1 got it, rank 0 stopped with it
@@ -289,17 +317,39 @@ def test_torchrun_forwards_the_signal_and_waits_for_the_checkpoint(base, tmp_pat
     torchrun: one request, the same checkpoint."""
     out = tmp_path / "run"
     over = run_overrides(
-        base, out, iterations=200, samples=False, save_every=1000, eval_before=False,
-        eval_every=1000, prompts_per_iter=4,
-    )  # fmt: skip
+        base,
+        out,
+        iterations=200,
+        samples=False,
+        save_every=1000,
+        eval_before=False,
+        eval_every=1000,
+        prompts_per_iter=4,
+    )
     args = cli_args(over)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     agent = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", free_port(), "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR1",
-         "--shutdown-timeout", "120", "-m", "kvpo.train", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            free_port(),
+            "--signals-to-handle",
+            "SIGTERM,SIGINT,SIGUSR1",
+            "--shutdown-timeout",
+            "120",
+            "-m",
+            "kvpo.train",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     sig = signal.SIGUSR1 if to == "torchrun" else signal.SIGTERM
     try:
         deadline = time.monotonic() + 120
@@ -349,8 +399,11 @@ def test_a_stopped_run_is_not_restarted_over_by_mistake(base, tmp_path, capsys):
     over = run_overrides(base, tmp_path, max_minutes=1e-4, **kw)  # stops after 1 iteration
     train(build_config(over))
     metrics = (tmp_path / "metrics.jsonl").read_text()
-    with pytest.raises(SystemExit, match=r"out_dir .* holds an unfinished run \(1 of 3 iterations "
-                       r"done\): --resume auto continues it"):  # fmt: skip
+    with pytest.raises(
+        SystemExit,
+        match=r"out_dir .* holds an unfinished run \(1 of 3 iterations "
+        r"done\): --resume auto continues it",
+    ):
         main(cli_args({**over, "max_minutes": 0.0}))
     assert (tmp_path / "metrics.jsonl").read_text() == metrics and _saved_iteration(tmp_path) == 1
     train(build_config({**over, "max_minutes": 0.0, "resume": "auto"}))
@@ -366,7 +419,7 @@ def test_a_stopped_run_is_not_restarted_over_by_mistake(base, tmp_path, capsys):
 def test_a_run_killed_while_logging_resumes(base, tmp_path):
     """SIGKILL (the OOM killer, a scheduler's last word) can cut a log's last line mid-write:
     --resume auto drops it with the rows past the checkpoint, and the logs read on."""
-    from kvpo.report import read_rows
+    from kvpo.run.report import read_rows
 
     kw = dict(iterations=2, samples=False, save_every=1, eval_every=10)
     over = run_overrides(base, tmp_path, resume="auto", **kw)

@@ -5,7 +5,7 @@ import json
 import pytest
 from trainer_support import run_overrides
 
-from kvpo.config import build_config
+from kvpo.run.config import build_config
 from kvpo.summary import main, prompt_changes, summarize
 from kvpo.train import train
 
@@ -53,8 +53,9 @@ def test_a_runs_summary_is_its_logs(base, tmp_path, capsys):
     assert (row["best"], row["best_iter"]) == (best["eval_reward"], best["iter"])
     assert row["ema_last"] == hist[-1]["eval_ema_reward"]
     assert (row["diversity_first"], row["diversity_last"]) == (
-        hist[0]["eval_diversity"], hist[-1]["eval_diversity"]
-    )  # fmt: skip
+        hist[0]["eval_diversity"],
+        hist[-1]["eval_diversity"],
+    )
     per = [json.loads(x) for x in (tmp_path / "a" / "eval_prompts.jsonl").read_text().splitlines()]
     rose = sum(b["eval_reward"] > a["eval_reward"] for a, b in zip(per[:2], per[-2:], strict=True))
     assert (row["prompts_rose"], row["prompts"]) == (rose, 2)

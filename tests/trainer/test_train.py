@@ -20,14 +20,14 @@ from trainer_support import (
     tiny_model,
 )
 
-from kvpo import data
-from kvpo.checkpoint import CheckpointError, load_model, prune_checkpoints
-from kvpo.config import ConfigError, build_config, parse_args
 from kvpo.evaluate import evaluate, evaluation_metrics, turned_prompts
+from kvpo.generators import data
+from kvpo.method.update import NonFiniteGradientError
 from kvpo.rewards import CompositeReward
-from kvpo.run_setup import make_reward
+from kvpo.run.checkpoint import CheckpointError, load_model, prune_checkpoints
+from kvpo.run.config import ConfigError, build_config, parse_args
+from kvpo.run.setup import make_reward
 from kvpo.train import main, train
-from kvpo.update import NonFiniteGradientError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -152,15 +152,32 @@ def test_sample_routing_local_window_recache_and_window_shift(base, tmp_path):
     # Chunk 2's 4 history frames fit in 1 sink + a 3-frame window: at window start 2 every branch
     # would see the same context.
     with pytest.raises(ValueError, match=r"window \(2, 3\): no chunk's branches can attend"):
-        train(_cfg(base, tmp_path / "d", routing="sample", local_window=3, recent_frames=2,
-                   window=(2, 3), window_shift=2))  # fmt: skip
+        train(
+            _cfg(
+                base,
+                tmp_path / "d",
+                routing="sample",
+                local_window=3,
+                recent_frames=2,
+                window=(2, 3),
+                window_shift=2,
+            )
+        )
     with pytest.raises(ValueError, match="p_keep=1.0"):
         train(_cfg(base, tmp_path / "e", p_keep=1.0))
     # The post-fork clip of the window started a chunk later is one chunk (2 frames), too short
     # for motion (3): refused before any rollout or evaluation.
     with pytest.raises(ValueError, match=r"'motion' .* 'global' at window \(4, 5\)"):
-        train(_cfg(base, tmp_path / "f", window=(3, 4), window_shift=1,
-                   reward_scopes={"global": 1.0}, reward_weights={"motion": 1.0}))  # fmt: skip
+        train(
+            _cfg(
+                base,
+                tmp_path / "f",
+                window=(3, 4),
+                window_shift=1,
+                reward_scopes={"global": 1.0},
+                reward_weights={"motion": 1.0},
+            )
+        )
     assert not (tmp_path / "f" / "metrics.jsonl").exists()
 
 
@@ -170,7 +187,7 @@ def test_samples_at_eval_keep_the_group_each_evaluation_trained_on(base, tmp_pat
     import imageio.v3 as iio
 
     import kvpo.train as trainer
-    from kvpo.report import video_grid
+    from kvpo.run.report import video_grid
 
     seen, real = [], trainer.explore
     monkeypatch.setattr(trainer, "explore", lambda *a: seen.append(real(*a)) or seen[-1])
@@ -250,7 +267,7 @@ def test_a_step_with_a_nan_gradient_is_skipped_and_a_run_of_them_stops(
 ):
     """A NaN gradient leaves weights, AdamW and EMA as they were, is logged, and training goes
     on; more skipped steps in a row than max_skipped_steps stop the run with a clear error."""
-    import kvpo.update as update
+    import kvpo.method.update as update
 
     accumulate, poison, seen = update.accumulate_gradients, set(), []
 
@@ -324,7 +341,7 @@ def test_warmup_logs_its_rates_and_resumes_exactly(base, tmp_path):
 def test_held_out_prompts_from_their_own_file(base, tmp_path):
     """eval_prompts_file: the evaluation's prompts; prompts_file (or the built-in set) all
     trains."""
-    from kvpo.run_setup import config_prompts
+    from kvpo.run.setup import config_prompts
 
     train_p, held_p = data.split_prompts()
     (tmp_path / "train.txt").write_text("\n".join(train_p[:3]) + "\n")
@@ -373,8 +390,9 @@ def test_keep_last_keeps_the_newest_kept_checkpoints(base, tmp_path):
     res = train(_cfg(base, tmp_path / "a", iterations=3, **kw))
     folder = tmp_path / "a" / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "step_000002.safetensors", "step_000003.safetensors"
-    ]  # fmt: skip
+        "step_000002.safetensors",
+        "step_000003.safetensors",
+    ]
     for (n, p), q in zip(
         res.model.named_parameters(),
         load_model(folder / "step_000003.safetensors").parameters(),
@@ -477,15 +495,28 @@ def test_cli_reports_bad_values(base, tmp_path):
         (["--window", "0,1"], r"window=\(0, 1\) must satisfy 1 <= w0"),
         (["--window", "1,2", "--p_keep", "1"], r"window \(1, 2\): no chunk's branches can"),
         (["--prompts_file", str(tmp_path / "none.txt")], "config prompts_file=.*No such file"),
-        (["--prompts_file", str(tmp_path / "free.txt"), "--eval_prompts", "1", "--window", "2,4"],
-         "reward 'alignment' reads the asked scene .*'a cat running' must name exactly one "
-         r"colour.*generic ones \(dynamic, smoothness\)"),
-        (["--window", "2,4", "--reward_weights", "alignment=1,colourful=1"],
-         r"unknown reward\(s\) \['colourful'\]"),
+        (
+            [
+                "--prompts_file",
+                str(tmp_path / "free.txt"),
+                "--eval_prompts",
+                "1",
+                "--window",
+                "2,4",
+            ],
+            "reward 'alignment' reads the asked scene .*'a cat running' must name exactly one "
+            r"colour.*generic ones \(dynamic, smoothness\)",
+        ),
+        (
+            ["--window", "2,4", "--reward_weights", "alignment=1,colourful=1"],
+            r"unknown reward\(s\) \['colourful'\]",
+        ),
         (["--window", "2,4", "--reward_weights", "alignment=0"], "reward weights are all 0"),
-        (["--out_dir", str(tmp_path / "free.txt" / "r")],
-         r"config out_dir='.*free.txt/r': cannot write in"),
-    ):  # fmt: skip
+        (
+            ["--out_dir", str(tmp_path / "free.txt" / "r")],
+            r"config out_dir='.*free.txt/r': cannot write in",
+        ),
+    ):
         with pytest.raises(SystemExit, match="error: " + match):
             main(run + more)
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
@@ -494,7 +525,7 @@ def test_cli_reports_bad_values(base, tmp_path):
 
 SCRIPT = """
 import sys, torch, torch.distributed as dist
-from kvpo.config import build_config, parse_args
+from kvpo.run.config import build_config, parse_args
 from kvpo.train import train
 import json
 over = json.loads(sys.argv[1])
@@ -510,9 +541,17 @@ def test_two_ranks_over_gloo(base, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     over = run_overrides(
-        base, tmp_path, eval_every=5, save_every=5, samples=True, eval_seeds=3,
-        prompts_per_iter=4, micro_batch=1, eval_batch=2, tau_auto=1.0,
-    )  # fmt: skip
+        base,
+        tmp_path,
+        eval_every=5,
+        save_every=5,
+        samples=True,
+        eval_seeds=3,
+        prompts_per_iter=4,
+        micro_batch=1,
+        eval_batch=2,
+        tau_auto=1.0,
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
         [
@@ -569,7 +608,7 @@ def test_two_ranks_over_gloo(base, tmp_path):
 
 
 def test_tau_auto_gives_the_update_and_the_kl_each_iterations_tau(base, tmp_path, monkeypatch):
-    """With tau_auto the iteration's tau (kvpo.likelihood.iteration_tau, called on the rollout
+    """With tau_auto the iteration's tau (kvpo.method.likelihood.iteration_tau, called on the rollout
     policy's parts) is logged, and the PPO ratios and the softmax KL read it: a run whose
     iteration_tau gives 0.05 trains as a run at a fixed tau of 0.05, to the bit."""
     over = dict(kl="softmax", kl_coef=3.0, likelihood="step", micro_batch=1)
@@ -580,7 +619,7 @@ def test_tau_auto_gives_the_update_and_the_kl_each_iterations_tau(base, tmp_path
         calls.append((cfg.tau_auto, len(parts), len(weights), model.training))
         return 0.05
 
-    monkeypatch.setattr("kvpo.exploration.iteration_tau", fake)
+    monkeypatch.setattr("kvpo.method.iteration.iteration_tau", fake)
     cfg = build_config(run_overrides(base, tmp_path / "auto", tau=1e-3, tau_auto=2.0, **over))
     auto = train(cfg)
     assert calls == [(2.0, 2, 2, False)] * 2  # once an iteration, on both micro-batches
@@ -641,8 +680,16 @@ def test_lora_training_moves_only_the_adapters_and_resumes(base, tmp_path):
     )
     assert [r["iter"] for r in more.history if r["iter"] >= 0] == [0, 1, 2]
     with pytest.raises(ConfigError, match="has 3 iterations done, more than config iterations=2"):
-        train(_cfg(base, tmp_path, lora_rank=4, samples=False, iterations=2,
-                   resume=str(tmp_path / "checkpoint.safetensors")))  # fmt: skip
+        train(
+            _cfg(
+                base,
+                tmp_path,
+                lora_rank=4,
+                samples=False,
+                iterations=2,
+                resume=str(tmp_path / "checkpoint.safetensors"),
+            )
+        )
     with pytest.raises(CheckpointError, match="lora_rank"):
         train(_cfg(base, tmp_path, iterations=4, samples=False, resume=ckpt))
     with pytest.raises(CheckpointError, match="lora_alpha=0.0, this config has 8.0"):
@@ -653,7 +700,7 @@ def test_lora_adapters_start_from_the_runs_seed(base, tmp_path):
     """The adapters' random start is drawn from the run's seed, not from the global RNG, whose
     state depends on what the process ran before: a run resumed in the same process (or a sweep
     in a notebook, or another rank) trains what one straight run does."""
-    from kvpo.policy import reference_and_policy
+    from kvpo.run.policy import reference_and_policy
 
     cpu = torch.device("cpu")
 

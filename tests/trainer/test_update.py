@@ -6,9 +6,11 @@ import pytest
 import torch
 from trainer_support import PROMPTS, tiny_model
 
-from kvpo.grpo import gibbs_log_probs, group_advantages, ppo_objective
-from kvpo.replay import replay_velocities, step_weights, trajectory_energy
-from kvpo.rollout import RolloutSpec, rollout
+from kvpo.method.advantages import group_advantages
+from kvpo.method.likelihood import gibbs_log_probs
+from kvpo.method.replay import replay_velocities, step_weights, trajectory_energy
+from kvpo.method.rollout import RolloutSpec, rollout
+from kvpo.method.update import ppo_objective
 
 
 def test_update_raises_advantage_weighted_log_likelihood():
@@ -57,18 +59,22 @@ def test_replay_in_branch_batches_gives_the_same_gradient(over):
     import contextlib
     import copy
 
-    from kvpo.config import build_config
-    from kvpo.likelihood import branch_log_probs
-    from kvpo.update import policy_gradients
+    from kvpo.method.likelihood import branch_log_probs
+    from kvpo.method.update import policy_gradients
+    from kvpo.run.config import build_config
 
     model = tiny_model().train()
     ref = copy.deepcopy(model).requires_grad_(False)
     nC = model.num_frames // model.chunk_frames
     cfg = build_config(dict(tau=1e-3, **over))
     spec = RolloutSpec(
-        group_size=3, window=(2, 4), p_keep=0.3, anchor=False, explore=cfg.explore,
+        group_size=3,
+        window=(2, 4),
+        p_keep=0.3,
+        anchor=False,
+        explore=cfg.explore,
         score_steps=cfg.score_steps,
-    )  # fmt: skip
+    )
     ro = rollout(model, [[p] * nC for p in PROMPTS], spec, torch.Generator().manual_seed(0))
     w = step_weights(ro)
     adv, valid = group_advantages(torch.randn(2, 3, generator=torch.Generator().manual_seed(1)))
@@ -111,9 +117,9 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(over):
     import contextlib
     import copy
 
-    from kvpo.config import build_config
-    from kvpo.likelihood import branch_log_probs
-    from kvpo.update import accumulate_gradients
+    from kvpo.method.likelihood import branch_log_probs
+    from kvpo.method.update import accumulate_gradients
+    from kvpo.run.config import build_config
 
     model = tiny_model().train()
     ref = copy.deepcopy(model).requires_grad_(False)
@@ -124,9 +130,13 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(over):
     nC = model.num_frames // model.chunk_frames
     cfg = build_config(dict(tau=0.05, kl_coef=3.0, **over))
     spec = RolloutSpec(
-        group_size=3, window=(2, 4), p_keep=0.3, anchor=False, explore=cfg.explore,
+        group_size=3,
+        window=(2, 4),
+        p_keep=0.3,
+        anchor=False,
+        explore=cfg.explore,
         score_steps=cfg.score_steps,
-    )  # fmt: skip
+    )
     prompts = [*PROMPTS, PROMPTS[0].replace("left", "down")]
     ro = rollout(model, [[p] * nC for p in prompts], spec, torch.Generator().manual_seed(0))
     rewards = torch.randn(3, 3, generator=torch.Generator().manual_seed(1))
@@ -148,9 +158,16 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(over):
         olds = [None if logp_old is None else logp_old[s] for s in split]
         model.zero_grad(set_to_none=True)
         st, olds, _ = accumulate_gradients(
-            cfg, model, parts, w, adv, valid, olds,
-            [refs(r, x) for r, x in zip(parts, w, strict=True)], contextlib.nullcontext,
-        )  # fmt: skip
+            cfg,
+            model,
+            parts,
+            w,
+            adv,
+            valid,
+            olds,
+            [refs(r, x) for r, x in zip(parts, w, strict=True)],
+            contextlib.nullcontext,
+        )
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         return grads, st, torch.cat(olds)
 
@@ -172,8 +189,8 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(over):
 
 
 def test_learning_rate_schedules():
-    from kvpo.config import build_config
-    from kvpo.update import learning_rate
+    from kvpo.method.update import learning_rate
+    from kvpo.run.config import build_config
 
     def lrs(**kw):
         cfg = build_config(dict(lr=1e-3, iterations=10, **kw))

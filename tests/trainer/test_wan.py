@@ -1,4 +1,4 @@
-"""kvpo.adapters.wan against diffusers' own WanTransformer3DModel forward (float64, random weights).
+"""kvpo.generators.wan against diffusers' own WanTransformer3DModel forward (float64, random weights).
 
 The reference is the unmodified transformer: its bidirectional forward over a whole clip, and its
 forward over ``[clean history, noisy chunk]`` with per-token timesteps and a block-causal (and
@@ -21,11 +21,11 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # no
 from safetensors.torch import load_file  # noqa: E402
 from trainer_support import draw  # noqa: E402
 
-from kvpo.adapters.wan import WanStreamingGenerator  # noqa: E402
-from kvpo.config import build_config  # noqa: E402
-from kvpo.lora import merge_lora  # noqa: E402
-from kvpo.rollout import generate  # noqa: E402
-from kvpo.streaming import patchify, unpatchify  # noqa: E402
+from kvpo.generators.lora import merge_lora  # noqa: E402
+from kvpo.generators.streaming import patchify, unpatchify  # noqa: E402
+from kvpo.generators.wan import WanStreamingGenerator  # noqa: E402
+from kvpo.method.rollout import generate  # noqa: E402
+from kvpo.run.config import build_config  # noqa: E402
 from kvpo.train import train  # noqa: E402
 
 C, H, W = 4, 4, 6  # latent frame: 2 x 3 patches of 2 x 2 -> 6 tokens of 16 features
@@ -35,10 +35,17 @@ TEXT_DIM, TEXT_LEN = 16, 5
 def tiny_wan(seed: int = 0) -> WanTransformer3DModel:
     torch.manual_seed(seed)
     tf = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=C,
-        out_channels=C, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=40, num_layers=2,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=C,
+        out_channels=C,
+        text_dim=TEXT_DIM,
+        freq_dim=32,
+        ffn_dim=40,
+        num_layers=2,
         rope_max_seq_len=64,
-    )  # fmt: skip
+    )
     with torch.no_grad():  # diffusers zero-inits nothing we rely on; make every path matter
         for p in tf.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -73,8 +80,9 @@ class MaskedProcessor(WanAttnProcessor):
         super().__init__()
         self.mask = mask
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 rotary_emb=None):  # fmt: skip
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
+    ):
         return super().__call__(attn, hidden_states, None, self.mask, rotary_emb)
 
 
@@ -158,10 +166,17 @@ def test_streaming_is_the_block_causal_forward_on_random_layouts(seed):
     F, T, R = c * nC, (h // ph) * (w // pw), 2
     torch.manual_seed(seed)
     tf = WanTransformer3DModel(
-        patch_size=(1, ph, pw), num_attention_heads=heads, attention_head_dim=head_dim,
-        in_channels=C, out_channels=C, text_dim=TEXT_DIM, freq_dim=16, ffn_dim=24,
-        num_layers=rng.randint(1, 2), rope_max_seq_len=32,
-    )  # fmt: skip
+        patch_size=(1, ph, pw),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=C,
+        out_channels=C,
+        text_dim=TEXT_DIM,
+        freq_dim=16,
+        ffn_dim=24,
+        num_layers=rng.randint(1, 2),
+        rope_max_seq_len=32,
+    )
     with torch.no_grad():
         for p in tf.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -234,7 +249,7 @@ def self_forcing_inference(ref, noise, step_noise, text, c, denoising_steps, shi
 
 
 def test_deployment_sampling_is_self_forcings_inference():
-    """kvpo.rollout.generate of the adapter (its default renoise sampler, the schedule of
+    """kvpo.method.rollout.generate of the adapter (its default renoise sampler, the schedule of
     Self-Forcing's [1000, 750, 500, 250] with shift 5) is Self-Forcing's own inference loop, noise
     for noise; an Euler ODE from the same initial noise is another video."""
     c, nC = 2, 3
@@ -252,9 +267,12 @@ def test_deployment_sampling_is_self_forcings_inference():
         return patchify(z.flatten(0, -5), 2, 2).flatten(-3, -2).view(*z.shape[:-4], -1, 16)
 
     got = generate(
-        gen, [[prompt] * nC], torch.Generator(), noise=tok(noise.unflatten(1, (nC, c))),
+        gen,
+        [[prompt] * nC],
+        torch.Generator(),
+        noise=tok(noise.unflatten(1, (nC, c))),
         step_noise=tok(step_noise),
-    )  # fmt: skip
+    )
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     gen.sampler = "euler"
     ode = generate(gen, [[prompt] * nC], torch.Generator(), noise=tok(noise.unflatten(1, (nC, c))))
@@ -265,8 +283,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     gen, _ = make(num_frames=4, chunk_frames=2)
     z = latents(1, 2)
     cond = gen.encode_prompts(["a fox"])
-    args = (patchify(z, 2, 2).flatten(1, 2), torch.tensor([0.5]), cond, torch.tensor([[2, 3]]),
-            torch.tensor([[0, 1]], dtype=torch.int32))  # fmt: skip
+    args = (
+        patchify(z, 2, 2).flatten(1, 2),
+        torch.tensor([0.5]),
+        cond,
+        torch.tensor([[2, 3]]),
+        torch.tensor([[0, 1]], dtype=torch.int32),
+    )
     grads = []
     for remat in (False, True):
         gen.grad_checkpointing = remat
@@ -282,10 +305,15 @@ def tiny_vae() -> AutoencoderKLWan:
     width, with a latent normalization of its own."""
     torch.manual_seed(3)
     return AutoencoderKLWan(
-        base_dim=8, z_dim=C, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
-        temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+        base_dim=8,
+        z_dim=C,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.0, 0.3],
         latents_std=[1.5, 0.8, 1.0, 2.0],
-    ).eval()  # fmt: skip
+    ).eval()
 
 
 def tiny_vae_decode():
@@ -307,9 +335,12 @@ def decoding_generator(sink_frames: int) -> WanStreamingGenerator:
     generator's window bounds), decoded by the tiny VAE to 37 video frames."""
     vae_decode = tiny_vae_decode()
     gen, _ = make(
-        num_frames=10, chunk_frames=2, sink_frames=sink_frames,
-        decode=lambda z: vae_decode(z.double()).float(), temporal_stride=4,
-    )  # fmt: skip
+        num_frames=10,
+        chunk_frames=2,
+        sink_frames=sink_frames,
+        decode=lambda z: vae_decode(z.double()).float(),
+        temporal_stride=4,
+    )
     return gen.float()
 
 
@@ -364,8 +395,15 @@ def test_bad_latent_shape_and_patch():
         WanStreamingGenerator(tiny_wan(), text_encoder, (C, H, 5), 6, 2)
     with pytest.raises(ValueError, match="latent_shape"):
         WanStreamingGenerator(tiny_wan(), text_encoder, (3, H, W), 6, 2)
-    tf = WanTransformer3DModel(patch_size=(2, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                               in_channels=C, out_channels=C, text_dim=TEXT_DIM, num_layers=1)  # fmt: skip
+    tf = WanTransformer3DModel(
+        patch_size=(2, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=C,
+        out_channels=C,
+        text_dim=TEXT_DIM,
+        num_layers=1,
+    )
     with pytest.raises(ValueError, match="temporal patch"):
         WanStreamingGenerator(tf, text_encoder, (C, H, W), 6, 2)
     with pytest.raises(TypeError, match="WanTransformer3DModel"):
@@ -376,8 +414,13 @@ def test_bad_latent_shape_and_patch():
             tiny_wan(), lambda p: torch.zeros(len(p), TEXT_DIM), (C, H, W), 6, 2
         ).encode_prompts(["a"])
     with pytest.raises(ValueError, match="x must be"):
-        gen(torch.zeros(1, 5, 16), torch.zeros(1), gen.encode_prompts(["a"]), torch.tensor([[0, 1]]),
-            torch.tensor([[0, 1]], dtype=torch.int32))  # fmt: skip
+        gen(
+            torch.zeros(1, 5, 16),
+            torch.zeros(1),
+            gen.encode_prompts(["a"]),
+            torch.tensor([[0, 1]]),
+            torch.tensor([[0, 1]], dtype=torch.int32),
+        )
 
 
 def test_kvpo_trains_the_adapter_with_lora(tmp_path):
@@ -396,13 +439,32 @@ def test_kvpo_trains_the_adapter_with_lora(tmp_path):
     n = gen.add_lora(rank=2)
     assert n == 2 * (4 + 4 + 2)  # per block: attn1 and attn2 q/k/v/out, ffn in and out
     before = {k: v.clone() for k, v in gen.state_dict().items()}
-    cfg = build_config(dict(
-        out_dir=str(tmp_path), iterations=2, prompts_per_iter=2, group_size=3, eval_prompts=1,
-        eval_every=2, save_every=2, progress=False, threads=1, tau=0.05, window=(2, 4),
-        routing="sample", local_window=2, recent_frames=1, reward_scopes={"local": 1.0, "global": 0.5},
-        samples=False, grad_checkpointing=True, lr=1e-3, amp="bf16", recache=True,
-        rollout_branches=2, replay_branches=1,
-    ))  # fmt: skip
+    cfg = build_config(
+        dict(
+            out_dir=str(tmp_path),
+            iterations=2,
+            prompts_per_iter=2,
+            group_size=3,
+            eval_prompts=1,
+            eval_every=2,
+            save_every=2,
+            progress=False,
+            threads=1,
+            tau=0.05,
+            window=(2, 4),
+            routing="sample",
+            local_window=2,
+            recent_frames=1,
+            reward_scopes={"local": 1.0, "global": 0.5},
+            samples=False,
+            grad_checkpointing=True,
+            lr=1e-3,
+            amp="bf16",
+            recache=True,
+            rollout_branches=2,
+            replay_branches=1,
+        )
+    )
     prompts = (["a red car | a blue sea"], ["a sun"])
     res = train(cfg, generator=gen, reward=seen_redness, prompts=prompts)
     # the multi-prompt video: chunks 0-2 under one prompt, 3-4 under the other; the local clip
@@ -418,8 +480,13 @@ def test_kvpo_trains_the_adapter_with_lora(tmp_path):
     assert changed and all("lora_" in k for k in changed)
     model = res.model
     x = torch.randn(1, 2 * 6, 16)
-    args = (x, torch.tensor([0.4]), model.encode_prompts(["a red car"]).float(),
-            torch.tensor([[4, 5]]), torch.tensor([[0, 1]], dtype=torch.int32))  # fmt: skip
+    args = (
+        x,
+        torch.tensor([0.4]),
+        model.encode_prompts(["a red car"]).float(),
+        torch.tensor([[4, 5]]),
+        torch.tensor([[0, 1]], dtype=torch.int32),
+    )
     with torch.no_grad():
         adapted = model(*args)
         assert merge_lora(model) == n
@@ -441,10 +508,22 @@ def test_drawn_options_train_the_adapter(tmp_path, seed):
     gen = decoding_generator(sink_frames=int(over.get("routing") == "sample"))
     if lora:
         gen.add_lora(rank=lora)
-    cfg = build_config(dict(
-        out_dir=str(tmp_path), iterations=2, eval_prompts=1, eval_every=1, save_every=2,
-        progress=False, threads=1, tau=0.05, samples=False, lr=1e-3, eval_seeds=1, **over,
-    ))  # fmt: skip
+    cfg = build_config(
+        dict(
+            out_dir=str(tmp_path),
+            iterations=2,
+            eval_prompts=1,
+            eval_every=1,
+            save_every=2,
+            progress=False,
+            threads=1,
+            tau=0.05,
+            samples=False,
+            lr=1e-3,
+            eval_seeds=1,
+            **over,
+        )
+    )
     prompts = (["a red car | a blue sea", "a cat", "a dog"], ["a sun"])
     result = train(cfg, generator=gen, reward=redness, prompts=prompts)
     what = json.dumps({k: str(v) for k, v in over.items()}) + f", lora_rank {lora}"
@@ -460,8 +539,8 @@ def test_lora_export_folds_its_scale_for_diffusers(tmp_path):
     on the base transformer computes what the adapted generator does."""
     from diffusers.loaders import WanLoraLoaderMixin
 
-    from kvpo.adapters.wan import export_lora
-    from kvpo.checkpoint import CheckpointError, save_training
+    from kvpo.generators.wan import export_lora
+    from kvpo.run.checkpoint import CheckpointError, save_training
 
     gen, base = make()
     gen.add_lora(rank=2, alpha=6.0)
@@ -483,9 +562,13 @@ def test_lora_export_folds_its_scale_for_diffusers(tmp_path):
     WanLoraLoaderMixin.load_lora_into_transformer(sd, transformer=base, metadata=info)
     plain = WanStreamingGenerator(base, text_encoder, (C, H, W), gen.num_frames, gen.chunk_frames)
     g = torch.Generator().manual_seed(0)
-    args = (torch.randn(1, 2 * gen.frame_tokens, gen.token_dim, generator=g, dtype=torch.float64),
-            torch.tensor([0.6]), gen.encode_prompts(["a sun"]), torch.tensor([[2, 3]]),
-            torch.tensor([[0, 1]], dtype=torch.int32))  # fmt: skip
+    args = (
+        torch.randn(1, 2 * gen.frame_tokens, gen.token_dim, generator=g, dtype=torch.float64),
+        torch.tensor([0.6]),
+        gen.encode_prompts(["a sun"]),
+        torch.tensor([[2, 3]]),
+        torch.tensor([[0, 1]], dtype=torch.int32),
+    )
     with torch.no_grad():
         torch.testing.assert_close(plain(*args), gen(*args), rtol=1e-6, atol=1e-8)
     save_training(tmp_path / "full.safetensors", gen, opt, 1, {"wan_dir": "x"}, [])
@@ -530,10 +613,18 @@ def wan_dir(tmp_path_factory):
     tok = word_tokenizer(WORDS)
     tok.save_pretrained(root / "tokenizer")
     torch.manual_seed(4)
-    t5 = transformers.UMT5EncoderModel(transformers.UMT5Config(
-        vocab_size=len(tok), d_model=TEXT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-        pad_token_id=0, decoder_start_token_id=0,
-    ))  # fmt: skip
+    t5 = transformers.UMT5EncoderModel(
+        transformers.UMT5Config(
+            vocab_size=len(tok),
+            d_model=TEXT_DIM,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            pad_token_id=0,
+            decoder_start_token_id=0,
+        )
+    )
     t5.save_pretrained(root / "text_encoder")
     return root
 
@@ -541,10 +632,16 @@ def wan_dir(tmp_path_factory):
 def test_load_wan_reads_a_diffusers_directory(wan_dir):
     import transformers
 
-    from kvpo.adapters.wan import load_wan
+    from kvpo.generators.wan import load_wan
 
-    gen = load_wan(wan_dir, num_frames=6, chunk_frames=2, size=(32, 48), text_dtype=torch.float32,
-                   max_text_len=8)  # fmt: skip
+    gen = load_wan(
+        wan_dir,
+        num_frames=6,
+        chunk_frames=2,
+        size=(32, 48),
+        text_dtype=torch.float32,
+        max_text_len=8,
+    )
     assert gen.latent_shape == (C, 4, 6) and gen.temporal_stride == 4 and gen.frame_tokens == 6
     tf = tiny_wan().float()
     for (n, p), q in zip(gen.transformer.named_parameters(), tf.parameters(), strict=True):
@@ -587,15 +684,55 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
     clip = tiny_clip(tmp_path / "clip")
     out = tmp_path / "run"
     args = [
-        "--wan_dir", str(wan_dir), "--wan_frames", "8", "--wan_chunk_frames", "2",
-        "--wan_sink_frames", "1", "--wan_size", "32,48", "--prompts_file", str(prompts),
-        "--clip_reward_path", str(clip), "--eval_prompts", "1", "--eval_seeds", "1",
-        "--iterations", "2", "--prompts_per_iter", "2", "--group_size", "3", "--window", "1,3",
-        "--lora_rank", "2", "--out_dir", str(out), "--progress", "false", "--threads", "1",
-        "--eval_every", "2", "--save_every", "2", "--lr", "1e-3",
-        "--reward_weights", "dynamic=0.5,smoothness=0.5,alignment=1", "--recache", "true",
-        "--micro_batch", "1", "--eval_batch", "1",  # the recipes' one group at a time
-    ]  # fmt: skip
+        "--wan_dir",
+        str(wan_dir),
+        "--wan_frames",
+        "8",
+        "--wan_chunk_frames",
+        "2",
+        "--wan_sink_frames",
+        "1",
+        "--wan_size",
+        "32,48",
+        "--prompts_file",
+        str(prompts),
+        "--clip_reward_path",
+        str(clip),
+        "--eval_prompts",
+        "1",
+        "--eval_seeds",
+        "1",
+        "--iterations",
+        "2",
+        "--prompts_per_iter",
+        "2",
+        "--group_size",
+        "3",
+        "--window",
+        "1,3",
+        "--lora_rank",
+        "2",
+        "--out_dir",
+        str(out),
+        "--progress",
+        "false",
+        "--threads",
+        "1",
+        "--eval_every",
+        "2",
+        "--save_every",
+        "2",
+        "--lr",
+        "1e-3",
+        "--reward_weights",
+        "dynamic=0.5,smoothness=0.5,alignment=1",
+        "--recache",
+        "true",
+        "--micro_batch",
+        "1",
+        "--eval_batch",
+        "1",  # the recipes' one group at a time
+    ]
     main(args)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [-1, 0, 1]  # the evaluation before training, iterations
@@ -645,11 +782,15 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
             main(args + bad + ["--out_dir", str(tmp_path / "bad")])
     # paths checked before anything loads or is written
     for bad, match in (
-        (["--wan_dir", str(tmp_path / "nowhere")],
-         r"error: config wan_dir='.*nowhere' lacks the diffusers folders \['transformer'"),
-        (["--wan_checkpoint", str(tmp_path / "none.pt")],
-         r"error: config wan_checkpoint='.*none.pt' is not a file"),
-    ):  # fmt: skip
+        (
+            ["--wan_dir", str(tmp_path / "nowhere")],
+            r"error: config wan_dir='.*nowhere' lacks the diffusers folders \['transformer'",
+        ),
+        (
+            ["--wan_checkpoint", str(tmp_path / "none.pt")],
+            r"error: config wan_checkpoint='.*none.pt' is not a file",
+        ),
+    ):
         with pytest.raises(SystemExit, match=match):
             main(args + bad + ["--out_dir", str(tmp_path / "early")])
         assert not (tmp_path / "early").exists()
@@ -660,11 +801,13 @@ def test_original_layout_checkpoints_load(wan_dir, tmp_path):
     with ComfyUI's model.diffusion_model. prefix, load into the directory's transformer."""
     from safetensors.torch import save_file
 
-    from kvpo.adapters.wan import load_wan, to_original_layout
+    from kvpo.generators.wan import load_wan, to_original_layout
 
     ema, raw = tiny_wan(7).float(), tiny_wan(8).float()
-    sf = {name: {f"model.{k}": v for k, v in to_original_layout(m.state_dict()).items()}
-          for name, m in (("generator_ema", ema), ("generator", raw))}  # fmt: skip
+    sf = {
+        name: {f"model.{k}": v for k, v in to_original_layout(m.state_dict()).items()}
+        for name, m in (("generator_ema", ema), ("generator", raw))
+    }
     assert "blocks.1.cross_attn.norm_k.weight" in to_original_layout(ema.state_dict())
     torch.save(sf, tmp_path / "self_forcing_dmd.pt")
     comfy = {
@@ -682,8 +825,12 @@ def test_original_layout_checkpoints_load(wan_dir, tmp_path):
         for k, v in want.state_dict().items():
             assert torch.equal(got[k], v), (path.name, key, k)
     with pytest.raises(ValueError, match="no state dict under key"):
-        load_wan(wan_dir, transformer_checkpoint=tmp_path / "self_forcing_dmd.pt",
-                 checkpoint_key="ema", **kw)  # fmt: skip
+        load_wan(
+            wan_dir,
+            transformer_checkpoint=tmp_path / "self_forcing_dmd.pt",
+            checkpoint_key="ema",
+            **kw,
+        )
     del comfy["model.diffusion_model.blocks.0.ffn.0.weight"]
     save_file(comfy, tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="does not fit.*ffn.net.0.proj.weight"):
@@ -692,7 +839,7 @@ def test_original_layout_checkpoints_load(wan_dir, tmp_path):
 
 def test_a_lora_policy_shares_the_reference_weights():
     """One copy of the base weights serves the frozen reference, the LoRA policy and its EMA."""
-    from kvpo.policy import load_policy
+    from kvpo.run.policy import load_policy
 
     gen, _ = make()
     ref = copy.deepcopy(gen).requires_grad_(False)
@@ -714,20 +861,40 @@ def check_sample_and_export(ck, tmp_path):
     diffusers transformer that computes what the trained generator does."""
     from diffusers.loaders import WanLoraLoaderMixin
 
-    from kvpo.adapters.wan import export, export_lora, from_checkpoint, load_original_weights
-    from kvpo.adapters.wan.__main__ import main as export_main
-    from kvpo.checkpoint import CheckpointError, trainer_config
+    from kvpo.generators.wan import export, export_lora, from_checkpoint, load_original_weights
+    from kvpo.generators.wan.__main__ import main as export_main
+    from kvpo.run.checkpoint import CheckpointError, trainer_config
     from kvpo.sample import main as sample_main
 
-    rows = sample_main(["--checkpoint", str(ck), "--prompt", "a red car", "--prompt", "two birds",
-                        "--out", str(tmp_path / "s" / "grid")])  # fmt: skip
+    rows = sample_main(
+        [
+            "--checkpoint",
+            str(ck),
+            "--prompt",
+            "a red car",
+            "--prompt",
+            "two birds",
+            "--out",
+            str(tmp_path / "s" / "grid"),
+        ]
+    )
     assert [r["prompt"] for r in rows] == ["a red car", "two birds"]
     assert {"dynamic", "smoothness"} <= set(rows[0]) and (tmp_path / "s" / "grid.gif").is_file()
     with pytest.raises(SystemExit, match="needs --prompt"):
         sample_main(["--checkpoint", str(ck), "--out", str(tmp_path / "s" / "x")])
     # the run's exploration on Wan: the deployment video and 2 branches, decoded by the VAE
-    rows = sample_main(["--checkpoint", str(ck), "--prompt", "a red car", "--branches", "2",
-                        "--out", str(tmp_path / "s" / "branches")])  # fmt: skip
+    rows = sample_main(
+        [
+            "--checkpoint",
+            str(ck),
+            "--prompt",
+            "a red car",
+            "--branches",
+            "2",
+            "--out",
+            str(tmp_path / "s" / "branches"),
+        ]
+    )
     assert [r["branch"] for r in rows] == ["anchor", 0, 1] and "smoothness" in rows[0]
     assert (tmp_path / "s" / "branches.gif").is_file()
     gen = from_checkpoint(ck)
@@ -736,8 +903,9 @@ def check_sample_and_export(ck, tmp_path):
     export_main(["--checkpoint", str(ck), "--out", str(tmp_path / "exported")])
     assert export(ck, tmp_path / "exported2", ema=False) == tmp_path / "exported2"
     tf = WanTransformer3DModel.from_pretrained(tmp_path / "exported")
-    plain = WanStreamingGenerator(tf, gen.text_encoder.fn, gen.latent_shape, gen.num_frames,
-                                  gen.chunk_frames)  # fmt: skip
+    plain = WanStreamingGenerator(
+        tf, gen.text_encoder.fn, gen.latent_shape, gen.num_frames, gen.chunk_frames
+    )
     assert not any("lora" in n for n, _ in tf.named_parameters())
     # in Wan's original layout: what Self-Forcing / LongLive load (either key), and bare
     for out, key in (("sf.pt", "generator"), ("sf.pt", "generator_ema"), ("bare.safetensors", "")):
@@ -751,9 +919,13 @@ def check_sample_and_export(ck, tmp_path):
     with pytest.raises(SystemExit, match="a .pt .* or .safetensors file"):
         export_main(["--checkpoint", str(ck), "--out", str(tmp_path / "x.bin"), "--original"])
     g = torch.Generator().manual_seed(0)
-    args = (torch.randn(1, 2 * gen.frame_tokens, gen.token_dim, generator=g), torch.tensor([0.6]),
-            gen.encode_prompts(["a sun"]), torch.tensor([[2, 3]]),
-            torch.tensor([[0, 1]], dtype=torch.int32))  # fmt: skip
+    args = (
+        torch.randn(1, 2 * gen.frame_tokens, gen.token_dim, generator=g),
+        torch.tensor([0.6]),
+        gen.encode_prompts(["a sun"]),
+        torch.tensor([[2, 3]]),
+        torch.tensor([[0, 1]], dtype=torch.int32),
+    )
     with torch.no_grad():
         torch.testing.assert_close(plain(*args), gen(*args), rtol=1e-5, atol=1e-5)
     # the LoRA alone, in diffusers' layout, on the base transformer the run trained: the same
@@ -761,8 +933,9 @@ def check_sample_and_export(ck, tmp_path):
     base_tf = WanTransformer3DModel.from_pretrained(
         Path(trainer_config(ck)["wan_dir"]) / "transformer"
     )
-    adapted = WanStreamingGenerator(base_tf, gen.text_encoder.fn, gen.latent_shape, gen.num_frames,
-                                    gen.chunk_frames)  # fmt: skip
+    adapted = WanStreamingGenerator(
+        base_tf, gen.text_encoder.fn, gen.latent_shape, gen.num_frames, gen.chunk_frames
+    )
     with torch.no_grad():
         untrained = adapted(*args)
         # what WanPipeline.load_lora_weights(directory) does
@@ -778,7 +951,7 @@ def check_sample_and_export(ck, tmp_path):
         export_main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "e")])
     from trainer_support import tiny_model
 
-    from kvpo.checkpoint import save_model
+    from kvpo.run.checkpoint import save_model
 
     save_model(tiny_model(), tmp_path / "builtin.safetensors")
     with pytest.raises(SystemExit, match="not trained with --wan_dir"):
@@ -790,8 +963,8 @@ def check_sample_and_export(ck, tmp_path):
 def test_preflight_of_the_wan_adapter():
     """kvpo.preflight on Wan2.1's transformer: streaming and replay agree, routing explores, the
     LoRA adapters get the gradient."""
+    from kvpo.method.rollout import RolloutSpec
     from kvpo.preflight import check_generator
-    from kvpo.rollout import RolloutSpec
 
     gen, _ = make(num_frames=8, chunk_frames=2, sink_frames=1)
     gen.requires_grad_(False)
@@ -816,11 +989,13 @@ def longlive_files(tmp_path, rank=3):
     ``lora.pt`` = ``{"generator_lora": peft state dict, "critic_lora": {}, "step": 0}`` with
     ``base_model.model.blocks.N.<layer>.lora_A.weight`` [rank, in] / ``lora_B.weight`` [out, rank].
     Returns the paths, the raw generator's original state dict and the LoRA state dict."""
-    from kvpo.adapters.wan import to_original_layout
+    from kvpo.generators.wan import to_original_layout
 
     raw, ema = tiny_wan(8).float(), tiny_wan(7).float()
-    sd = {name: {f"model.{k}": v for k, v in to_original_layout(m.state_dict()).items()}
-          for name, m in (("generator", raw), ("generator_ema", ema))}  # fmt: skip
+    sd = {
+        name: {f"model.{k}": v for k, v in to_original_layout(m.state_dict()).items()}
+        for name, m in (("generator", raw), ("generator_ema", ema))
+    }
     torch.save(sd, tmp_path / "longlive_base.pt")
     base = to_original_layout(raw.state_dict())
     g = torch.Generator().manual_seed(11)
@@ -840,15 +1015,15 @@ def test_longlive_deploys_generator_and_its_lora(wan_dir, tmp_path):
     whose every adapted weight is W + (alpha / rank) B A, in float64 against diffusers' own
     model of those merged weights; the policy starts as that reference, and a LongLive-layout
     LoRA written back from a run's checkpoint holds the adapters with their scale folded."""
-    from kvpo.adapters.wan import (
+    from kvpo.generators.wan import (
         export_longlive_lora,
         load_longlive_lora,
         load_original_weights,
         load_wan,
         read_longlive_lora,
     )
-    from kvpo.checkpoint import save_training
-    from kvpo.policy import reference_and_policy
+    from kvpo.run.checkpoint import save_training
+    from kvpo.run.policy import reference_and_policy
 
     base_pt, lora_pt, base, lora_sd = longlive_files(tmp_path, rank=3)
     merged = dict(base)
@@ -859,8 +1034,9 @@ def test_longlive_deploys_generator_and_its_lora(wan_dir, tmp_path):
             merged[f"blocks.{i}.{layer}.weight"] = (
                 base[f"blocks.{i}.{layer}.weight"].double() + b @ a
             )
-    torch.save({"generator": {f"model.{k}": v.float() for k, v in merged.items()}},
-               tmp_path / "merged.pt")  # fmt: skip
+    torch.save(
+        {"generator": {f"model.{k}": v.float() for k, v in merged.items()}}, tmp_path / "merged.pt"
+    )
     want = copy.deepcopy(tiny_wan())
     load_original_weights(want, tmp_path / "merged.pt", "generator")
     kw = dict(num_frames=4, chunk_frames=2, size=(32, 48), text_dtype=torch.float32)
@@ -870,9 +1046,13 @@ def test_longlive_deploys_generator_and_its_lora(wan_dir, tmp_path):
     want_gen = WanStreamingGenerator(want.double(), gen.text_encoder.fn, gen.latent_shape, 4, 2)
     gen = gen.double()
     g = torch.Generator().manual_seed(0)
-    args = (torch.randn(1, 2 * gen.frame_tokens, gen.token_dim, generator=g, dtype=torch.float64),
-            torch.tensor([0.6]), gen.encode_prompts(["a red car"]).double(), torch.tensor([[2, 3]]),
-            torch.tensor([[0, 1]], dtype=torch.int32))  # fmt: skip
+    args = (
+        torch.randn(1, 2 * gen.frame_tokens, gen.token_dim, generator=g, dtype=torch.float64),
+        torch.tensor([0.6]),
+        gen.encode_prompts(["a red car"]).double(),
+        torch.tensor([[2, 3]]),
+        torch.tensor([[0, 1]], dtype=torch.int32),
+    )
     with torch.no_grad():
         torch.testing.assert_close(gen(*args), want_gen(*args), rtol=1e-5, atol=1e-6)
     # the same layers, one by one, against the file (and rescaled for an adapter's own alpha)
@@ -899,8 +1079,10 @@ def test_longlive_deploys_generator_and_its_lora(wan_dir, tmp_path):
     gen3.add_lora(3)
     with pytest.raises(ValueError, match=r"no blocks.0.ffn.2.lora_A / lora_B"):
         load_longlive_lora(gen3, tmp_path / "broken.pt")
-    torch.save({**lora_sd, "base_model.model.head.head.lora_A.weight": torch.zeros(3, 2)},
-               tmp_path / "extra.pt")  # fmt: skip
+    torch.save(
+        {**lora_sd, "base_model.model.head.head.lora_A.weight": torch.zeros(3, 2)},
+        tmp_path / "extra.pt",
+    )
     with pytest.raises(ValueError, match="keys no adapter takes"):
         load_longlive_lora(gen3, tmp_path / "extra.pt")
     assert set(read_longlive_lora(lora_pt)) == {
@@ -908,9 +1090,16 @@ def test_longlive_deploys_generator_and_its_lora(wan_dir, tmp_path):
     }
 
     # the run: the reference deploys base + LoRA, the policy starts there with trainable adapters
-    cfg = build_config(dict(wan_dir=str(wan_dir), wan_checkpoint=str(base_pt),
-                            wan_checkpoint_key="generator", lora_rank=3, lora_init=str(lora_pt),
-                            out_dir=str(tmp_path / "run")))  # fmt: skip
+    cfg = build_config(
+        dict(
+            wan_dir=str(wan_dir),
+            wan_checkpoint=str(base_pt),
+            wan_checkpoint_key="generator",
+            lora_rank=3,
+            lora_init=str(lora_pt),
+            out_dir=str(tmp_path / "run"),
+        )
+    )
     own = load_wan(wan_dir, transformer_checkpoint=base_pt, checkpoint_key="generator", **kw)
     ref, model, *_ = reference_and_policy(cfg, torch.device("cpu"), own)
     fargs = tuple(a.float() if a.is_floating_point() else a for a in args)

@@ -1,0 +1,110 @@
+"""Rewards of a rollout's branches (and anchor) over the clips the reward scopes name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from kvpo.generators.interface import StreamingVideoGenerator
+from kvpo.method.rollout import Rollout
+from kvpo.rewards import CompositeReward
+
+
+def scope_chunks(scope: str, window: tuple[int, int], chunks: int) -> tuple[int, int]:
+    """The chunks ``[j0, j1)`` a reward scope sees: ``video`` all of them, ``global`` the post-fork
+    video (from the window's start), ``local`` the perturbed window."""
+    return {"video": (0, chunks), "global": (window[0], chunks), "local": tuple(window)}[scope]
+
+
+def video_frames(model: StreamingVideoGenerator, first: int, last: int) -> slice:
+    """The frames of ``model.to_video``'s output that its frames ``[first, last)`` decode to: the
+    same ones, unless the model says otherwise (a VAE decoding a latent frame to several)."""
+    if hasattr(model, "video_frames"):
+        return model.video_frames(first, last)
+    return slice(first, last)
+
+
+def scope_clip(
+    model: StreamingVideoGenerator, scope: str, window: tuple[int, int], chunks: int
+) -> tuple[int, int, slice]:
+    """A scope's chunks ``[j0, j1)`` (:func:`scope_chunks`) and the frames of the decoded video
+    they are (:func:`video_frames`)."""
+    j0, j1 = scope_chunks(scope, window, chunks)
+    c = model.chunk_frames
+    return j0, j1, video_frames(model, j0 * c, j1 * c)
+
+
+def scope_rewards(reward: CompositeReward, scope: str, w_scope: float) -> list[str]:
+    """The components a scope scores: over the whole video every reward (those of weight 0 are
+    logged), over a clip the ones that train."""
+    if scope == "video":
+        return list(reward.weights)
+    return [k for k, w in reward.weights.items() if w and w_scope]
+
+
+def check_clips(
+    model: StreamingVideoGenerator,
+    reward: CompositeReward,
+    scopes: dict[str, float],
+    windows: Iterable[tuple[int, int]],
+) -> None:
+    """A ValueError naming the reward, the scope and the window if a reward that needs several
+    frames (:meth:`CompositeReward.min_frames`: motion is measured between frames) would score
+    a shorter clip at one of ``windows``: as a run starts, not after its first rollout."""
+    chunks = model.num_frames // model.chunk_frames
+    for window in windows:
+        for scope, w_scope in scopes.items():
+            j0, j1, frames = scope_clip(model, scope, window, chunks)
+            n = frames.stop - frames.start
+            for name in scope_rewards(reward, scope, w_scope):
+                need = reward.min_frames(name)
+                if n < need:
+                    fix = (
+                        "leave it out of reward_weights"
+                        if scope == "video"  # where weight-0 rewards are scored too
+                        else f"widen the window, score {name!r} over another scope, or give it "
+                        "weight 0"
+                    )
+                    raise ValueError(
+                        f"reward {name!r} scores clips of at least {need} frames, but reward scope "
+                        f"{scope!r} at window {tuple(window)} is chunks {j0}..{j1 - 1}, {n} "
+                        f"frames: {fix}"
+                    )
+
+
+@torch.no_grad()  # decoding and scoring keep no graph
+def branch_rewards(
+    model: StreamingVideoGenerator,
+    ro: Rollout,
+    reward: CompositeReward,
+    scopes: dict[str, float],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, float]]:
+    """Per-component rewards [B, G] of the branches, [B] of the anchor (or None), and the weight
+    of each component in the fused reward.
+
+    Each scope (:func:`scope_chunks`) scores its clip of the videos; its components are named
+    ``scope/name`` (plain ``name`` for ``video``) and weigh ``scopes[scope] * reward weight``.
+    The ``video`` scope also computes the weight-0 components (logged, not trained on)."""
+    B, G, Fr = ro.tokens.shape[:3]
+    c = model.chunk_frames
+    vids = ((model.to_video(ro.tokens.flatten(0, 1)) + 1) / 2).cpu()
+    av = None if ro.anchor_tokens is None else ((model.to_video(ro.anchor_tokens) + 1) / 2).cpu()
+    comps, anchor, weights = {}, ({} if av is not None else None), {}
+    for scope, w_scope in scopes.items():
+        j0, j1, frames = scope_clip(model, scope, ro.window, Fr // c)
+        prompts = [p[j0:j1] for p in ro.prompts]
+        names = scope_rewards(reward, scope, w_scope)
+        prefix = "" if scope == "video" else f"{scope}/"
+        got = reward.components(vids[:, frames], [p for p in prompts for _ in range(G)], names)
+        comps.update({prefix + k: v.view(B, G) for k, v in got.items()})
+        weights.update({prefix + k: w_scope * reward.weights[k] for k in got})
+        if av is not None:
+            got = reward.components(av[:, frames], prompts, names)
+            anchor.update({prefix + k: v for k, v in got.items()})
+    return comps, anchor, weights
+
+
+def fused_reward(comps: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """The weighted sum [B, G] of the components [B, G] that ``weights`` names."""
+    return sum(w * comps[k] for k, w in weights.items())
