@@ -154,12 +154,17 @@ inline double exp_shifted(double* x, int64_t n, double shift) {
   return sum;
 }
 
+constexpr float kLog2e = 1.44269504f;
+constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds a float to an integer
+constexpr float kLn2Hi = 0.693359375f;      // ln 2 in two parts (Cody-Waite)
+constexpr float kLn2Lo = -2.12194440e-4f;
+
 inline float exp_shifted(float* x, int64_t n, float shift) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float a = std::max(x[i] - shift, -87.0f);
-    const float kf = (a * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(a / ln2)
-    const float r = (a - kf * 0.693359375f) + kf * 2.12194440e-4f;    // a - k ln2, two parts
+    const float kf = (a * kLog2e + kRoundShift) - kRoundShift;  // round(a / ln2)
+    const float r = (a - kf * kLn2Hi) - kf * kLn2Lo;             // a - k ln2
     float p = 1.0f / 720.0f;
     p = p * r + 1.0f / 120.0f;
     p = p * r + 1.0f / 24.0f;

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import Launch, interpreted, next_pow2
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
 class Tiles(NamedTuple):
@@ -180,7 +180,7 @@ def _fwd_kernel(
     d_mask = offs_d < D
     q_ptrs = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -248,9 +248,9 @@ def _bwd_dq_kernel(
     q = tl.load(Q + row, mask=md_mask, other=0.0)
     do = tl.load(DO + row, mask=md_mask, other=0.0)
     lse = tl.load(LSE + (b * H + h) * Lq + offs_m, mask=m_mask, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
     delta = tl.load(DELTA + (b * H + h) * Lq + offs_m, mask=m_mask, other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for j in range(0, max_pages):
         p = tl.load(TABLE + b * s_tb + j)
@@ -309,7 +309,7 @@ def _bwd_dkdv_kernel(
     v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     start = tl.load(ROW_PTR + p)
     end = tl.load(ROW_PTR + p + 1)
     # Transposed products (keys x queries): every tl.dot has this program's BLOCK_N keys as its
@@ -328,7 +328,7 @@ def _bwd_dkdv_kernel(
                 do = tl.load(DO + row + ptrs, mask=md_mask, other=0.0)
                 stat = (b * H + h) * Lq + rows
                 lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
-                lse = tl.where(lse == float("-inf"), 0.0, lse) * 1.4426950408889634
+                lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
                 delta = tl.load(DELTA + stat, mask=m_mask, other=0.0)
                 s_t = _dot(k, tl.trans(q), IEEE) * qk_scale  # [N, M]
                 p_t = tl.where(n_mask[:, None] & m_mask[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
