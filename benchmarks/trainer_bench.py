@@ -25,7 +25,7 @@ from kvpo.generators import data
 from kvpo.method.rollout import RolloutSpec, rollout
 from kvpo.run.checkpoint import load_model
 from kvpo.run.config import BASE_CHECKPOINT, build_config
-from kvpo.train import train
+from kvpo.trainer import train
 
 G = 8
 

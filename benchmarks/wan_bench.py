@@ -191,7 +191,7 @@ def iteration(
     timed by the trainer's own log (``rollout_branches``: branches per group rolled out at a
     time, 0: all)."""
     from kvpo.run.config import build_config
-    from kvpo.train import train
+    from kvpo.trainer import train
 
     gen, s = make_generator(smoke, device, torch.bfloat16)  # the frozen base, as --wan_dtype bf16
     gen.add_lora(rank=2 if smoke else 256)

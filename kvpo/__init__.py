@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _API = {
-    "train": "kvpo.train",
+    "train": "kvpo.trainer",
     "TrainConfig": "kvpo.run.config",
     "build_config": "kvpo.run.config",
     "parse_args": "kvpo.run.config",

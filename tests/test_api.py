@@ -8,9 +8,23 @@ import kvpo
 
 
 def test_every_public_name_is_its_modules_object():
+    """Each name is its module's object, whatever was imported before (no submodule of the
+    package shadows a name of its API)."""
     assert kvpo.__all__ == ["__version__", *kvpo._API] and sorted(dir(kvpo)) == sorted(kvpo.__all__)
     for name, module in kvpo._API.items():
         assert getattr(kvpo, name) is getattr(importlib.import_module(module), name), name
+    # every module of the package loaded (the command-line module kvpo.train aside, which only
+    # python -m runs): none of them shadows the API's train with the module of that name
+    code = (
+        "import importlib, pkgutil, kvpo\n"
+        "for m in pkgutil.walk_packages(kvpo.__path__, 'kvpo.'):\n"
+        "    if m.name != 'kvpo.train' and not m.name.endswith('__main__'):\n"
+        "        importlib.import_module(m.name)\n"
+        "from kvpo import train\n"
+        "print(train.__module__, callable(train))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "kvpo.trainer True", out.stderr[-2000:]
 
 
 def test_importing_the_package_loads_no_entry_point_and_no_optional_dependency():

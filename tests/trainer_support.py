@@ -68,7 +68,7 @@ def straight_and_resumed(base: str, out, **kw) -> tuple[torch.nn.Module, torch.n
     """The policies of a 3-iteration run of ``kw`` made straight through, and of the same run
     resumed in this process from its checkpoint after 2 iterations (run dirs under ``out``)."""
     from kvpo.run.config import build_config
-    from kvpo.train import train
+    from kvpo.trainer import train
 
     kw = dict(kw, iterations=3)
     straight = train(build_config(run_overrides(base, out / "a", **kw)))

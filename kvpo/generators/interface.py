@@ -8,7 +8,7 @@ Vocabulary:
 * a *row* is one chunk being processed for one video/branch: its queries attend to the pages its
   row of the page table lists (context frames and, always, the row's own frames).
 
-``kvpo.train.train(cfg, generator=...)`` aligns any ``nn.Module`` with this protocol. It also uses,
+``kvpo.trainer.train(cfg, generator=...)`` aligns any ``nn.Module`` with this protocol. It also uses,
 when present: ``recache`` (KV re-cache at prompt switches), ``grad_checkpointing`` (a bool switch
 for ``--grad_checkpointing``), ``set_local_window`` / ``set_recache`` / ``set_sampler`` (else
 ``--local_window``, ``--recache`` and ``--sampler`` set the attributes directly), ``add_lora(rank, alpha)`` (``--lora_rank``), and

@@ -3,7 +3,7 @@ instead of losing the iterations since the last save.
 
 SIGTERM (preemption, ``scancel``, ``kill``), SIGUSR1 (SLURM's ``--signal=USR1@<seconds>``
 before a time limit) and SIGINT (Ctrl-C) no longer kill the trainer: it finishes or drops the
-iteration under way (see :func:`kvpo.train.train`), saves, and exits with status
+iteration under way (see :func:`kvpo.trainer.train`), saves, and exits with status
 ``128 + signal`` so that a job script tells it from a finished run (0). A second signal (not the
 echo of the first, :data:`ECHO_S`) stops it at once, as before (a second Ctrl-C raises
 KeyboardInterrupt, as Python does: a notebook's kernel lives on).

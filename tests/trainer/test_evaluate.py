@@ -84,7 +84,7 @@ def test_cli_reproduces_the_runs_evaluation(base, tmp_path, capsys):
 
     from kvpo.evaluate import main
     from kvpo.run.config import build_config
-    from kvpo.train import train
+    from kvpo.trainer import train
 
     cfg = build_config(run_overrides(base, tmp_path, ema=0.5, samples=True, eval_seeds=2))
     last = train(cfg).history[-1]
@@ -146,7 +146,7 @@ def test_cli_under_torchrun_gives_one_process_scores(base, tmp_path):
 
     from kvpo.evaluate import main
     from kvpo.run.config import build_config
-    from kvpo.train import train
+    from kvpo.trainer import train
 
     train(build_config(run_overrides(base, tmp_path, iterations=1, samples=False, eval_seeds=3)))
     ckpt = str(tmp_path / "checkpoint.safetensors")

@@ -7,7 +7,7 @@ from trainer_support import tiny_model
 
 from kvpo.generators.interface import GENERATOR_MEMBERS, require_generator
 from kvpo.run.config import build_config
-from kvpo.train import train
+from kvpo.trainer import train
 
 
 class Partial(torch.nn.Module):

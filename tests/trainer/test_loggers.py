@@ -19,7 +19,7 @@ from kvpo.run.loggers import (
     prompt_table,
     scalars,
 )
-from kvpo.train import train
+from kvpo.trainer import train
 
 
 def _cfg(base, out, **kw):

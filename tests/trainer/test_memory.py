@@ -8,7 +8,7 @@ from trainer_support import cli_args, run_overrides
 
 from kvpo.run.config import build_config
 from kvpo.run.memory import TrainingOutOfMemoryError
-from kvpo.train import main, train
+from kvpo.trainer import main, train
 
 ALLOCATOR = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
@@ -25,7 +25,7 @@ ALLOCATOR = "CUDA out of memory. Tried to allocate 2.00 GiB"
         ("kvpo.method.iteration", "micro_batch_rewards", "reward", "--micro_batch 1"),
         ("kvpo.method.iteration", "reference_terms", "reference", "kl='velocity'"),
         ("kvpo.method.update", "accumulate_gradients", "update", "--replay_branches 1"),
-        ("kvpo.train", "evaluate_sets", "evaluation", "now eval_batch=0"),
+        ("kvpo.trainer", "evaluate_sets", "evaluation", "now eval_batch=0"),
     ],
 )
 def test_each_stage_says_what_bounds_its_memory(

@@ -11,7 +11,7 @@ import torch
 from trainer_support import checkpoint_meta, draw, run_overrides, straight_and_resumed
 
 from kvpo.run.config import build_config
-from kvpo.train import train
+from kvpo.trainer import train
 
 
 @pytest.mark.parametrize("seed", range(24))

@@ -145,7 +145,7 @@ def test_cli_builds_the_runs_policy_and_reports(base, tmp_path, capsys):
     lora = main(cli_args({**over, "lora_rank": 2}))  # the run's policy: only its adapters train
     assert lora.failures == {} and 0 < lora.reached < lora.trainable  # lora_a waits for lora_b
     from kvpo.run.config import build_config
-    from kvpo.train import train
+    from kvpo.trainer import train
 
     train(build_config({**over, "iterations": 1, "samples": False}))  # resume auto: its state
     assert main(cli_args({**over, "resume": "auto"})).failures == {}

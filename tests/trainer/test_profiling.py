@@ -7,7 +7,7 @@ import pytest
 from trainer_support import run_overrides
 
 from kvpo.run.config import build_config
-from kvpo.train import train
+from kvpo.trainer import train
 
 
 def test_the_profiled_iteration_is_traced(base, tmp_path):

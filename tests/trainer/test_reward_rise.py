@@ -3,7 +3,7 @@
 import pytest
 
 from kvpo.run.config import build_config
-from kvpo.train import train
+from kvpo.trainer import train
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def test_cuda_where_there_is_none_is_an_error_of_each_command(tmp_path, capsys):
     with pytest.raises(SystemExit):
         pretrain_main(["--device", "cuda", "--steps", "1", "--out", str(tmp_path / "p")])
     assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
-    from kvpo.train import main as train_main
+    from kvpo.trainer import main as train_main
 
     with pytest.raises(SystemExit, match="error: config device='cuda': no CUDA device"):
         train_main(["--device", "cuda", "--out_dir", str(tmp_path / "run")])

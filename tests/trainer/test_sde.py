@@ -15,7 +15,7 @@ from kvpo.method.sde import sde_mean_std, sde_step, sde_t_cap, step_log_probs
 from kvpo.method.update import ppo_objective
 from kvpo.run.checkpoint import save_model
 from kvpo.run.config import build_config
-from kvpo.train import train
+from kvpo.trainer import train
 
 
 def _gaussian_velocity(x, t, c):

@@ -18,7 +18,7 @@ from trainer_support import checkpoint_meta, cli_args, descendants, free_port, r
 
 from kvpo.run.config import build_config
 from kvpo.run.stopping import StopSignals
-from kvpo.train import main, train
+from kvpo.trainer import main, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -441,7 +441,7 @@ def test_max_minutes_counts_the_loading_and_the_first_evaluation(base, tmp_path,
     not after all three short ones."""
     import time
 
-    import kvpo.train
+    import kvpo.trainer
 
     lost = [0.0]  # seconds the slow loading adds to the clock train() reads
 
@@ -452,14 +452,14 @@ def test_max_minutes_counts_the_loading_and_the_first_evaluation(base, tmp_path,
         def monotonic() -> float:
             return time.monotonic() + lost[0]
 
-    real = kvpo.train.reference_and_policy
+    real = kvpo.trainer.reference_and_policy
 
     def slow_loading(*args, **kw):
         lost[0] += 600.0
         return real(*args, **kw)
 
-    monkeypatch.setattr(kvpo.train, "time", Clock)
-    monkeypatch.setattr(kvpo.train, "reference_and_policy", slow_loading)
+    monkeypatch.setattr(kvpo.trainer, "time", Clock)
+    monkeypatch.setattr(kvpo.trainer, "reference_and_policy", slow_loading)
     kw = dict(iterations=3, samples=False, save_every=10, eval_every=10, max_minutes=10.0)
     result = train(build_config(run_overrides(base, tmp_path, **kw)))
     assert result.stopped_by == "max_minutes" and _saved_iteration(tmp_path) == 1

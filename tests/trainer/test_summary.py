@@ -7,7 +7,7 @@ from trainer_support import run_overrides
 
 from kvpo.run.config import build_config
 from kvpo.summary import main, prompt_changes, summarize
-from kvpo.train import train
+from kvpo.trainer import train
 
 
 def _prompt_rows(out):

@@ -27,7 +27,7 @@ from kvpo.rewards import CompositeReward
 from kvpo.run.checkpoint import CheckpointError, load_model, prune_checkpoints
 from kvpo.run.config import ConfigError, build_config, parse_args
 from kvpo.run.setup import make_reward
-from kvpo.train import main, train
+from kvpo.trainer import main, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -186,7 +186,7 @@ def test_samples_at_eval_keep_the_group_each_evaluation_trained_on(base, tmp_pat
     rollout made them, with the rewards and advantages the update read."""
     import imageio.v3 as iio
 
-    import kvpo.train as trainer
+    import kvpo.trainer as trainer
     from kvpo.run.report import video_grid
 
     seen, real = [], trainer.explore
@@ -526,7 +526,7 @@ def test_cli_reports_bad_values(base, tmp_path):
 SCRIPT = """
 import sys, torch, torch.distributed as dist
 from kvpo.run.config import build_config, parse_args
-from kvpo.train import train
+from kvpo.trainer import train
 import json
 over = json.loads(sys.argv[1])
 res = train(build_config(over))

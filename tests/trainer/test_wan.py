@@ -26,7 +26,7 @@ from kvpo.generators.streaming import patchify, unpatchify  # noqa: E402
 from kvpo.generators.wan import WanStreamingGenerator  # noqa: E402
 from kvpo.method.rollout import generate  # noqa: E402
 from kvpo.run.config import build_config  # noqa: E402
-from kvpo.train import train  # noqa: E402
+from kvpo.trainer import train  # noqa: E402
 
 C, H, W = 4, 4, 6  # latent frame: 2 x 3 patches of 2 x 2 -> 6 tokens of 16 features
 TEXT_DIM, TEXT_LEN = 16, 5
@@ -676,7 +676,7 @@ def test_train_cli_on_a_wan_directory(wan_dir, tmp_path):
     --reward_weights ... --lora_rank."""
     from trainer_support import tiny_clip
 
-    from kvpo.train import main
+    from kvpo.trainer import main
 
     prompts = tmp_path / "prompts.txt"
     # a multi-prompt line (the prompt switches mid-video) and LongLive's KV re-cache
