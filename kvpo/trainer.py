@@ -364,6 +364,7 @@ class Run:
     def evaluate_and_log(self, it: int, ex: Exploration, row: dict) -> None:
         """Iteration ``it``'s held-out evaluation when due, then its rows in every log."""
         cfg = self.cfg
+        groups = group_rows(it, ex)  # gathered from every rank
         eval_samples = {}  # name -> GIF of this step's evaluation samples, for the loggers
         evaluated = (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations
         if evaluated:
@@ -380,13 +381,15 @@ class Run:
         if evaluated:
             self.keep_if_best(it + 1)
         if self.lead:
-            self.write_rows(it, ex, row, eval_samples)
+            self.write_rows(it, ex, row, groups, eval_samples)
 
-    def write_rows(self, it: int, ex: Exploration, row: dict, eval_samples: dict) -> None:
+    def write_rows(
+        self, it: int, ex: Exploration, row: dict, groups: list[dict], eval_samples: dict
+    ) -> None:
         """The lead's logs of iteration ``it``: metrics, groups, loggers and the progress line."""
         cfg = self.cfg
         self.log.write(row)
-        self.group_log.write(*group_rows(it, ex))
+        self.group_log.write(*groups)
         for lg in self.loggers:
             lg.write(row)
             if eval_samples:

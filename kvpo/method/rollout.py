@@ -385,6 +385,171 @@ def rollout_pages(
     return _page_plan(model, prompts, spec).capacity
 
 
+class _Streamer:
+    """The streaming sampler of one rollout: the model, its paged KV cache and the noise every
+    chunk starts from and re-noises with; denoises a chunk for R rows and writes its pages, and
+    re-caches history at a prompt switch."""
+
+    def __init__(
+        self,
+        model: StreamingVideoGenerator,
+        spec: RolloutSpec,
+        plan: _PagePlan,
+        noise: torch.Tensor,
+        step_noise: torch.Tensor | None,
+        device: torch.device,
+    ) -> None:
+        self.model, self.spec, self.device = model, spec, device
+        self.c = model.chunk_frames
+        self.ts = model.timesteps().to(device)
+        self.steps = _steps(model, spec)
+        self.sampler = sampler_of(model)
+        self.n_renoise = renoise_steps(self.sampler, len(self.ts) - 1)
+        self.noise, self.step_noise = noise, step_noise
+        self.switches, self.policy = plan.switches, recache_of(model)
+        self.cache = model.new_cache(plan.capacity, device)
+        self.scratch = self.cache.allocate(plan.widest * self.c).view(plan.widest, self.c)
+        self.pages = _Pages(self.cache.allocate(plan.capacity - plan.widest * self.c))
+        self.width = context_width(model, model.num_frames // self.c)
+        self.t_cap = sde_t_cap(self.ts)
+
+    def run_chunk(
+        self,
+        j: int,
+        mem: _Memory,
+        group_of_row: torch.Tensor,
+        table_hist: torch.Tensor,
+        cond: torch.Tensor,
+        record: bool,
+        ode_rows: torch.Tensor | None = None,
+        eps: dict[int, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Denoise chunk j for R rows under ``table_hist`` [R, W] history pages, then write its
+        clean pages; returns the clean chunk [R, L, d], the recorded states and velocities, and
+        the denoising table [R, W + c].
+
+        In SDE exploration the recorded steps k of the rows not marked in ``ode_rows`` ([R] bool,
+        the anchors) are stochastic, with noise ``eps[k]``; without ``eps`` none are."""
+        c, ts, device, model = self.c, self.ts, self.device, self.model
+        R = mem.page_map.shape[0]
+        own = self.scratch[:R]
+        x = self.noise[group_of_row, j].clone()
+        z = self.step_noise[group_of_row, j].to(device) if self.n_renoise else None  # the group's
+        fi = (j * c + torch.arange(c, device=device)).expand(R, c)
+        den_table = torch.cat([table_hist, own.to(torch.int32)], 1)
+        xs, vs = [], []
+        for k in range(len(ts) - 1):
+            v = model(x, ts[k].expand(R), cond, fi, den_table.to(device), self.cache, own)
+            z_k = z[:, k] if z is not None and k < self.n_renoise else None
+            x_next = sampler_step(self.sampler, x, v, ts[k], ts[k + 1], z_k)
+            if record and k in self.steps:
+                if eps is not None:
+                    x_sde = sde_step(
+                        x, v, ts[k], ts[k + 1], self.t_cap, self.spec.sde_noise, eps[k]
+                    )
+                    x_next = torch.where(ode_rows.to(device)[:, None, None], x_next, x_sde)
+                    v = (x_next - x) / (ts[k + 1] - ts[k])  # the step taken
+                xs.append(x)
+                vs.append(v)
+            x = x_next
+        self.write_clean(j, x, cond, mem)  # under the full (unrouted) context
+        return x, xs, vs, den_table
+
+    def write_clean(self, j: int, x: torch.Tensor, cond: torch.Tensor, mem: _Memory) -> None:
+        """Clean pass (t = 0) of chunk j for R rows: new cache pages, listed in ``mem``."""
+        c, device = self.c, self.device
+        R = x.shape[0]
+        perm = self.pages.take(R * c).view(R, c)
+        full = mem.table(self.model, j, perm, self.width)
+        fi = (j * c + torch.arange(c, device=device)).expand(R, c)
+        self.model(x, torch.zeros(R, device=device), cond, fi, full.to(device), self.cache, perm)
+        mem.page_map[:, j * c : (j + 1) * c] = perm
+
+    def longlive_pass(
+        self, j: int, mem: _Memory, clean: dict[int, torch.Tensor], cond: torch.Tensor
+    ) -> None:
+        """LongLive's re-cache at chunk j for R rows: one t = 0 pass over the chunks holding its
+        frames, every row attending to the kept sinks and the written frames' new pages."""
+        c, device = self.c, self.device
+        plan, chunks = longlive_recache(self.model, j), recache_chunks(self.model, j)
+        R, n = cond.shape[0], len(chunks)
+        slots = self.pages.take(R * n * c).view(R, n * c)
+        if not plan.written:
+            return
+        col = {i * c + f: k * c + f for k, i in enumerate(chunks) for f in range(c)}
+        new = slots[:, [col[f] for f in plan.written]]
+        keys = torch.cat([mem.page_map[:, plan.kept], new], 1).to(torch.int32)
+        x = torch.stack([clean[i] for i in chunks], 1).flatten(0, 1)
+        fi = (torch.tensor(chunks)[:, None] * c + torch.arange(c)).repeat(R, 1).to(device)
+        t0 = torch.zeros(R * n, device=device)
+        table = keys.repeat_interleave(n, 0).to(device)
+        cond_rows = cond.repeat_interleave(n, 0)
+        self.model(x, t0, cond_rows, fi, table, self.cache, slots.view(R * n, c))
+        mem.page_map[:, plan.written] = new
+        mem.sinks_from[:] = plan.sinks_from
+
+    def recache(
+        self,
+        j: int,
+        mem: _Memory,
+        group_of_row: torch.Tensor,
+        clean: dict[int, torch.Tensor],
+        cond: torch.Tensor,
+    ) -> None:
+        """KV re-cache: rows whose prompt switches at chunk j re-encode history under j's
+        prompt (:mod:`kvpo.generators.context`); their frames get the new pages in ``mem``."""
+        rows = [j in self.switches[int(b)] for b in group_of_row]
+        sel = torch.tensor(rows).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            return
+        part = mem.rows(sel)
+        if self.policy == "longlive":
+            self.longlive_pass(j, part, {i: x[sel] for i, x in clean.items()}, cond[sel])
+        else:
+            for i in recache_chunks(self.model, j):
+                self.write_clean(i, clean[i][sel], cond[sel], part)
+        mem.put(sel, part)
+
+    def copy_prefix(self, mem: _Memory, frames: int) -> None:
+        """Give every row copies of its first ``frames`` frames' pages (the memory baseline of
+        ``share_pages=False``)."""
+        cache = self.cache
+        for r in range(mem.page_map.shape[0]):
+            new = self.pages.take(frames)
+            old = mem.page_map[r, :frames]
+            for layer in range(len(cache.k)):
+                cache.k[layer][new] = cache.k[layer][old]
+                cache.v[layer][new] = cache.v[layer][old]
+            mem.page_map[r, :frames] = new
+
+
+def _initial_noises(
+    model: StreamingVideoGenerator,
+    B: int,
+    generator: torch.Generator,
+    noise: torch.Tensor | None,
+    step_noise: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rollout's initial and re-noising noise: those given (checked), or drawn from
+    ``generator`` in that order."""
+    c, T, d = model.chunk_frames, model.frame_tokens, model.token_dim
+    nC = model.num_frames // c
+    if noise is None:
+        noise = batch_noise(model, B, generator)
+    elif tuple(noise.shape) != (B, nC, c * T, d):
+        raise ValueError(f"noise {tuple(noise.shape)} must be [{B}, {nC}, {c * T}, {d}]")
+    sampler = sampler_of(model)
+    n_renoise = renoise_steps(sampler, len(model.timesteps()) - 1)
+    if step_noise is None and n_renoise:
+        step_noise = batch_step_noise(model, B, generator)
+    elif n_renoise and tuple(step_noise.shape) != (B, nC, n_renoise, c * T, d):
+        raise ValueError(
+            f"step_noise {tuple(step_noise.shape)} must be [{B}, {nC}, {n_renoise}, {c * T}, {d}] "
+            f"for the {sampler} sampler"
+        )
+    return noise, step_noise
+
+
 @torch.no_grad()
 def rollout(
     model: StreamingVideoGenerator,
@@ -418,120 +583,20 @@ def rollout(
     w0, w1 = spec.window
     scored = set(spec.scored_chunks(model))
     steps = _steps(model, spec)
-    ts = model.timesteps().to(device)
-
     cond_bj = chunk_conditioning(model, prompts)  # [B, nC, C]
-    if noise is None:
-        noise = batch_noise(model, B, generator)
-    elif tuple(noise.shape) != (B, nC, c * T, d):
-        raise ValueError(f"noise {tuple(noise.shape)} must be [{B}, {nC}, {c * T}, {d}]")
-    noise = noise.to(device)
-    sampler = sampler_of(model)
-    n_renoise = renoise_steps(sampler, len(ts) - 1)
-    if step_noise is None and n_renoise:
-        step_noise = batch_step_noise(model, B, generator)
-    elif n_renoise and tuple(step_noise.shape) != (B, nC, n_renoise, c * T, d):
-        raise ValueError(
-            f"step_noise {tuple(step_noise.shape)} must be [{B}, {nC}, {n_renoise}, {c * T}, {d}] "
-            f"for the {sampler} sampler"
-        )
-
-    switches, passes, widest, capacity = _page_plan(model, prompts, spec)
-    policy = recache_of(model)
+    noise, step_noise = _initial_noises(model, B, generator, noise, step_noise)
+    plan = _page_plan(model, prompts, spec)
+    st = _Streamer(model, spec, plan, noise.to(device), step_noise, device)
     rows = torch.arange(B).repeat_interleave(Gt)  # b * Gt + g from the fork; the anchor: g = G
-    cache = model.new_cache(capacity, device)
-    scratch = cache.allocate(widest * c).view(widest, c)
-    pages = _Pages(cache.allocate(capacity - widest * c))
-    width = context_width(model, nC)
-
     sde = spec.explore == "sde"
-    t_cap = sde_t_cap(ts)
-
-    def run_chunk(j: int, mem, group_of_row, table_hist, cond, record, ode_rows=None, eps=None):
-        """Denoise chunk j for R rows, then write its clean pages; returns clean x and records.
-
-        In SDE exploration the recorded steps k of the rows not marked in ``ode_rows`` ([R] bool,
-        the anchors) are stochastic, with noise ``eps[k]``; without ``eps`` (the shared prefix)
-        none are."""
-        R = mem.page_map.shape[0]
-        own = scratch[:R]
-        x = noise[group_of_row, j].clone()
-        z = step_noise[group_of_row, j].to(device) if n_renoise else None  # the group's
-        fi = (j * c + torch.arange(c, device=device)).expand(R, c)
-        den_table = torch.cat([table_hist, own.to(torch.int32)], 1)
-        xs, vs = [], []
-        for k in range(len(ts) - 1):
-            v = model(x, ts[k].expand(R), cond, fi, den_table.to(device), cache, own)
-            dt = ts[k + 1] - ts[k]
-            z_k = z[:, k] if z is not None and k < n_renoise else None
-            x_next = sampler_step(sampler, x, v, ts[k], ts[k + 1], z_k)
-            if record and k in steps:
-                if sde and eps is not None:
-                    x_sde = sde_step(x, v, ts[k], ts[k + 1], t_cap, spec.sde_noise, eps[k])
-                    x_next = torch.where(ode_rows.to(device)[:, None, None], x_next, x_sde)
-                    v = (x_next - x) / dt  # the step taken
-                xs.append(x)
-                vs.append(v)
-            x = x_next
-        # The clean pass writes the chunk's pages under the full (unrouted) context.
-        write_clean(j, x, cond, mem)
-        return x, xs, vs, den_table
-
-    def write_clean(j: int, x, cond, mem) -> None:
-        """Clean pass (t = 0) of chunk j for R rows: new cache pages, listed in ``mem``."""
-        R = x.shape[0]
-        perm = pages.take(R * c).view(R, c)
-        full = mem.table(model, j, perm, width)
-        fi = (j * c + torch.arange(c, device=device)).expand(R, c)
-        model(x, torch.zeros(R, device=device), cond, fi, full.to(device), cache, perm)
-        mem.page_map[:, j * c : (j + 1) * c] = perm
-
-    def longlive_pass(j: int, mem, clean: dict[int, torch.Tensor], cond) -> None:
-        """LongLive's re-cache at chunk j for R rows: one t = 0 pass over the chunks holding its
-        frames, every row attending to the kept sinks and the written frames' new pages."""
-        plan, chunks = longlive_recache(model, j), recache_chunks(model, j)
-        R, n = cond.shape[0], len(chunks)
-        slots = pages.take(R * n * c).view(R, n * c)
-        if not plan.written:
-            return
-        col = {i * c + f: k * c + f for k, i in enumerate(chunks) for f in range(c)}
-        new = slots[:, [col[f] for f in plan.written]]
-        keys = torch.cat([mem.page_map[:, plan.kept], new], 1).to(torch.int32)
-        x = torch.stack([clean[i] for i in chunks], 1).flatten(0, 1)
-        fi = (torch.tensor(chunks)[:, None] * c + torch.arange(c)).repeat(R, 1).to(device)
-        model(
-            x,
-            torch.zeros(R * n, device=device),
-            cond.repeat_interleave(n, 0),
-            fi,
-            keys.repeat_interleave(n, 0).to(device),
-            cache,
-            slots.view(R * n, c),
-        )
-        mem.page_map[:, plan.written] = new
-        mem.sinks_from[:] = plan.sinks_from
-
-    def recache(j: int, mem, group_of_row, clean: dict[int, torch.Tensor], cond) -> None:
-        """KV re-cache: rows whose prompt switches at chunk j re-encode history under j's
-        prompt (:mod:`kvpo.generators.context`); their frames get the new pages in ``mem``."""
-        sel = torch.tensor([j in switches[int(b)] for b in group_of_row]).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            return
-        part = mem.rows(sel)
-        if policy == "longlive":
-            longlive_pass(j, part, {i: x[sel] for i, x in clean.items()}, cond[sel])
-        else:
-            for i in recache_chunks(model, j):
-                write_clean(i, clean[i][sel], cond[sel], part)
-        mem.put(sel, part)
 
     # Shared prefix: one row per group.
     pm = _Memory(torch.full((B, Fr), -1, dtype=torch.long), torch.zeros(B, dtype=torch.long))
     prefix, pre_x, pre_v = [], [], []
     for j in range(w0):
-        recache(j, pm, torch.arange(B), dict(enumerate(prefix)), cond_bj[:, j])
-        hist = pm.table(model, j, None, width - c)
-        x, xs, vs, _ = run_chunk(j, pm, torch.arange(B), hist, cond_bj[:, j], spec.record_prefix)
+        st.recache(j, pm, torch.arange(B), dict(enumerate(prefix)), cond_bj[:, j])
+        hist = pm.table(model, j, None, st.width - c)
+        x, xs, vs, _ = st.run_chunk(j, pm, torch.arange(B), hist, cond_bj[:, j], spec.record_prefix)
         prefix.append(x)
         pre_x += xs
         pre_v += vs
@@ -541,7 +606,7 @@ def rollout(
         is_anchor[G::Gt] = True
     # Every row's routing and SDE noise, drawn in the order one pass over all rows draws them.
     routing = {
-        j: _draw_route(model, spec, B * Gt, width - c, j, generator)
+        j: _draw_route(model, spec, B * Gt, st.width - c, j, generator)
         for j in range(w0, w1)
         if not sde
     }
@@ -551,34 +616,27 @@ def rollout(
         if sde and j in scored
         for k in steps
     }
-    forked_from = pages.used  # each pass takes its pages from here on, over the last pass's
+    forked_from = st.pages.used  # each pass takes its pages from here on, over the last pass's
     clean = {i: x[rows] for i, x in enumerate(prefix)}  # [B*Gt, L, d] per chunk made
-    tables = {j: torch.empty((B * Gt, width), dtype=torch.int32) for j in range(w0, nC)}
+    tables = {j: torch.empty((B * Gt, st.width), dtype=torch.int32) for j in range(w0, nC)}
     forked_x, forked_v = [], []  # per record after the fork: [B*Gt, L, d]
-    for sel in passes:
-        pages.used = forked_from
+    for sel in plan.passes:
+        st.pages.used = forked_from
         mem = pm.rows(rows[sel])
         if not spec.share_pages:
-            n_pre = w0 * c
-            for r in range(len(sel)):
-                new = pages.take(n_pre)
-                old = mem.page_map[r, :n_pre]
-                for layer in range(len(cache.k)):
-                    cache.k[layer][new] = cache.k[layer][old]
-                    cache.v[layer][new] = cache.v[layer][old]
-                mem.page_map[r, :n_pre] = new
+            st.copy_prefix(mem, w0 * c)
         group_of_row = rows[sel]
         made = {i: x[group_of_row] for i, x in enumerate(prefix)}
         n_rec = 0
         for j in range(w0, nC):
             cond = cond_bj[group_of_row, j]
-            recache(j, mem, group_of_row, made, cond)
-            hist = mem.table(model, j, None, width - c)
+            st.recache(j, mem, group_of_row, made, cond)
+            hist = mem.table(model, j, None, st.width - c)
             if j < w1 and not sde:
                 routed = _apply_route(spec, routing[j][sel], mem.page_map, hist)
                 hist = torch.where(is_anchor[sel, None], hist, routed)
             eps = {k: sde_eps[j, k][sel].to(device) for k in steps} if sde and j in scored else None
-            x, xs, vs, den_table = run_chunk(
+            x, xs, vs, den_table = st.run_chunk(
                 j, mem, group_of_row, hist, cond, j in scored, ode_rows=is_anchor[sel], eps=eps
             )
             made[j] = x
@@ -590,31 +648,27 @@ def rollout(
                     forked_v.append(vr.new_empty((B * Gt, *vr.shape[1:])))
                 forked_x[n_rec][sel], forked_v[n_rec][sel] = xr, vr
                 n_rec += 1
-    recs_x = [x[rows] for x in pre_x] + forked_x  # shared records, one copy per branch row
-    recs_v = [v[rows] for v in pre_v] + forked_v
     recorded = [(j, k) for j in range(w0) for k in steps] if pre_x else []
     recorded += [(j, k) for j in range(w0, nC) if j in scored for k in steps]
-    rec_chunk = [j for j, _ in recorded]
-    rec_t, rec_tn = [float(ts[k]) for _, k in recorded], [float(ts[k + 1]) for _, k in recorded]
-    n_pre = len(pre_x)
-    tables = {j: t.view(B, Gt, -1)[:, :G].reshape(B * G, -1) for j, t in tables.items()}
-
     tokens = torch.stack([clean[j] for j in range(nC)], 1).view(B, Gt, Fr, T, d)
+    recs_x = [x[rows] for x in pre_x] + forked_x  # shared records, one copy per branch row
+    recs_v = [v[rows] for v in pre_v] + forked_v
     K = len(recs_x)
     states = torch.stack(recs_x, 1).view(B, Gt, K, c * T, d)
     vels = torch.stack(recs_v, 1).view(B, Gt, K, c * T, d)
+    cache = st.cache
     return Rollout(
         prompts=[list(p) for p in prompts],
         tokens=tokens[:, :G],
         states=states[:, :G],
         velocities=vels[:, :G],
-        t=torch.tensor(rec_t),
-        t_next=torch.tensor(rec_tn),
-        chunk=torch.tensor(rec_chunk, dtype=torch.long),
+        t=torch.tensor([float(st.ts[k]) for _, k in recorded]),
+        t_next=torch.tensor([float(st.ts[k + 1]) for _, k in recorded]),
+        chunk=torch.tensor([j for j, _ in recorded], dtype=torch.long),
         window=(w0, w1),
-        scored=torch.arange(K) >= n_pre,
+        scored=torch.arange(K) >= len(pre_x),
         anchor_tokens=tokens[:, G] if spec.anchor else None,
-        tables=tables,
+        tables={j: t.view(B, Gt, -1)[:, :G].reshape(B * G, -1) for j, t in tables.items()},
         cache_bytes=cache.used * cache.nbytes() // max(cache.capacity, 1),
         explore=spec.explore,
     )
