@@ -7,7 +7,6 @@ toward the base policy) -> AdamW step. ``docs/method.md`` states the formulas.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import shutil
@@ -298,18 +297,7 @@ class Run:
             group["lr"] = lr
         with memory_stage("update", cfg):
             st, t_replay, skipped = update_policy(
-                dataclasses.replace(cfg, tau=ex.tau),
-                self.model,
-                self.opt,
-                self.params,
-                self.ema,
-                ex.parts,
-                ex.step_weights,
-                ex.adv,
-                ex.valid,
-                ex.refs,
-                self.autocast,
-                self.skips,
+                cfg, self.model, self.opt, self.params, self.ema, ex, self.autocast, self.skips
             )
         row = iteration_row(it, ex, {"lr": lr, "skipped_steps": skipped, **st})
         row["time_replay"] = t_replay  # policy replay forwards with gradients, TVE

@@ -4,7 +4,6 @@ terms of the KL; everything the update reads."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,10 +73,9 @@ def explore(
     t2 = time.perf_counter()
     with autocast(), memory_stage("tau", cfg):
         tau = iteration_tau(cfg, model, parts, step_w)
-    cfg = dataclasses.replace(cfg, tau=tau)  # the reference's log-probabilities share it
     t3 = time.perf_counter()
     with torch.no_grad(), autocast(), memory_stage("reference", cfg):
-        refs = [reference_terms(cfg, ref, ro, w) for ro, w in zip(parts, step_w, strict=True)]
+        refs = [reference_terms(cfg, ref, ro, w, tau) for ro, w in zip(parts, step_w, strict=True)]
     # the frozen reference's forward for the KL: logged apart, it can cost more than the rewards
     seconds = {
         "time_rollout": t1 - t0,

@@ -20,8 +20,10 @@ def branch_log_probs(
     u: torch.Tensor,
     ro: Rollout,
     energy: torch.Tensor | None,
+    tau: float | None = None,
 ) -> torch.Tensor:
-    """Log-probabilities of the branches under the policy whose replay velocities are ``u``.
+    """Log-probabilities of the branches under the policy whose replay velocities are ``u``, at
+    the Gibbs temperature ``tau`` (the iteration's; None: ``cfg.tau``).
 
     KVPO, ``likelihood="branch"``: Gibbs branch log-probabilities [B, G] from the TVE ``energy``,
     ``log_softmax_i(-E_i / tau)``. ``likelihood="step"`` (the public recipe): one per scored step,
@@ -36,7 +38,8 @@ def branch_log_probs(
         logp = step_log_probs(u.float(), states, vels, ro.t, ro.t_next, t_cap, cfg.sde_noise)
         return logp[:, :, scored]
     energy = gibbs_energies(cfg, u, ro, energy)
-    return gibbs_log_probs(energy, cfg.tau) if cfg.group_normalize else -energy / cfg.tau
+    tau = cfg.tau if tau is None else tau
+    return gibbs_log_probs(energy, tau) if cfg.group_normalize else -energy / tau
 
 
 def gibbs_energies(
@@ -126,14 +129,15 @@ def gibbs_log_probs(energy: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def reference_terms(
-    cfg: TrainConfig, ref: nn.Module, ro: Rollout, weight: torch.Tensor
+    cfg: TrainConfig, ref: nn.Module, ro: Rollout, weight: torch.Tensor, tau: float
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """What the KL term reads of the frozen reference policy (call without grad): its replay
     velocities of ``ro`` (``replay_branches`` branches per group at a time; for ``kl`` velocity
-    or softmax) and its branch log-probabilities (for softmax)."""
+    or softmax) and its branch log-probabilities at the iteration's ``tau`` (for softmax)."""
     if cfg.kl == "none":
         return None, None
     u_ref = replay_velocities(ref, ro, cfg.replay_branches)
     if cfg.kl != "softmax":
         return u_ref, None
-    return u_ref, branch_log_probs(cfg, ref, u_ref, ro, trajectory_energy(u_ref, ro, weight))
+    energy = trajectory_energy(u_ref, ro, weight)
+    return u_ref, branch_log_probs(cfg, ref, u_ref, ro, energy, tau)

@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -36,10 +37,12 @@ def policy_gradients(
     autocast: Callable[[], torch.autocast],
     ppo_share: float = 1.0,
     kl_share: float = 1.0,
+    tau: float | None = None,
 ) -> tuple[dict[str, float], torch.Tensor, float]:
     """Accumulate into the policy's ``.grad`` the gradient of ``ppo_share`` times the PPO
     objective plus ``kl_share * kl_coef`` times the KL term, from its replay of ``ro`` (the
-    shares weigh a micro-batch's terms in the whole batch's: :func:`accumulate_gradients`).
+    shares weigh a micro-batch's terms in the whole batch's: :func:`accumulate_gradients`), at
+    the Gibbs temperature ``tau`` (the iteration's; None: ``cfg.tau``).
 
     Everything the objective reads is the replay's velocities ``u`` [B, G, K, L, d]. With
     ``cfg.replay_branches`` < G the graph of the whole replay is never held: ``u`` is computed
@@ -60,7 +63,7 @@ def policy_gradients(
         u = u.detach().requires_grad_()
     with autocast():  # the backward runs outside, as autocast wants
         energy = trajectory_energy(u, ro, weight)
-        logp = branch_log_probs(cfg, model, u, ro, energy)
+        logp = branch_log_probs(cfg, model, u, ro, energy, tau)
     t_replay = time.perf_counter() - t0
     logp_old = logp.detach() if logp_old is None else logp_old
     loss, st = ppo_objective(logp, logp_old, adv, valid, cfg.clip_low, cfg.clip_high)
@@ -88,6 +91,7 @@ def accumulate_gradients(
     logp_old: list[torch.Tensor | None],
     refs: list[tuple[torch.Tensor | None, torch.Tensor | None]],
     autocast: Callable[[], torch.autocast],
+    tau: float | None = None,
 ) -> tuple[dict[str, float], list[torch.Tensor], float]:
     """:func:`policy_gradients` of a batch of groups rolled out in micro-batches ``parts``
     (consecutive groups; ``adv`` [B, G], ``valid`` [B] of the whole batch), replayed and
@@ -118,6 +122,7 @@ def accumulate_gradients(
             autocast,
             ppo_share,
             kl_share,
+            tau,
         )
         olds.append(old)
         t_replay += dt
@@ -169,33 +174,49 @@ def optimizer_step(
     return norm
 
 
+class UpdateBatch(Protocol):
+    """What the update reads of an iteration (:class:`kvpo.method.iteration.Exploration`)."""
+
+    parts: list[Rollout]  # the micro-batches' rollouts
+    step_weights: list[torch.Tensor]  # each part's TVE step weights
+    adv: torch.Tensor  # [B, G] advantages
+    valid: torch.Tensor  # [B] bool: groups trained on
+    refs: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # each part's reference terms
+    tau: float  # the iteration's Gibbs temperature
+
+
 def update_policy(
     cfg: TrainConfig,
     model: nn.Module,
     opt: torch.optim.Optimizer,
     params: list[nn.Parameter],
     ema: ParamEMA | None,
-    parts: list[Rollout],
-    weights: list[torch.Tensor],
-    adv: torch.Tensor,
-    valid: torch.Tensor,
-    refs: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+    batch: UpdateBatch,
     autocast: Callable[[], torch.autocast],
     skips: SkippedSteps,
 ) -> tuple[dict[str, float], float, int]:
-    """An iteration's update: ``cfg.epochs`` AdamW steps of ``params`` (the trainable ones), each
+    """An iteration's update on ``batch``: ``cfg.epochs`` AdamW steps of ``params`` (the trainable ones), each
     on the gradient of the whole batch's objective (:func:`accumulate_gradients`, against the
     first epoch's log-probabilities), averaged over the ranks and clipped; the EMA follows each
     step. A step whose gradient is not finite is skipped (:func:`optimizer_step`, ``skips``).
 
     Returns the statistics averaged over the epochs (``grad_norm`` included), the replay
     seconds, and the number of steps skipped."""
-    logp_old: list[torch.Tensor | None] = [None] * len(parts)
+    logp_old: list[torch.Tensor | None] = [None] * len(batch.parts)
     stats, t_replay, skipped = [], 0.0, 0
     for _ in range(cfg.epochs):
         opt.zero_grad(set_to_none=True)
         st, logp_old, dt = accumulate_gradients(
-            cfg, model, parts, weights, adv, valid, logp_old, refs, autocast
+            cfg,
+            model,
+            batch.parts,
+            batch.step_weights,
+            batch.adv,
+            batch.valid,
+            logp_old,
+            batch.refs,
+            autocast,
+            batch.tau,
         )
         t_replay += dt
         distributed.average_gradients(params)
