@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         run_config,
     )
 
-    # here, not at the top: run_setup imports this module
+    # here, not at the top: kvpo.run.setup imports this module
     from kvpo.run.setup import held_out_prompts, make_reward, training_device
 
     ap = argparse.ArgumentParser(
