@@ -53,11 +53,9 @@ FWD_TILES: dict[tuple[int, int], list[Tiles]] = {
     (4, 128): [Tiles(64, 32, 8, 2), Tiles(64, 16, 8, 2), Tiles(32, 32, 8, 2)],
     (4, 256): [Tiles(32, 16, 8, 2), Tiles(32, 16, 8, 1), Tiles(16, 32, 8, 1)],
 }
-# Backward candidates, each compiling without a spill for sm_80 and sm_90a (16-bit; checked with
-# kvpo_kernels.triton.aot under Triton 3.9; under 3.6, the H200 image's, three dk/dv candidates
-# at 1560-token pages spill 24-48 B on sm_80 only: benchmarks/RESULTS.md). Larger query blocks
-# for dq and larger key blocks for dk/dv cut how often K/V and Q/dO are re-read; the autotuner
-# picks per shape.
+# Backward candidates that compile without a spill on sm_80 and sm_90a (python -m
+# kvpo_kernels.triton.aot --check; per Triton version in benchmarks/RESULTS.md): larger query
+# blocks for dq and key blocks for dk/dv re-read K/V and Q/dO less; the autotuner picks.
 DQ_TILES: dict[tuple[int, int], list[Tiles]] = {
     (2, 64): [Tiles(64, 64, 8, 3), Tiles(128, 64, 8, 2), Tiles(128, 32, 8, 2), Tiles(64, 32, 4, 3)],
     (2, 128): [Tiles(64, 64, 8, 3), Tiles(128, 32, 8, 2), Tiles(64, 32, 4, 3), Tiles(64, 32, 8, 3)],
@@ -75,10 +73,8 @@ DKDV_TILES: dict[tuple[int, int], list[Tiles]] = {
     (4, 128): [Tiles(32, 16, 4, 1)],
     (4, 256): [Tiles(16, 16, 8, 1)],
 }
-# dk/dv over pages of at most 16 tokens: the keys (the products' M dimension) are one 16-row
-# block, too few for 8 warps; ptxas spills the table's 8-warp entries capped to 16 keys. At D = 64
-# 4 warps spill too, 8 B under Triton 3.8 (torch 2.14's) on sm_90a: 2 warps spill on no arch
-# under Triton 3.6, 3.8 or 3.9.
+# dk/dv over pages of at most 16 tokens: one 16-row key block, too few rows for 8 warps (fewer
+# warps keep it from spilling; benchmarks/RESULTS.md).
 DKDV_SMALL_PAGE_TILES: dict[tuple[int, int], Tiles] = {
     (2, 64): Tiles(32, 16, 2, 2),
     (2, 128): Tiles(16, 16, 4, 2),
