@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -24,23 +24,40 @@ from kvpo.run.config import TrainConfig
 PPO_STATS = ("ratio", "clip_frac", "loss")
 
 
+class UpdateBatch(Protocol):
+    """What the update reads of an iteration (:class:`kvpo.method.iteration.Exploration`)."""
+
+    parts: list[Rollout]  # the micro-batches' rollouts
+    step_weights: list[torch.Tensor]  # each part's TVE step weights
+    adv: torch.Tensor  # [B, G] advantages
+    valid: torch.Tensor  # [B] bool: groups trained on
+    refs: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # each part's reference terms
+    tau: float  # the iteration's Gibbs temperature
+
+
+class Part(NamedTuple):
+    """One micro-batch of an iteration as the update reads it."""
+
+    ro: Rollout
+    weight: torch.Tensor  # [K] TVE step weights
+    adv: torch.Tensor  # [B, G] advantages
+    valid: torch.Tensor  # [B] bool: groups trained on
+    logp_old: torch.Tensor | None  # the rollout policy's log-probabilities (None: these ones)
+    u_ref: torch.Tensor | None  # the reference's replay velocities (kl velocity or softmax)
+    logp_ref: torch.Tensor | None  # the reference's log-probabilities (kl softmax)
+
+
 def policy_gradients(
     cfg: TrainConfig,
     model: nn.Module,
-    ro: Rollout,
-    weight: torch.Tensor,
-    adv: torch.Tensor,
-    valid: torch.Tensor,
-    logp_old: torch.Tensor | None,
-    u_ref: torch.Tensor | None,
-    logp_ref: torch.Tensor | None,
+    part: Part,
     autocast: Callable[[], torch.autocast],
     ppo_share: float = 1.0,
     kl_share: float = 1.0,
     tau: float | None = None,
 ) -> tuple[dict[str, float], torch.Tensor, float]:
     """Accumulate into the policy's ``.grad`` the gradient of ``ppo_share`` times the PPO
-    objective plus ``kl_share * kl_coef`` times the KL term, from its replay of ``ro`` (the
+    objective plus ``kl_share * kl_coef`` times the KL term, from its replay of ``part.ro`` (the
     shares weigh a micro-batch's terms in the whole batch's: :func:`accumulate_gradients`), at
     the Gibbs temperature ``tau`` (the iteration's; None: ``cfg.tau``).
 
@@ -51,9 +68,10 @@ def policy_gradients(
     slice of ``dL/du`` through the model (the same gradient; one extra forward; the activations
     of ``replay_branches`` branches per group).
 
-    Returns the step's statistics, the old log-probabilities (``logp_old``, or these ones on the
-    first epoch: the rollout policy is the policy before the first step) and the seconds spent
-    in replay forwards."""
+    Returns the step's statistics, the old log-probabilities (``part.logp_old``, or these ones on
+    the first epoch: the rollout policy is the policy before the first step) and the seconds
+    spent in replay forwards."""
+    ro, weight, adv, valid, logp_old, u_ref, logp_ref = part
     G = ro.tokens.shape[1]
     per = cfg.replay_branches or G
     t0 = time.perf_counter()
@@ -84,46 +102,30 @@ def policy_gradients(
 def accumulate_gradients(
     cfg: TrainConfig,
     model: nn.Module,
-    parts: list[Rollout],
-    weights: list[torch.Tensor],
-    adv: torch.Tensor,
-    valid: torch.Tensor,
+    batch: UpdateBatch,
     logp_old: list[torch.Tensor | None],
-    refs: list[tuple[torch.Tensor | None, torch.Tensor | None]],
     autocast: Callable[[], torch.autocast],
-    tau: float | None = None,
 ) -> tuple[dict[str, float], list[torch.Tensor], float]:
-    """:func:`policy_gradients` of a batch of groups rolled out in micro-batches ``parts``
-    (consecutive groups; ``adv`` [B, G], ``valid`` [B] of the whole batch), replayed and
-    back-propagated one part at a time: the activations of one part, the gradient of the whole
-    batch's objective. The PPO loss is a mean over the valid groups' entries and the KL term a
-    mean over the groups, so a part's terms weigh its share of the valid groups and of the groups.
+    """:func:`policy_gradients` of a batch of groups rolled out in micro-batches ``batch.parts``
+    (consecutive groups; ``batch.adv`` [B, G], ``batch.valid`` [B] of the whole batch), each
+    against its old log-probabilities ``logp_old``, replayed and back-propagated one part at a
+    time: the activations of one part, the gradient of the whole batch's objective. The PPO loss
+    is a mean over the valid groups' entries and the KL term a mean over the groups, so a part's
+    terms weigh its share of the valid groups and of the groups.
 
     Returns the batch's statistics, each part's old log-probabilities and the replay seconds."""
+    parts, valid = batch.parts, batch.valid
     B = sum(r.tokens.shape[0] for r in parts)
     n_valid = float(valid.sum())
     totals: dict[str, float] = {}
     olds, t_replay, g0 = [], 0.0, 0
-    for ro, w, old, (u_ref, logp_ref) in zip(parts, weights, logp_old, refs, strict=True):
+    for ro, w, old, ref in zip(parts, batch.step_weights, logp_old, batch.refs, strict=True):
         sel = slice(g0, g0 + ro.tokens.shape[0])
         g0 = sel.stop
         kl_share = (sel.stop - sel.start) / B
         ppo_share = float(valid[sel].sum()) / n_valid if n_valid else 0.0
-        st, old, dt = policy_gradients(
-            cfg,
-            model,
-            ro,
-            w,
-            adv[sel],
-            valid[sel],
-            old,
-            u_ref,
-            logp_ref,
-            autocast,
-            ppo_share,
-            kl_share,
-            tau,
-        )
+        part = Part(ro, w, batch.adv[sel], valid[sel], old, *ref)
+        st, old, dt = policy_gradients(cfg, model, part, autocast, ppo_share, kl_share, batch.tau)
         olds.append(old)
         t_replay += dt
         for k, v in st.items():  # PPO statistics are means over the valid groups' entries
@@ -174,17 +176,6 @@ def optimizer_step(
     return norm
 
 
-class UpdateBatch(Protocol):
-    """What the update reads of an iteration (:class:`kvpo.method.iteration.Exploration`)."""
-
-    parts: list[Rollout]  # the micro-batches' rollouts
-    step_weights: list[torch.Tensor]  # each part's TVE step weights
-    adv: torch.Tensor  # [B, G] advantages
-    valid: torch.Tensor  # [B] bool: groups trained on
-    refs: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # each part's reference terms
-    tau: float  # the iteration's Gibbs temperature
-
-
 def update_policy(
     cfg: TrainConfig,
     model: nn.Module,
@@ -206,18 +197,7 @@ def update_policy(
     stats, t_replay, skipped = [], 0.0, 0
     for _ in range(cfg.epochs):
         opt.zero_grad(set_to_none=True)
-        st, logp_old, dt = accumulate_gradients(
-            cfg,
-            model,
-            batch.parts,
-            batch.step_weights,
-            batch.adv,
-            batch.valid,
-            logp_old,
-            batch.refs,
-            autocast,
-            batch.tau,
-        )
+        st, logp_old, dt = accumulate_gradients(cfg, model, batch, logp_old, autocast)
         t_replay += dt
         distributed.average_gradients(params)
         norm = optimizer_step(opt, params, cfg.grad_clip)

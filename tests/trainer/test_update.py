@@ -60,7 +60,7 @@ def test_replay_in_branch_batches_gives_the_same_gradient(over):
     import copy
 
     from kvpo.method.likelihood import branch_log_probs
-    from kvpo.method.update import policy_gradients
+    from kvpo.method.update import Part, policy_gradients
     from kvpo.run.config import build_config
 
     model = tiny_model().train()
@@ -88,9 +88,8 @@ def test_replay_in_branch_batches_gives_the_same_gradient(over):
     for per in (0, 1):
         run = build_config(dict(tau=1e-3, replay_branches=per, **over))
         model.zero_grad(set_to_none=True)
-        st, _, _ = policy_gradients(
-            run, model, ro, w, adv, valid, None, u_ref, logp_ref, contextlib.nullcontext
-        )
+        part = Part(ro, w, adv, valid, None, u_ref, logp_ref)
+        st, _, _ = policy_gradients(run, model, part, contextlib.nullcontext)
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
         stats.append(st)
     assert len(grads[0]) == len(grads[1]) > 0
@@ -116,6 +115,7 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(over):
     whole batch at once."""
     import contextlib
     import copy
+    from types import SimpleNamespace
 
     from kvpo.method.likelihood import branch_log_probs
     from kvpo.method.update import accumulate_gradients
@@ -157,17 +157,11 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(over):
         w = [step_weights(r) for r in parts]
         olds = [None if logp_old is None else logp_old[s] for s in split]
         model.zero_grad(set_to_none=True)
-        st, olds, _ = accumulate_gradients(
-            cfg,
-            model,
-            parts,
-            w,
-            adv,
-            valid,
-            olds,
-            [refs(r, x) for r, x in zip(parts, w, strict=True)],
-            contextlib.nullcontext,
+        refs_of = [refs(r, x) for r, x in zip(parts, w, strict=True)]
+        batch = SimpleNamespace(
+            parts=parts, step_weights=w, adv=adv, valid=valid, refs=refs_of, tau=cfg.tau
         )
+        st, olds, _ = accumulate_gradients(cfg, model, batch, olds, contextlib.nullcontext)
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         return grads, st, torch.cat(olds)
 
