@@ -867,3 +867,14 @@ def test_an_iteration_that_trains_no_group_says_so(base, tmp_path, capsys):
     assert all(r["valid_groups"] == 0 for r in res.history if r["iter"] >= 0)
     out = capsys.readouterr().out
     assert out.count("no group trained: every group's rewards tied") == 2
+
+
+def test_lora_init_is_refused_as_the_run_starts(base, tmp_path):
+    """A LongLive LoRA file that is not there, or a generator whose layers it cannot name (the
+    built-in one), stops the run before anything is trained, with the setting named."""
+    with pytest.raises(ConfigError, match="lora_init='missing.pt' is not a file"):
+        train(_cfg(base, tmp_path, lora_rank=2, lora_init="missing.pt"))
+    torch.save({"generator_lora": {}}, tmp_path / "lora.pt")
+    with pytest.raises(ConfigError, match="lora_init: TinyARVideo is not a Wan generator"):
+        train(_cfg(base, tmp_path / "run", lora_rank=2, lora_init=str(tmp_path / "lora.pt")))
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
