@@ -285,12 +285,12 @@ class Run:
             self.device,
             self.autocast,
         )
-        self.t_update = time.perf_counter()
         return ex
 
     def update(self, it: int, ex: Exploration) -> dict:
         """The PPO epochs on ``ex`` at the iteration's learning rate; its metrics row."""
         cfg = self.cfg
+        t0 = time.perf_counter()
         self.model.train()
         lr = learning_rate(cfg, it)
         for group in self.opt.param_groups:
@@ -302,7 +302,7 @@ class Run:
         row = iteration_row(it, ex, {"lr": lr, "skipped_steps": skipped, **st})
         row["time_replay"] = t_replay  # policy replay forwards with gradients, TVE
         # backward, all-reduce, AdamW
-        row["time_update"] = time.perf_counter() - self.t_update - t_replay
+        row["time_update"] = time.perf_counter() - t0 - t_replay
         if self.device.type == "cuda":  # this rank's peak through the iteration's training
             row["cuda_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return row

@@ -99,10 +99,11 @@ def load_policy(
         weights, not two)."""
         if own is None:
             return None
-        # the reference's base weights by name (under lora_init a LoRALinear holds them as .base)
-        shared = {n.replace(".base.", "."): p for n, p in ref.named_parameters()}
-        memo = {id(o): shared[n.replace(".base.", ".")] for n, o in own.named_parameters()}
-        m = copy.deepcopy(own, memo if cfg.lora_rank else None)
+        memo = None
+        if cfg.lora_rank:  # the reference's weights by name (a LoRALinear holds its as .base)
+            shared = {n.replace(".base.", "."): p for n, p in ref.named_parameters()}
+            memo = {id(o): shared[n.replace(".base.", ".")] for n, o in own.named_parameters()}
+        m = copy.deepcopy(own, memo)
         if cfg.lora_init:
             add_lora_init(cfg, m)
         elif cfg.lora_rank:
