@@ -41,11 +41,12 @@ from kvpo.run.config import ConfigError, TrainConfig, amp_autocast, config_error
 from kvpo.run.log import end_line, group_rows, iteration_row, progress_line, save_group, start_line
 from kvpo.run.loggers import make_loggers, missing_packages
 from kvpo.run.memory import TrainingOutOfMemoryError, memory_stage
-from kvpo.run.policy import reference_and_policy, trainable
+from kvpo.run.policy import old_policy, reference_and_policy, sync_old_policy, trainable
 from kvpo.run.profiling import IterationProfiler
 from kvpo.run.report import MetricsLog, check_writable, plot_rewards, record_process, save_videos
 from kvpo.run.setup import (
     check_fresh_start,
+    check_held_out,
     check_run_rewards,
     check_wan_paths,
     config_prompts,
@@ -144,12 +145,14 @@ def start_run(
         with config_errors():  # a prompts file missing, empty, or too short
             prompts = config_prompts(cfg)
     train_prompts, eval_prompts = prompt_sets(prompts)
+    check_held_out(train_prompts, eval_prompts[: cfg.eval_prompts])
     if reward is not None and not isinstance(reward, CompositeReward):
         reward = CompositeReward({"reward": 1.0}, {"reward": reward}, batch=cfg.reward_batch)
-    if not builtin_prompts and (cfg.multi_prompt or cfg.eval_multi_prompt):
+    if not builtin_prompts and (cfg.multi_prompt or cfg.eval_multi_prompt or cfg.switch_chunks):
         raise ConfigError(
-            "config multi_prompt and eval_multi_prompt switch the direction of the built-in "
-            "prompts; with your own prompts set them to 0 and false"
+            "config multi_prompt, eval_multi_prompt and switch_chunks switch the direction of the "
+            "built-in prompts; with your own prompts set them to 0, false and [] (write "
+            '"A | B | C" prompts instead)'
         )
     device = training_device(cfg)
     if cfg.threads:
@@ -227,6 +230,7 @@ class Run:
         self.lead = self.rank == 0
         self.autocast = functools.partial(amp_autocast, self.cfg.amp, self.device)
         self.params = trainable(self.model)
+        self.old = old_policy(self.cfg, self.model)  # makes the rollouts (old_policy_sync)
         self.skips = SkippedSteps(self.cfg.max_skipped_steps)
         self.profiler = IterationProfiler(
             self.cfg.profile_iteration, self.out, self.rank, self.device
@@ -284,6 +288,7 @@ class Run:
             gen,
             self.device,
             self.autocast,
+            self.old,
         )
         return ex
 
@@ -299,6 +304,8 @@ class Run:
             st, t_replay, skipped = update_policy(
                 cfg, self.model, self.opt, self.params, self.ema, ex, self.autocast, self.skips
             )
+        if self.old is not None and (it + 1) % cfg.old_policy_sync == 0:
+            sync_old_policy(self.old, self.model)
         row = iteration_row(it, ex, {"lr": lr, "skipped_steps": skipped, **st})
         row["time_replay"] = t_replay  # policy replay forwards with gradients, TVE
         # backward, all-reduce, AdamW

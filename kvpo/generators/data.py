@@ -106,12 +106,41 @@ def all_scenes() -> list[Scene]:
     ]
 
 
+def scene_key(prompt: str) -> tuple[str, str, str, str]:
+    """What stays when a multi-prompt video switches direction: (colour, shape, size, speed)."""
+    sc = Scene.parse(prompt)
+    return sc.color, sc.shape, sc.size, sc.speed
+
+
+# Scenes whose prompts the shipped base never saw (``split_prompts()``'s held-out ones).
+PRETRAINING_HELD_OUT = 16
+
+
 def split_prompts(num_eval: int = 16, seed: int = 0) -> tuple[list[str], list[str]]:
-    """A fixed split of all prompts into (train, held-out eval)."""
-    scenes = all_scenes()
-    perm = torch.randperm(len(scenes), generator=torch.Generator().manual_seed(seed)).tolist()
-    prompts = [scenes[i].prompt for i in perm]
-    return prompts[num_eval:], prompts[:num_eval]
+    """A fixed split of all prompts into (train, held-out eval) by whole scenes: the
+    ``ceil(num_eval / 4)`` first scenes of a seeded order are held out in every direction, so no
+    direction switch (pretraining's or training's) turns a training prompt into a held-out one.
+    The held-out list is ``num_eval`` of their prompts; the rest of the last scene is in neither.
+    With ``num_eval <= PRETRAINING_HELD_OUT`` the held-out scenes are ones the shipped base was
+    never pretrained on."""
+    if not isinstance(num_eval, int) or num_eval < 1:
+        raise ValueError(f"num_eval={num_eval!r} must be a positive integer")
+    keys = sorted({scene_key(s.prompt) for s in all_scenes()})
+    n_dirs = len(DIRECTIONS)
+    n_held = -(-num_eval // n_dirs)
+    if n_held >= len(keys):
+        raise ValueError(f"num_eval={num_eval} leaves no scene to train on ({len(keys)} scenes)")
+    perm = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = [keys[i] for i in perm[:n_held]]
+    train_keys = [keys[i] for i in perm[n_held:]]
+
+    def prompts(key: tuple[str, str, str, str]) -> list[str]:
+        color, shape, size, speed = key
+        return [Scene(color, shape, size, d, speed).prompt for d in DIRECTIONS]
+
+    # held-out prompts scene by scene in turn: the first n span as many scenes as they can
+    held_prompts = [p for d in range(n_dirs) for p in (prompts(k)[d] for k in held)]
+    return [p for k in train_keys for p in prompts(k)], held_prompts[:num_eval]
 
 
 def vocabulary() -> list[str]:
@@ -226,6 +255,22 @@ def random_prompts(
         others = [d for d in DIRECTIONS if d != Scene.parse(base).direction]
         new_dir = others[int(torch.randint(len(others), (1,), generator=generator))]
         out = switched_prompts(base, n_chunks, at, new_dir)
+    return out
+
+
+def fixed_switches(
+    prompt: str, n_chunks: int, at: tuple[int, ...], generator: torch.Generator
+) -> list[str]:
+    """One prompt per chunk: ``prompt``, then the same scene in a new direction (drawn, never the
+    one before) from each chunk of ``at`` on: a multi-prompt video of ``len(at) + 1`` segments
+    switching at fixed chunks, as the public recipe's training videos do."""
+    if any(not 1 <= a < n_chunks for a in at):
+        raise ValueError(f"switch chunks {tuple(at)} must lie in 1..{n_chunks - 1}")
+    out, direction = [prompt] * n_chunks, Scene.parse(prompt).direction
+    for a in at:
+        others = [d for d in DIRECTIONS if d != direction]
+        direction = others[int(torch.randint(len(others), (1,), generator=generator))]
+        out[a:] = switched_prompts(prompt, n_chunks, a, direction)[a:]
     return out
 
 

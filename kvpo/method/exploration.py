@@ -26,6 +26,7 @@ def iteration_generator(
 NO_GROUP = {
     "group": "every group's rewards tied",
     "anchor": "no branch beat its group's anchor (the protect gate)",
+    "public": "no branch beat its group's anchor (the protect gate)",
 }
 
 
@@ -48,14 +49,19 @@ def iteration_batch(
         generator=iteration_generator(cfg, it, stream=1),
     ).tolist()
     gen = iteration_generator(cfg, it, rank)
-    batch = [
-        data.segments(data.random_prompts([train_prompts[i]], chunks, cfg.multi_prompt, gen))
-        for i in pick[rank::world]
-    ]
+    batch = [video_prompts(cfg, train_prompts[i], chunks, gen) for i in pick[rank::world]]
     shift = torch.randint(
         cfg.window_shift + 1, (), generator=iteration_generator(cfg, it, stream=2)
     )
     return batch, dataclasses.replace(spec, window=shifted(cfg.window, int(shift))), gen
+
+
+def video_prompts(cfg: TrainConfig, prompt: str, chunks: int, gen: torch.Generator) -> list[str]:
+    """A training video's prompt per chunk: ``prompt`` (its ``"A | B"`` segments spread over the
+    chunks), switching direction at ``switch_chunks``, or with probability ``multi_prompt``."""
+    if cfg.switch_chunks:
+        return data.fixed_switches(prompt, chunks, tuple(cfg.switch_chunks), gen)
+    return data.segments(data.random_prompts([prompt], chunks, cfg.multi_prompt, gen))
 
 
 def rollout_spec(cfg: TrainConfig) -> RolloutSpec:
@@ -66,9 +72,13 @@ def rollout_spec(cfg: TrainConfig) -> RolloutSpec:
         p_keep=cfg.p_keep,
         routing=cfg.routing,
         recent_frames=cfg.recent_frames,
+        route_pool=cfg.route_pool,
+        routed_cache_pass=cfg.routed_cache_pass,
         score_after_window=cfg.score_after_window,
+        streaming_chunk=None if cfg.streaming_chunk is None else tuple(cfg.streaming_chunk),
+        score_stream=cfg.score_stream,
         score_steps=None if cfg.score_steps is None else tuple(cfg.score_steps),
-        anchor=cfg.advantage == "anchor",
+        anchor=cfg.advantage != "group",
         record_prefix=cfg.kl_prefix and cfg.kl == "velocity",
         explore=cfg.explore,
         sde_noise=cfg.sde_noise,
@@ -80,6 +90,12 @@ def checked_spec(cfg: TrainConfig, model: nn.Module) -> RolloutSpec:
     """:func:`rollout_spec`, checked (:func:`check_exploration`) at every start of its window
     that ``window_shift`` allows."""
     spec = rollout_spec(cfg)
+    n_chunks = model.num_frames // model.chunk_frames
+    if any(a >= n_chunks for a in cfg.switch_chunks):
+        raise ConfigError(
+            f"config switch_chunks={list(cfg.switch_chunks)}: the video has {n_chunks} chunks, "
+            f"switches lie in 1..{n_chunks - 1}"
+        )
     for shift in range(cfg.window_shift + 1):
         at = shifted(cfg.window, shift)
         try:
@@ -102,13 +118,19 @@ def check_exploration(spec: RolloutSpec, model: nn.Module) -> None:
     train nothing while looking healthy."""
     with config_errors():
         spec.validate(model)
+    n_chunks = model.num_frames // model.chunk_frames
+    if spec.streaming_chunk is not None and spec.window[1] > spec.stream(n_chunks)[1]:
+        raise ConfigError(
+            f"window {spec.window} crosses the end of its streaming chunk {spec.stream(n_chunks)} "
+            f"(streaming_chunk={tuple(spec.streaming_chunk)}): the perturbed chunks lie in one"
+        )
     if spec.explore != "routing" or spec.group_size < 2 or exploring_chunks(model, spec):
         return
     w0, w1 = spec.window
     c, sinks, lw = model.chunk_frames, model.sink_frames, model.local_window
-    if spec.routing == "sample":
+    if spec.routing != "drop":
         why = (
-            f"routing='sample' refills the local window ({sinks} sink frames + local_window "
+            f"routing={spec.routing!r} refills the local window ({sinks} sink frames + local_window "
             f"{lw}) from older history, but chunks {w0}..{w1 - 1} have at most {(w1 - 1) * c} "
             f"history frames, which the window (less recent_frames={spec.recent_frames}) already "
             f"shows whole; perturb chunks whose history passes {sinks + lw} frames, make the video "

@@ -26,7 +26,8 @@ def branch_log_probs(
     the Gibbs temperature ``tau`` (the iteration's; None: ``cfg.tau``).
 
     KVPO, ``likelihood="branch"``: Gibbs branch log-probabilities [B, G] from the TVE ``energy``,
-    ``log_softmax_i(-E_i / tau)``. ``likelihood="step"`` (the public recipe): one per scored step,
+    ``log_softmax_i(-E_i / tau)``; ``likelihood="x0"`` (the public recipe) the same over its
+    x0-space energy at tau = 1. ``likelihood="step"``: one per scored step,
     [B, G, K'], from the step's velocity distance in units of its noise level floored at
     ``sigma_floor``: ``E_ik = mean_n (u_k - v_k)^2 / max(t_k, sigma_floor)^2``. With
     ``group_normalize=False`` the log-probabilities are ``-E / tau``, not normalized over the group.
@@ -38,7 +39,7 @@ def branch_log_probs(
         logp = step_log_probs(u.float(), states, vels, ro.t, ro.t_next, t_cap, cfg.sde_noise)
         return logp[:, :, scored]
     energy = gibbs_energies(cfg, u, ro, energy)
-    tau = cfg.tau if tau is None else tau
+    tau = 1.0 if cfg.likelihood == "x0" else cfg.tau if tau is None else tau
     return gibbs_log_probs(energy, tau) if cfg.group_normalize else -energy / tau
 
 
@@ -46,13 +47,37 @@ def gibbs_energies(
     cfg: TrainConfig, u: torch.Tensor, ro: Rollout, energy: torch.Tensor | None
 ) -> torch.Tensor:
     """What KVPO's Gibbs form divides by ``tau``: the TVE ``energy`` [B, G]
-    (``likelihood="branch"``), or each scored step's velocity distance over its floored noise
-    level squared, [B, G, K'] (``likelihood="step"``)."""
+    (``likelihood="branch"``); each scored step's velocity distance over its floored noise level
+    squared, [B, G, K'] (``"step"``); or the public recipe's x0-space energy [B, G] (``"x0"``,
+    :func:`x0_energy`). With ``log_prob_grad_steps`` only each chunk's first steps pass gradient."""
     if cfg.likelihood == "branch":
         return energy
     scored = ro.scored.to(u.device)
+    e = grad_steps_only(step_energies(u, ro), ro, cfg.log_prob_grad_steps)
+    if cfg.likelihood == "x0":
+        return x0_energy(e, ro.t.to(u.device), scored, cfg.sigma_floor)
     sigma = ro.t.to(u.device)[scored].clamp_min(cfg.sigma_floor)
-    return step_energies(u, ro)[:, :, scored] / sigma**2
+    return e[:, :, scored] / sigma**2
+
+
+def x0_energy(
+    e: torch.Tensor, t: torch.Tensor, scored: torch.Tensor, sigma_floor: float
+) -> torch.Tensor:
+    """The public recipe's branch energy from the step energies ``e`` [B, G, K] (``mean_n (u_k -
+    v_k)^2``) at noise levels ``t`` [K]: ``sum_k mean_n (x0_k - x0'_k)^2 / (2 max(t_k, floor)^2)``
+    over the ``scored`` [K] records, where ``x0 = x_t - t v`` makes ``x0_k - x0'_k = t_k (v_k -
+    u_k)``. [B, G]; ``log_softmax(-E)`` is its branch log-probability at tau = 1."""
+    coef = t.square() / (2 * t.clamp_min(sigma_floor).square())
+    return (e * (coef * scored.to(e.dtype))).sum(-1)
+
+
+def grad_steps_only(e: torch.Tensor, ro: Rollout, n: int) -> torch.Tensor:
+    """``e`` [B, G, K] with the records past each chunk's first ``n`` denoising steps detached:
+    they count in the value, not in the gradient (``n`` = 0: every record passes gradient)."""
+    if not n:
+        return e
+    grad = (ro.step < n).to(e.device)
+    return torch.where(grad, e, e.detach())
 
 
 def policy_energies(
@@ -69,6 +94,23 @@ def policy_energies(
         for ro, w in zip(parts, weights, strict=True):
             u = replay_velocities(model, ro, cfg.replay_branches)
             out.append(gibbs_energies(cfg, u, ro, trajectory_energy(u, ro, w)).float())
+    return out
+
+
+def old_log_probs(
+    cfg: TrainConfig,
+    old: StreamingVideoGenerator,
+    parts: list[Rollout],
+    weights: list[torch.Tensor],
+    tau: float,
+) -> list[torch.Tensor]:
+    """Each part's branch log-probabilities under the old policy ``old`` that rolled it out
+    (``old_policy_sync``), replayed without gradients: what the PPO ratio divides by."""
+    out = []
+    with torch.no_grad():
+        for ro, w in zip(parts, weights, strict=True):
+            u = replay_velocities(old, ro, cfg.replay_branches)
+            out.append(branch_log_probs(cfg, old, u, ro, trajectory_energy(u, ro, w), tau))
     return out
 
 
@@ -110,15 +152,15 @@ def kl_term(
     logp: torch.Tensor | None,
     logp_ref: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The regularizer toward the reference policy: ``velocity``: ``mean (u - u_ref)^2`` over the
-    replayed velocities; ``softmax``: ``KL(p || p_ref)`` of the branch distributions ([B, G] or
-    per step [B, G, K]); ``none``: 0."""
+    """The regularizer toward the reference policy, per group [B]: ``velocity``: ``mean (u -
+    u_ref)^2`` over the group's replayed velocities; ``softmax``: ``KL(p || p_ref)`` of its
+    branch distribution ([B, G], or per step [B, G, K]: the mean over steps); ``none``: 0."""
     if cfg.kl == "velocity":
-        return (u.float() - u_ref.float()).pow(2).mean()
+        return (u.float() - u_ref.float()).pow(2).flatten(1).mean(1)
     if cfg.kl == "softmax":  # KL of the branch softmax, whether or not logp is normalized
         lp, lr = logp.log_softmax(1), logp_ref.log_softmax(1)
-        return (lp.exp() * (lp - lr)).sum(1).mean()
-    return u.new_zeros(())
+        return (lp.exp() * (lp - lr)).sum(1).reshape(lp.shape[0], -1).mean(1)
+    return u.new_zeros(u.shape[0])
 
 
 def gibbs_log_probs(energy: torch.Tensor, tau: float) -> torch.Tensor:

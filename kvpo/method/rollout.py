@@ -55,10 +55,21 @@ class RolloutSpec:
         window: perturbed chunks ``[w0, w1)``.
         p_keep: probability that a droppable history page stays in a branch's context
             (``routing="drop"``).
-        routing: ``drop`` (each droppable history page kept with probability ``p_keep``) or
-            ``sample`` (the local window's older slots refilled from the whole older history).
-        recent_frames: ``routing="sample"``: the nearest history frames kept in every branch.
+        routing: ``drop`` (each droppable history page kept with probability ``p_keep``),
+            ``sample`` (the local window's older slots refilled from the whole older history, per
+            chunk and branch) or ``shifted`` (the public recipe: the slots drawn once at the
+            fork from the pool, branch k a slice of one permutation shifted by
+            ``k * max(1, pool // G)``, kept for the whole window).
+        recent_frames: ``routing="sample"|"shifted"``: the nearest history frames kept in every
+            branch.
+        route_pool: ``routing="shifted"``: the pool is the frames from ``max(sinks, first frame
+            of the window's last chunk - route_pool)`` (0: from the sinks) to the fork's recent
+            frames.
+        routed_cache_pass: the t = 0 pass writing a window chunk's cache pages attends to the
+            branch's routed context (the public recipe), not the full one.
         score_after_window: also record the chunks after the window (their likelihood is scored).
+        streaming_chunk: (first, later) chunks per streaming chunk (None: the video is one).
+        score_stream: record the chunks from the fork to the end of its streaming chunk.
         score_steps: which denoising steps of a scored chunk are recorded (None: all).
         anchor: also make the unperturbed (deployment-time) branch beside the G explored ones.
         share_pages: branches list the pre-window pages in their tables (True) or get copies of
@@ -81,7 +92,11 @@ class RolloutSpec:
     p_keep: float = 0.5
     routing: str = "drop"
     recent_frames: int = 2
+    route_pool: int = 0
+    routed_cache_pass: bool = False
     score_after_window: bool = False
+    streaming_chunk: tuple[int, int] | None = None
+    score_stream: bool = False
     score_steps: tuple[int, ...] | None = None
     anchor: bool = True
     share_pages: bool = True
@@ -103,12 +118,12 @@ class RolloutSpec:
             raise ValueError(f"group_size={self.group_size} must be >= 1")
         if not 0.0 <= self.p_keep <= 1.0:
             raise ValueError(f"p_keep={self.p_keep} must be in [0, 1]")
-        if self.routing not in ("drop", "sample"):
-            raise ValueError(f"routing={self.routing!r} must be 'drop' or 'sample'")
-        if self.routing == "sample" and self.explore == "routing":
+        if self.routing not in ("drop", "sample", "shifted"):
+            raise ValueError(f"routing={self.routing!r} must be 'drop', 'sample' or 'shifted'")
+        if self.routing != "drop" and self.explore == "routing":
             if model.local_window is None:
                 raise ValueError(
-                    "routing='sample' refills a local attention window from older history, but "
+                    f"routing={self.routing!r} refills a local attention window from older history, but "
                     "this model attends to all of it (local_window=None): use routing='drop' or "
                     "give the model a local_window"
                 )
@@ -133,9 +148,28 @@ class RolloutSpec:
 
     def scored_chunks(self, model: StreamingVideoGenerator) -> list[int]:
         """The chunks whose steps carry TVE weight: the window's (and the later ones with
-        ``score_after_window``)."""
-        end = model.num_frames // model.chunk_frames if self.score_after_window else self.window[1]
+        ``score_after_window``; those to the end of the fork's streaming chunk with
+        ``score_stream``)."""
+        n_chunks = model.num_frames // model.chunk_frames
+        end = n_chunks if self.score_after_window else self.window[1]
+        if self.score_stream:
+            end = max(end, self.stream(n_chunks)[1])
         return list(range(self.window[0], end))
+
+    def stream(self, n_chunks: int) -> tuple[int, int]:
+        """The streaming chunk ``[s0, s1)`` (in chunks) that holds the fork (:func:`stream_of`)."""
+        return stream_of(self.streaming_chunk, self.window[0], n_chunks)
+
+
+def stream_of(layout: tuple[int, int] | None, chunk: int, n_chunks: int) -> tuple[int, int]:
+    """The streaming chunk ``[s0, s1)`` holding ``chunk`` when a video of ``n_chunks`` streams in
+    pieces of ``layout = (first, later)`` chunks (LongLive: 7, then 6 blocks); the whole video
+    when ``layout`` is None."""
+    if layout is None:
+        return 0, n_chunks
+    first, later = layout
+    s0 = 0 if chunk < first else first + (chunk - first) // later * later
+    return s0, min(s0 + (first if s0 == 0 else later), n_chunks)
 
 
 def spread(x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +204,8 @@ class Rollout:
     tables: dict[int, torch.Tensor]
     cache_bytes: int  # bytes of KV pages the rollout used
     explore: str = "routing"  # how the branches were explored (RolloutSpec.explore)
+    step: torch.Tensor | None = None  # [K] int64 denoising step of each record (0: the noisiest)
+    stream: tuple[int, int] | None = None  # the streaming chunk [s0, s1) holding the fork
 
     def groups(self, sel: slice) -> Rollout:
         """The same rollout restricted to groups ``sel`` (a micro-batch of it)."""
@@ -234,6 +270,9 @@ def exploring_chunks(model: StreamingVideoGenerator, spec: RolloutSpec) -> list[
     the local window's free slots, and there is a slot. Elsewhere every branch sees the same
     context, so with no exploring chunk the G branches of a group are one video.
     """
+    if spec.routing == "shifted":  # one plan for the whole window
+        pool, slots = _shifted_pool(model, spec)
+        return list(range(*spec.window)) if 0 < slots < len(pool) else []
     found = []
     for chunk in range(*spec.window):
         if spec.routing == "drop":
@@ -245,6 +284,61 @@ def exploring_chunks(model: StreamingVideoGenerator, spec: RolloutSpec) -> list[
         if explores:
             found.append(chunk)
     return found
+
+
+def _shifted_pool(model: StreamingVideoGenerator, spec: RolloutSpec) -> tuple[list[int], int]:
+    """``routing="shifted"``: the history frames a branch's slots are drawn from (older than the
+    fork's recent frames, from ``max(sinks, first frame of the window's last chunk -
+    route_pool)``) and the slots (the fork's window less sinks and recent frames)."""
+    w0, w1 = spec.window
+    c = model.chunk_frames
+    sinks, recent, slots = _sample_layout(model, spec, w0)
+    first = sinks if not spec.route_pool else max(sinks, (w1 - 1) * c - spec.route_pool)
+    return list(range(first, w0 * c - recent)), slots
+
+
+def shifted_plans(
+    n_pool: int, slots: int, G: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The public recipe's branch plans over a pool of ``n_pool`` frames: one permutation
+    ``perm`` [n_pool] (drawn from ``generator``); branch k takes ``perm[(k * shift + i) %
+    n_pool]`` for ``i < min(slots, n_pool)``, ``shift = max(1, n_pool // G)``, in pool order.
+    Returns (perm, [G, min(slots, n_pool)] int64 pool indices)."""
+    perm = torch.randperm(n_pool, generator=generator)
+    take = min(slots, n_pool)
+    shift = max(1, n_pool // G)
+    idx = (torch.arange(G)[:, None] * shift + torch.arange(take)) % max(n_pool, 1)
+    return perm, perm[idx].sort(1).values
+
+
+def _shifted_routes(
+    model: StreamingVideoGenerator,
+    spec: RolloutSpec,
+    B: int,
+    W: int,
+    generator: torch.Generator,
+) -> dict[int, torch.Tensor]:
+    """``routing="shifted"``: each window chunk's [B * Gt, W] history frames per column (-1:
+    none) of every row: the sinks, the group's fixed plan (:func:`shifted_plans`, one per
+    group, the anchor's slot unused) and the chunk's recent frames."""
+    G, Gt, c = spec.group_size, spec.group_size + int(spec.anchor), model.chunk_frames
+    pool, slots = _shifted_pool(model, spec)
+    pool_t = torch.tensor(pool, dtype=torch.long)
+    plans = [pool_t[shifted_plans(len(pool), slots, G, generator)[1]] for _ in range(B)]
+    drawn = torch.stack([torch.cat([p, p[:1].expand(Gt - G, -1)]) for p in plans]).flatten(0, 1)
+    out = {}
+    for j in range(*spec.window):
+        sinks, recent, _ = _sample_layout(model, spec, j)
+        frames = torch.cat(
+            [
+                torch.arange(sinks).expand(B * Gt, sinks),
+                drawn,
+                torch.arange(j * c - recent, j * c).expand(B * Gt, recent),
+            ],
+            1,
+        )
+        out[j] = torch.nn.functional.pad(frames, (0, W - frames.shape[1]), value=-1)
+    return out
 
 
 def _draw_route(
@@ -286,7 +380,7 @@ def _apply_route(
 ) -> torch.Tensor:
     """Routed history tables [R, W] int32 of rows whose deployment tables are ``hist`` and whose
     frames are on pages ``page_map`` [R, F], by the routing :func:`_draw_route` drew."""
-    if spec.routing == "drop":
+    if drawn.dtype == torch.bool:  # drop
         return torch.where(drawn, hist, torch.full_like(hist, -1))
     pages = page_map.gather(1, drawn.clamp(min=0)).to(hist.dtype)
     return torch.where(drawn >= 0, pages, torch.full_like(hist, -1))
@@ -423,9 +517,11 @@ class _Streamer:
         record: bool,
         ode_rows: torch.Tensor | None = None,
         eps: dict[int, torch.Tensor] | None = None,
+        routed_pass: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Denoise chunk j for R rows under ``table_hist`` [R, W] history pages, then write its
-        clean pages; returns the clean chunk [R, L, d], the recorded states and velocities, and
+        clean pages (under ``table_hist`` too with ``routed_pass``, else under the full
+        context); returns the clean chunk [R, L, d], the recorded states and velocities, and
         the denoising table [R, W + c].
 
         In SDE exploration the recorded steps k of the rows not marked in ``ode_rows`` ([R] bool,
@@ -452,15 +548,26 @@ class _Streamer:
                 xs.append(x)
                 vs.append(v)
             x = x_next
-        self.write_clean(j, x, cond, mem)  # under the full (unrouted) context
+        self.write_clean(j, x, cond, mem, table_hist if routed_pass else None)
         return x, xs, vs, den_table
 
-    def write_clean(self, j: int, x: torch.Tensor, cond: torch.Tensor, mem: _Memory) -> None:
-        """Clean pass (t = 0) of chunk j for R rows: new cache pages, listed in ``mem``."""
+    def write_clean(
+        self,
+        j: int,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        mem: _Memory,
+        table_hist: torch.Tensor | None = None,
+    ) -> None:
+        """Clean pass (t = 0) of chunk j for R rows: new cache pages, listed in ``mem``; under
+        the history ``table_hist`` [R, W] (None: the full context)."""
         c, device = self.c, self.device
         R = x.shape[0]
         perm = self.pages.take(R * c).view(R, c)
-        full = mem.table(self.model, j, perm, self.width)
+        if table_hist is None:
+            full = mem.table(self.model, j, perm, self.width)
+        else:
+            full = torch.cat([table_hist, perm.to(torch.int32)], 1)
         fi = (j * c + torch.arange(c, device=device)).expand(R, c)
         self.model(x, torch.zeros(R, device=device), cond, fi, full.to(device), self.cache, perm)
         mem.page_map[:, j * c : (j + 1) * c] = perm
@@ -605,11 +712,14 @@ def rollout(
     if spec.anchor:
         is_anchor[G::Gt] = True
     # Every row's routing and SDE noise, drawn in the order one pass over all rows draws them.
-    routing = {
-        j: _draw_route(model, spec, B * Gt, st.width - c, j, generator)
-        for j in range(w0, w1)
-        if not sde
-    }
+    if spec.routing == "shifted" and not sde:
+        routing = _shifted_routes(model, spec, B, st.width - c, generator)
+    else:
+        routing = {
+            j: _draw_route(model, spec, B * Gt, st.width - c, j, generator)
+            for j in range(w0, w1)
+            if not sde
+        }
     sde_eps = {
         (j, k): torch.randn((B * Gt, c * T, d), generator=generator)
         for j in range(w0, nC)
@@ -637,7 +747,15 @@ def rollout(
                 hist = torch.where(is_anchor[sel, None], hist, routed)
             eps = {k: sde_eps[j, k][sel].to(device) for k in steps} if sde and j in scored else None
             x, xs, vs, den_table = st.run_chunk(
-                j, mem, group_of_row, hist, cond, j in scored, ode_rows=is_anchor[sel], eps=eps
+                j,
+                mem,
+                group_of_row,
+                hist,
+                cond,
+                j in scored,
+                ode_rows=is_anchor[sel],
+                eps=eps,
+                routed_pass=spec.routed_cache_pass and j < w1 and not sde,
             )
             made[j] = x
             clean.setdefault(j, x.new_empty((B * Gt, *x.shape[1:])))[sel] = x
@@ -671,6 +789,8 @@ def rollout(
         tables={j: t.view(B, Gt, -1)[:, :G].reshape(B * G, -1) for j, t in tables.items()},
         cache_bytes=cache.used * cache.nbytes() // max(cache.capacity, 1),
         explore=spec.explore,
+        step=torch.tensor([k for _, k in recorded], dtype=torch.long),
+        stream=spec.stream(nC),
     )
 
 

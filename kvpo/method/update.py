@@ -31,8 +31,12 @@ class UpdateBatch(Protocol):
     step_weights: list[torch.Tensor]  # each part's TVE step weights
     adv: torch.Tensor  # [B, G] advantages
     valid: torch.Tensor  # [B] bool: groups trained on
+    group_weight: torch.Tensor  # [B] each group's weight in the PPO loss and KL
     refs: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # each part's reference terms
     tau: float  # the iteration's Gibbs temperature
+    logp_old: (
+        list[torch.Tensor] | None
+    )  # each part's old-policy log-probabilities (None: epoch 1's)
 
 
 class Part(NamedTuple):
@@ -42,6 +46,7 @@ class Part(NamedTuple):
     weight: torch.Tensor  # [K] TVE step weights
     adv: torch.Tensor  # [B, G] advantages
     valid: torch.Tensor  # [B] bool: groups trained on
+    group_weight: torch.Tensor  # [B] each group's weight in the PPO loss and KL
     logp_old: torch.Tensor | None  # the rollout policy's log-probabilities (None: these ones)
     u_ref: torch.Tensor | None  # the reference's replay velocities (kl velocity or softmax)
     logp_ref: torch.Tensor | None  # the reference's log-probabilities (kl softmax)
@@ -71,7 +76,7 @@ def policy_gradients(
     Returns the step's statistics, the old log-probabilities (``part.logp_old``, or these ones on
     the first epoch: the rollout policy is the policy before the first step) and the seconds
     spent in replay forwards."""
-    ro, weight, adv, valid, logp_old, u_ref, logp_ref = part
+    ro, weight, adv, valid, group_weight, logp_old, u_ref, logp_ref = part
     G = ro.tokens.shape[1]
     per = cfg.replay_branches or G
     t0 = time.perf_counter()
@@ -84,8 +89,12 @@ def policy_gradients(
         logp = branch_log_probs(cfg, model, u, ro, energy, tau)
     t_replay = time.perf_counter() - t0
     logp_old = logp.detach() if logp_old is None else logp_old
-    loss, st = ppo_objective(logp, logp_old, adv, valid, cfg.clip_low, cfg.clip_high)
-    kl = kl_term(cfg, u, u_ref, logp, logp_ref) if u_ref is not None else loss.new_zeros(())
+    loss, st = ppo_objective(
+        logp, logp_old, adv, valid, cfg.clip_low, cfg.clip_high, cfg.log_ratio_clamp, group_weight
+    )
+    kl = loss.new_zeros(())
+    if u_ref is not None:  # a mean over the groups, each at its weight
+        kl = (kl_term(cfg, u, u_ref, logp, logp_ref) * group_weight.to(kl.dtype)).mean()
     (loss * ppo_share + cfg.kl_coef * kl * kl_share).backward()
     for g0 in range(0, G if per < G else 0, per):
         sel = slice(g0, g0 + per)
@@ -124,7 +133,7 @@ def accumulate_gradients(
         g0 = sel.stop
         kl_share = (sel.stop - sel.start) / B
         ppo_share = float(valid[sel].sum()) / n_valid if n_valid else 0.0
-        part = Part(ro, w, batch.adv[sel], valid[sel], old, *ref)
+        part = Part(ro, w, batch.adv[sel], valid[sel], batch.group_weight[sel], old, *ref)
         st, old, dt = policy_gradients(cfg, model, part, autocast, ppo_share, kl_share, batch.tau)
         olds.append(old)
         t_replay += dt
@@ -193,7 +202,7 @@ def update_policy(
 
     Returns the statistics averaged over the epochs (``grad_norm`` included), the replay
     seconds, and the number of steps skipped."""
-    logp_old: list[torch.Tensor | None] = [None] * len(batch.parts)
+    logp_old: list[torch.Tensor | None] = list(batch.logp_old or [None] * len(batch.parts))
     stats, t_replay, skipped = [], 0.0, 0
     for _ in range(cfg.epochs):
         opt.zero_grad(set_to_none=True)
@@ -212,8 +221,13 @@ def update_policy(
 def learning_rate(cfg: TrainConfig, it: int) -> float:
     """AdamW's learning rate in iteration ``it``: ``lr * (it + 1) / lr_warmup`` during the warmup,
     then ``lr`` (``constant``) or ``lr`` decaying on a half cosine to ~0 at the last iteration
-    (``cosine``). A function of the iteration and the config alone, so a resumed run steps as
-    the original (one resumed with more ``iterations`` follows the longer cosine)."""
+    (``cosine``); ``public``: diffusers' ``constant_with_warmup`` stepped once per old-policy
+    sync, ``lr * min(1, (it // old_policy_sync) / lr_warmup)`` (from 0). A function of the
+    iteration and the config alone, so a resumed run steps as the original (one resumed with
+    more ``iterations`` follows the longer cosine)."""
+    if cfg.lr_schedule == "public":
+        done = it // max(cfg.old_policy_sync, 1)
+        return cfg.lr * min(1.0, done / cfg.lr_warmup) if cfg.lr_warmup else cfg.lr
     if it < cfg.lr_warmup:
         return cfg.lr * (it + 1) / cfg.lr_warmup
     if cfg.lr_schedule == "cosine":
@@ -229,8 +243,12 @@ def ppo_objective(
     valid: torch.Tensor,
     clip_low: float = 0.1,
     clip_high: float = 0.2,
+    log_ratio_clamp: float = 0.0,
+    group_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``-mean min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A)`` over valid groups.
+    """``-mean w_b min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A)`` over valid groups,
+    ``ratio = exp(clamp(logp - logp_old, +-log_ratio_clamp))`` (0: no clamp), ``w_b`` the
+    group's weight ``group_weight`` [B] (None: 1).
 
     Args:
         logp, logp_old: [B, G] branch log-probabilities, or [B, G, K] per-step ones (the SDE
@@ -244,12 +262,16 @@ def ppo_objective(
     """
     if adv.dim() < logp.dim():
         adv = adv.reshape(*adv.shape, *[1] * (logp.dim() - adv.dim()))
-    ratio = torch.exp(logp - logp_old)
+    log_ratio = logp - logp_old
+    if log_ratio_clamp:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
     obj = torch.minimum(ratio * adv, clipped * adv)
     m = valid.reshape(-1, *[1] * (obj.dim() - 1)).expand_as(obj).to(obj.dtype)
     n = m.sum().clamp_min(1.0)
-    loss = -(obj * m).sum() / n
+    w = m if group_weight is None else m * group_weight.reshape(m.shape[:1] + (1,) * (m.dim() - 1))
+    loss = -(obj * w.to(obj.dtype)).sum() / n
     was_clipped = ((ratio * adv) > (clipped * adv)).to(obj.dtype)
     seen = m if bool(valid.any()) else torch.ones_like(m)
     stats = {

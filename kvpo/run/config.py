@@ -21,7 +21,13 @@ from kvpo.generators.sampler import SAMPLERS
 from kvpo.rewards import BUILTIN, split_reward_spec
 from kvpo.run.loggers import parse_log_to
 
-REWARD_SCOPES = ("video", "global", "local")  # see kvpo.method.scoring.scope_chunks
+REWARD_SCOPES = (
+    "video",
+    "global",
+    "local",
+    "stream",
+    "segments",
+)  # see kvpo.method.scoring.scope_chunks
 BASE_CHECKPOINT = str(Path(__file__).parents[1] / "assets" / "base.safetensors")
 
 
@@ -116,6 +122,11 @@ class TrainConfig:
         default=0.0,
         metadata={"help": "probability that a training prompt switches direction mid-video"},
     )
+    # Built-in prompts switch direction at these chunks, every training video (the public recipe's
+    # fixed switches; the generator's KV re-cache runs at each)
+    switch_chunks: tuple[int, ...] = field(
+        default=(), metadata={"help": "chunks where every training video's direction switches"}
+    )
     # Exploration (rollout).
     # routing: KVPO (KV routing, TVE, Gibbs branch probabilities) | sde: the Flow-GRPO baseline
     # (per-branch SDE noise on the scored steps, PPO on Gaussian step log-probabilities)
@@ -138,10 +149,27 @@ class TrainConfig:
         metadata={"help": "each iteration the window starts 0..window_shift chunks later"},
     )
     # drop: each droppable history frame kept with probability p_keep | sample: the local window's
-    # slots besides sinks and the recent_frames nearest refilled from the whole older history
+    # slots besides sinks and the recent_frames nearest refilled from the whole older history |
+    # shifted (the public recipe): the slots drawn once at the fork from the pool, branch k a slice
+    # of one permutation shifted by k * max(1, pool // G), kept for the whole window
     routing: str = field(
         default="drop",
-        metadata={"help": "drop | sample: refill a local window's slots from older history"},
+        metadata={"help": "drop | sample | shifted: how a branch's history is routed"},
+    )
+    # routing=shifted: the pool's oldest frame is max(sinks, last perturbed chunk's first frame -
+    # route_pool) (LongLive: the 30 non-sink frames its KV cache holds; 0: all history)
+    route_pool: int = field(
+        default=0, metadata={"help": "routing=shifted: frames the pool reaches back (0: all)"}
+    )
+    # The t = 0 pass that writes a perturbed chunk's cache pages under the branch's routed context
+    # (the public recipe), not the full one: later chunks see the perturbation's K/V
+    routed_cache_pass: bool = field(
+        default=False, metadata={"help": "the window's cache writes under the routed context"}
+    )
+    # (first, later): chunks per streaming chunk (LongLive: 7 then 6 blocks); the stream reward
+    # scope and score_stream read it (None: the whole video is one)
+    streaming_chunk: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "first,later: chunks per streaming chunk (None: video)"}
     )
     p_keep: float = field(
         default=0.3, metadata={"help": "routing=drop: probability a droppable history frame stays"}
@@ -171,6 +199,10 @@ class TrainConfig:
     score_after_window: bool = field(
         default=False, metadata={"help": "also score the chunks after the perturbed window"}
     )
+    score_stream: bool = field(
+        default=False,
+        metadata={"help": "score from the fork to the end of its streaming chunk (public)"},
+    )
     score_steps: tuple[int, ...] | None = field(
         default=None, metadata={"help": "None: every denoising step"}
     )
@@ -193,13 +225,18 @@ class TrainConfig:
     )
     step_weighting: str = field(default="uniform", metadata={"help": "uniform | sigma"})
     # branch: one Gibbs probability per branch from its TVE | step: one per scored step, over the
-    # step's velocity distance / max(t, sigma_floor)^2 (the public recipe; PPO ratio per step)
+    # step's velocity distance / max(t, sigma_floor)^2 (PPO ratio per step) | x0 (the public
+    # recipe): E = sum_k mean (x0_k(rollout) - x0_k(replay))^2 / (2 max(t_k, sigma_floor)^2)
     likelihood: str = field(
         default="branch",
-        metadata={"help": "branch: Gibbs over the TVE | step: Gibbs per scored step"},
+        metadata={"help": "branch: Gibbs over the TVE | step: per scored step | x0: public"},
     )
     sigma_floor: float = field(
-        default=0.1, metadata={"help": "likelihood=step: floor on the step's noise level t"}
+        default=0.1, metadata={"help": "likelihood=step|x0: floor on the step's noise level t"}
+    )
+    # > 0: only the first N denoising steps of each chunk pass gradient (the rest count, detached)
+    log_prob_grad_steps: int = field(
+        default=0, metadata={"help": "gradient through each chunk's first N steps (0: all)"}
     )
     group_normalize: bool = field(
         default=True, metadata={"help": "log p = log_softmax(-E / tau) over the group | -E / tau"}
@@ -213,6 +250,10 @@ class TrainConfig:
     # window's start), local (the perturbed window); the public recipe: local=1,global=0.5.
     reward_scopes: dict[str, float] = field(
         default_factory=_whole_video, metadata={"help": "video|global|local"}
+    )
+    segment_clip: int = field(
+        default=0,
+        metadata={"help": "segments scope: decoded frames centred in each segment (0: all)"},
     )
     clip_reward_path: str = field(
         default="", metadata={"help": 'a local transformers CLIP directory: adds a "clip" reward'}
@@ -231,7 +272,12 @@ class TrainConfig:
     )
     advantage: str = field(
         default="group",
-        metadata={"help": "group: (r - mean) / std | anchor: against the unperturbed branch"},
+        metadata={"help": "group: (r - mean) / std | anchor | public: against the anchor"},
+    )
+    # skip: a group where no branch beats the anchor trains nothing | halve (the public recipe's
+    # anchor slot of logit 0 in the softmax): its PPO loss and KL count half
+    protect: str = field(
+        default="skip", metadata={"help": "advantage=anchor|public: skip | halve the gated groups"}
     )
     adv_clip: float = field(
         default=2.5, metadata={"help": "advantages clipped to [-adv_clip, adv_clip]"}
@@ -241,6 +287,14 @@ class TrainConfig:
     )
     # Update.
     epochs: int = field(default=2, metadata={"help": "PPO passes over each rollout"})
+    # > 0: a copy of the policy makes the rollouts and the old log-probabilities, synced to the
+    # policy every N iterations (the public recipe: 2); 0: the policy itself
+    old_policy_sync: int = field(
+        default=0, metadata={"help": "old policy synced every N iterations (0: none)"}
+    )
+    log_ratio_clamp: float = field(
+        default=0.0, metadata={"help": "PPO log-ratio clamped to +-this (0: none; public: 20)"}
+    )
     replay_branches: int = field(
         default=0,
         metadata={"help": "backward through this many branches per group at a time (0: all)"},
@@ -257,7 +311,7 @@ class TrainConfig:
     )
     lr_schedule: str = field(
         default="constant",
-        metadata={"help": "constant | cosine: from lr after warmup to ~0 at the end"},
+        metadata={"help": "constant | cosine | public: warmup from 0, stepped per old policy sync"},
     )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
@@ -395,6 +449,7 @@ class TrainConfig:
             "wan_sink_frames",
             "max_minutes",
             "tau_auto",
+            "log_ratio_clamp",
         ):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -408,6 +463,10 @@ class TrainConfig:
             ("replay_branches", " (0: all at once)"),
             ("rollout_branches", " (0: all at once)"),
             ("lr_warmup", " (iterations)"),
+            ("log_prob_grad_steps", " (0: all steps)"),
+            ("old_policy_sync", " (0: none)"),
+            ("route_pool", " (0: all history)"),
+            ("segment_clip", " (0: the whole segment)"),
             ("keep_last", " (0: every checkpoint)"),
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
@@ -430,8 +489,26 @@ class TrainConfig:
             raise bad("lora_init", "loads into LoRA adapters: set lora_rank to the file's rank")
         if self.wan_dtype == "bf16" and not self.lora_rank:
             raise bad("wan_dtype", "bf16 weights train only through LoRA adapters: set lora_rank")
-        if self.routing not in ("drop", "sample"):
-            raise bad("routing", "must be 'drop' or 'sample'")
+        if self.routing not in ("drop", "sample", "shifted"):
+            raise bad("routing", "must be 'drop', 'sample' or 'shifted'")
+        if self.protect not in ("skip", "halve"):
+            raise bad("protect", "must be 'skip' or 'halve'")
+        if self.protect == "halve" and self.advantage == "group":
+            raise bad("protect", "'halve' gates anchor-relative advantages: set advantage")
+        if self.log_prob_grad_steps and (self.likelihood == "branch" or self.explore == "sde"):
+            raise bad("log_prob_grad_steps", "needs likelihood 'step' or 'x0' (per-step terms)")
+        if self.likelihood == "x0" and self.tau_auto:
+            raise bad("tau_auto", "likelihood 'x0' is the public recipe's, at tau = 1: set 0")
+        if self.score_stream and self.score_after_window:
+            raise bad("score_stream", "and score_after_window both say where scoring ends")
+        if self.streaming_chunk is not None and (
+            len(self.streaming_chunk) != 2 or min(self.streaming_chunk) < 1
+        ):
+            raise bad("streaming_chunk", "must be two positive chunk counts: first, later")
+        if any(not isinstance(j, int) or j < 1 for j in self.switch_chunks) or list(
+            self.switch_chunks
+        ) != sorted(set(self.switch_chunks)):
+            raise bad("switch_chunks", "must be increasing chunk indices >= 1")
         if not isinstance(self.recent_frames, int) or self.recent_frames < 1:
             raise bad("recent_frames", "must be a positive integer")
         if self.local_window is not None and (
@@ -457,10 +534,10 @@ class TrainConfig:
             raise bad("multi_prompt", "must be in [0, 1]")
         if self.clip_low >= 1:
             raise bad("clip_low", "must be < 1")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise bad("lr_schedule", "must be 'constant' or 'cosine'")
-        if self.advantage not in ("group", "anchor"):
-            raise bad("advantage", "must be 'group' or 'anchor'")
+        if self.lr_schedule not in ("constant", "cosine", "public"):
+            raise bad("lr_schedule", "must be 'constant', 'cosine' or 'public'")
+        if self.advantage not in ("group", "anchor", "public"):
+            raise bad("advantage", "must be 'group', 'anchor' or 'public'")
         if self.kl not in ("velocity", "softmax", "none"):
             raise bad("kl", "must be 'velocity', 'softmax' or 'none'")
         if self.explore not in ("routing", "sde"):
@@ -477,8 +554,8 @@ class TrainConfig:
                 "sets KVPO's Gibbs temperature: explore='sde' has none (its "
                 "likelihood is Gaussian), set it to 0",
             )
-        if self.likelihood not in ("branch", "step"):
-            raise bad("likelihood", "must be 'branch' or 'step'")
+        if self.likelihood not in ("branch", "step", "x0"):
+            raise bad("likelihood", "must be 'branch', 'step' or 'x0'")
         if self.step_weighting not in ("uniform", "sigma"):
             raise bad("step_weighting", "must be 'uniform' or 'sigma'")
         if self.amp not in ("none", "bf16"):
@@ -522,6 +599,9 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["window"] = list(self.window)
         d["score_steps"] = None if self.score_steps is None else list(self.score_steps)
+        d["switch_chunks"] = list(self.switch_chunks)
+        if self.streaming_chunk is not None:
+            d["streaming_chunk"] = list(self.streaming_chunk)
         return d
 
 

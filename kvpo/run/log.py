@@ -135,7 +135,7 @@ def start_line(
         how = f"drop routing p_keep={cfg.p_keep}"
     else:
         how = (
-            f"sample routing ({cfg.recent_frames} recent frames kept, local window "
+            f"{cfg.routing} routing ({cfg.recent_frames} recent frames kept, local window "
             f"{model.local_window})"
         )
     return (

@@ -156,3 +156,19 @@ def load_policy(
                 if torch.is_tensor(v) and v.dim() > 0:
                     st[k] = v.to(device)
     return model, opt, ema, start, history
+
+
+def old_policy(cfg: TrainConfig, model: nn.Module) -> nn.Module | None:
+    """The lagged old policy of ``cfg.old_policy_sync`` (None without): a frozen copy of
+    ``model`` that shares its frozen tensors (a LoRA policy's base), synced by
+    :func:`sync_old_policy`. A resumed run starts it from the resumed policy."""
+    if not cfg.old_policy_sync:
+        return None
+    memo = {id(p): p for p in model.parameters() if not p.requires_grad}
+    return copy.deepcopy(model, memo).requires_grad_(False).eval()
+
+
+def sync_old_policy(old: nn.Module, model: nn.Module) -> None:
+    """``old`` takes ``model``'s weights."""
+    with torch.no_grad():
+        old.load_state_dict(model.state_dict())

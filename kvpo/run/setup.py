@@ -93,6 +93,18 @@ def prompt_sets(prompts: object) -> tuple[list[str], list[str]]:
     return sets[0], sets[1]
 
 
+def check_held_out(train: list[str], held: list[str]) -> None:
+    """A ConfigError naming the held-out prompts that a training prompt also holds, whole or as
+    a segment of a multi-prompt ``"A | B"`` (the held-out reward would measure trained prompts)."""
+    segs = {s.strip() for p in train for s in p.split("|")}
+    seen = [p for p in held if {s.strip() for s in p.split("|")} & segs]
+    if seen:
+        raise ConfigError(
+            f"{len(seen)} held-out prompt(s) also trained on (whole or as a segment), e.g. "
+            f"{_brief(seen[0])}: held-out prompts must be disjoint from the training prompts"
+        )
+
+
 def _brief(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -130,7 +142,8 @@ def check_run_rewards(
     windows = [shifted(cfg.window, s) for s in range(cfg.window_shift + 1)]
     with config_errors():
         reward.check_prompts(q for p in prompts for q in data.segments([p] * chunks))
-        check_clips(model, reward, {**cfg.reward_scopes, "video": 1.0}, windows)
+        layout = None if cfg.streaming_chunk is None else tuple(cfg.streaming_chunk)
+        check_clips(model, reward, {**cfg.reward_scopes, "video": 1.0}, windows, layout)
     if cfg.keep_best:
         metrics = evaluation_metrics(reward, cfg)
         if cfg.keep_best not in metrics:

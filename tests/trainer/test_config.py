@@ -106,7 +106,7 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"wan_dtype": "fp16"}, "wan_dtype='fp16': must be 'fp32' or 'bf16'"),
         ({"multi_prompt": 1.5}, r"multi_prompt=1.5: must be in \[0, 1\]"),
         ({"clip_low": 1.0}, "clip_low=1.0: must be < 1"),
-        ({"likelihood": "gaussian"}, "likelihood='gaussian': must be 'branch' or 'step'"),
+        ({"likelihood": "gaussian"}, "likelihood='gaussian': must be 'branch', 'step' or 'x0'"),
         ({"step_weighting": "linear"}, "step_weighting='linear': must be 'uniform' or 'sigma'"),
         ({"device": "tpu"}, "device='tpu': must be 'auto', 'cpu' or 'cuda'"),
         ({"reward_weights": {}}, "reward_weights={}: must be a non-empty mapping"),

@@ -49,18 +49,18 @@ def test_softmax_kl_is_the_branch_distributions_kl_normalized_or_not():
     cfg = TrainConfig(kl="softmax")
     p = torch.softmax(-e.double() / 0.1, dim=1)
     q = torch.softmax(-e_ref.double() / 0.1, dim=1)
-    want = (p * (p.log() - q.log())).sum(1).mean()
-    u = torch.zeros(1)
+    want = (p * (p.log() - q.log())).sum(1).mean(1)  # per group, over its steps
+    u = torch.zeros(3)
     normalized = kl_term(
         cfg, u, u, torch.log_softmax(-e / 0.1, 1), torch.log_softmax(-e_ref / 0.1, 1)
     )
     free = kl_term(cfg, u, u, -e / 0.1, -e_ref / 0.1)
     torch.testing.assert_close(normalized.double(), want, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(free.double(), want, rtol=1e-5, atol=1e-7)
-    assert want > 0 and kl_term(cfg, u, u, -e / 0.1, -e / 0.1 + 3.0).abs() < 1e-6
+    assert (want > 0).all() and kl_term(cfg, u, u, -e / 0.1, -e / 0.1 + 3.0).abs().max() < 1e-6
     a, b = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
     vel = kl_term(TrainConfig(kl="velocity"), a, b, None, None)
-    torch.testing.assert_close(vel.double(), (a.double() - b.double()).pow(2).mean())
+    torch.testing.assert_close(vel.double(), (a.double() - b.double()).pow(2).mean(1))
 
 
 def _spreads_float64(cfg, model, ro) -> torch.Tensor:

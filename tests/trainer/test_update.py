@@ -88,7 +88,7 @@ def test_replay_in_branch_batches_gives_the_same_gradient(over):
     for per in (0, 1):
         run = build_config(dict(tau=1e-3, replay_branches=per, **over))
         model.zero_grad(set_to_none=True)
-        part = Part(ro, w, adv, valid, None, u_ref, logp_ref)
+        part = Part(ro, w, adv, valid, torch.ones(2), None, u_ref, logp_ref)
         st, _, _ = policy_gradients(run, model, part, contextlib.nullcontext)
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
         stats.append(st)
@@ -159,7 +159,13 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(over):
         model.zero_grad(set_to_none=True)
         refs_of = [refs(r, x) for r, x in zip(parts, w, strict=True)]
         batch = SimpleNamespace(
-            parts=parts, step_weights=w, adv=adv, valid=valid, refs=refs_of, tau=cfg.tau
+            parts=parts,
+            step_weights=w,
+            adv=adv,
+            valid=valid,
+            group_weight=torch.ones(len(valid)),
+            refs=refs_of,
+            tau=cfg.tau,
         )
         st, olds, _ = accumulate_gradients(cfg, model, batch, olds, contextlib.nullcontext)
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
