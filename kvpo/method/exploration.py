@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kvpo.generators import data
-from kvpo.method.rollout import RolloutSpec, exploring_chunks
+from kvpo.method.rollout import RolloutSpec, exploring_chunks, stream_of
 from kvpo.run import distributed
 from kvpo.run.config import ConfigError, TrainConfig, config_errors
 
@@ -35,6 +35,27 @@ def shifted(window: tuple[int, int], by: int) -> tuple[int, int]:
     return (window[0] + by, window[1] + by)
 
 
+def window_shifts(cfg: TrainConfig, n_chunks: int) -> list[int]:
+    """The shifts ``0..window_shift`` an iteration draws its window's start from: with
+    ``streaming_chunk``, those whose window lies inside one streaming chunk (the public recipe's
+    starts: block 0 or 1 of a streaming chunk). A ConfigError if none does."""
+    shifts = list(range(cfg.window_shift + 1))
+    if cfg.streaming_chunk is None:
+        return shifts
+    layout = tuple(cfg.streaming_chunk)
+    inside = [
+        s
+        for s in shifts
+        if shifted(cfg.window, s)[1] <= stream_of(layout, cfg.window[0] + s, n_chunks)[1]
+    ]
+    if not inside:
+        raise ConfigError(
+            f"config window={tuple(cfg.window)}, window_shift={cfg.window_shift}: no start puts "
+            f"the window inside one streaming chunk of streaming_chunk={list(layout)}"
+        )
+    return inside
+
+
 def iteration_batch(
     cfg: TrainConfig, spec: RolloutSpec, it: int, train_prompts: list[str], chunks: int
 ) -> tuple[list[list[str]], RolloutSpec, torch.Generator]:
@@ -50,10 +71,10 @@ def iteration_batch(
     ).tolist()
     gen = iteration_generator(cfg, it, rank)
     batch = [video_prompts(cfg, train_prompts[i], chunks, gen) for i in pick[rank::world]]
-    shift = torch.randint(
-        cfg.window_shift + 1, (), generator=iteration_generator(cfg, it, stream=2)
-    )
-    return batch, dataclasses.replace(spec, window=shifted(cfg.window, int(shift))), gen
+    shifts = window_shifts(cfg, chunks)
+    pick = torch.randint(len(shifts), (), generator=iteration_generator(cfg, it, stream=2))
+    shift = shifts[int(pick)]
+    return batch, dataclasses.replace(spec, window=shifted(cfg.window, shift)), gen
 
 
 def video_prompts(cfg: TrainConfig, prompt: str, chunks: int, gen: torch.Generator) -> list[str]:
@@ -96,7 +117,7 @@ def checked_spec(cfg: TrainConfig, model: nn.Module) -> RolloutSpec:
             f"config switch_chunks={list(cfg.switch_chunks)}: the video has {n_chunks} chunks, "
             f"switches lie in 1..{n_chunks - 1}"
         )
-    for shift in range(cfg.window_shift + 1):
+    for shift in window_shifts(cfg, n_chunks):
         at = shifted(cfg.window, shift)
         try:
             check_exploration(dataclasses.replace(spec, window=at), model)
@@ -118,12 +139,6 @@ def check_exploration(spec: RolloutSpec, model: nn.Module) -> None:
     train nothing while looking healthy."""
     with config_errors():
         spec.validate(model)
-    n_chunks = model.num_frames // model.chunk_frames
-    if spec.streaming_chunk is not None and spec.window[1] > spec.stream(n_chunks)[1]:
-        raise ConfigError(
-            f"window {spec.window} crosses the end of its streaming chunk {spec.stream(n_chunks)} "
-            f"(streaming_chunk={tuple(spec.streaming_chunk)}): the perturbed chunks lie in one"
-        )
     if spec.explore != "routing" or spec.group_size < 2 or exploring_chunks(model, spec):
         return
     w0, w1 = spec.window

@@ -287,14 +287,16 @@ def exploring_chunks(model: StreamingVideoGenerator, spec: RolloutSpec) -> list[
 
 
 def _shifted_pool(model: StreamingVideoGenerator, spec: RolloutSpec) -> tuple[list[int], int]:
-    """``routing="shifted"``: the history frames a branch's slots are drawn from (older than the
-    fork's recent frames, from ``max(sinks, first frame of the window's last chunk -
-    route_pool)``) and the slots (the fork's window less sinks and recent frames)."""
+    """``routing="shifted"``: the history frames a branch's slots are drawn from and the slots
+    (the fork's window less sinks and recent frames). The pool ends ``recent_frames + chunk``
+    frames before the fork, as the public recipe's ``fork - m_nearest_frames`` (the frames
+    between it and the recent ones are in no branch's window); it starts at ``max(sinks, first
+    frame of the window's last chunk - route_pool)`` (0: at the sinks)."""
     w0, w1 = spec.window
     c = model.chunk_frames
     sinks, recent, slots = _sample_layout(model, spec, w0)
     first = sinks if not spec.route_pool else max(sinks, (w1 - 1) * c - spec.route_pool)
-    return list(range(first, w0 * c - recent)), slots
+    return list(range(first, w0 * c - recent - c)), slots
 
 
 def shifted_plans(

@@ -11,7 +11,7 @@ from torch import nn
 
 from kvpo.evaluate import evaluation_metrics
 from kvpo.generators import data
-from kvpo.method.exploration import shifted
+from kvpo.method.exploration import shifted, window_shifts
 from kvpo.method.scoring import check_clips
 from kvpo.rewards import GENERIC, ClipReward, CompositeReward, RewardFn, load_reward
 from kvpo.run import distributed
@@ -139,7 +139,7 @@ def check_run_rewards(
     any window start) or the evaluation's whole video is too short for a reward, or
     ``keep_best`` names no metric the evaluation logs."""
     chunks = model.num_frames // model.chunk_frames
-    windows = [shifted(cfg.window, s) for s in range(cfg.window_shift + 1)]
+    windows = [shifted(cfg.window, s) for s in window_shifts(cfg, chunks)]
     with config_errors():
         reward.check_prompts(q for p in prompts for q in data.segments([p] * chunks))
         layout = None if cfg.streaming_chunk is None else tuple(cfg.streaming_chunk)
