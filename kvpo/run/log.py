@@ -23,6 +23,7 @@ def iteration_row(it: int, ex: Exploration, update: dict[str, float]) -> dict:
     total = distributed.all_gather(ex.total)
     adv = distributed.all_gather(ex.adv.cpu())
     valid = distributed.all_gather(ex.valid.cpu())
+    weight = distributed.all_gather(ex.group_weight.cpu())
     spread = distributed.all_gather(ex.spread)
     return {
         "iter": it,
@@ -35,6 +36,8 @@ def iteration_row(it: int, ex: Exploration, update: dict[str, float]) -> dict:
         # KV pages of the largest micro-batch's rollout (what micro_batch bounds)
         "rollout_cache_mib": max(ro.cache_bytes for ro in ex.parts) / 2**20,
         "valid_groups": int(valid.sum()),
+        # groups the protect gate halved (protect=halve; with skip they are not valid)
+        "halved_groups": int(((weight > 0) & (weight < 1)).sum()),
         # how different the branches' videos came out (Rollout.branch_spread): the exploration's
         # strength, before any reward reads it
         "branch_spread": float(spread.mean()),

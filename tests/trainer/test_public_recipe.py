@@ -411,5 +411,5 @@ def test_the_builtin_public_preset_trains(tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx([0.0, 0.0, 2e-6], rel=1e-12, abs=0)
     for row in rows:
         assert "reward_stream/alignment" in row and "reward_segments/path" in row
-        assert row["valid_groups"] == 2 and row["window_start"] == 4
+        assert row["valid_groups"] == 2 and row["window_start"] == 4 and "halved_groups" in row
         assert all(map(math.isfinite, (row["loss"], row["ratio"], row["kl"], row["grad_norm"])))

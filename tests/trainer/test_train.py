@@ -632,27 +632,27 @@ def test_tau_auto_gives_the_update_and_the_kl_each_iterations_tau(base, tmp_path
         assert torch.equal(a, b)
 
 
-def test_public_recipe_config_trains(base, tmp_path):
-    """configs/public_recipe.yaml (sample routing, per-step likelihood, anchor advantages over the
-    local and global clips, softmax KL, EMA) end to end, scaled to the tiny generator."""
+def test_the_projects_variants_train_together(base, tmp_path):
+    """This project's own variants (sample routing, per-step likelihood, anchor advantages over the
+    local and global clips, softmax KL, EMA) end to end, on the tiny generator."""
     over = {
         **run_overrides(base, tmp_path, samples=False),
         "window": "2,3",
         "window_shift": 1,
         "local_window": 2,  # chunk 2's 4 history frames overflow 1 sink + 2: sample routing explores
         "score_steps": "0,1",
+        "routing": "sample",
+        "recent_frames": 1,
+        "likelihood": "step",
+        "advantage": "anchor",
+        "reward_scopes": "local=1,global=0.5",
+        "kl": "softmax",
+        "ema": 0.999,
     }
-    argv = ["--config", str(ROOT / "configs" / "public_recipe.yaml")]
+    argv = []
     for k, v in over.items():
         argv += [f"--{k}", str(v)]
-    cfg = parse_args(argv)
-    assert (cfg.routing, cfg.likelihood, cfg.advantage, cfg.kl) == (
-        "sample",
-        "step",
-        "anchor",
-        "softmax",
-    )
-    res = train(cfg)
+    res = train(parse_args(argv))
     rows = [r for r in res.history if r["iter"] >= 0]
     for row in rows:
         assert "reward_local/alignment" in row and "reward_global/path" in row
