@@ -309,14 +309,15 @@ def tau_line(
     what = f"energy spread {spread:.2e} (one group of {spec.group_size} branches)"
     if cfg.tau_auto:
         return f"tau: tau_auto {cfg.tau_auto:g} x the {what}, {cfg.tau_auto * spread:.2e} here"
-    ratio = cfg.tau / spread
+    x0 = cfg.likelihood == "x0"  # the public recipe's: no temperature, tau = 1
+    tau = 1.0 if x0 else cfg.tau
+    ratio = tau / spread
+    name = "tau 1 (likelihood x0)" if x0 else f"tau {tau:.2e}"
     if 1 / TAU_FACTOR <= ratio <= TAU_FACTOR:
-        return f"tau {cfg.tau:.2e}: {ratio:.2g}x the {what}, within {TAU_FACTOR:g}x of it"
+        return f"{name}: {ratio:.2g}x the {what}, within {TAU_FACTOR:g}x of it"
     effect = "stay at 1" if ratio > 1 else "swing to the clip on small changes"
-    return (
-        f"tau {cfg.tau:.2e}: {ratio:.2g}x the {what}, far from it: the PPO ratios would "
-        f"{effect}; --tau_auto 1 sets tau to the spread every iteration"
-    )
+    fix = "" if x0 else "; --tau_auto 1 sets tau to the spread every iteration"
+    return f"{name}: {ratio:.2g}x the {what}, far from it: the PPO ratios would {effect}{fix}"
 
 
 def main(argv: list[str] | None = None) -> Preflight:
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> Preflight:
             if cfg.explore == "sde"
             else f"drop routing, p_keep {cfg.p_keep}"
             if cfg.routing == "drop"
-            else f"sample routing, {cfg.recent_frames} recent frames kept"
+            else f"{cfg.routing} routing, {cfg.recent_frames} recent frames kept"
         ),
         flush=True,
     )

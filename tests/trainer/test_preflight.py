@@ -188,3 +188,5 @@ def test_cli_sets_the_runs_tau_against_the_energy_spread(base, tmp_path, capsys)
     # the spread printed is rounded to 3 digits: twice it, to that rounding
     assert float(auto[len(head) : -len(" here")]) == pytest.approx(2 * spread, rel=5e-3)
     assert line(explore="sde", kl="velocity") is None
+    x0 = line(likelihood="x0", sigma_floor=1.0)  # the public recipe's: at tau 1
+    assert x0.startswith("tau 1 (likelihood x0): ") and "--tau_auto" not in x0
