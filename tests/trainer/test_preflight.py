@@ -82,9 +82,9 @@ def test_a_generator_without_a_property_is_caught(broken, failing):
 
 
 def test_a_small_shift_is_caught_on_the_shipped_generator_under_bf16():
-    """The shipped generator hardly depends on the frame position: the shift costs 6.7e-4 of the
-    velocities' energy, less than bfloat16 rounding could; against the routed branches' TVE
-    (2.5e-3) it is a quarter of the signal, and fails, in fp32 and under bf16 autocast."""
+    """The shipped generator depends little on the frame position: the shift costs 2.9e-3 of the
+    velocities' energy; against the routed branches' TVE (1.2e-2) it is a quarter of the signal,
+    and fails, in fp32 and under bf16 autocast."""
     from functools import partial
 
     from kvpo.generators.data import split_prompts
@@ -106,7 +106,7 @@ def test_a_small_shift_is_caught_on_the_shipped_generator_under_bf16():
         exact = 1e-10 if not bf16 else 0.1 * NOISE_FLOOR * good.routed_tve
         assert good.replay_error < exact, (bf16, good.replay_error)
         assert bad.failures.keys() == {"replay"}
-        assert bad.replay_error < 1e-3 and bad.replay_error > 10 * NOISE_FLOOR * bad.routed_tve
+        assert 10 * NOISE_FLOOR * bad.routed_tve < bad.replay_error < 0.5 * bad.routed_tve
 
 
 def test_frozen_parameters_and_a_broken_reward_are_caught():
