@@ -41,7 +41,11 @@ def _rows(path: Path) -> list[dict]:
 
 def guards(run: Path) -> dict[str, float]:
     """The guard rewards on the run's held-out prompts and noises of its base (``base_*``, under
-    the run's deployment context) and of its final policy (``eval_*``)."""
+    the run's deployment context) and of its final policy (``eval_*``); kept in the run's
+    ``guards.json``."""
+    kept = run / "guards.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())
     cfg = build_config(yaml.safe_load((run / "config.yaml").read_text()))
     base = load_model(cfg.base_checkpoint)
     set_context(cfg, base)
@@ -49,7 +53,8 @@ def guards(run: Path) -> dict[str, float]:
     out = {}
     for tag, model in (("base_", base), ("eval_", load_model(run / "checkpoint.safetensors"))):
         ev = evaluate(model.eval(), held, GUARDS, cfg.seed, torch.device("cpu"), cfg.eval_seeds)
-        out.update({tag + k[len("eval_") :]: v for k, v in ev.scores.items()})
+        out.update({tag + g: ev.scores["eval_" + g] for g in ("motion", "visual", "size")})
+    kept.write_text(json.dumps(out))
     return out
 
 

@@ -2,7 +2,8 @@
 # The runs of benchmarks/RESULTS.md "The public recipe, this project's recipes and a fair
 # Flow-GRPO": 20 iterations each on the built-in generator, two at a time on one thread each.
 #   bash benchmarks/recipes.sh ROOT compare       # 3 seeds of three recipes; Flow-GRPO's lr sweep
-#   bash benchmarks/recipes.sh ROOT pieces LR     # Flow-GRPO at LR, seeds 1-2; the public pieces
+#   bash benchmarks/recipes.sh ROOT pieces        # the public pieces; Flow-GRPO's sweep, finer
+#   bash benchmarks/recipes.sh ROOT flow LR       # Flow-GRPO at its best LR, seeds 1-2
 #   python -m benchmarks.recipes ROOT             # the table
 set -euo pipefail
 ROOT=$1
@@ -27,8 +28,10 @@ FLOW="--explore sde --clip_low 1e-4 --clip_high 1e-4"
       echo "public $s $PUBLIC"
     done
     for lr in 1e-5 1e-4 1e-3; do echo "flowgrpo-lr$lr 0 $FLOW --lr $lr"; done
-  else
+  elif [ "$PHASE" = flow ]; then
     for s in 1 2; do echo "flowgrpo-lr$3 $s $FLOW --lr $3"; done
+  else
+    for lr in 3e-5 3e-4; do echo "flowgrpo-lr$lr 0 $FLOW --lr $lr"; done
     # the public recipe with one piece at a time put back to this project's default
     echo "public-branch-tve 0 $PUBLIC --likelihood branch --log_prob_grad_steps 0 --score_stream false"
     echo "public-no-old-policy 0 $PUBLIC --old_policy_sync 0 --lr_schedule constant --lr_warmup 0 --log_ratio_clamp 0 --epochs 2"
