@@ -252,10 +252,15 @@ def random_prompts(
     out = [base] * n_chunks
     if n_chunks > 1 and float(torch.rand((), generator=generator)) < p_switch:
         at = int(torch.randint(1, n_chunks, (1,), generator=generator))
-        others = [d for d in DIRECTIONS if d != Scene.parse(base).direction]
-        new_dir = others[int(torch.randint(len(others), (1,), generator=generator))]
+        new_dir = other_direction(Scene.parse(base).direction, generator)
         out = switched_prompts(base, n_chunks, at, new_dir)
     return out
+
+
+def other_direction(direction: str, generator: torch.Generator) -> str:
+    """A direction drawn uniformly among those other than ``direction``."""
+    others = [d for d in DIRECTIONS if d != direction]
+    return others[int(torch.randint(len(others), (1,), generator=generator))]
 
 
 def fixed_switches(
@@ -268,10 +273,14 @@ def fixed_switches(
         raise ValueError(f"switch chunks {tuple(at)} must lie in 1..{n_chunks - 1}")
     out, direction = [prompt] * n_chunks, Scene.parse(prompt).direction
     for a in at:
-        others = [d for d in DIRECTIONS if d != direction]
-        direction = others[int(torch.randint(len(others), (1,), generator=generator))]
+        direction = other_direction(direction, generator)
         out[a:] = switched_prompts(prompt, n_chunks, a, direction)[a:]
     return out
+
+
+def prompt_segments(prompt: str) -> list[str]:
+    """The segments of a multi-prompt ``"A | B"`` in order (one for a plain prompt)."""
+    return [s.strip() for s in prompt.split("|")]
 
 
 def segments(prompts: list[str]) -> list[str]:
@@ -281,7 +290,7 @@ def segments(prompts: list[str]) -> list[str]:
     n = len(prompts)
     out = []
     for j, p in enumerate(prompts):
-        parts = [s.strip() for s in p.split("|")]
+        parts = prompt_segments(p)
         if len(parts) > n or not all(parts):
             raise ValueError(
                 f"prompt {p!r}: {len(parts)} segments for {n} chunks (at most one per chunk, "

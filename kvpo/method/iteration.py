@@ -40,7 +40,8 @@ class Exploration:
     refs: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # each part's reference terms
     # each part's log-probabilities under the old policy that rolled it out (old_policy_sync)
     logp_old: list[torch.Tensor] | None
-    # time_rollout, time_reward (and advantages), time_reference; time_tau (its replay)
+    # time_rollout, time_reward (and advantages), time_reference; time_tau (its replay);
+    # time_old_policy (the old policy's replay)
     seconds: dict[str, float]
 
 
@@ -84,13 +85,16 @@ def explore(
     t3 = time.perf_counter()
     with torch.no_grad(), autocast(), memory_stage("reference", cfg):
         refs = [reference_terms(cfg, ref, ro, w, tau) for ro, w in zip(parts, step_w, strict=True)]
+    t4 = time.perf_counter()
+    with autocast(), memory_stage("reference", cfg):  # a no-grad replay, as the reference's
         logp_old = None if old is None else old_log_probs(cfg, old, parts, step_w, tau)
     # the frozen reference's forward for the KL: logged apart, it can cost more than the rewards
     seconds = {
         "time_rollout": t1 - t0,
         "time_reward": t2 - t1,
-        "time_reference": time.perf_counter() - t3,
+        "time_reference": t4 - t3,
         **({"time_tau": t3 - t2} if cfg.tau_auto else {}),
+        **({"time_old_policy": time.perf_counter() - t4} if old is not None else {}),
     }
     spread = torch.cat([ro.branch_spread().cpu() for ro in parts])
     return Exploration(

@@ -106,12 +106,20 @@ def old_log_probs(
 ) -> list[torch.Tensor]:
     """Each part's branch log-probabilities under the old policy ``old`` that rolled it out
     (``old_policy_sync``), replayed without gradients: what the PPO ratio divides by."""
-    out = []
     with torch.no_grad():
-        for ro, w in zip(parts, weights, strict=True):
-            u = replay_velocities(old, ro, cfg.replay_branches)
-            out.append(branch_log_probs(cfg, old, u, ro, trajectory_energy(u, ro, w), tau))
-    return out
+        return [
+            replayed_log_probs(cfg, old, ro, w, tau)[1]
+            for ro, w in zip(parts, weights, strict=True)
+        ]
+
+
+def replayed_log_probs(
+    cfg: TrainConfig, model: nn.Module, ro: Rollout, weight: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s replay velocities of ``ro`` (``replay_branches`` branches per group at a time)
+    and its branch log-probabilities at ``tau``, under the caller's grad mode."""
+    u = replay_velocities(model, ro, cfg.replay_branches)
+    return u, branch_log_probs(cfg, model, u, ro, trajectory_energy(u, ro, weight), tau)
 
 
 def energy_spread(energies: list[torch.Tensor]) -> float | None:
@@ -178,8 +186,6 @@ def reference_terms(
     or softmax) and its branch log-probabilities at the iteration's ``tau`` (for softmax)."""
     if cfg.kl == "none":
         return None, None
-    u_ref = replay_velocities(ref, ro, cfg.replay_branches)
     if cfg.kl != "softmax":
-        return u_ref, None
-    energy = trajectory_energy(u_ref, ro, weight)
-    return u_ref, branch_log_probs(cfg, ref, u_ref, ro, energy, tau)
+        return replay_velocities(ref, ro, cfg.replay_branches), None
+    return replayed_log_probs(cfg, ref, ro, weight, tau)

@@ -254,8 +254,8 @@ def _steps(model: StreamingVideoGenerator, spec: RolloutSpec) -> list[int]:
 def _sample_layout(
     model: StreamingVideoGenerator, spec: RolloutSpec, chunk: int
 ) -> tuple[int, int, int]:
-    """``routing="sample"`` at ``chunk``: (sink frames, recent frames, window slots drawn from the
-    older history between them)."""
+    """``routing="sample"`` or ``"shifted"`` at ``chunk``: (sink frames, recent frames, window
+    slots drawn from the older history between them)."""
     start = chunk * model.chunk_frames
     sinks = min(model.sink_frames, start)
     recent = min(spec.recent_frames, start - sinks)
@@ -267,8 +267,9 @@ def exploring_chunks(model: StreamingVideoGenerator, spec: RolloutSpec) -> list[
 
     ``drop``: a frame besides the sinks and the most recent one is visible, and ``0 < p_keep <
     1``. ``sample``: the older history (between sinks and recent frames) holds more frames than
-    the local window's free slots, and there is a slot. Elsewhere every branch sees the same
-    context, so with no exploring chunk the G branches of a group are one video.
+    the local window's free slots, and there is a slot. ``shifted``: the same of its one pool,
+    for every chunk of the window. Elsewhere every branch sees the same context, so with no
+    exploring chunk the G branches of a group are one video.
     """
     if spec.routing == "shifted":  # one plan for the whole window
         pool, slots = _shifted_pool(model, spec)

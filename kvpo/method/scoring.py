@@ -158,15 +158,17 @@ def _segment_rewards(
     """The ``segments`` scope of B groups: each component's mean over a video's segment clips,
     [B * G] for the branches ``vids`` [B * G, F, C, H, W] and [B] for the anchors ``av``."""
     G = vids.shape[0] // len(prompts)
+
+    def mean_over(videos: torch.Tensor, segs: list[tuple[str, slice]]) -> dict[str, torch.Tensor]:
+        got = [reward.components(videos[:, f], [p] * len(videos), names) for p, f in segs]
+        return {k: torch.stack([g[k] for g in got]).mean(0) for k in names}
+
     per_b, per_a = [], []
     for b, chunk_prompts in enumerate(prompts):
         segs = segment_clips(model, chunk_prompts, clip)
-        rows = slice(b * G, (b + 1) * G)
-        got = [reward.components(vids[rows, f], [p] * G, names) for p, f in segs]
-        per_b.append({k: torch.stack([g[k] for g in got]).mean(0) for k in names})
+        per_b.append(mean_over(vids[b * G : (b + 1) * G], segs))
         if av is not None:
-            got = [reward.components(av[b : b + 1, f], [p], names) for p, f in segs]
-            per_a.append({k: torch.stack([g[k] for g in got]).mean(0) for k in names})
+            per_a.append(mean_over(av[b : b + 1], segs))
     cat = {k: torch.cat([d[k] for d in per_b]) for k in names}
     return cat, None if av is None else {k: torch.cat([d[k] for d in per_a]) for k in names}
 

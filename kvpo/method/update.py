@@ -34,9 +34,7 @@ class UpdateBatch(Protocol):
     group_weight: torch.Tensor  # [B] each group's weight in the PPO loss and KL
     refs: list[tuple[torch.Tensor | None, torch.Tensor | None]]  # each part's reference terms
     tau: float  # the iteration's Gibbs temperature
-    logp_old: (
-        list[torch.Tensor] | None
-    )  # each part's old-policy log-probabilities (None: epoch 1's)
+    logp_old: list[torch.Tensor] | None  # each part's old policy's (None: the first epoch's)
 
 
 class Part(NamedTuple):

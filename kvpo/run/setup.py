@@ -96,8 +96,8 @@ def prompt_sets(prompts: object) -> tuple[list[str], list[str]]:
 def check_held_out(train: list[str], held: list[str]) -> None:
     """A ConfigError naming the held-out prompts that a training prompt also holds, whole or as
     a segment of a multi-prompt ``"A | B"`` (the held-out reward would measure trained prompts)."""
-    segs = {s.strip() for p in train for s in p.split("|")}
-    seen = [p for p in held if {s.strip() for s in p.split("|")} & segs]
+    segs = {s for p in train for s in data.prompt_segments(p)}
+    seen = [p for p in held if set(data.prompt_segments(p)) & segs]
     if seen:
         raise ConfigError(
             f"{len(seen)} held-out prompt(s) also trained on (whole or as a segment), e.g. "

@@ -216,6 +216,7 @@ def test_the_old_policy_makes_the_rollouts_and_syncs_every_n_iterations(base, tm
     ratios = [r["ratio"] for r in res.history if r["iter"] >= 0]
     assert ratios[0] == 1.0 and ratios[2] == 1.0  # the old policy is the policy
     assert abs(ratios[1] - 1.0) > 1e-6 and abs(ratios[3] - 1.0) > 1e-6  # one step behind
+    assert all(r["time_old_policy"] >= 0 for r in res.history if r["iter"] >= 0)
     res = train(build_config({**over, "out_dir": str(tmp_path / "lag0")}))
     assert [r["ratio"] for r in res.history if r["iter"] >= 0] == [1.0] * 4
 
