@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a machine wit
 HERE = os.path.dirname(os.path.abspath(__file__))
 # For a build on a machine without a GPU (a container image, a login node): the architectures to
 # compile for, in torch's spelling; the Triton kernels need nothing of the kind.
-ARCH_EXAMPLE = "8.0;9.0;10.0;12.0+PTX"
+ARCH_EXAMPLE = "8.0;9.0a;10.0;12.0+PTX"
 
 
 def _use_cuda() -> bool:
@@ -51,6 +51,18 @@ def _use_cuda() -> bool:
     return False
 
 
+def _hopper_arch_list() -> None:
+    """For visible GPUs all of compute capability 9.0 (TORCH_CUDA_ARCH_LIST unset or native),
+    compile for 9.0a, not torch's 9.0: the Hopper forward (csrc/cuda/routed_attention_sm90.cu)
+    uses wgmma and TMA, which only sm_90a code has (in an sm_90 build its kernel is empty and the
+    op runs the sm80 kernel). sm_90a code runs on every 9.0 device."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "native") != "native":
+        return
+    gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else ()
+    if gpus and all(torch.cuda.get_device_capability(i) == (9, 0) for i in gpus):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
+
+
 def _extension():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -59,6 +71,7 @@ def _extension():
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
     use_cuda = bool(cuda) and _use_cuda()
     if use_cuda:
+        _hopper_arch_list()
         return CUDAExtension(
             "kvpo_kernels._C",
             cpp + cuda_bind + cuda,

@@ -15,11 +15,12 @@ std::tuple<at::Tensor, at::Tensor> routed_attn_fwd_cpu(const at::Tensor& q, cons
                                                        const std::optional<at::Tensor>& page_lens,
                                                        double scale);
 
-// delta: [B, H, Lq] = rowsum(dout * out) - dlse. Returns dq, dk_pages, dv_pages.
+// delta: [B, H, Lq] = rowsum(dout * out) - dlse. Returns dq, dk_pages, dv_pages. deterministic is
+// ignored: the CPU kernel's order of summation is fixed.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attn_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k_pages,
     const at::Tensor& v_pages, const at::Tensor& page_table,
     const std::optional<at::Tensor>& page_lens, const at::Tensor& lse, const at::Tensor& delta,
-    double scale);
+    double scale, bool deterministic);
 
 }  // namespace kvpo

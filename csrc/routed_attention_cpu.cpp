@@ -548,7 +548,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attn_fwd_cpu(const at::Tensor& q_, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attn_bwd_cpu(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& table_, const std::optional<at::Tensor>& lens_, const at::Tensor& lse_,
-    const at::Tensor& delta_, double scale) {
+    const at::Tensor& delta_, double scale, bool /*deterministic*/) {
   const auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const auto table = table_.contiguous(), dout = dout_.contiguous();
   std::optional<at::Tensor> lens;

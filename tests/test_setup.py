@@ -57,3 +57,34 @@ def test_setup_builds_cuda_kernels_where_it_can_name_the_architectures():
     assert _setup_use_cuda(
         "12.8", False, {"KVPO_FORCE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "8.0"}
     ) == (True, "")
+
+
+def _setup_hopper_arch_list(capabilities: list[tuple[int, int]], env: dict[str, str]) -> str | None:
+    """TORCH_CUDA_ARCH_LIST after setup.py's _hopper_arch_list, under a stand-in torch whose
+    visible GPUs have ``capabilities``, in environment ``env``."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    keep = [
+        n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_hopper_arch_list"
+    ]
+    fake_torch = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(
+            is_available=lambda: bool(capabilities),
+            device_count=lambda: len(capabilities),
+            get_device_capability=lambda i: capabilities[i],
+        )
+    )
+    scope = {"os": os, "torch": fake_torch}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), scope)
+    with mock.patch.dict(os.environ, env, clear=True):
+        scope["_hopper_arch_list"]()
+        return os.environ.get("TORCH_CUDA_ARCH_LIST")
+
+
+def test_setup_compiles_visible_hopper_gpus_for_sm90a():
+    """Visible H100s / H200s alone: 9.0a (the Hopper forward's wgmma and TMA need it); any other
+    GPU among them, no GPU, or an explicit list: torch's own choice, untouched."""
+    assert _setup_hopper_arch_list([(9, 0), (9, 0)], {}) == "9.0a"
+    assert _setup_hopper_arch_list([(9, 0)], {"TORCH_CUDA_ARCH_LIST": "native"}) == "9.0a"
+    assert _setup_hopper_arch_list([(9, 0), (8, 0)], {}) is None
+    assert _setup_hopper_arch_list([], {}) is None
+    assert _setup_hopper_arch_list([(9, 0)], {"TORCH_CUDA_ARCH_LIST": "9.0"}) == "9.0"

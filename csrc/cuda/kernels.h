@@ -53,4 +53,39 @@ bool routed_attention_fwd_supported(DType dt, int64_t head_dim);
 
 cudaError_t routed_attention_fwd(const RoutedAttnParams& p, DType dt, cudaStream_t stream);
 
+// Routed paged attention backward (tensor cores; fp16/bf16; head_dim 64 or 128).
+// dout, q: [B, H, Lq, D]; k_pages, v_pages: [P, Hkv, page_size, D]; page_table, page_lens: as the
+// forward's; lse, delta: [B, H, Lq] float32 (the forward's lse; delta = rowsum(dout * out) - dlse);
+// row_ptr: [P + 1] int32 and rows: [nnz] int32, the rows listing each page, once per listing
+// (rows[row_ptr[p]:row_ptr[p + 1]], nnz = row_ptr[P]); dq: [B, H, Lq, D] and dk, dv:
+// [P, Hkv, page_size, D], dtype of q, every element written (0 where no kept key or query reaches).
+// deterministic: dq by a kernel walking the tables (bitwise repeatable); otherwise the dk/dv
+// kernel adds dS K into dq_accum ([B, H, Lq, D] float32, zero-filled by the caller) with float
+// atomics and a last kernel writes scale * dq_accum into dq (dq_accum unused when deterministic).
+struct RoutedAttnBwdParams {
+  const void* dout;
+  const void* q;
+  const void* k_pages;
+  const void* v_pages;
+  const int32_t* page_table;
+  const int32_t* page_lens;
+  const float* lse;
+  const float* delta;
+  const int32_t* row_ptr;
+  const int32_t* rows;
+  void* dq;
+  void* dk;
+  void* dv;
+  float* dq_accum;
+  int64_t B, H, Hkv, Lq, D, P, page_size, max_pages;
+  float scale;
+  bool deterministic;
+};
+
+// True when routed_attention_bwd supports this dtype and head_dim.
+bool routed_attention_bwd_supported(DType dt, int64_t head_dim);
+
+// cudaErrorInvalidConfiguration: a grid past CUDA's axis limits (the caller says which).
+cudaError_t routed_attention_bwd(const RoutedAttnBwdParams& p, DType dt, cudaStream_t stream);
+
 }  // namespace kvpo::cuda

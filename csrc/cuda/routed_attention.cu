@@ -18,8 +18,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels.h"
+#include "mma_sm80.cuh"
+#include "routed_attention_sm90.h"
 
 namespace kvpo::cuda {
 namespace {
@@ -31,8 +35,6 @@ constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
 // Shared-memory tiles: rows of D elements padded by 8 (16 bytes), so the 8 rows an ldmatrix
 // reads start in 8 different 16-byte bank groups (no bank conflicts) and stay 16-byte aligned for
 // cp.async.
@@ -43,89 +45,6 @@ struct Layout {
   static constexpr int kKV = kBN * kLd;
   static constexpr size_t kBytes = size_t(kQ + 4 * kKV) * 2;  // Q, 2 stages of K and V
 };
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; src_bytes = 0 zero-fills the destination.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-// c += a b for one m16n8k16 tile: a = 4 registers of the row-major A fragment, b = 2 of the
-// column-major B fragment, c = 4 fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4],
-                                                 uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                        uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats as one register of 16-bit pairs, the lower column in the low half.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
-// The walk over row b's kept key blocks: page slot j of the table, first key k0 of the block.
-struct Cursor {
-  int64_t j, k0, n, base;  // n: keys in the page; base: element offset of (page, hk) in K/V
-};
-
-__device__ __forceinline__ bool first_from(Cursor& c, int64_t j, const RoutedAttnParams& p,
-                                           int64_t b, int64_t hk, int D) {
-  for (; j < p.max_pages; ++j) {
-    const int32_t page = p.page_table[b * p.max_pages + j];
-    if (page < 0) continue;  // routed out: its memory is never read
-    int64_t n = p.page_size;
-    if (p.page_lens != nullptr) n = imin(p.page_lens[page] > 0 ? p.page_lens[page] : 0, n);
-    if (n <= 0) continue;
-    c = {j, 0, n, ((int64_t(page) * p.Hkv + hk) * p.page_size) * D};
-    return true;
-  }
-  return false;
-}
 
 __device__ __forceinline__ bool advance(Cursor& c, const RoutedAttnParams& p, int64_t b,
                                         int64_t hk, int D) {
@@ -345,6 +264,19 @@ bool routed_attention_fwd_supported(DType dt, int64_t head_dim) {
 cudaError_t routed_attention_fwd(const RoutedAttnParams& p, DType dt, cudaStream_t stream) {
   if (!routed_attention_fwd_supported(dt, p.D) || p.Hkv <= 0 || p.H % p.Hkv != 0)
     return cudaErrorInvalidValue;
+  // Compute capability 9.0: the TMA + wgmma kernel (routed_attention_sm90.cu), unless
+  // KVPO_CUDA_HOPPER=0 (read per call: a benchmark times both kernels in one process); for what
+  // it leaves to this file's kernel it answers cudaErrorNotSupported.
+  const char* env = std::getenv("KVPO_CUDA_HOPPER");
+  const bool hopper = env == nullptr || std::strcmp(env, "0") != 0;
+  int dev = 0, major = 0, minor = 0;
+  if (hopper && cudaGetDevice(&dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+      major == 9 && minor == 0) {
+    const cudaError_t err = routed_attention_fwd_sm90(p, dt, stream);
+    if (err != cudaErrorNotSupported) return err;
+  }
   if (dt == DType::kFloat16)
     return p.D == 64 ? launch<__half, 64>(p, stream) : launch<__half, 128>(p, stream);
   return p.D == 64 ? launch<__nv_bfloat16, 64>(p, stream) : launch<__nv_bfloat16, 128>(p, stream);

@@ -1,5 +1,10 @@
 """GPU tests: every GPU backend against the float64 reference (skipped without a CUDA device)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import (
@@ -280,3 +285,181 @@ def test_triton_routed_attention_past_a_grid_axis():
     got = routed_grads(_fn("triton"), *dev, table.cuda(), None, dout.cuda(), dlse.cuda())
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
         assert_rel(a.cpu(), b, 1e-4, f"triton past a grid axis {name}")
+
+
+def _cuda_fn(deterministic: bool):
+    return lambda q, k, v, t, lens: kvpo_kernels.routed_attention(
+        q, k, v, t, lens, backend="cuda", deterministic=deterministic
+    )
+
+
+def _needs_cuda_backward():
+    if not _backend.native_cuda_available("routed_attn_bwd"):
+        pytest.skip("kvpo_kernels._C built without the CUDA backward")
+
+
+# The CUDA C++ backward's cases: the shared ones it takes (head dim 64, 128) and the forward's.
+CUDA_BWD_CASES = [c for c in CASES if c.D in (64, 128)] + CUDA_CASES
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CUDA_BWD_CASES, ids=str)
+def test_cuda_backward_against_reference(case, dtype, deterministic):
+    """dq, dk, dv of <out, dout> + <lse, dlse> in both dq modes against float64."""
+    _needs_cuda_backward()
+    q, k, v, table, lens = make_routed(case, torch.float64, seed=1)
+    table[0, 1:3] = 1  # a row listing a (non-empty) page twice: its gradient counts twice
+    dout = torch.randn_like(q)
+    dlse = torch.randn(q.shape[:3], dtype=torch.float64)
+    ref = routed_grads(_ref, q, k, v, table, lens, dout, dlse)
+    low = [t.cuda().to(dtype) for t in (q, k, v)]
+    tab, ln = table.cuda(), None if lens is None else lens.cuda()
+    dout_low, dlse_dev = dout.cuda().to(dtype), dlse.cuda()
+    pt = routed_grads(_ref, *low, tab, ln, dout_low, dlse_dev)
+    got = routed_grads(_cuda_fn(deterministic), *low, tab, ln, dout_low, dlse_dev)
+    for name, a, b, c in zip(("dq", "dk", "dv"), got[2:], pt[2:], ref[2:], strict=True):
+        assert a.dtype == dtype, name
+        assert_low_precision(a.cpu(), b.cpu(), c, f"cuda {dtype} {name} ({deterministic=})")
+
+
+def test_cuda_backward_deterministic_mode_is_bitwise_repeatable():
+    """Rows sharing pages (dk/dv summed inside a CTA) and many query tiles (dq): the same bits on
+    every call; the atomic mode agrees to rounding."""
+    _needs_cuda_backward()
+    case = RoutedCase(8, 4, 2, 300, 128, 6, 200, 6, partial=True)
+    q, k, v, table, lens = make_routed(case, torch.float64, seed=2)
+    args = [t.cuda().to(torch.bfloat16) for t in (q, k, v)]
+    args += [table.cuda(), lens.cuda()]
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    dlse = torch.zeros(q.shape[:3], device="cuda")
+    first = routed_grads(_cuda_fn(True), *args, dout, dlse)[2:]
+    for _ in range(3):
+        again = routed_grads(_cuda_fn(True), *args, dout, dlse)[2:]
+        for name, a, b in zip(("dq", "dk", "dv"), again, first, strict=True):
+            assert torch.equal(a, b), f"deterministic {name} differs between calls"
+    atomic = routed_grads(_cuda_fn(False), *args, dout, dlse)[2:]
+    for name, a, b in zip(("dq", "dk", "dv"), atomic, first, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_cuda_backward_rejects_a_grid_past_its_limits():
+    """More KV heads than a grid axis holds (65535): a ValueError naming the grid."""
+    _needs_cuda_backward()
+    H = 65536
+    q = torch.zeros(1, H, 1, 64, device="cuda", dtype=torch.float16)
+    k = torch.zeros(1, H, 16, 64, device="cuda", dtype=torch.float16)
+    table = torch.zeros(1, 1, device="cuda", dtype=torch.int32)
+    stat = torch.zeros(1, H, 1, device="cuda")
+    for deterministic in (True, False):
+        with pytest.raises(ValueError, match="past the CUDA backward's grids"):
+            torch.ops.kvpo.routed_attn_bwd(
+                q, q, k, k, table, None, stat, stat, 0.125, deterministic
+            )
+
+
+# The Hopper forward (csrc/cuda/routed_attention_sm90.cu, compute capability 9.0): 176-key blocks,
+# 128-query tiles. Pages of the target's 1560 tokens (8 full blocks and one of 152), of 400 (a
+# last block overlapping the one before), of 37 and 100 (one block starting below key 0); partly
+# filled pages whose memory past the fill holds NaN; an empty page every row lists; a row without
+# a kept page; GQA and MQA; query counts off the 128-query tile.
+HOPPER_CASES = [
+    RoutedCase(2, 4, 4, 200, 128, 5, 1560, 4, partial=True),
+    RoutedCase(2, 2, 2, 129, 128, 4, 1560, 3),
+    RoutedCase(3, 4, 2, 300, 64, 5, 400, 4, partial=True),
+    RoutedCase(3, 4, 2, 130, 64, 7, 37, 6, partial=True, empty_row=True),
+    RoutedCase(2, 2, 1, 77, 128, 6, 100, 5, partial=True, empty_row=True),
+]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _hopper() -> bool:
+    return torch.cuda.get_device_capability() == (9, 0)
+
+
+def _with_nan_tails(t: torch.Tensor, lens: torch.Tensor | None) -> torch.Tensor:
+    """t [P, Hkv, page_size, D] with NaN past each page's fill: memory no kernel may read."""
+    if lens is None:
+        return t
+    t = t.clone()
+    for page, n in enumerate(lens.tolist()):
+        t[page, :, n:] = float("nan")
+    return t
+
+
+def _fwd_kernels(fn) -> list[str]:
+    """The routed attention forward kernels fn launches, by the profiler's names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted({e.name for e in prof.events() if "routed_attn_fwd" in e.name})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=str)
+def test_hopper_forward_against_reference(case, dtype):
+    if not _backend.native_cuda_available("routed_attn_fwd"):
+        pytest.skip("kvpo_kernels._C built without CUDA")
+    if not _hopper():
+        pytest.skip("needs a compute capability 9.0 GPU")
+    q, k, v, table, lens = make_routed(case, torch.float64, seed=1)
+    ref_out, ref_lse = _ref(q, k, v, table, lens)
+    tab, ln = table.cuda(), None if lens is None else lens.cuda()
+    clean = [t.cuda().to(dtype) for t in (q, k, v)]
+    pt_out, pt_lse = _ref(*clean, tab, ln)
+    k_nan, v_nan = _with_nan_tails(clean[1], lens), _with_nan_tails(clean[2], lens)
+    out, lse = kvpo_kernels.routed_attention(clean[0], k_nan, v_nan, tab, ln, backend="cuda")
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_low_precision(out.cpu(), pt_out.cpu(), ref_out, f"hopper {dtype} out")
+    assert_low_precision(lse.cpu(), pt_lse.cpu(), ref_lse, f"hopper {dtype} lse")
+    empty = torch.isinf(ref_lse)  # rows without a kept key: out = 0, lse = -inf exactly
+    assert empty.any() or not case.empty_row
+    assert (out.cpu()[empty] == 0).all() and (lse.cpu()[empty] == float("-inf")).all()
+
+
+_SM80_SCRIPT = """
+import sys, torch, kvpo_kernels
+from torch.profiler import ProfilerActivity, profile
+q, k, v, table, lens = torch.load(sys.argv[1])
+dev = [None if t is None else t.cuda() for t in (q, k, v, table, lens)]
+with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    out, lse = kvpo_kernels.routed_attention(*dev, backend="cuda")
+    torch.cuda.synchronize()
+names = sorted({e.name for e in prof.events() if "routed_attn_fwd" in e.name})
+torch.save({"out": out.cpu(), "lse": lse.cpu(), "kernels": names}, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("case", [HOPPER_CASES[0], HOPPER_CASES[3]], ids=str)
+def test_hopper_forward_runs_and_matches_the_sm80_kernel(case, tmp_path):
+    """The cuda backend runs the Hopper kernel on a 9.0 GPU; KVPO_CUDA_HOPPER=0 (set for a
+    subprocess) runs the sm80 kernel instead, and both agree."""
+    if not _backend.native_cuda_available("routed_attn_fwd"):
+        pytest.skip("kvpo_kernels._C built without CUDA")
+    if not _hopper():
+        pytest.skip("needs a compute capability 9.0 GPU")
+    q, k, v, table, lens = make_routed(case, torch.float64, seed=2)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    k, v = _with_nan_tails(k, lens), _with_nan_tails(v, lens)
+    dev = [None if t is None else t.cuda() for t in (q, k, v, table, lens)]
+    got = {}
+
+    def run():
+        got["out"], got["lse"] = kvpo_kernels.routed_attention(*dev, backend="cuda")
+
+    kernels = _fwd_kernels(run)
+    assert any("routed_attn_fwd_sm90_kernel" in n for n in kernels), (
+        f"the cuda backend ran {kernels}, not the Hopper kernel: build kvpo_kernels._C with 9.0a "
+        "in TORCH_CUDA_ARCH_LIST (sm_90a code)"
+    )
+    torch.save((q, k, v, table, lens), tmp_path / "inputs.pt")
+    env = {**os.environ, "KVPO_CUDA_HOPPER": "0"}
+    cmd = [sys.executable, "-c", _SM80_SCRIPT, str(tmp_path / "inputs.pt"), str(tmp_path / "o.pt")]
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    sm80 = torch.load(tmp_path / "o.pt")
+    assert sm80["kernels"] and not any("sm90" in n for n in sm80["kernels"]), sm80["kernels"]
+    torch.testing.assert_close(got["out"].cpu().float(), sm80["out"].float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got["lse"].cpu(), sm80["lse"], rtol=1e-3, atol=1e-3)

@@ -4,6 +4,7 @@ kernel, and the torch binding through the host compiler."""
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +15,12 @@ from helpers import run_ok, torch_cmake_args
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
+CUDA_SOURCES = [
+    "routed_attention.cu",
+    "routed_attention_bwd.cu",
+    "routed_attention_sm90.cu",
+    "velocity_energy.cu",
+]
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nvcc") is None or shutil.which("cmake") is None, reason="needs nvcc and cmake"
@@ -21,10 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_cuda_sources_exist():
-    assert sorted(p.name for p in CUDA_DIR.glob("*.cu")) == [
-        "routed_attention.cu",
-        "velocity_energy.cu",
-    ]
+    assert sorted(p.name for p in CUDA_DIR.glob("*.cu")) == CUDA_SOURCES
     for cu in CUDA_DIR.glob("*.cu"):
         assert "torch" not in cu.read_text() and "ATen" not in cu.read_text(), cu
 
@@ -46,7 +50,7 @@ def test_cmake_compiles_every_cu_for_sm80_and_sm90a(tmp_path):
     # -warn-spills: ptxas names every kernel that spills registers to local memory
     assert "spill" not in res.stdout + res.stderr, res.stdout + res.stderr
     objects = list(build.rglob("*.cu.o"))
-    assert sorted(o.name for o in objects) == ["routed_attention.cu.o", "velocity_energy.cu.o"]
+    assert sorted(o.name for o in objects) == [f"{name}.o" for name in CUDA_SOURCES]
     for obj in objects:  # a cubin for each architecture is embedded (its ptxas options name it)
         blob = obj.read_bytes()
         assert b"-arch sm_80 " in blob and b"-arch sm_90a " in blob, obj
@@ -79,7 +83,43 @@ def test_cmake_builds_the_library_with_its_cuda_kernels_against_a_cuda_torch(tmp
     env = {**os.environ, "KVPO_NATIVE_LIBRARY": str(library)}
     loaded = json.loads(run_ok([sys.executable, "-c", probe], env=env).stdout)
     kernels = loaded["native_cuda_kernels"]
-    assert kernels == ["routed_attn_fwd", "velocity_energy_bwd", "velocity_energy_fwd"], kernels
+    want = ["routed_attn_bwd", "routed_attn_fwd", "velocity_energy_bwd", "velocity_energy_fwd"]
+    assert kernels == want, kernels
+
+
+def test_hopper_forward_is_wgmma_and_tma_without_spills(tmp_path):
+    """routed_attention_sm90.cu for sm_90a: tensor-core products by wgmma (HGMMA) and loads by TMA
+    (UTMALDG) in the SASS, no spill in any instantiation (dtype x head_dim), and 168 registers a
+    thread at launch: 384 x 168 is the pool the warpgroups' setmaxnreg share out (24 for the
+    producer, 240 for each consumer), so fewer would leave a consumer waiting forever."""
+    obj = tmp_path / "routed_attention_sm90.o"
+    res = run_ok(
+        [
+            shutil.which("nvcc"),
+            "-std=c++17",
+            "-O3",
+            "--use_fast_math",
+            "-Xptxas=-v",
+            "-gencode=arch=compute_90a,code=sm_90a",
+            "-c",
+            str(CUDA_DIR / "routed_attention_sm90.cu"),
+            "-o",
+            str(obj),
+        ]
+    )
+    log = res.stdout + res.stderr
+    kernels = [line for line in log.splitlines() if "Compiling entry function" in line]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", log)]
+    assert len(kernels) == 4 and len(spills) == 4 and len(registers) == 4, log
+    assert all(s == ("0", "0") for s in spills), log
+    assert registers == [168] * 4, log
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        return
+    sass = run_ok([cuobjdump, "-sass", str(obj)]).stdout
+    assert "HGMMA.64x176x16.F32" in sass and ".tnspB" in sass, "no wgmma in the sm_90a code"
+    assert "UTMALDG.3D" in sass, "no TMA load in the sm_90a code"
 
 
 def _cuobjdump() -> str | None:
