@@ -190,6 +190,8 @@ def _flash_attn_paged(q, k, v, table, block=256):
 
 
 ROUTED_COLS = ("ms", "tflops", "peak_mib", "rel_err_vs_kvpo")
+BACKWARD_COLS = ("bwd_ms", "bwd_tflops")  # the backward alone, on a retained graph
+
 ENERGY_COLS = (
     "call_ms",
     "gpu_ms",
@@ -203,18 +205,35 @@ ENERGY_COLS = (
 )
 
 
-def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -> list[dict]:
-    """One row per method: median ms, TFLOP/s of kept work, peak MiB, error against kvpo triton."""
-    q, k, v, table = make_inputs(s)
+def _tma_ok(device: str) -> bool:
+    """The TMA forward runs here: a GPU of compute capability 9.x or 10.x, or the interpreter."""
+    if device == "cuda":
+        return torch.cuda.get_device_capability()[0] in (9, 10)
+    return kvpo_kernels._backend.triton_interpreted()
+
+
+def _routed_methods(s: Setup, q, k, v, table, backward: bool) -> dict:
+    """Every method of the table: kvpo's backends (and, with a backward, their atomic-dq mode)
+    and the baselines that install here."""
+
+    def kvpo(backend, deterministic=True):
+        return lambda: kvpo_kernels.routed_attention(
+            q, k, v, table, backend=backend, deterministic=deterministic
+        )[0]
+
     methods = {
-        "kvpo triton": lambda: kvpo_kernels.routed_attention(q, k, v, table, backend="triton")[0],
+        "kvpo triton": kvpo("triton"),
         "FlexAttention + BlockMask build": lambda: flex_method(q, k, v, table),
         "SDPA flash on gathered K/V": lambda: _sdpa_flash(q, k, v, table),
     }
+    if _tma_ok(s.device):
+        methods["kvpo triton_tma"] = kvpo("triton_tma")
+    if backward:
+        methods["kvpo triton, atomic dq"] = kvpo("triton", deterministic=False)
     if kvpo_kernels._backend.native_cuda_available("routed_attn_fwd") and s.device == "cuda":
-        methods["kvpo cuda"] = lambda: kvpo_kernels.routed_attention(
-            q, k, v, table, backend="cuda"
-        )[0]
+        methods["kvpo cuda"] = kvpo("cuda")
+        if backward:
+            methods["kvpo cuda, atomic dq"] = kvpo("cuda", deterministic=False)
     if (
         importlib.util.find_spec("flash_attn") is not None
         and s.page_size % 256 == 0
@@ -222,39 +241,58 @@ def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -
         and not backward  # inference-only API
     ):
         methods["flash_attn_with_kvcache (block table)"] = lambda: _flash_attn_paged(q, k, v, table)
+    return methods
+
+
+def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -> list[dict]:
+    """One row per method: median ms, TFLOP/s of kept work, peak MiB, error against kvpo triton;
+    with ``backward``, forward + backward, and the backward alone (bwd_ms, bwd_tflops)."""
+    q, k, v, table = make_inputs(s)
+    methods = _routed_methods(s, q, k, v, table, backward)
     if only is not None:
         methods = {name: fn for name, fn in methods.items() if name in only}
     ref = methods["kvpo triton"]().float()
+    cols = ROUTED_COLS + (BACKWARD_COLS if backward else ())
     rows = []
     for name, fn in methods.items():
-        run = fn
-        if backward:
-            for t in (q, k, v):
-                t.requires_grad_(True)
+        for t in (q, k, v):
+            t.requires_grad_(backward)
 
-            def run(fn=fn):
-                fn().backward(torch.ones_like(q))
+        def run(fn=fn):
+            out = fn()
+            if backward:
+                out.backward(torch.ones_like(q))
 
         try:
             with torch.no_grad():
                 err = (fn().float() - ref).norm() / ref.norm()
             ms = _bench(run, s.device)
-            rows.append(
-                {
-                    "method": name,
-                    "ms": ms,
-                    "tflops": flops(s, table, backward) / ms / 1e9,
-                    "peak_mib": _peak(run, s.device),
-                    "rel_err_vs_kvpo": float(err),
-                    "error": "",
-                }
-            )
+            row = {"method": name, "ms": ms, "tflops": flops(s, table, backward) / ms / 1e9}
+            if backward:
+                bwd_ms = _bench(_backward_alone(fn, q, k, v), s.device)
+                bwd_flops = flops(s, table, True) - flops(s, table, False)
+                row.update(bwd_ms=bwd_ms, bwd_tflops=bwd_flops / bwd_ms / 1e9)
+            row.update(peak_mib=_peak(run, s.device), rel_err_vs_kvpo=float(err), error="")
+            rows.append({c: row[c] for c in ("method", *cols, "error")})
         except Exception as e:  # noqa: BLE001  (one failing baseline must not end the run)
-            rows.append(_failed(name, e, ROUTED_COLS))
+            rows.append(_failed(name, e, cols))
         for t in (q, k, v):
             t.requires_grad_(False)
             t.grad = None
     return rows
+
+
+def _backward_alone(fn, q, k, v):
+    """A call that runs only the backward of one forward of ``fn`` (its graph retained)."""
+    out = fn()
+    grad = torch.ones_like(out)
+
+    def run():
+        for t in (q, k, v):
+            t.grad = None
+        out.backward(grad, retain_graph=True)
+
+    return run
 
 
 def copy_bandwidth_gbs(device: str, numel: int = 2**28, flush: str = "write") -> float:
@@ -458,15 +496,16 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PARTS = ("all", "main", "sweep", "velocity")
+PARTS = ("all", "main", "sweep", "velocity", "attention")
 
 
 def sections(smoke: bool = False, part: str = "all", device: str = "cuda"):
     """(title, rows) of every table of the suite, in order.
 
     part: "main" (the Wan2.1 shape and velocity_energy), "sweep" (the 1536-token frames and the
-    cache length x G sweep), "all" (both), or "velocity" (velocity_energy's tables alone: seconds,
-    no FlexAttention compile): a lent GPU's few minutes can run them apart.
+    cache length x G sweep), "all" (both), "velocity" (velocity_energy's tables alone: seconds,
+    no FlexAttention compile) or "attention" (routed_attention's tables at the Wan2.1 shape and
+    at 1536-token frames, no sweep): a lent GPU's few minutes can run them apart.
     """
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
@@ -478,6 +517,9 @@ def sections(smoke: bool = False, part: str = "all", device: str = "cuda"):
     if part == "velocity":
         yield from _velocity_sections(dtype, smoke, device)
         return
+    if part == "attention":
+        yield from _attention_sections(main_setup, dtype, smoke)
+        return
     if part != "sweep":
         yield from _main_sections(main_setup, dtype, smoke, device)
     if part != "main":
@@ -485,12 +527,28 @@ def sections(smoke: bool = False, part: str = "all", device: str = "cuda"):
 
 
 def _main_sections(main_setup: Setup, dtype: str, smoke: bool, device: str):
+    yield from _wan_attention_sections(main_setup, dtype)
+    yield from _velocity_sections(dtype, smoke, device)
+
+
+def _wan_attention_sections(main_setup: Setup, dtype: str):
     yield f"routed_attention forward, Wan2.1 shape, {dtype}", routed_rows(main_setup, False)
     yield (
         f"routed_attention forward + backward, Wan2.1 shape, {dtype}",
         routed_rows(main_setup, True),
     )
-    yield from _velocity_sections(dtype, smoke, device)
+
+
+def _attention_sections(main_setup: Setup, dtype: str, smoke: bool):
+    yield from _wan_attention_sections(main_setup, dtype)
+    if not smoke:
+        yield _flash_frames_section(main_setup)
+
+
+def _flash_frames_section(main_setup: Setup):
+    fa = dataclasses.replace(main_setup, page_size=1536, queries=4608)
+    title = "forward, 1536-token frames (flash-attn block table needs 256 | page)"
+    return title, routed_rows(fa, False)
 
 
 def _velocity_sections(dtype: str, smoke: bool, device: str):
@@ -503,14 +561,14 @@ def _velocity_sections(dtype: str, smoke: bool, device: str):
 
 def _sweep_sections(main_setup: Setup, smoke: bool):
     if not smoke:
-        fa = dataclasses.replace(main_setup, page_size=1536, queries=4608)
-        title = "forward, 1536-token frames (flash-attn block table needs 256 | page)"
-        yield title, routed_rows(fa, False)
+        yield _flash_frames_section(main_setup)
     sweep = [(3, 2)] if smoke else [(p, g) for p in (9, 21, 33) for g in (4, 8, 16)]
     for pages, g in sweep:
         s = dataclasses.replace(main_setup, pages=pages, branches=g)
         rows = routed_rows(
-            s, False, only=("kvpo triton", "kvpo cuda", "FlexAttention + BlockMask build")
+            s,
+            False,
+            only=("kvpo triton", "kvpo triton_tma", "kvpo cuda", "FlexAttention + BlockMask build"),
         )
         yield f"sweep: {pages} frames of cache, G = {g}", rows
 
@@ -522,7 +580,8 @@ def main(argv: list[str] | None = None) -> None:
         choices=PARTS,
         default="all",
         help="main: the Wan2.1 shape and velocity_energy; sweep: 1536-token frames, cache x G; "
-        "velocity: velocity_energy alone",
+        "velocity: velocity_energy alone; attention: routed_attention's Wan2.1 and 1536-token "
+        "tables",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check the suite runs")
     parser.add_argument("--device", default="cuda")

@@ -5,8 +5,12 @@ Backends:
   ``cpu``       the C++ kernels of ``kvpo_kernels._C`` on CPU tensors;
   ``cuda``      the CUDA C++ kernels of ``kvpo_kernels._C`` on CUDA tensors (CUDA builds only);
   ``triton``    the Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
-  ``auto``      CPU tensors -> ``cpu``; CUDA tensors -> the op's faster GPU backend where both
-                exist (:data:`CUDA_PREFERENCE`), else the other, else ``reference``.
+  ``triton_tma`` routed_attention only: the Triton forward with TMA loads over a flat block list
+                (Hopper and data-centre Blackwell: compute capability 9.x and 10.x, whose SMs
+                hold its 160 KB of shared memory); its backward is ``triton``'s;
+  ``auto``      CPU tensors -> ``cpu``; CUDA tensors -> per op and direction (forward,
+                backward) the GPU backend measured fastest (:data:`CUDA_PREFERENCE`) among those
+                built, else ``reference``.
 
 The choice comes, first match wins, from the op's ``backend=`` argument, the environment variable
 ``KVPO_<OP>_BACKEND`` (``KVPO_ROUTED_ATTENTION_BACKEND``, ``KVPO_VELOCITY_ENERGY_BACKEND``), the
@@ -21,16 +25,24 @@ from collections.abc import Callable
 
 import torch
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton", "triton_tma")
+DIRECTIONS = ("forward", "backward")
 
-# ``auto``'s order on CUDA tensors, per op, from the H200 suite (benchmarks/RESULTS.md): Triton's
-# routed attention forward ran at 409 TFLOP/s against the CUDA C++ kernel's 246; for
-# velocity_energy the kernels take the same GPU time, and a CUDA call costs half a Triton call
-# (0.08 against 0.14 ms forward, 0.18 against 0.38 ms with the backward).
-CUDA_PREFERENCE: dict[str, tuple[str, str]] = {
-    "routed_attention": ("triton", "cuda"),
-    "velocity_energy": ("cuda", "triton"),
+# ``auto``'s order on CUDA tensors, per (op, direction), each from the measurement named beside
+# it (benchmarks/RESULTS.md). A backend absent from a row has not been measured in that direction
+# and is never picked by ``auto``: name it with ``backend=``.
+CUDA_PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
+    # H200 suite, 2026-11-26: Triton forward 409 TFLOP/s, CUDA C++ (mma.sync) 246
+    ("routed_attention", "forward"): ("triton", "cuda"),
+    # H200 suite: only the Triton backward existed (the CUDA C++ backward is unmeasured)
+    ("routed_attention", "backward"): ("triton",),
+    # H200 suite: equal GPU time; a CUDA call costs half a Triton call (0.08 vs 0.14 ms forward,
+    # 0.18 vs 0.38 ms with the backward)
+    ("velocity_energy", "forward"): ("cuda", "triton"),
+    ("velocity_energy", "backward"): ("cuda", "triton"),
 }
+# The ops a backend is limited to.
+ONLY_FOR = {"triton_tma": ("routed_attention",)}
 
 
 def _probe_native() -> bool:
@@ -94,6 +106,8 @@ def requested(op: str, backend: str | None) -> str:
     choice = choice.strip().lower()
     if choice not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r} (op {op})")
+    if op not in ONLY_FOR.get(choice, (op,)):
+        raise ValueError(f"backend {choice!r} serves {ONLY_FOR[choice]} only, not {op}")
     return choice
 
 
@@ -103,25 +117,35 @@ def resolve(
     backend: str | None = None,
     native_op: str = "",
     dtype: torch.dtype = torch.float32,
+    direction: str = "forward",
 ) -> str:
-    """Return the concrete backend that runs ``op`` on tensors of ``device`` and ``dtype``.
+    """Return the concrete backend that runs ``op``'s ``direction`` (``forward`` or
+    ``backward``) on tensors of ``device`` and ``dtype``.
 
     ``native_op`` names the C++ op (``kvpo::<native_op>``) whose CUDA kernel ``cuda`` needs. The
     GPU kernels (Triton, CUDA) accumulate in float32, so ``auto`` sends float64 on CUDA to the
     reference, and asking them for float64 is an error rather than a silent loss of precision.
     """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     choice = requested(op, backend)
     native_op = native_op or op
     if choice == "auto":
         if device.type == "cpu":
             return "cpu" if native_available() else "reference"
         if device.type == "cuda" and dtype != torch.float64:
-            available = {"triton": triton_available(), "cuda": native_cuda_available(native_op)}
-            for name in CUDA_PREFERENCE.get(op, ("triton", "cuda")):
-                if available[name]:
+            available = {
+                "triton": triton_available,
+                "triton_tma": lambda: triton_available() and _tma_capable(device),
+                "cuda": lambda: native_cuda_available(native_op),
+            }
+            for name in CUDA_PREFERENCE.get((op, direction), ("triton", "cuda")):
+                if available[name]():
                     return name
         return "reference"
-    if choice in ("triton", "cuda") and dtype == torch.float64:
+    if choice == "triton_tma" and direction == "backward":
+        choice = "triton"  # the TMA kernel is a forward; the Triton backward serves it
+    if choice in ("triton", "triton_tma", "cuda") and dtype == torch.float64:
         raise TypeError(
             f"{op}: backend {choice!r} supports float16, bfloat16 and float32 inputs, got float64 "
             "(use backend='cpu' or 'reference' for float64)"
@@ -141,15 +165,44 @@ def resolve(
             raise RuntimeError(
                 f"{op}: backend 'cuda' needs kvpo_kernels._C built with CUDA (CUDA torch and nvcc)"
             )
-    elif choice == "triton":
+    elif choice in ("triton", "triton_tma"):
         if not triton_available():
-            raise RuntimeError(f"{op}: backend 'triton' needs the triton package")
+            raise RuntimeError(f"{op}: backend {choice!r} needs the triton package")
         if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
             raise ValueError(
-                f"{op}: backend 'triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
-                f"set before triton is imported; got device {device}"
+                f"{op}: backend {choice!r} needs CUDA tensors, or CPU tensors with "
+                f"TRITON_INTERPRET=1 set before triton is imported; got device {device}"
+            )
+        if choice == "triton_tma" and device.type == "cuda" and not _tma_capable(device):
+            raise ValueError(
+                f"{op}: backend 'triton_tma' needs a GPU of compute capability 9.x or 10.x (TMA "
+                f"and 160 KB of shared memory per block), got {torch.cuda.get_device_name(device)}"
+                f" ({'.'.join(map(str, torch.cuda.get_device_capability(device)))}); use "
+                "backend='triton'"
             )
     return choice
+
+
+def _tma_capable(device: torch.device) -> bool:
+    """Whether ``device`` runs the TMA forward: Hopper or data-centre Blackwell (the RTX
+    Blackwells' 99 KB of shared memory per block do not hold its tiles)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def deterministic(requested: bool | None) -> bool:
+    """Whether a backward must give the same bits on every run: ``requested``, else the
+    environment variable ``KVPO_DETERMINISTIC`` (default on; ``0`` turns it off); always on
+    under ``torch.use_deterministic_algorithms(True)``."""
+    if requested is not None and not isinstance(requested, bool):
+        raise TypeError(f"deterministic must be a bool or None, got {requested!r}")
+    if torch.are_deterministic_algorithms_enabled():
+        return True
+    if requested is not None:
+        return requested
+    value = os.environ.get("KVPO_DETERMINISTIC", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"KVPO_DETERMINISTIC must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -13,15 +13,30 @@ import torch
 
 from . import __version__, _backend
 
-# the public ops and the native op whose CUDA kernel their ``cuda`` backend needs
-OPS = {"routed_attention": "routed_attn_fwd", "velocity_energy": "velocity_energy_fwd"}
+# the public ops and the native ops whose CUDA kernels their ``cuda`` backend needs, per direction
+OPS = {
+    "routed_attention": ("routed_attn_fwd", "routed_attn_bwd"),
+    "velocity_energy": ("velocity_energy_fwd", "velocity_energy_bwd"),
+}
 
 
-def _pick(op: str, native_op: str, device: torch.device) -> str:
-    """The backend ``op`` runs on float32 tensors of ``device``, or why it cannot run there."""
+def _pick(op: str, natives: tuple[str, str], device: torch.device) -> str:
+    """The backend ``op`` runs on float32 tensors of ``device`` (and its backward's, where that
+    differs), or why it cannot run there."""
     try:
-        return _backend.resolve(op, device, native_op=native_op)
+        fwd, bwd = (
+            _backend.resolve(op, device, None, native, direction=direction)
+            for native, direction in zip(natives, _backend.DIRECTIONS, strict=True)
+        )
     except (ValueError, RuntimeError, TypeError) as e:
+        return f"error: {e}"
+    return fwd if fwd == bwd else f"{fwd} (backward {bwd})"
+
+
+def _deterministic() -> str:
+    try:
+        return "yes" if _backend.deterministic(None) else "no (dq by atomics)"
+    except ValueError as e:
         return f"error: {e}"
 
 
@@ -51,6 +66,7 @@ def environment() -> dict:
             op for op in _backend._NATIVE_CUDA if _backend.native_cuda_available(op)
         ),
         "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("KVPO_")},
+        "deterministic_backward": _deterministic(),
         "backends": {
             op: {d.type: _pick(op, native, d) for d in devices} for op, native in OPS.items()
         },
@@ -96,6 +112,7 @@ def report(env: dict) -> str:
             else "not built (pip install --no-build-isolation -e .)"
         ),
         "switches: " + (", ".join(f"{k}={v}" for k, v in env["switches"].items()) or "none set"),
+        f"routed_attention backward deterministic: {env['deterministic_backward']}",
         "backend per op:",
     ]
     for op, picks in env["backends"].items():

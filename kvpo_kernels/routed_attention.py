@@ -16,7 +16,8 @@ OP = "routed_attention"
 
 # --------------------------------------------------------------------------------------------
 # Backend kernels. Each forward returns (out [B, H, Lq, D] dtype of q, lse [B, H, Lq] acc dtype);
-# each backward takes delta = rowsum(dout * out) - dlse and returns (dq, dk_pages, dv_pages).
+# each backward takes delta = rowsum(dout * out) - dlse and returns (dq, dk_pages, dv_pages);
+# deterministic=False lets it add dq with atomics (the reference and CPU kernels ignore it).
 # --------------------------------------------------------------------------------------------
 
 
@@ -28,7 +29,7 @@ def _fwd_reference(q, k_pages, v_pages, page_table, page_lens, scale):
     return out.to(q.dtype), lse
 
 
-def _bwd_reference(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale):
+def _bwd_reference(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale, det):
     acc = _backend.acc_dtype(q.dtype)
     grads = routed_attention_backward_reference(
         *(t.to(acc) for t in (dout, q, k_pages, v_pages)),
@@ -45,13 +46,13 @@ def _fwd_native(q, k_pages, v_pages, page_table, page_lens, scale):
     return torch.ops.kvpo.routed_attn_fwd(q, k_pages, v_pages, page_table, page_lens, scale)
 
 
-def _bwd_native(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale):
+def _bwd_native(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale, det):
     return torch.ops.kvpo.routed_attn_bwd(
-        dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, scale
+        dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, scale, det
     )
 
 
-# The CUDA C++ forward covers the tensor-core cases; its backward is the Triton one.
+# The CUDA C++ kernels cover the tensor-core cases.
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128)
 
@@ -65,10 +66,9 @@ def _fwd_cuda(q, k_pages, v_pages, page_table, page_lens, scale):
     return _fwd_native(q, k_pages, v_pages, page_table, page_lens, scale)
 
 
-def _bwd_cuda(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale):
-    if _backend.native_cuda_available("routed_attn_bwd"):
-        return _bwd_native(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale)
-    return _bwd_triton(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale)
+def _bwd_cuda(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale, det):
+    args = (dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale, det)
+    return _bwd_native(*args)
 
 
 def _fwd_triton(q, k_pages, v_pages, page_table, page_lens, scale):
@@ -77,10 +77,25 @@ def _fwd_triton(q, k_pages, v_pages, page_table, page_lens, scale):
     return routed_attention_fwd(q, k_pages, v_pages, page_table, page_lens, scale)
 
 
-def _bwd_triton(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale):
+def _fwd_triton_tma(q, k_pages, v_pages, page_table, page_lens, scale):
+    from .triton import routed_attention_tma as tma
+
+    if (why := tma.supported(q.dtype, q.shape[-1])) is not None:
+        raise TypeError(f"routed_attention backend 'triton_tma' {why} (use backend='triton')")
+    q, k_pages, v_pages = (_aligned16(t) for t in (q, k_pages, v_pages))
+    return tma.routed_attention_fwd(q, k_pages, v_pages, page_table, page_lens, scale)
+
+
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor whose data starts on 16 bytes (TMA's requirement): a copy if not."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _bwd_triton(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale, det):
     from .triton.routed_attention import routed_attention_bwd
 
-    return routed_attention_bwd(dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, scale)
+    args = (dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, scale, det)
+    return routed_attention_bwd(*args)
 
 
 _KERNELS = {
@@ -88,6 +103,7 @@ _KERNELS = {
     "cpu": (_fwd_native, _bwd_native),
     "cuda": (_fwd_cuda, _bwd_cuda),
     "triton": (_fwd_triton, _bwd_triton),
+    "triton_tma": (_fwd_triton_tma, _bwd_triton),
 }
 
 
@@ -105,6 +121,8 @@ def _routed_attention_op(
     page_lens: torch.Tensor | None,
     scale: float,
     backend: str,
+    backward_backend: str,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _checks.check_page_values(page_table, page_lens, k_pages.shape[0], k_pages.shape[2])
     q, k_pages, v_pages = q.contiguous(), k_pages.contiguous(), v_pages.contiguous()
@@ -115,7 +133,7 @@ def _routed_attention_op(
 
 
 @_routed_attention_op.register_fake
-def _(q, k_pages, v_pages, page_table, page_lens, scale, backend):
+def _(q, k_pages, v_pages, page_table, page_lens, scale, backend, backward_backend, det):
     # contiguous, as every backend returns them, whatever q's strides (empty_like would keep a
     # permuted q's): torch.compile trusts these strides
     B, H, Lq, _ = q.shape
@@ -135,27 +153,25 @@ def _routed_attention_backward_op(
     delta: torch.Tensor,
     scale: float,
     backend: str,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = [t.contiguous() for t in (dout, q, k_pages, v_pages, page_table)]
     page_lens = None if page_lens is None else page_lens.contiguous()
-    return tuple(
-        g.contiguous()
-        for g in _KERNELS[backend][1](
-            *args, page_lens, out.contiguous(), lse.contiguous(), delta.contiguous(), scale
-        )
-    )
+    rowwise = (out.contiguous(), lse.contiguous(), delta.contiguous())
+    grads = _KERNELS[backend][1](*args, page_lens, *rowwise, scale, deterministic)
+    return tuple(g.contiguous() for g in grads)
 
 
 @_routed_attention_backward_op.register_fake
-def _(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale, backend):
+def _(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale, backend, det):
     return tuple(t.new_empty(t.shape) for t in (q, k_pages, v_pages))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k_pages, v_pages, page_table, page_lens, scale, backend = inputs
+    q, k_pages, v_pages, page_table, page_lens, scale, _, backward_backend, det = inputs
     out, lse = output
     ctx.save_for_backward(q, k_pages, v_pages, page_table, page_lens, out, lse)
-    ctx.scale, ctx.backend = scale, backend
+    ctx.scale, ctx.backend, ctx.deterministic = scale, backward_backend, det
 
 
 def _backward(ctx, dout, dlse):
@@ -168,9 +184,10 @@ def _backward(ctx, dout, dlse):
         # Rows without a key have lse = -inf and no gradient path: ignore their dlse.
         delta = delta - torch.where(torch.isfinite(lse), dlse.to(acc), torch.zeros_like(delta))
     dq, dk, dv = _routed_attention_backward_op(
-        dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, ctx.scale, ctx.backend
-    )
-    return dq, dk, dv, None, None, None, None
+        dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, ctx.scale, ctx.backend,
+        ctx.deterministic,
+    )  # fmt: skip
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _routed_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -191,6 +208,7 @@ def routed_attention(
     scale: float | None = None,
     *,
     backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of many rows over one shared paged KV cache, each row through its page table.
 
@@ -202,8 +220,12 @@ def routed_attention(
             logical page, or -1 (routed out / absent). Rows may list the same page.
         page_lens: [P] int32, optional: valid tokens of each physical page (a partly filled page).
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``auto`` | ``reference`` | ``cpu`` | ``cuda`` | ``triton`` (see
-            :mod:`kvpo_kernels._backend`).
+        backend: ``auto`` | ``reference`` | ``cpu`` | ``cuda`` | ``triton`` | ``triton_tma``
+            (see :mod:`kvpo_kernels._backend`; ``auto`` picks per direction).
+        deterministic: whether the backward gives the same bits on every run (the default).
+            ``False`` lets the GPU backends compute the scores once and add ``dq`` with float32
+            atomics. ``None``: the environment variable ``KVPO_DETERMINISTIC`` (``0`` turns it
+            off), forced on by ``torch.use_deterministic_algorithms(True)``.
 
     Attention is full over the kept tokens (express causality by which pages a row lists).
 
@@ -217,8 +239,10 @@ def routed_attention(
     """
     _checks.check_routed_attention(q, k_pages, v_pages, page_table, page_lens)
     scale = _checks.check_scale(scale, q.shape[-1])
-    name = _backend.resolve(OP, q.device, backend, native_op="routed_attn_fwd", dtype=q.dtype)
-    return _routed_attention_op(q, k_pages, v_pages, page_table, page_lens, scale, name)
+    fwd = _backend.resolve(OP, q.device, backend, "routed_attn_fwd", q.dtype, "forward")
+    bwd = _backend.resolve(OP, q.device, backend, "routed_attn_bwd", q.dtype, "backward")
+    det = _backend.deterministic(deterministic)
+    return _routed_attention_op(q, k_pages, v_pages, page_table, page_lens, scale, fwd, bwd, det)
 
 
 def merge_attention(

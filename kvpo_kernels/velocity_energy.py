@@ -73,13 +73,14 @@ def _velocity_energy_op(
     weight: torch.Tensor | None,
     mean: bool,
     backend: str,
+    backward_backend: str,
 ) -> torch.Tensor:
     out = _KERNELS[backend][0](v_pred.contiguous(), v_ref.contiguous(), weight, mean)
     return out.to(_backend.acc_dtype(v_pred.dtype))
 
 
 @_velocity_energy_op.register_fake
-def _(v_pred, v_ref, weight, mean, backend):
+def _(v_pred, v_ref, weight, mean, backend, backward_backend):
     return v_pred.new_empty((v_pred.shape[0],), dtype=_backend.acc_dtype(v_pred.dtype))
 
 
@@ -105,9 +106,9 @@ def _(grad, v_pred, v_ref, weight, mean, need_ref, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    v_pred, v_ref, weight, mean, backend = inputs
+    v_pred, v_ref, weight, mean, _, backward_backend = inputs
     ctx.save_for_backward(v_pred, v_ref, weight)
-    ctx.mean, ctx.backend = mean, backend
+    ctx.mean, ctx.backend = mean, backward_backend
 
 
 def _backward(ctx, grad):
@@ -126,7 +127,7 @@ def _backward(ctx, grad):
         diff2 = (v_pred.to(acc) - v_ref.to(acc)).pow(2)
         per_step = diff2.mean(-1) if ctx.mean else diff2.sum(-1)
         d_weight = (grad.to(acc)[:, None] * per_step).to(weight.dtype)
-    return d_pred, d_ref, d_weight, None, None
+    return d_pred, d_ref, d_weight, None, None, None
 
 
 _velocity_energy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -149,7 +150,8 @@ def velocity_energy(
         v_ref: [G, S, ...], shape and dtype of v_pred: the velocities the branch actually took.
         weight: [S] or [G, S] per-step weights, or None (ones).
         reduction: "sum" or "mean" over the trailing dims.
-        backend: ``auto`` | ``reference`` | ``cpu`` | ``cuda`` | ``triton``.
+        backend: ``auto`` | ``reference`` | ``cpu`` | ``cuda`` | ``triton`` (``auto`` picks per
+            direction).
 
     Returns:
         energy: [G] float32 (float64 for float64 inputs),
@@ -162,9 +164,9 @@ def velocity_energy(
     n = math.prod(v_pred.shape[2:])  # not -1: ambiguous when G or S is 0
     if weight is not None:
         weight = weight.to(_backend.acc_dtype(v_pred.dtype)).expand(G, S)
-    name = _backend.resolve(
-        OP, v_pred.device, backend, native_op="velocity_energy_fwd", dtype=v_pred.dtype
-    )
+    dev, dt = v_pred.device, v_pred.dtype
+    fwd = _backend.resolve(OP, dev, backend, "velocity_energy_fwd", dt, "forward")
+    bwd = _backend.resolve(OP, dev, backend, "velocity_energy_bwd", dt, "backward")
     return _velocity_energy_op(
-        v_pred.reshape(G, S, n), v_ref.reshape(G, S, n), weight, reduction == "mean", name
+        v_pred.reshape(G, S, n), v_ref.reshape(G, S, n), weight, reduction == "mean", fwd, bwd
     )

@@ -6,6 +6,11 @@
 #                                       # main tables, 2 trainer iterations, the random-input
 #                                       # tests on the GPU backends, then the sweep with
 #                                       # whatever time is left (BUDGET_S, default 560 s)
+#   bash scripts/gpu_session.sh kernels # routed_attention alone (about 8 minutes): build, its GPU
+#                                       # tests (every backend, both backward modes, the Hopper
+#                                       # CUDA path), the attention tables (forward, forward +
+#                                       # backward, the backward alone; 1536-token frames), the
+#                                       # Triton compile table of this card, its random draws
 #   bash scripts/gpu_session.sh check   # build with CUDA, GPU tests, the main tables, 2 trainer
 #                                       # iterations, the random-input tests
 #   bash scripts/gpu_session.sh suite   # the full GPU suite (main tables, cache length x G sweep)
@@ -114,6 +119,12 @@ case "$stage" in
     step random 120 bash -c gpu_random
     step sweep 600 python3 -m benchmarks.gpu_suite --part sweep --out "$OUT/gpu_sweep.md"
     ;;
+  kernels)
+    step tests 200 bash -c "gpu_tests -k routed"
+    step attention 330 python3 -m benchmarks.gpu_suite --part attention \
+      --out "$OUT/gpu_attention.md"
+    step random 90 bash -c "gpu_random 'and routed'"
+    ;;
   check)
     step tests 300 bash -c gpu_tests
     step main 300 python3 -m benchmarks.gpu_suite --part main --out "$OUT/gpu_main.md"
@@ -142,7 +153,7 @@ case "$stage" in
       ${WAN_ARGS:-}
     ;;
   *)
-    echo "usage: $0 all|check|suite|velocity|wan" >&2
+    echo "usage: $0 all|kernels|check|suite|velocity|wan" >&2
     exit 2
     ;;
 esac

@@ -37,8 +37,11 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import routed_attention as ra
+from . import routed_attention_tma as tma
 from . import velocity_energy as ve
 from ._common import Launch, interpreted
 
@@ -56,6 +59,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (64, 128, 256)
 # 16 tokens: the smallest block of keys; 1560: a Wan2.1 latent frame (the keys block is not capped)
 PAGE_SIZES = (16, 1560)
+
+TMA_FWD = "routed_attention.fwd_tma"  # compiled for sm_90a and sm_100a only
 
 # Registers spilled that a launch may have. fp32 runs exact IEEE dots on CUDA cores, the
 # correctness path rather than the fast one, and ptxas spills a few bytes in some of its tiles.
@@ -90,6 +95,7 @@ class Compiled:
     # "tcgen05" (Blackwell's tensor-core MMA), "wgmma" (Hopper's warpgroup MMA), "mma"
     # (mma.sync), "fma" (CUDA cores), "none"
     matmul: str
+    tma: bool = False  # loads through the Tensor Memory Accelerator (cp.async.bulk.tensor)
 
     @property
     def ok(self) -> bool:
@@ -129,6 +135,8 @@ def _specialize(fn: triton.JITFunction, args: tuple, meta: dict[str, Any]):
                 attrs[(i,)] = hint
         elif isinstance(a, float):
             signature[p.name] = "fp32"
+        elif isinstance(a, TensorDescriptor):  # TMA: a descriptor of the block it loads
+            signature[p.name] = mangle_type(a)
         else:
             raise TypeError(f"{fn.__name__}: argument {p.name} of type {type(a).__name__}")
     return signature, constexprs, attrs
@@ -204,6 +212,7 @@ def compile_launch(
                 shared_bytes=kernel.metadata.shared,
                 shared_limit=shared_limit,
                 matmul=_matmul(kernel.asm["ptx"]),
+                tma="cp.async.bulk.tensor" in kernel.asm["ptx"],
             )
         )
         if until_clean and out[-1].ok:
@@ -225,14 +234,22 @@ def routed_attention_launches(
     lse = torch.zeros(B, H, Lq)
     scale = head_dim**-0.5
     (fwd,) = ra.fwd_launches(q, k, k, table, lens, scale, torch.empty_like(q), lse)
-    dq, dkdv = ra.bwd_launches(
-        q, q, k, k, table, lens, lse, lse, scale, torch.empty_like(q), torch.empty_like(k), k
+    grads = (torch.empty_like(q), torch.empty_like(k), k)
+    dq, dkdv = ra.bwd_launches(q, q, k, k, table, lens, lse, lse, scale, *grads)
+    dq_acc = torch.zeros_like(q, dtype=torch.float32)
+    (fused,) = ra.bwd_launches(
+        q, q, k, k, table, lens, lse, lse, scale, dq_acc, *grads[1:], deterministic=False
     )
-    return {
+    launches = {
         "routed_attention.fwd": fwd,
         "routed_attention.bwd_dq": dq,
         "routed_attention.bwd_dkdv": dkdv,
+        "routed_attention.bwd_fused": fused,
     }
+    if tma.supported(dtype, head_dim) is None:
+        out = torch.empty_like(q)
+        (launches[TMA_FWD],) = tma.fwd_launches(q, k, k, table, lens, scale, out, lse)
+    return launches
 
 
 def velocity_energy_launches(dtype: torch.dtype) -> dict[str, Launch]:
@@ -260,6 +277,8 @@ def _compile_one(
     for head_dim in head_dims:
         for page_size in PAGE_SIZES:
             for name, launch in routed_attention_launches(dtype, head_dim, page_size).items():
+                if name == TMA_FWD and ARCHS[arch][0] // 10 not in (9, 10):
+                    continue  # Hopper and data-centre Blackwell (_backend._tma_capable)
                 records += compile_launch(launch, arch, name, dtype, page_size, until_clean)
     return records
 
@@ -316,14 +335,14 @@ def problems(records: list[Compiled]) -> list[str]:
 def table(records: list[Compiled]) -> str:
     head = (
         "| kernel | arch | dtype | D | page | BLOCK_M | BLOCK_N | warps | stages | regs | spill B "
-        "| smem KiB | matmul |"
+        "| smem KiB | matmul | TMA |"
     )
-    rows = [head, "|" + "---|" * 13]
+    rows = [head, "|" + "---|" * 14]
     for r in records:
         rows.append(
             f"| {r.kernel} | {r.arch} | {r.dtype} | {r.head_dim or '-'} | {r.page_size or '-'} "
             f"| {r.block_m} | {r.block_n or '-'} | {r.num_warps} | {r.num_stages} | {r.registers} "
-            f"| {r.spill_bytes} | {r.shared_bytes / 1024:.1f} | {r.matmul} |"
+            f"| {r.spill_bytes} | {r.shared_bytes / 1024:.1f} | {r.matmul} | {'yes' if r.tma else ''} |"
         )
     return "\n".join(rows)
 

@@ -6,9 +6,12 @@ find them in L2. Each program walks its row's table, skips routed-out pages (-1)
 their memory, masks the tail of partly filled pages, and keeps an online softmax in fp32 (base-2
 exponentials).
 
-Backward: ``dq`` walks the tables like the forward; ``dk``/``dv`` run one program per (token
-block of a physical page, KV head) over a page -> rows index (CSR), so the gradient of a page that
-several rows list is summed inside one program: no atomics, deterministic.
+Backward: ``dk``/``dv`` run one program per (token block of a physical page, KV head) over a
+page -> rows index (CSR), so the gradient of a page that several rows list is summed inside one
+program: no atomics. ``dq`` comes in two ways. Deterministic (the default): a second kernel walks
+the tables like the forward and computes the scores again. Otherwise the dk/dv programs add their
+``dS K`` into a float32 ``dq`` with atomics, so the scores are computed once in the whole backward,
+in an order that varies from run to run.
 
 Size: a problem with more (row, head) or (page, KV head) pairs than a CUDA grid's second axis
 holds, or whose q spans 2**31 elements and more, runs as several launches over runs of rows or
@@ -23,6 +26,7 @@ tests/kernels/test_triton_aot.py keeps it so). Each kernel autotunes over its ta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -75,10 +79,27 @@ DKDV_TILES: dict[tuple[int, int], list[Tiles]] = {
 }
 # dk/dv over pages of at most 16 tokens: one 16-row key block, too few rows for 8 warps (fewer
 # warps keep it from spilling; benchmarks/RESULTS.md).
-DKDV_SMALL_PAGE_TILES: dict[tuple[int, int], Tiles] = {
-    (2, 64): Tiles(32, 16, 2, 2),
-    (2, 128): Tiles(16, 16, 4, 2),
-    (2, 256): Tiles(32, 16, 4, 2),
+DKDV_SMALL_PAGE_TILES: dict[tuple[int, int], list[Tiles]] = {
+    (2, 64): [Tiles(32, 16, 2, 2)],
+    (2, 128): [Tiles(16, 16, 4, 2)],
+    (2, 256): [Tiles(32, 16, 4, 2)],
+}
+# The backward with atomic dq (dk/dv programs that also add dS K to dq): one more product and
+# its operands live beside dk and dv, so smaller query blocks than DKDV_TILES'.
+FUSED_TILES: dict[tuple[int, int], list[Tiles]] = {
+    (2, 64): [Tiles(32, 64, 8, 3), Tiles(32, 128, 8, 2), Tiles(16, 128, 8, 2)],
+    (2, 128): [Tiles(32, 64, 8, 3), Tiles(32, 64, 8, 2), Tiles(16, 64, 8, 2)],
+    (2, 256): [Tiles(16, 32, 8, 3), Tiles(16, 32, 8, 2), Tiles(16, 16, 8, 2)],
+    (4, 64): [Tiles(32, 32, 8, 1)],
+    (4, 128): [Tiles(32, 16, 4, 1)],
+    (4, 256): [Tiles(16, 16, 8, 1)],
+}
+FUSED_SMALL_PAGE_TILES: dict[tuple[int, int], list[Tiles]] = {
+    # 16 x 16 on 4 warps spills on sm_100a (D 64) or sm_120 (D 256), on 8 warps on sm_120 (D 64)
+    # or sm_100a (D 256): the pair leaves each a clean one
+    (2, 64): [Tiles(16, 16, 4, 2), Tiles(16, 16, 8, 2)],
+    (2, 128): [Tiles(16, 16, 8, 2)],
+    (2, 256): [Tiles(16, 16, 4, 2), Tiles(16, 16, 8, 2)],
 }
 INTERPRETER_TILES = Tiles(16, 16, 4, 1)
 
@@ -111,15 +132,16 @@ def _configs(table: dict[tuple[int, int], list[Tiles]]) -> list[triton.Config]:
 
 
 def _pruner(
-    table: dict[tuple[int, int], list[Tiles]], small_pages: dict[tuple[int, int], Tiles] | None
+    table: dict[tuple[int, int], list[Tiles]],
+    small_pages: dict[tuple[int, int], list[Tiles]] | None,
 ):
     """An early_config_prune keeping ``table``'s entries for this dtype and head dim, keys capped
-    at the page size (``small_pages``' entry instead, where given, for pages of <= 16 tokens)."""
+    at the page size (``small_pages``' entries instead, where given, for pages of <= 16 tokens)."""
 
     def prune(configs, named_args, **meta) -> list[triton.Config]:
         key = tiles_key(named_args["Q"].dtype, meta["BLOCK_D"])
         if small_pages and key in small_pages and named_args["page_size"] <= 16:
-            return [_config(small_pages[key])]
+            return [_config(t) for t in small_pages[key]]
         wanted = table[key]
         kept: dict[Tiles, triton.Config] = {}
         for c in configs:
@@ -134,7 +156,8 @@ def _pruner(
 
 def _autotune(
     table: dict[tuple[int, int], list[Tiles]],
-    small_pages: dict[tuple[int, int], Tiles] | None = None,
+    small_pages: dict[tuple[int, int], list[Tiles]] | None = None,
+    reset: tuple[str, ...] = (),
 ):
     # Keyed on what changes the best tiles, never on the table or row count: a new routing
     # reuses the compiled kernels and the tuning.
@@ -142,6 +165,7 @@ def _autotune(
         configs=_configs(table),
         key=["Lq", "page_size", "D", "GROUP"],
         prune_configs_by={"early_config_prune": _pruner(table, small_pages)},
+        reset_to_zero=list(reset) or None,
     )
 
 
@@ -274,15 +298,14 @@ def _bwd_dq_kernel(
     tl.store(DQ + row, (dq * sm_scale).to(DQ.dtype.element_ty), mask=md_mask)
 
 
-@_autotune(DKDV_TILES, DKDV_SMALL_PAGE_TILES)
 @triton.jit(do_not_specialize=["B", "Lq"])
-def _bwd_dkdv_kernel(
-    Q, K, V, LENS, DO, LSE, DELTA, DK, DV, ROW_PTR, ROWS,
+def _bwd_dkdv(
+    Q, K, V, LENS, DO, LSE, DELTA, DK, DV, DQ_ACC, ROW_PTR, ROWS,
     sm_scale,
     s_qb, s_qh, s_qm,
     s_kp, s_kh, s_kt,
     B, H, Lq, Hkv, page_size, D,
-    GROUP: tl.constexpr, HAS_LENS: tl.constexpr, IEEE: tl.constexpr,
+    GROUP: tl.constexpr, HAS_LENS: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -330,10 +353,18 @@ def _bwd_dkdv_kernel(
                 p_t = tl.where(n_mask[:, None] & m_mask[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
                 dv += _dot(p_t.to(do.dtype), do, IEEE)
                 dp_t = _dot(v, tl.trans(do), IEEE)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += _dot(ds_t.to(q.dtype), q, IEEE)
+                ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+                dk += _dot(ds_t, q, IEEE)
+                if ATOMIC_DQ:  # DQ_ACC: float32 with q's strides, zeroed by the caller
+                    dq = _dot(tl.trans(ds_t), k, IEEE) * sm_scale
+                    tl.atomic_add(DQ_ACC + row + ptrs, dq, mask=md_mask, sem="relaxed")
     tl.store(DK + kv_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+_bwd_dkdv_kernel = _autotune(DKDV_TILES, DKDV_SMALL_PAGE_TILES)(_bwd_dkdv)
+# The autotuner runs each candidate on the same accumulator: it zeroes DQ_ACC before every run.
+_bwd_fused_kernel = _autotune(FUSED_TILES, FUSED_SMALL_PAGE_TILES, reset=("DQ_ACC",))(_bwd_dkdv)
 
 
 # CUDA caps a grid's second axis at 65535 programs, and the forward and dq kernels address a
@@ -405,9 +436,13 @@ def _row_launches(
             table.stride(0),
             b - a, H, Lq, table.shape[1], page_size, D,
         )  # fmt: skip
-        grid = lambda meta, rows=b - a: (triton.cdiv(Lq, meta["BLOCK_M"]), rows * H)  # noqa: E731
-        launches.append(Launch(kernel, grid, args, constexprs))
+        launches.append(Launch(kernel, row_grid(Lq, H, b - a), args, constexprs))
     return launches
+
+
+def row_grid(Lq: int, H: int, rows: int) -> Callable[[dict], tuple[int, int]]:
+    """The grid of a launch over ``rows`` rows: (query blocks, rows x heads), heads slowest."""
+    return lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), rows * H)
 
 
 def fwd_launches(
@@ -432,14 +467,18 @@ def routed_attention_fwd(
     page_table: torch.Tensor,
     page_lens: torch.Tensor | None,
     scale: float,
+    launches: Callable[..., list[Launch]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [B, H, Lq, D]; k_pages, v_pages: [P, Hkv, page_size, D] (contiguous); page_table:
-    [B, max_pages] int32. Returns out [B, H, Lq, D] (dtype of q) and lse [B, H, Lq] float32."""
+    [B, max_pages] int32. Returns out [B, H, Lq, D] (dtype of q) and lse [B, H, Lq] float32.
+    ``launches``: the forward's launch builder (default :func:`fwd_launches`; the TMA forward
+    passes its own)."""
     B, H, Lq, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     if out.numel() > 0:
-        for launch in fwd_launches(q, k_pages, v_pages, page_table, page_lens, scale, out, lse):
+        build = launches or fwd_launches
+        for launch in build(q, k_pages, v_pages, page_table, page_lens, scale, out, lse):
             launch()
     return out, lse
 
@@ -472,32 +511,39 @@ def bwd_launches(
     dq: torch.Tensor,
     dk: torch.Tensor,
     dv: torch.Tensor,
+    deterministic: bool = True,
 ) -> list[Launch]:
     """The backward's launches, arguments as :func:`routed_attention_bwd`, gradients given (dout
     and dq with q's strides, dk and dv with k_pages'): dq per run of rows, then dk and dv per run
-    of pages (:data:`MAX_GRID_Y`, :data:`MAX_OFFSET`). lse and delta: float32, contiguous."""
+    of pages (:data:`MAX_GRID_Y`, :data:`MAX_OFFSET`). lse and delta: float32, contiguous.
+    ``deterministic=False``: no dq launch; dq must be float32 and zero, and the dk/dv launches
+    add into it."""
     B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
     if B * H * Lq >= 2**31:  # dk/dv indexes every row's lse and delta in int32
         raise ValueError(
             f"routed_attention's Triton backward takes fewer than 2**31 queries x heads x rows, "
             f"got q {tuple(q.shape)}"
         )
-    launches = _row_launches(
-        _bwd_dq_kernel, q, k_pages, v_pages, page_table, page_lens, (dout, lse, delta, dq), scale
-    )
-    constexprs = _constexprs(q, k_pages, page_lens)
+    launches = []
+    if deterministic:
+        rowwise = (dout, lse, delta, dq)
+        launches = _row_launches(
+            _bwd_dq_kernel, q, k_pages, v_pages, page_table, page_lens, rowwise, scale
+        )
+    constexprs = dict(_constexprs(q, k_pages, page_lens), ATOMIC_DQ=not deterministic)
+    kernel = _bwd_dkdv_kernel if deterministic else _bwd_fused_kernel
     row_ptr, rows = page_rows_csr(page_table, k_pages.shape[0])
     for a, b in _runs(k_pages.shape[0], Hkv):
         lens = page_lens[a:b] if page_lens is not None else row_ptr
         dkdv_args = (
-            q, k_pages[a:b], v_pages[a:b], lens, dout, lse, delta, dk[a:b], dv[a:b],
+            q, k_pages[a:b], v_pages[a:b], lens, dout, lse, delta, dk[a:b], dv[a:b], dq,
             row_ptr[a:], rows, scale,
             q.stride(0), q.stride(1), q.stride(2),
             k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
             B, H, Lq, Hkv, page_size, D,
         )  # fmt: skip
         grid = lambda meta, pages=b - a: (triton.cdiv(page_size, meta["BLOCK_N"]), pages * Hkv)  # noqa: E731
-        launches.append(Launch(_bwd_dkdv_kernel, grid, dkdv_args, constexprs))
+        launches.append(Launch(kernel, grid, dkdv_args, constexprs))
     return launches
 
 
@@ -511,15 +557,18 @@ def routed_attention_bwd(
     lse: torch.Tensor,
     delta: torch.Tensor,
     scale: float,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """delta = rowsum(dout * out) - dlse [B, H, Lq] float32. Returns dq, dk_pages, dv_pages."""
-    dq = torch.empty_like(q)
+    """delta = rowsum(dout * out) - dlse [B, H, Lq] float32. Returns dq, dk_pages, dv_pages.
+    ``deterministic=False`` computes the scores once (dq by float32 atomics; bits vary)."""
+    dq = torch.empty_like(q) if deterministic else torch.zeros_like(q, dtype=torch.float32)
     dk = torch.zeros_like(k_pages)
     dv = torch.zeros_like(v_pages)
     if q.numel() > 0:
         lse, delta = lse.float().contiguous(), delta.float().contiguous()
         for launch in bwd_launches(
-            dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, scale, dq, dk, dv
-        ):
+            dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, scale, dq, dk, dv,
+            deterministic,
+        ):  # fmt: skip
             launch()
-    return dq, dk, dv
+    return dq.to(q.dtype), dk, dv

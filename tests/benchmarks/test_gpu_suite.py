@@ -37,20 +37,35 @@ def test_every_table_is_there(tables):
 
 def test_routed_methods_agree_with_kvpo(tables):
     fwd = tables["routed_attention forward, Wan2.1 shape, float16"]
-    for method in ("kvpo triton", "FlexAttention + BlockMask build", "SDPA flash on gathered K/V"):
+    methods = (
+        "kvpo triton",
+        "kvpo triton_tma",
+        "FlexAttention + BlockMask build",
+        "SDPA flash on gathered K/V",
+    )
+    for method in methods:
         row = _row(fwd, method)
         assert row["error"] == "", row
         assert row["rel_err_vs_kvpo"] < 2e-3, row  # fp16 outputs
         assert row["ms"] > 0 and row["tflops"] > 0, row
     sweep = tables["sweep: 3 frames of cache, G = 2"]
-    assert [r["method"] for r in sweep] == ["kvpo triton", "FlexAttention + BlockMask build"]
+    names = ["kvpo triton", "FlexAttention + BlockMask build", "kvpo triton_tma"]
+    assert [r["method"] for r in sweep] == names
     assert all(r["error"] == "" for r in sweep), sweep
 
 
 def test_backward_rows_run_or_name_their_error(tables):
     bwd = tables["routed_attention forward + backward, Wan2.1 shape, float16"]
-    assert _row(bwd, "kvpo triton")["error"] == ""
-    assert _row(bwd, "SDPA flash on gathered K/V")["error"] == ""
+    for method in (
+        "kvpo triton",
+        "kvpo triton, atomic dq",
+        "kvpo triton_tma",
+        "SDPA flash on gathered K/V",
+    ):
+        row = _row(bwd, method)
+        assert row["error"] == "", row
+        assert row["bwd_ms"] > 0 and row["bwd_tflops"] > 0 and row["ms"] > 0, row
+    assert _row(bwd, "kvpo triton, atomic dq")["rel_err_vs_kvpo"] < 2e-3
     flex = _row(bwd, "FlexAttention + BlockMask build")  # no CPU backward in torch
     assert flex["error"] == "" or "backward" in flex["error"]
     assert flex["error"] != "" or flex["ms"] > 0
@@ -91,4 +106,4 @@ def test_the_velocity_part_runs_velocity_energy_alone():
     with pytest.raises(ValueError, match="flush must be"):
         _gpu_ms(lambda: None, "cpu", flush="none")
     with pytest.raises(ValueError, match="part must be one of"):
-        next(sections(smoke=True, part="attention", device="cpu"))
+        next(sections(smoke=True, part="everything", device="cpu"))

@@ -209,6 +209,9 @@ def test_auto_on_cuda_picks_each_ops_faster_backend(monkeypatch, triton, cuda, a
     gpu = torch.device("cuda")
     assert _backend.resolve("routed_attention", gpu, None, "routed_attn_fwd") == attention
     assert _backend.resolve("velocity_energy", gpu, None, "velocity_energy_fwd") == energy
+    # the CUDA C++ backward is not in auto's measured order: the Triton one, else the reference
+    bwd = _backend.resolve("routed_attention", gpu, None, "routed_attn_bwd", direction="backward")
+    assert bwd == ("triton" if triton else "reference")
     # float64 always goes to the reference (the GPU kernels accumulate in float32)
     assert _backend.resolve("velocity_energy", gpu, None, "", torch.float64) == "reference"
     assert _backend.resolve("velocity_energy", torch.device("cpu")) in ("cpu", "reference")

@@ -19,6 +19,13 @@ def test_the_report_names_each_ops_backend_as_dispatch_picks_it(monkeypatch):
     assert cpu == {"routed_attention": want, "velocity_energy": want}
     text = report(env)
     assert f"routed_attention  cpu tensors -> {want}" in text and "switches: none set" in text
+    assert "routed_attention backward deterministic: yes" in text
+
+    monkeypatch.setenv("KVPO_DETERMINISTIC", "0")
+    assert environment()["deterministic_backward"] == "no (dq by atomics)"
+    monkeypatch.setenv("KVPO_DETERMINISTIC", "maybe")
+    assert "KVPO_DETERMINISTIC must be 0 or 1" in environment()["deterministic_backward"]
+    monkeypatch.delenv("KVPO_DETERMINISTIC")
 
     monkeypatch.setenv("KVPO_BACKEND", "reference")
     env = environment()

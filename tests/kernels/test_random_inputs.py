@@ -25,6 +25,7 @@ if INTERPRETED:  # and an interpreter that runs with this Triton and NumPy (test
     INTERPRETED = interpreter_problem() is None
 GPU = torch.cuda.is_available()
 GPU_TRITON = GPU and _backend.triton_available() and not _backend.triton_interpreted()
+GPU_TMA = GPU_TRITON and torch.cuda.get_device_capability()[0] in (9, 10)
 # velocity_energy: float64 truth -> tolerance of each dtype's result (the gradients get 10x)
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 6e-3, torch.bfloat16: 5e-2}
 # routed_attention: error allowed beyond twice PyTorch's own in the dtype (flash-attn's rule), as
@@ -50,6 +51,21 @@ def _runs(native_cuda_op: str) -> list:
         ),
         pytest.param(
             "cuda", "cuda", marks=pytest.mark.skipif(not cuda, reason="the CUDA kernels built")
+        ),
+    ]
+
+
+def _attention_runs() -> list:
+    """:func:`_runs` and the TMA forward (interpreted, and on a GPU of compute capability 9+)."""
+    return [
+        *_runs("routed_attn_fwd"),
+        pytest.param(
+            "triton_tma",
+            "cpu",
+            marks=pytest.mark.skipif(not INTERPRETED, reason="TRITON_INTERPRET=1"),
+        ),
+        pytest.param(
+            "triton_tma", "cuda", marks=pytest.mark.skipif(not GPU_TMA, reason="sm 9.x or 10.x")
         ),
     ]
 
@@ -94,6 +110,8 @@ def _attention_truth(q, k, v, table, lens, scale):
 
 
 def _dtypes(backend: str, device: str) -> list[torch.dtype]:
+    if backend == "triton_tma":  # 16-bit operands (and the interpreter mishandles bfloat16)
+        return [torch.float16, torch.bfloat16] if device == "cuda" else [torch.float16]
     if device == "cuda":  # the GPU kernels take 16- and 32-bit floats
         return [torch.float32, torch.float16, torch.bfloat16]
     # the interpreter mishandles bfloat16
@@ -103,13 +121,15 @@ def _dtypes(backend: str, device: str) -> list[torch.dtype]:
 def _draw_attention(seed: int, backend: str, device: str = "cpu"):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    small = backend == "triton" and device == "cpu"  # the interpreter runs a program at a time
+    small = backend.startswith("triton") and device == "cpu"  # the interpreter: a program at a time
     dtype = rng.choice(_dtypes(backend, device))
     Hkv = rng.choice([1, 2, 3])
     H = Hkv * rng.choice([1, 2, 4])
     D = rng.choice([8, 16, 32, 64] if small else [1, 3, 16, 33, 64, 80, 128, 256])
     if backend == "cuda":  # the CUDA forward: tensor cores, head dim 64 or 128
         dtype, D = rng.choice([torch.float16, torch.bfloat16]), rng.choice([64, 128])
+    if backend == "triton_tma":  # TMA: 16-byte rows
+        D = rng.choice([8, 16, 32, 64] if small else [8, 16, 64, 80, 128, 256])
     B = rng.choice([0, 1, 3, 5]) if rng.random() < 0.15 else rng.choice([1, 2, 3])
     Lq = rng.choice([0, 1, 5, 17] if small else [0, 1, 2, 17, 64, 130])
     P, page_size = rng.choice([1, 2, 5, 9]), rng.choice([1, 3, 16] if small else [1, 3, 16, 36])
@@ -136,12 +156,14 @@ def _grads_of(out, lse, inputs, dout, dlse):
     ]
 
 
-@pytest.mark.parametrize(("backend", "device"), _runs("routed_attn_fwd"))
+@pytest.mark.parametrize(("backend", "device"), _attention_runs())
 @pytest.mark.parametrize("seed", SEEDS)
 def test_routed_attention_on_random_inputs(backend, device, seed):
     rng, gen, dtype, (q, k, v, table, lens, scale) = _draw_attention(seed, backend, device)
+    deterministic = random.Random(seed + 1000).random() < 0.5  # else dq by atomics (GPU backends)
     what = (
-        f"seed {seed}, {backend} on {device}, {dtype}, q {tuple(q.shape)}, pages {tuple(k.shape)}"
+        f"seed {seed}, {backend} on {device}, {dtype}, q {tuple(q.shape)}, pages {tuple(k.shape)}, "
+        f"deterministic {deterministic}"
     )
     # the truth of what the kernel is given (inputs and output gradient rounded to dtype, the
     # lse gradient to float32), and what PyTorch gets in dtype
@@ -157,8 +179,9 @@ def test_routed_attention_on_random_inputs(backend, device, seed):
 
     args = [_layout(x.to(device, dtype), rng).requires_grad_() for x in (q, k, v)]
     lens = None if lens is None else lens.to(device)
+    table = _layout(table.to(device), rng)
     out, lse = kvpo_kernels.routed_attention(
-        *args, _layout(table.to(device), rng), lens, scale=scale, backend=backend
+        *args, table, lens, scale=scale, backend=backend, deterministic=deterministic
     )
     out, lse = out.cpu(), lse.cpu()
     assert out.dtype == dtype and out.shape == want_out.shape, what

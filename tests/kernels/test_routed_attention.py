@@ -232,7 +232,9 @@ def test_opcheck(backend, with_lens, layout):
         q, k, v = (permuted_copy(t) for t in (q, k, v))
     for t in (q, k, v):
         t.requires_grad_()
-    torch.library.opcheck(_routed_attention_op, (q, k, v, table, lens, 0.35, backend))
+    torch.library.opcheck(
+        _routed_attention_op, (q, k, v, table, lens, 0.35, backend, backend, True)
+    )
 
 
 def test_compile_fullgraph_matches_eager():
@@ -335,3 +337,25 @@ def test_a_double_backward_is_refused_naming_the_op(backend):
     assert torch.equal(g.detach(), plain)
     with pytest.raises(NotImplementedError, match="routed_attention has first-order gradients"):
         torch.autograd.grad(g.sum(), q)
+
+
+def test_deterministic_setting(monkeypatch):
+    """The backward's determinism: on by default, off by argument or KVPO_DETERMINISTIC=0, always
+    on under torch.use_deterministic_algorithms(True); a bad value is named."""
+    from kvpo_kernels._backend import deterministic
+
+    monkeypatch.delenv("KVPO_DETERMINISTIC", raising=False)
+    assert deterministic(None) and not deterministic(False)
+    monkeypatch.setenv("KVPO_DETERMINISTIC", "0")
+    assert not deterministic(None) and deterministic(True)
+    prior = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert deterministic(None) and deterministic(False)
+    finally:
+        torch.use_deterministic_algorithms(prior)
+    monkeypatch.setenv("KVPO_DETERMINISTIC", "yes")
+    with pytest.raises(ValueError, match="KVPO_DETERMINISTIC"):
+        deterministic(None)
+    with pytest.raises(TypeError, match="deterministic"):
+        deterministic("no")

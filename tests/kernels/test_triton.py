@@ -51,6 +51,45 @@ def test_routed_attention_fp32(case):
         assert_rel(a, b, 1e-5, f"triton {name}")
 
 
+def _atomic_fn(q, k, v, table, lens):
+    return kvpo_kernels.routed_attention(
+        q, k, v, table, lens, backend="triton", deterministic=False
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_routed_attention_backward_with_atomic_dq(case):
+    """deterministic=False: no dq kernel; the dk/dv programs add dS K into a float32 dq."""
+    q, k, v, table, lens = make_routed(case, torch.float64, seed=11)
+    dout = torch.randn_like(q)
+    dlse = torch.randn(q.shape[:3], dtype=torch.float64)
+    ref = routed_grads(reference_fn, q, k, v, table, lens, dout, dlse)
+    x = [t.float() for t in (q, k, v)]
+    got = routed_grads(_atomic_fn, *x, table, lens, dout.float(), dlse.float())
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
+        assert_rel(a, b, 1e-5, f"triton atomic dq {name}")
+    low = [t.half() for t in (q, k, v)]
+    pt = routed_grads(reference_fn, *low, table, lens, dout.half(), dlse)
+    got = routed_grads(_atomic_fn, *low, table, lens, dout.half(), dlse.half())
+    assert got[2].dtype == torch.float16
+    for name, a, b, c in zip(("dq", "dk", "dv"), got[2:], pt[2:], ref[2:], strict=True):
+        assert_low_precision(a, b, c, f"triton atomic dq fp16 {name}")
+
+
+def test_atomic_dq_launches_only_dkdv():
+    from kvpo_kernels.triton import routed_attention as ra
+
+    q, k, v, table, lens = make_routed(CASES[1], torch.float32, seed=12)
+    lse = torch.zeros(q.shape[:3])
+    args = (q, q, k, v, table, lens, lse, lse, 0.1)
+    grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+    split = ra.bwd_launches(*args, *grads)
+    fused = ra.bwd_launches(*args, *grads, deterministic=False)
+    assert [launch.kernel for launch in split] == [ra._bwd_dq_kernel, ra._bwd_dkdv_kernel]
+    assert [launch.kernel for launch in fused] == [ra._bwd_fused_kernel]
+    assert fused[0].meta["ATOMIC_DQ"] and not split[1].meta["ATOMIC_DQ"]
+
+
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)
 def test_routed_attention_gradient_of_lse_alone(case):
     assert_lse_grads(triton_fn, case, torch.float32, 1e-5, "triton")
@@ -122,12 +161,14 @@ def test_routed_attention_grids_stay_within_cuda_limits():
     lse = torch.zeros(1, 1, 1).expand(B, H, Lq)
     launches = ra.fwd_launches(q, k, k, table, None, 0.125, q, lse)
     launches += ra.bwd_launches(q, q, k, k, table, None, lse, lse, 0.125, q, k, k)
-    covered = {"_fwd_kernel": 0, "_bwd_dq_kernel": 0, "_bwd_dkdv_kernel": 0}
+    launches += ra.bwd_launches(q, q, k, k, table, None, lse, lse, 0.125, q, k, k, False)
+    covered = {"_fwd_kernel": 0, "_bwd_dq_kernel": 0, "_bwd_dkdv": 0}
     for launch in launches:
         grid = launch.grid({"BLOCK_M": 16, "BLOCK_N": 16})
         assert grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), grid
         covered[launch.jit_fn.__name__] += grid[1]
-    assert covered == {"_fwd_kernel": B * H, "_bwd_dq_kernel": B * H, "_bwd_dkdv_kernel": P * Hkv}
+    # dk/dv twice: the split backward's and the atomic-dq one's
+    assert covered == {"_fwd_kernel": B * H, "_bwd_dq_kernel": B * H, "_bwd_dkdv": 2 * P * Hkv}
 
 
 def test_routed_attention_refuses_what_no_launch_holds():
@@ -450,17 +491,23 @@ def test_opcheck_both_ops():
     q, k, v, table, lens = make_routed(case, torch.float32)
     for t in (q, k, v):
         t.requires_grad_()
-    torch.library.opcheck(_routed_attention_op, (q, k, v, table, lens, 0.25, "triton"))
+    torch.library.opcheck(
+        _routed_attention_op, (q, k, v, table, lens, 0.25, "triton", "triton", True)
+    )
     a = torch.randn(3, 2, 7, requires_grad=True)
     b = torch.randn(3, 2, 7, requires_grad=True)
-    torch.library.opcheck(_velocity_energy_op, (a, b, torch.rand(3, 2), True, "triton"))
-    torch.library.opcheck(_velocity_energy_op, (a, b, torch.rand(2).expand(3, 2), False, "triton"))
-    torch.library.opcheck(_velocity_energy_op, (a, b, None, True, "triton"))
+    torch.library.opcheck(_velocity_energy_op, (a, b, torch.rand(3, 2), True, "triton", "triton"))
+    torch.library.opcheck(
+        _velocity_energy_op, (a, b, torch.rand(2).expand(3, 2), False, "triton", "triton")
+    )
+    torch.library.opcheck(_velocity_energy_op, (a, b, None, True, "triton", "triton"))
     # heads-second / step-major views: the fake kernels' strides must be the real ones'
     q, k, v = (permuted_copy(t.detach()).requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(_routed_attention_op, (q, k, v, table, lens, 0.25, "triton"))
+    torch.library.opcheck(
+        _routed_attention_op, (q, k, v, table, lens, 0.25, "triton", "triton", True)
+    )
     a, b = (permuted_copy(t.detach(), 0, 1).requires_grad_() for t in (a, b))
-    torch.library.opcheck(_velocity_energy_op, (a, b, torch.rand(3, 2), True, "triton"))
+    torch.library.opcheck(_velocity_energy_op, (a, b, torch.rand(3, 2), True, "triton", "triton"))
 
 
 def test_an_unusable_interpreter_stops_with_its_reason(monkeypatch):
@@ -474,3 +521,62 @@ def test_an_unusable_interpreter_stops_with_its_reason(monkeypatch):
     q, k, v, table, lens = make_routed(CASES[0], torch.float32)
     with pytest.raises(RuntimeError, match="cannot run a loop"):
         kvpo_kernels.routed_attention(q, k, v, table, lens, backend="triton")
+
+
+def _tma_fn(q, k, v, table, lens):
+    return kvpo_kernels.routed_attention(q, k, v, table, lens, backend="triton_tma")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.D % 8 == 0], ids=str)
+def test_tma_forward_fp16_within_twice_torch_error(case):
+    """backend='triton_tma': the flat block-list forward with descriptor loads (its backward is
+    Triton's), fp16 against the float64 reference."""
+    q, k, v, table, lens = make_routed(case, torch.float64, seed=13)
+    dout = torch.randn_like(q)
+    dlse = torch.zeros(q.shape[:3], dtype=torch.float64)
+    ref = routed_grads(reference_fn, q, k, v, table, lens, dout, dlse)
+    low = [t.half() for t in (q, k, v)]
+    pt = routed_grads(reference_fn, *low, table, lens, dout.half(), dlse)
+    got = routed_grads(_tma_fn, *low, table, lens, dout.half(), dlse)
+    if case.empty_row:
+        assert torch.isneginf(got[1][-1]).all() and not got[0][-1].any()
+    for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), got, pt, ref, strict=True):
+        assert_low_precision(a, b, c, f"triton_tma fp16 {name}")
+
+
+def test_tma_forward_ignores_what_lies_past_a_page_length():
+    """A partly filled page's tail (NaN here) reaches neither out nor lse."""
+    case = RoutedCase(3, 4, 2, 9, 32, 5, 24, 4, partial=True)
+    q, k, v, table, lens = make_routed(case, torch.float16, seed=14)
+    for p, n in enumerate(lens.tolist()):
+        k[p, :, n:] = float("nan")
+        v[p, :, n:] = float("nan")
+    out, lse = _tma_fn(q, k, v, table, lens)
+    ref_out, ref_lse = reference_fn(q.double().nan_to_num(), k.double().nan_to_num(),
+                                    v.double().nan_to_num(), table, lens)  # fmt: skip
+    assert_rel(out.double(), ref_out, 2e-3, "out")
+    assert_rel(lse.double(), ref_lse, 2e-3, "lse")
+
+
+def test_tma_key_blocks_lists_each_rows_kept_blocks_in_order():
+    from kvpo_kernels.triton.routed_attention_tma import key_blocks
+
+    table = torch.tensor([[2, -1, 0], [-1, -1, -1], [1, 1, 2]], dtype=torch.int32)
+    lens = torch.tensor([5, 0, 16], dtype=torch.int32)  # page 1 is empty
+    blocks, counts = key_blocks(table, lens, page_size=16, bn=8)
+    assert counts.tolist() == [3, 0, 2]
+    assert blocks.tolist() == [[4, 5, 0], [-1, -1, -1], [4, 5, -1]]
+    blocks, counts = key_blocks(table, None, page_size=16, bn=16)
+    assert counts.tolist() == [2, 0, 3] and blocks[2].tolist() == [1, 1, 2]
+
+
+def test_tma_backend_refuses_what_it_cannot_take():
+    case = RoutedCase(2, 2, 2, 4, 12, 3, 4, 2)
+    q, k, v, table, _ = make_routed(case, torch.float32)
+    with pytest.raises(TypeError, match="triton_tma.*float16 or bfloat16"):
+        _tma_fn(q, k, v, table, None)
+    with pytest.raises(TypeError, match="triton_tma.*multiple of 8.*got 12"):
+        _tma_fn(q.half(), k.half(), v.half(), table, None)
+    x = torch.randn(2, 3, 12, dtype=torch.float16)
+    with pytest.raises(ValueError, match="triton_tma.*routed_attention.*only"):
+        kvpo_kernels.velocity_energy(x, x, backend="triton_tma")

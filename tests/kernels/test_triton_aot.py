@@ -32,7 +32,14 @@ TUNED = ("sm_80", "sm_90a")
 # the most shared memory a block may opt in to (CUDA programming guide, per compute capability)
 SHARED_LIMIT = {"sm_80": 163, "sm_89": 99, "sm_90a": 227, "sm_100a": 227, "sm_120": 99}
 THREADS_PER_SM = {"sm_80": 2048, "sm_89": 1536, "sm_90a": 2048, "sm_100a": 2048, "sm_120": 1536}
-ATTENTION = ("routed_attention.fwd", "routed_attention.bwd_dq", "routed_attention.bwd_dkdv")
+ATTENTION = (
+    "routed_attention.fwd",
+    "routed_attention.bwd_dq",
+    "routed_attention.bwd_dkdv",
+    "routed_attention.bwd_fused",
+    "routed_attention.fwd_tma",
+)
+TMA_ARCHS = ("sm_90a", "sm_100a")  # the TMA forward: Hopper, data-centre Blackwell; 16-bit
 ENERGY = ("velocity_energy.fwd", "velocity_energy.fwd_partials", "velocity_energy.bwd")
 
 
@@ -58,8 +65,8 @@ def test_every_launch_is_compiled_for_every_arch(records):
     want = {
         (k, a, d, D, p)
         for k in ATTENTION
-        for a in ARCHS
-        for d in ("fp16", "bf16", "fp32")
+        for a in (TMA_ARCHS if k.endswith("_tma") else ARCHS)
+        for d in (("fp16", "bf16") if k.endswith("_tma") else ("fp16", "bf16", "fp32"))
         for D in (64, 128, 256)
         for p in (16, 1560)
     } | {(k, a, d, 0, 0) for k in ENERGY for a in ARCHS for d in ("fp16", "bf16", "fp32")}
@@ -130,6 +137,14 @@ def test_16_bit_attention_runs_on_tensor_cores(records):
     assert any(r["matmul"] == "wgmma" for r in hopper_fwd), hopper_fwd
 
 
+def test_the_tma_forward_loads_through_tma_into_wgmma_on_hopper(records):
+    tma = [r for r in records if r["kernel"] == "routed_attention.fwd_tma"]
+    assert tma and all(r["tma"] for r in tma), tma
+    hopper = [r for r in tma if r["arch"] == "sm_90a"]
+    assert hopper and all(r["matmul"] == "wgmma" for r in hopper), hopper
+    assert not any(r["tma"] for r in records if r["kernel"] == "routed_attention.fwd")
+
+
 def test_velocity_energy_forward_fills_an_sm(records):
     """The forward folds each 16-byte load into its accumulator as it goes, which keeps it at
     32 registers or fewer: 8 programs of 8 warps (a full SM of 2048 threads; 6 on Ada's and RTX
@@ -151,7 +166,10 @@ def test_head_dims_below_tl_dots_smallest_compile(tmp_path):
     records = _compile(
         tmp_path / "records.json", "--arch", "sm_80", "--head_dim", "3", timeout=1200
     )
-    assert {r["kernel"] for r in records if r["head_dim"]} == set(ATTENTION)
+    # the TMA forward takes head dims that are a multiple of 8, on Hopper and newer
+    assert {r["kernel"] for r in records if r["head_dim"]} == set(ATTENTION) - {
+        "routed_attention.fwd_tma"
+    }
 
 
 def test_blackwell_attention_runs_on_tcgen05():

@@ -121,7 +121,7 @@ def test_opcheck(backend, mean, layout):
     v_pred, v_ref, weight = _inputs((3, 2, 7), "branch_step", torch.float32)
     if layout == "permuted":
         v_pred, v_ref = (permuted_copy(t, 0, 1) for t in (v_pred, v_ref))
-    args = (v_pred.requires_grad_(), v_ref.requires_grad_(), weight.float(), mean, backend)
+    args = (v_pred.requires_grad_(), v_ref.requires_grad_(), weight.float(), mean, backend, backend)
     torch.library.opcheck(_velocity_energy_op, args)
 
 
