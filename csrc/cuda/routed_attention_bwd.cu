@@ -32,9 +32,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels.h"
 #include "mma_sm80.cuh"
+#include "routed_attention_bwd_sm90.h"
 
 namespace kvpo::cuda {
 namespace {
@@ -569,6 +572,19 @@ cudaError_t routed_attention_bwd(const RoutedAttnBwdParams& p, DType dt, cudaStr
   if (!routed_attention_bwd_supported(dt, p.D) || p.Hkv <= 0 || p.H % p.Hkv != 0)
     return cudaErrorInvalidValue;
   if (!p.deterministic && p.dq_accum == nullptr) return cudaErrorInvalidValue;
+  // Compute capability 9.0: the TMA + wgmma kernels (routed_attention_bwd_sm90.cu), unless
+  // KVPO_CUDA_HOPPER=0 (read per call: a benchmark times both in one process); for what they
+  // leave to this file's kernels they answer cudaErrorNotSupported.
+  const char* env = std::getenv("KVPO_CUDA_HOPPER");
+  const bool hopper = env == nullptr || std::strcmp(env, "0") != 0;
+  int dev = 0, major = 0, minor = 0;
+  if (hopper && cudaGetDevice(&dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+      major == 9 && minor == 0) {
+    const cudaError_t err = routed_attention_bwd_sm90(p, dt, stream);
+    if (err != cudaErrorNotSupported) return err;
+  }
   if (dt == DType::kFloat16)
     return p.D == 64 ? launch<__half, 64>(p, stream) : launch<__half, 128>(p, stream);
   return p.D == 64 ? launch<__nv_bfloat16, 64>(p, stream) : launch<__nv_bfloat16, 128>(p, stream);

@@ -463,3 +463,156 @@ def test_hopper_forward_runs_and_matches_the_sm80_kernel(case, tmp_path):
     assert sm80["kernels"] and not any("sm90" in n for n in sm80["kernels"]), sm80["kernels"]
     torch.testing.assert_close(got["out"].cpu().float(), sm80["out"].float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got["lse"].cpu(), sm80["lse"], rtol=1e-3, atol=1e-3)
+
+
+# The Hopper backward (csrc/cuda/routed_attention_bwd_sm90.cu, compute capability 9.0): dK/dV
+# blocks of 128 keys by 64-query tiles, dQ tiles of 128 queries by 64 (D = 128) or 128 (D = 64)
+# keys; the forward's cases, a row listing a page twice, gradients past a page's fill exactly 0.
+
+
+def _bwd_kernels(fn) -> list[str]:
+    """The routed attention backward kernels fn launches, by the profiler's names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted({e.name for e in prof.events() if "routed_attn_d" in e.name})
+
+
+def _needs_hopper_backward():
+    _needs_cuda_backward()
+    if not _hopper():
+        pytest.skip("needs a compute capability 9.0 GPU")
+
+
+def _hopper_inputs(case: RoutedCase, dtype: torch.dtype, seed: int):
+    """float64 inputs (a row listing page 1 twice), and on the GPU in dtype with NaN past each
+    page's fill in k and v."""
+    q, k, v, table, lens = make_routed(case, torch.float64, seed=seed)
+    table[0, 1:3] = 1
+    gen = torch.Generator().manual_seed(seed + 100)
+    dout = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    dlse = torch.randn(q.shape[:3], generator=gen, dtype=torch.float64)
+    tab, ln = table.cuda(), None if lens is None else lens.cuda()
+    clean = [t.cuda().to(dtype) for t in (q, k, v)]
+    nan = [clean[0], _with_nan_tails(clean[1], lens), _with_nan_tails(clean[2], lens)]
+    return (q, k, v, table, lens, dout, dlse), clean, nan, tab, ln
+
+
+def _assert_zero_past_fill(grad: torch.Tensor, lens: torch.Tensor | None, what: str) -> None:
+    if lens is None:
+        return
+    for page, n in enumerate(lens.tolist()):
+        assert (grad[page, :, n:] == 0).all(), f"{what}: page {page} past its fill {n}"
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=str)
+def test_hopper_backward_against_reference(case, dtype, deterministic):
+    """dq, dk, dv of <out, dout> + <lse, dlse> by the Hopper kernels against float64, with NaN in
+    the page memory past each fill (never read: its dk and dv are written 0)."""
+    _needs_hopper_backward()
+    (q, k, v, table, lens, dout, dlse), clean, nan, tab, ln = _hopper_inputs(case, dtype, 1)
+    ref = routed_grads(_ref, q, k, v, table, lens, dout, dlse)
+    dout_low, dlse_dev = dout.cuda().to(dtype), dlse.cuda()
+    pt = routed_grads(_ref, *clean, tab, ln, dout_low, dlse_dev)
+    got = {}
+
+    def run():
+        got["g"] = routed_grads(_cuda_fn(deterministic), *nan, tab, ln, dout_low, dlse_dev)
+
+    kernels = _bwd_kernels(run)
+    assert any("routed_attn_dkdv_sm90_kernel" in n for n in kernels), (
+        f"the cuda backend ran {kernels}, not the Hopper backward: build kvpo_kernels._C with "
+        "9.0a in TORCH_CUDA_ARCH_LIST (sm_90a code)"
+    )
+    second = "routed_attn_dq_sm90_kernel" if deterministic else "routed_attn_dq_convert_sm90"
+    assert any(second in n for n in kernels), kernels
+    assert not any("sm90" not in n for n in kernels), f"sm80 kernels ran too: {kernels}"
+    for name, a, b, c in zip(("dq", "dk", "dv"), got["g"][2:], pt[2:], ref[2:], strict=True):
+        assert a.dtype == dtype, name
+        assert_low_precision(a.cpu(), b.cpu(), c, f"hopper {dtype} {name} ({deterministic=})")
+    _assert_zero_past_fill(got["g"][3].cpu(), lens, "hopper dk")
+    _assert_zero_past_fill(got["g"][4].cpu(), lens, "hopper dv")
+
+
+_SM80_BWD_SCRIPT = """
+import sys, torch, kvpo_kernels
+from torch.profiler import ProfilerActivity, profile
+q, k, v, table, lens, dout, dlse, deterministic = torch.load(sys.argv[1])
+q, k, v = (t.cuda().requires_grad_() for t in (q, k, v))
+lens = None if lens is None else lens.cuda()
+with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    out, lse = kvpo_kernels.routed_attention(
+        q, k, v, table.cuda(), lens, backend="cuda", deterministic=deterministic
+    )
+    finite = torch.isfinite(lse)
+    loss = (out.double() * dout.cuda().double()).sum()
+    loss = loss + (lse.double()[finite] * dlse.cuda().double()[finite]).sum()
+    loss.backward()
+    torch.cuda.synchronize()
+names = sorted({e.name for e in prof.events() if "routed_attn_d" in e.name})
+grads = [t.grad.cpu() for t in (q, k, v)]
+torch.save({"grads": grads, "kernels": names}, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
+@pytest.mark.parametrize("case", [HOPPER_CASES[0], HOPPER_CASES[3]], ids=str)
+def test_hopper_backward_matches_the_sm80_kernels(case, deterministic, tmp_path):
+    """KVPO_CUDA_HOPPER=0 (set for a subprocess) runs the sm80 backward instead; its gradients
+    agree with the Hopper kernels'."""
+    _needs_hopper_backward()
+    (_, _, _, table, lens, dout, dlse), _, nan, tab, ln = _hopper_inputs(case, torch.bfloat16, 2)
+    dout_low = dout.to(torch.bfloat16)
+    got = {}
+
+    def run():
+        got["g"] = routed_grads(
+            _cuda_fn(deterministic), *nan, tab, ln, dout_low.cuda(), dlse.float().cuda()
+        )
+
+    kernels = _bwd_kernels(run)
+    assert any("routed_attn_dkdv_sm90_kernel" in n for n in kernels), kernels
+    inputs = [t.cpu() for t in nan] + [table, lens, dout_low, dlse.float(), deterministic]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    env = {**os.environ, "KVPO_CUDA_HOPPER": "0"}
+    cmd = [
+        sys.executable,
+        "-c",
+        _SM80_BWD_SCRIPT,
+        str(tmp_path / "inputs.pt"),
+        str(tmp_path / "g.pt"),
+    ]
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    sm80 = torch.load(tmp_path / "g.pt")
+    assert sm80["kernels"] and not any("sm90" in n for n in sm80["kernels"]), sm80["kernels"]
+    for name, a, b in zip(("dq", "dk", "dv"), got["g"][2:], sm80["grads"], strict=True):
+        assert not torch.isnan(a).any() and not torch.isnan(b).any(), name
+        torch.testing.assert_close(a.cpu().float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_hopper_backward_deterministic_mode_is_bitwise_repeatable():
+    """Pages of 1560 keys shared by every row (dk/dv summed inside a CTA over many tiles) and dq
+    by the walking kernel: the same bits on every call; the atomic mode agrees to rounding."""
+    _needs_hopper_backward()
+    case = RoutedCase(4, 4, 2, 300, 128, 5, 1560, 4, partial=True)
+    (_, _, _, _, _, dout, dlse), _, nan, tab, ln = _hopper_inputs(case, torch.bfloat16, 3)
+    args = [*nan, tab, ln, dout.cuda().to(torch.bfloat16), dlse.cuda()]
+    got = {}
+
+    def run():
+        got["first"] = routed_grads(_cuda_fn(True), *args)[2:]
+
+    kernels = _bwd_kernels(run)
+    assert any("routed_attn_dq_sm90_kernel" in n for n in kernels), kernels
+    for _ in range(3):
+        again = routed_grads(_cuda_fn(True), *args)[2:]
+        for name, a, b in zip(("dq", "dk", "dv"), again, got["first"], strict=True):
+            assert torch.equal(a, b), f"deterministic {name} differs between calls"
+    atomic = routed_grads(_cuda_fn(False), *args)[2:]
+    for name, a, b in zip(("dq", "dk", "dv"), atomic, got["first"], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)

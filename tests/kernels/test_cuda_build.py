@@ -18,6 +18,7 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 CUDA_SOURCES = [
     "routed_attention.cu",
     "routed_attention_bwd.cu",
+    "routed_attention_bwd_sm90.cu",
     "routed_attention_sm90.cu",
     "velocity_energy.cu",
 ]
@@ -120,6 +121,47 @@ def test_hopper_forward_is_wgmma_and_tma_without_spills(tmp_path):
     sass = run_ok([cuobjdump, "-sass", str(obj)]).stdout
     assert "HGMMA.64x176x16.F32" in sass and ".tnspB" in sass, "no wgmma in the sm_90a code"
     assert "UTMALDG.3D" in sass, "no TMA load in the sm_90a code"
+
+
+def test_hopper_backward_is_wgmma_and_tma_without_spills(tmp_path):
+    """routed_attention_bwd_sm90.cu for sm_90a: per dtype x head_dim a dK/dV kernel in each dq
+    mode, a dQ kernel and the atomic mode's conversion. Products by wgmma (HGMMA, B transposed for
+    dV, dK and dQ, A and B transposed for the atomic mode's dS K), loads by TMA (UTMALDG), float2
+    reductions into the dq accumulator, no spill in any kernel, and 168 registers a thread for the
+    warp-specialised ones (384 x 168: the pool setmaxnreg shares out as 24 + 2 x 240)."""
+    obj = tmp_path / "routed_attention_bwd_sm90.o"
+    res = run_ok(
+        [
+            shutil.which("nvcc"),
+            "-std=c++17",
+            "-O3",
+            "--use_fast_math",
+            "-Xptxas=-v",
+            "-gencode=arch=compute_90a,code=sm_90a",
+            "-c",
+            str(CUDA_DIR / "routed_attention_bwd_sm90.cu"),
+            "-o",
+            str(obj),
+        ]
+    )
+    log = res.stdout + res.stderr
+    kernels = re.findall(r"Compiling entry function '(\w+)'", log)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", log)]
+    assert len(kernels) == 14 and len(spills) == 14 and len(registers) == 14, log
+    assert all(s == ("0", "0") for s in spills), log
+    assert "setmaxnreg ignored" not in log and "serialized" not in log, log
+    specialised = [r for k, r in zip(kernels, registers, strict=True) if "convert" not in k]
+    assert sum("dkdv" in k for k in kernels) == 8 and sum("dq_sm90" in k for k in kernels) == 4
+    assert specialised == [168] * 12, log
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        return
+    sass = run_ok([cuobjdump, "-sass", str(obj)]).stdout
+    assert "HGMMA.64x64x16.F32" in sass and "HGMMA.64x128x16.F32" in sass, "no wgmma"
+    assert ".tnspB" in sass and ".tnspA.tnspB" in sass, "no wgmma with MN-major operands"
+    assert "UTMALDG.3D" in sass, "no TMA load in the sm_90a code"
+    assert "REDG.E.ADD.F32x2" in sass, "no float2 reduction into the dq accumulator"
 
 
 def _cuobjdump() -> str | None:
