@@ -53,9 +53,9 @@ def _use_cuda() -> bool:
 
 def _hopper_arch_list() -> None:
     """For visible GPUs all of compute capability 9.0 (TORCH_CUDA_ARCH_LIST unset or native),
-    compile for 9.0a, not torch's 9.0: the Hopper forward (csrc/cuda/routed_attention_sm90.cu)
-    uses wgmma and TMA, which only sm_90a code has (in an sm_90 build its kernel is empty and the
-    op runs the sm80 kernel). sm_90a code runs on every 9.0 device."""
+    compile for 9.0a, not torch's 9.0: the Hopper kernels (csrc/cuda/*_sm90.cu) use wgmma and
+    TMA, which only sm_90a code has (in an sm_90 build they are empty and the op runs the mma.sync
+    kernels). sm_90a code runs on every 9.0 device."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST", "native") != "native":
         return
     gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else ()

@@ -16,8 +16,10 @@ interpreter), so a GPU session spends its minutes measuring, not debugging the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
+import os
 import statistics
 import time
 
@@ -230,10 +232,14 @@ def _routed_methods(s: Setup, q, k, v, table, backward: bool) -> dict:
         methods["kvpo triton_tma"] = kvpo("triton_tma")
     if backward:
         methods["kvpo triton, atomic dq"] = kvpo("triton", deterministic=False)
+        if _tma_ok(s.device):
+            methods["kvpo triton_tma, atomic dq"] = kvpo("triton_tma", deterministic=False)
     if kvpo_kernels._backend.native_cuda_available("routed_attn_fwd") and s.device == "cuda":
         methods["kvpo cuda"] = kvpo("cuda")
         if backward:
             methods["kvpo cuda, atomic dq"] = kvpo("cuda", deterministic=False)
+        if torch.cuda.get_device_capability()[0] == 9:  # the mma.sync kernels on Hopper
+            methods["kvpo cuda, KVPO_CUDA_HOPPER=0"] = kvpo("cuda")
     if (
         importlib.util.find_spec("flash_attn") is not None
         and s.page_size % 256 == 0
@@ -242,6 +248,24 @@ def _routed_methods(s: Setup, q, k, v, table, backward: bool) -> dict:
     ):
         methods["flash_attn_with_kvcache (block table)"] = lambda: _flash_attn_paged(q, k, v, table)
     return methods
+
+
+# Rows measured with environment variables set (read by the CUDA launchers per call).
+METHOD_ENV = {"kvpo cuda, KVPO_CUDA_HOPPER=0": {"KVPO_CUDA_HOPPER": "0"}}
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]):
+    prior = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in prior.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -> list[dict]:
@@ -264,15 +288,8 @@ def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -
                 out.backward(torch.ones_like(q))
 
         try:
-            with torch.no_grad():
-                err = (fn().float() - ref).norm() / ref.norm()
-            ms = _bench(run, s.device)
-            row = {"method": name, "ms": ms, "tflops": flops(s, table, backward) / ms / 1e9}
-            if backward:
-                bwd_ms = _bench(_backward_alone(fn, q, k, v), s.device)
-                bwd_flops = flops(s, table, True) - flops(s, table, False)
-                row.update(bwd_ms=bwd_ms, bwd_tflops=bwd_flops / bwd_ms / 1e9)
-            row.update(peak_mib=_peak(run, s.device), rel_err_vs_kvpo=float(err), error="")
+            with _env(METHOD_ENV.get(name, {})):
+                row = _routed_row(s, table, name, fn, run, ref, backward, (q, k, v))
             rows.append({c: row[c] for c in ("method", *cols, "error")})
         except Exception as e:  # noqa: BLE001  (one failing baseline must not end the run)
             rows.append(_failed(name, e, cols))
@@ -280,6 +297,21 @@ def routed_rows(s: Setup, backward: bool, only: tuple[str, ...] | None = None) -
             t.requires_grad_(False)
             t.grad = None
     return rows
+
+
+def _routed_row(s: Setup, table, name: str, fn, run, ref, backward: bool, qkv) -> dict:
+    """One method's measurements: error against ``ref``, ms and TFLOP/s of ``run``, with
+    ``backward`` the backward alone, and peak memory."""
+    with torch.no_grad():
+        err = (fn().float() - ref).norm() / ref.norm()
+    ms = _bench(run, s.device)
+    row = {"method": name, "ms": ms, "tflops": flops(s, table, backward) / ms / 1e9}
+    if backward:
+        bwd_ms = _bench(_backward_alone(fn, *qkv), s.device)
+        bwd_flops = flops(s, table, True) - flops(s, table, False)
+        row.update(bwd_ms=bwd_ms, bwd_tflops=bwd_flops / bwd_ms / 1e9)
+    row.update(peak_mib=_peak(run, s.device), rel_err_vs_kvpo=float(err), error="")
+    return row
 
 
 def _backward_alone(fn, q, k, v):

@@ -5,9 +5,9 @@ Backends:
   ``cpu``       the C++ kernels of ``kvpo_kernels._C`` on CPU tensors;
   ``cuda``      the CUDA C++ kernels of ``kvpo_kernels._C`` on CUDA tensors (CUDA builds only);
   ``triton``    the Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
-  ``triton_tma`` routed_attention only: the Triton forward with TMA loads over a flat block list
+  ``triton_tma`` routed_attention only: Triton kernels with TMA loads and flat loops
                 (Hopper and data-centre Blackwell: compute capability 9.x and 10.x, whose SMs
-                hold its 160 KB of shared memory); its backward is ``triton``'s;
+                hold the forward's 160 KB of shared memory);
   ``auto``      CPU tensors -> ``cpu``; CUDA tensors -> per op and direction (forward,
                 backward) the GPU backend measured fastest (:data:`CUDA_PREFERENCE`) among those
                 built, else ``reference``.
@@ -143,8 +143,6 @@ def resolve(
                 if available[name]():
                     return name
         return "reference"
-    if choice == "triton_tma" and direction == "backward":
-        choice = "triton"  # the TMA kernel is a forward; the Triton backward serves it
     if choice in ("triton", "triton_tma", "cuda") and dtype == torch.float64:
         raise TypeError(
             f"{op}: backend {choice!r} supports float16, bfloat16 and float32 inputs, got float64 "

@@ -86,6 +86,16 @@ def _fwd_triton_tma(q, k_pages, v_pages, page_table, page_lens, scale):
     return tma.routed_attention_fwd(q, k_pages, v_pages, page_table, page_lens, scale)
 
 
+def _bwd_triton_tma(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale, det):
+    from .triton import routed_attention_tma as tma
+
+    if (why := tma.supported(q.dtype, q.shape[-1])) is not None:
+        raise TypeError(f"routed_attention backend 'triton_tma' {why} (use backend='triton')")
+    dout, q, k_pages, v_pages = (_aligned16(t) for t in (dout, q, k_pages, v_pages))
+    args = (dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, scale, det)
+    return tma.routed_attention_bwd(*args)
+
+
 def _aligned16(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor whose data starts on 16 bytes (TMA's requirement): a copy if not."""
     return t if t.data_ptr() % 16 == 0 else t.clone()
@@ -103,7 +113,7 @@ _KERNELS = {
     "cpu": (_fwd_native, _bwd_native),
     "cuda": (_fwd_cuda, _bwd_cuda),
     "triton": (_fwd_triton, _bwd_triton),
-    "triton_tma": (_fwd_triton_tma, _bwd_triton),
+    "triton_tma": (_fwd_triton_tma, _bwd_triton_tma),
 }
 
 

@@ -50,6 +50,22 @@ at::Tensor aligned(const at::Tensor& t) {
   return c;
 }
 
+// The sizes both routed attention launchers take: q [B, H, Lq, D], pages [P, Hkv, page_size, D],
+// table [B, max_pages].
+template <typename Params>
+void set_sizes(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& table,
+               double scale) {
+  p.B = q.size(0);
+  p.H = q.size(1);
+  p.Lq = q.size(2);
+  p.D = q.size(3);
+  p.P = k.size(0);
+  p.Hkv = k.size(1);
+  p.page_size = k.size(2);
+  p.max_pages = table.size(1);
+  p.scale = static_cast<float>(scale);
+}
+
 std::tuple<at::Tensor, at::Tensor> routed_attn_fwd_cuda(const at::Tensor& q_,
                                                         const at::Tensor& k_,
                                                         const at::Tensor& v_,
@@ -80,15 +96,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attn_fwd_cuda(const at::Tensor& q_,
   p.page_lens = lens ? lens->const_data_ptr<int32_t>() : nullptr;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.B = q.size(0);
-  p.H = q.size(1);
-  p.Lq = q.size(2);
-  p.D = q.size(3);
-  p.P = k.size(0);
-  p.Hkv = k.size(1);
-  p.page_size = k.size(2);
-  p.max_pages = table.size(1);
-  p.scale = static_cast<float>(scale);
+  set_sizes(p, q, k, table, scale);
   const cudaError_t err =
       cuda::routed_attention_fwd(p, dt, c10::cuda::getCurrentCUDAStream().stream());
   // The launcher's refusal of a grid past CUDA's axis limits (query tiles on y, heads on z).
@@ -177,15 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attn_bwd_cuda(
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
-  p.B = q.size(0);
-  p.H = q.size(1);
-  p.Lq = q.size(2);
-  p.D = q.size(3);
-  p.P = k.size(0);
-  p.Hkv = k.size(1);
-  p.page_size = k.size(2);
-  p.max_pages = table.size(1);
-  p.scale = static_cast<float>(scale);
+  set_sizes(p, q, k, table, scale);
   p.deterministic = deterministic;
   const cudaError_t err =
       cuda::routed_attention_bwd(p, dt, c10::cuda::getCurrentCUDAStream().stream());

@@ -152,20 +152,6 @@ constexpr int kProducerLanes = 32;  // arrivals on a dK/dV "full" barrier: the p
 constexpr int kDsBar = 1;           // named barrier: both warpgroups' dS^T are stored
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Two floats as one register of 16-bit pairs, the lower column in the low half.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
 // Generic-proxy shared-memory writes made visible to the async proxy (wgmma operand reads).
 __device__ __forceinline__ void fence_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

@@ -92,20 +92,6 @@ constexpr int kSchedBar = 1;       // named barriers 1, 2: consumer warpgroup 0'
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Two floats as one register of 16-bit pairs, the lower column in the low half.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
 // Keys of a page that count: page_lens clamped to [0, page_size], or page_size; 0 when routed out.
 __device__ __forceinline__ int page_fill(const RoutedAttnParams& p, int page) {
   if (page < 0) return 0;

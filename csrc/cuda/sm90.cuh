@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "dtype.cuh"
 #include "kernels.h"
 
 namespace kvpo::cuda {

@@ -60,7 +60,12 @@ HEAD_DIMS = (64, 128, 256)
 # 16 tokens: the smallest block of keys; 1560: a Wan2.1 latent frame (the keys block is not capped)
 PAGE_SIZES = (16, 1560)
 
-TMA_FWD = "routed_attention.fwd_tma"  # compiled for sm_90a and sm_100a only
+# The triton_tma kernels: compiled for sm_90a and sm_100a only
+TMA_FWD = "routed_attention.fwd_tma"
+TMA_BWD_DQ = "routed_attention.bwd_dq_tma"
+TMA_BWD_DKDV = "routed_attention.bwd_dkdv_tma"
+TMA_BWD_FUSED = "routed_attention.bwd_fused_tma"
+TMA_KERNELS = (TMA_FWD, TMA_BWD_DQ, TMA_BWD_DKDV, TMA_BWD_FUSED)
 
 # Registers spilled that a launch may have. fp32 runs exact IEEE dots on CUDA cores, the
 # correctness path rather than the fast one, and ptxas spills a few bytes in some of its tiles.
@@ -249,6 +254,12 @@ def routed_attention_launches(
     if tma.supported(dtype, head_dim) is None:
         out = torch.empty_like(q)
         (launches[TMA_FWD],) = tma.fwd_launches(q, k, k, table, lens, scale, out, lse)
+        args = (q, q, k, k, table, lens, lse, lse, scale)
+        dq, dkdv = tma.bwd_launches(*args, *grads)
+        (fused,) = tma.bwd_launches(*args, dq_acc, *grads[1:], deterministic=False)
+        launches.update(
+            {TMA_BWD_DQ: dq, TMA_BWD_DKDV: dkdv, TMA_BWD_FUSED: fused}
+        )  # fmt: skip
     return launches
 
 
@@ -277,7 +288,7 @@ def _compile_one(
     for head_dim in head_dims:
         for page_size in PAGE_SIZES:
             for name, launch in routed_attention_launches(dtype, head_dim, page_size).items():
-                if name == TMA_FWD and ARCHS[arch][0] // 10 not in (9, 10):
+                if name in TMA_KERNELS and ARCHS[arch][0] // 10 not in (9, 10):
                     continue  # Hopper and data-centre Blackwell (_backend._tma_capable)
                 records += compile_launch(launch, arch, name, dtype, page_size, until_clean)
     return records

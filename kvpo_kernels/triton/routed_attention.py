@@ -176,6 +176,32 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
+@triton.jit
+def dq_tile(q, do, k, v, lse, delta, kept, qk_scale, IEEE: tl.constexpr):
+    """dS K of one tile (unscaled): q, do [M, D]; k, v [N, D]; lse (log2 units), delta [M];
+    kept [N] (keys that count). Returns [M, D] float32."""
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    pr = tl.where(kept[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), IEEE)
+    ds = pr * (dp - delta[:, None])
+    return _dot(ds.to(k.dtype), k, IEEE)
+
+
+@triton.jit
+def dkdv_tile(k, v, q, do, lse, delta, kept, qk_scale, dk, dv, IEEE: tl.constexpr):
+    """One tile of the backward, transposed (keys x queries): every product has the keys as its
+    M dimension, which Hopper's wgmma wants at least 64 wide. k, v [N, D]; q, do [M, D]; lse
+    (log2 units), delta [M]; kept [N, M]; dk, dv [N, D] float32 accumulators (unscaled).
+    Returns dk + dS^T Q, dv + P^T dO and dS^T ([N, M], dtype of q)."""
+    s_t = _dot(k, tl.trans(q), IEEE) * qk_scale
+    p_t = tl.where(kept, tl.exp2(s_t - lse[None, :]), 0.0)
+    dv += _dot(p_t.to(do.dtype), do, IEEE)
+    dp_t = _dot(v, tl.trans(do), IEEE)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk += _dot(ds_t, q, IEEE)
+    return dk, dv, ds_t
+
+
 @_autotune(FWD_TILES)
 @triton.jit(do_not_specialize=["B", "max_pages"])
 def _fwd_kernel(
@@ -290,11 +316,7 @@ def _bwd_dq_kernel(
                 v = tl.load(
                     V + page + cols[:, None] * s_kt + offs_d[None, :], mask=kv_mask, other=0.0
                 )
-                s = _dot(q, tl.trans(k), IEEE) * qk_scale
-                pr = tl.where(n_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
-                dp = _dot(do, tl.trans(v), IEEE)
-                ds = pr * (dp - delta[:, None])
-                dq += _dot(ds.to(k.dtype), k, IEEE)
+                dq += dq_tile(q, do, k, v, lse, delta, n_mask, qk_scale, IEEE)
     tl.store(DQ + row, (dq * sm_scale).to(DQ.dtype.element_ty), mask=md_mask)
 
 
@@ -331,8 +353,6 @@ def _bwd_dkdv(
     qk_scale = sm_scale * LOG2E
     start = tl.load(ROW_PTR + p)
     end = tl.load(ROW_PTR + p + 1)
-    # Transposed products (keys x queries): every tl.dot has this program's BLOCK_N keys as its
-    # M dimension, which the tensor-core instruction wants at least 64 wide on Hopper.
     for e in range(start, end):
         b = tl.load(ROWS + e)
         row = b.to(tl.int64) * s_qb  # any row: q may hold 2**31 elements and more
@@ -349,12 +369,8 @@ def _bwd_dkdv(
                 lse = tl.load(LSE + stat, mask=m_mask, other=0.0)
                 lse = tl.where(lse == float("-inf"), 0.0, lse) * LOG2E
                 delta = tl.load(DELTA + stat, mask=m_mask, other=0.0)
-                s_t = _dot(k, tl.trans(q), IEEE) * qk_scale  # [N, M]
-                p_t = tl.where(n_mask[:, None] & m_mask[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
-                dv += _dot(p_t.to(do.dtype), do, IEEE)
-                dp_t = _dot(v, tl.trans(do), IEEE)
-                ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-                dk += _dot(ds_t, q, IEEE)
+                kept = n_mask[:, None] & m_mask[None, :]
+                dk, dv, ds_t = dkdv_tile(k, v, q, do, lse, delta, kept, qk_scale, dk, dv, IEEE)
                 if ATOMIC_DQ:  # DQ_ACC: float32 with q's strides, zeroed by the caller
                     dq = _dot(tl.trans(ds_t), k, IEEE) * sm_scale
                     tl.atomic_add(DQ_ACC + row + ptrs, dq, mask=md_mask, sem="relaxed")
@@ -498,6 +514,16 @@ def page_rows_csr(page_table: torch.Tensor, num_pages: int) -> tuple[torch.Tenso
     return row_ptr.to(torch.int32), rows[order].to(torch.int32)
 
 
+def check_backward_size(q: torch.Tensor) -> None:
+    """dk/dv indexes every row's lse and delta in int32: fewer than 2**31 of them."""
+    B, H, Lq, _ = q.shape
+    if B * H * Lq >= 2**31:
+        raise ValueError(
+            f"routed_attention's Triton backward takes fewer than 2**31 queries x heads x rows, "
+            f"got q {tuple(q.shape)}"
+        )
+
+
 def bwd_launches(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -519,11 +545,7 @@ def bwd_launches(
     ``deterministic=False``: no dq launch; dq must be float32 and zero, and the dk/dv launches
     add into it."""
     B, H, Lq, D, Hkv, page_size = _meta(q, k_pages)
-    if B * H * Lq >= 2**31:  # dk/dv indexes every row's lse and delta in int32
-        raise ValueError(
-            f"routed_attention's Triton backward takes fewer than 2**31 queries x heads x rows, "
-            f"got q {tuple(q.shape)}"
-        )
+    check_backward_size(q)
     launches = []
     if deterministic:
         rowwise = (dout, lse, delta, dq)
@@ -558,15 +580,18 @@ def routed_attention_bwd(
     delta: torch.Tensor,
     scale: float,
     deterministic: bool = True,
+    launches: Callable[..., list[Launch]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """delta = rowsum(dout * out) - dlse [B, H, Lq] float32. Returns dq, dk_pages, dv_pages.
-    ``deterministic=False`` computes the scores once (dq by float32 atomics; bits vary)."""
+    ``deterministic=False`` computes the scores once (dq by float32 atomics; bits vary).
+    ``launches``: the backward's launch builder (default :func:`bwd_launches`)."""
     dq = torch.empty_like(q) if deterministic else torch.zeros_like(q, dtype=torch.float32)
     dk = torch.zeros_like(k_pages)
     dv = torch.zeros_like(v_pages)
     if q.numel() > 0:
         lse, delta = lse.float().contiguous(), delta.float().contiguous()
-        for launch in bwd_launches(
+        build = launches or bwd_launches
+        for launch in build(
             dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, scale, dq, dk, dv,
             deterministic,
         ):  # fmt: skip

@@ -60,6 +60,7 @@ def test_backward_rows_run_or_name_their_error(tables):
         "kvpo triton",
         "kvpo triton, atomic dq",
         "kvpo triton_tma",
+        "kvpo triton_tma, atomic dq",
         "SDPA flash on gathered K/V",
     ):
         row = _row(bwd, method)
@@ -107,3 +108,16 @@ def test_the_velocity_part_runs_velocity_energy_alone():
         _gpu_ms(lambda: None, "cpu", flush="none")
     with pytest.raises(ValueError, match="part must be one of"):
         next(sections(smoke=True, part="everything", device="cpu"))
+
+
+def test_a_rows_environment_is_set_for_it_alone(monkeypatch):
+    """The Hopper comparison row runs under KVPO_CUDA_HOPPER=0; the variable is restored after."""
+    import os
+
+    from benchmarks.gpu_suite import METHOD_ENV, _env
+
+    monkeypatch.delenv("KVPO_CUDA_HOPPER", raising=False)
+    monkeypatch.setenv("KVPO_BACKEND", "triton")
+    with _env({**METHOD_ENV["kvpo cuda, KVPO_CUDA_HOPPER=0"], "KVPO_BACKEND": "cuda"}):
+        assert os.environ["KVPO_CUDA_HOPPER"] == "0" and os.environ["KVPO_BACKEND"] == "cuda"
+    assert "KVPO_CUDA_HOPPER" not in os.environ and os.environ["KVPO_BACKEND"] == "triton"

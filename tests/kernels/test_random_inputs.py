@@ -129,7 +129,7 @@ def _draw_attention(seed: int, backend: str, device: str = "cpu"):
     if backend == "cuda":  # the CUDA forward: tensor cores, head dim 64 or 128
         dtype, D = rng.choice([torch.float16, torch.bfloat16]), rng.choice([64, 128])
     if backend == "triton_tma":  # TMA: 16-byte rows
-        D = rng.choice([8, 16, 32, 64] if small else [8, 16, 64, 80, 128, 256])
+        D = rng.choice([8, 16, 32, 64] if small else [8, 16, 64, 80, 128])
     B = rng.choice([0, 1, 3, 5]) if rng.random() < 0.15 else rng.choice([1, 2, 3])
     Lq = rng.choice([0, 1, 5, 17] if small else [0, 1, 2, 17, 64, 130])
     P, page_size = rng.choice([1, 2, 5, 9]), rng.choice([1, 3, 16] if small else [1, 3, 16, 36])
