@@ -120,7 +120,7 @@ case "$stage" in
     step sweep 600 python3 -m benchmarks.gpu_suite --part sweep --out "$OUT/gpu_sweep.md"
     ;;
   kernels)
-    step tests 200 bash -c "gpu_tests -k routed"
+    step tests 200 bash -c "gpu_tests -k 'not velocity'"
     step attention 330 python3 -m benchmarks.gpu_suite --part attention \
       --out "$OUT/gpu_attention.md"
     step random 90 bash -c "gpu_random 'and routed'"

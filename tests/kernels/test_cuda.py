@@ -30,22 +30,37 @@ def _gpu_backends(op: str):
     names = []
     if _backend.triton_available() and not _backend.triton_interpreted():
         names.append("triton")
+        if op == "routed_attn_fwd" and torch.cuda.get_device_capability()[0] in (9, 10):
+            names.append("triton_tma")
     if _backend.native_cuda_available(op):
         names.append("cuda")
     return names
 
 
-def _fn(backend):
-    return lambda q, k, v, t, lens: kvpo_kernels.routed_attention(q, k, v, t, lens, backend=backend)
+def _fn(backend, deterministic=True):
+    return lambda q, k, v, t, lens: kvpo_kernels.routed_attention(
+        q, k, v, t, lens, backend=backend, deterministic=deterministic
+    )
+
+
+def _takes(backend: str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``backend`` takes this dtype and head dim (the CUDA C++ kernels: fp16/bf16, D 64
+    or 128; triton_tma: fp16/bf16, D a multiple of 8 up to 128)."""
+    if backend == "cuda":
+        return dtype != torch.float32 and head_dim in (64, 128)
+    if backend == "triton_tma":
+        return dtype != torch.float32 and head_dim % 8 == 0 and head_dim <= 128
+    return True
 
 
 def _ref(q, k, v, t, lens):
     return kvpo_kernels.routed_attention_reference(q, k, v, t, lens)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_routed_attention_gpu_backends(case, dtype):
+def test_routed_attention_gpu_backends(case, dtype, deterministic):
     backends = _gpu_backends("routed_attn_fwd")
     if not backends:
         pytest.skip("no GPU backend built")
@@ -58,14 +73,33 @@ def test_routed_attention_gpu_backends(case, dtype):
     low = [t.to(dtype) for t in (q, k, v)]
     pt = routed_grads(_ref, *low, table, lens, dout.cuda().to(dtype), dlse.cuda())
     for backend in backends:
-        if backend == "cuda" and (dtype == torch.float32 or case.D not in (64, 128)):
-            continue  # the CUDA C++ forward is fp16/bf16 (tensor cores), head dim 64 or 128
-        got = routed_grads(_fn(backend), *low, table, lens, dout.cuda().to(dtype), dlse.cuda())
+        if not _takes(backend, dtype, case.D):
+            continue
+        fn = _fn(backend, deterministic)
+        got = routed_grads(fn, *low, table, lens, dout.cuda().to(dtype), dlse.cuda())
         for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv"), got, pt, ref, strict=True):
             if dtype == torch.float32:
                 assert_rel(a.cpu(), c, 1e-5, f"{backend} {name}")
             else:
                 assert_low_precision(a.cpu(), b.cpu(), c, f"{backend} {dtype} {name}")
+
+
+def test_tma_backend_on_a_wan_sized_page():
+    """triton_tma against the Triton pointer kernels on 1560-token pages (TMA zero-fills the last
+    block past the page), partial pages, both backward modes."""
+    if "triton_tma" not in _gpu_backends("routed_attn_fwd"):
+        pytest.skip("needs compiled Triton on a GPU of compute capability 9.x or 10.x")
+    case = RoutedCase(4, 4, 2, 300, 128, 5, 1560, 4, partial=True)
+    q, k, v, table, lens = (
+        None if t is None else t.cuda() for t in make_routed(case, torch.bfloat16, seed=4)
+    )
+    dout = torch.randn_like(q)
+    dlse = torch.zeros(q.shape[:3], device="cuda")
+    want = routed_grads(_fn("triton"), q, k, v, table, lens, dout, dlse)
+    for deterministic in (True, False):
+        got = routed_grads(_fn("triton_tma", deterministic), q, k, v, table, lens, dout, dlse)
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+            assert_rel(a.float().cpu(), b.float().cpu(), 2e-2, f"triton_tma {name}")
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=str)

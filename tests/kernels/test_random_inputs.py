@@ -56,7 +56,7 @@ def _runs(native_cuda_op: str) -> list:
 
 
 def _attention_runs() -> list:
-    """:func:`_runs` and the TMA forward (interpreted, and on a GPU of compute capability 9+)."""
+    """:func:`_runs` and triton_tma (interpreted, and on a GPU of compute capability 9.x, 10.x)."""
     return [
         *_runs("routed_attn_fwd"),
         pytest.param(
