@@ -97,17 +97,17 @@ def triton_interpreted() -> bool:
 
 
 def requested(op: str, backend: str | None) -> str:
-    """The backend asked for by argument or environment, before resolution of ``auto``."""
-    choice = (
-        backend
-        or os.environ.get(f"KVPO_{op.upper()}_BACKEND")
-        or os.environ.get("KVPO_BACKEND", "auto")
-    )
-    choice = choice.strip().lower()
+    """The backend asked for by argument or environment, before resolution of ``auto``. A
+    global ``KVPO_BACKEND`` naming an op's variant (``triton_tma``) gives the other ops its
+    family (``triton``); named for the op itself, a backend it lacks is an error."""
+    own = backend or os.environ.get(f"KVPO_{op.upper()}_BACKEND")
+    choice = (own or os.environ.get("KVPO_BACKEND", "auto")).strip().lower()
     if choice not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r} (op {op})")
     if op not in ONLY_FOR.get(choice, (op,)):
-        raise ValueError(f"backend {choice!r} serves {ONLY_FOR[choice]} only, not {op}")
+        if own:
+            raise ValueError(f"backend {choice!r} serves {ONLY_FOR[choice]} only, not {op}")
+        choice = "triton"
     return choice
 
 

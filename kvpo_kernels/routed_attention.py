@@ -66,39 +66,31 @@ def _fwd_cuda(q, k_pages, v_pages, page_table, page_lens, scale):
     return _fwd_native(q, k_pages, v_pages, page_table, page_lens, scale)
 
 
-def _bwd_cuda(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale, det):
-    args = (dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale, det)
-    return _bwd_native(*args)
-
-
 def _fwd_triton(q, k_pages, v_pages, page_table, page_lens, scale):
     from .triton.routed_attention import routed_attention_fwd
 
     return routed_attention_fwd(q, k_pages, v_pages, page_table, page_lens, scale)
 
 
-def _fwd_triton_tma(q, k_pages, v_pages, page_table, page_lens, scale):
+def _tma(q: torch.Tensor, *tensors: torch.Tensor):
+    """The TMA kernels' module once it takes q's dtype and head dim, and ``tensors`` each
+    starting on 16 bytes (TMA's requirement; a copy where not)."""
     from .triton import routed_attention_tma as tma
 
     if (why := tma.supported(q.dtype, q.shape[-1])) is not None:
         raise TypeError(f"routed_attention backend 'triton_tma' {why} (use backend='triton')")
-    q, k_pages, v_pages = (_aligned16(t) for t in (q, k_pages, v_pages))
+    return tma, [t if t.data_ptr() % 16 == 0 else t.clone() for t in tensors]
+
+
+def _fwd_triton_tma(q, k_pages, v_pages, page_table, page_lens, scale):
+    tma, (q, k_pages, v_pages) = _tma(q, q, k_pages, v_pages)
     return tma.routed_attention_fwd(q, k_pages, v_pages, page_table, page_lens, scale)
 
 
 def _bwd_triton_tma(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale, det):
-    from .triton import routed_attention_tma as tma
-
-    if (why := tma.supported(q.dtype, q.shape[-1])) is not None:
-        raise TypeError(f"routed_attention backend 'triton_tma' {why} (use backend='triton')")
-    dout, q, k_pages, v_pages = (_aligned16(t) for t in (dout, q, k_pages, v_pages))
+    tma, (dout, q, k_pages, v_pages) = _tma(q, dout, q, k_pages, v_pages)
     args = (dout, q, k_pages, v_pages, page_table, page_lens, lse, delta, scale, det)
     return tma.routed_attention_bwd(*args)
-
-
-def _aligned16(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor whose data starts on 16 bytes (TMA's requirement): a copy if not."""
-    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _bwd_triton(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delta, scale, det):
@@ -111,7 +103,7 @@ def _bwd_triton(dout, q, k_pages, v_pages, page_table, page_lens, out, lse, delt
 _KERNELS = {
     "reference": (_fwd_reference, _bwd_reference),
     "cpu": (_fwd_native, _bwd_native),
-    "cuda": (_fwd_cuda, _bwd_cuda),
+    "cuda": (_fwd_cuda, _bwd_native),  # the binding refuses what the CUDA backward cannot take
     "triton": (_fwd_triton, _bwd_triton),
     "triton_tma": (_fwd_triton_tma, _bwd_triton_tma),
 }

@@ -245,3 +245,20 @@ def test_a_native_library_that_is_not_a_file_stops_the_import(tmp_path):
     )
     assert res.returncode != 0 and "KVPO_NATIVE_LIBRARY=" in res.stderr
     assert "is not a file" in res.stderr
+
+
+def test_a_global_backend_only_some_ops_have_gives_the_others_its_family(monkeypatch):
+    """KVPO_BACKEND=triton_tma: routed_attention's TMA kernels, velocity_energy's Triton ones;
+    asked for velocity_energy itself, triton_tma is an error naming the op."""
+    from kvpo_kernels import _backend
+
+    monkeypatch.delenv("KVPO_VELOCITY_ENERGY_BACKEND", raising=False)
+    monkeypatch.delenv("KVPO_ROUTED_ATTENTION_BACKEND", raising=False)
+    monkeypatch.setenv("KVPO_BACKEND", "triton_tma")
+    assert _backend.requested("routed_attention", None) == "triton_tma"
+    assert _backend.requested("velocity_energy", None) == "triton"
+    with pytest.raises(ValueError, match="'triton_tma' serves .*routed_attention.* not velocity"):
+        _backend.requested("velocity_energy", "triton_tma")
+    monkeypatch.setenv("KVPO_VELOCITY_ENERGY_BACKEND", "triton_tma")
+    with pytest.raises(ValueError, match="not velocity_energy"):
+        _backend.requested("velocity_energy", None)
