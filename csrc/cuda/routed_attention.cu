@@ -18,8 +18,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "kernels.h"
 #include "mma_sm80.cuh"
@@ -264,16 +262,9 @@ bool routed_attention_fwd_supported(DType dt, int64_t head_dim) {
 cudaError_t routed_attention_fwd(const RoutedAttnParams& p, DType dt, cudaStream_t stream) {
   if (!routed_attention_fwd_supported(dt, p.D) || p.Hkv <= 0 || p.H % p.Hkv != 0)
     return cudaErrorInvalidValue;
-  // Compute capability 9.0: the TMA + wgmma kernel (routed_attention_sm90.cu), unless
-  // KVPO_CUDA_HOPPER=0 (read per call: a benchmark times both kernels in one process); for what
-  // it leaves to this file's kernel it answers cudaErrorNotSupported.
-  const char* env = std::getenv("KVPO_CUDA_HOPPER");
-  const bool hopper = env == nullptr || std::strcmp(env, "0") != 0;
-  int dev = 0, major = 0, minor = 0;
-  if (hopper && cudaGetDevice(&dev) == cudaSuccess &&
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-      major == 9 && minor == 0) {
+  // The TMA + wgmma kernel (routed_attention_sm90.cu) first; for what it leaves to this file's
+  // kernel it answers cudaErrorNotSupported.
+  if (hopper_kernels_wanted()) {
     const cudaError_t err = routed_attention_fwd_sm90(p, dt, stream);
     if (err != cudaErrorNotSupported) return err;
   }

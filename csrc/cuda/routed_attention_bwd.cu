@@ -32,12 +32,11 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "kernels.h"
 #include "mma_sm80.cuh"
 #include "routed_attention_bwd_sm90.h"
+#include "routed_attention_sm90.h"
 
 namespace kvpo::cuda {
 namespace {
@@ -572,16 +571,9 @@ cudaError_t routed_attention_bwd(const RoutedAttnBwdParams& p, DType dt, cudaStr
   if (!routed_attention_bwd_supported(dt, p.D) || p.Hkv <= 0 || p.H % p.Hkv != 0)
     return cudaErrorInvalidValue;
   if (!p.deterministic && p.dq_accum == nullptr) return cudaErrorInvalidValue;
-  // Compute capability 9.0: the TMA + wgmma kernels (routed_attention_bwd_sm90.cu), unless
-  // KVPO_CUDA_HOPPER=0 (read per call: a benchmark times both in one process); for what they
-  // leave to this file's kernels they answer cudaErrorNotSupported.
-  const char* env = std::getenv("KVPO_CUDA_HOPPER");
-  const bool hopper = env == nullptr || std::strcmp(env, "0") != 0;
-  int dev = 0, major = 0, minor = 0;
-  if (hopper && cudaGetDevice(&dev) == cudaSuccess &&
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-      major == 9 && minor == 0) {
+  // The TMA + wgmma kernels (routed_attention_bwd_sm90.cu) first; for what they leave to this
+  // file's kernels they answer cudaErrorNotSupported.
+  if (hopper_kernels_wanted()) {
     const cudaError_t err = routed_attention_bwd_sm90(p, dt, stream);
     if (err != cudaErrorNotSupported) return err;
   }
