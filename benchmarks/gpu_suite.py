@@ -210,7 +210,7 @@ ENERGY_COLS = (
 def _tma_ok(device: str) -> bool:
     """The TMA forward runs here: a GPU of compute capability 9.x or 10.x, or the interpreter."""
     if device == "cuda":
-        return torch.cuda.get_device_capability()[0] in (9, 10)
+        return kvpo_kernels._backend._tma_capable(torch.device("cuda"))
     return kvpo_kernels._backend.triton_interpreted()
 
 

@@ -181,10 +181,14 @@ def resolve(
     return choice
 
 
+# Compute capabilities (major) whose GPUs run triton_tma: Hopper and data-centre Blackwell (the
+# RTX Blackwells' 99 KB of shared memory per block do not hold its tiles).
+TMA_MAJORS = (9, 10)
+
+
 def _tma_capable(device: torch.device) -> bool:
-    """Whether ``device`` runs the TMA forward: Hopper or data-centre Blackwell (the RTX
-    Blackwells' 99 KB of shared memory per block do not hold its tiles)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
+    """Whether ``device`` runs the triton_tma kernels (:data:`TMA_MAJORS`)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in TMA_MAJORS
 
 
 def deterministic(requested: bool | None) -> bool:

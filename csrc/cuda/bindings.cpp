@@ -66,17 +66,23 @@ void set_sizes(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Te
   p.scale = static_cast<float>(scale);
 }
 
+// What both routed attention bindings ask of their operands: ranks, one dtype, an int32 table.
+void check_operands(const char* op, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& table) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && table.dim() == 2, op,
+              ": q [B, H, Lq, D], k/v pages [P, Hkv, page_size, D], table [B, N]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+              ": q, k_pages, v_pages must share a dtype");
+  TORCH_CHECK(table.scalar_type() == at::kInt, op, ": page_table must be int32");
+}
+
 std::tuple<at::Tensor, at::Tensor> routed_attn_fwd_cuda(const at::Tensor& q_,
                                                         const at::Tensor& k_,
                                                         const at::Tensor& v_,
                                                         const at::Tensor& table_,
                                                         const std::optional<at::Tensor>& lens_,
                                                         double scale) {
-  TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4 && table_.dim() == 2,
-              "routed_attn_fwd: q [B, H, Lq, D], k/v pages [P, Hkv, page_size, D], table [B, N]");
-  TORCH_CHECK(q_.scalar_type() == k_.scalar_type() && q_.scalar_type() == v_.scalar_type(),
-              "routed_attn_fwd: q, k_pages, v_pages must share a dtype");
-  TORCH_CHECK(table_.scalar_type() == at::kInt, "routed_attn_fwd: page_table must be int32");
+  check_operands("routed_attn_fwd", q_, k_, v_, table_);
   const auto dt = to_dtype(q_, "routed_attn_fwd");
   TORCH_CHECK(cuda::routed_attention_fwd_supported(dt, q_.size(3)),
               "routed_attn_fwd: the CUDA kernel takes float16/bfloat16 with head_dim 64 or 128, "
@@ -126,8 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attn_bwd_cuda(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& table_, const std::optional<at::Tensor>& lens_, const at::Tensor& lse_,
     const at::Tensor& delta_, double scale, bool deterministic) {
-  TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4 && table_.dim() == 2,
-              "routed_attn_bwd: q [B, H, Lq, D], k/v pages [P, Hkv, page_size, D], table [B, N]");
+  check_operands("routed_attn_bwd", q_, k_, v_, table_);
   TORCH_CHECK(dout_.sizes() == q_.sizes(), "routed_attn_bwd: dout must have the shape of q ",
               dims(q_.sizes()), ", got ", dims(dout_.sizes()));
   TORCH_CHECK(k_.sizes() == v_.sizes() && k_.size(3) == q_.size(3),
@@ -142,9 +147,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attn_bwd_cuda(
   TORCH_CHECK(lse_.sizes().equals(stat) && delta_.sizes().equals(stat),
               "routed_attn_bwd: lse and delta must be [B, H, Lq] = ", dims(stat), ", got ",
               dims(lse_.sizes()), " and ", dims(delta_.sizes()));
-  TORCH_CHECK(q_.scalar_type() == k_.scalar_type() && q_.scalar_type() == v_.scalar_type(),
-              "routed_attn_bwd: q, k_pages, v_pages must share a dtype");
-  TORCH_CHECK(table_.scalar_type() == at::kInt, "routed_attn_bwd: page_table must be int32");
   TORCH_CHECK(!lens_.has_value() || (lens_->scalar_type() == at::kInt && lens_->dim() == 1 &&
                                      lens_->size(0) == k_.size(0)),
               "routed_attn_bwd: page_lens must be int32 [P], P = ", num(k_.size(0)));

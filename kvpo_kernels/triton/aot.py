@@ -40,6 +40,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import mangle_type
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .._backend import TMA_MAJORS
 from . import routed_attention as ra
 from . import routed_attention_tma as tma
 from . import velocity_energy as ve
@@ -257,9 +258,7 @@ def routed_attention_launches(
         args = (q, q, k, k, table, lens, lse, lse, scale)
         dq, dkdv = tma.bwd_launches(*args, *grads)
         (fused,) = tma.bwd_launches(*args, dq_acc, *grads[1:], deterministic=False)
-        launches.update(
-            {TMA_BWD_DQ: dq, TMA_BWD_DKDV: dkdv, TMA_BWD_FUSED: fused}
-        )  # fmt: skip
+        launches.update({TMA_BWD_DQ: dq, TMA_BWD_DKDV: dkdv, TMA_BWD_FUSED: fused})
     return launches
 
 
@@ -288,8 +287,8 @@ def _compile_one(
     for head_dim in head_dims:
         for page_size in PAGE_SIZES:
             for name, launch in routed_attention_launches(dtype, head_dim, page_size).items():
-                if name in TMA_KERNELS and ARCHS[arch][0] // 10 not in (9, 10):
-                    continue  # Hopper and data-centre Blackwell (_backend._tma_capable)
+                if name in TMA_KERNELS and ARCHS[arch][0] // 10 not in TMA_MAJORS:
+                    continue
                 records += compile_launch(launch, arch, name, dtype, page_size, until_clean)
     return records
 

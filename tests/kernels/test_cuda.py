@@ -30,7 +30,7 @@ def _gpu_backends(op: str):
     names = []
     if _backend.triton_available() and not _backend.triton_interpreted():
         names.append("triton")
-        if op == "routed_attn_fwd" and torch.cuda.get_device_capability()[0] in (9, 10):
+        if op == "routed_attn_fwd" and _backend._tma_capable(torch.device("cuda")):
             names.append("triton_tma")
     if _backend.native_cuda_available(op):
         names.append("cuda")

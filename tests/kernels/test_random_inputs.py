@@ -25,7 +25,7 @@ if INTERPRETED:  # and an interpreter that runs with this Triton and NumPy (test
     INTERPRETED = interpreter_problem() is None
 GPU = torch.cuda.is_available()
 GPU_TRITON = GPU and _backend.triton_available() and not _backend.triton_interpreted()
-GPU_TMA = GPU_TRITON and torch.cuda.get_device_capability()[0] in (9, 10)
+GPU_TMA = GPU_TRITON and _backend._tma_capable(torch.device("cuda"))
 # velocity_energy: float64 truth -> tolerance of each dtype's result (the gradients get 10x)
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 6e-3, torch.bfloat16: 5e-2}
 # routed_attention: error allowed beyond twice PyTorch's own in the dtype (flash-attn's rule), as
